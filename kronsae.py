@@ -1,0 +1,683 @@
+"""KronSAE: sparse autoencoders with a Kronecker-factorised encoder and the mAND activation.
+
+A minimal, single-file reference implementation, beside the TopK SAE it improves on.
+
+Papers (equation numbers are KronSAE's own):
+  - Kurochkin, Aksenov, Laptev, Gavrilov, Balagansky 2025, "Kronecker Factorization Improves Efficiency
+    and Interpretability of Sparse Autoencoders", arXiv 2505.22255 (KronSAE, mAND, eqs. 1-7, appendix A.1).
+  - Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093 (TopK SAE, AuxK loss).
+
+Shape letters used in the comments:
+  B tokens in a batch    d input width (d_in)    F dictionary size    k active latents per token
+  h heads                m, n pre-latents per head, F = h*m*n      E encoder rows (F or h*(m+n))
+
+Run:
+  python kronsae.py              # TopK SAE vs KronSAE on block-correlated synthetic data, side by side
+  python kronsae.py --help       # every option
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as nnf
+from tqdm.auto import tqdm
+
+
+# ============================================================================= config
+
+def opt(default, help: str):
+    """A config field whose help text also becomes its --help line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    arch: str = opt("both", "which SAE to train: topk, kron or both")
+    dict_size: int = opt(4096, "F, the number of latents (both SAEs)")
+    h: int = opt(0, "KronSAE heads; 0 means dict_size // (m*n)")
+    m: int = opt(2, "KronSAE composition base size per head (paper: start at 2)")
+    n: int = opt(8, "KronSAE composition extension size per head, m <= n")
+    k: int = opt(16, "active latents per token (TopK)")
+    steps: int = opt(600, "optimiser steps per SAE")
+    batch: int = opt(1024, "tokens per batch")
+    lr: float = opt(8e-4, "peak learning rate (AdamW, paper A.1)")
+    warmup: float = opt(0.1, "fraction of steps with linear warmup")
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay")
+    grad_clip: float = opt(1.0, "max global gradient norm")
+    aux_coef: float = opt(1 / 32, "AuxK loss weight (Gao et al. 2024)")
+    dead_tokens: int = opt(0, "a latent unused for this many tokens is dead; 0 = auto (10%% of training, at most 10M)")
+    eval_tokens: int = opt(8192, "held-out tokens for the final metrics")
+    seed: int = opt(0, "seed for data order, init and synthetic data")
+    device: str = opt("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)")
+    data: str = opt("", "a .pt or .npy tensor of shape (N, d); empty = synthetic block-correlated data")
+    out: str = opt("", "directory for checkpoints (safetensors + config.json)")
+    json: str = opt("", "write the final metrics of each SAE to this JSON file")
+    save_every: int = opt(0, "also checkpoint every this many steps (needs --out); 0 = only at the end")
+
+    def __post_init__(self):
+        if self.arch not in ("topk", "kron", "both"):
+            raise ValueError(f"arch must be topk, kron or both, got {self.arch!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        for name in ("dict_size", "m", "n", "k", "steps", "batch", "eval_tokens"):
+            check_positive(**{name: getattr(self, name)})
+        if self.h < 0:
+            raise ValueError(f"h must be >= 0 (0 means derive it), got h={self.h}")
+        if self.h == 0 and self.dict_size % (self.m * self.n):
+            raise ValueError(f"dict_size must be a multiple of m*n to derive h: "
+                             f"F={self.dict_size}, m*n={self.m * self.n}")
+        if self.h and self.h * self.m * self.n != self.dict_size:
+            raise ValueError(f"KronSAE needs F = h*m*n, got F={self.dict_size}, "
+                             f"h*m*n={self.h}*{self.m}*{self.n}={self.h * self.m * self.n}")
+        if self.k > self.dict_size:
+            raise ValueError(f"k must be <= F, got k={self.k}, F={self.dict_size}")
+        if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; "
+                             f"got lr={self.lr}, warmup={self.warmup}, min_lr={self.min_lr}")
+
+    @property
+    def heads(self) -> int:
+        return self.h or self.dict_size // (self.m * self.n)
+
+
+def check_positive(**sizes):
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+
+
+def set_seed(seed: int):
+    """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ============================================================================= mAND (eq. 3)
+
+def sqrt_prod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sqrt(a*b) where a*b > 0, exactly 0 elsewhere, with a finite gradient everywhere.
+
+    d sqrt(t)/dt is infinite at t = 0. The "double where" keeps autograd away from it: the square
+    root only ever sees positive numbers, so inactive entries get value 0 and gradient 0, and active
+    ones get the exact derivative. (The paper's listing uses sqrt(a*b + 1e-5) instead, which makes
+    inactive pairs about 0.003 and breaks the AND.)
+    """
+    t = a * b
+    active = t > 0
+    return torch.where(active, torch.sqrt(torch.where(active, t, torch.ones_like(t))), torch.zeros_like(t))
+
+
+def mand(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """mAND (eq. 3): z[..., i, j] = sqrt(u_i v_j) if u_i > 0 and v_j > 0, else 0.
+
+    u: (..., m), v: (..., n) -> (..., m, n). This is the element-wise square root of the Kronecker
+    (outer) product ReLU(u) (x) ReLU(v) (eq. 4); flattening the last two dims row-major gives index i*n + j.
+    """
+    return sqrt_prod(u.relu()[..., :, None], v.relu()[..., None, :])
+
+
+# ============================================================================= sparse encoder rows
+
+class GatherLinear(torch.autograd.Function):
+    """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias.
+
+    Forward only gathers. Backward touches only the gathered rows: O(B S d) instead of the O(B E d) of
+    the dense matmul's backward (Gao et al. 2024 do the same in their kernels). It is exact, because
+    the rows that were not gathered get no gradient on the dense path either.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, bias, rows, pre):  # x (B, d), W (E, d), bias (E,), rows (B, S), pre (B, E)
+        ctx.save_for_backward(x, W, rows)
+        return pre.gather(1, rows)  # (B, S)
+
+    @staticmethod
+    def backward(ctx, g):  # g (B, S)
+        x, W, rows = ctx.saved_tensors
+        B, S = rows.shape
+        flat = rows.reshape(-1)                                                    # (B*S,)
+        # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]: a weighted bag of rows per token
+        grad_x = nnf.embedding_bag(rows, W, per_sample_weights=g, mode="sum")      # (B, d)
+        # dL/dW[r] = sum over (b, s) with rows[b, s] = r of g[b, s] x[b]: bags of tokens per row
+        order = flat.argsort()
+        tokens = torch.arange(B, device=x.device).repeat_interleave(S)[order]      # (B*S,)
+        counts = torch.bincount(flat, minlength=W.shape[0])                        # (E,)
+        grad_W = nnf.embedding_bag(tokens, x, counts.cumsum(0) - counts, mode="sum",
+                                   per_sample_weights=g.reshape(-1)[order])        # (E, d)
+        grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+gather_linear = GatherLinear.apply
+
+
+# ============================================================================= the SAEs (eqs. 1-4)
+
+class Encoding(NamedTuple):
+    """What an encoder pass returns; the aux fields are None unless dead latents were given."""
+    values: torch.Tensor                        # (B, k) latent activations, >= 0
+    indices: torch.Tensor                       # (B, k) their indices into the dictionary
+    aux_values: Optional[torch.Tensor] = None   # (B, k_aux) the top dead latents, for AuxK
+    aux_indices: Optional[torch.Tensor] = None  # (B, k_aux)
+
+
+class SparseAutoencoder(nn.Module):
+    """What both SAEs share: x_hat = sum over the k active latents of f_l W_dec[l], plus b_dec (eq. 1).
+
+    Parameters: W_enc (E, d) and b_enc (E,), W_dec (F, d) with unit rows, b_dec (d,).
+    Encoding centres the input first, W_enc (x - b_dec) + b_enc, as Gao et al. do; b_dec starts at
+    the data mean, so this is eq. 1 with the mean taken out before the encoder.
+    A subclass says how encoder rows become latents: select, scores_of, rows_of, activation.
+    """
+
+    def __init__(self, d_in: int, dict_size: int, k: int, enc_rows: int):
+        super().__init__()
+        check_positive(d_in=d_in, dict_size=dict_size, k=k)
+        if k > dict_size:
+            raise ValueError(f"k must be <= F, got k={k}, F={dict_size}")
+        self.d_in, self.F, self.k = d_in, dict_size, k
+        self.W_enc = nn.Parameter(torch.empty(enc_rows, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(enc_rows))
+        self.W_dec = nn.Parameter(torch.empty(dict_size, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, d) -> (values, indices), both (B, k): exactly the top k latents of each token."""
+        enc = self.encode_with_aux(x)
+        return enc.values, enc.indices
+
+    def encode_with_aux(self, x: torch.Tensor, dead: Optional[torch.Tensor] = None) -> Encoding:
+        """encode, plus the top k_aux dead latents when a (F,) bool mask `dead` is given (AuxK)."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"input's last dimension must be d_in={self.d_in}, got shape {tuple(x.shape)}")
+        x_c = x - self.b_dec
+        with torch.no_grad():  # scores for selection only; gradients flow through gather_linear
+            pre = x_c @ self.W_enc.T + self.b_enc                                   # (B, E)
+        indices = self.select(pre, self.k)                                         # (B, k)
+        values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
+        if dead is None or not bool(dead.any()):
+            return Encoding(values, indices)
+        dead_ids = dead.nonzero().squeeze(1)                                        # (L,)
+        k_aux = min(self.d_in // 2, dead_ids.numel())   # Gao et al.: k_aux about d/2
+        aux_indices = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
+        aux_values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(aux_indices), pre))
+        return Encoding(values, indices, aux_values, aux_indices)
+
+    def sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """sum_l values[b, l] W_dec[indices[b, l]] through the k active rows only: O(k d), not O(F d)."""
+        return nnf.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")  # (B, d)
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return self.sparse_decode(values, indices) + self.b_dec                   # (B, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(*self.encode(x))
+
+    @torch.no_grad()
+    def normalize_decoder_(self):
+        """Unit-norm decoder rows. Runs after every optimiser step."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self):
+        """Drop the part of each decoder row's gradient along the row itself: that part only changes the
+        norm, which normalize_decoder_ undoes. Runs after backward(), before clipping and step()."""
+        if self.W_dec.grad is not None:
+            along = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)            # (F, 1)
+            self.W_dec.grad -= along * self.W_dec
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class TopKSAE(SparseAutoencoder):
+    """f = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T f + b_dec (eq. 1; Gao et al. 2024).
+
+    W_enc: (F, d). Init: W_dec = W_enc^T with unit rows.
+    """
+
+    def __init__(self, d_in: int, dict_size: int, k: int):
+        super().__init__(d_in, dict_size, k, enc_rows=dict_size)
+        self.W_dec.data = nnf.normalize(torch.randn(dict_size, d_in), dim=-1)
+        self.W_enc.data = self.W_dec.data.clone()
+
+    def config(self) -> dict:
+        return {"arch": "topk", "d_in": self.d_in, "dict_size": self.F, "k": self.k}
+
+    def select(self, pre, k):  # (B, F) -> (B, k)
+        return pre.topk(k, dim=-1).indices
+
+    def scores_of(self, pre, latents):  # (B, F), (L,) -> (B, L)
+        return pre[:, latents]
+
+    def rows_of(self, latents):  # each latent is one encoder row
+        return latents
+
+    def activation(self, pre_rows):  # (B, k) -> (B, k)
+        return pre_rows.relu()
+
+    def flops_per_token(self) -> int:
+        """eq. 7, multiply-accumulates: the dense encoder d*F plus the sparse decoder k*d."""
+        return self.d_in * self.F + self.k * self.d_in
+
+
+class KronSAE(SparseAutoencoder):
+    """KronSAE (eqs. 2-4): h heads, each with P_k (m, d) and Q_k (n, d).
+
+    u_k = P_k x~ + b, v_k = Q_k x~ + b (x~ = x - b_dec)                            eq. 2
+    z[k, i, j] = mAND(u_k, v_k)[i, j] = sqrt(ReLU(u_k,i) ReLU(v_k,j))              eqs. 3-4
+    f = TopK over all F = h*m*n scores, latent index head*m*n + i*n + j; decode as eq. 1.
+
+    W_enc: (h*(m+n), d), head k's rows are [P_k; Q_k]. The encoder costs O(h(m+n)d), not O(Fd).
+    """
+
+    def __init__(self, d_in: int, h: int, m: int, n: int, k: int, dict_size: Optional[int] = None):
+        check_positive(h=h, m=m, n=n)
+        if dict_size is not None and dict_size != h * m * n:
+            raise ValueError(f"KronSAE needs F = h*m*n, got F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}")
+        super().__init__(d_in, h * m * n, k, enc_rows=h * (m + n))
+        self.h, self.m, self.n = h, m, n
+        # paper A.1: draw the encoder, decoder row (k, i, j) = P_k,i + Q_k,j, normalised; biases zero
+        self.W_enc.data = nnf.normalize(torch.randn(h * (m + n), d_in), dim=-1)
+        P, Q = self.W_enc.data.view(h, m + n, d_in).split([m, n], dim=1)          # (h, m, d), (h, n, d)
+        self.W_dec.data = nnf.normalize((P[:, :, None] + Q[:, None, :]).reshape(-1, d_in), dim=-1)
+        # rank pairs (r, s) with (r+1)(s+1) <= k: in a head, the pair of p's r-th and q's s-th largest
+        # is beaten by (r+1)(s+1)-1 pairs of the same head, so only these pairs can reach the top k
+        rs = [(r, s) for r in range(min(m, k)) for s in range(min(n, k)) if (r + 1) * (s + 1) <= k]
+        self.register_buffer("rank_pairs", torch.tensor(rs).T.contiguous(), persistent=False)  # (2, R)
+
+    def config(self) -> dict:
+        return {"arch": "kron", "d_in": self.d_in, "h": self.h, "m": self.m, "n": self.n, "k": self.k}
+
+    def split(self, pre):  # (B, h*(m+n)) -> u (B, h, m), v (B, h, n)
+        return pre.view(-1, self.h, self.m + self.n).split([self.m, self.n], dim=-1)
+
+    def pre_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p = ReLU(u), q = ReLU(v) (eq. 2): shapes (B, h, m) and (B, h, n). Dense, with autograd."""
+        u, v = self.split((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+        return u.relu(), v.relu()
+
+    def select(self, pre, k):  # (B, h*(m+n)) -> (B, k), without building all F scores
+        m, n = self.m, self.n
+        u, v = self.split(pre)
+        p_top, i_top = u.relu().topk(min(m, k), dim=-1)                           # (B, h, a) sorted
+        q_top, j_top = v.relu().topk(min(n, k), dim=-1)                           # (B, h, b)
+        # a head's best score is sqrt(max p * max q); the global top k lies in the k best heads
+        heads = (p_top[..., 0] * q_top[..., 0]).topk(min(k, self.h), dim=-1).indices  # (B, H)
+        p_top = p_top.gather(1, heads[..., None].expand(-1, -1, p_top.shape[-1]))  # (B, H, a)
+        q_top = q_top.gather(1, heads[..., None].expand(-1, -1, q_top.shape[-1]))  # (B, H, b)
+        r, s = self.rank_pairs                                                     # (R,), (R,)
+        R = r.numel()
+        best = (p_top[..., r] * q_top[..., s]).flatten(1).topk(k, dim=-1).indices  # (B, k) into H*R
+        head = heads.gather(1, best // R)                                          # (B, k)
+        pair = best % R
+        i = i_top.flatten(1).gather(1, head * i_top.shape[-1] + r[pair])           # (B, k)
+        j = j_top.flatten(1).gather(1, head * j_top.shape[-1] + s[pair])           # (B, k)
+        return head * m * n + i * n + j                                            # eq. 4 order
+
+    def rows_of(self, latents):  # (B, L) -> (B, 2L): the u row and the v row behind each latent
+        head, ij = latents // (self.m * self.n), latents % (self.m * self.n)
+        base = head * (self.m + self.n)
+        return torch.cat([base + ij // self.n, base + self.m + ij % self.n], dim=-1)
+
+    def scores_of(self, pre, latents):  # (B, E), (L,) -> (B, L): p_i * q_j, monotone in the mAND value
+        u_rows, v_rows = self.rows_of(latents).chunk(2, dim=-1)
+        return pre[:, u_rows].relu() * pre[:, v_rows].relu()
+
+    def activation(self, pre_rows):  # (B, 2k) -> (B, k): eq. 3 on the chosen pairs only
+        u, v = pre_rows.chunk(2, dim=-1)
+        return sqrt_prod(u.relu(), v.relu())
+
+    def flops_per_token(self) -> int:
+        """eq. 7, multiply-accumulates: encoder d*h*(m+n), mAND m*n*h, sparse decoder k*d."""
+        return self.d_in * self.h * (self.m + self.n) + self.m * self.n * self.h + self.k * self.d_in
+
+
+def build_sae(arch: str, d_in: int, cfg: Config) -> SparseAutoencoder:
+    if arch == "topk":
+        return TopKSAE(d_in=d_in, dict_size=cfg.dict_size, k=cfg.k)
+    return KronSAE(d_in=d_in, h=cfg.heads, m=cfg.m, n=cfg.n, k=cfg.k, dict_size=cfg.dict_size)
+
+
+# ============================================================================= losses and metrics
+
+def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """||target - recon||^2 / ||target - mean(target)||^2 over the batch: a batch estimate of FVU.
+
+    Both loss terms (reconstruction and AuxK) use this same normalisation, as in Gao et al. 2024.
+    """
+    return (target - recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual x - x_hat (no b_dec)."""
+    if enc.aux_values is None:
+        return residual.new_zeros(())
+    return normalized_mse(residual, sae.sparse_decode(enc.aux_values, enc.aux_indices))
+
+
+class Moments:
+    """Running per-dimension sums, for Var over a whole data set (float64)."""
+
+    def __init__(self):
+        self.count, self.sum, self.sumsq = 0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor):
+        x = x.double()
+        self.count += x.shape[0]
+        self.sum = self.sum + x.sum(0)
+        self.sumsq = self.sumsq + x.pow(2).sum(0)
+
+    def total_variance(self) -> float:  # sum over dims of Var
+        mean = self.sum / self.count
+        return float((self.sumsq / self.count - mean.pow(2)).sum())
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> dict:
+    """Held-out metrics on a common footing for any SAE.
+
+    ev = 1 - Var(x - x_hat) / Var(x) (the paper's explained variance), fvu = 1 - ev, l0 = mean active
+    latents per token, dead_fraction = share of latents that never fire on `data`, aux_loss = the AuxK
+    loss with those dead latents.
+    """
+    device = sae.W_dec.device
+    x_m, r_m, l0, fired = Moments(), Moments(), 0, torch.zeros(sae.F, dtype=torch.long, device=device)
+    for x in data.split(batch):
+        x = x.to(device)
+        values, indices = sae.encode(x)
+        x_m.add(x)
+        r_m.add(x - sae.decode(values, indices))
+        l0 += int((values > 0).sum())
+        fired += torch.bincount(indices[values > 0], minlength=sae.F)
+    dead = fired == 0
+    aux_num, e_m = 0.0, Moments()
+    if dead.any():
+        for x in data.split(batch):
+            x = x.to(device)
+            enc = sae.encode_with_aux(x, dead)
+            e = x - sae.decode(enc.values, enc.indices)
+            aux_num += float((e - sae.sparse_decode(enc.aux_values, enc.aux_indices)).pow(2).sum())
+            e_m.add(e)
+    ev = 1.0 - r_m.total_variance() / max(x_m.total_variance(), 1e-12)
+    return {"ev": ev, "fvu": 1.0 - ev, "l0": l0 / x_m.count, "dead_fraction": float(dead.float().mean()),
+            "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12) if dead.any() else 0.0}
+
+
+# ============================================================================= training loop
+
+def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
+    """paper A.1: linear warmup over the first `warmup` share of steps, then cosine decay to `floor` x lr."""
+    warm = max(1, int(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class DeadTracker:
+    """Counts, per latent, the tokens since it last fired; dead = at least `threshold` tokens."""
+
+    def __init__(self, F: int, threshold: int, device):
+        self.threshold = threshold
+        self.since = torch.zeros(F, dtype=torch.long, device=device)
+
+    def update(self, values: torch.Tensor, indices: torch.Tensor):
+        self.since += values.shape[0]
+        self.since[indices[values > 0]] = 0
+
+    @property
+    def dead(self) -> torch.Tensor:  # (F,) bool
+        return self.since >= self.threshold
+
+
+class StepStats(NamedTuple):
+    loss: float  # total loss that was optimised
+    fvu: float   # reconstruction term, normalised MSE on this batch
+    aux: float   # AuxK term before its weight
+    l0: float    # mean active latents per token
+
+
+def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor,
+               cfg: Config) -> tuple[StepStats, Encoding]:
+    """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK."""
+    enc = sae.encode_with_aux(x, dead)
+    x_hat = sae.decode(enc.values, enc.indices)                                    # (B, d)
+    fvu = normalized_mse(x, x_hat)
+    aux = auxk_loss(sae, (x - x_hat).detach(), enc)
+    loss = fvu + cfg.aux_coef * aux
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {float(loss)} (fvu={float(fvu)}, aux={float(aux)})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grad_()  # after backward, before the step
+    nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    optimizer.step()
+    sae.normalize_decoder_()     # after the step
+    l0 = (enc.values > 0).sum(-1).float().mean()
+    return StepStats(loss.item(), fvu.item(), aux.item(), l0.item()), enc
+
+
+def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator):
+    """Endless batches of rows, reshuffled every epoch from a seeded generator."""
+    while True:
+        for idx in torch.randperm(data.shape[0], generator=generator).split(batch):
+            if idx.numel() == batch or data.shape[0] < batch:
+                yield data[idx]
+
+
+class TrainResult(NamedTuple):
+    losses: list      # total loss per step
+    seconds: float    # wall time of the optimisation steps
+    steps: int
+
+
+def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional[str] = None,
+          progress: bool = True) -> TrainResult:
+    """Train `sae` in place on rows of `data` (N, d) with AdamW, warmup + cosine (paper A.1) and AuxK.
+
+    A non-finite loss stops the run with FloatingPointError; the checkpoint last written to `out`
+    (if any) was written from finite weights and is left alone.
+    """
+    check_data(data, sae.d_in)
+    device = sae.W_dec.device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = shuffled_batches(data, cfg.batch, gen)
+    optimizer = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=0.0)  # decay fights unit norm
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
+    threshold = cfg.dead_tokens or min(10_000_000, max(1, cfg.steps * cfg.batch // 10))
+    tracker = DeadTracker(sae.F, threshold, device)
+    first = next(batches).to(device)
+    with torch.no_grad():
+        sae.b_dec.copy_(first.mean(0))  # Gao et al.: start b_dec at the data mean
+    losses, start = [], time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
+    for step in bar:
+        x = first if step == 0 else next(batches).to(device)
+        try:
+            stats, enc = train_step(sae, optimizer, x, tracker.dead, cfg)
+        except FloatingPointError as err:
+            where = f"last good checkpoint kept in {out}" if out and Path(out, "sae.safetensors").exists() \
+                else "no checkpoint was written"
+            raise FloatingPointError(f"training stopped at step {step}: {err}; {where}") from None
+        schedule.step()
+        tracker.update(enc.values.detach(), enc.indices)
+        losses.append(stats.loss)
+        if step % 10 == 0 or step == cfg.steps - 1:
+            bar.set_postfix(loss=f"{stats.loss:.4f}", ev=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
+                            dead=f"{float(tracker.dead.float().mean()):.1%}")
+        if out and cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save(sae, out)
+    seconds = time.perf_counter() - start
+    if out:
+        save(sae, out)
+    return TrainResult(losses, seconds, cfg.steps)
+
+
+# ============================================================================= data and checkpoints
+
+def check_data(x: torch.Tensor, d_in: Optional[int] = None):
+    """Raise ValueError unless x is a finite (N, d_in) floating tensor."""
+    if x.ndim != 2:
+        raise ValueError(f"data must have shape (N, d), got shape {tuple(x.shape)}")
+    if d_in is not None and x.shape[-1] != d_in:
+        raise ValueError(f"data's last dimension must be d_in={d_in}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"data must be floating point, got dtype {x.dtype}")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        where = bad.nonzero()[:5].tolist()
+        raise ValueError(f"data has {int(bad.sum())} non-finite values (NaN or inf) out of {x.numel()}; "
+                         f"first at [row, column] {where}")
+
+
+def load_data(path: str) -> torch.Tensor:
+    """A .pt (torch.save of a tensor) or .npy file holding an (N, d) array, as float32."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.endswith(".npy"):
+        x = torch.from_numpy(np.load(path))
+    elif path.endswith(".pt"):
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"data file must end in .pt or .npy, got {path}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{path} must hold a single tensor, got {type(x).__name__}")
+    x = x.float() if x.is_floating_point() else x
+    check_data(x)
+    return x
+
+
+def save(sae: SparseAutoencoder, directory: str):
+    """Write sae.safetensors and config.json; each is written to a temporary name then renamed, so a
+    crash mid-save never leaves a half-written checkpoint in place of a good one."""
+    from safetensors.torch import save_file
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    weights = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+    save_file(weights, Path(directory, "sae.safetensors.tmp"))
+    Path(directory, "config.json.tmp").write_text(json.dumps(sae.config(), indent=2))
+    os.replace(Path(directory, "sae.safetensors.tmp"), Path(directory, "sae.safetensors"))
+    os.replace(Path(directory, "config.json.tmp"), Path(directory, "config.json"))
+
+
+def load(directory: str, device="cpu") -> SparseAutoencoder:
+    """The exact inverse of save."""
+    from safetensors.torch import load_file
+    cfg = json.loads(Path(directory, "config.json").read_text())
+    arch = cfg.pop("arch")
+    sae = {"topk": TopKSAE, "kron": KronSAE}[arch](**cfg)
+    sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
+    return sae.to(device)
+
+
+# ============================================================================= the main job: TopK vs KronSAE
+
+def default_data(cfg: Config, n: int) -> torch.Tensor:
+    """Block-correlated synthetic activations from synthetic.py, deterministic in the seed."""
+    from synthetic import make_dataset  # the companion file; imported here so kronsae.py stands alone
+    return make_dataset(n, seed=cfg.seed)
+
+
+def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded shuffle, then (train, held-out) with eval_tokens rows held out."""
+    if data.shape[0] <= eval_tokens:
+        raise ValueError(f"need more than eval_tokens={eval_tokens} rows of data, got {data.shape[0]}")
+    perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))
+    return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
+
+
+def run_one(arch: str, train_data, eval_data, cfg: Config, device, progress=True) -> tuple[SparseAutoencoder, dict]:
+    """Build, train and evaluate one SAE; returns it with its metrics."""
+    set_seed(cfg.seed)
+    sae = build_sae(arch, train_data.shape[1], cfg).to(device)
+    out = str(Path(cfg.out, arch)) if cfg.out else None
+    result = train(sae, train_data, cfg, out=out, progress=progress)
+    metrics = evaluate(sae, eval_data)
+    metrics.update(sae.config(), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
+                   encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=sae.num_params(),
+                   ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds,
+                   final_train_loss=result.losses[-1], steps=cfg.steps, batch=cfg.batch, device=str(device))
+    return sae, metrics
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("SAE", lambda r: r["arch"] if r["arch"] == "topk" else f"kron h={r['h']} m={r['m']} n={r['n']}"),
+            ("F", lambda r: str(r["dict_size"])), ("k", lambda r: str(r["k"])),
+            ("EV", lambda r: f"{r['ev']:.4f}"), ("L0", lambda r: f"{r['l0']:.1f}"),
+            ("dead %", lambda r: f"{100 * r['dead_fraction']:.1f}"),
+            ("enc FLOPs/tok", lambda r: f"{r['encoder_flops_per_token']:,}"),
+            ("params", lambda r: f"{r['params']:,}"), ("ms/step", lambda r: f"{r['ms_per_step']:.1f}")]
+    cells = [[name for name, _ in cols]] + [[fmt(r) for _, fmt in cols] for r in rows]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
+    lines = ["  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def compare(cfg: Config) -> dict:
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    data = load_data(cfg.data) if cfg.data else default_data(cfg, cfg.steps * cfg.batch // 4 + cfg.eval_tokens)
+    train_data, eval_data = split_data(data, cfg.eval_tokens, cfg.seed)
+    print(f"data: {tuple(data.shape)} ({cfg.data or 'synthetic block-correlated'}), "
+          f"held out {cfg.eval_tokens} rows, device {device}")
+    archs = ["topk", "kron"] if cfg.arch == "both" else [cfg.arch]
+    results = {arch: run_one(arch, train_data, eval_data, cfg, device)[1] for arch in archs}
+    print(format_table(list(results.values())))
+    if cfg.out:
+        print(f"checkpoints: {', '.join(str(Path(cfg.out, a)) for a in archs)}")
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+# ============================================================================= CLI
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls=Config):
+    """One --flag per dataclass field, with its type, default and help."""
+    for f in dataclasses.fields(config_cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default),
+                            default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
+                    "and prints EV, L0, dead %%, encoder FLOPs, parameters and ms per step side by side.")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = Config(**vars(args))
+    except ValueError as err:
+        parser.error(str(err))
+    return compare(cfg)
+
+
+if __name__ == "__main__":
+    main()
