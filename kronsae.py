@@ -217,7 +217,7 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"input's last dimension must be d_in={self.d_in}, got shape {tuple(x.shape)}")
         x_c = x - self.b_dec
         with torch.no_grad():  # scores for selection only; gradients flow through gather_linear
-            pre = x_c @ self.W_enc.T + self.b_enc                                   # (B, E)
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)                        # (B, E)
         indices = self.select(pre, self.k)                                         # (B, k)
         values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
         if dead is None or not bool(dead.any()):
@@ -307,9 +307,11 @@ class KronSAE(SparseAutoencoder):
         P, Q = self.W_enc.data.view(h, m + n, d_in).split([m, n], dim=1)          # (h, m, d), (h, n, d)
         self.W_dec.data = nnf.normalize((P[:, :, None] + Q[:, None, :]).reshape(-1, d_in), dim=-1)
         # rank pairs (r, s) with (r+1)(s+1) <= k: in a head, the pair of p's r-th and q's s-th largest
-        # is beaten by (r+1)(s+1)-1 pairs of the same head, so only these pairs can reach the top k
+        # is beaten by (r+1)(s+1)-1 pairs of the same head, so only these pairs can reach the top k.
+        # Worth a sort only when it cuts the pairs to score per head by at least 4x.
         rs = [(r, s) for r in range(min(m, k)) for s in range(min(n, k)) if (r + 1) * (s + 1) <= k]
-        self.register_buffer("rank_pairs", torch.tensor(rs).T.contiguous(), persistent=False)  # (2, R)
+        pairs = torch.tensor(rs).T.contiguous() if 4 * len(rs) <= m * n else None
+        self.register_buffer("rank_pairs", pairs, persistent=False)                # (2, R) or None
 
     def config(self) -> dict:
         return {"arch": "kron", "d_in": self.d_in, "h": self.h, "m": self.m, "n": self.n, "k": self.k}
@@ -324,21 +326,24 @@ class KronSAE(SparseAutoencoder):
 
     def select(self, pre, k):  # (B, h*(m+n)) -> (B, k), without building all F scores
         m, n = self.m, self.n
-        u, v = self.split(pre)
-        p_top, i_top = u.relu().topk(min(m, k), dim=-1)                           # (B, h, a) sorted
-        q_top, j_top = v.relu().topk(min(n, k), dim=-1)                           # (B, h, b)
+        p, q = self.split(pre.relu())                                             # (B, h, m), (B, h, n)
         # a head's best score is sqrt(max p * max q); the global top k lies in the k best heads
-        heads = (p_top[..., 0] * q_top[..., 0]).topk(min(k, self.h), dim=-1).indices  # (B, H)
-        p_top = p_top.gather(1, heads[..., None].expand(-1, -1, p_top.shape[-1]))  # (B, H, a)
-        q_top = q_top.gather(1, heads[..., None].expand(-1, -1, q_top.shape[-1]))  # (B, H, b)
-        r, s = self.rank_pairs                                                     # (R,), (R,)
-        R = r.numel()
-        best = (p_top[..., r] * q_top[..., s]).flatten(1).topk(k, dim=-1).indices  # (B, k) into H*R
-        head = heads.gather(1, best // R)                                          # (B, k)
-        pair = best % R
-        i = i_top.flatten(1).gather(1, head * i_top.shape[-1] + r[pair])           # (B, k)
-        j = j_top.flatten(1).gather(1, head * j_top.shape[-1] + s[pair])           # (B, k)
-        return head * m * n + i * n + j                                            # eq. 4 order
+        heads = (p.amax(-1) * q.amax(-1)).topk(min(k, self.h), dim=-1).indices    # (B, H)
+        p = p.gather(1, heads[..., None].expand(-1, -1, m))                       # (B, H, m)
+        q = q.gather(1, heads[..., None].expand(-1, -1, n))                       # (B, H, n)
+        if self.rank_pairs is None:  # small heads: score every pair of the chosen heads
+            best = (p[..., :, None] * q[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
+            slot, ij = best // (m * n), best % (m * n)
+            i, j = ij // n, ij % n
+        else:  # big heads: sort p and q, and score only the rank pairs that can reach the top k
+            r, s = self.rank_pairs                                                # (R,), (R,)
+            p, i_sorted = p.topk(min(m, k), dim=-1)                               # (B, H, a)
+            q, j_sorted = q.topk(min(n, k), dim=-1)                               # (B, H, b)
+            best = (p[..., r] * q[..., s]).flatten(1).topk(k, dim=-1).indices     # (B, k) into H*R
+            slot, pair = best // r.numel(), best % r.numel()
+            i = i_sorted.flatten(1).gather(1, slot * p.shape[-1] + r[pair])       # (B, k)
+            j = j_sorted.flatten(1).gather(1, slot * q.shape[-1] + s[pair])       # (B, k)
+        return heads.gather(1, slot) * m * n + i * n + j                          # eq. 4 order
 
     def rows_of(self, latents):  # (B, L) -> (B, 2L): the u row and the v row behind each latent
         head, ij = latents // (self.m * self.n), latents % (self.m * self.n)
@@ -472,7 +477,7 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
     aux = auxk_loss(sae, (x - x_hat).detach(), enc)
     loss = fvu + cfg.aux_coef * aux
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {float(loss)} (fvu={float(fvu)}, aux={float(aux)})")
+        raise FloatingPointError(f"loss is {loss.item()} (fvu={fvu.item()}, aux={aux.item()})")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_parallel_grad_()  # after backward, before the step

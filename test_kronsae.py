@@ -1,0 +1,436 @@
+"""Tests, in the order of kronsae.py. CPU by default, seeded and fast; GPU tests are skipped without CUDA.
+
+Every fast path is checked against a naive reference written out here: all F scores, top-k, a dense decoder.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+from torch.utils.flop_counter import FlopCounterMode
+
+import kronsae as K
+import synthetic
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    K.set_seed(0)
+
+
+def kron(h=8, m=2, n=4, k=8, d=16, dtype=torch.float64):
+    return K.KronSAE(d_in=d, h=h, m=m, n=n, k=k).to(dtype)
+
+
+def perturb_(sae, scale=0.1):
+    """Move every parameter off its init so that the tests see generic weights and biases."""
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(scale * torch.randn_like(p))
+    sae.normalize_decoder_()
+    return sae
+
+
+# ============================================================================= naive references
+
+def naive_scores(sae, x):
+    """All F latent scores, dense, with autograd: (B, F)."""
+    if isinstance(sae, K.KronSAE):
+        p, q = sae.pre_latents(x)                                   # (B, h, m), (B, h, n)
+        return K.mand(p, q).flatten(1)                              # (B, h*m*n), eq. 4 order
+    return ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).relu()       # (B, F)
+
+
+def naive_forward(sae, x):
+    """The paper's listing without the epsilon: all scores, top-k, a dense code, a dense decoder."""
+    scores = naive_scores(sae, x)
+    top = scores.topk(sae.k, dim=-1)
+    code = torch.zeros_like(scores).scatter(-1, top.indices, top.values)   # (B, F)
+    return top.values, top.indices, code @ sae.W_dec + sae.b_dec
+
+
+def grads(sae, x, loss):
+    sae.zero_grad()
+    x.grad = None
+    loss.backward()
+    return {name: p.grad.clone() for name, p in sae.named_parameters()} | {"x": x.grad.clone()}
+
+
+# ============================================================================= mAND (eq. 3)
+
+def test_mand_shape_and_values():
+    u, v = torch.randn(5, 3, 2), torch.randn(5, 3, 4)
+    z = K.mand(u, v)
+    assert z.shape == (5, 3, 2, 4)
+    expected = torch.where((u[..., :, None] > 0) & (v[..., None, :] > 0),
+                           (u[..., :, None] * v[..., None, :]).abs().sqrt(), torch.zeros(()))
+    torch.testing.assert_close(z, expected)
+
+
+def test_mand_is_an_and_with_exact_zeros():
+    u = torch.tensor([2.0, 0.0, -1.0, 3.0])
+    v = torch.tensor([0.0, 4.0, -2.0, 1e-30])
+    z = K.mand(u, v)
+    active = (u[:, None] > 0) & (v[None, :] > 0)
+    assert torch.equal(z > 0, active)
+    assert torch.all(z[~active] == 0.0)  # exactly zero: no epsilon leaks into inactive pairs
+    assert z[0, 1] == pytest.approx(math.sqrt(8.0))
+
+
+def test_mand_gradcheck_float64():
+    u = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(K.mand, (u, v))
+
+
+def test_mand_gradient_finite_at_zero():
+    u = torch.tensor([0.0, 1.0, -1.0, 0.0, 1e-20], requires_grad=True)
+    v = torch.tensor([0.0, 0.0, 2.0, 3.0, 5.0], requires_grad=True)
+    K.mand(u, v).sum().backward()
+    assert torch.isfinite(u.grad).all() and torch.isfinite(v.grad).all()
+    # u_1 = 1 > 0 pairs with v_j > 0 for j in {2, 3, 4}: d sqrt(u v)/du = sqrt(v) / (2 sqrt(u))
+    assert u.grad[1] == pytest.approx(sum(math.sqrt(t) / 2 for t in (2.0, 3.0, 5.0)))
+    assert u.grad[0] == 0 and v.grad[0] == 0 and v.grad[1] == 0  # zero factors get no gradient
+
+
+# ============================================================================= sparse encoder rows
+
+def test_gather_linear_matches_dense_autograd():
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    rows = torch.randint(0, 11, (7, 6))  # repeats on purpose: gradients must accumulate
+    weights = torch.randn(7, 6, dtype=torch.float64)
+    dense = (x @ W.T + b).gather(1, rows)
+    g_dense = torch.autograd.grad((dense * weights).sum(), (x, W, b))
+    fast = K.gather_linear(x, W, b, rows, (x @ W.T + b).detach())
+    g_fast = torch.autograd.grad((fast * weights).sum(), (x, W, b))
+    torch.testing.assert_close(fast, dense)
+    for a, e in zip(g_fast, g_dense):
+        torch.testing.assert_close(a, e)
+
+
+# ============================================================================= the SAEs
+
+KRON_SHAPES = [  # (h, m, n, k): small heads, k > h, and big heads where rank pairs are used
+    (8, 2, 4, 8), (4, 4, 4, 16), (16, 2, 8, 5), (2, 4, 4, 10), (2, 8, 8, 3), (3, 32, 32, 32), (5, 1, 1, 4)]
+
+
+@pytest.mark.parametrize("h,m,n,k", KRON_SHAPES)
+def test_kron_shapes_and_contract(h, m, n, k):
+    sae = perturb_(kron(h, m, n, k))
+    x = torch.randn(9, 16, dtype=torch.float64)
+    values, indices = sae.encode(x)
+    assert values.shape == indices.shape == (9, k)
+    assert (values >= 0).all() and (indices >= 0).all() and (indices < h * m * n).all()
+    assert sae.W_dec.shape == (h * m * n, 16) and sae.F == h * m * n
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(h * m * n, dtype=torch.float64))
+    p, q = sae.pre_latents(x)
+    assert p.shape == (9, h, m) and q.shape == (9, h, n) and (p >= 0).all() and (q >= 0).all()
+    assert sae(x).shape == (9, 16)
+    torch.testing.assert_close(sae(x), sae.decode(values, indices))
+
+
+@pytest.mark.parametrize("h,m,n,k", KRON_SHAPES)
+def test_kron_fast_path_equals_naive(h, m, n, k):
+    sae = perturb_(kron(h, m, n, k))
+    x = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)
+    values, indices = sae.encode(x)
+    x_hat = sae.decode(values, indices)
+    n_values, n_indices, n_x_hat = naive_forward(sae, x)
+    # same latents (as sets per token; ties only among zeros), same values, same reconstruction
+    live = n_values > 0
+    assert torch.equal(values > 0, live)
+    assert torch.equal(indices.where(live, -1).sort(-1).values, n_indices.where(live, -1).sort(-1).values)
+    torch.testing.assert_close(values, n_values)
+    torch.testing.assert_close(x_hat, n_x_hat)
+    target = torch.randn_like(x_hat)
+    g_fast = grads(sae, x, ((x_hat - target) ** 2).sum())
+    g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
+    for name in g_naive:
+        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+
+
+@pytest.mark.parametrize("F,k", [(64, 8), (50, 1), (16, 16)])
+def test_topk_fast_path_equals_naive(F, k):
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=F, k=k).double())
+    x = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)
+    values, indices = sae.encode(x)
+    n_values, n_indices, n_x_hat = naive_forward(sae, x)
+    live = n_values > 0
+    assert torch.equal(indices.where(live, -1).sort(-1).values, n_indices.where(live, -1).sort(-1).values)
+    torch.testing.assert_close(values, n_values)
+    torch.testing.assert_close(sae(x), n_x_hat)
+    target = torch.randn(33, 16, dtype=torch.float64)
+    g_fast = grads(sae, x, ((sae(x) - target) ** 2).sum())
+    g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
+    for name in g_naive:
+        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+
+
+def test_exactly_k_distinct_active_latents():
+    for sae in (K.KronSAE(d_in=32, h=16, m=2, n=4, k=12), K.TopKSAE(d_in=32, dict_size=128, k=12)):
+        values, indices = sae.encode(torch.randn(64, 32))
+        assert values.shape == (64, 12)
+        assert (values > 0).all()  # generic data at init has far more than k positive scores
+        assert all(len(set(row.tolist())) == 12 for row in indices)
+
+
+def test_kron_and_property_in_the_sae():
+    """An active latent (head, i, j) always has both parents u_i > 0 and v_j > 0."""
+    sae = perturb_(kron(h=8, m=2, n=4, k=16), scale=1.0)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    values, indices = sae.encode(x)
+    p, q = sae.pre_latents(x)
+    head, i, j = indices // 8, indices % 8 // 4, indices % 4
+    rows = torch.arange(40)[:, None]
+    parents = (p[rows, head, i] > 0) & (q[rows, head, j] > 0)
+    assert torch.equal(values > 0, parents)
+
+
+def test_fewer_than_k_active_pairs_gives_zeros_and_finite_grads():
+    sae = kron(h=4, m=2, n=4, k=16)
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)
+        sae.b_enc[[0, 2]] = 100.0  # head 0: u_0 and v_0 on -> exactly one active pair per token
+    x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    values, indices = sae.encode(x)
+    assert ((values > 0).sum(-1) == 1).all()
+    assert (indices[values > 0] == 0).all()
+    loss = ((sae.decode(values, indices) - x.detach()) ** 2).sum()
+    g = grads(sae, x, loss)
+    assert all(torch.isfinite(t).all() for t in g.values())
+    assert g["W_enc"].abs().sum() > 0
+
+
+def test_init_follows_the_paper():
+    sae = K.KronSAE(d_in=16, h=3, m=2, n=4, k=4)
+    P, Q = sae.W_enc.view(3, 6, 16).split([2, 4], dim=1)
+    expected = nnf.normalize((P[:, :, None] + Q[:, None, :]).reshape(-1, 16), dim=-1)  # paper A.1
+    torch.testing.assert_close(sae.W_dec.data, expected)
+    assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
+    top = K.TopKSAE(d_in=16, dict_size=32, k=4)
+    torch.testing.assert_close(top.W_enc.data, top.W_dec.data)   # W_dec = W_enc^T, stored as rows
+    torch.testing.assert_close(top.W_dec.norm(dim=-1), torch.ones(32))
+
+
+# ============================================================================= FLOP counts (eq. 7)
+
+def matmul_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_flops_per_token_formulas():
+    assert K.TopKSAE(d_in=64, dict_size=1024, k=8).flops_per_token() == 64 * 1024 + 8 * 64
+    assert K.KronSAE(d_in=64, h=32, m=4, n=8, k=8).flops_per_token() == 64 * 32 * 12 + 32 * 32 + 8 * 64
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_forward_matmul_flops_match_eq7(arch):
+    """FlopCounterMode sees the encoder matmul of eq. 7 and nothing else: mAND is element-wise, and the
+    decoder is a gather (embedding_bag), so a hidden dense F x d encoder or decoder would show up here."""
+    B, d = 32, 64
+    sae = K.TopKSAE(d_in=d, dict_size=1024, k=8) if arch == "topk" else K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
+    non_matmul = sae.k * d + (sae.m * sae.n * sae.h if arch == "kron" else 0)
+    x = torch.randn(B, d)
+    assert matmul_flops(lambda: sae(x)) == 2 * B * (sae.flops_per_token() - non_matmul)
+
+
+def test_kron_training_step_has_no_F_sized_matmul():
+    """Forward + backward + step: the only matmul is the h(m+n) x d encoder's forward."""
+    B, d = 32, 64
+    sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
+    cfg = K.Config(steps=1, batch=B, dict_size=1024, m=4, n=8, k=8)
+    opt = torch.optim.AdamW(sae.parameters())
+    dead = torch.ones(sae.F, dtype=torch.bool)  # AuxK on too
+    flops = matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
+    assert flops == 2 * B * d * 32 * (4 + 8)
+
+
+# ============================================================================= losses, metrics, AuxK
+
+def test_normalized_mse_and_evaluate_match_definitions():
+    sae = perturb_(kron(h=8, m=2, n=4, k=4))
+    x = torch.randn(300, 16, dtype=torch.float64) * 3 + 1
+    x_hat = sae(x).detach()
+    ev = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+    metrics = K.evaluate(sae, x, batch=64)
+    assert metrics["ev"] == pytest.approx(float(ev), abs=1e-9)
+    assert metrics["fvu"] == pytest.approx(1 - float(ev), abs=1e-9)
+    assert metrics["l0"] == pytest.approx(float((sae.encode(x)[0] > 0).sum(-1).double().mean()))
+    fired = torch.zeros(sae.F, dtype=torch.bool)
+    values, indices = sae.encode(x)
+    fired[indices[values > 0]] = True
+    assert metrics["dead_fraction"] == pytest.approx(float((~fired).double().mean()))
+    assert float(K.normalized_mse(x, x.mean(0).expand_as(x))) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_auxk_picks_top_dead_latents_and_trains_the_encoder(arch):
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4).double() if arch == "topk" else kron(8, 2, 4, 4))
+    dead = torch.zeros(sae.F, dtype=torch.bool)
+    dead[torch.randperm(sae.F)[:20]] = True
+    x = torch.randn(10, 16, dtype=torch.float64)
+    enc = sae.encode_with_aux(x, dead)
+    assert enc.aux_values.shape == (10, 8)  # k_aux = min(d/2, dead)
+    assert dead[enc.aux_indices].all()
+    scores = naive_scores(sae, x).detach().where(dead, -1.0)   # reference: best dead latents
+    torch.testing.assert_close(enc.aux_values.sort(-1).values, scores.topk(8).values.sort(-1).values)
+    residual = (x - sae.decode(enc.values, enc.indices)).detach()
+    sae.zero_grad()
+    K.auxk_loss(sae, residual, enc).backward()
+    assert sae.W_enc.grad.abs().sum() > 0 and sae.W_dec.grad.abs().sum() > 0
+
+
+# ============================================================================= training
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    f = lambda s: K.lr_factor(s, total=100, warmup=0.1, floor=1e-3)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(99) == pytest.approx(1e-3, abs=1e-3)
+    assert all(f(s) >= f(s + 1) for s in range(10, 99))
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
+    cfg = K.Config(dict_size=128, m=2, n=4, k=8, steps=1, batch=64)
+    sae = K.build_sae(arch, 16, cfg)
+    opt = torch.optim.AdamW(sae.parameters(), lr=1e-2)
+    K.train_step(sae, opt, torch.randn(64, 16) * 5, torch.zeros(128, dtype=torch.bool), cfg)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(128))
+    sae.zero_grad()
+    K.normalized_mse(torch.randn(64, 16), sae(torch.randn(64, 16))).backward()
+    sae.remove_parallel_grad_()
+    assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-6
+
+
+def small_run(arch="kron", steps=200, seed=0, **kw):
+    cfg = K.Config(dict_size=256, m=2, n=8, k=8, steps=steps, batch=128, seed=seed, **kw)
+    data = synthetic.make_dataset(4096, d=32, F_true=128, k_true=4, seed=seed)
+    K.set_seed(seed)
+    sae = K.build_sae(arch, 32, cfg)
+    return sae, K.train(sae, data, cfg, progress=False), data, cfg
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_training_lowers_the_loss(arch):
+    sae, result, data, _ = small_run(arch)
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.6 * first
+    assert K.evaluate(sae, data[:1024])["ev"] > 0.4
+
+
+def test_same_seed_same_weights():
+    a, *_ = small_run(steps=15, seed=3)
+    b, *_ = small_run(steps=15, seed=3)
+    c, *_ = small_run(steps=15, seed=4)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(a.W_enc, c.W_enc)
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_checkpoint_round_trips(tmp_path, arch):
+    sae = perturb_(K.build_sae(arch, 16, K.Config(dict_size=64, m=2, n=4, k=4)))
+    K.save(sae, tmp_path)
+    loaded = K.load(tmp_path)
+    assert type(loaded) is type(sae) and loaded.config() == sae.config()
+    for (name, p), q in zip(sae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
+    x = torch.randn(5, 16)
+    assert torch.equal(sae(x), loaded(x))
+    assert json.loads((tmp_path / "config.json").read_text())["arch"] == arch
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    sae, _, data, cfg = small_run(steps=5)
+    K.save(sae, tmp_path)
+    good = {k: v.clone() for k, v in sae.state_dict().items()}
+    with torch.no_grad():
+        sae.W_dec[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 0.*last good checkpoint kept"):
+        K.train(sae, data, cfg, out=str(tmp_path), progress=False)
+    kept = K.load(tmp_path).state_dict()
+    assert all(torch.equal(kept[k], good[k]) for k in good)
+
+
+# ============================================================================= bad input
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: K.KronSAE(d_in=8, h=4, m=2, n=4, k=4, dict_size=40), r"F = h\*m\*n.*F=40.*32"),
+    (lambda: K.KronSAE(d_in=8, h=2, m=2, n=2, k=9), r"k must be <= F.*k=9.*F=8"),
+    (lambda: K.TopKSAE(d_in=8, dict_size=4, k=5), r"k=5.*F=4"),
+    (lambda: K.KronSAE(d_in=8, h=0, m=2, n=2, k=1), r"h must be a positive integer.*h=0"),
+    (lambda: K.TopKSAE(d_in=-3, dict_size=4, k=1), r"d_in.*-3"),
+    (lambda: K.Config(dict_size=100, m=2, n=8), r"multiple of m\*n.*F=100"),
+    (lambda: K.Config(dict_size=64, h=3, m=2, n=8), r"F = h\*m\*n.*F=64"),
+    (lambda: K.Config(dict_size=64, k=65), r"k=65.*F=64"),
+    (lambda: K.Config(steps=0), r"steps.*0"),
+])
+def test_bad_sizes_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_wrong_width_data_raises():
+    sae = K.TopKSAE(d_in=8, dict_size=16, k=2)
+    with pytest.raises(ValueError, match=r"d_in=8.*\(4, 7\)"):
+        sae.encode(torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"d_in=8.*\(10, 9\)"):
+        K.train(sae, torch.randn(10, 9), K.Config(dict_size=16, k=2), progress=False)
+
+
+def test_non_finite_data_raises_with_count_and_location(tmp_path):
+    x = torch.randn(20, 4)
+    x[3, 1], x[7, 2] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"2 non-finite values.*\[\[3, 1\], \[7, 2\]\]"):
+        K.check_data(x)
+    torch.save(x, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="2 non-finite"):
+        K.load_data(str(tmp_path / "bad.pt"))
+
+
+# ============================================================================= CLI
+
+def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
+    data = synthetic.make_dataset(3000, d=16, F_true=64, k_true=4)
+    import numpy as np
+    np.save(tmp_path / "acts.npy", data.numpy())
+    out = tmp_path / "metrics.json"
+    K.main(["--data", str(tmp_path / "acts.npy"), "--dict-size", "128", "--m", "2", "--n", "4", "--k", "4",
+            "--steps", "20", "--batch", "128", "--eval-tokens", "500", "--json", str(out),
+            "--out", str(tmp_path / "ckpt")])
+    results = json.loads(out.read_text())
+    assert set(results) == {"topk", "kron"}
+    for r in results.values():
+        assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params", "ms_per_step"} <= set(r)
+    assert "ms/step" in capsys.readouterr().out
+    assert K.load(tmp_path / "ckpt" / "kron").config()["h"] == 16
+
+
+def test_cli_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        K.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--arch", "--h", "--m", "--n", "--dict-size", "--k", "--steps", "--batch", "--lr",
+                 "--seed", "--device", "--out", "--json"):
+        assert flag in text
+
+
+# ============================================================================= GPU (skipped without CUDA)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("h,m,n,k", [(64, 2, 8, 16), (8, 32, 32, 32)])
+def test_cuda_fast_path_equals_naive(h, m, n, k):
+    sae = perturb_(K.KronSAE(d_in=64, h=h, m=m, n=n, k=k)).double().cuda()
+    x = torch.randn(128, 64, dtype=torch.float64, device="cuda", requires_grad=True)
+    target = torch.randn(128, 64, dtype=torch.float64, device="cuda")
+    torch.testing.assert_close(sae(x), naive_forward(sae, x)[2])
+    g_fast = grads(sae, x, ((sae(x) - target) ** 2).sum())
+    g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
+    for name in g_naive:
+        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
