@@ -34,20 +34,35 @@ def perturb_(sae, scale=0.1):
 
 # ============================================================================= naive references
 
+def naive_twin(sae):
+    """KronSAE's naive twin (kronsae.NaiveKronSAE) sharing the same parameter tensors."""
+    twin = K.NaiveKronSAE(d_in=sae.d_in, h=sae.h, m=sae.m, n=sae.n, k=sae.k).to(sae.W_dec.dtype)
+    for name, p in sae.named_parameters():
+        setattr(twin, name, p)
+    return twin
+
+
 def naive_scores(sae, x):
     """All F latent scores, dense, with autograd: (B, F)."""
     if isinstance(sae, K.KronSAE):
-        p, q = sae.pre_latents(x)                                   # (B, h, m), (B, h, n)
-        return K.mand(p, q).flatten(1)                              # (B, h*m*n), eq. 4 order
+        return naive_twin(sae).scores(x)                            # (B, h*m*n), eq. 4 order
     return ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).relu()       # (B, F)
 
 
 def naive_forward(sae, x):
-    """The paper's listing without the epsilon: all scores, top-k, a dense code, a dense decoder."""
+    """All scores, top-k, a dense (B, F) code, a dense decoder."""
     scores = naive_scores(sae, x)
     top = scores.topk(sae.k, dim=-1)
     code = torch.zeros_like(scores).scatter(-1, top.indices, top.values)   # (B, F)
     return top.values, top.indices, code @ sae.W_dec + sae.b_dec
+
+
+def test_naive_kron_forward_is_the_dense_listing():
+    sae = perturb_(kron(h=8, m=2, n=4, k=8))
+    x = torch.randn(20, 16, dtype=torch.float64)
+    twin = naive_twin(sae)
+    torch.testing.assert_close(twin(x), naive_forward(sae, x)[2])
+    torch.testing.assert_close(twin(x), sae(x))
 
 
 def grads(sae, x, loss):
@@ -248,6 +263,40 @@ def test_kron_training_step_has_no_F_sized_matmul():
     dead = torch.ones(sae.F, dtype=torch.bool)  # AuxK on too
     flops = matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
     assert flops == 2 * B * d * 32 * (4 + 8)
+
+
+def test_kron_training_step_saves_nothing_F_sized_per_token():
+    """Every tensor autograd keeps for backward has fewer than F elements per token."""
+    B, d = 64, 16
+    sae = K.KronSAE(d_in=d, h=64, m=4, n=8, k=8)      # F = 2048 > d, h*(m+n) = 768
+    cfg = K.Config(steps=1, batch=B, dict_size=2048, m=4, n=8, k=8)
+    opt = torch.optim.AdamW(sae.parameters())
+    dead = torch.zeros(sae.F, dtype=torch.bool)
+    dead[::7] = True                                    # AuxK on too
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        K.train_step(sae, opt, torch.randn(B, d), dead, cfg)
+    assert saved, "the hook saw nothing"
+    per_token = [math.prod(s) // B for s in saved if len(s) >= 1 and s[0] == B]
+    assert max(per_token) < sae.F, (max(per_token), sae.F)
+    # the naive twin does keep (B, F) tensors: the check would catch it
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        K.normalized_mse(torch.randn(B, d), naive_twin(sae)(torch.randn(B, d))).backward()
+    assert max(math.prod(s) // B for s in saved if s and s[0] == B) >= sae.F
+
+
+def test_bench_runs_and_reports_targets(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256",
+                   "--shapes", "2x8,4x4", "--flat-width", "64", "--repeats", "1", "--json", str(out)])
+    names = [r["name"] for r in rows]
+    assert names[:5] == ["topk", "kron_2x8", "kron_4x4", "naive_kron_2x8", "naive_kron_4x4"]
+    assert [r["dict_size"] for r in rows if r["section"].startswith("flat")] == [256, 512, 1024]
+    by = {r["name"]: r for r in rows if r["section"] == "F=256"}
+    assert by["naive_kron_4x4"]["peak_mb"] > by["kron_4x4"]["peak_mb"] > 0
+    assert by["kron_4x4"]["flops_per_token"] == K.KronSAE(d_in=32, h=16, m=4, n=4, k=8).flops_per_token()
+    assert json.loads(out.read_text())["rows"][0]["name"] == "topk"
 
 
 # ============================================================================= losses, metrics, AuxK
