@@ -483,3 +483,73 @@ def test_cuda_fast_path_equals_naive(h, m, n, k):
     g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
     for name in g_naive:
         torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+
+
+# ============================================================================= synthetic.py (section 5.1)
+
+def random_symmetric(n, seed):
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return A + A.T
+
+
+def test_rv_coefficient_on_known_matrices():
+    S = synthetic.block_covariance(64, n_blocks=4, seed=1)
+    assert synthetic.rv_coefficient(S, S) == pytest.approx(1.0)
+    assert synthetic.rv_coefficient(S, 7.5 * S) == pytest.approx(1.0)          # invariant to scale
+    assert synthetic.rv_coefficient(3 * S, S) == pytest.approx(1.0)
+    assert abs(synthetic.rv_coefficient(random_symmetric(64, 2), random_symmetric(64, 3))) < 0.1  # unrelated
+    assert synthetic.rv_coefficient(S, torch.eye(64)) < 0.9                     # structure matters
+
+
+def test_matching_recovers_a_planted_permutation():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 12, generator=g)
+    perm = torch.randperm(40, generator=g)
+    Y = X[perm] + 0.01 * torch.randn(40, 12, generator=g)       # Y's row perm[i] is X's row i, plus noise
+    idx = synthetic.match_atoms(X, Y, seed=0)
+    assert torch.equal(perm[idx], torch.arange(40))
+
+
+def test_block_covariance_is_a_valid_block_correlation_matrix():
+    S = synthetic.block_covariance(128, n_blocks=6, n_off=3, seed=5)
+    torch.testing.assert_close(S, S.T)
+    torch.testing.assert_close(S.diagonal(), torch.ones(128))
+    assert torch.linalg.eigvalsh(S.double()).min() > 0
+    assert (S - torch.eye(128)).abs().mean() > 0.05                            # real correlation structure
+    assert not torch.equal(S, synthetic.block_covariance(128, n_blocks=6, n_off=3, seed=6))
+
+
+def test_generator_sample_covariance_approaches_S():
+    F_true, n = 64, 200_000
+    S = synthetic.block_covariance(F_true, n_blocks=4, n_off=2, seed=0)
+    x = synthetic.sample_sparse(S, n, k_true=8, generator=torch.Generator().manual_seed(0))
+    codes = synthetic.sparse_codes(n, F_true, 8, torch.Generator().manual_seed(0))
+    L = torch.linalg.cholesky(S.double())
+    torch.testing.assert_close(x.double(), codes.double() @ L.T, rtol=1e-4, atol=1e-4)   # x = L s
+    # the codes are nearly uncorrelated: exactly-k sparsity leaves only a small negative correlation
+    code_corr = torch.corrcoef(codes.T.double())
+    off = code_corr[~torch.eye(F_true, dtype=torch.bool)]
+    assert off.mean() < 0 and off.abs().max() < 0.05
+    # so Cov(x) = a S + c L 1 1^T L^T (exchangeable codes); its correlation is what x's converges to
+    a, c = codes.double().var(0).mean(), torch.cov(codes.T.double())[~torch.eye(F_true, dtype=torch.bool)].mean()
+    one = L @ torch.ones(F_true, dtype=torch.float64)
+    predicted = (a - c) * S.double() + c * one.outer(one)
+    predicted = predicted / predicted.diagonal().sqrt().outer(predicted.diagonal().sqrt())
+    corr = torch.corrcoef(x.T.double())
+    assert (corr - predicted).abs().max() < 0.02, float((corr - predicted).abs().max())
+    assert synthetic.rv_coefficient(S, corr) > 0.98
+
+
+def test_make_dataset_is_deterministic_and_shaped():
+    a, b = synthetic.make_dataset(100, d=24, F_true=64, seed=3), synthetic.make_dataset(100, d=24, F_true=64, seed=3)
+    assert a.shape == (100, 24) and torch.equal(a, b)
+
+
+def test_synthetic_quick_run_completes(tmp_path):
+    out, fig = tmp_path / "rv.json", tmp_path / "rv.png"
+    result = synthetic.main(["--quick", "--json", str(out), "--figure", str(fig)])
+    rv = json.loads(out.read_text())["rv"]
+    assert set(rv) == {"ae", "topk", "kron_h2_m4_n32", "kron_h4_m2_n32", "kron_h4_m8_n8", "kron_h8_m2_n16"}
+    assert all(-1 <= v["mean"] <= 1 and v["std"] >= 0 for v in rv.values())
+    assert fig.stat().st_size > 10_000
+    assert result["rv"] == rv
