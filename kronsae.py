@@ -68,6 +68,16 @@ class Config:
     out: str = opt("", "directory for checkpoints (safetensors + config.json)")
     json: str = opt("", "write the final metrics of each SAE to this JSON file")
     save_every: int = opt(0, "also checkpoint every this many steps (needs --out); 0 = only at the end")
+    matryoshka: str = opt("", "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss")
+    model: str = opt("", "a transformers model (hub name or local directory) to harvest activations from")
+    layer: int = opt(-1, "with --model: train on hidden_states[layer], the residual stream after block `layer`")
+    text: tuple = opt((), "with --model: text file(s) to tokenise into contexts")
+    ctx: int = opt(128, "with --model: tokens per context")
+    model_batch: int = opt(16, "with --model: contexts per forward pass")
+    max_tokens: int = opt(1_000_000, "with --model: stop harvesting after this many tokens")
+    keep_first: bool = opt(False, "with --model: keep position 0 (the attention sink, often ~100x the norm)")
+    normalize: bool = opt(False, "scale inputs so the mean norm is sqrt(d); folded back into the saved SAE")
+    save_acts: str = opt("", "with --model: save the harvested activations (.pt) for later --data runs")
 
     def __post_init__(self):
         if self.arch not in ("topk", "kron", "both"):
@@ -90,15 +100,44 @@ class Config:
             raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; "
                              f"got lr={self.lr}, warmup={self.warmup}, min_lr={self.min_lr}")
 
+        self.prefixes("topk" if self.arch == "topk" else "kron")  # validates --matryoshka
+        if self.model and (self.layer < 0 or not self.text):
+            raise ValueError(f"--model needs --layer L >= 0 and --text FILE..., got layer={self.layer}, "
+                             f"text={list(self.text)}")
+        for name in ("ctx", "model_batch", "max_tokens"):
+            check_positive(**{name: getattr(self, name)})
+
     @property
     def heads(self) -> int:
         return self.h or self.dict_size // (self.m * self.n)
+
+    def prefixes(self, arch: str) -> Optional[list[int]]:
+        """The Matryoshka prefix sizes for SAE `arch` (topk or kron), ending at F; None for the plain loss."""
+        if not self.matryoshka:
+            return None
+        try:
+            sizes = [int(t) for t in self.matryoshka.split(",")]
+        except ValueError:
+            raise ValueError(f"--matryoshka must be comma-separated integers, got {self.matryoshka!r}") from None
+        return matryoshka_prefixes(sizes, self.dict_size, self.m * self.n if arch == "kron" else 1)
 
 
 def check_positive(**sizes):
     for name, value in sizes.items():
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+
+
+def matryoshka_prefixes(sizes: list[int], F: int, multiple: int = 1) -> list[int]:
+    """Validate nested prefix sizes: strictly increasing, in (0, F], multiples of `multiple` (m*n for
+    KronSAE, so that no head straddles two groups). F is appended when missing."""
+    if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0 or sizes[-1] > F:
+        raise ValueError(f"Matryoshka prefixes must be strictly increasing sizes in (0, F={F}], got {sizes}")
+    bad = [g for g in sizes if g % multiple]
+    if bad:
+        raise ValueError(f"KronSAE Matryoshka prefixes must be multiples of m*n={multiple} so that no head "
+                         f"straddles two groups, got {bad}")
+    return sizes if sizes[-1] == F else sizes + [F]
 
 
 def set_seed(seed: int):
@@ -418,6 +457,17 @@ def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return (target - recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
+def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
+                        prefixes: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, x_hat). Plain: normalized_mse(x, x_hat). Matryoshka (Bussmann et al. 2025, arXiv 2503.17547):
+    the sum over prefixes M of normalized_mse(x, x_hat using only latents with index < M)."""
+    x_hat = sae.decode(enc.values, enc.indices)                                    # (B, d)
+    if prefixes is None:
+        return normalized_mse(x, x_hat), x_hat
+    loss = sum(normalized_mse(x, sae.decode(enc.values * (enc.indices < M), enc.indices)) for M in prefixes[:-1])
+    return loss + normalized_mse(x, x_hat), x_hat
+
+
 def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual x - x_hat (no b_dec)."""
     if enc.aux_values is None:
@@ -473,6 +523,65 @@ def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> d
             "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12) if dead.any() else 0.0}
 
 
+# ============================================================================= progressive coding: importance and pruning
+# Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190
+
+@torch.no_grad()
+def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per latent, over `data`: importance E[a^2] (mean squared activation) and firing frequency. (F,) each."""
+    device = sae.W_dec.device
+    sq, fired = torch.zeros(sae.F, dtype=torch.float64, device=device), torch.zeros(sae.F, device=device)
+    for x in data.split(batch):
+        values, indices = sae.encode(x.to(device))
+        sq.index_add_(0, indices.flatten(), values.flatten().double().pow(2))
+        fired.index_add_(0, indices.flatten(), (values.flatten() > 0).float())
+    return (sq / data.shape[0]).float().cpu(), (fired / data.shape[0]).cpu()
+
+
+def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
+    """Least squares in log-log of importance against rank: importance ~ C * rank^-alpha.
+    Returns (alpha, R^2), over the latents with non-zero importance."""
+    y = importance[importance > 0].double().sort(descending=True).values.log()
+    if y.numel() < 3:
+        raise ValueError(f"need at least 3 latents with non-zero importance to fit, got {y.numel()}")
+    x = torch.arange(1, y.numel() + 1, dtype=torch.float64).log()
+    slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution.flatten()
+    residual = y - (slope * x + intercept)
+    return float(-slope), float(1 - residual.pow(2).sum() / (y - y.mean()).pow(2).sum())
+
+
+def rank_latents(sae: SparseAutoencoder, score: torch.Tensor) -> torch.Tensor:
+    """Latent order, best first, by `score` (F,). KronSAE ranks whole heads by their summed score."""
+    if isinstance(sae, KronSAE):
+        heads = score.view(sae.h, -1).sum(-1).argsort(descending=True)
+        return (heads[:, None] * sae.m * sae.n + torch.arange(sae.m * sae.n)).flatten()
+    return score.argsort(descending=True)
+
+
+def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
+    """A smaller SAE of the same class that keeps latents `keep` (in that order) and drops the rest.
+    It selects its top k among the kept latents only. For KronSAE `keep` must be whole heads."""
+    keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+    k, dev = min(sae.k, keep.numel()), sae.W_dec.device
+    if isinstance(sae, KronSAE):
+        size = sae.m * sae.n
+        heads = keep.view(-1, size)[:, 0] // size if keep.numel() % size == 0 else None
+        if heads is None or not torch.equal(keep, (heads[:, None] * size + torch.arange(size)).flatten()):
+            raise ValueError(f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
+                             f"{size} latents in order, got {keep.numel()} latents")
+        small = KronSAE(d_in=sae.d_in, h=heads.numel(), m=sae.m, n=sae.n, k=k)
+        enc_rows = (heads[:, None] * (sae.m + sae.n) + torch.arange(sae.m + sae.n)).flatten()
+    else:
+        small, enc_rows = TopKSAE(d_in=sae.d_in, dict_size=keep.numel(), k=k), keep
+    small = small.to(device=dev, dtype=sae.W_dec.dtype)
+    with torch.no_grad():
+        small.W_enc.copy_(sae.W_enc[enc_rows.to(dev)])
+        small.b_enc.copy_(sae.b_enc[enc_rows.to(dev)])
+        small.W_dec.copy_(sae.W_dec[keep.to(dev)])
+        small.b_dec.copy_(sae.b_dec)
+    return small
+
+
 # ============================================================================= training loop
 
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
@@ -511,10 +620,10 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
                cfg: Config) -> tuple[StepStats, Encoding]:
     """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK."""
     enc = sae.encode_with_aux(x, dead)
-    x_hat = sae.decode(enc.values, enc.indices)                                    # (B, d)
-    fvu = normalized_mse(x, x_hat)
+    recon, x_hat = reconstruction_loss(sae, x, enc, cfg.prefixes("kron" if isinstance(sae, KronSAE) else "topk"))
     aux = auxk_loss(sae, (x - x_hat).detach(), enc)
-    loss = fvu + cfg.aux_coef * aux
+    loss = recon + cfg.aux_coef * aux
+    fvu = normalized_mse(x, x_hat.detach())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} (fvu={fvu.item()}, aux={aux.item()})")
     optimizer.zero_grad(set_to_none=True)
@@ -528,11 +637,14 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
 
 
 def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator):
-    """Endless batches of rows, reshuffled every epoch from a seeded generator."""
+    """The shuffling buffer: endless batches of rows, each row exactly once per epoch, in a fresh seeded
+    order every epoch, so a batch mixes many contexts. A last batch under half size joins the one before."""
     while True:
-        for idx in torch.randperm(data.shape[0], generator=generator).split(batch):
-            if idx.numel() == batch or data.shape[0] < batch:
-                yield data[idx]
+        chunks = list(torch.randperm(data.shape[0], generator=generator).split(batch))
+        if len(chunks) > 1 and chunks[-1].numel() < batch // 2:
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        for idx in chunks:
+            yield data[idx]
 
 
 class TrainResult(NamedTuple):
@@ -546,9 +658,11 @@ def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional
     """Train `sae` in place on rows of `data` (N, d) with AdamW, warmup + cosine (paper A.1) and AuxK.
 
     A non-finite loss stops the run with FloatingPointError; the checkpoint last written to `out`
-    (if any) was written from finite weights and is left alone.
+    (if any) was written from finite weights and is left alone. With cfg.normalize, batches are scaled
+    by c = input_scale(data) and c is folded back into the weights at the end (and in every checkpoint).
     """
     check_data(data, sae.d_in)
+    scale = input_scale(data) if cfg.normalize else 1.0
     device = sae.W_dec.device
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = shuffled_batches(data, cfg.batch, gen)
@@ -557,13 +671,13 @@ def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional
         optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
     threshold = cfg.dead_tokens or min(10_000_000, max(1, cfg.steps * cfg.batch // 10))
     tracker = DeadTracker(sae.F, threshold, device)
-    first = next(batches).to(device)
+    first = next(batches).to(device) * scale
     with torch.no_grad():
         sae.b_dec.copy_(first.mean(0))  # Gao et al.: start b_dec at the data mean
     losses, start = [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
     for step in bar:
-        x = first if step == 0 else next(batches).to(device)
+        x = first if step == 0 else next(batches).to(device) * scale
         try:
             stats, enc = train_step(sae, optimizer, x, tracker.dead, cfg)
         except FloatingPointError as err:
@@ -577,11 +691,21 @@ def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional
             bar.set_postfix(loss=f"{stats.loss:.4f}", ev=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
                             dead=f"{float(tracker.dead.float().mean()):.1%}")
         if out and cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save(sae, out)
+            save(folded_copy(sae, scale), out)
     seconds = time.perf_counter() - start
+    fold_input_scale_(sae, scale)
     if out:
         save(sae, out)
     return TrainResult(losses, seconds, cfg.steps)
+
+
+def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
+    if scale == 1.0:
+        return sae
+    import copy
+    twin = copy.deepcopy(sae)
+    fold_input_scale_(twin, scale)
+    return twin
 
 
 # ============================================================================= data and checkpoints
@@ -640,6 +764,183 @@ def load(directory: str, device="cpu") -> SparseAutoencoder:
     return sae.to(device)
 
 
+# ============================================================================= real language models (transformers)
+
+class StopForward(Exception):
+    """Raised by the capture hook: nothing after the layer we want needs to run."""
+
+
+def load_lm(name: str, device, layer: Optional[int] = None):
+    """(model, tokenizer, causal) from a hub name or local directory, in eval mode. The layer index is
+    checked against the config before any weights are loaded."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    name = str(name)
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():  # a path, not a hub name
+        raise ValueError(f"model directory {name} does not exist; pass a local directory holding "
+                         f"config.json, the weights and the tokenizer, or a hub name")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without network "
+                         f"access pass a local directory, e.g. one written by save_pretrained().") from None
+    if layer is not None:
+        check_layer(config, layer)
+    try:
+        causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # saved architectures: GPT2LMHeadModel, ...
+        causal = any(a in causal_names for a in (config.architectures or []))
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without network "
+                         f"access pass a local directory, e.g. one written by save_pretrained().") from None
+    return model.to(device).eval(), tokenizer, causal
+
+
+def check_layer(config, layer: int):
+    """hidden_states has num_hidden_layers + 1 entries: 0 is the embeddings, L the output of block L."""
+    n = config.num_hidden_layers
+    if not 0 <= layer <= n:
+        raise ValueError(f"layer must be in 0..{n} for this model ({n} blocks; 0 = embeddings), got {layer}")
+
+
+def find_blocks(model) -> nn.ModuleList:
+    """The transformer blocks: the first ModuleList with num_hidden_layers entries (GPT-2, Llama, BERT, ...)."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}")
+
+
+def block_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.inference_mode()
+def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """hidden_states[layer], (b, T, d). Below the last layer this is the input of block `layer`, so a
+    pre-hook there captures it and stops the forward pass: the later blocks and the LM head never run."""
+    check_layer(model.config, layer)
+    if layer == model.config.num_hidden_layers:  # the last entry has the final norm applied: run it all
+        return model(input_ids=input_ids, output_hidden_states=True).hidden_states[layer]
+    captured = []
+
+    def capture(module, args, kwargs):
+        captured.append(block_input(args, kwargs))
+        raise StopForward
+
+    handle = find_blocks(model)[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        model(input_ids=input_ids)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] / [SEP], <s>, or none)."""
+    plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("hello")["input_ids"]
+    start = next(i for i in range(len(wrapped)) if wrapped[i:i + len(plain)] == plain)
+    return wrapped[:start], wrapped[start + len(plain):]
+
+
+def make_contexts(tokenizer, paths, ctx: int) -> torch.Tensor:
+    """Tokenise the text files into (N, ctx) contexts, each wrapped in the tokenizer's own special tokens."""
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"text file {p} does not exist")
+    text = "\n\n".join(Path(p).read_text(errors="replace") for p in paths)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    before, after = special_wrapping(tokenizer)
+    body = ctx - len(before) - len(after)
+    if body < 1 or len(ids) < body:
+        raise ValueError(f"text too short: {len(ids)} tokens in {list(map(str, paths))}, but one context of "
+                         f"ctx={ctx} needs {body} (plus {ctx - body} special tokens)")
+    return torch.tensor([before + ids[i:i + body] + after for i in range(0, len(ids) - body + 1, body)])
+
+
+def token_mask(input_ids: torch.Tensor, special_ids, keep_first: bool = False) -> torch.Tensor:
+    """(N, T) bool: the positions to train on. Position 0 is the attention sink; special tokens are not text."""
+    keep = ~torch.isin(input_ids, torch.tensor(sorted(special_ids), dtype=input_ids.dtype))
+    if not keep_first:
+        keep[:, 0] = False
+    return keep
+
+
+def harvest(model, contexts: torch.Tensor, layer: int, mask: torch.Tensor, batch: int,
+            max_tokens: int, progress: bool = True) -> torch.Tensor:
+    """Activations hidden_states[layer] at the masked positions, (N_tokens, d) float32 on the CPU."""
+    device = next(model.parameters()).device
+    out, total = [], 0
+    with tqdm(total=min(max_tokens, int(mask.sum())), unit="tok", unit_scale=True, desc=f"harvest layer {layer}",
+              disable=not progress) as bar:
+        for ids, keep in zip(contexts.split(batch), mask.split(batch)):
+            acts = residual_at(model, ids.to(device), layer)[keep.to(device)].float().cpu()   # (n, d)
+            out.append(acts[: max_tokens - total])
+            total += out[-1].shape[0]
+            bar.update(out[-1].shape[0])
+            if total >= max_tokens:
+                break
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, replace=None, batch: int = 16) -> float:
+    """Mean next-token cross-entropy when block `layer`'s input is replaced by replace(h) at the masked
+    positions (None: the clean model)."""
+    device = next(model.parameters()).device
+    current = {}
+
+    def splice(module, args, kwargs):
+        h = block_input(args, kwargs)
+        keep = current["mask"]
+        new = h.clone()
+        new[keep] = replace(h[keep].float()).to(h.dtype)
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+    handle = find_blocks(model)[layer].register_forward_pre_hook(splice, with_kwargs=True) if replace else None
+    total, count = 0.0, 0
+    try:
+        for ids, keep in zip(contexts.split(batch), mask.split(batch)):
+            ids = ids.to(device)
+            current["mask"] = keep.to(device)
+            logits = model(input_ids=ids).logits[:, :-1].float()                   # (b, T-1, vocab)
+            total += float(nnf.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+            count += ids[:, 1:].numel()
+    finally:
+        if handle:
+            handle.remove()
+    return total / count
+
+
+def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: int) -> dict:
+    """What splicing the SAE in costs the LM: clean, spliced and zero-ablated CE, and loss recovered."""
+    clean = spliced_ce(model, contexts, mask, layer, None, batch)
+    with torch.no_grad():
+        spliced = spliced_ce(model, contexts, mask, layer, sae, batch)
+    zero = spliced_ce(model, contexts, mask, layer, torch.zeros_like, batch)
+    return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero,
+            "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
+
+
+def input_scale(data: torch.Tensor) -> float:
+    """The scalar c with mean ||c x|| = sqrt(d)."""
+    return math.sqrt(data.shape[1]) / float(data.norm(dim=-1).mean())
+
+
+@torch.no_grad()
+def fold_input_scale_(sae: SparseAutoencoder, c: float):
+    """An SAE trained on c*x becomes one for raw x: sae'(x) = sae(c x) / c.
+    Both activations are positively homogeneous (ReLU; mAND: sqrt(c u * c v) = c sqrt(u v)), so dividing
+    the biases by c is exact; W_enc and the unit-norm W_dec stay as they are."""
+    sae.b_enc /= c
+    sae.b_dec /= c
+
+
 # ============================================================================= the main job: TopK vs KronSAE
 
 def default_data(cfg: Config, n: int) -> torch.Tensor:
@@ -684,18 +985,122 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def lm_data(cfg: Config, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs).
+    Whole contexts are held out, so the LM cost is measured on text the SAE never saw."""
+    model, tokenizer, causal = load_lm(cfg.model, device, cfg.layer)
+    contexts = make_contexts(tokenizer, cfg.text, cfg.ctx)                         # (N, T)
+    perm = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    contexts = contexts[perm]
+    mask = token_mask(contexts, tokenizer.all_special_ids, cfg.keep_first)        # (N, T)
+    n_eval = math.ceil(cfg.eval_tokens / max(1, int(mask[0].sum())))
+    if n_eval >= contexts.shape[0]:
+        raise ValueError(f"text too short: {contexts.shape[0]} contexts of {cfg.ctx} tokens, but holding out "
+                         f"eval_tokens={cfg.eval_tokens} takes {n_eval}; add text or lower --eval-tokens")
+    train_acts = harvest(model, contexts[n_eval:], cfg.layer, mask[n_eval:], cfg.model_batch, cfg.max_tokens)
+    eval_acts = harvest(model, contexts[:n_eval], cfg.layer, mask[:n_eval], cfg.model_batch, cfg.eval_tokens)
+    if cfg.save_acts:
+        torch.save(torch.cat([train_acts, eval_acts]), cfg.save_acts)
+        print(f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}")
+    splice_ok = causal and cfg.layer < model.config.num_hidden_layers
+    return train_acts, eval_acts, {"model": model, "contexts": contexts[:n_eval], "mask": mask[:n_eval],
+                                   "splice": splice_ok}
+
+
 def compare(cfg: Config) -> dict:
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    lm = None
+    if cfg.model:
+        train_data, eval_data, lm = lm_data(cfg, device)
+        source = f"{cfg.model} hidden_states[{cfg.layer}]"
+    else:
+        data = load_data(cfg.data) if cfg.data else default_data(cfg, cfg.steps * cfg.batch // 4 + cfg.eval_tokens)
+        train_data, eval_data = split_data(data, cfg.eval_tokens, cfg.seed)
+        source = cfg.data or "synthetic block-correlated"
+    print(f"data: {train_data.shape[0]} training rows of width {train_data.shape[1]} ({source}), "
+          f"{eval_data.shape[0]} held out, device {device}")
+    archs = ["topk", "kron"] if cfg.arch == "both" else [cfg.arch]
+    results = {}
+    for arch in archs:
+        sae, results[arch] = run_one(arch, train_data, eval_data, cfg, device)
+        if lm and lm["splice"]:
+            results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], cfg.layer, cfg.model_batch))
+    print(format_table(list(results.values())))
+    for arch, r in results.items():
+        if "ce_clean" in r:
+            print(f"{arch}: CE clean {r['ce_clean']:.4f}, with the SAE spliced in {r['ce_sae']:.4f}, zero-ablated "
+                  f"{r['ce_zero']:.4f}; loss recovered {r['loss_recovered']:.4f}")
+    if cfg.out:
+        print(f"checkpoints: {', '.join(str(Path(cfg.out, a)) for a in archs)}")
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+# ============================================================================= progressive coding: python kronsae.py progressive
+
+def progressive_curves(plain: SparseAutoencoder, matryoshka: SparseAutoencoder, eval_data: torch.Tensor,
+                       sizes: list[int]) -> dict:
+    """FVU on held-out data against the number of kept latents G, for four ways of choosing them."""
+    importance, frequency = latent_stats(plain, eval_data)
+    orders = {"matryoshka": (matryoshka, torch.arange(matryoshka.F)),   # trained to be used in index order
+              "pruned_importance": (plain, rank_latents(plain, importance)),
+              "pruned_frequency": (plain, rank_latents(plain, frequency)),
+              "unsorted_prefix": (plain, torch.arange(plain.F))}
+    curves = {name: [evaluate(prune(sae, order[:G]), eval_data)["fvu"] for G in sizes]
+              for name, (sae, order) in orders.items()}
+    alpha, r2 = fit_power_law(importance)
+    return {"G": sizes, "fvu": curves, "power_law_alpha": alpha, "power_law_r2": r2}
+
+
+def save_progressive_figure(results: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (arch, r) in zip(axes[0], results.items()):
+        for name, fvu in r["fvu"].items():
+            ax.plot(r["G"], fvu, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("kept latents G")
+        ax.set_ylabel("held-out FVU")
+        ax.set_title(f"{arch}: importance ~ rank^-{r['power_law_alpha']:.2f} (R^2 {r['power_law_r2']:.2f})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def progressive(cfg: Config, figure: str = "progressive.png") -> dict:
+    """Train a plain and a Matryoshka SAE per arch, then compare FVU at G = F/16 ... F (Peter and Soegaard)."""
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     data = load_data(cfg.data) if cfg.data else default_data(cfg, cfg.steps * cfg.batch // 4 + cfg.eval_tokens)
     train_data, eval_data = split_data(data, cfg.eval_tokens, cfg.seed)
-    print(f"data: {tuple(data.shape)} ({cfg.data or 'synthetic block-correlated'}), "
-          f"held out {cfg.eval_tokens} rows, device {device}")
-    archs = ["topk", "kron"] if cfg.arch == "both" else [cfg.arch]
-    results = {arch: run_one(arch, train_data, eval_data, cfg, device)[1] for arch in archs}
-    print(format_table(list(results.values())))
-    if cfg.out:
-        print(f"checkpoints: {', '.join(str(Path(cfg.out, a)) for a in archs)}")
+    F = cfg.dict_size
+    sizes = [F // 16, F // 8, F // 4, F // 2, F]
+    nested = dataclasses.replace(cfg, matryoshka=",".join(map(str, sizes)))
+    results = {}
+    for arch in (["topk", "kron"] if cfg.arch == "both" else [cfg.arch]):
+        plain, plain_metrics = run_one(arch, train_data, eval_data, dataclasses.replace(cfg, out=""), device)
+        mat, mat_metrics = run_one(arch, train_data, eval_data, dataclasses.replace(nested, out=""), device)
+        r = progressive_curves(plain, mat, eval_data, sizes)
+        r.update(train_seconds_plain=plain_metrics["train_seconds"], train_seconds_matryoshka=mat_metrics["train_seconds"])
+        results[arch] = r
+        print(f"\n{arch}: FVU on {eval_data.shape[0]} held-out rows; importance E[a^2] ~ rank^-{r['power_law_alpha']:.2f} "
+              f"(R^2 {r['power_law_r2']:.3f}); Matryoshka training took "
+              f"{r['train_seconds_matryoshka'] / r['train_seconds_plain']:.2f}x the plain SAE's time")
+        print(f"{'G':>8}" + "".join(f"{name:>20}" for name in r["fvu"]))
+        for i, G in enumerate(sizes):
+            print(f"{G:>8}" + "".join(f"{fvu[i]:>20.4f}" for fvu in r["fvu"].values()))
+        order_ok = all(r["fvu"]["matryoshka"][i] < r["fvu"]["pruned_importance"][i] < r["fvu"]["unsorted_prefix"][i]
+                       for i in range(len(sizes) - 1))
+        print(f"paper's ordering (matryoshka < pruned by E[a^2] < unsorted) at every G < F: {'yes' if order_ok else 'no'}")
+        r["paper_ordering_holds"] = order_ok
+    if figure:
+        save_progressive_figure(results, figure)
+        print(f"figure: {figure}")
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(results, indent=2))
     return results
@@ -865,8 +1270,13 @@ def bench(bcfg: BenchConfig) -> list[dict]:
 def add_config_args(parser: argparse.ArgumentParser, config_cls=Config):
     """One --flag per dataclass field, with its type, default and help."""
     for f in dataclasses.fields(config_cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default),
-                            default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+        flag, help = f"--{f.name.replace('_', '-')}", f"{f.metadata['help']} (default: {f.default})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, dest=f.name, nargs="+", default=f.default, help=help)
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help)
 
 
 def bench_main(argv):
@@ -883,7 +1293,29 @@ def bench_main(argv):
     return bench(bcfg)
 
 
-COMMANDS = {"bench": bench_main}
+def progressive_main(argv):
+    parser = argparse.ArgumentParser(prog="kronsae.py progressive", description=(
+        "Progressive coding (Peter and Soegaard 2025): FVU against the number of kept latents G = F/16 ... F "
+        "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
+        "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."))
+    add_config_args(parser)
+    parser.add_argument("--figure", default="progressive.png", help="PNG for the curves ('' = none)")
+    args = vars(parser.parse_args(argv))
+    figure = args.pop("figure")
+    try:
+        cfg = Config(**args)
+        if cfg.matryoshka:
+            raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
+        if cfg.dict_size % 16:
+            raise ValueError(f"progressive needs F divisible by 16, got F={cfg.dict_size}")
+        matryoshka_prefixes([cfg.dict_size // 16 * i for i in (1, 2, 4, 8, 16)], cfg.dict_size,
+                            cfg.m * cfg.n if cfg.arch != "topk" else 1)
+    except ValueError as err:
+        parser.error(str(err))
+    return progressive(cfg, figure)
+
+
+COMMANDS = {"bench": bench_main, "progressive": progressive_main}
 
 
 def main(argv=None):

@@ -144,8 +144,8 @@ class ToyConfig:
     k_true: int = 8        # active features per sample, TopK(ReLU(z))
     k: int = 8             # SAE sparsity
     samples: int = 65536   # x_sparse rows
-    ae_steps: int = 3000
-    sae_steps: int = 2000
+    ae_steps: int = 2000
+    sae_steps: int = 1000
     batch: int = 1024
     setups: int = 8
 

