@@ -53,7 +53,7 @@ class Config:
     m: int = opt(2, "KronSAE composition base size per head (paper: start at 2)")
     n: int = opt(8, "KronSAE composition extension size per head, m <= n")
     k: int = opt(16, "active latents per token (TopK)")
-    steps: int = opt(600, "optimiser steps per SAE")
+    steps: int = opt(1000, "optimiser steps per SAE")
     batch: int = opt(1024, "tokens per batch")
     lr: float = opt(8e-4, "peak learning rate (AdamW, paper A.1)")
     warmup: float = opt(0.1, "fraction of steps with linear warmup")
