@@ -771,7 +771,7 @@ def test_training_on_tiny_model_activations_lowers_the_loss(tiny_lm, tmp_path):
         assert {"ce_clean", "ce_sae", "ce_zero", "loss_recovered"} <= set(json.loads(out.read_text())["kron"])
         assert r["ce_zero"] > r["ce_clean"]
     acts = torch.load(tmp_path / "acts.pt")
-    assert acts.shape[1] == 32 and acts.shape[0] == 6000 // 15 * 15     # 400 contexts of <bos> + 15 words, <bos> dropped
+    assert acts.shape == (6000, 32)               # 400 contexts of <bos> + 15 words, <bos> dropped
 
 
 def test_lm_bad_input_raises_clear_errors(tiny_lm, tmp_path):
