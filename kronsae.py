@@ -827,8 +827,8 @@ def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
     """hidden_states[layer], (b, T, d). Below the last layer this is the input of block `layer`, so a
     pre-hook there captures it and stops the forward pass: the later blocks and the LM head never run."""
     check_layer(model.config, layer)
-    if layer == model.config.num_hidden_layers:  # the last entry has the final norm applied: run it all
-        return model(input_ids=input_ids, output_hidden_states=True).hidden_states[layer]
+    if layer == model.config.num_hidden_layers:  # the last entry has the final norm applied: run all blocks
+        return model.base_model(input_ids=input_ids, output_hidden_states=True).hidden_states[layer]
     captured = []
 
     def capture(module, args, kwargs):
