@@ -1303,7 +1303,7 @@ def bench_main(argv):
         bcfg = BenchConfig(**vars(args))
     except ValueError as err:
         parser.error(str(err))
-    return bench(bcfg)
+    return run_cli(bench, bcfg)
 
 
 def progressive_main(argv):
@@ -1325,7 +1325,7 @@ def progressive_main(argv):
                             cfg.m * cfg.n if cfg.arch != "topk" else 1)
     except ValueError as err:
         parser.error(str(err))
-    return progressive(cfg, figure)
+    return run_cli(progressive, cfg, figure)
 
 
 COMMANDS = {"bench": bench_main, "progressive": progressive_main}
@@ -1338,7 +1338,7 @@ def main(argv=None):
         return COMMANDS[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(
         description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
-                    "and prints EV, L0, dead %%, encoder FLOPs, parameters and ms per step side by side. "
+                    "and prints EV, L0, dead %, encoder FLOPs, parameters and ms per step side by side. "
                     f"Other commands: {', '.join(COMMANDS)} (each has its own --help).")
     add_config_args(parser)
     args = parser.parse_args(argv)
@@ -1346,7 +1346,17 @@ def main(argv=None):
         cfg = Config(**vars(args))
     except ValueError as err:
         parser.error(str(err))
-    return compare(cfg)
+    return run_cli(compare, cfg)
+
+
+def run_cli(job, *args):
+    """Run a job; bad input or a diverged run ends with one clear line (exit 2 or 1) instead of a traceback."""
+    try:
+        return job(*args)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {err}")
+    except FloatingPointError as err:
+        sys.exit(f"{Path(sys.argv[0]).name}: {err}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Every fast path is checked against a naive reference written out here: all F sco
 """
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -558,6 +560,16 @@ def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
         assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params", "ms_per_step"} <= set(r)
     assert "ms/step" in capsys.readouterr().out
     assert K.load(tmp_path / "ckpt" / "kron").config()["h"] == 16
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path):
+    torch.save(torch.randn(50, 4, 2), tmp_path / "bad.pt")
+    cases = (("missing.pt", "missing.pt does not exist"), ("bad.pt", "shape (N, d), got shape (50, 4, 2)"))
+    for name, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            K.main(["--data", str(tmp_path / name), "--steps", "2"])
+        message = str(exit_info.value.code)
+        assert message.startswith(f"{Path(sys.argv[0]).name}: error:") and expected in message, message
 
 
 def test_cli_help_documents_every_option(capsys):
