@@ -1292,18 +1292,46 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls=Config):
             parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help)
 
 
+def parse_config(parser: argparse.ArgumentParser, argv, config_cls=Config, check=None):
+    """Parse argv into config_cls; a ValueError from its validation (or from `check`) becomes a usage error."""
+    add_config_args(parser, config_cls)
+    args = vars(parser.parse_args(argv))
+    extra = {name: args.pop(name) for name in list(args) if name not in config_cls.__dataclass_fields__}
+    try:
+        cfg = config_cls(**args)
+        if check:
+            check(cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, extra
+
+
+def run_cli(job, *args):
+    """Run a job; bad input or a diverged run ends with one clear line and exit status 1, not a traceback."""
+    try:
+        return job(*args)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {err}")
+    except FloatingPointError as err:
+        sys.exit(f"{Path(sys.argv[0]).name}: {err}")
+
+
 def bench_main(argv):
     parser = argparse.ArgumentParser(prog="kronsae.py bench", description=(
         "Time one training step (forward + backward, and the optimiser step separately) of the TopK SAE, "
         "KronSAE at several (m, n) and the naive KronSAE, at the same B, d, k and F. Prints ms, peak memory, "
         "eq. 7 FLOPs per token and GFLOP/s against a plain matmul of the encoder's shape."))
-    add_config_args(parser, BenchConfig)
-    args = parser.parse_args(argv)
-    try:
-        bcfg = BenchConfig(**vars(args))
-    except ValueError as err:
-        parser.error(str(err))
+    bcfg, _ = parse_config(parser, argv, BenchConfig)
     return run_cli(bench, bcfg)
+
+
+def check_progressive(cfg: Config):
+    if cfg.matryoshka:
+        raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
+    if cfg.dict_size % 16:
+        raise ValueError(f"progressive needs F divisible by 16, got F={cfg.dict_size}")
+    matryoshka_prefixes([cfg.dict_size // 16 * i for i in (1, 2, 4, 8, 16)], cfg.dict_size,
+                        cfg.m * cfg.n if cfg.arch != "topk" else 1)
 
 
 def progressive_main(argv):
@@ -1311,21 +1339,9 @@ def progressive_main(argv):
         "Progressive coding (Peter and Soegaard 2025): FVU against the number of kept latents G = F/16 ... F "
         "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
         "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."))
-    add_config_args(parser)
     parser.add_argument("--figure", default="progressive.png", help="PNG for the curves ('' = none)")
-    args = vars(parser.parse_args(argv))
-    figure = args.pop("figure")
-    try:
-        cfg = Config(**args)
-        if cfg.matryoshka:
-            raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
-        if cfg.dict_size % 16:
-            raise ValueError(f"progressive needs F divisible by 16, got F={cfg.dict_size}")
-        matryoshka_prefixes([cfg.dict_size // 16 * i for i in (1, 2, 4, 8, 16)], cfg.dict_size,
-                            cfg.m * cfg.n if cfg.arch != "topk" else 1)
-    except ValueError as err:
-        parser.error(str(err))
-    return run_cli(progressive, cfg, figure)
+    cfg, extra = parse_config(parser, argv, Config, check_progressive)
+    return run_cli(progressive, cfg, extra["figure"])
 
 
 COMMANDS = {"bench": bench_main, "progressive": progressive_main}
@@ -1340,23 +1356,8 @@ def main(argv=None):
         description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
                     "and prints EV, L0, dead %, encoder FLOPs, parameters and ms per step side by side. "
                     f"Other commands: {', '.join(COMMANDS)} (each has its own --help).")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = Config(**vars(args))
-    except ValueError as err:
-        parser.error(str(err))
+    cfg, _ = parse_config(parser, argv)
     return run_cli(compare, cfg)
-
-
-def run_cli(job, *args):
-    """Run a job; bad input or a diverged run ends with one clear line (exit 2 or 1) instead of a traceback."""
-    try:
-        return job(*args)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {err}")
-    except FloatingPointError as err:
-        sys.exit(f"{Path(sys.argv[0]).name}: {err}")
 
 
 if __name__ == "__main__":
