@@ -280,6 +280,7 @@ class SparseAutoencoder(nn.Module):
         values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
         if dead is None or not bool(dead.any()):
             return Encoding(values, indices)
+        # AuxK scores only the L dead latents: O(B L) work, small in a healthy run, up to O(B F) if most die
         dead_ids = dead.nonzero().squeeze(1)                                        # (L,)
         k_aux = min(self.d_in // 2, dead_ids.numel())   # Gao et al.: k_aux about d/2
         aux_indices = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
