@@ -678,8 +678,9 @@ def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional
     threshold = cfg.dead_tokens or min(10_000_000, max(1, cfg.steps * cfg.batch // 10))
     tracker = DeadTracker(sae.F, threshold, device)
     first = next(batches).to(device) * scale
-    with torch.no_grad():
-        sae.b_dec.copy_(first.mean(0))  # Gao et al.: start b_dec at the data mean
+    if not sae.b_dec.any():  # a fresh SAE (b_dec is zero at init): Gao et al. start b_dec at the data mean
+        with torch.no_grad():
+            sae.b_dec.copy_(first.mean(0))
     losses, start = [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
     for step in bar:

@@ -474,6 +474,18 @@ def test_training_lowers_the_loss(arch):
     assert K.evaluate(sae, data[:1024])["ev"] > 0.4
 
 
+def test_b_dec_starts_at_the_first_batch_mean_only_when_fresh():
+    data = synthetic.make_dataset(512, d=16, F_true=32, k_true=4) + 3.0
+    cfg = K.Config(dict_size=64, m=2, n=4, k=4, steps=1, batch=512, lr=1e-12, min_lr=0.0)
+    sae = K.build_sae("kron", 16, cfg)
+    K.train(sae, data, cfg, progress=False)                  # one batch is the whole data set
+    torch.testing.assert_close(sae.b_dec.data, data.mean(0), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        sae.b_dec.fill_(7.0)
+    K.train(sae, data, cfg, progress=False)                  # resuming keeps the trained b_dec
+    torch.testing.assert_close(sae.b_dec.data, torch.full((16,), 7.0), atol=1e-5, rtol=0)
+
+
 def test_same_seed_same_weights():
     a, *_ = small_run(steps=15, seed=3)
     b, *_ = small_run(steps=15, seed=3)
