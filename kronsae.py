@@ -1203,6 +1203,7 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
     naive = isinstance(sae, NaiveKronSAE)
     fwd_bwd_ms = median_ms(fwd_bwd, device, 1 if naive else bcfg.repeats, warmup=not naive)
     opt_ms = median_ms(opt_step, device, 1 if naive else bcfg.repeats)
+    sae.zero_grad(set_to_none=True)  # measure from a clean start, so the step's own gradients count
     peak = peak_bytes(fwd_bwd, device)
     E = sae.W_enc.shape[0]
     W = torch.randn(E, sae.d_in, device=device)
@@ -1217,17 +1218,20 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
 
 
 def bench_models(bcfg: BenchConfig):
-    """(section, model) pairs to time: per F, TopK, KronSAE per shape, naive per shape; then flat-in-F."""
+    """(section, class, kwargs) for each model to time: per F, TopK, KronSAE per shape, naive per shape;
+    then flat-in-F. Models are built one at a time, so no model's memory outlives its own measurement."""
+    d, k = bcfg.d_in, bcfg.k
+    specs = []
     for F in bcfg.F_list:
-        yield f"F={F}", TopKSAE(d_in=bcfg.d_in, dict_size=F, k=bcfg.k)
+        specs.append((f"F={F}", TopKSAE, dict(d_in=d, dict_size=F, k=k)))
         for cls in (KronSAE, NaiveKronSAE) if bcfg.naive else (KronSAE,):
-            for m, n in bcfg.mn_list:
-                if F % (m * n) == 0:
-                    yield f"F={F}", cls(d_in=bcfg.d_in, h=F // (m * n), m=m, n=n, k=bcfg.k)
+            specs += [(f"F={F}", cls, dict(d_in=d, h=F // (m * n), m=m, n=n, k=k))
+                      for m, n in bcfg.mn_list if F % (m * n) == 0]
     if bcfg.flat_width:
         for mn in (8, 16, 32):  # h*(m+n) fixed, F = h*m*n grows with m = n
-            h = bcfg.flat_width // (2 * mn)
-            yield f"flat h(m+n)={bcfg.flat_width}", KronSAE(d_in=bcfg.d_in, h=h, m=mn, n=mn, k=bcfg.k)
+            specs.append((f"flat h(m+n)={bcfg.flat_width}", KronSAE,
+                          dict(d_in=d, h=bcfg.flat_width // (2 * mn), m=mn, n=mn, k=k)))
+    return specs
 
 
 def bench_verdicts(rows: list[dict]) -> list[str]:
@@ -1265,9 +1269,9 @@ def bench(bcfg: BenchConfig) -> list[dict]:
               f"{'peak MB':>9}{'GFLOP/s':>9}{'GEMM GF/s':>10}{'step/GEMM':>10}")
     print(header + "\n" + "-" * len(header))
     rows = []
-    models = list(bench_models(bcfg))
-    for section, sae in tqdm(models, desc="bench", leave=False):
-        r = {"section": section, **bench_one(sae.to(device), x, bcfg)}
+    for section, cls, kwargs in tqdm(bench_models(bcfg), desc="bench", leave=False):
+        sae = cls(**kwargs).to(device)
+        r = {"section": section, **bench_one(sae, x, bcfg)}
         rows.append(r)
         tqdm.write(f"{section:<22}{r['name']:<15}{r['dict_size']:>7}{r['encoder_rows']:>9}{r['flops_per_token']:>12,}"
                    f"{r['fwd_bwd_ms']:>9.1f}{r['opt_ms']:>8.1f}{r['peak_mb']:>9.1f}{r['gflops']:>9.1f}"
