@@ -142,6 +142,7 @@ class ToyConfig:
     F_true: int = 256      # ground-truth features
     d: int = 64            # toy AE hidden width = SAE input width
     k_true: int = 8        # active features per sample, TopK(ReLU(z))
+    rho_in: tuple = (0.3, 0.8)  # range of the within-block correlations
     k: int = 8             # SAE sparsity
     samples: int = 65536   # x_sparse rows
     ae_steps: int = 2000
@@ -153,7 +154,8 @@ class ToyConfig:
 def run_setup(setup: dict, tc: ToyConfig, progress: bool = False) -> tuple[dict, dict]:
     """One covariance set-up: data, toy AE, SAEs, matching, RV. Returns (rv per model, Gram matrices)."""
     import kronsae as K
-    S = block_covariance(tc.F_true, n_blocks=setup["n_blocks"], n_off=setup["n_off"], seed=setup["seed"])
+    S = block_covariance(tc.F_true, n_blocks=setup["n_blocks"], n_off=setup["n_off"], rho_in=tc.rho_in,
+                         seed=setup["seed"])
     g = torch.Generator().manual_seed(1000 + setup["seed"])
     x_sparse = sample_sparse(S, tc.samples, tc.k_true, g)                            # (N, F_true)
     ae = train_toy_ae(x_sparse, tc.d, tc.ae_steps, tc.batch, seed=setup["seed"])
@@ -238,12 +240,19 @@ def main(argv=None):
     parser.add_argument("--setups", type=int, default=8, help="covariance set-ups to average over (max 8)")
     parser.add_argument("--sae-steps", type=int, default=ToyConfig.sae_steps, help="optimiser steps per SAE")
     parser.add_argument("--ae-steps", type=int, default=ToyConfig.ae_steps, help="optimiser steps for the toy AE")
+    parser.add_argument("--k-true", type=int, default=ToyConfig.k_true, help="active features per sample")
+    parser.add_argument("--rho-in", type=float, nargs=2, default=ToyConfig.rho_in, metavar=("LO", "HI"),
+                        help="range of the within-block correlations of S")
     parser.add_argument("--figure", default="synthetic_rv.png", help="PNG path for the figure ('' = none)")
     parser.add_argument("--json", default="", help="write {'rv': {model: {'mean', 'std'}}, ...} to this file")
     args = parser.parse_args(argv)
     if not 1 <= args.setups <= len(SETUPS):
         parser.error(f"--setups must be between 1 and {len(SETUPS)}, got {args.setups}")
-    tc = ToyConfig(setups=args.setups, sae_steps=args.sae_steps, ae_steps=args.ae_steps)
+    if not (0 <= args.rho_in[0] <= args.rho_in[1] < 1 and 1 <= args.k_true <= ToyConfig.F_true):
+        parser.error(f"need 0 <= LO <= HI < 1 and 1 <= k_true <= {ToyConfig.F_true}, "
+                     f"got rho_in={args.rho_in}, k_true={args.k_true}")
+    tc = ToyConfig(setups=args.setups, sae_steps=args.sae_steps, ae_steps=args.ae_steps, k_true=args.k_true,
+                   rho_in=tuple(args.rho_in))
     if args.quick:
         tc = dataclasses.replace(tc, setups=2, samples=8192, ae_steps=200, sae_steps=60, batch=512)
     torch.manual_seed(0)
