@@ -717,8 +717,8 @@ def test_hook_returns_hidden_states_and_stops_early(tiny_lm):
     for layer in range(3):
         ran.clear()
         torch.testing.assert_close(K.residual_at(model, ids, layer), full[layer], rtol=0, atol=0)
-        if layer < 2:
-            assert "lm_head" not in ran and ("block 1" in ran) == (layer == 2)
+        assert "lm_head" not in ran                     # never needed, not even for the last layer
+        assert ("block 1" in ran) == (layer == 2)       # layers 0 and 1 stop before block 1 runs
 
 
 def test_contexts_and_mask_drop_position_0_and_special_tokens(tiny_lm):
