@@ -928,8 +928,7 @@ def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, re
 def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: int) -> dict:
     """What splicing the SAE in costs the LM: clean, spliced and zero-ablated CE, and loss recovered."""
     clean = spliced_ce(model, contexts, mask, layer, None, batch)
-    with torch.no_grad():
-        spliced = spliced_ce(model, contexts, mask, layer, sae, batch)
+    spliced = spliced_ce(model, contexts, mask, layer, sae, batch)
     zero = spliced_ce(model, contexts, mask, layer, torch.zeros_like, batch)
     return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero,
             "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
