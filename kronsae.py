@@ -599,20 +599,34 @@ def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class DeadTracker:
-    """Counts, per latent, the tokens since it last fired; dead = at least `threshold` tokens."""
+class LatentTracker:
+    """Per latent, over the training tokens seen so far: tokens since it last fired (dead = at least
+    `threshold`), and the running importance E[a^2] and firing frequency. O(B k) per step."""
 
     def __init__(self, F: int, threshold: int, device):
-        self.threshold = threshold
+        self.threshold, self.tokens = threshold, 0
         self.since = torch.zeros(F, dtype=torch.long, device=device)
+        self.sq_sum = torch.zeros(F, dtype=torch.float64, device=device)
+        self.fire_count = torch.zeros(F, dtype=torch.float64, device=device)
 
-    def update(self, values: torch.Tensor, indices: torch.Tensor):
+    def update(self, values: torch.Tensor, indices: torch.Tensor):  # (B, k), (B, k)
+        self.tokens += values.shape[0]
         self.since += values.shape[0]
         self.since[indices[values > 0]] = 0
+        self.sq_sum.index_add_(0, indices.flatten(), values.flatten().double().pow(2))
+        self.fire_count.index_add_(0, indices.flatten(), (values.flatten() > 0).double())
 
     @property
     def dead(self) -> torch.Tensor:  # (F,) bool
         return self.since >= self.threshold
+
+    @property
+    def importance(self) -> torch.Tensor:  # (F,) E[a^2] over the training tokens
+        return (self.sq_sum / max(self.tokens, 1)).float().cpu()
+
+    @property
+    def frequency(self) -> torch.Tensor:  # (F,) share of training tokens on which each latent fired
+        return (self.fire_count / max(self.tokens, 1)).float().cpu()
 
 
 class StepStats(NamedTuple):
@@ -620,6 +634,13 @@ class StepStats(NamedTuple):
     fvu: float   # reconstruction term, normalised MSE on this batch
     aux: float   # AuxK term before its weight
     l0: float    # mean active latents per token
+
+
+def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.AdamW:
+    """AdamW (paper A.1) without weight decay, which would fight the unit-norm decoder. The fused kernel
+    (CPU and CUDA) does the same arithmetic without parameter-sized temporaries: 3-6x faster on a CPU."""
+    fused = sae.W_dec.device.type in ("cpu", "cuda") or None
+    return torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0, fused=fused)
 
 
 def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor,
@@ -654,9 +675,11 @@ def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator)
 
 
 class TrainResult(NamedTuple):
-    losses: list      # total loss per step
-    seconds: float    # wall time of the optimisation steps
+    losses: list              # total loss per step
+    seconds: float            # wall time of the optimisation steps
     steps: int
+    importance: torch.Tensor  # (F,) E[a^2] over the training tokens (at the input scale trained on)
+    frequency: torch.Tensor   # (F,) firing frequency over the training tokens
 
 
 def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional[str] = None,
@@ -672,11 +695,11 @@ def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional
     device = sae.W_dec.device
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = shuffled_batches(data, cfg.batch, gen)
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=0.0)  # decay fights unit norm
+    optimizer = make_optimizer(sae, cfg.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
     threshold = cfg.dead_tokens or min(10_000_000, max(1, cfg.steps * cfg.batch // 10))
-    tracker = DeadTracker(sae.F, threshold, device)
+    tracker = LatentTracker(sae.F, threshold, device)
     first = next(batches).to(device) * scale
     if not sae.b_dec.any():  # a fresh SAE (b_dec is zero at init): Gao et al. start b_dec at the data mean
         with torch.no_grad():
@@ -703,7 +726,7 @@ def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional
     fold_input_scale_(sae, scale)
     if out:
         save(sae, out)
-    return TrainResult(losses, seconds, cfg.steps)
+    return TrainResult(losses, seconds, cfg.steps, tracker.importance, tracker.frequency)
 
 
 def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
@@ -964,8 +987,9 @@ def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.T
     return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
 
 
-def run_one(arch: str, train_data, eval_data, cfg: Config, device, progress=True) -> tuple[SparseAutoencoder, dict]:
-    """Build, train and evaluate one SAE; returns it with its metrics."""
+def run_one(arch: str, train_data, eval_data, cfg: Config, device,
+            progress=True) -> tuple[SparseAutoencoder, dict, TrainResult]:
+    """Build, train and evaluate one SAE; returns it with its metrics and its training record."""
     set_seed(cfg.seed)
     sae = build_sae(arch, train_data.shape[1], cfg).to(device)
     out = str(Path(cfg.out, arch)) if cfg.out else None
@@ -975,7 +999,7 @@ def run_one(arch: str, train_data, eval_data, cfg: Config, device, progress=True
                    encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=sae.num_params(),
                    ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds,
                    final_train_loss=result.losses[-1], steps=cfg.steps, batch=cfg.batch, device=str(device))
-    return sae, metrics
+    return sae, metrics, result
 
 
 def format_table(rows: list[dict]) -> str:
@@ -1030,7 +1054,7 @@ def compare(cfg: Config) -> dict:
     archs = ["topk", "kron"] if cfg.arch == "both" else [cfg.arch]
     results = {}
     for arch in archs:
-        sae, results[arch] = run_one(arch, train_data, eval_data, cfg, device)
+        sae, results[arch], _ = run_one(arch, train_data, eval_data, cfg, device)
         if lm and lm["splice"]:
             results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], cfg.layer, cfg.model_batch))
     print(format_table(list(results.values())))
@@ -1090,15 +1114,17 @@ def progressive(cfg: Config, figure: str = "progressive.png") -> dict:
     nested = dataclasses.replace(cfg, matryoshka=",".join(map(str, sizes)))
     results = {}
     for arch in (["topk", "kron"] if cfg.arch == "both" else [cfg.arch]):
-        plain, plain_metrics = run_one(arch, train_data, eval_data, dataclasses.replace(cfg, out=""), device)
-        mat, mat_metrics = run_one(arch, train_data, eval_data, dataclasses.replace(nested, out=""), device)
+        plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(cfg, out=""), device)
+        mat, _, mat_run = run_one(arch, train_data, eval_data, dataclasses.replace(nested, out=""), device)
         r = progressive_curves(plain, mat, eval_data, sizes)
-        r.update(train_seconds_plain=plain_metrics["train_seconds"],
-                 train_seconds_matryoshka=mat_metrics["train_seconds"])
+        alpha, r2 = fit_power_law(plain_run.importance)   # the same fit on importance tracked during training
+        r.update(train_seconds_plain=plain_run.seconds, train_seconds_matryoshka=mat_run.seconds,
+                 train_power_law_alpha=alpha, train_power_law_r2=r2)
         results[arch] = r
         print(f"\n{arch}: FVU on {eval_data.shape[0]} held-out rows; "
               f"importance E[a^2] ~ rank^-{r['power_law_alpha']:.2f} "
-              f"(R^2 {r['power_law_r2']:.3f}); Matryoshka training took "
+              f"(R^2 {r['power_law_r2']:.3f}; tracked during training: rank^-{alpha:.2f}, R^2 {r2:.3f}); "
+              f"Matryoshka training took "
               f"{r['train_seconds_matryoshka'] / r['train_seconds_plain']:.2f}x the plain SAE's time")
         print(f"{'G':>8}" + "".join(f"{name:>20}" for name in r["fvu"]))
         for i, G in enumerate(sizes):
@@ -1188,7 +1214,7 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
     The naive model gets one timed run and no warm-up: it takes seconds per step, and the targets
     against it are 5x."""
     device = x.device
-    optimizer = torch.optim.AdamW(sae.parameters(), lr=1e-4)
+    optimizer = make_optimizer(sae, lr=1e-4)
 
     def fwd_bwd():
         sae.zero_grad(set_to_none=True)

@@ -384,6 +384,21 @@ def test_latent_stats_match_their_definitions():
     torch.testing.assert_close(frequency, (dense > 0).float().mean(0))
 
 
+def test_training_tracks_importance_and_frequency():
+    data = synthetic.make_dataset(512, d=16, F_true=32, k_true=4)
+    cfg = K.Config(dict_size=64, m=2, n=4, k=4, steps=1, batch=512)   # one step, one batch: all the data
+    sae = K.build_sae("kron", 16, cfg)
+    before = K.build_sae("kron", 16, cfg)
+    before.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        before.b_dec.copy_(data.mean(0))                               # what train() does before step 0
+    result = K.train(sae, data, cfg, progress=False)
+    importance, frequency = K.latent_stats(before, data)               # the weights the step encoded with
+    torch.testing.assert_close(result.importance, importance)
+    torch.testing.assert_close(result.frequency, frequency)
+    assert float(result.frequency.sum()) == pytest.approx(4.0)         # = L0: k = 4 latents fire per token
+
+
 def test_power_law_fit_recovers_a_planted_exponent():
     rank = torch.arange(1, 2001, dtype=torch.float64)
     importance = 3.0 * rank.pow(-1.7) * torch.exp(0.05 * torch.randn(2000, dtype=torch.float64))
