@@ -306,9 +306,10 @@ class SparseAutoencoder(nn.Module):
     def remove_parallel_grad_(self):
         """Drop the part of each decoder row's gradient along the row itself: that part only changes the
         norm, which normalize_decoder_ undoes. Runs after backward(), before clipping and step()."""
-        if self.W_dec.grad is not None:
-            along = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)            # (F, 1)
-            self.W_dec.grad -= along * self.W_dec
+        g, W = self.W_dec.grad, self.W_dec
+        if g is not None:  # row-wise dot and update without (F, d) temporaries, which cost page faults
+            along = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)            # (F, 1) = <g_f, W_f>
+            g.addcmul_(along, W, value=-1.0)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -257,14 +257,19 @@ def test_forward_matmul_flops_match_eq7(arch):
 
 
 def test_kron_training_step_has_no_F_sized_matmul():
-    """Forward + backward + step: the only matmul is the h(m+n) x d encoder's forward."""
-    B, d = 32, 64
-    sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
-    cfg = K.Config(steps=1, batch=B, dict_size=1024, m=4, n=8, k=8)
-    opt = torch.optim.AdamW(sae.parameters())
-    dead = torch.ones(sae.F, dtype=torch.bool)  # AuxK on too
-    flops = matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
-    assert flops == 2 * B * d * 32 * (4 + 8)
+    """Forward + backward + step. Per token, the only matmul is the h(m+n) x d encoder's forward; once per
+    step, remove_parallel_grad_ takes F row-wise dot products (a bmm of F x d). Nothing else."""
+    d, F, E = 64, 1024, 32 * (4 + 8)
+    cfg = K.Config(steps=1, batch=32, dict_size=F, m=4, n=8, k=8)
+    dead = torch.ones(F, dtype=torch.bool)  # AuxK on too
+
+    def step_flops(B):
+        sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
+        opt = torch.optim.AdamW(sae.parameters())
+        return matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
+
+    assert step_flops(32) == 2 * 32 * d * E + 2 * F * d
+    assert step_flops(64) - step_flops(32) == 2 * 32 * d * E   # per-token matmul work is the encoder alone
 
 
 def test_kron_training_step_saves_nothing_F_sized_per_token():
