@@ -468,11 +468,17 @@ def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
                         prefixes: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, x_hat). Plain: normalized_mse(x, x_hat). Matryoshka (Bussmann et al. 2025, arXiv 2503.17547):
     the sum over prefixes M of normalized_mse(x, x_hat using only latents with index < M)."""
-    x_hat = sae.decode(enc.values, enc.indices)                                    # (B, d)
     if prefixes is None:
+        x_hat = sae.decode(enc.values, enc.indices)                                # (B, d)
         return normalized_mse(x, x_hat), x_hat
-    loss = sum(normalized_mse(x, sae.decode(enc.values * (enc.indices < M), enc.indices)) for M in prefixes[:-1])
-    return loss + normalized_mse(x, x_hat), x_hat
+    # One sparse decode for all prefixes: bag (g, b) sums token b's latents in group g = [M_g-1, M_g);
+    # a cumulative sum over groups gives every prefix. One decoder gradient instead of one per prefix.
+    G, (B, k) = len(prefixes), enc.indices.shape
+    group = torch.bucketize(enc.indices, torch.tensor(prefixes, device=x.device), right=True)  # (B, k)
+    in_group = group == torch.arange(G, device=x.device)[:, None, None]                        # (G, B, k)
+    parts = sae.sparse_decode((enc.values * in_group).view(G * B, k), enc.indices.repeat(G, 1))
+    x_hats = parts.view(G, B, -1).cumsum(0) + sae.b_dec                                        # (G, B, d)
+    return sum(normalized_mse(x, x_hat) for x_hat in x_hats), x_hats[-1]
 
 
 def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding) -> torch.Tensor:

@@ -352,14 +352,25 @@ def test_matryoshka_single_prefix_equals_plain_loss():
     assert plain == single == K.normalized_mse(x, sae(x))
 
 
-def test_matryoshka_loss_sums_dense_prefix_reconstructions():
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double())
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_matryoshka_loss_sums_dense_prefix_reconstructions(arch):
+    """The grouped sparse decode against its naive twin: a dense code, one dense decode per prefix."""
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(8, 2, 4, 8))
     x = torch.randn(30, 16, dtype=torch.float64)
-    code = naive_forward(sae, x)
-    dense = torch.zeros(30, 64, dtype=torch.float64).scatter(-1, code[1], code[0])       # (B, F)
-    expected = sum(K.normalized_mse(x, dense[:, :M] @ sae.W_dec[:M] + sae.b_dec) for M in (8, 32, 64))
-    loss, _ = K.reconstruction_loss(sae, x, sae.encode_with_aux(x), [8, 32, 64])
-    torch.testing.assert_close(loss, expected)
+    prefixes = [8, 32, 64] if arch == "kron" else [5, 20, 64]
+
+    def naive():
+        values, indices, _ = naive_forward(sae, x)
+        dense = torch.zeros(30, 64, dtype=torch.float64).scatter(-1, indices, values)     # (B, F)
+        return sum(K.normalized_mse(x, dense[:, :M] @ sae.W_dec[:M] + sae.b_dec) for M in prefixes)
+
+    fast = lambda: K.reconstruction_loss(sae, x, sae.encode_with_aux(x), prefixes)[0]
+    torch.testing.assert_close(fast(), naive())
+    g_fast, g_naive = grads(sae, x.requires_grad_(), fast()), grads(sae, x, naive())
+    for name in g_naive:
+        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+    _, x_hat = K.reconstruction_loss(sae, x, sae.encode_with_aux(x), prefixes)
+    torch.testing.assert_close(x_hat, sae(x))                                   # the last prefix is all of F
 
 
 @pytest.mark.parametrize("sizes,multiple,match", [
