@@ -22,6 +22,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import dataclasses
 import json
@@ -88,7 +89,7 @@ class Config:
             raise ValueError(f"arch must be topk, kron or both, got {self.arch!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
-        for name in ("dict_size", "m", "n", "k", "steps", "batch", "eval_tokens"):
+        for name in ("dict_size", "m", "n", "k", "steps", "batch", "eval_tokens", "ctx", "model_batch", "max_tokens"):
             check_positive(**{name: getattr(self, name)})
         if self.h < 0:
             raise ValueError(f"h must be >= 0 (0 means derive it), got h={self.h}")
@@ -103,13 +104,10 @@ class Config:
         if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; "
                              f"got lr={self.lr}, warmup={self.warmup}, min_lr={self.min_lr}")
-
         self.prefixes("topk" if self.arch == "topk" else "kron")  # validates --matryoshka
         if self.model and (self.layer < 0 or not self.text):
             raise ValueError(f"--model needs --layer L >= 0 and --text FILE..., got layer={self.layer}, "
                              f"text={list(self.text)}")
-        for name in ("ctx", "model_batch", "max_tokens"):
-            check_positive(**{name: getattr(self, name)})
 
     @property
     def heads(self) -> int:
@@ -739,7 +737,6 @@ def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional
 def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     if scale == 1.0:
         return sae
-    import copy
     twin = copy.deepcopy(sae)
     fold_input_scale_(twin, scale)
     return twin
@@ -994,6 +991,12 @@ def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.T
     return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
 
 
+def file_or_synthetic_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) rows from --data, or from synthetic.py when no file is given."""
+    data = load_data(cfg.data) if cfg.data else default_data(cfg, cfg.steps * cfg.batch // 4 + cfg.eval_tokens)
+    return split_data(data, cfg.eval_tokens, cfg.seed)
+
+
 def run_one(arch: str, train_data, eval_data, cfg: Config, device,
             progress=True) -> tuple[SparseAutoencoder, dict, TrainResult]:
     """Build, train and evaluate one SAE; returns it with its metrics and its training record."""
@@ -1053,8 +1056,7 @@ def compare(cfg: Config) -> dict:
         train_data, eval_data, lm = lm_data(cfg, device)
         source = f"{cfg.model} hidden_states[{cfg.layer}]"
     else:
-        data = load_data(cfg.data) if cfg.data else default_data(cfg, cfg.steps * cfg.batch // 4 + cfg.eval_tokens)
-        train_data, eval_data = split_data(data, cfg.eval_tokens, cfg.seed)
+        train_data, eval_data = file_or_synthetic_data(cfg)
         source = cfg.data or "synthetic block-correlated"
     print(f"data: {train_data.shape[0]} training rows of width {train_data.shape[1]} ({source}), "
           f"{eval_data.shape[0]} held out, device {device}")
@@ -1110,15 +1112,22 @@ def save_progressive_figure(results: dict, path: str):
     plt.close(fig)
 
 
+def nested_config(cfg: Config) -> tuple[Config, list[int]]:
+    """cfg with Matryoshka prefixes G = F/16, F/8, F/4, F/2, F (validated by Config), and those sizes."""
+    if cfg.matryoshka:
+        raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
+    if cfg.dict_size % 16:
+        raise ValueError(f"progressive needs F divisible by 16, got F={cfg.dict_size}")
+    sizes = [cfg.dict_size // 16 * i for i in (1, 2, 4, 8, 16)]
+    return dataclasses.replace(cfg, matryoshka=",".join(map(str, sizes))), sizes
+
+
 def progressive(cfg: Config, figure: str = "progressive.png") -> dict:
     """Train a plain and a Matryoshka SAE per arch, then compare FVU at G = F/16 ... F (Peter and Soegaard)."""
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
-    data = load_data(cfg.data) if cfg.data else default_data(cfg, cfg.steps * cfg.batch // 4 + cfg.eval_tokens)
-    train_data, eval_data = split_data(data, cfg.eval_tokens, cfg.seed)
-    F = cfg.dict_size
-    sizes = [F // 16, F // 8, F // 4, F // 2, F]
-    nested = dataclasses.replace(cfg, matryoshka=",".join(map(str, sizes)))
+    nested, sizes = nested_config(cfg)
+    train_data, eval_data = file_or_synthetic_data(cfg)
     results = {}
     for arch in (["topk", "kron"] if cfg.arch == "both" else [cfg.arch]):
         plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(cfg, out=""), device)
@@ -1363,22 +1372,13 @@ def bench_main(argv):
     return run_cli(bench, bcfg)
 
 
-def check_progressive(cfg: Config):
-    if cfg.matryoshka:
-        raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
-    if cfg.dict_size % 16:
-        raise ValueError(f"progressive needs F divisible by 16, got F={cfg.dict_size}")
-    matryoshka_prefixes([cfg.dict_size // 16 * i for i in (1, 2, 4, 8, 16)], cfg.dict_size,
-                        cfg.m * cfg.n if cfg.arch != "topk" else 1)
-
-
 def progressive_main(argv):
     parser = argparse.ArgumentParser(prog="kronsae.py progressive", description=(
         "Progressive coding (Peter and Soegaard 2025): FVU against the number of kept latents G = F/16 ... F "
         "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
         "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."))
     parser.add_argument("--figure", default="progressive.png", help="PNG for the curves ('' = none)")
-    cfg, extra = parse_config(parser, argv, Config, check_progressive)
+    cfg, extra = parse_config(parser, argv, Config, nested_config)
     return run_cli(progressive, cfg, extra["figure"])
 
 

@@ -463,8 +463,9 @@ def test_progressive_command_runs(tmp_path):
         assert full[1] == full[2] == full[3]                       # at G = F every plain variant is the same SAE
         assert r["power_law_alpha"] > 0
     assert (tmp_path / "p.png").stat().st_size > 10_000
-    with pytest.raises(SystemExit):
-        K.main(["progressive", "--dict-size", "200"])
+    for bad in (["--dict-size", "200"], ["--dict-size", "256", "--m", "4", "--n", "8"], ["--matryoshka", "256"]):
+        with pytest.raises(SystemExit):                 # F % 16, F/16 not whole heads, prefixes given
+            K.main(["progressive", *bad])
 
 
 # ============================================================================= training
