@@ -11,6 +11,17 @@ Shape letters used in the comments:
   B tokens in a batch    d input width (d_in)    F dictionary size    k active latents per token
   h heads                m, n pre-latents per head, F = h*m*n      E encoder rows (F or h*(m+n))
 
+Contents. Part 1 is the method and stands alone; Part 2 is the tooling around it.
+  Part 1, the method                        Part 2, the tooling
+    1. mAND (eq. 3)                           5. Data
+    2. The SAEs (eqs. 1-4)                    6. The real-model path
+    3. Losses                                 7. Evaluation
+    4. Training                               8. Checkpoints
+                                              9. The main job: TopK vs KronSAE
+                                             10. Progressive coding
+                                             11. Benchmark
+                                             12. CLI
+
 Run:
   python kronsae.py                  # TopK SAE vs KronSAE on block-correlated synthetic data, side by side
   python kronsae.py --data acts.pt   # the same on your own (N, d) activations
@@ -34,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -43,137 +54,11 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 
-# ============================================================================= config
+# #############################################################################################################
+# PART 1: THE METHOD. It reads like the paper, in its order, and knows nothing of files, models or the CLI.
+# #############################################################################################################
 
-def opt(default, help: str):
-    """A config field whose help text also becomes its --help line."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class Config:
-    arch: str = opt("both", "which SAE to train: topk, kron or both")
-    dict_size: int = opt(4096, "F, the number of latents (both SAEs)")
-    h: int = opt(0, "KronSAE heads; 0 means dict_size // (m*n)")
-    m: int = opt(2, "KronSAE composition base size per head (paper: start at 2)")
-    n: int = opt(8, "KronSAE composition extension size per head, m <= n")
-    k: int = opt(16, "active latents per token (TopK)")
-    steps: int = opt(1000, "optimiser steps per SAE")
-    batch: int = opt(1024, "tokens per batch")
-    lr: float = opt(8e-4, "peak learning rate (AdamW, paper A.1)")
-    warmup: float = opt(0.1, "fraction of steps with linear warmup")
-    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay")
-    grad_clip: float = opt(1.0, "max global gradient norm")
-    aux_coef: float = opt(1 / 32, "AuxK loss weight (Gao et al. 2024)")
-    dead_tokens: int = opt(0, "a latent unused for this many tokens is dead; 0 = auto (10%% of training, at most 10M)")
-    eval_tokens: int = opt(8192, "held-out tokens for the final metrics")
-    seed: int = opt(0, "seed for data order, init and synthetic data")
-    device: str = opt("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)")
-    data: str = opt("", "a .pt or .npy tensor of shape (N, d); empty = synthetic block-correlated data")
-    out: str = opt("", "directory for checkpoints (safetensors + config.json)")
-    json: str = opt("", "write the final metrics of each SAE to this JSON file")
-    save_every: int = opt(0, "also checkpoint every this many steps (needs --out); 0 = only at the end")
-    matryoshka: str = opt("", "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss")
-    model: str = opt("", "a transformers model (hub name or local directory) to harvest activations from")
-    layer: int = opt(-1, "with --model: train on hidden_states[layer], the residual stream after block `layer`")
-    text: tuple = opt((), "with --model: text file(s) to tokenise into contexts")
-    ctx: int = opt(128, "with --model: tokens per context")
-    model_batch: int = opt(16, "with --model: contexts per forward pass")
-    max_tokens: int = opt(1_000_000, "with --model: stop harvesting after this many tokens")
-    keep_first: bool = opt(False, "with --model: keep position 0 (the attention sink, often ~100x the norm)")
-    normalize: bool = opt(False, "scale inputs so the mean norm is sqrt(d); folded back into the saved SAE")
-    save_acts: str = opt("", "with --model: save the harvested activations (.pt) for later --data runs")
-
-    def __post_init__(self):
-        if self.arch not in ("topk", "kron", "both"):
-            raise ValueError(f"arch must be topk, kron or both, got {self.arch!r}")
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
-        for name in ("dict_size", "m", "n", "k", "steps", "batch", "eval_tokens", "ctx", "model_batch", "max_tokens"):
-            check_positive(**{name: getattr(self, name)})
-        if self.h < 0:
-            raise ValueError(f"h must be >= 0 (0 means derive it), got h={self.h}")
-        if self.h == 0 and self.dict_size % (self.m * self.n):
-            raise ValueError(f"dict_size must be a multiple of m*n to derive h: "
-                             f"F={self.dict_size}, m*n={self.m * self.n}")
-        if self.h and self.h * self.m * self.n != self.dict_size:
-            raise ValueError(f"KronSAE needs F = h*m*n, got F={self.dict_size}, "
-                             f"h*m*n={self.h}*{self.m}*{self.n}={self.h * self.m * self.n}")
-        if self.k > self.dict_size:
-            raise ValueError(f"k must be <= F, got k={self.k}, F={self.dict_size}")
-        if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; "
-                             f"got lr={self.lr}, warmup={self.warmup}, min_lr={self.min_lr}")
-        self.prefixes("topk" if self.arch == "topk" else "kron")  # validates --matryoshka
-        if self.model and (self.layer < 0 or not self.text):
-            raise ValueError(f"--model needs --layer L >= 0 and --text FILE..., got layer={self.layer}, "
-                             f"text={list(self.text)}")
-
-    @property
-    def heads(self) -> int:
-        return self.h or self.dict_size // (self.m * self.n)
-
-    def prefixes(self, arch: str) -> Optional[list[int]]:
-        """The Matryoshka prefix sizes for SAE `arch` (topk or kron), ending at F; None for the plain loss."""
-        if not self.matryoshka:
-            return None
-        try:
-            sizes = [int(t) for t in self.matryoshka.split(",")]
-        except ValueError:
-            raise ValueError(f"--matryoshka must be comma-separated integers, got {self.matryoshka!r}") from None
-        return matryoshka_prefixes(sizes, self.dict_size, self.m * self.n if arch == "kron" else 1)
-
-
-def check_positive(**sizes):
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-
-
-def matryoshka_prefixes(sizes: list[int], F: int, multiple: int = 1) -> list[int]:
-    """Validate nested prefix sizes: strictly increasing, in (0, F], multiples of `multiple` (m*n for
-    KronSAE, so that no head straddles two groups). F is appended when missing."""
-    if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0 or sizes[-1] > F:
-        raise ValueError(f"Matryoshka prefixes must be strictly increasing sizes in (0, F={F}], got {sizes}")
-    bad = [g for g in sizes if g % multiple]
-    if bad:
-        raise ValueError(f"KronSAE Matryoshka prefixes must be multiples of m*n={multiple} so that no head "
-                         f"straddles two groups, got {bad}")
-    return sizes if sizes[-1] == F else sizes + [F]
-
-
-def set_seed(seed: int):
-    """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def tune_cpu_allocator():
-    """Keep freed memory mapped (Linux, glibc). By default glibc gives large freed blocks back to the OS,
-    so every step pays page faults to map fresh memory for its (B, E) activations and gradients; on a
-    2-core CPU that was a third of a KronSAE step. Called by the CLI only, never at import."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
-    libc.mallopt(M_TOP_PAD, 2**28)
-    libc.mallopt(M_MMAP_THRESHOLD, 2**25)  # glibc's maximum: blocks up to 32 MiB come from the reusable heap
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-# ============================================================================= mAND (eq. 3)
+# ============================================================================= 1. mAND (eq. 3)
 
 def sqrt_prod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sqrt(a*b) where a*b > 0, exactly 0 elsewhere, with a finite gradient everywhere.
@@ -197,8 +82,25 @@ def mand(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return sqrt_prod(u.relu()[..., :, None], v.relu()[..., None, :])
 
 
-# ============================================================================= sparse encoder rows
+# ============================================================================= 2. The SAEs (eqs. 1-4)
 
+def check_positive(**sizes):
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+
+
+class Encoding(NamedTuple):
+    """What an encoder pass returns; the aux fields are None unless dead latents were given."""
+    values: torch.Tensor                        # (B, k) latent activations, >= 0
+    indices: torch.Tensor                       # (B, k) their indices into the dictionary
+    aux_values: Optional[torch.Tensor] = None   # (B, k_aux) the top dead latents, for AuxK
+    aux_indices: Optional[torch.Tensor] = None  # (B, k_aux)
+
+
+# The sparse kernel. Both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) of
+# those scores per token reach the loss. Autograd through the dense matmul would still pay O(B E d) in the
+# backward pass; this Function pays O(B k d), and the tests hold it to the dense path.
 class GatherLinear(torch.autograd.Function):
     """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias.
 
@@ -232,16 +134,6 @@ class GatherLinear(torch.autograd.Function):
 gather_linear = GatherLinear.apply
 
 
-# ============================================================================= the SAEs (eqs. 1-4)
-
-class Encoding(NamedTuple):
-    """What an encoder pass returns; the aux fields are None unless dead latents were given."""
-    values: torch.Tensor                        # (B, k) latent activations, >= 0
-    indices: torch.Tensor                       # (B, k) their indices into the dictionary
-    aux_values: Optional[torch.Tensor] = None   # (B, k_aux) the top dead latents, for AuxK
-    aux_indices: Optional[torch.Tensor] = None  # (B, k_aux)
-
-
 class SparseAutoencoder(nn.Module):
     """What both SAEs share: x_hat = sum over the k active latents of f_l W_dec[l], plus b_dec (eq. 1).
 
@@ -257,6 +149,7 @@ class SparseAutoencoder(nn.Module):
         if k > dict_size:
             raise ValueError(f"k must be <= F, got k={k}, F={dict_size}")
         self.d_in, self.F, self.k = d_in, dict_size, k
+        self.group = 1  # Matryoshka prefixes must be multiples of this (KronSAE: whole heads)
         self.W_enc = nn.Parameter(torch.empty(enc_rows, d_in))
         self.b_enc = nn.Parameter(torch.zeros(enc_rows))
         self.W_dec = nn.Parameter(torch.empty(dict_size, d_in))
@@ -269,8 +162,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode_with_aux(self, x: torch.Tensor, dead: Optional[torch.Tensor] = None) -> Encoding:
         """encode, plus the top k_aux dead latents when a (F,) bool mask `dead` is given (AuxK)."""
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"input's last dimension must be d_in={self.d_in}, got shape {tuple(x.shape)}")
+        self.check_input(x)
         x_c = x - self.b_dec
         with torch.no_grad():  # scores for selection only; gradients flow through gather_linear
             pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)                        # (B, E)
@@ -284,6 +176,10 @@ class SparseAutoencoder(nn.Module):
         aux_indices = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
         aux_values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(aux_indices), pre))
         return Encoding(values, indices, aux_values, aux_indices)
+
+    def check_input(self, x: torch.Tensor):
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"input's last dimension must be d_in={self.d_in}, got shape {tuple(x.shape)}")
 
     def sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_l values[b, l] W_dec[indices[b, l]] through the k active rows only: O(k d), not O(F d)."""
@@ -359,7 +255,7 @@ class KronSAE(SparseAutoencoder):
         if dict_size is not None and dict_size != h * m * n:
             raise ValueError(f"KronSAE needs F = h*m*n, got F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}")
         super().__init__(d_in, h * m * n, k, enc_rows=h * (m + n))
-        self.h, self.m, self.n = h, m, n
+        self.h, self.m, self.n, self.group = h, m, n, m * n
         # paper A.1: draw the encoder, decoder row (k, i, j) = P_k,i + Q_k,j, normalised; biases zero
         self.W_enc.data = nnf.normalize(torch.randn(h * (m + n), d_in), dim=-1)
         P, Q = self.W_enc.data.view(h, m + n, d_in).split([m, n], dim=1)          # (h, m, d), (h, n, d)
@@ -446,13 +342,7 @@ class NaiveKronSAE(KronSAE):
         return code @ self.W_dec + self.b_dec                                      # (B, d) dense decoder
 
 
-def build_sae(arch: str, d_in: int, cfg: Config) -> SparseAutoencoder:
-    if arch == "topk":
-        return TopKSAE(d_in=d_in, dict_size=cfg.dict_size, k=cfg.k)
-    return KronSAE(d_in=d_in, h=cfg.heads, m=cfg.m, n=cfg.n, k=cfg.k, dict_size=cfg.dict_size)
-
-
-# ============================================================================= losses and metrics
+# ============================================================================= 3. Losses
 
 def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """||target - recon||^2 / ||target - mean(target)||^2 over the batch: a batch estimate of FVU.
@@ -460,6 +350,18 @@ def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     Both loss terms (reconstruction and AuxK) use this same normalisation, as in Gao et al. 2024.
     """
     return (target - recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def matryoshka_prefixes(sizes: list[int], F: int, multiple: int = 1) -> list[int]:
+    """Validate nested prefix sizes: strictly increasing, in (0, F], multiples of `multiple` (m*n for
+    KronSAE, so that no head straddles two groups). F is appended when missing."""
+    if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0 or sizes[-1] > F:
+        raise ValueError(f"Matryoshka prefixes must be strictly increasing sizes in (0, F={F}], got {sizes}")
+    bad = [g for g in sizes if g % multiple]
+    if bad:
+        raise ValueError(f"KronSAE Matryoshka prefixes must be multiples of m*n={multiple} so that no head "
+                         f"straddles two groups, got {bad}")
+    return sizes if sizes[-1] == F else sizes + [F]
 
 
 def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
@@ -486,114 +388,62 @@ def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding) -> 
     return normalized_mse(residual, sae.sparse_decode(enc.aux_values, enc.aux_indices))
 
 
-class Moments:
-    """Running per-dimension sums, for Var over a whole data set (float64)."""
+# ============================================================================= 4. Training
 
-    def __init__(self):
-        self.count, self.sum, self.sumsq = 0, 0.0, 0.0
-
-    def add(self, x: torch.Tensor):
-        x = x.double()
-        self.count += x.shape[0]
-        self.sum = self.sum + x.sum(0)
-        self.sumsq = self.sumsq + x.pow(2).sum(0)
-
-    def total_variance(self) -> float:  # sum over dims of Var
-        mean = self.sum / self.count
-        return float((self.sumsq / self.count - mean.pow(2)).sum())
+def opt(default, help: str, **meta):
+    """A config field whose help text also becomes its --help line."""
+    return field(default=default, metadata={"help": help, **meta})
 
 
-@torch.no_grad()
-def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> dict:
-    """Held-out metrics on a common footing for any SAE.
-
-    ev = 1 - Var(x - x_hat) / Var(x) (the paper's explained variance), fvu = 1 - ev, l0 = mean active
-    latents per token, dead_fraction = share of latents that never fire on `data`, aux_loss = the AuxK
-    loss with those dead latents.
-    """
-    device = sae.W_dec.device
-    x_m, r_m, l0, fired = Moments(), Moments(), 0, torch.zeros(sae.F, dtype=torch.long, device=device)
-    for x in data.split(batch):
-        x = x.to(device)
-        values, indices = sae.encode(x)
-        x_m.add(x)
-        r_m.add(x - sae.decode(values, indices))
-        l0 += int((values > 0).sum())
-        fired += torch.bincount(indices[values > 0], minlength=sae.F)
-    dead = fired == 0
-    aux_num, e_m = 0.0, Moments()
-    if dead.any():
-        for x in data.split(batch):
-            x = x.to(device)
-            enc = sae.encode_with_aux(x, dead)
-            e = x - sae.decode(enc.values, enc.indices)
-            aux_num += float((e - sae.sparse_decode(enc.aux_values, enc.aux_indices)).pow(2).sum())
-            e_m.add(e)
-    ev = 1.0 - r_m.total_variance() / max(x_m.total_variance(), 1e-12)
-    return {"ev": ev, "fvu": 1.0 - ev, "l0": l0 / x_m.count, "dead_fraction": float(dead.float().mean()),
-            "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12) if dead.any() else 0.0}
+def int_tuple(value) -> tuple:
+    """'256,512' or a sequence of ints -> (256, 512)."""
+    if isinstance(value, str):
+        try:
+            return tuple(int(t) for t in value.split(",") if t.strip())
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {value!r}") from None
+    return tuple(int(t) for t in value)
 
 
-# ============================================================================= importance and pruning
-# Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190
+@dataclass
+class TrainConfig:
+    """The optimiser, its schedule and AuxK: everything `train` needs besides an SAE and its batches."""
+    steps: int = opt(1000, "optimiser steps per SAE")
+    batch: int = opt(1024, "tokens per batch")
+    lr: float = opt(8e-4, "peak learning rate (AdamW, paper A.1)")
+    warmup: float = opt(0.1, "fraction of steps with linear warmup")
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay")
+    grad_clip: float = opt(1.0, "max global gradient norm; 0 = no clipping")
+    aux_coef: float = opt(1 / 32, "AuxK loss weight (Gao et al. 2024); 0 = no AuxK")
+    dead_tokens: int = opt(0, "a latent unused for this many tokens is dead; 0 = auto (10%% of training, at most 10M)")
+    matryoshka: tuple = opt((), "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss",
+                            cli_type=str)
 
-@torch.no_grad()
-def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, ...]:
-    """Per latent, over `data`: importance E[a^2] (mean squared activation) and firing frequency. (F,) each."""
-    device = sae.W_dec.device
-    sq, fired = torch.zeros(sae.F, dtype=torch.float64, device=device), torch.zeros(sae.F, device=device)
-    for x in data.split(batch):
-        values, indices = sae.encode(x.to(device))
-        sq.index_add_(0, indices.flatten(), values.flatten().double().pow(2))
-        fired.index_add_(0, indices.flatten(), (values.flatten() > 0).float())
-    return (sq / data.shape[0]).float().cpu(), (fired / data.shape[0]).cpu()
+    def __post_init__(self):
+        check_positive(steps=self.steps, batch=self.batch)
+        if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; "
+                             f"got lr={self.lr}, warmup={self.warmup}, min_lr={self.min_lr}")
+        for name in ("grad_clip", "aux_coef", "dead_tokens"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
+        try:
+            self.matryoshka = int_tuple(self.matryoshka)
+        except ValueError as err:
+            raise ValueError(f"--matryoshka: {err}") from None
 
-
-def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
-    """Least squares in log-log of importance against rank: importance ~ C * rank^-alpha.
-    Returns (alpha, R^2), over the latents with non-zero importance."""
-    y = importance[importance > 0].double().sort(descending=True).values.log()
-    if y.numel() < 3:
-        raise ValueError(f"need at least 3 latents with non-zero importance to fit, got {y.numel()}")
-    x = torch.arange(1, y.numel() + 1, dtype=torch.float64).log()
-    slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution.flatten()
-    residual = y - (slope * x + intercept)
-    return float(-slope), float(1 - residual.pow(2).sum() / (y - y.mean()).pow(2).sum())
-
-
-def rank_latents(sae: SparseAutoencoder, score: torch.Tensor) -> torch.Tensor:
-    """Latent order, best first, by `score` (F,). KronSAE ranks whole heads by their summed score."""
-    if isinstance(sae, KronSAE):
-        heads = score.view(sae.h, -1).sum(-1).argsort(descending=True)
-        return (heads[:, None] * sae.m * sae.n + torch.arange(sae.m * sae.n)).flatten()
-    return score.argsort(descending=True)
+    @property
+    def dead_threshold(self) -> int:
+        """Tokens without firing after which a latent counts as dead and feeds AuxK."""
+        return self.dead_tokens or min(10_000_000, max(1, self.steps * self.batch // 10))
 
 
-def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
-    """A smaller SAE of the same class that keeps latents `keep` (in that order) and drops the rest.
-    It selects its top k among the kept latents only. For KronSAE `keep` must be whole heads."""
-    keep = torch.as_tensor(keep, dtype=torch.long).cpu()
-    k, dev = min(sae.k, keep.numel()), sae.W_dec.device
-    if isinstance(sae, KronSAE):
-        size = sae.m * sae.n
-        heads = keep.view(-1, size)[:, 0] // size if keep.numel() % size == 0 else None
-        if heads is None or not torch.equal(keep, (heads[:, None] * size + torch.arange(size)).flatten()):
-            raise ValueError(f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
-                             f"{size} latents in order, got {keep.numel()} latents")
-        small = KronSAE(d_in=sae.d_in, h=heads.numel(), m=sae.m, n=sae.n, k=k)
-        enc_rows = (heads[:, None] * (sae.m + sae.n) + torch.arange(sae.m + sae.n)).flatten()
-    else:
-        small, enc_rows = TopKSAE(d_in=sae.d_in, dict_size=keep.numel(), k=k), keep
-    small = small.to(device=dev, dtype=sae.W_dec.dtype)
-    with torch.no_grad():
-        small.W_enc.copy_(sae.W_enc[enc_rows.to(dev)])
-        small.b_enc.copy_(sae.b_enc[enc_rows.to(dev)])
-        small.W_dec.copy_(sae.W_dec[keep.to(dev)])
-        small.b_dec.copy_(sae.b_dec)
-    return small
+def set_seed(seed: int):
+    """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-
-# ============================================================================= training loop
 
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     """paper A.1: linear warmup over the first `warmup` share of steps, then cosine decay to `floor` x lr."""
@@ -649,10 +499,11 @@ def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.AdamW:
 
 
 def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor,
-               cfg: Config) -> tuple[StepStats, Encoding]:
+               cfg: TrainConfig) -> tuple[StepStats, Encoding]:
     """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK."""
-    enc = sae.encode_with_aux(x, dead)
-    recon, x_hat = reconstruction_loss(sae, x, enc, cfg.prefixes("kron" if isinstance(sae, KronSAE) else "topk"))
+    enc = sae.encode_with_aux(x, dead if cfg.aux_coef else None)
+    prefixes = matryoshka_prefixes(list(cfg.matryoshka), sae.F, sae.group) if cfg.matryoshka else None
+    recon, x_hat = reconstruction_loss(sae, x, enc, prefixes)
     aux = auxk_loss(sae, (x - x_hat).detach(), enc)
     loss = recon + cfg.aux_coef * aux
     fvu = normalized_mse(x, x_hat.detach())
@@ -661,22 +512,12 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_parallel_grad_()  # after backward, before the step
-    nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
     sae.normalize_decoder_()     # after the step
     l0 = (enc.values > 0).sum(-1).float().mean()
     return StepStats(loss.item(), fvu.item(), aux.item(), l0.item()), enc
-
-
-def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator):
-    """The shuffling buffer: endless batches of rows, each row exactly once per epoch, in a fresh seeded
-    order every epoch, so a batch mixes many contexts. A last batch under half size joins the one before."""
-    while True:
-        chunks = list(torch.randperm(data.shape[0], generator=generator).split(batch))
-        if len(chunks) > 1 and chunks[-1].numel() < batch // 2:
-            chunks[-2:] = [torch.cat(chunks[-2:])]
-        for idx in chunks:
-            yield data[idx]
 
 
 class TrainResult(NamedTuple):
@@ -687,62 +528,77 @@ class TrainResult(NamedTuple):
     frequency: torch.Tensor   # (F,) firing frequency over the training tokens
 
 
-def train(sae: SparseAutoencoder, data: torch.Tensor, cfg: Config, out: Optional[str] = None,
-          progress: bool = True) -> TrainResult:
-    """Train `sae` in place on rows of `data` (N, d) with AdamW, warmup + cosine (paper A.1) and AuxK.
+def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, progress: bool = True,
+          on_step: Optional[Callable[[int, SparseAutoencoder], None]] = None) -> TrainResult:
+    """Train `sae` in place for cfg.steps steps on batches (B, d) drawn from `batches`: AdamW with warmup and
+    cosine decay (paper A.1), unit-norm decoder and AuxK (Gao et al. 2024).
 
-    A non-finite loss stops the run with FloatingPointError; the checkpoint last written to `out`
-    (if any) was written from finite weights and is left alone. With cfg.normalize, batches are scaled
-    by c = input_scale(data) and c is folded back into the weights at the end (and in every checkpoint).
+    on_step(step, sae), if given, runs after every step. A non-finite loss stops the run with
+    FloatingPointError before it touches the weights.
     """
-    check_data(data, sae.d_in)
-    scale = input_scale(data) if cfg.normalize else 1.0
     device = sae.W_dec.device
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = shuffled_batches(data, cfg.batch, gen)
     optimizer = make_optimizer(sae, cfg.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
-    threshold = cfg.dead_tokens or min(10_000_000, max(1, cfg.steps * cfg.batch // 10))
-    tracker = LatentTracker(sae.F, threshold, device)
-    first = next(batches).to(device) * scale
+    tracker = LatentTracker(sae.F, cfg.dead_threshold, device)
+    first = next(batches).to(device)
+    sae.check_input(first)
     if not sae.b_dec.any():  # a fresh SAE (b_dec is zero at init): Gao et al. start b_dec at the data mean
         with torch.no_grad():
             sae.b_dec.copy_(first.mean(0))
     losses, start = [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
     for step in bar:
-        x = first if step == 0 else next(batches).to(device) * scale
+        x = first if step == 0 else next(batches).to(device)
         try:
             stats, enc = train_step(sae, optimizer, x, tracker.dead, cfg)
         except FloatingPointError as err:
-            where = f"last good checkpoint kept in {out}" if out and Path(out, "sae.safetensors").exists() \
-                else "no checkpoint was written"
-            raise FloatingPointError(f"training stopped at step {step}: {err}; {where}") from None
+            raise FloatingPointError(f"training stopped at step {step}: {err}") from None
         schedule.step()
         tracker.update(enc.values.detach(), enc.indices)
         losses.append(stats.loss)
         if step % 10 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{stats.loss:.4f}", ev=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
                             dead=f"{float(tracker.dead.float().mean()):.1%}")
-        if out and cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save(folded_copy(sae, scale), out)
+        if on_step:
+            on_step(step, sae)
     seconds = time.perf_counter() - start
-    fold_input_scale_(sae, scale)
-    if out:
-        save(sae, out)
     return TrainResult(losses, seconds, cfg.steps, tracker.importance, tracker.frequency)
 
 
-def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
-    if scale == 1.0:
-        return sae
-    twin = copy.deepcopy(sae)
-    fold_input_scale_(twin, scale)
-    return twin
+# #############################################################################################################
+# END OF THE METHOD. Everything below is tooling around it: data, real models, evaluation, checkpoints,
+# progressive coding, the benchmark and the CLI. A learner can stop reading here.
+# #############################################################################################################
 
+# PART 2: THE TOOLING
 
-# ============================================================================= data and checkpoints
+# ============================================================================= 5. Data
+
+@dataclass
+class DataConfig:
+    """Where the activations come from, and how they are prepared."""
+    data: str = opt("", "a .pt or .npy tensor of shape (N, d); empty = synthetic block-correlated data")
+    model: str = opt("", "a transformers model (hub name or local directory) to harvest activations from")
+    layer: int = opt(-1, "with --model: train on hidden_states[layer], the residual stream after block `layer`")
+    text: tuple = opt((), "with --model: text file(s) to tokenise into contexts")
+    ctx: int = opt(128, "with --model: tokens per context")
+    model_batch: int = opt(16, "with --model: contexts per forward pass")
+    max_tokens: int = opt(1_000_000, "with --model: stop harvesting after this many tokens")
+    keep_first: bool = opt(False, "with --model: keep position 0 (the attention sink, often ~100x the norm)")
+    normalize: bool = opt(False, "scale inputs so the mean norm is sqrt(d); folded back into the saved SAE")
+    save_acts: str = opt("", "with --model: save the harvested activations (.pt) for later --data runs")
+    eval_tokens: int = opt(8192, "held-out tokens for the final metrics")
+
+    def __post_init__(self):
+        check_positive(eval_tokens=self.eval_tokens, ctx=self.ctx, model_batch=self.model_batch,
+                       max_tokens=self.max_tokens)
+        if self.data and self.model:
+            raise ValueError("give --data or --model, not both")
+        if self.model and (self.layer < 0 or not self.text):
+            raise ValueError(f"--model needs --layer L >= 0 and --text FILE..., got layer={self.layer}, "
+                             f"text={list(self.text)}")
+
 
 def check_data(x: torch.Tensor, d_in: Optional[int] = None):
     """Raise ValueError unless x is a finite (N, d_in) floating tensor."""
@@ -776,29 +632,103 @@ def load_data(path: str) -> torch.Tensor:
     return x
 
 
-def save(sae: SparseAutoencoder, directory: str):
-    """Write sae.safetensors and config.json; each is written to a temporary name then renamed, so a
-    crash mid-save never leaves a half-written checkpoint in place of a good one."""
-    from safetensors.torch import save_file
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    weights = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-    save_file(weights, Path(directory, "sae.safetensors.tmp"))
-    Path(directory, "config.json.tmp").write_text(json.dumps(sae.config(), indent=2))
-    os.replace(Path(directory, "sae.safetensors.tmp"), Path(directory, "sae.safetensors"))
-    os.replace(Path(directory, "config.json.tmp"), Path(directory, "config.json"))
+# The synthetic default: block-correlated sparse features (KronSAE paper, section 5.1 and appendix B).
+# synthetic.py builds its toy experiment on the same generator.
+
+def block_covariance(F_true: int = 256, n_blocks: int = 8, n_off: int = 4, rho_in: tuple = (0.3, 0.8),
+                     rho_off: float = 0.25, seed: int = 0) -> torch.Tensor:
+    """A block-structured correlation matrix S, shape (F_true, F_true), unit diagonal, positive definite.
+
+    n_blocks diagonal blocks of different (random) sizes, each with its own within-block correlation drawn
+    from rho_in, plus n_off off-diagonal blocks linking random pairs of blocks with correlation +-rho_off.
+    """
+    if not 1 <= n_blocks <= F_true:
+        raise ValueError(f"need 1 <= n_blocks <= F_true, got n_blocks={n_blocks}, F_true={F_true}")
+    g = torch.Generator().manual_seed(seed)
+    # different block sizes: cut [0, F_true) at n_blocks-1 distinct random points
+    cuts = torch.randperm(F_true - 1, generator=g)[: n_blocks - 1].sort().values + 1
+    edges = [0, *cuts.tolist(), F_true]
+    blocks = [(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    S = torch.zeros(F_true, F_true, dtype=torch.float64)
+    for a, b in blocks:
+        S[a:b, a:b] = rho_in[0] + (rho_in[1] - rho_in[0]) * torch.rand((), generator=g, dtype=torch.float64)
+    for _ in range(n_off):
+        i, j = torch.randperm(n_blocks, generator=g)[:2].tolist()
+        sign = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
+        (a, b), (c, e) = blocks[i], blocks[j]
+        S[a:b, c:e] = S[c:e, a:b] = sign * rho_off
+    S.fill_diagonal_(1.0)
+    # project onto the positive-definite cone, then back to unit diagonal (a correlation matrix)
+    evals, evecs = torch.linalg.eigh(S)
+    S = evecs @ torch.diag(evals.clamp_min(1e-3)) @ evecs.T
+    scale = S.diagonal().rsqrt()
+    return (S * scale[:, None] * scale[None, :]).float()
 
 
-def load(directory: str, device="cpu") -> SparseAutoencoder:
-    """The exact inverse of save."""
-    from safetensors.torch import load_file
-    cfg = json.loads(Path(directory, "config.json").read_text())
-    arch = cfg.pop("arch")
-    sae = {"topk": TopKSAE, "kron": KronSAE}[arch](**cfg)
-    sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
-    return sae.to(device)
+def sparse_codes(n: int, F_true: int, k_true: int, generator: torch.Generator) -> torch.Tensor:
+    """TopK(ReLU(z)), z ~ N(0, I): (n, F_true) with k_true active entries per row."""
+    z = torch.randn(n, F_true, generator=generator).relu()              # (n, F_true)
+    top = z.topk(k_true, dim=-1)
+    return torch.zeros_like(z).scatter_(-1, top.indices, top.values)
 
 
-# ============================================================================= real language models (transformers)
+def sample_sparse(S: torch.Tensor, n: int, k_true: int, generator: torch.Generator) -> torch.Tensor:
+    """x_sparse = L TopK(ReLU(z)) with S = L L^T (appendix B). Returns (n, F_true).
+
+    The codes are exchangeable, so Cov(x) = a S + c L 1 1^T L^T, where c < 0 is the slight
+    anti-correlation that exactly-k sparsity puts between codes (about -1/F_true of a).
+    """
+    L = torch.linalg.cholesky(S.double()).float()                        # (F_true, F_true)
+    return sparse_codes(n, S.shape[0], k_true, generator) @ L.T         # (n, F_true)
+
+
+def make_dataset(n: int, d: int = 128, F_true: int = 1024, k_true: int = 16, seed: int = 0,
+                 n_blocks: int = 32, n_off: int = 16) -> torch.Tensor:
+    """Block-correlated SAE training data, shape (n, d): x = x_sparse D with D random unit rows (F_true, d).
+
+    The true features are the rows of L^T D; their sparse codes co-occur by blocks, which is the
+    structure KronSAE's heads are meant to capture. Deterministic given the seed.
+    """
+    S = block_covariance(F_true, n_blocks=n_blocks, n_off=n_off, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    D = torch.nn.functional.normalize(torch.randn(F_true, d, generator=g), dim=-1)   # (F_true, d)
+    return sample_sparse(S, n, k_true, g) @ D                                        # (n, d)
+
+
+def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded shuffle, then (train, held-out) with eval_tokens rows held out."""
+    if data.shape[0] <= eval_tokens:
+        raise ValueError(f"need more than eval_tokens={eval_tokens} rows of data, got {data.shape[0]}")
+    perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))
+    return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
+
+
+def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator):
+    """The shuffling buffer: endless batches of rows, each row exactly once per epoch, in a fresh seeded
+    order every epoch, so a batch mixes many contexts. A last batch under half size joins the one before."""
+    while True:
+        chunks = list(torch.randperm(data.shape[0], generator=generator).split(batch))
+        if len(chunks) > 1 and chunks[-1].numel() < batch // 2:
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        for idx in chunks:
+            yield data[idx]
+
+
+def input_scale(data: torch.Tensor) -> float:
+    """The scalar c with mean ||c x|| = sqrt(d)."""
+    return math.sqrt(data.shape[1]) / float(data.norm(dim=-1).mean())
+
+
+@torch.no_grad()
+def fold_input_scale_(sae: SparseAutoencoder, c: float):
+    """An SAE trained on c*x becomes one for raw x: sae'(x) = sae(c x) / c.
+    Both activations are positively homogeneous (ReLU; mAND: sqrt(c u * c v) = c sqrt(u v)), so dividing
+    the biases by c is exact; W_enc and the unit-norm W_dec stay as they are."""
+    sae.b_enc /= c
+    sae.b_dec /= c
+
+
+# ============================================================================= 6. The real-model path
 
 class StopForward(Exception):
     """Raised by the capture hook: nothing after the layer we want needs to run."""
@@ -961,77 +891,12 @@ def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: in
             "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
 
 
-def input_scale(data: torch.Tensor) -> float:
-    """The scalar c with mean ||c x|| = sqrt(d)."""
-    return math.sqrt(data.shape[1]) / float(data.norm(dim=-1).mean())
-
-
-@torch.no_grad()
-def fold_input_scale_(sae: SparseAutoencoder, c: float):
-    """An SAE trained on c*x becomes one for raw x: sae'(x) = sae(c x) / c.
-    Both activations are positively homogeneous (ReLU; mAND: sqrt(c u * c v) = c sqrt(u v)), so dividing
-    the biases by c is exact; W_enc and the unit-norm W_dec stay as they are."""
-    sae.b_enc /= c
-    sae.b_dec /= c
-
-
-# ============================================================================= the main job: TopK vs KronSAE
-
-def default_data(cfg: Config, n: int) -> torch.Tensor:
-    """Block-correlated synthetic activations from synthetic.py, deterministic in the seed."""
-    from synthetic import make_dataset  # the companion file; imported here so kronsae.py stands alone
-    return make_dataset(n, seed=cfg.seed)
-
-
-def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded shuffle, then (train, held-out) with eval_tokens rows held out."""
-    if data.shape[0] <= eval_tokens:
-        raise ValueError(f"need more than eval_tokens={eval_tokens} rows of data, got {data.shape[0]}")
-    perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))
-    return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
-
-
-def file_or_synthetic_data(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) rows from --data, or from synthetic.py when no file is given."""
-    data = load_data(cfg.data) if cfg.data else default_data(cfg, cfg.steps * cfg.batch // 4 + cfg.eval_tokens)
-    return split_data(data, cfg.eval_tokens, cfg.seed)
-
-
-def run_one(arch: str, train_data, eval_data, cfg: Config, device,
-            progress=True) -> tuple[SparseAutoencoder, dict, TrainResult]:
-    """Build, train and evaluate one SAE; returns it with its metrics and its training record."""
-    set_seed(cfg.seed)
-    sae = build_sae(arch, train_data.shape[1], cfg).to(device)
-    out = str(Path(cfg.out, arch)) if cfg.out else None
-    result = train(sae, train_data, cfg, out=out, progress=progress)
-    metrics = evaluate(sae, eval_data)
-    metrics.update(sae.config(), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
-                   encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=sae.num_params(),
-                   ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds,
-                   final_train_loss=result.losses[-1], steps=cfg.steps, batch=cfg.batch, device=str(device))
-    return sae, metrics, result
-
-
-def format_table(rows: list[dict]) -> str:
-    cols = [("SAE", lambda r: r["arch"] if r["arch"] == "topk" else f"kron h={r['h']} m={r['m']} n={r['n']}"),
-            ("F", lambda r: str(r["dict_size"])), ("k", lambda r: str(r["k"])),
-            ("EV", lambda r: f"{r['ev']:.4f}"), ("L0", lambda r: f"{r['l0']:.1f}"),
-            ("dead %", lambda r: f"{100 * r['dead_fraction']:.1f}"),
-            ("enc FLOPs/tok", lambda r: f"{r['encoder_flops_per_token']:,}"),
-            ("params", lambda r: f"{r['params']:,}"), ("ms/step", lambda r: f"{r['ms_per_step']:.1f}")]
-    cells = [[name for name, _ in cols]] + [[fmt(r) for _, fmt in cols] for r in rows]
-    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
-    lines = ["  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-             for row in cells]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def lm_data(cfg: Config, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs).
     Whole contexts are held out, so the LM cost is measured on text the SAE never saw."""
     model, tokenizer, causal = load_lm(cfg.model, device, cfg.layer)
     contexts = make_contexts(tokenizer, cfg.text, cfg.ctx)                         # (N, T)
-    perm = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    perm = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(seed))
     contexts = contexts[perm]
     mask = token_mask(contexts, tokenizer.all_special_ids, cfg.keep_first)        # (N, T)
     n_eval = math.ceil(cfg.eval_tokens / max(1, int(mask[0].sum())))
@@ -1048,37 +913,322 @@ def lm_data(cfg: Config, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
                                    "splice": splice_ok}
 
 
-def compare(cfg: Config) -> dict:
-    device = pick_device(cfg.device)
-    set_seed(cfg.seed)
+# ============================================================================= 7. Evaluation
+
+class Moments:
+    """Running per-dimension sums, for Var over a whole data set (float64)."""
+
+    def __init__(self):
+        self.count, self.sum, self.sumsq = 0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor):
+        x = x.double()
+        self.count += x.shape[0]
+        self.sum = self.sum + x.sum(0)
+        self.sumsq = self.sumsq + x.pow(2).sum(0)
+
+    def total_variance(self) -> float:  # sum over dims of Var
+        mean = self.sum / self.count
+        return float((self.sumsq / self.count - mean.pow(2)).sum())
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> dict:
+    """Held-out metrics on a common footing for any SAE.
+
+    ev = 1 - Var(x - x_hat) / Var(x) (the paper's explained variance), fvu = 1 - ev, l0 = mean active
+    latents per token, dead_fraction = share of latents that never fire on `data`, aux_loss = the AuxK
+    loss with those dead latents.
+    """
+    device = sae.W_dec.device
+    x_m, r_m, l0, fired = Moments(), Moments(), 0, torch.zeros(sae.F, dtype=torch.long, device=device)
+    for x in data.split(batch):
+        x = x.to(device)
+        values, indices = sae.encode(x)
+        x_m.add(x)
+        r_m.add(x - sae.decode(values, indices))
+        l0 += int((values > 0).sum())
+        fired += torch.bincount(indices[values > 0], minlength=sae.F)
+    dead = fired == 0
+    aux_num, e_m = 0.0, Moments()
+    if dead.any():
+        for x in data.split(batch):
+            x = x.to(device)
+            enc = sae.encode_with_aux(x, dead)
+            e = x - sae.decode(enc.values, enc.indices)
+            aux_num += float((e - sae.sparse_decode(enc.aux_values, enc.aux_indices)).pow(2).sum())
+            e_m.add(e)
+    ev = 1.0 - r_m.total_variance() / max(x_m.total_variance(), 1e-12)
+    return {"ev": ev, "fvu": 1.0 - ev, "l0": l0 / x_m.count, "dead_fraction": float(dead.float().mean()),
+            "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12) if dead.any() else 0.0}
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("SAE", lambda r: r["arch"] if r["arch"] == "topk" else f"kron h={r['h']} m={r['m']} n={r['n']}"),
+            ("F", lambda r: str(r["dict_size"])), ("k", lambda r: str(r["k"])),
+            ("EV", lambda r: f"{r['ev']:.4f}"), ("L0", lambda r: f"{r['l0']:.1f}"),
+            ("dead %", lambda r: f"{100 * r['dead_fraction']:.1f}"),
+            ("enc FLOPs/tok", lambda r: f"{r['encoder_flops_per_token']:,}"),
+            ("params", lambda r: f"{r['params']:,}"), ("ms/step", lambda r: f"{r['ms_per_step']:.1f}")]
+    cells = [[name for name, _ in cols]] + [[fmt(r) for _, fmt in cols] for r in rows]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
+    lines = ["  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+# ============================================================================= 8. Checkpoints
+
+def save(sae: SparseAutoencoder, directory: str):
+    """Write sae.safetensors and config.json; each is written to a temporary name then renamed, so a
+    crash mid-save never leaves a half-written checkpoint in place of a good one."""
+    from safetensors.torch import save_file
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    weights = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+    save_file(weights, Path(directory, "sae.safetensors.tmp"))
+    Path(directory, "config.json.tmp").write_text(json.dumps(sae.config(), indent=2))
+    os.replace(Path(directory, "sae.safetensors.tmp"), Path(directory, "sae.safetensors"))
+    os.replace(Path(directory, "config.json.tmp"), Path(directory, "config.json"))
+
+
+def load(directory: str, device="cpu") -> SparseAutoencoder:
+    """The exact inverse of save."""
+    from safetensors.torch import load_file
+    cfg = json.loads(Path(directory, "config.json").read_text())
+    arch = cfg.pop("arch")
+    sae = {"topk": TopKSAE, "kron": KronSAE}[arch](**cfg)
+    sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
+    return sae.to(device)
+
+
+def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
+    if scale == 1.0:
+        return sae
+    twin = copy.deepcopy(sae)
+    fold_input_scale_(twin, scale)
+    return twin
+
+
+def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
+                 out: str = "", save_every: int = 0, progress: bool = True) -> TrainResult:
+    """`train` with checkpoints: the batches are multiplied by `scale` (--normalize) and the scale is folded
+    back into the weights at the end, so every checkpoint in `out` is an SAE for raw inputs. With save_every,
+    one is written every that many steps; a non-finite loss leaves the last one as it was."""
+    if scale != 1.0:
+        batches = (x * scale for x in batches)
+
+    def checkpoint(step, sae):
+        if out and save_every and (step + 1) % save_every == 0:
+            save(folded_copy(sae, scale), out)
+
+    try:
+        result = train(sae, batches, cfg, progress=progress, on_step=checkpoint)
+    except FloatingPointError as err:
+        kept = out and Path(out, "sae.safetensors").exists()
+        raise FloatingPointError(f"{err}; " + (f"last good checkpoint kept in {out}" if kept
+                                               else "no checkpoint was written")) from None
+    fold_input_scale_(sae, scale)
+    if out:
+        save(sae, out)
+    return result
+
+
+# ============================================================================= 9. The main job: TopK vs KronSAE
+
+@dataclass
+class SAEConfig:
+    """The SAEs' shape."""
+    arch: str = opt("both", "which SAE to train: topk, kron or both")
+    dict_size: int = opt(4096, "F, the number of latents (both SAEs)")
+    h: int = opt(0, "KronSAE heads; 0 means dict_size // (m*n)")
+    m: int = opt(2, "KronSAE composition base size per head (paper: start at 2)")
+    n: int = opt(8, "KronSAE composition extension size per head, m <= n")
+    k: int = opt(16, "active latents per token (TopK)")
+
+    def __post_init__(self):
+        if self.arch not in ("topk", "kron", "both"):
+            raise ValueError(f"arch must be topk, kron or both, got {self.arch!r}")
+        check_positive(dict_size=self.dict_size, m=self.m, n=self.n, k=self.k)
+        if self.h < 0:
+            raise ValueError(f"h must be >= 0 (0 means derive it), got h={self.h}")
+        if self.h == 0 and self.dict_size % (self.m * self.n):
+            raise ValueError(f"dict_size must be a multiple of m*n to derive h: "
+                             f"F={self.dict_size}, m*n={self.m * self.n}")
+        if self.h and self.h * self.m * self.n != self.dict_size:
+            raise ValueError(f"KronSAE needs F = h*m*n, got F={self.dict_size}, "
+                             f"h*m*n={self.h}*{self.m}*{self.n}={self.h * self.m * self.n}")
+        if self.k > self.dict_size:
+            raise ValueError(f"k must be <= F, got k={self.k}, F={self.dict_size}")
+
+    @property
+    def heads(self) -> int:
+        return self.h or self.dict_size // (self.m * self.n)
+
+    @property
+    def archs(self) -> list[str]:
+        return ["topk", "kron"] if self.arch == "both" else [self.arch]
+
+    def build(self, arch: str, d_in: int) -> SparseAutoencoder:
+        if arch == "topk":
+            return TopKSAE(d_in=d_in, dict_size=self.dict_size, k=self.k)
+        return KronSAE(d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, dict_size=self.dict_size)
+
+
+@dataclass
+class RunConfig:
+    """The run itself: seed, device and outputs."""
+    seed: int = opt(0, "seed for data order, init and synthetic data")
+    device: str = opt("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)")
+    out: str = opt("", "directory for checkpoints (safetensors + config.json)")
+    json: str = opt("", "write the final metrics of each SAE to this JSON file")
+    save_every: int = opt(0, "also checkpoint every this many steps (needs --out); 0 = only at the end")
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0, got save_every={self.save_every}")
+
+
+@dataclass
+class Settings:
+    """Everything a run is made of, one config per concern; the CLI composes it from the flags."""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):  # checks that need two configs
+        if self.train.matryoshka:
+            for arch in self.sae.archs:
+                matryoshka_prefixes(list(self.train.matryoshka), self.sae.dict_size,
+                                    self.sae.m * self.sae.n if arch == "kron" else 1)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def file_or_synthetic_data(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) rows from --data, or synthetic block-correlated data when no file is given."""
+    n = s.train.steps * s.train.batch // 4 + s.data.eval_tokens
+    data = load_data(s.data.data) if s.data.data else make_dataset(n, seed=s.run.seed)
+    return split_data(data, s.data.eval_tokens, s.run.seed)
+
+
+def run_one(arch: str, train_data, eval_data, s: Settings, device,
+            progress=True) -> tuple[SparseAutoencoder, dict, TrainResult]:
+    """Build, train and evaluate one SAE; returns it with its metrics and its training record."""
+    set_seed(s.run.seed)
+    sae = s.sae.build(arch, train_data.shape[1]).to(device)
+    check_data(train_data, sae.d_in)
+    batches = shuffled_batches(train_data, s.train.batch, torch.Generator().manual_seed(s.run.seed))
+    scale = input_scale(train_data) if s.data.normalize else 1.0
+    out = str(Path(s.run.out, arch)) if s.run.out else ""
+    result = run_training(sae, batches, s.train, scale, out, s.run.save_every, progress)
+    metrics = evaluate(sae, eval_data)
+    metrics.update(sae.config(), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
+                   encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=sae.num_params(),
+                   ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds,
+                   final_train_loss=result.losses[-1], steps=s.train.steps, batch=s.train.batch,
+                   device=str(device))
+    return sae, metrics, result
+
+
+def compare(s: Settings) -> dict:
+    device = pick_device(s.run.device)
+    set_seed(s.run.seed)
     lm = None
-    if cfg.model:
-        train_data, eval_data, lm = lm_data(cfg, device)
-        source = f"{cfg.model} hidden_states[{cfg.layer}]"
+    if s.data.model:
+        train_data, eval_data, lm = lm_data(s.data, s.run.seed, device)
+        source = f"{s.data.model} hidden_states[{s.data.layer}]"
     else:
-        train_data, eval_data = file_or_synthetic_data(cfg)
-        source = cfg.data or "synthetic block-correlated"
+        train_data, eval_data = file_or_synthetic_data(s)
+        source = s.data.data or "synthetic block-correlated"
     print(f"data: {train_data.shape[0]} training rows of width {train_data.shape[1]} ({source}), "
           f"{eval_data.shape[0]} held out, device {device}")
-    archs = ["topk", "kron"] if cfg.arch == "both" else [cfg.arch]
     results = {}
-    for arch in archs:
-        sae, results[arch], _ = run_one(arch, train_data, eval_data, cfg, device)
+    for arch in s.sae.archs:
+        sae, results[arch], _ = run_one(arch, train_data, eval_data, s, device)
         if lm and lm["splice"]:
-            results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], cfg.layer, cfg.model_batch))
+            results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
+                                         s.data.model_batch))
     print(format_table(list(results.values())))
     for arch, r in results.items():
         if "ce_clean" in r:
             print(f"{arch}: CE clean {r['ce_clean']:.4f}, with the SAE spliced in {r['ce_sae']:.4f}, zero-ablated "
                   f"{r['ce_zero']:.4f}; loss recovered {r['loss_recovered']:.4f}")
-    if cfg.out:
-        print(f"checkpoints: {', '.join(str(Path(cfg.out, a)) for a in archs)}")
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps(results, indent=2))
+    if s.run.out:
+        print(f"checkpoints: {', '.join(str(Path(s.run.out, a)) for a in s.sae.archs)}")
+    if s.run.json:
+        Path(s.run.json).write_text(json.dumps(results, indent=2))
     return results
 
 
-# ============================================================================= python kronsae.py progressive
+# ============================================================================= 10. Progressive coding
+# Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190
+
+@torch.no_grad()
+def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, ...]:
+    """Per latent, over `data`: importance E[a^2] (mean squared activation) and firing frequency. (F,) each."""
+    device = sae.W_dec.device
+    sq, fired = torch.zeros(sae.F, dtype=torch.float64, device=device), torch.zeros(sae.F, device=device)
+    for x in data.split(batch):
+        values, indices = sae.encode(x.to(device))
+        sq.index_add_(0, indices.flatten(), values.flatten().double().pow(2))
+        fired.index_add_(0, indices.flatten(), (values.flatten() > 0).float())
+    return (sq / data.shape[0]).float().cpu(), (fired / data.shape[0]).cpu()
+
+
+def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
+    """Least squares in log-log of importance against rank: importance ~ C * rank^-alpha.
+    Returns (alpha, R^2), over the latents with non-zero importance."""
+    y = importance[importance > 0].double().sort(descending=True).values.log()
+    if y.numel() < 3:
+        raise ValueError(f"need at least 3 latents with non-zero importance to fit, got {y.numel()}")
+    x = torch.arange(1, y.numel() + 1, dtype=torch.float64).log()
+    slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution.flatten()
+    residual = y - (slope * x + intercept)
+    return float(-slope), float(1 - residual.pow(2).sum() / (y - y.mean()).pow(2).sum())
+
+
+def rank_latents(sae: SparseAutoencoder, score: torch.Tensor) -> torch.Tensor:
+    """Latent order, best first, by `score` (F,). KronSAE ranks whole heads by their summed score."""
+    if isinstance(sae, KronSAE):
+        heads = score.view(sae.h, -1).sum(-1).argsort(descending=True)
+        return (heads[:, None] * sae.m * sae.n + torch.arange(sae.m * sae.n)).flatten()
+    return score.argsort(descending=True)
+
+
+def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
+    """A smaller SAE of the same class that keeps latents `keep` (in that order) and drops the rest.
+    It selects its top k among the kept latents only. For KronSAE `keep` must be whole heads."""
+    keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+    k, dev = min(sae.k, keep.numel()), sae.W_dec.device
+    if isinstance(sae, KronSAE):
+        size = sae.m * sae.n
+        heads = keep.view(-1, size)[:, 0] // size if keep.numel() % size == 0 else None
+        if heads is None or not torch.equal(keep, (heads[:, None] * size + torch.arange(size)).flatten()):
+            raise ValueError(f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
+                             f"{size} latents in order, got {keep.numel()} latents")
+        small = KronSAE(d_in=sae.d_in, h=heads.numel(), m=sae.m, n=sae.n, k=k)
+        enc_rows = (heads[:, None] * (sae.m + sae.n) + torch.arange(sae.m + sae.n)).flatten()
+    else:
+        small, enc_rows = TopKSAE(d_in=sae.d_in, dict_size=keep.numel(), k=k), keep
+    small = small.to(device=dev, dtype=sae.W_dec.dtype)
+    with torch.no_grad():
+        small.W_enc.copy_(sae.W_enc[enc_rows.to(dev)])
+        small.b_enc.copy_(sae.b_enc[enc_rows.to(dev)])
+        small.W_dec.copy_(sae.W_dec[keep.to(dev)])
+        small.b_dec.copy_(sae.b_dec)
+    return small
+
 
 def progressive_curves(plain: SparseAutoencoder, matryoshka: SparseAutoencoder, eval_data: torch.Tensor,
                        sizes: list[int]) -> dict:
@@ -1112,26 +1262,27 @@ def save_progressive_figure(results: dict, path: str):
     plt.close(fig)
 
 
-def nested_config(cfg: Config) -> tuple[Config, list[int]]:
-    """cfg with Matryoshka prefixes G = F/16, F/8, F/4, F/2, F (validated by Config), and those sizes."""
-    if cfg.matryoshka:
+def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
+    """s with Matryoshka prefixes G = F/16, F/8, F/4, F/2, F (validated by Settings), and those sizes."""
+    if s.train.matryoshka:
         raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
-    if cfg.dict_size % 16:
-        raise ValueError(f"progressive needs F divisible by 16, got F={cfg.dict_size}")
-    sizes = [cfg.dict_size // 16 * i for i in (1, 2, 4, 8, 16)]
-    return dataclasses.replace(cfg, matryoshka=",".join(map(str, sizes))), sizes
+    if s.sae.dict_size % 16:
+        raise ValueError(f"progressive needs F divisible by 16, got F={s.sae.dict_size}")
+    sizes = [s.sae.dict_size // 16 * i for i in (1, 2, 4, 8, 16)]
+    return dataclasses.replace(s, train=dataclasses.replace(s.train, matryoshka=tuple(sizes))), sizes
 
 
-def progressive(cfg: Config, figure: str = "progressive.png") -> dict:
+def progressive(s: Settings, figure: str = "progressive.png") -> dict:
     """Train a plain and a Matryoshka SAE per arch, then compare FVU at G = F/16 ... F (Peter and Soegaard)."""
-    device = pick_device(cfg.device)
-    set_seed(cfg.seed)
-    nested, sizes = nested_config(cfg)
-    train_data, eval_data = file_or_synthetic_data(cfg)
+    device = pick_device(s.run.device)
+    set_seed(s.run.seed)
+    nested, sizes = nested_settings(s)
+    train_data, eval_data = file_or_synthetic_data(s)
+    no_out = dataclasses.replace(s.run, out="", save_every=0)
     results = {}
-    for arch in (["topk", "kron"] if cfg.arch == "both" else [cfg.arch]):
-        plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(cfg, out=""), device)
-        mat, _, mat_run = run_one(arch, train_data, eval_data, dataclasses.replace(nested, out=""), device)
+    for arch in s.sae.archs:
+        plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(s, run=no_out), device)
+        mat, _, mat_run = run_one(arch, train_data, eval_data, dataclasses.replace(nested, run=no_out), device)
         r = progressive_curves(plain, mat, eval_data, sizes)
         alpha, r2 = fit_power_law(plain_run.importance)   # the same fit on importance tracked during training
         r.update(train_seconds_plain=plain_run.seconds, train_seconds_matryoshka=mat_run.seconds,
@@ -1153,12 +1304,12 @@ def progressive(cfg: Config, figure: str = "progressive.png") -> dict:
     if figure:
         save_progressive_figure(results, figure)
         print(f"figure: {figure}")
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps(results, indent=2))
+    if s.run.json:
+        Path(s.run.json).write_text(json.dumps(results, indent=2))
     return results
 
 
-# ============================================================================= benchmark: python kronsae.py bench
+# ============================================================================= 11. Benchmark
 
 @dataclass
 class BenchConfig:
@@ -1325,32 +1476,63 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     return rows
 
 
-# ============================================================================= CLI
+# ============================================================================= 12. CLI
 
-def add_config_args(parser: argparse.ArgumentParser, config_cls=Config):
-    """One --flag per dataclass field, with its type, default and help."""
+def tune_cpu_allocator():
+    """Keep freed memory mapped (Linux, glibc). By default glibc gives large freed blocks back to the OS,
+    so every step pays page faults to map fresh memory for its (B, E) activations and gradients; on a
+    2-core CPU that was a third of a KronSAE step. Called by the CLI only, never at import."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+    libc.mallopt(M_TOP_PAD, 2**28)
+    libc.mallopt(M_MMAP_THRESHOLD, 2**25)  # glibc's maximum: blocks up to 32 MiB come from the reusable heap
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls, title: Optional[str] = None):
+    """One --flag per dataclass field, with its type, default and help, in an argument group of its own."""
+    group = parser.add_argument_group(title or config_cls.__doc__.splitlines()[0].rstrip("."))
     for f in dataclasses.fields(config_cls):
         flag, help = f"--{f.name.replace('_', '-')}", f"{f.metadata['help']} (default: {f.default})"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        if "cli_type" in f.metadata:
+            group.add_argument(flag, dest=f.name, type=f.metadata["cli_type"], default=f.default, help=help)
+        elif isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         elif isinstance(f.default, tuple):
-            parser.add_argument(flag, dest=f.name, nargs="+", default=f.default, help=help)
+            group.add_argument(flag, dest=f.name, nargs="+", default=f.default, help=help)
         else:
-            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help)
+            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help)
 
 
-def parse_config(parser: argparse.ArgumentParser, argv, config_cls=Config, check=None):
-    """Parse argv into config_cls; a ValueError from its validation (or from `check`) becomes a usage error."""
-    add_config_args(parser, config_cls)
-    args = vars(parser.parse_args(argv))
-    extra = {name: args.pop(name) for name in list(args) if name not in config_cls.__dataclass_fields__}
+def build_configs(parser: argparse.ArgumentParser, args: dict, make: Callable, check=None):
+    """make(args) builds the configs; a ValueError from their validation (or from `check`) is a usage error."""
     try:
-        cfg = config_cls(**args)
+        configs = make(args)
         if check:
-            check(cfg)
+            check(configs)
     except ValueError as err:
         parser.error(str(err))
-    return cfg, extra
+    return configs
+
+
+SETTINGS_PARTS = {"sae": SAEConfig, "train": TrainConfig, "data": DataConfig, "run": RunConfig}
+
+
+def parse_settings(parser: argparse.ArgumentParser, argv, check=None) -> tuple[Settings, dict]:
+    """Parse argv into Settings, one argument group per config; returns it with the flags left over."""
+    for cls in SETTINGS_PARTS.values():
+        add_config_args(parser, cls)
+    args = vars(parser.parse_args(argv))
+
+    def make(args):
+        parts = {name: cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls)})
+                 for name, cls in SETTINGS_PARTS.items()}
+        return Settings(**parts)
+
+    return build_configs(parser, args, make, check), args
 
 
 def run_cli(job, *args):
@@ -1368,7 +1550,8 @@ def bench_main(argv):
         "Time one training step (forward + backward, and the optimiser step separately) of the TopK SAE, "
         "KronSAE at several (m, n) and the naive KronSAE, at the same B, d, k and F. Prints ms, peak memory, "
         "eq. 7 FLOPs per token and GFLOP/s against a plain matmul of the encoder's shape."))
-    bcfg, _ = parse_config(parser, argv, BenchConfig)
+    add_config_args(parser, BenchConfig, "benchmark")
+    bcfg = build_configs(parser, vars(parser.parse_args(argv)), lambda args: BenchConfig(**args))
     return run_cli(bench, bcfg)
 
 
@@ -1378,8 +1561,8 @@ def progressive_main(argv):
         "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
         "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."))
     parser.add_argument("--figure", default="progressive.png", help="PNG for the curves ('' = none)")
-    cfg, extra = parse_config(parser, argv, Config, nested_config)
-    return run_cli(progressive, cfg, extra["figure"])
+    s, extra = parse_settings(parser, argv, nested_settings)
+    return run_cli(progressive, s, extra["figure"])
 
 
 COMMANDS = {"bench": bench_main, "progressive": progressive_main}
@@ -1394,8 +1577,8 @@ def main(argv=None):
         description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
                     "and prints EV, L0, dead %, encoder FLOPs, parameters and ms per step side by side. "
                     f"Other commands: {', '.join(COMMANDS)} (each has its own --help).")
-    cfg, _ = parse_config(parser, argv)
-    return run_cli(compare, cfg)
+    s, _ = parse_settings(parser, argv)
+    return run_cli(compare, s)
 
 
 if __name__ == "__main__":

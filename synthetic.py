@@ -1,6 +1,6 @@
-"""Block-correlated synthetic data, and the KronSAE paper's toy experiment (section 5.1, appendix B).
+"""The KronSAE paper's toy experiment (section 5.1, appendix B), on block-correlated synthetic data.
 
-The generator (importable, used by `python kronsae.py`):
+The generator lives in kronsae.py (section 5, Data), which trains on it by default; this file reuses it:
     S = L L^T                       a block-structured correlation matrix over F_true features
     x_sparse = L TopK(ReLU(z))      z ~ N(0, I), so active features co-occur as S says
 
@@ -17,67 +17,8 @@ from pathlib import Path
 
 import torch
 
-
-# ----------------------------------------------------------------------------- data generator
-
-def block_covariance(F_true: int = 256, n_blocks: int = 8, n_off: int = 4, rho_in: tuple = (0.3, 0.8),
-                     rho_off: float = 0.25, seed: int = 0) -> torch.Tensor:
-    """A block-structured correlation matrix S, shape (F_true, F_true), unit diagonal, positive definite.
-
-    n_blocks diagonal blocks of different (random) sizes, each with its own within-block correlation drawn
-    from rho_in, plus n_off off-diagonal blocks linking random pairs of blocks with correlation +-rho_off.
-    """
-    if not 1 <= n_blocks <= F_true:
-        raise ValueError(f"need 1 <= n_blocks <= F_true, got n_blocks={n_blocks}, F_true={F_true}")
-    g = torch.Generator().manual_seed(seed)
-    # different block sizes: cut [0, F_true) at n_blocks-1 distinct random points
-    cuts = torch.randperm(F_true - 1, generator=g)[: n_blocks - 1].sort().values + 1
-    edges = [0, *cuts.tolist(), F_true]
-    blocks = [(a, b) for a, b in zip(edges[:-1], edges[1:])]
-    S = torch.zeros(F_true, F_true, dtype=torch.float64)
-    for a, b in blocks:
-        S[a:b, a:b] = rho_in[0] + (rho_in[1] - rho_in[0]) * torch.rand((), generator=g, dtype=torch.float64)
-    for _ in range(n_off):
-        i, j = torch.randperm(n_blocks, generator=g)[:2].tolist()
-        sign = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
-        (a, b), (c, e) = blocks[i], blocks[j]
-        S[a:b, c:e] = S[c:e, a:b] = sign * rho_off
-    S.fill_diagonal_(1.0)
-    # project onto the positive-definite cone, then back to unit diagonal (a correlation matrix)
-    evals, evecs = torch.linalg.eigh(S)
-    S = evecs @ torch.diag(evals.clamp_min(1e-3)) @ evecs.T
-    scale = S.diagonal().rsqrt()
-    return (S * scale[:, None] * scale[None, :]).float()
-
-
-def sparse_codes(n: int, F_true: int, k_true: int, generator: torch.Generator) -> torch.Tensor:
-    """TopK(ReLU(z)), z ~ N(0, I): (n, F_true) with k_true active entries per row."""
-    z = torch.randn(n, F_true, generator=generator).relu()              # (n, F_true)
-    top = z.topk(k_true, dim=-1)
-    return torch.zeros_like(z).scatter_(-1, top.indices, top.values)
-
-
-def sample_sparse(S: torch.Tensor, n: int, k_true: int, generator: torch.Generator) -> torch.Tensor:
-    """x_sparse = L TopK(ReLU(z)) with S = L L^T (appendix B). Returns (n, F_true).
-
-    The codes are exchangeable, so Cov(x) = a S + c L 1 1^T L^T, where c < 0 is the slight
-    anti-correlation that exactly-k sparsity puts between codes (about -1/F_true of a).
-    """
-    L = torch.linalg.cholesky(S.double()).float()                        # (F_true, F_true)
-    return sparse_codes(n, S.shape[0], k_true, generator) @ L.T         # (n, F_true)
-
-
-def make_dataset(n: int, d: int = 128, F_true: int = 1024, k_true: int = 16, seed: int = 0,
-                 n_blocks: int = 32, n_off: int = 16) -> torch.Tensor:
-    """Block-correlated SAE training data, shape (n, d): x = x_sparse D with D random unit rows (F_true, d).
-
-    The true features are the rows of L^T D; their sparse codes co-occur by blocks, which is the
-    structure KronSAE's heads are meant to capture. Deterministic given the seed.
-    """
-    S = block_covariance(F_true, n_blocks=n_blocks, n_off=n_off, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    D = torch.nn.functional.normalize(torch.randn(F_true, d, generator=g), dim=-1)   # (F_true, d)
-    return sample_sparse(S, n, k_true, g) @ D                                        # (n, d)
+import kronsae as K
+from kronsae import block_covariance, sample_sparse
 
 
 # ----------------------------------------------------------------------------- the toy experiment (section 5.1)
@@ -153,7 +94,6 @@ class ToyConfig:
 
 def run_setup(setup: dict, tc: ToyConfig, progress: bool = False) -> tuple[dict, dict]:
     """One covariance set-up: data, toy AE, SAEs, matching, RV. Returns (rv per model, Gram matrices)."""
-    import kronsae as K
     S = block_covariance(tc.F_true, n_blocks=setup["n_blocks"], n_off=setup["n_off"], rho_in=tc.rho_in,
                          seed=setup["seed"])
     g = torch.Generator().manual_seed(1000 + setup["seed"])
@@ -163,13 +103,15 @@ def run_setup(setup: dict, tc: ToyConfig, progress: bool = False) -> tuple[dict,
         X = ae.W.T.detach()                                                          # (F_true, d) AE features
         acts = ae.hidden(x_sparse)                                                   # (N, d) SAE data
     grams = {"truth": S, "ae": X @ X.T}
-    cfg = K.Config(dict_size=tc.F_true, k=tc.k, steps=tc.sae_steps, batch=tc.batch, seed=setup["seed"])
-    models = {"topk": ("topk", cfg)} | {
-        f"kron_h{h}_m{m}_n{n}": ("kron", dataclasses.replace(cfg, h=h, m=m, n=n)) for h, m, n in KRON_SHAPES}
+    shape = K.SAEConfig(dict_size=tc.F_true, k=tc.k)
+    train_cfg = K.TrainConfig(steps=tc.sae_steps, batch=tc.batch)
+    models = {"topk": ("topk", shape)} | {
+        f"kron_h{h}_m{m}_n{n}": ("kron", dataclasses.replace(shape, h=h, m=m, n=n)) for h, m, n in KRON_SHAPES}
     for name, (arch, c) in models.items():
-        K.set_seed(c.seed)
-        sae = K.build_sae(arch, tc.d, c)
-        K.train(sae, acts, c, progress=progress)
+        K.set_seed(setup["seed"])
+        sae = c.build(arch, tc.d)
+        batches = K.shuffled_batches(acts, tc.batch, torch.Generator().manual_seed(setup["seed"]))
+        K.train(sae, batches, train_cfg, progress=progress)
         Y = sae.W_dec.detach()
         Y = Y[match_atoms(X, Y, seed=setup["seed"])]                                 # row i ~ feature i
         grams[name] = Y @ Y.T

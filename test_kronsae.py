@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import kronsae as K
 import synthetic
 
+# ============================================================================= helpers and naive references
 
 @pytest.fixture(autouse=True)
 def seeded():
@@ -33,8 +34,6 @@ def perturb_(sae, scale=0.1):
     sae.normalize_decoder_()
     return sae
 
-
-# ============================================================================= naive references
 
 def naive_twin(sae):
     """KronSAE's naive twin (kronsae.NaiveKronSAE) sharing the same parameter tensors."""
@@ -59,12 +58,9 @@ def naive_forward(sae, x):
     return top.values, top.indices, code @ sae.W_dec + sae.b_dec
 
 
-def test_naive_kron_forward_is_the_dense_listing():
-    sae = perturb_(kron(h=8, m=2, n=4, k=8))
-    x = torch.randn(20, 16, dtype=torch.float64)
-    twin = naive_twin(sae)
-    torch.testing.assert_close(twin(x), naive_forward(sae, x)[2])
-    torch.testing.assert_close(twin(x), sae(x))
+def batches(data, batch, seed=0):
+    """Endless shuffled batches of the rows of `data`, as the tooling feeds `train`."""
+    return K.shuffled_batches(data, batch, torch.Generator().manual_seed(seed))
 
 
 def grads(sae, x, loss):
@@ -74,7 +70,7 @@ def grads(sae, x, loss):
     return {name: p.grad.clone() for name, p in sae.named_parameters()} | {"x": x.grad.clone()}
 
 
-# ============================================================================= mAND (eq. 3)
+# ============================================================================= 1. mAND (eq. 3)
 
 def test_mand_shape_and_values():
     u, v = torch.randn(5, 3, 2), torch.randn(5, 3, 4)
@@ -111,7 +107,7 @@ def test_mand_gradient_finite_at_zero():
     assert u.grad[0] == 0 and v.grad[0] == 0 and v.grad[1] == 0  # zero factors get no gradient
 
 
-# ============================================================================= sparse encoder rows
+# ============================================================================= 2. The SAEs (eqs. 1-4)
 
 def test_gather_linear_matches_dense_autograd():
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
@@ -128,7 +124,13 @@ def test_gather_linear_matches_dense_autograd():
         torch.testing.assert_close(a, e)
 
 
-# ============================================================================= the SAEs
+def test_naive_kron_forward_is_the_dense_listing():
+    sae = perturb_(kron(h=8, m=2, n=4, k=8))
+    x = torch.randn(20, 16, dtype=torch.float64)
+    twin = naive_twin(sae)
+    torch.testing.assert_close(twin(x), naive_forward(sae, x)[2])
+    torch.testing.assert_close(twin(x), sae(x))
+
 
 KRON_SHAPES = [  # (h, m, n, k): small heads, k > h, and big heads where rank pairs are used
     (8, 2, 4, 8), (4, 4, 4, 16), (16, 2, 8, 5), (2, 4, 4, 10), (2, 8, 8, 3), (3, 32, 32, 32), (5, 1, 1, 4)]
@@ -232,8 +234,6 @@ def test_init_follows_the_paper():
     torch.testing.assert_close(top.W_dec.norm(dim=-1), torch.ones(32))
 
 
-# ============================================================================= FLOP counts (eq. 7)
-
 def matmul_flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -256,73 +256,7 @@ def test_forward_matmul_flops_match_eq7(arch):
     assert matmul_flops(lambda: sae(x)) == 2 * B * (sae.flops_per_token() - non_matmul)
 
 
-def test_kron_training_step_has_no_F_sized_matmul():
-    """Forward + backward + step. Per token, the only matmul is the h(m+n) x d encoder's forward; once per
-    step, remove_parallel_grad_ takes F row-wise dot products (a bmm of F x d). Nothing else."""
-    d, F, E = 64, 1024, 32 * (4 + 8)
-    cfg = K.Config(steps=1, batch=32, dict_size=F, m=4, n=8, k=8)
-    dead = torch.ones(F, dtype=torch.bool)  # AuxK on too
-
-    def step_flops(B):
-        sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
-        opt = torch.optim.AdamW(sae.parameters())
-        return matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
-
-    assert step_flops(32) == 2 * 32 * d * E + 2 * F * d
-    assert step_flops(64) - step_flops(32) == 2 * 32 * d * E   # per-token matmul work is the encoder alone
-
-
-def test_kron_training_step_saves_nothing_F_sized_per_token():
-    """Every tensor autograd keeps for backward has fewer than F elements per token."""
-    B, d = 64, 16
-    sae = K.KronSAE(d_in=d, h=64, m=4, n=8, k=8)      # F = 2048 > d, h*(m+n) = 768
-    cfg = K.Config(steps=1, batch=B, dict_size=2048, m=4, n=8, k=8)
-    opt = torch.optim.AdamW(sae.parameters())
-    dead = torch.zeros(sae.F, dtype=torch.bool)
-    dead[::7] = True                                    # AuxK on too
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        K.train_step(sae, opt, torch.randn(B, d), dead, cfg)
-    assert saved, "the hook saw nothing"
-    per_token = [math.prod(s) // B for s in saved if len(s) >= 1 and s[0] == B]
-    assert max(per_token) < sae.F, (max(per_token), sae.F)
-    # the naive twin does keep (B, F) tensors: the check would catch it
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        K.normalized_mse(torch.randn(B, d), naive_twin(sae)(torch.randn(B, d))).backward()
-    assert max(math.prod(s) // B for s in saved if s and s[0] == B) >= sae.F
-
-
-def test_bench_runs_and_reports_targets(tmp_path):
-    out = tmp_path / "bench.json"
-    rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256",
-                   "--shapes", "2x8,4x4", "--flat-width", "64", "--repeats", "1", "--json", str(out)])
-    names = [r["name"] for r in rows]
-    assert names[:5] == ["topk", "kron_2x8", "kron_4x4", "naive_kron_2x8", "naive_kron_4x4"]
-    assert [r["dict_size"] for r in rows if r["section"].startswith("flat")] == [256, 512, 1024]
-    by = {r["name"]: r for r in rows if r["section"] == "F=256"}
-    assert by["naive_kron_4x4"]["peak_mb"] > by["kron_4x4"]["peak_mb"] > 0
-    assert by["kron_4x4"]["flops_per_token"] == K.KronSAE(d_in=32, h=16, m=4, n=4, k=8).flops_per_token()
-    assert json.loads(out.read_text())["rows"][0]["name"] == "topk"
-
-
-# ============================================================================= losses, metrics, AuxK
-
-def test_normalized_mse_and_evaluate_match_definitions():
-    sae = perturb_(kron(h=8, m=2, n=4, k=4))
-    x = torch.randn(300, 16, dtype=torch.float64) * 3 + 1
-    x_hat = sae(x).detach()
-    ev = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
-    metrics = K.evaluate(sae, x, batch=64)
-    assert metrics["ev"] == pytest.approx(float(ev), abs=1e-9)
-    assert metrics["fvu"] == pytest.approx(1 - float(ev), abs=1e-9)
-    assert metrics["l0"] == pytest.approx(float((sae.encode(x)[0] > 0).sum(-1).double().mean()))
-    fired = torch.zeros(sae.F, dtype=torch.bool)
-    values, indices = sae.encode(x)
-    fired[indices[values > 0]] = True
-    assert metrics["dead_fraction"] == pytest.approx(float((~fired).double().mean()))
-    assert float(K.normalized_mse(x, x.mean(0).expand_as(x))) == pytest.approx(1.0)
-
+# ============================================================================= 3. Losses
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_auxk_picks_top_dead_latents_and_trains_the_encoder(arch):
@@ -340,8 +274,6 @@ def test_auxk_picks_top_dead_latents_and_trains_the_encoder(arch):
     K.auxk_loss(sae, residual, enc).backward()
     assert sae.W_enc.grad.abs().sum() > 0 and sae.W_dec.grad.abs().sum() > 0
 
-
-# ============================================================================= Matryoshka, importance, pruning
 
 def test_matryoshka_single_prefix_equals_plain_loss():
     sae = perturb_(kron(h=8, m=2, n=4, k=8))
@@ -382,93 +314,17 @@ def test_invalid_matryoshka_prefixes_raise(sizes, multiple, match):
 
 
 def test_matryoshka_config_checks_heads_and_appends_F():
-    assert K.Config(dict_size=256, m=2, n=8, matryoshka="16,64").prefixes("kron") == [16, 64, 256]
-    assert K.Config(dict_size=256, arch="topk", matryoshka="10,20").prefixes("topk") == [10, 20, 256]
+    assert K.TrainConfig(matryoshka="16,64").matryoshka == (16, 64)
+    assert K.matryoshka_prefixes([16, 64], 256, K.KronSAE(d_in=4, h=16, m=2, n=8, k=4).group) == [16, 64, 256]
+    assert K.matryoshka_prefixes([10, 20], 256, K.TopKSAE(d_in=4, dict_size=256, k=4).group) == [10, 20, 256]
     with pytest.raises(ValueError, match="multiples of m\\*n=16"):
-        K.Config(dict_size=256, m=2, n=8, matryoshka="10,20")
+        K.Settings(K.SAEConfig(dict_size=256, m=2, n=8), K.TrainConfig(matryoshka="10,20"))
+    K.Settings(K.SAEConfig(dict_size=256, arch="topk"), K.TrainConfig(matryoshka="10,20"))   # TopK: any sizes
     with pytest.raises(ValueError, match="comma-separated integers"):
-        K.Config(matryoshka="a,b")
+        K.TrainConfig(matryoshka="a,b")
 
 
-def test_latent_stats_match_their_definitions():
-    sae = perturb_(kron(h=8, m=2, n=4, k=4))
-    x = torch.randn(100, 16, dtype=torch.float64)
-    importance, frequency = K.latent_stats(sae, x, batch=32)
-    values, indices = sae.encode(x)
-    dense = torch.zeros(100, 64, dtype=torch.float64).scatter(-1, indices, values)
-    torch.testing.assert_close(importance, dense.pow(2).mean(0).float())
-    torch.testing.assert_close(frequency, (dense > 0).float().mean(0))
-
-
-def test_training_tracks_importance_and_frequency():
-    data = synthetic.make_dataset(512, d=16, F_true=32, k_true=4)
-    cfg = K.Config(dict_size=64, m=2, n=4, k=4, steps=1, batch=512)   # one step, one batch: all the data
-    sae = K.build_sae("kron", 16, cfg)
-    before = K.build_sae("kron", 16, cfg)
-    before.load_state_dict(sae.state_dict())
-    with torch.no_grad():
-        before.b_dec.copy_(data.mean(0))                               # what train() does before step 0
-    result = K.train(sae, data, cfg, progress=False)
-    importance, frequency = K.latent_stats(before, data)               # the weights the step encoded with
-    torch.testing.assert_close(result.importance, importance)
-    torch.testing.assert_close(result.frequency, frequency)
-    assert float(result.frequency.sum()) == pytest.approx(4.0)         # = L0: k = 4 latents fire per token
-
-
-def test_power_law_fit_recovers_a_planted_exponent():
-    rank = torch.arange(1, 2001, dtype=torch.float64)
-    importance = 3.0 * rank.pow(-1.7) * torch.exp(0.05 * torch.randn(2000, dtype=torch.float64))
-    alpha, r2 = K.fit_power_law(importance[torch.randperm(2000)])   # order must not matter
-    assert alpha == pytest.approx(1.7, abs=0.02) and r2 > 0.99
-
-
-@pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_pruning_with_all_latents_kept_gives_the_same_output(arch):
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(h=8, m=2, n=4, k=8))
-    order = K.rank_latents(sae, torch.rand(64))                      # a permutation, whole heads for kron
-    small = K.prune(sae, order)
-    assert type(small) is type(sae) and small.F == 64
-    x = torch.randn(20, 16, dtype=torch.float64)
-    torch.testing.assert_close(small(x), sae(x))
-
-
-def test_pruning_kron_keeps_whole_heads_and_equals_the_restricted_original():
-    sae = perturb_(kron(h=8, m=2, n=4, k=6))
-    heads = torch.tensor([5, 1, 6])
-    keep = (heads[:, None] * 8 + torch.arange(8)).flatten()
-    small = K.prune(sae, keep)
-    assert isinstance(small, K.KronSAE) and (small.h, small.m, small.n, small.F) == (3, 2, 4, 24)
-    x = torch.randn(25, 16, dtype=torch.float64)
-    scores = naive_scores(sae, x)[:, keep]                         # the original, restricted to `keep`
-    top = scores.topk(6, dim=-1)
-    restricted = torch.zeros_like(scores).scatter(-1, top.indices, top.values) @ sae.W_dec[keep] + sae.b_dec
-    torch.testing.assert_close(small(x), restricted)
-    with pytest.raises(ValueError, match="whole heads"):
-        K.prune(sae, torch.arange(12))                             # one head and a half
-    with pytest.raises(ValueError, match="whole heads"):
-        K.prune(sae, torch.tensor([8, 9, 10, 11, 12, 13, 15, 14])) # a head's latents out of order
-
-
-def test_progressive_command_runs(tmp_path):
-    data = synthetic.make_dataset(4000, d=16, F_true=64, k_true=4)
-    torch.save(data, tmp_path / "acts.pt")
-    results = K.main(["progressive", "--data", str(tmp_path / "acts.pt"), "--dict-size", "256", "--m", "2",
-                      "--n", "8", "--k", "4", "--steps", "30", "--batch", "128", "--eval-tokens", "800",
-                      "--json", str(tmp_path / "p.json"), "--figure", str(tmp_path / "p.png")])
-    assert set(results) == {"topk", "kron"}
-    for r in results.values():
-        assert r["G"] == [16, 32, 64, 128, 256]
-        assert set(r["fvu"]) == {"matryoshka", "pruned_importance", "pruned_frequency", "unsorted_prefix"}
-        full = [curve[-1] for curve in r["fvu"].values()]
-        assert full[1] == full[2] == full[3]                       # at G = F every plain variant is the same SAE
-        assert r["power_law_alpha"] > 0
-    assert (tmp_path / "p.png").stat().st_size > 10_000
-    for bad in (["--dict-size", "200"], ["--dict-size", "256", "--m", "4", "--n", "8"], ["--matryoshka", "256"]):
-        with pytest.raises(SystemExit):                 # F % 16, F/16 not whole heads, prefixes given
-            K.main(["progressive", *bad])
-
-
-# ============================================================================= training
+# ============================================================================= 4. Training
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
     f = lambda s: K.lr_factor(s, total=100, warmup=0.1, floor=1e-3)
@@ -479,8 +335,8 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
-    cfg = K.Config(dict_size=128, m=2, n=4, k=8, steps=1, batch=64)
-    sae = K.build_sae(arch, 16, cfg)
+    cfg = K.TrainConfig(steps=1, batch=64)
+    sae = K.SAEConfig(dict_size=128, m=2, n=4, k=8).build(arch, 16)
     opt = torch.optim.AdamW(sae.parameters(), lr=1e-2)
     K.train_step(sae, opt, torch.randn(64, 16) * 5, torch.zeros(128, dtype=torch.bool), cfg)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(128))
@@ -490,12 +346,49 @@ def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
     assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-6
 
 
+def test_kron_training_step_has_no_F_sized_matmul():
+    """Forward + backward + step. Per token, the only matmul is the h(m+n) x d encoder's forward; once per
+    step, remove_parallel_grad_ takes F row-wise dot products (a bmm of F x d). Nothing else."""
+    d, F, E = 64, 1024, 32 * (4 + 8)
+    cfg = K.TrainConfig(steps=1, batch=32)
+    dead = torch.ones(F, dtype=torch.bool)  # AuxK on too
+
+    def step_flops(B):
+        sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
+        opt = torch.optim.AdamW(sae.parameters())
+        return matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
+
+    assert step_flops(32) == 2 * 32 * d * E + 2 * F * d
+    assert step_flops(64) - step_flops(32) == 2 * 32 * d * E   # per-token matmul work is the encoder alone
+
+
+def test_kron_training_step_saves_nothing_F_sized_per_token():
+    """Every tensor autograd keeps for backward has fewer than F elements per token."""
+    B, d = 64, 16
+    sae = K.KronSAE(d_in=d, h=64, m=4, n=8, k=8)      # F = 2048 > d, h*(m+n) = 768
+    cfg = K.TrainConfig(steps=1, batch=B)
+    opt = torch.optim.AdamW(sae.parameters())
+    dead = torch.zeros(sae.F, dtype=torch.bool)
+    dead[::7] = True                                    # AuxK on too
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        K.train_step(sae, opt, torch.randn(B, d), dead, cfg)
+    assert saved, "the hook saw nothing"
+    per_token = [math.prod(s) // B for s in saved if len(s) >= 1 and s[0] == B]
+    assert max(per_token) < sae.F, (max(per_token), sae.F)
+    # the naive twin does keep (B, F) tensors: the check would catch it
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        K.normalized_mse(torch.randn(B, d), naive_twin(sae)(torch.randn(B, d))).backward()
+    assert max(math.prod(s) // B for s in saved if s and s[0] == B) >= sae.F
+
+
 def small_run(arch="kron", steps=200, seed=0, **kw):
-    cfg = K.Config(dict_size=256, m=2, n=8, k=8, steps=steps, batch=128, seed=seed, **kw)
-    data = synthetic.make_dataset(4096, d=32, F_true=128, k_true=4, seed=seed)
+    cfg = K.TrainConfig(steps=steps, batch=128, **kw)
+    data = K.make_dataset(4096, d=32, F_true=128, k_true=4, seed=seed)
     K.set_seed(seed)
-    sae = K.build_sae(arch, 32, cfg)
-    return sae, K.train(sae, data, cfg, progress=False), data, cfg
+    sae = K.SAEConfig(dict_size=256, m=2, n=8, k=8).build(arch, 32)
+    return sae, K.train(sae, batches(data, cfg.batch, seed), cfg, progress=False), data, cfg
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
@@ -507,14 +400,14 @@ def test_training_lowers_the_loss(arch):
 
 
 def test_b_dec_starts_at_the_first_batch_mean_only_when_fresh():
-    data = synthetic.make_dataset(512, d=16, F_true=32, k_true=4) + 3.0
-    cfg = K.Config(dict_size=64, m=2, n=4, k=4, steps=1, batch=512, lr=1e-12, min_lr=0.0)
-    sae = K.build_sae("kron", 16, cfg)
-    K.train(sae, data, cfg, progress=False)                  # one batch is the whole data set
+    data = K.make_dataset(512, d=16, F_true=32, k_true=4) + 3.0
+    cfg = K.TrainConfig(steps=1, batch=512, lr=1e-12, min_lr=0.0)
+    sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
+    K.train(sae, batches(data, cfg.batch), cfg, progress=False)     # one batch is the whole data set
     torch.testing.assert_close(sae.b_dec.data, data.mean(0), atol=1e-5, rtol=0)
     with torch.no_grad():
         sae.b_dec.fill_(7.0)
-    K.train(sae, data, cfg, progress=False)                  # resuming keeps the trained b_dec
+    K.train(sae, batches(data, cfg.batch), cfg, progress=False)     # resuming keeps the trained b_dec
     torch.testing.assert_close(sae.b_dec.data, torch.full((16,), 7.0), atol=1e-5, rtol=0)
 
 
@@ -527,47 +420,19 @@ def test_same_seed_same_weights():
     assert not torch.equal(a.W_enc, c.W_enc)
 
 
-@pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_checkpoint_round_trips(tmp_path, arch):
-    sae = perturb_(K.build_sae(arch, 16, K.Config(dict_size=64, m=2, n=4, k=4)))
-    K.save(sae, tmp_path)
-    loaded = K.load(tmp_path)
-    assert type(loaded) is type(sae) and loaded.config() == sae.config()
-    for (name, p), q in zip(sae.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(p, q), name
-    x = torch.randn(5, 16)
-    assert torch.equal(sae(x), loaded(x))
-    assert json.loads((tmp_path / "config.json").read_text())["arch"] == arch
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    sae, _, data, cfg = small_run(steps=5)
-    K.save(sae, tmp_path)
-    good = {k: v.clone() for k, v in sae.state_dict().items()}
+def test_training_tracks_importance_and_frequency():
+    data = K.make_dataset(512, d=16, F_true=32, k_true=4)
+    cfg = K.TrainConfig(steps=1, batch=512)                           # one step, one batch: all the data
+    sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
+    before = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
+    before.load_state_dict(sae.state_dict())
     with torch.no_grad():
-        sae.W_dec[3, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="step 0.*last good checkpoint kept"):
-        K.train(sae, data, cfg, out=str(tmp_path), progress=False)
-    kept = K.load(tmp_path).state_dict()
-    assert all(torch.equal(kept[k], good[k]) for k in good)
-
-
-# ============================================================================= bad input
-
-@pytest.mark.parametrize("make,match", [
-    (lambda: K.KronSAE(d_in=8, h=4, m=2, n=4, k=4, dict_size=40), r"F = h\*m\*n.*F=40.*32"),
-    (lambda: K.KronSAE(d_in=8, h=2, m=2, n=2, k=9), r"k must be <= F.*k=9.*F=8"),
-    (lambda: K.TopKSAE(d_in=8, dict_size=4, k=5), r"k=5.*F=4"),
-    (lambda: K.KronSAE(d_in=8, h=0, m=2, n=2, k=1), r"h must be a positive integer.*h=0"),
-    (lambda: K.TopKSAE(d_in=-3, dict_size=4, k=1), r"d_in.*-3"),
-    (lambda: K.Config(dict_size=100, m=2, n=8), r"multiple of m\*n.*F=100"),
-    (lambda: K.Config(dict_size=64, h=3, m=2, n=8), r"F = h\*m\*n.*F=64"),
-    (lambda: K.Config(dict_size=64, k=65), r"k=65.*F=64"),
-    (lambda: K.Config(steps=0), r"steps.*0"),
-])
-def test_bad_sizes_raise_clear_errors(make, match):
-    with pytest.raises(ValueError, match=match):
-        make()
+        before.b_dec.copy_(data.mean(0))                               # what train() does before step 0
+    result = K.train(sae, batches(data, cfg.batch), cfg, progress=False)
+    importance, frequency = K.latent_stats(before, data)               # the weights the step encoded with
+    torch.testing.assert_close(result.importance, importance)
+    torch.testing.assert_close(result.frequency, frequency)
+    assert float(result.frequency.sum()) == pytest.approx(4.0)         # = L0: k = 4 latents fire per token
 
 
 def test_wrong_width_data_raises():
@@ -575,8 +440,10 @@ def test_wrong_width_data_raises():
     with pytest.raises(ValueError, match=r"d_in=8.*\(4, 7\)"):
         sae.encode(torch.randn(4, 7))
     with pytest.raises(ValueError, match=r"d_in=8.*\(10, 9\)"):
-        K.train(sae, torch.randn(10, 9), K.Config(dict_size=16, k=2), progress=False)
+        K.train(sae, batches(torch.randn(10, 9), 10), K.TrainConfig(), progress=False)
 
+
+# ============================================================================= 5. Data
 
 def test_non_finite_data_raises_with_count_and_location(tmp_path):
     x = torch.randn(20, 4)
@@ -588,98 +455,20 @@ def test_non_finite_data_raises_with_count_and_location(tmp_path):
         K.load_data(str(tmp_path / "bad.pt"))
 
 
-# ============================================================================= CLI
-
-def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
-    data = synthetic.make_dataset(3000, d=16, F_true=64, k_true=4)
-    import numpy as np
-    np.save(tmp_path / "acts.npy", data.numpy())
-    out = tmp_path / "metrics.json"
-    K.main(["--data", str(tmp_path / "acts.npy"), "--dict-size", "128", "--m", "2", "--n", "4", "--k", "4",
-            "--steps", "20", "--batch", "128", "--eval-tokens", "500", "--json", str(out),
-            "--out", str(tmp_path / "ckpt")])
-    results = json.loads(out.read_text())
-    assert set(results) == {"topk", "kron"}
-    for r in results.values():
-        assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params", "ms_per_step"} <= set(r)
-    assert "ms/step" in capsys.readouterr().out
-    assert K.load(tmp_path / "ckpt" / "kron").config()["h"] == 16
-
-
-def test_cli_reports_bad_data_in_one_line(tmp_path):
-    torch.save(torch.randn(50, 4, 2), tmp_path / "bad.pt")
-    cases = (("missing.pt", "missing.pt does not exist"), ("bad.pt", "shape (N, d), got shape (50, 4, 2)"))
-    for name, expected in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            K.main(["--data", str(tmp_path / name), "--steps", "2"])
-        message = str(exit_info.value.code)
-        assert message.startswith(f"{Path(sys.argv[0]).name}: error:") and expected in message, message
-
-
-def test_cli_help_documents_every_option(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        K.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for flag in ("--data", "--arch", "--h", "--m", "--n", "--dict-size", "--k", "--steps", "--batch", "--lr",
-                 "--seed", "--device", "--out", "--json"):
-        assert flag in text
-
-
-# ============================================================================= GPU (skipped without CUDA)
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("h,m,n,k", [(64, 2, 8, 16), (8, 32, 32, 32)])
-def test_cuda_fast_path_equals_naive(h, m, n, k):
-    sae = perturb_(K.KronSAE(d_in=64, h=h, m=m, n=n, k=k)).double().cuda()
-    x = torch.randn(128, 64, dtype=torch.float64, device="cuda", requires_grad=True)
-    target = torch.randn(128, 64, dtype=torch.float64, device="cuda")
-    torch.testing.assert_close(sae(x), naive_forward(sae, x)[2])
-    g_fast = grads(sae, x, ((sae(x) - target) ** 2).sum())
-    g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
-    for name in g_naive:
-        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
-
-
-# ============================================================================= synthetic.py (section 5.1)
-
-def random_symmetric(n, seed):
-    A = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return A + A.T
-
-
-def test_rv_coefficient_on_known_matrices():
-    S = synthetic.block_covariance(64, n_blocks=4, seed=1)
-    assert synthetic.rv_coefficient(S, S) == pytest.approx(1.0)
-    assert synthetic.rv_coefficient(S, 7.5 * S) == pytest.approx(1.0)          # invariant to scale
-    assert synthetic.rv_coefficient(3 * S, S) == pytest.approx(1.0)
-    assert abs(synthetic.rv_coefficient(random_symmetric(64, 2), random_symmetric(64, 3))) < 0.1  # unrelated
-    assert synthetic.rv_coefficient(S, torch.eye(64)) < 0.9                     # structure matters
-
-
-def test_matching_recovers_a_planted_permutation():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 12, generator=g)
-    perm = torch.randperm(40, generator=g)
-    Y = X[perm] + 0.01 * torch.randn(40, 12, generator=g)       # Y's row perm[i] is X's row i, plus noise
-    idx = synthetic.match_atoms(X, Y, seed=0)
-    assert torch.equal(perm[idx], torch.arange(40))
-
-
 def test_block_covariance_is_a_valid_block_correlation_matrix():
-    S = synthetic.block_covariance(128, n_blocks=6, n_off=3, seed=5)
+    S = K.block_covariance(128, n_blocks=6, n_off=3, seed=5)
     torch.testing.assert_close(S, S.T)
     torch.testing.assert_close(S.diagonal(), torch.ones(128))
     assert torch.linalg.eigvalsh(S.double()).min() > 0
     assert (S - torch.eye(128)).abs().mean() > 0.05                            # real correlation structure
-    assert not torch.equal(S, synthetic.block_covariance(128, n_blocks=6, n_off=3, seed=6))
+    assert not torch.equal(S, K.block_covariance(128, n_blocks=6, n_off=3, seed=6))
 
 
 def test_generator_sample_covariance_approaches_S():
     F_true, n = 64, 200_000
-    S = synthetic.block_covariance(F_true, n_blocks=4, n_off=2, seed=0)
-    x = synthetic.sample_sparse(S, n, k_true=8, generator=torch.Generator().manual_seed(0))
-    codes = synthetic.sparse_codes(n, F_true, 8, torch.Generator().manual_seed(0))
+    S = K.block_covariance(F_true, n_blocks=4, n_off=2, seed=0)
+    x = K.sample_sparse(S, n, k_true=8, generator=torch.Generator().manual_seed(0))
+    codes = K.sparse_codes(n, F_true, 8, torch.Generator().manual_seed(0))
     L = torch.linalg.cholesky(S.double())
     torch.testing.assert_close(x.double(), codes.double() @ L.T, rtol=1e-4, atol=1e-4)   # x = L s
     # the codes are nearly uncorrelated: exactly-k sparsity leaves only a small negative correlation
@@ -697,21 +486,37 @@ def test_generator_sample_covariance_approaches_S():
 
 
 def test_make_dataset_is_deterministic_and_shaped():
-    a, b = synthetic.make_dataset(100, d=24, F_true=64, seed=3), synthetic.make_dataset(100, d=24, F_true=64, seed=3)
+    a, b = K.make_dataset(100, d=24, F_true=64, seed=3), K.make_dataset(100, d=24, F_true=64, seed=3)
     assert a.shape == (100, 24) and torch.equal(a, b)
 
 
-def test_synthetic_quick_run_completes(tmp_path):
-    out, fig = tmp_path / "rv.json", tmp_path / "rv.png"
-    result = synthetic.main(["--quick", "--json", str(out), "--figure", str(fig)])
-    rv = json.loads(out.read_text())["rv"]
-    assert set(rv) == {"ae", "topk", "kron_h2_m4_n32", "kron_h4_m2_n32", "kron_h4_m8_n8", "kron_h8_m2_n16"}
-    assert all(-1 <= v["mean"] <= 1 and v["std"] >= 0 for v in rv.values())
-    assert fig.stat().st_size > 10_000
-    assert result["rv"] == rv
+def test_shuffling_buffer_yields_every_row_once_per_epoch():
+    data = torch.arange(1000, dtype=torch.float32)[:, None]
+    batches = K.shuffled_batches(data, 128, torch.Generator().manual_seed(0))
+    for _ in range(2):  # two epochs, each a different order
+        epoch, seen = [], 0
+        while seen < 1000:
+            b = next(batches)
+            epoch.append(b)
+            seen += b.shape[0]
+        rows = torch.cat(epoch).flatten()
+        assert seen == 1000 and torch.equal(rows.sort().values, data.flatten())
+        assert not torch.equal(rows, data.flatten())
+        assert all(b.shape[0] >= 64 for b in epoch)
 
 
-# ============================================================================= real language models (offline)
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_normalisation_folds_back_exactly(arch):
+    sae = perturb_(K.SAEConfig(dict_size=64, m=2, n=4, k=4).build(arch, 16).double())
+    x = torch.randn(20, 16, dtype=torch.float64) * 30
+    c = K.input_scale(x)
+    assert float((c * x).norm(dim=-1).mean()) == pytest.approx(4.0)       # sqrt(d)
+    expected = sae(c * x) / c
+    K.fold_input_scale_(sae, c)
+    torch.testing.assert_close(sae(x), expected)
+
+
+# ============================================================================= 6. The real-model path
 
 WORDS = "the cat sat on a mat and dog ran far away from big red house in town".split()
 
@@ -771,21 +576,6 @@ def test_contexts_and_mask_drop_position_0_and_special_tokens(tiny_lm):
     assert K.harvest(model, contexts, 1, mask, batch=3, max_tokens=50, progress=False).shape == (50, 32)
 
 
-def test_shuffling_buffer_yields_every_row_once_per_epoch():
-    data = torch.arange(1000, dtype=torch.float32)[:, None]
-    batches = K.shuffled_batches(data, 128, torch.Generator().manual_seed(0))
-    for _ in range(2):  # two epochs, each a different order
-        epoch, seen = [], 0
-        while seen < 1000:
-            b = next(batches)
-            epoch.append(b)
-            seen += b.shape[0]
-        rows = torch.cat(epoch).flatten()
-        assert seen == 1000 and torch.equal(rows.sort().values, data.flatten())
-        assert not torch.equal(rows, data.flatten())
-        assert all(b.shape[0] >= 64 for b in epoch)
-
-
 def test_splicing_x_itself_leaves_the_model_unchanged(tiny_lm):
     path, text = tiny_lm
     model, tokenizer, _ = K.load_lm(str(path), "cpu")
@@ -795,25 +585,6 @@ def test_splicing_x_itself_leaves_the_model_unchanged(tiny_lm):
     assert cost["ce_sae"] == pytest.approx(cost["ce_clean"], abs=1e-6)
     assert cost["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert cost["ce_zero"] != pytest.approx(cost["ce_clean"])
-
-
-@pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_normalisation_folds_back_exactly(arch):
-    sae = perturb_(K.build_sae(arch, 16, K.Config(dict_size=64, m=2, n=4, k=4)).double())
-    x = torch.randn(20, 16, dtype=torch.float64) * 30
-    c = K.input_scale(x)
-    assert float((c * x).norm(dim=-1).mean()) == pytest.approx(4.0)       # sqrt(d)
-    expected = sae(c * x) / c
-    K.fold_input_scale_(sae, c)
-    torch.testing.assert_close(sae(x), expected)
-
-
-def test_training_with_normalize_saves_an_sae_for_raw_inputs(tmp_path):
-    data = synthetic.make_dataset(4096, d=32, F_true=128, k_true=4) * 50
-    cfg = K.Config(dict_size=256, m=2, n=8, k=8, steps=200, batch=128, normalize=True)
-    sae = K.build_sae("kron", 32, cfg)
-    K.train(sae, data, cfg, out=str(tmp_path), progress=False)
-    assert K.evaluate(K.load(tmp_path), data[:1024])["ev"] > 0.4
 
 
 def test_training_on_tiny_model_activations_lowers_the_loss(tiny_lm, tmp_path):
@@ -864,3 +635,242 @@ def test_real_pretrained_minilm_harvest():
     acts = K.harvest(model, ids, 3, mask, batch=2, max_tokens=1000, progress=False)
     assert acts.shape == (int(mask.sum()), 384) and torch.isfinite(acts).all()
     assert not mask[:, 0].any() and not mask[ids == tokenizer.sep_token_id].any()
+
+
+# ============================================================================= 7. Evaluation
+
+def test_normalized_mse_and_evaluate_match_definitions():
+    sae = perturb_(kron(h=8, m=2, n=4, k=4))
+    x = torch.randn(300, 16, dtype=torch.float64) * 3 + 1
+    x_hat = sae(x).detach()
+    ev = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+    metrics = K.evaluate(sae, x, batch=64)
+    assert metrics["ev"] == pytest.approx(float(ev), abs=1e-9)
+    assert metrics["fvu"] == pytest.approx(1 - float(ev), abs=1e-9)
+    assert metrics["l0"] == pytest.approx(float((sae.encode(x)[0] > 0).sum(-1).double().mean()))
+    fired = torch.zeros(sae.F, dtype=torch.bool)
+    values, indices = sae.encode(x)
+    fired[indices[values > 0]] = True
+    assert metrics["dead_fraction"] == pytest.approx(float((~fired).double().mean()))
+    assert float(K.normalized_mse(x, x.mean(0).expand_as(x))) == pytest.approx(1.0)
+
+
+# ============================================================================= 8. Checkpoints
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_checkpoint_round_trips(tmp_path, arch):
+    sae = perturb_(K.SAEConfig(dict_size=64, m=2, n=4, k=4).build(arch, 16))
+    K.save(sae, tmp_path)
+    loaded = K.load(tmp_path)
+    assert type(loaded) is type(sae) and loaded.config() == sae.config()
+    for (name, p), q in zip(sae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
+    x = torch.randn(5, 16)
+    assert torch.equal(sae(x), loaded(x))
+    assert json.loads((tmp_path / "config.json").read_text())["arch"] == arch
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    sae, _, data, cfg = small_run(steps=5)
+    K.save(sae, tmp_path)
+    good = {k: v.clone() for k, v in sae.state_dict().items()}
+    with torch.no_grad():
+        sae.W_dec[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 0.*last good checkpoint kept"):
+        K.run_training(sae, batches(data, cfg.batch), cfg, out=str(tmp_path), progress=False)
+    kept = K.load(tmp_path).state_dict()
+    assert all(torch.equal(kept[k], good[k]) for k in good)
+
+
+def test_training_with_normalize_saves_an_sae_for_raw_inputs(tmp_path):
+    data = K.make_dataset(4096, d=32, F_true=128, k_true=4) * 50
+    cfg = K.TrainConfig(steps=200, batch=128)
+    sae = K.SAEConfig(dict_size=256, m=2, n=8, k=8).build("kron", 32)
+    K.run_training(sae, batches(data, cfg.batch), cfg, K.input_scale(data), out=str(tmp_path), progress=False)
+    assert K.evaluate(K.load(tmp_path), data[:1024])["ev"] > 0.4
+
+
+# ============================================================================= 9. The main job: TopK vs KronSAE
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: K.KronSAE(d_in=8, h=4, m=2, n=4, k=4, dict_size=40), r"F = h\*m\*n.*F=40.*32"),
+    (lambda: K.KronSAE(d_in=8, h=2, m=2, n=2, k=9), r"k must be <= F.*k=9.*F=8"),
+    (lambda: K.TopKSAE(d_in=8, dict_size=4, k=5), r"k=5.*F=4"),
+    (lambda: K.KronSAE(d_in=8, h=0, m=2, n=2, k=1), r"h must be a positive integer.*h=0"),
+    (lambda: K.TopKSAE(d_in=-3, dict_size=4, k=1), r"d_in.*-3"),
+    (lambda: K.SAEConfig(dict_size=100, m=2, n=8), r"multiple of m\*n.*F=100"),
+    (lambda: K.SAEConfig(dict_size=64, h=3, m=2, n=8), r"F = h\*m\*n.*F=64"),
+    (lambda: K.SAEConfig(dict_size=64, k=65), r"k=65.*F=64"),
+    (lambda: K.TrainConfig(steps=0), r"steps.*0"),
+])
+def test_bad_sizes_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
+    data = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    import numpy as np
+    np.save(tmp_path / "acts.npy", data.numpy())
+    out = tmp_path / "metrics.json"
+    K.main(["--data", str(tmp_path / "acts.npy"), "--dict-size", "128", "--m", "2", "--n", "4", "--k", "4",
+            "--steps", "20", "--batch", "128", "--eval-tokens", "500", "--json", str(out),
+            "--out", str(tmp_path / "ckpt")])
+    results = json.loads(out.read_text())
+    assert set(results) == {"topk", "kron"}
+    for r in results.values():
+        assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params", "ms_per_step"} <= set(r)
+    assert "ms/step" in capsys.readouterr().out
+    assert K.load(tmp_path / "ckpt" / "kron").config()["h"] == 16
+
+
+# ============================================================================= 10. Progressive coding
+
+def test_latent_stats_match_their_definitions():
+    sae = perturb_(kron(h=8, m=2, n=4, k=4))
+    x = torch.randn(100, 16, dtype=torch.float64)
+    importance, frequency = K.latent_stats(sae, x, batch=32)
+    values, indices = sae.encode(x)
+    dense = torch.zeros(100, 64, dtype=torch.float64).scatter(-1, indices, values)
+    torch.testing.assert_close(importance, dense.pow(2).mean(0).float())
+    torch.testing.assert_close(frequency, (dense > 0).float().mean(0))
+
+
+def test_power_law_fit_recovers_a_planted_exponent():
+    rank = torch.arange(1, 2001, dtype=torch.float64)
+    importance = 3.0 * rank.pow(-1.7) * torch.exp(0.05 * torch.randn(2000, dtype=torch.float64))
+    alpha, r2 = K.fit_power_law(importance[torch.randperm(2000)])   # order must not matter
+    assert alpha == pytest.approx(1.7, abs=0.02) and r2 > 0.99
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_pruning_with_all_latents_kept_gives_the_same_output(arch):
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(h=8, m=2, n=4, k=8))
+    order = K.rank_latents(sae, torch.rand(64))                      # a permutation, whole heads for kron
+    small = K.prune(sae, order)
+    assert type(small) is type(sae) and small.F == 64
+    x = torch.randn(20, 16, dtype=torch.float64)
+    torch.testing.assert_close(small(x), sae(x))
+
+
+def test_pruning_kron_keeps_whole_heads_and_equals_the_restricted_original():
+    sae = perturb_(kron(h=8, m=2, n=4, k=6))
+    heads = torch.tensor([5, 1, 6])
+    keep = (heads[:, None] * 8 + torch.arange(8)).flatten()
+    small = K.prune(sae, keep)
+    assert isinstance(small, K.KronSAE) and (small.h, small.m, small.n, small.F) == (3, 2, 4, 24)
+    x = torch.randn(25, 16, dtype=torch.float64)
+    scores = naive_scores(sae, x)[:, keep]                         # the original, restricted to `keep`
+    top = scores.topk(6, dim=-1)
+    restricted = torch.zeros_like(scores).scatter(-1, top.indices, top.values) @ sae.W_dec[keep] + sae.b_dec
+    torch.testing.assert_close(small(x), restricted)
+    with pytest.raises(ValueError, match="whole heads"):
+        K.prune(sae, torch.arange(12))                             # one head and a half
+    with pytest.raises(ValueError, match="whole heads"):
+        K.prune(sae, torch.tensor([8, 9, 10, 11, 12, 13, 15, 14])) # a head's latents out of order
+
+
+def test_progressive_command_runs(tmp_path):
+    data = K.make_dataset(4000, d=16, F_true=64, k_true=4)
+    torch.save(data, tmp_path / "acts.pt")
+    results = K.main(["progressive", "--data", str(tmp_path / "acts.pt"), "--dict-size", "256", "--m", "2",
+                      "--n", "8", "--k", "4", "--steps", "30", "--batch", "128", "--eval-tokens", "800",
+                      "--json", str(tmp_path / "p.json"), "--figure", str(tmp_path / "p.png")])
+    assert set(results) == {"topk", "kron"}
+    for r in results.values():
+        assert r["G"] == [16, 32, 64, 128, 256]
+        assert set(r["fvu"]) == {"matryoshka", "pruned_importance", "pruned_frequency", "unsorted_prefix"}
+        full = [curve[-1] for curve in r["fvu"].values()]
+        assert full[1] == full[2] == full[3]                       # at G = F every plain variant is the same SAE
+        assert r["power_law_alpha"] > 0
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    for bad in (["--dict-size", "200"], ["--dict-size", "256", "--m", "4", "--n", "8"], ["--matryoshka", "256"]):
+        with pytest.raises(SystemExit):                 # F % 16, F/16 not whole heads, prefixes given
+            K.main(["progressive", *bad])
+
+
+# ============================================================================= 11. Benchmark
+
+def test_bench_runs_and_reports_targets(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256",
+                   "--shapes", "2x8,4x4", "--flat-width", "64", "--repeats", "1", "--json", str(out)])
+    names = [r["name"] for r in rows]
+    assert names[:5] == ["topk", "kron_2x8", "kron_4x4", "naive_kron_2x8", "naive_kron_4x4"]
+    assert [r["dict_size"] for r in rows if r["section"].startswith("flat")] == [256, 512, 1024]
+    by = {r["name"]: r for r in rows if r["section"] == "F=256"}
+    assert by["naive_kron_4x4"]["peak_mb"] > by["kron_4x4"]["peak_mb"] > 0
+    assert by["kron_4x4"]["flops_per_token"] == K.KronSAE(d_in=32, h=16, m=4, n=4, k=8).flops_per_token()
+    assert json.loads(out.read_text())["rows"][0]["name"] == "topk"
+
+
+# ============================================================================= 12. CLI
+
+def test_cli_reports_bad_data_in_one_line(tmp_path):
+    torch.save(torch.randn(50, 4, 2), tmp_path / "bad.pt")
+    cases = (("missing.pt", "missing.pt does not exist"), ("bad.pt", "shape (N, d), got shape (50, 4, 2)"))
+    for name, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            K.main(["--data", str(tmp_path / name), "--steps", "2"])
+        message = str(exit_info.value.code)
+        assert message.startswith(f"{Path(sys.argv[0]).name}: error:") and expected in message, message
+
+
+def test_cli_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        K.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--arch", "--h", "--m", "--n", "--dict-size", "--k", "--steps", "--batch", "--lr",
+                 "--seed", "--device", "--out", "--json"):
+        assert flag in text
+
+
+# ============================================================================= GPU (skipped without CUDA)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("h,m,n,k", [(64, 2, 8, 16), (8, 32, 32, 32)])
+def test_cuda_fast_path_equals_naive(h, m, n, k):
+    sae = perturb_(K.KronSAE(d_in=64, h=h, m=m, n=n, k=k)).double().cuda()
+    x = torch.randn(128, 64, dtype=torch.float64, device="cuda", requires_grad=True)
+    target = torch.randn(128, 64, dtype=torch.float64, device="cuda")
+    torch.testing.assert_close(sae(x), naive_forward(sae, x)[2])
+    g_fast = grads(sae, x, ((sae(x) - target) ** 2).sum())
+    g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
+    for name in g_naive:
+        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+
+
+# ============================================================================= synthetic.py (section 5.1)
+
+def random_symmetric(n, seed):
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return A + A.T
+
+
+def test_rv_coefficient_on_known_matrices():
+    S = K.block_covariance(64, n_blocks=4, seed=1)
+    assert synthetic.rv_coefficient(S, S) == pytest.approx(1.0)
+    assert synthetic.rv_coefficient(S, 7.5 * S) == pytest.approx(1.0)          # invariant to scale
+    assert synthetic.rv_coefficient(3 * S, S) == pytest.approx(1.0)
+    assert abs(synthetic.rv_coefficient(random_symmetric(64, 2), random_symmetric(64, 3))) < 0.1  # unrelated
+    assert synthetic.rv_coefficient(S, torch.eye(64)) < 0.9                     # structure matters
+
+
+def test_matching_recovers_a_planted_permutation():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 12, generator=g)
+    perm = torch.randperm(40, generator=g)
+    Y = X[perm] + 0.01 * torch.randn(40, 12, generator=g)       # Y's row perm[i] is X's row i, plus noise
+    idx = synthetic.match_atoms(X, Y, seed=0)
+    assert torch.equal(perm[idx], torch.arange(40))
+
+
+def test_synthetic_quick_run_completes(tmp_path):
+    out, fig = tmp_path / "rv.json", tmp_path / "rv.png"
+    result = synthetic.main(["--quick", "--json", str(out), "--figure", str(fig)])
+    rv = json.loads(out.read_text())["rv"]
+    assert set(rv) == {"ae", "topk", "kron_h2_m4_n32", "kron_h4_m2_n32", "kron_h4_m8_n8", "kron_h8_m2_n16"}
+    assert all(-1 <= v["mean"] <= 1 and v["std"] >= 0 for v in rv.values())
+    assert fig.stat().st_size > 10_000
+    assert result["rv"] == rv
