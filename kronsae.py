@@ -11,16 +11,9 @@ Shape letters used in the comments:
   B tokens in a batch    d input width (d_in)    F dictionary size    k active latents per token
   h heads                m, n pre-latents per head, F = h*m*n      E encoder rows (F or h*(m+n))
 
-Contents. Part 1 is the method and stands alone; Part 2 is the tooling around it.
-  Part 1, the method                        Part 2, the tooling
-    1. mAND (eq. 3)                           5. Data
-    2. The SAEs (eqs. 1-4)                    6. The real-model path
-    3. Losses                                 7. Evaluation
-    4. Training                               8. Checkpoints
-                                              9. The main job: TopK vs KronSAE
-                                             10. Progressive coding
-                                             11. Benchmark
-                                             12. CLI
+Contents. Part 1, the method, stands alone: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training.
+Part 2 is the tooling around it: 5. Data, 6. The real-model path, 7. Evaluation, 8. Checkpoints,
+9. The main job: TopK vs KronSAE, 10. Progressive coding, 11. Benchmark, 12. CLI.
 
 Run:
   python kronsae.py                  # TopK SAE vs KronSAE on block-correlated synthetic data, side by side
@@ -395,16 +388,6 @@ def opt(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
-def int_tuple(value) -> tuple:
-    """'256,512' or a sequence of ints -> (256, 512)."""
-    if isinstance(value, str):
-        try:
-            return tuple(int(t) for t in value.split(",") if t.strip())
-        except ValueError:
-            raise ValueError(f"expected comma-separated integers, got {value!r}") from None
-    return tuple(int(t) for t in value)
-
-
 @dataclass
 class TrainConfig:
     """The optimiser, its schedule and AuxK: everything `train` needs besides an SAE and its batches."""
@@ -427,22 +410,16 @@ class TrainConfig:
         for name in ("grad_clip", "aux_coef", "dead_tokens"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
-        try:
-            self.matryoshka = int_tuple(self.matryoshka)
-        except ValueError as err:
-            raise ValueError(f"--matryoshka: {err}") from None
+        try:  # the CLI gives "256,512,1024"
+            sizes = self.matryoshka.split(",") if isinstance(self.matryoshka, str) else self.matryoshka
+            self.matryoshka = tuple(int(t) for t in sizes if str(t).strip())
+        except ValueError:
+            raise ValueError(f"--matryoshka must be comma-separated integers, got {self.matryoshka!r}") from None
 
     @property
     def dead_threshold(self) -> int:
         """Tokens without firing after which a latent counts as dead and feeds AuxK."""
         return self.dead_tokens or min(10_000_000, max(1, self.steps * self.batch // 10))
-
-
-def set_seed(seed: int):
-    """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
@@ -483,6 +460,14 @@ class LatentTracker:
     def frequency(self) -> torch.Tensor:  # (F,) share of training tokens on which each latent fired
         return (self.fire_count / max(self.tokens, 1)).float().cpu()
 
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens, "since": self.since, "sq_sum": self.sq_sum, "fire_count": self.fire_count}
+
+    def load_state_dict(self, state: dict):
+        self.tokens = state["tokens"]
+        for name in ("since", "sq_sum", "fire_count"):
+            getattr(self, name).copy_(state[name])
+
 
 class StepStats(NamedTuple):
     loss: float  # total loss that was optimised
@@ -520,6 +505,28 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
     return StepStats(loss.item(), fvu.item(), aux.item(), l0.item()), enc
 
 
+class Trainer:
+    """What the loop carries from step to step: AdamW, the schedule (paper A.1), the latent tracker, the step
+    and the losses so far. state_dict() holds all of it, so a run can stop and resume exactly."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
+        self.sae, self.cfg, self.step, self.losses = sae, cfg, 0, []
+        self.optimizer = make_optimizer(sae, cfg.lr)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
+        self.tracker = LatentTracker(sae.F, cfg.dead_threshold, sae.W_dec.device)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.step, self.losses = state["step"], list(state["losses"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.tracker.load_state_dict(state["tracker"])
+
+
 class TrainResult(NamedTuple):
     losses: list              # total loss per step
     seconds: float            # wall time of the optimisation steps
@@ -529,41 +536,40 @@ class TrainResult(NamedTuple):
 
 
 def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, progress: bool = True,
-          on_step: Optional[Callable[[int, SparseAutoencoder], None]] = None) -> TrainResult:
-    """Train `sae` in place for cfg.steps steps on batches (B, d) drawn from `batches`: AdamW with warmup and
-    cosine decay (paper A.1), unit-norm decoder and AuxK (Gao et al. 2024).
+          on_step: Optional[Callable[[Trainer], None]] = None, trainer: Optional[Trainer] = None) -> TrainResult:
+    """Train `sae` in place up to cfg.steps steps on batches (B, d) drawn from `batches`: AdamW with warmup
+    and cosine decay (paper A.1), unit-norm decoder and AuxK (Gao et al. 2024).
 
-    on_step(step, sae), if given, runs after every step. A non-finite loss stops the run with
-    FloatingPointError before it touches the weights.
+    Pass a `trainer` restored from a state_dict to resume where it stopped. on_step(trainer), if given,
+    runs after every step. A non-finite loss raises FloatingPointError before it touches the weights.
     """
-    device = sae.W_dec.device
-    optimizer = make_optimizer(sae, cfg.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
-    tracker = LatentTracker(sae.F, cfg.dead_threshold, device)
-    first = next(batches).to(device)
-    sae.check_input(first)
+    trainer = trainer or Trainer(sae, cfg)
+    x = next(batches).to(sae.W_dec.device)
+    sae.check_input(x)
     if not sae.b_dec.any():  # a fresh SAE (b_dec is zero at init): Gao et al. start b_dec at the data mean
         with torch.no_grad():
-            sae.b_dec.copy_(first.mean(0))
-    losses, start = [], time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
+            sae.b_dec.copy_(x.mean(0))
+    first, start = trainer.step, time.perf_counter()
+    bar = tqdm(range(first, cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False,
+               initial=first, total=cfg.steps)
     for step in bar:
-        x = first if step == 0 else next(batches).to(device)
+        if step > first:
+            x = next(batches).to(sae.W_dec.device)
         try:
-            stats, enc = train_step(sae, optimizer, x, tracker.dead, cfg)
+            stats, enc = train_step(sae, trainer.optimizer, x, trainer.tracker.dead, cfg)
         except FloatingPointError as err:
             raise FloatingPointError(f"training stopped at step {step}: {err}") from None
-        schedule.step()
-        tracker.update(enc.values.detach(), enc.indices)
-        losses.append(stats.loss)
+        trainer.schedule.step()
+        trainer.tracker.update(enc.values.detach(), enc.indices)
+        trainer.losses.append(stats.loss)
+        trainer.step = step + 1
         if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{stats.loss:.4f}", ev=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
-                            dead=f"{float(tracker.dead.float().mean()):.1%}")
+            bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
+                            dead=f"{float(trainer.tracker.dead.float().mean()):.1%}")
         if on_step:
-            on_step(step, sae)
-    seconds = time.perf_counter() - start
-    return TrainResult(losses, seconds, cfg.steps, tracker.importance, tracker.frequency)
+            on_step(trainer)
+    tracker = trainer.tracker
+    return TrainResult(trainer.losses, time.perf_counter() - start, cfg.steps, tracker.importance, tracker.frequency)
 
 
 # #############################################################################################################
@@ -1017,8 +1023,8 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     if scale != 1.0:
         batches = (x * scale for x in batches)
 
-    def checkpoint(step, sae):
-        if out and save_every and (step + 1) % save_every == 0:
+    def checkpoint(trainer):
+        if out and save_every and trainer.step % save_every == 0:
             save(folded_copy(sae, scale), out)
 
     try:
@@ -1103,6 +1109,13 @@ class Settings:
             for arch in self.sae.archs:
                 matryoshka_prefixes(list(self.train.matryoshka), self.sae.dict_size,
                                     self.sae.m * self.sae.n if arch == "kron" else 1)
+
+
+def set_seed(seed: int):
+    """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -1492,9 +1505,16 @@ def tune_cpu_allocator():
     libc.mallopt(M_MMAP_THRESHOLD, 2**25)  # glibc's maximum: blocks up to 32 MiB come from the reusable heap
 
 
-def add_config_args(parser: argparse.ArgumentParser, config_cls, title: Optional[str] = None):
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `kronsae.py: error: ...`, with exit status 2 and no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"kronsae.py: error: {message}\n")
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str):
     """One --flag per dataclass field, with its type, default and help, in an argument group of its own."""
-    group = parser.add_argument_group(title or config_cls.__doc__.splitlines()[0].rstrip("."))
+    group = parser.add_argument_group(title)
     for f in dataclasses.fields(config_cls):
         flag, help = f"--{f.name.replace('_', '-')}", f"{f.metadata['help']} (default: {f.default})"
         if "cli_type" in f.metadata:
@@ -1518,18 +1538,19 @@ def build_configs(parser: argparse.ArgumentParser, args: dict, make: Callable, c
     return configs
 
 
-SETTINGS_PARTS = {"sae": SAEConfig, "train": TrainConfig, "data": DataConfig, "run": RunConfig}
+SETTINGS_PARTS = {"sae": (SAEConfig, "the SAEs' shape"), "train": (TrainConfig, "training (optimiser, schedule, AuxK)"),
+                  "data": (DataConfig, "data"), "run": (RunConfig, "the run (seed, device, outputs)")}
 
 
 def parse_settings(parser: argparse.ArgumentParser, argv, check=None) -> tuple[Settings, dict]:
     """Parse argv into Settings, one argument group per config; returns it with the flags left over."""
-    for cls in SETTINGS_PARTS.values():
-        add_config_args(parser, cls)
+    for cls, title in SETTINGS_PARTS.values():
+        add_config_args(parser, cls, title)
     args = vars(parser.parse_args(argv))
 
     def make(args):
         parts = {name: cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls)})
-                 for name, cls in SETTINGS_PARTS.items()}
+                 for name, (cls, _) in SETTINGS_PARTS.items()}
         return Settings(**parts)
 
     return build_configs(parser, args, make, check), args
@@ -1540,13 +1561,13 @@ def run_cli(job, *args):
     try:
         return job(*args)
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {err}")
+        sys.exit(f"kronsae.py: error: {err}")
     except FloatingPointError as err:
-        sys.exit(f"{Path(sys.argv[0]).name}: {err}")
+        sys.exit(f"kronsae.py: {err}")
 
 
 def bench_main(argv):
-    parser = argparse.ArgumentParser(prog="kronsae.py bench", description=(
+    parser = Parser(prog="kronsae.py bench", description=(
         "Time one training step (forward + backward, and the optimiser step separately) of the TopK SAE, "
         "KronSAE at several (m, n) and the naive KronSAE, at the same B, d, k and F. Prints ms, peak memory, "
         "eq. 7 FLOPs per token and GFLOP/s against a plain matmul of the encoder's shape."))
@@ -1556,7 +1577,7 @@ def bench_main(argv):
 
 
 def progressive_main(argv):
-    parser = argparse.ArgumentParser(prog="kronsae.py progressive", description=(
+    parser = Parser(prog="kronsae.py progressive", description=(
         "Progressive coding (Peter and Soegaard 2025): FVU against the number of kept latents G = F/16 ... F "
         "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
         "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."))
@@ -1573,8 +1594,8 @@ def main(argv=None):
     tune_cpu_allocator()
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
-    parser = argparse.ArgumentParser(
-        description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
+    parser = Parser(
+        prog="kronsae.py", description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
                     "and prints EV, L0, dead %, encoder FLOPs, parameters and ms per step side by side. "
                     f"Other commands: {', '.join(COMMANDS)} (each has its own --help).")
     s, _ = parse_settings(parser, argv)

@@ -2,8 +2,10 @@
 
 Every fast path is checked against a naive reference written out here: all F scores, top-k, a dense decoder.
 """
+import ast
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import kronsae as K
 import synthetic
+
 
 # ============================================================================= helpers and naive references
 
@@ -434,7 +437,6 @@ def test_training_tracks_importance_and_frequency():
     torch.testing.assert_close(result.frequency, frequency)
     assert float(result.frequency.sum()) == pytest.approx(4.0)         # = L0: k = 4 latents fire per token
 
-
 def test_wrong_width_data_raises():
     sae = K.TopKSAE(d_in=8, dict_size=16, k=2)
     with pytest.raises(ValueError, match=r"d_in=8.*\(4, 7\)"):
@@ -813,7 +815,7 @@ def test_cli_reports_bad_data_in_one_line(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             K.main(["--data", str(tmp_path / name), "--steps", "2"])
         message = str(exit_info.value.code)
-        assert message.startswith(f"{Path(sys.argv[0]).name}: error:") and expected in message, message
+        assert message.startswith("kronsae.py: error:") and expected in message, message
 
 
 def test_cli_help_documents_every_option(capsys):
@@ -874,3 +876,40 @@ def test_synthetic_quick_run_completes(tmp_path):
     assert all(-1 <= v["mean"] <= 1 and v["std"] >= 0 for v in rv.values())
     assert fig.stat().st_size > 10_000
     assert result["rv"] == rv
+
+
+# ============================================================================= the layout (README reading guide)
+
+ROOT = Path(__file__).resolve().parent
+
+
+def banners(lines):
+    """(line number, title) of every section banner, and the line of the banner that ends Part 1."""
+    found = [(i + 1, line.split("= ", 1)[1]) for i, line in enumerate(lines) if line.startswith("# ====")]
+    end_of_part_1 = next(i + 1 for i, line in enumerate(lines) if line.startswith("# END OF THE METHOD"))
+    return found, end_of_part_1
+
+
+def test_reading_guide_matches_the_file():
+    lines = (ROOT / "kronsae.py").read_text().splitlines()
+    found, end_of_part_1 = banners(lines)
+    boundaries = [n for n, _ in found] + [end_of_part_1 - 1, len(lines) + 1]      # a section ends before these
+    rows = re.findall(r"^\| (\d+\. [^|]+?) \| (\d+)-(\d+) \|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) == len(found) == 12
+    for title, first, last in rows:
+        first, last = int(first), int(last)
+        assert (first, title) in found, f"no banner '{title}' at line {first}; banners: {found}"
+        following = min(b for b in boundaries if b > first)
+        assert last == following - 1, f"'{title}' ends at line {following - 1}, the guide says {last}"
+
+
+def test_the_method_comes_first_and_stands_alone():
+    text = (ROOT / "kronsae.py").read_text()
+    part_1 = text[text.index("# PART 1"):text.index("# END OF THE METHOD")]
+    assert text.index("def mand") < text.index("@dataclass")
+    for word in ("Path", "argparse", "open(", "transformers", "json", "print("):
+        assert word not in part_1, word                 # no files, models, CLI or printing in the method
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(text))
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    assert "synthetic" not in imported and "torch" in imported   # not even lazily, inside a function
