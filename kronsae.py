@@ -1509,7 +1509,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line, `kronsae.py: error: ...`, with exit status 2 and no usage dump."""
 
     def error(self, message):
-        self.exit(2, f"kronsae.py: error: {message}\n")
+        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str):

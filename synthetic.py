@@ -8,7 +8,6 @@ Run `python synthetic.py --help` for the experiment.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -174,7 +173,7 @@ def experiment(tc: ToyConfig, figure: str = "", json_path: str = "", progress: b
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=(
+    parser = K.Parser(prog="synthetic.py", description=(
         "The KronSAE paper's toy model of correlated features (section 5.1): a toy AE on block-correlated "
         "sparse data, then a TopK SAE and four KronSAEs on its hidden states; decoder atoms are matched to "
         "the AE's features by quadratic assignment (FAQ) and scored by RV against the true covariance."))
