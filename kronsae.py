@@ -29,10 +29,12 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -510,18 +512,19 @@ class Trainer:
     and the losses so far. state_dict() holds all of it, so a run can stop and resume exactly."""
 
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
-        self.sae, self.cfg, self.step, self.losses = sae, cfg, 0, []
+        self.sae, self.cfg, self.step, self.losses, self.seconds = sae, cfg, 0, [], 0.0
         self.optimizer = make_optimizer(sae, cfg.lr)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
         self.tracker = LatentTracker(sae.F, cfg.dead_threshold, sae.W_dec.device)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "losses": list(self.losses), "optimizer": self.optimizer.state_dict(),
+        return {"step": self.step, "losses": list(self.losses), "seconds": self.seconds,
+                "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict):
-        self.step, self.losses = state["step"], list(state["losses"])
+        self.step, self.losses, self.seconds = state["step"], list(state["losses"]), state["seconds"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.tracker.load_state_dict(state["tracker"])
@@ -529,7 +532,7 @@ class Trainer:
 
 class TrainResult(NamedTuple):
     losses: list              # total loss per step
-    seconds: float            # wall time of the optimisation steps
+    seconds: float            # wall time of the optimisation steps (over every session of a resumed run)
     steps: int
     importance: torch.Tensor  # (F,) E[a^2] over the training tokens (at the input scale trained on)
     frequency: torch.Tensor   # (F,) firing frequency over the training tokens
@@ -549,10 +552,11 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
     if not sae.b_dec.any():  # a fresh SAE (b_dec is zero at init): Gao et al. start b_dec at the data mean
         with torch.no_grad():
             sae.b_dec.copy_(x.mean(0))
-    first, start = trainer.step, time.perf_counter()
+    first = trainer.step
     bar = tqdm(range(first, cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False,
                initial=first, total=cfg.steps)
     for step in bar:
+        start = time.perf_counter()  # the step's time: its batch and its update, not the checkpoints
         if step > first:
             x = next(batches).to(sae.W_dec.device)
         try:
@@ -562,14 +566,14 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
         trainer.schedule.step()
         trainer.tracker.update(enc.values.detach(), enc.indices)
         trainer.losses.append(stats.loss)
-        trainer.step = step + 1
+        trainer.step, trainer.seconds = step + 1, trainer.seconds + time.perf_counter() - start
         if step % 10 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
                             dead=f"{float(trainer.tracker.dead.float().mean()):.1%}")
         if on_step:
             on_step(trainer)
     tracker = trainer.tracker
-    return TrainResult(trainer.losses, time.perf_counter() - start, cfg.steps, tracker.importance, tracker.frequency)
+    return TrainResult(trainer.losses, trainer.seconds, cfg.steps, tracker.importance, tracker.frequency)
 
 
 # #############################################################################################################
@@ -604,6 +608,18 @@ class DataConfig:
         if self.model and (self.layer < 0 or not self.text):
             raise ValueError(f"--model needs --layer L >= 0 and --text FILE..., got layer={self.layer}, "
                              f"text={list(self.text)}")
+        if self.save_acts and not self.model:
+            raise ValueError("--save-acts saves harvested activations, so it needs --model")
+
+    def check_inputs(self):
+        """Before any work: every input file exists and can be read."""
+        if self.data:
+            check_data_path(self.data)
+        for path in self.text:
+            if not Path(path).is_file() or not os.access(path, os.R_OK):
+                raise FileNotFoundError(f"--text: file {path} does not exist or cannot be read")
+        if self.model and self.model.startswith((".", "/", "~")) and not Path(self.model).expanduser().is_dir():
+            raise FileNotFoundError(f"--model: directory {self.model} does not exist")
 
 
 def check_data(x: torch.Tensor, d_in: Optional[int] = None):
@@ -621,16 +637,27 @@ def check_data(x: torch.Tensor, d_in: Optional[int] = None):
                          f"first at [row, column] {where}")
 
 
+DATA_KINDS = (".pt", ".npy")
+
+
+def check_data_path(path: str):
+    """Before any work: `path` is a readable file of a supported kind."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--data: file {path} does not exist")
+    if Path(path).suffix not in DATA_KINDS or not Path(path).is_file():
+        raise ValueError(f"--data must be a {' or '.join(DATA_KINDS)} file of shape (N, d), got {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"--data: {path} cannot be read (permission denied)")
+
+
 def load_data(path: str) -> torch.Tensor:
     """A .pt (torch.save of a tensor) or .npy file holding an (N, d) array, as float32."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    if path.endswith(".npy"):
-        x = torch.from_numpy(np.load(path))
-    elif path.endswith(".pt"):
-        x = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"data file must end in .pt or .npy, got {path}")
+    check_data_path(path)
+    try:
+        x = torch.from_numpy(np.load(path)) if path.endswith(".npy") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt or foreign file: pickle, zip and numpy each raise their own errors
+        raise ValueError(f"--data: could not read {path} ({type(err).__name__}: {str(err)[:120]})") from None
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{path} must hold a single tensor, got {type(x).__name__}")
     x = x.float() if x.is_floating_point() else x
@@ -709,15 +736,42 @@ def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.T
     return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
 
 
-def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator):
+class ShuffledBatches:
     """The shuffling buffer: endless batches of rows, each row exactly once per epoch, in a fresh seeded
-    order every epoch, so a batch mixes many contexts. A last batch under half size joins the one before."""
-    while True:
-        chunks = list(torch.randperm(data.shape[0], generator=generator).split(batch))
-        if len(chunks) > 1 and chunks[-1].numel() < batch // 2:
+    order every epoch, so a batch mixes many contexts. A last batch under half size joins the one before.
+    state_dict() is the data cursor: the generator's state at the start of the epoch, and the position."""
+
+    def __init__(self, data: torch.Tensor, batch: int, generator: torch.Generator):
+        self.data, self.batch, self.generator = data, batch, generator
+        self.new_epoch()
+
+    def new_epoch(self):
+        self.epoch_start = self.generator.get_state()
+        chunks = list(torch.randperm(self.data.shape[0], generator=self.generator).split(self.batch))
+        if len(chunks) > 1 and chunks[-1].numel() < self.batch // 2:
             chunks[-2:] = [torch.cat(chunks[-2:])]
-        for idx in chunks:
-            yield data[idx]
+        self.chunks, self.position = chunks, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.position == len(self.chunks):
+            self.new_epoch()
+        self.position += 1
+        return self.data[self.chunks[self.position - 1]]
+
+    def state_dict(self) -> dict:
+        return {"epoch_start": self.epoch_start, "position": self.position}
+
+    def load_state_dict(self, state: dict):
+        self.generator.set_state(state["epoch_start"])
+        self.new_epoch()
+        self.position = state["position"]
+
+
+def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator) -> ShuffledBatches:
+    return ShuffledBatches(data, batch, generator)
 
 
 def input_scale(data: torch.Tensor) -> float:
@@ -740,9 +794,9 @@ class StopForward(Exception):
     """Raised by the capture hook: nothing after the layer we want needs to run."""
 
 
-def load_lm(name: str, device, layer: Optional[int] = None):
-    """(model, tokenizer, causal) from a hub name or local directory, in eval mode. The layer index is
-    checked against the config before any weights are loaded."""
+def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] = None):
+    """(model, tokenizer, causal) from a hub name or local directory, in eval mode. The layer index and
+    the context length are checked against the config before any weights are loaded."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     name = str(name)
@@ -756,6 +810,9 @@ def load_lm(name: str, device, layer: Optional[int] = None):
                          f"access pass a local directory, e.g. one written by save_pretrained().") from None
     if layer is not None:
         check_layer(config, layer)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if ctx is not None and positions and ctx > positions:
+        raise ValueError(f"--ctx {ctx} is longer than {name}'s maximum of {positions} positions")
     try:
         causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # saved architectures: GPT2LMHeadModel, ...
         causal = any(a in causal_names for a in (config.architectures or []))
@@ -893,14 +950,16 @@ def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: in
     clean = spliced_ce(model, contexts, mask, layer, None, batch)
     spliced = spliced_ce(model, contexts, mask, layer, sae, batch)
     zero = spliced_ce(model, contexts, mask, layer, torch.zeros_like, batch)
-    return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero,
-            "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
+    if zero == clean:  # the layer does not matter to the LM here: the ratio is undefined, not 0 or 1
+        return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero, "loss_recovered": None,
+                "loss_recovered_reason": "zero-ablation CE equals the clean CE"}
+    return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero, "loss_recovered": (zero - spliced) / (zero - clean)}
 
 
 def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs).
     Whole contexts are held out, so the LM cost is measured on text the SAE never saw."""
-    model, tokenizer, causal = load_lm(cfg.model, device, cfg.layer)
+    model, tokenizer, causal = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
     contexts = make_contexts(tokenizer, cfg.text, cfg.ctx)                         # (N, T)
     perm = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(seed))
     contexts = contexts[perm]
@@ -912,7 +971,7 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     train_acts = harvest(model, contexts[n_eval:], cfg.layer, mask[n_eval:], cfg.model_batch, cfg.max_tokens)
     eval_acts = harvest(model, contexts[:n_eval], cfg.layer, mask[:n_eval], cfg.model_batch, cfg.eval_tokens)
     if cfg.save_acts:
-        torch.save(torch.cat([train_acts, eval_acts]), cfg.save_acts)
+        write_atomic(cfg.save_acts, lambda tmp: torch.save(torch.cat([train_acts, eval_acts]), tmp))
         print(f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}")
     splice_ok = causal and cfg.layer < model.config.num_hidden_layers
     return train_acts, eval_acts, {"model": model, "contexts": contexts[:n_eval], "mask": mask[:n_eval],
@@ -987,8 +1046,12 @@ def format_table(rows: list[dict]) -> str:
 
 def save(sae: SparseAutoencoder, directory: str):
     """Write sae.safetensors and config.json; each is written to a temporary name then renamed, so a
-    crash mid-save never leaves a half-written checkpoint in place of a good one."""
+    crash mid-save never leaves a half-written checkpoint in place of a good one. Non-finite weights
+    are refused: the last finite checkpoint stays."""
     from safetensors.torch import save_file
+    bad = [name for name, t in sae.state_dict().items() if not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad)}) to {directory}")
     Path(directory).mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
     save_file(weights, Path(directory, "sae.safetensors.tmp"))
@@ -998,12 +1061,17 @@ def save(sae: SparseAutoencoder, directory: str):
 
 
 def load(directory: str, device="cpu") -> SparseAutoencoder:
-    """The exact inverse of save."""
+    """The exact inverse of save. A missing or corrupt checkpoint raises ValueError naming what is wrong."""
     from safetensors.torch import load_file
-    cfg = json.loads(Path(directory, "config.json").read_text())
-    arch = cfg.pop("arch")
-    sae = {"topk": TopKSAE, "kron": KronSAE}[arch](**cfg)
-    sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
+    for name in ("config.json", "sae.safetensors"):
+        if not Path(directory, name).is_file():
+            raise ValueError(f"{directory} is not a checkpoint: {name} is missing")
+    try:
+        cfg = json.loads(Path(directory, "config.json").read_text())
+        sae = {"topk": TopKSAE, "kron": KronSAE}[cfg.pop("arch")](**cfg)
+        sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
+    except Exception as err:  # json, safetensors and load_state_dict each raise their own kind
+        raise ValueError(f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})") from None
     return sae.to(device)
 
 
@@ -1015,27 +1083,104 @@ def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     return twin
 
 
-def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
-                 out: str = "", save_every: int = 0, progress: bool = True) -> TrainResult:
-    """`train` with checkpoints: the batches are multiplied by `scale` (--normalize) and the scale is folded
-    back into the weights at the end, so every checkpoint in `out` is an SAE for raw inputs. With save_every,
-    one is written every that many steps; a non-finite loss leaves the last one as it was."""
-    if scale != 1.0:
-        batches = (x * scale for x in batches)
+def write_atomic(path, write: Callable[[Path], None]):
+    """write(tmp) then rename tmp to path, creating the parent folders: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
-    def checkpoint(trainer):
-        if out and save_every and trainer.step % save_every == 0:
-            save(folded_copy(sae, scale), out)
+
+def save_run_state(directory: str, sae: SparseAutoencoder, trainer: Trainer, batches, scale: float):
+    """A checkpoint that resumes exactly: the SAE for raw inputs (sae.safetensors, as `load` reads it), and
+    train_state.pt with the weights at the training scale, AdamW, the schedule, the latent tracker, the data
+    cursor, the RNG states and the normalisation scale."""
+    save(folded_copy(sae, scale), directory)
+    state = {"sae": sae.state_dict(), "trainer": trainer.state_dict(), "scale": scale,
+             "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    write_atomic(Path(directory, "train_state.pt"), lambda tmp: torch.save(state, tmp))
+
+
+def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, batches) -> tuple[Trainer, float]:
+    """Restore what save_run_state wrote into `sae`, a fresh Trainer and `batches`; returns (trainer, scale)."""
+    try:
+        state = torch.load(Path(directory, "train_state.pt"), map_location=sae.W_dec.device, weights_only=False)
+        sae.load_state_dict(state["sae"])
+        trainer = Trainer(sae, cfg)
+        trainer.load_state_dict(state["trainer"])
+    except Exception as err:
+        raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
+    if state["batches"] is not None:
+        batches.load_state_dict(state["batches"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return trainer, state["scale"]
+
+
+def export_saelens(directory: str, destination: str) -> Path:
+    """Write the TopK SAE saved in `directory` in SAELens's format: cfg.json (architecture topk, its k) and
+    sae_weights.safetensors with W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,). SAELens encodes
+    TopK(ReLU((x - b_dec) W_enc + b_enc)), which is our encoder. Checkpoints are saved for raw inputs,
+    with --normalize already folded into the biases, so the export needs no normalisation."""
+    from safetensors.torch import save_file
+    check_writable(destination, "to saelens", directory=True)
+    sae = load(directory)
+    if not isinstance(sae, TopKSAE):
+        raise ValueError(f"{directory} holds a KronSAE; SAELens has no architecture that computes mAND over "
+                         f"Kronecker heads, so only TopK SAEs can be exported")
+    run = Path(directory).parent / "run.json"
+    data = json.loads(run.read_text())["data"] if run.is_file() else {}
+    metadata = {"model_name": data.get("model") or None, "exported_from": "kronsae.py",
+                "hook_name": f"blocks.{data['layer']}.hook_resid_pre" if data.get("model") else None}
+    cfg = {"architecture": "topk", "d_in": sae.d_in, "d_sae": sae.F, "k": sae.k, "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "rescale_acts_by_decoder_norm": False, "reshape_activations": "none", "metadata": metadata}
+    weights = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    Path(destination).mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(destination, "sae_weights.safetensors"), lambda tmp: save_file(
+        {name: t.detach().contiguous() for name, t in weights.items()}, tmp))
+    write_json(Path(destination, "cfg.json"), cfg)
+    print(f"wrote a SAELens TopK SAE (d_in={sae.d_in}, d_sae={sae.F}, k={sae.k}) to {destination}")
+    return Path(destination)
+
+
+class Interrupted(Exception):
+    """A run stopped between two steps (Ctrl-C): the step finished, and its checkpoint, if any, is complete."""
+
+    def __init__(self, step: int, steps: int, out: str):
+        self.step, self.steps, self.out = step, steps, out
+        super().__init__(f"interrupted after step {step} of {steps}")
+
+
+def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
+                 out: str = "", save_every: int = 0, progress: bool = True,
+                 stop: Optional[Callable[[Trainer], bool]] = None, trainer: Optional[Trainer] = None) -> TrainResult:
+    """`train` with checkpoints: the batches are multiplied by `scale` (--normalize) and the scale is folded
+    back into the weights at the end, so every checkpoint in `out` is an SAE for raw inputs.
+
+    With save_every, a resumable checkpoint is written every that many steps, and one at the end. When
+    stop(trainer) turns true after a step (Ctrl-C), a checkpoint is written and Interrupted is raised.
+    A non-finite loss leaves the last checkpoint as it was. Pass `trainer` to resume (see load_run_state).
+    """
+    scaled = batches if scale == 1.0 else (x * scale for x in batches)
+
+    def after_step(trainer):
+        stopping = stop is not None and trainer.step < cfg.steps and stop(trainer)
+        if out and (stopping or trainer.step == cfg.steps or (save_every and trainer.step % save_every == 0)):
+            save_run_state(out, sae, trainer, batches, scale)
+        if stopping:
+            raise Interrupted(trainer.step, cfg.steps, out)
 
     try:
-        result = train(sae, batches, cfg, progress=progress, on_step=checkpoint)
+        result = train(sae, scaled, cfg, progress=progress, on_step=after_step, trainer=trainer)
     except FloatingPointError as err:
         kept = out and Path(out, "sae.safetensors").exists()
         raise FloatingPointError(f"{err}; " + (f"last good checkpoint kept in {out}" if kept
                                                else "no checkpoint was written")) from None
     fold_input_scale_(sae, scale)
-    if out:
-        save(sae, out)
     return result
 
 
@@ -1082,18 +1227,51 @@ class SAEConfig:
 
 @dataclass
 class RunConfig:
-    """The run itself: seed, device and outputs."""
+    """The run itself: seed, device, outputs, resume."""
     seed: int = opt(0, "seed for data order, init and synthetic data")
     device: str = opt("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)")
-    out: str = opt("", "directory for checkpoints (safetensors + config.json)")
-    json: str = opt("", "write the final metrics of each SAE to this JSON file")
+    out: str = opt("", "directory for checkpoints: OUT/topk, OUT/kron (safetensors + config.json) and OUT/run.json")
+    json: str = opt("", "write the final metrics of each SAE, and the settings, to this JSON file")
     save_every: int = opt(0, "also checkpoint every this many steps (needs --out); 0 = only at the end")
+    resume: str = opt("", "continue the run saved in this --out directory, with its own settings, to its --steps")
+    overwrite: bool = opt(False, "replace a run already saved in --out (without it, such an --out is refused)")
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0, got save_every={self.save_every}")
+            raise ValueError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.seed < 0 or self.save_every < 0:
+            raise ValueError(f"--seed and --save-every must be >= 0, got {self.seed} and {self.save_every}")
+        if self.save_every and not (self.out or self.resume):
+            raise ValueError("--save-every needs --out DIR to write its checkpoints to")
+
+
+def check_device(name: str):
+    """The requested device exists on this machine (auto always does)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
+                         f"use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: the Apple MPS backend is not available here; use --device cpu or auto")
+
+
+def check_writable(path: str, flag: str, directory: bool = False):
+    """Before any work: `path` can be written. It is an existing file (or folder, for a directory) with
+    write permission, or a new one whose nearest existing ancestor is a writable folder; the missing
+    folders are created when it is written."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and p.is_dir() != directory:
+        raise ValueError(f"--{flag} {path} is {'a file' if directory else 'a directory'}, "
+                         f"expected {'a directory' if directory else 'a file'}")
+    ancestor = p if p.exists() else next(a for a in p.parents if a.exists())
+    if not ancestor.is_dir() and ancestor != p:
+        raise ValueError(f"--{flag} {path} cannot be written: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise ValueError(f"--{flag} {path} cannot be written: no write permission on {ancestor}")
+
+
+def holds_run(directory: str) -> bool:
+    return Path(directory, "run.json").exists() or any(
+        Path(directory, arch, name).exists() for arch in ("topk", "kron") for name in ("sae.safetensors", "train_state.pt"))
 
 
 @dataclass
@@ -1109,6 +1287,40 @@ class Settings:
             for arch in self.sae.archs:
                 matryoshka_prefixes(list(self.train.matryoshka), self.sae.dict_size,
                                     self.sae.m * self.sae.n if arch == "kron" else 1)
+
+    def check_environment(self):
+        """Everything that needs the file system or the machine, before any data or model is built:
+        inputs readable, outputs writable, --out not already holding a run, the device present."""
+        self.data.check_inputs()
+        check_device(self.run.device)
+        for flag, path in (("json", self.run.json), ("save-acts", self.data.save_acts)):
+            if path:
+                check_writable(path, flag)
+        if self.run.out:
+            check_writable(self.run.out, "out", directory=True)
+            if holds_run(self.run.out) and not (self.run.overwrite or self.run.resume):
+                raise ValueError(f"--out {self.run.out} already holds a run; pass --resume {self.run.out} to "
+                                 f"continue it, or --overwrite to replace it")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Settings:
+        return cls(SAEConfig(**d["sae"]), TrainConfig(**d["train"]), DataConfig(**d["data"]), RunConfig(**d["run"]))
+
+
+def resume_settings(directory: str) -> Settings:
+    """The settings of the run saved in `directory` (its run.json), set up to continue it there."""
+    path = Path(directory, "run.json")
+    if not path.is_file():
+        raise ValueError(f"--resume {directory}: no run to resume there ({path} is missing)")
+    try:
+        s = Settings.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume {directory}: {path} is not a run's settings ({err})") from None
+    return dataclasses.replace(s, run=dataclasses.replace(s.run, out=str(directory), resume=str(directory),
+                                                          overwrite=False))
 
 
 def set_seed(seed: int):
@@ -1135,27 +1347,66 @@ def file_or_synthetic_data(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     return split_data(data, s.data.eval_tokens, s.run.seed)
 
 
-def run_one(arch: str, train_data, eval_data, s: Settings, device,
-            progress=True) -> tuple[SparseAutoencoder, dict, TrainResult]:
-    """Build, train and evaluate one SAE; returns it with its metrics and its training record."""
+def run_one(arch: str, train_data, eval_data, s: Settings, device, progress=True,
+            stop: Optional[Callable[[Trainer], bool]] = None) -> tuple[SparseAutoencoder, dict, TrainResult]:
+    """Build, train (or resume, with --resume) and evaluate one SAE; returns it, its metrics and its record."""
     set_seed(s.run.seed)
     sae = s.sae.build(arch, train_data.shape[1]).to(device)
     check_data(train_data, sae.d_in)
     batches = shuffled_batches(train_data, s.train.batch, torch.Generator().manual_seed(s.run.seed))
     scale = input_scale(train_data) if s.data.normalize else 1.0
     out = str(Path(s.run.out, arch)) if s.run.out else ""
-    result = run_training(sae, batches, s.train, scale, out, s.run.save_every, progress)
+    trainer = None
+    if s.run.resume and Path(out, "train_state.pt").exists():
+        trainer, scale = load_run_state(out, sae, s.train, batches)
+        print(f"{arch}: resuming at step {trainer.step} of {s.train.steps} from {out}")
+    result = run_training(sae, batches, s.train, scale, out, s.run.save_every, progress, stop, trainer)
     metrics = evaluate(sae, eval_data)
     metrics.update(sae.config(), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
                    encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=sae.num_params(),
-                   ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds,
-                   final_train_loss=result.losses[-1], steps=s.train.steps, batch=s.train.batch,
-                   device=str(device))
+                   ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds, final_train_loss=result.losses[-1], steps=s.train.steps,
+                   batch=s.train.batch, device=str(device))
     return sae, metrics, result
 
 
-def compare(s: Settings) -> dict:
-    device = pick_device(s.run.device)
+def finish_step_on_sigint():
+    """A SIGINT handler that lets the current step finish: returns (stop, restore). stop(trainer) is true
+    once Ctrl-C was pressed; restore() puts the previous handler back."""
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    return (lambda trainer: bool(pressed)), (lambda: signal.signal(signal.SIGINT, previous))
+
+
+def json_safe(obj):
+    """obj with every NaN or infinity replaced by None, so that the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj):
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False)))
+
+
+def provenance(s: Settings, device, seconds: float) -> dict:
+    """How a result was made: every setting, the torch version, the device, the world size, the time."""
+    return {**s.to_dict(), "torch": torch.__version__, "device": str(device), "world_size": 1,
+            "seconds": seconds, "command": " ".join(sys.argv)}
+
+
+def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> dict:
+    """Train TopK and/or KronSAE on the same data and print them side by side. Ctrl-C (or stop(trainer)
+    turning true) ends the run after the current step with a checkpoint in --out (see Interrupted)."""
+    s.check_environment()
+    start, device = time.perf_counter(), pick_device(s.run.device)
+    if s.run.out and not s.run.resume:
+        for arch, name in itertools.product(("topk", "kron"), ("train_state.pt", "sae.safetensors", "config.json")):
+            Path(s.run.out, arch, name).unlink(missing_ok=True)   # --overwrite: nothing stale from the old run
+        write_json(Path(s.run.out, "run.json"), s.to_dict())
     set_seed(s.run.seed)
     lm = None
     if s.data.model:
@@ -1166,21 +1417,27 @@ def compare(s: Settings) -> dict:
         source = s.data.data or "synthetic block-correlated"
     print(f"data: {train_data.shape[0]} training rows of width {train_data.shape[1]} ({source}), "
           f"{eval_data.shape[0]} held out, device {device}")
+    sigint_stop, restore = finish_step_on_sigint()
     results = {}
-    for arch in s.sae.archs:
-        sae, results[arch], _ = run_one(arch, train_data, eval_data, s, device)
-        if lm and lm["splice"]:
-            results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
-                                         s.data.model_batch))
+    try:
+        for arch in s.sae.archs:
+            sae, results[arch], _ = run_one(arch, train_data, eval_data, s, device,
+                                            stop=lambda t: sigint_stop(t) or (stop is not None and stop(t)))
+            if lm and lm["splice"]:
+                results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
+                                             s.data.model_batch))
+    finally:
+        restore()
     print(format_table(list(results.values())))
     for arch, r in results.items():
         if "ce_clean" in r:
+            recovered = r.get("loss_recovered_reason") or f"{r['loss_recovered']:.4f}"
             print(f"{arch}: CE clean {r['ce_clean']:.4f}, with the SAE spliced in {r['ce_sae']:.4f}, zero-ablated "
-                  f"{r['ce_zero']:.4f}; loss recovered {r['loss_recovered']:.4f}")
+                  f"{r['ce_zero']:.4f}; loss recovered {recovered}")
     if s.run.out:
         print(f"checkpoints: {', '.join(str(Path(s.run.out, a)) for a in s.sae.archs)}")
     if s.run.json:
-        Path(s.run.json).write_text(json.dumps(results, indent=2))
+        write_json(s.run.json, {**results, "config": provenance(s, device, time.perf_counter() - start)})
     return results
 
 
@@ -1271,6 +1528,7 @@ def save_progressive_figure(results: dict, path: str):
         ax.set_title(f"{arch}: importance ~ rank^-{r['power_law_alpha']:.2f} (R^2 {r['power_law_r2']:.2f})")
         ax.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -1279,6 +1537,9 @@ def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
     """s with Matryoshka prefixes G = F/16, F/8, F/4, F/2, F (validated by Settings), and those sizes."""
     if s.train.matryoshka:
         raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
+    if s.run.out or s.run.resume or s.data.model:
+        raise ValueError("progressive trains on --data or synthetic data and writes no checkpoints; "
+                         "drop --out, --resume and --model")
     if s.sae.dict_size % 16:
         raise ValueError(f"progressive needs F divisible by 16, got F={s.sae.dict_size}")
     sizes = [s.sae.dict_size // 16 * i for i in (1, 2, 4, 8, 16)]
@@ -1287,9 +1548,12 @@ def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
 
 def progressive(s: Settings, figure: str = "progressive.png") -> dict:
     """Train a plain and a Matryoshka SAE per arch, then compare FVU at G = F/16 ... F (Peter and Soegaard)."""
-    device = pick_device(s.run.device)
-    set_seed(s.run.seed)
     nested, sizes = nested_settings(s)
+    s.check_environment()
+    if figure:
+        check_writable(figure, "figure")
+    start, device = time.perf_counter(), pick_device(s.run.device)
+    set_seed(s.run.seed)
     train_data, eval_data = file_or_synthetic_data(s)
     no_out = dataclasses.replace(s.run, out="", save_every=0)
     results = {}
@@ -1318,7 +1582,7 @@ def progressive(s: Settings, figure: str = "progressive.png") -> dict:
         save_progressive_figure(results, figure)
         print(f"figure: {figure}")
     if s.run.json:
-        Path(s.run.json).write_text(json.dumps(results, indent=2))
+        write_json(s.run.json, {**results, "config": provenance(s, device, time.perf_counter() - start)})
     return results
 
 
@@ -1340,12 +1604,19 @@ class BenchConfig:
 
     def __post_init__(self):
         check_positive(batch=self.batch, d_in=self.d_in, k=self.k, repeats=self.repeats)
-        self.F_list = [int(f) for f in self.dict_sizes.split(",")]
-        self.mn_list = [tuple(int(t) for t in s.lower().split("x")) for s in self.shapes.split(",")]
+        try:
+            self.F_list = [int(f) for f in self.dict_sizes.split(",")]
+            self.mn_list = [tuple(int(t) for t in s.lower().split("x")) for s in self.shapes.split(",")]
+        except ValueError:
+            raise ValueError(f"--dict-sizes must look like 16384,65536 and --shapes like 2x8,4x4; "
+                             f"got {self.dict_sizes!r} and {self.shapes!r}") from None
+        if any(len(mn) != 2 or min(mn) < 1 for mn in self.mn_list) or min(self.F_list) < 1:
+            raise ValueError(f"--shapes must look like 2x8,4x4 and --dict-sizes be positive, got {self.shapes!r}")
         if self.flat_width < 0 or self.flat_width % 64:
             raise ValueError(f"flat_width must be 0 or a multiple of 64 (h >= 1 at 32x32), got {self.flat_width}")
-        if any(len(mn) != 2 for mn in self.mn_list):
-            raise ValueError(f"shapes must look like 2x8,4x4, got {self.shapes!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") or self.naive not in (0, 1):
+            raise ValueError(f"--device must be auto, cpu, cuda or mps and --naive 0 or 1, "
+                             f"got {self.device!r} and {self.naive}")
 
 
 def sync(device):
@@ -1465,6 +1736,9 @@ def bench_verdicts(rows: list[dict]) -> list[str]:
 
 
 def bench(bcfg: BenchConfig) -> list[dict]:
+    check_device(bcfg.device)
+    if bcfg.json:
+        check_writable(bcfg.json, "json")
     device = pick_device(bcfg.device)
     set_seed(bcfg.seed)
     x = torch.randn(bcfg.batch, bcfg.d_in, device=device)
@@ -1484,8 +1758,8 @@ def bench(bcfg: BenchConfig) -> list[dict]:
         del sae
     print("\n".join(bench_verdicts(rows)))
     if bcfg.json:
-        Path(bcfg.json).write_text(json.dumps({"config": dataclasses.asdict(bcfg) | {"device": str(device)},
-                                               "rows": rows}, indent=2))
+        write_json(bcfg.json, {"config": dataclasses.asdict(bcfg) | {"device": str(device), "torch": torch.__version__},
+                               "rows": rows})
     return rows
 
 
@@ -1557,13 +1831,23 @@ def parse_settings(parser: argparse.ArgumentParser, argv, check=None) -> tuple[S
 
 
 def run_cli(job, *args):
-    """Run a job; bad input or a diverged run ends with one clear line and exit status 1, not a traceback."""
+    """Run a job. A user error, a diverged run or Ctrl-C ends with one clear line on stderr, never a
+    traceback: exit status 1 for an error, 130 for Ctrl-C."""
+    def fail(message: str, status: int = 1):
+        print(f"kronsae.py: {message}", file=sys.stderr)
+        sys.exit(status)
+
     try:
         return job(*args)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"kronsae.py: error: {err}")
+    except Interrupted as stop:  # stop.out is OUT/arch; the run to resume is OUT
+        fail(f"{stop}; " + (f"checkpoint in {stop.out}; continue with: python kronsae.py --resume "
+                            f"{Path(stop.out).parent}" if stop.out else "nothing was saved (no --out)"), 130)
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was saved", 130)
     except FloatingPointError as err:
-        sys.exit(f"kronsae.py: {err}")
+        fail(str(err))
+    except (ValueError, OSError) as err:
+        fail(f"error: {err}")
 
 
 def bench_main(argv):
@@ -1586,7 +1870,20 @@ def progressive_main(argv):
     return run_cli(progressive, s, extra["figure"])
 
 
-COMMANDS = {"bench": bench_main, "progressive": progressive_main}
+def export_main(argv):
+    parser = Parser(prog="kronsae.py export", description=(
+        "Write a trained SAE in another library's on-disk format. saelens: cfg.json and sae_weights.safetensors "
+        "with architecture topk, loadable by sae_lens.SAE.load_from_disk. Only TopK SAEs can be exported: no "
+        "SAELens architecture computes KronSAE's mAND."))
+    parser.add_argument("directory", help="a checkpoint: a directory holding config.json and sae.safetensors, "
+                                          "e.g. OUT/topk of a training run")
+    parser.add_argument("--to", choices=["saelens"], required=True, help="the format to write")
+    parser.add_argument("destination", help="the directory to write the export to")
+    args = parser.parse_args(argv)
+    return run_cli(export_saelens, args.directory, args.destination)
+
+
+COMMANDS = {"bench": bench_main, "progressive": progressive_main, "export": export_main}
 
 
 def main(argv=None):
@@ -1599,6 +1896,11 @@ def main(argv=None):
                     "and prints EV, L0, dead %, encoder FLOPs, parameters and ms per step side by side. "
                     f"Other commands: {', '.join(COMMANDS)} (each has its own --help).")
     s, _ = parse_settings(parser, argv)
+    if s.run.resume:
+        others = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] != "--resume"]
+        if others:
+            parser.error(f"--resume takes every setting from the saved run; drop {', '.join(others)}")
+        s = build_configs(parser, {}, lambda _: resume_settings(s.run.resume))
     return run_cli(compare, s)
 
 

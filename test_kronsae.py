@@ -6,7 +6,9 @@ import ast
 import json
 import math
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -718,12 +720,21 @@ def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
     K.main(["--data", str(tmp_path / "acts.npy"), "--dict-size", "128", "--m", "2", "--n", "4", "--k", "4",
             "--steps", "20", "--batch", "128", "--eval-tokens", "500", "--json", str(out),
             "--out", str(tmp_path / "ckpt")])
-    results = json.loads(out.read_text())
-    assert set(results) == {"topk", "kron"}
-    for r in results.values():
-        assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params", "ms_per_step"} <= set(r)
+    text = out.read_text()
+    results = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert set(results) == {"topk", "kron", "config"}
+    for arch in ("topk", "kron"):
+        assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params",
+                "ms_per_step"} <= set(results[arch])
     assert "ms/step" in capsys.readouterr().out
     assert K.load(tmp_path / "ckpt" / "kron").config()["h"] == 16
+    # provenance: every setting, and how it ran
+    config = results["config"]
+    assert config["run"]["seed"] == 0 and config["train"]["lr"] == 8e-4 and config["train"]["steps"] == 20
+    assert config["data"]["data"] == str(tmp_path / "acts.npy") and config["data"]["model"] == ""
+    assert config["world_size"] == 1 and config["torch"] == torch.__version__ and config["seconds"] > 0
+    assert config["device"] == "cpu" and "NaN" not in text and "Infinity" not in text
+    assert K.Settings.from_dict(json.loads((tmp_path / "ckpt" / "run.json").read_text())).sae.dict_size == 128
 
 
 # ============================================================================= 10. Progressive coding
@@ -808,14 +819,136 @@ def test_bench_runs_and_reports_targets(tmp_path):
 
 # ============================================================================= 12. CLI
 
-def test_cli_reports_bad_data_in_one_line(tmp_path):
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     torch.save(torch.randn(50, 4, 2), tmp_path / "bad.pt")
     cases = (("missing.pt", "missing.pt does not exist"), ("bad.pt", "shape (N, d), got shape (50, 4, 2)"))
     for name, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
             K.main(["--data", str(tmp_path / name), "--steps", "2"])
-        message = str(exit_info.value.code)
+        message = capsys.readouterr().err
+        assert exit_info.value.code == 1
         assert message.startswith("kronsae.py: error:") and expected in message, message
+
+
+BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing file, TMP the test's folder
+    (["--grad-clip", "-1"], "grad.clip"), (["--aux-coef", "-0.5"], "aux.coef"),
+    (["--dead-tokens", "-3"], "dead.tokens"), (["--steps", "0"], "steps"), (["--batch", "0"], "batch"),
+    (["--eval-tokens", "0"], "eval.tokens"), (["--lr", "0"], "lr"), (["--seed", "-1"], "seed"),
+    (["--save-every", "5"], "save.every"), (["--save-acts", "TMP/a.pt"], "save.acts"),
+    (["--json", "FILE/metrics.json"], "json"), (["--out", "FILE"], "out"),
+    (["--data", "TMP/missing.pt"], "data"), (["--data", "TMP/corrupt.pt"], "data"),
+    (["--data", "TMP/acts.csv"], "data"), (["--text", "TMP/none.txt", "--model", "TMP", "--layer", "1"], "text"),
+    (["--device", "cuda"], "device"), (["--device", "mps"], "device"), (["--arch", "dense"], "arch"),
+    (["--resume", "TMP/no_run"], "resume"), (["--resume", "TMP/no_run", "--steps", "3"], "steps"),
+    (["bench", "--repeats", "0"], "repeats"), (["bench", "--json", "FILE/b.json"], "json"),
+    (["bench", "--shapes", "2by8"], "shapes"), (["bench", "--device", "cuda"], "device"),
+    (["progressive", "--figure", "FILE/p.png"], "figure"), (["progressive", "--out", "TMP/o"], "out"),
+    (["export", "TMP/no_sae", "--to", "saelens", "TMP/exp"], "no_sae"),
+    (["export", "TMP/no_sae", "--to", "onnx", "TMP/exp"], "to"),
+]
+
+
+@pytest.mark.parametrize("argv,option", BAD_INPUTS, ids=[" ".join(a[:2]) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_before_any_work(argv, option, tmp_path, capsys, monkeypatch):
+    if "cuda" in argv and torch.cuda.is_available() or "mps" in argv and torch.backends.mps.is_available():
+        pytest.skip("the device exists here")
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
+    (tmp_path / "acts.csv").write_text("1,2\n3,4\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    work = []                                          # counts any training, data building or model loading
+    for name in ("train", "make_dataset", "load_lm", "bench_one", "run_one"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **kw: work.append(_name) or _real(*a, **kw))
+    argv = [a.replace("FILE", str(tmp_path / "FILE")).replace("TMP", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        K.main(argv + ([] if argv[0] in K.COMMANDS or "--resume" in argv else ["--steps", "3"])
+               if "--steps" not in argv else argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code not in (0, None)
+    assert err.startswith("kronsae.py: error: ") and err.count("\n") == 1, err
+    assert re.search(option, err), (option, err)
+    assert "Traceback" not in err
+    assert work == [], f"work started before the error: {work}"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before   # nothing written
+
+
+def run_small(tmp_path, *extra, steps=20):
+    """A small CLI run on saved activations; returns its parsed JSON."""
+    if not (tmp_path / "acts.npy").exists():
+        import numpy as np
+        np.save(tmp_path / "acts.npy", K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy())
+    K.main(["--data", str(tmp_path / "acts.npy"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
+            "--steps", str(steps), "--batch", "64", "--eval-tokens", "300", *extra])
+
+
+def test_an_out_holding_a_run_is_refused_and_left_untouched(tmp_path, capsys):
+    run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron")
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {p.name for p in files} == {"run.json", "sae.safetensors", "config.json", "train_state.pt"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", "--lr", "1e-3")
+    assert exit_info.value.code == 1 and "--resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
+    run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", "--lr", "1e-3", "--overwrite")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("stop_at,stop_in,extra", [(1, K.TopKSAE, []), (7, K.KronSAE, ["--normalize"]),
+                                                   (13, K.TopKSAE, ["--save-every", "4"])])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, stop_at, stop_in, extra):
+    """Stop after step s (what Ctrl-C does), resume with --resume, and end where a run that never stopped
+    ends: same weights, AdamW state included, for both SAEs (the second starts fresh after the resume)."""
+    run_small(tmp_path, "--out", str(tmp_path / "straight"), *extra)
+    run_small(tmp_path, "--out", str(tmp_path / "stopped"), "--steps", "20", *extra)  # made, then overwritten
+    argv = ["--data", str(tmp_path / "acts.npy"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
+            "--steps", "20", "--batch", "64", "--eval-tokens", "300", "--out", str(tmp_path / "stopped"),
+            "--overwrite", *extra]
+    parser = K.Parser(prog="kronsae.py")
+    settings, _ = K.parse_settings(parser, argv)
+    with pytest.raises(K.Interrupted) as info:
+        K.compare(settings, stop=lambda trainer: trainer.step == stop_at and isinstance(trainer.sae, stop_in))
+    assert info.value.step == stop_at
+    assert (tmp_path / "stopped" / "kron" / "train_state.pt").exists() == (stop_in is K.KronSAE)
+    K.main(["--resume", str(tmp_path / "stopped")])
+    for arch in ("topk", "kron"):
+        a, b = K.load(tmp_path / "straight" / arch), K.load(tmp_path / "stopped" / arch)
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=f"{arch} {name}")
+        state = torch.load(tmp_path / "stopped" / arch / "train_state.pt", weights_only=False)
+        straight = torch.load(tmp_path / "straight" / arch / "train_state.pt", weights_only=False)
+        assert state["trainer"]["step"] == 20 and state["trainer"]["losses"] == straight["trainer"]["losses"]
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path):
+    import subprocess
+    import numpy as np
+    np.save(tmp_path / "acts.npy", K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy())
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "kronsae.py"), "--data", str(tmp_path / "acts.npy"), "--arch", "kron",
+         "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4", "--steps", "1000000", "--batch", "64",
+         "--eval-tokens", "300", "--out", str(out), "--save-every", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "kron" / "train_state.pt").exists():   # the first checkpointable step is done
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.search(r"^kronsae.py: interrupted after step \d+ of 1000000; checkpoint in .*kron; "
+                     r"continue with: python kronsae.py --resume .*run$", last), last
+    sae = K.load(out / "kron")
+    assert all(torch.isfinite(t).all() for t in sae.state_dict().values())
+    step = torch.load(out / "kron" / "train_state.pt", weights_only=False)["trainer"]["step"]
+    assert 3 <= step < 1000000 and f"after step {step} " in last
 
 
 def test_cli_help_documents_every_option(capsys):
