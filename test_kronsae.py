@@ -605,6 +605,17 @@ def test_training_on_tiny_model_activations_lowers_the_loss(tiny_lm, tmp_path):
     assert acts.shape == (6000, 32)               # 400 contexts of <bos> + 15 words, <bos> dropped
 
 
+def test_ctx_longer_than_the_model_is_refused_before_any_forward_pass(tiny_lm, capsys, monkeypatch):
+    path, text = tiny_lm
+    ran = []
+    monkeypatch.setattr(K, "residual_at", lambda *a, **kw: ran.append("forward"))
+    with pytest.raises(SystemExit):
+        K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "65", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert re.search(r"^kronsae.py: error: --ctx 65 is longer than .* maximum of 64 positions\n$", err), err
+    assert ran == []
+
+
 def test_lm_bad_input_raises_clear_errors(tiny_lm, tmp_path):
     path, text = tiny_lm
     with pytest.raises(ValueError, match=r"layer must be in 0\.\.2.*got 7"):
@@ -672,6 +683,75 @@ def test_checkpoint_round_trips(tmp_path, arch):
     x = torch.randn(5, 16)
     assert torch.equal(sae(x), loaded(x))
     assert json.loads((tmp_path / "config.json").read_text())["arch"] == arch
+
+
+def test_save_refuses_non_finite_weights_and_keeps_the_last_good_checkpoint(tmp_path):
+    sae = perturb_(kron())
+    K.save(sae, tmp_path)
+    good = (tmp_path / "sae.safetensors").read_bytes()
+    with torch.no_grad():
+        sae.b_enc[2] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite.*b_enc"):
+        K.save(sae, tmp_path)
+    assert (tmp_path / "sae.safetensors").read_bytes() == good
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_load_names_the_path_and_what_is_missing_or_corrupt(tmp_path):
+    with pytest.raises(ValueError, match=r"nowhere is not a checkpoint: config.json is missing"):
+        K.load(tmp_path / "nowhere")
+    K.save(perturb_(kron()), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "sae.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match=r"ckpt is corrupt"):
+        K.load(tmp_path / "ckpt")
+
+
+def test_json_never_holds_nan_or_infinity(tmp_path):
+    K.write_json(tmp_path / "sub" / "m.json", {"ev": float("nan"), "xs": [1.0, float("inf")], "ok": 0.5})
+    strict = json.loads((tmp_path / "sub" / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert strict == {"ev": None, "xs": [1.0, None], "ok": 0.5}
+
+
+def saelens_forward(cfg, weights, x):
+    """SAELens's TopK SAE written out from its format: TopK(ReLU((x - b_dec) W_enc + b_enc)), then decode."""
+    pre = (x - weights["b_dec"] * cfg["apply_b_dec_to_input"]) @ weights["W_enc"] + weights["b_enc"]   # (B, F)
+    top = pre.topk(cfg["k"], dim=-1)
+    code = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    return code @ weights["W_dec"] + weights["b_dec"]
+
+
+def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
+    from safetensors.torch import load_file
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4))
+    K.save(sae, tmp_path / "topk")
+    K.main(["export", str(tmp_path / "topk"), "--to", "saelens", str(tmp_path / "lens")])
+    assert {p.name for p in (tmp_path / "lens").iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"]) == ("topk", 16, 64, 4)
+    weights = load_file(tmp_path / "lens" / "sae_weights.safetensors")
+    assert {n: tuple(t.shape) for n, t in weights.items()} == {"W_enc": (16, 64), "b_enc": (64,),
+                                                                "W_dec": (64, 16), "b_dec": (16,)}
+    x = torch.randn(50, 16)
+    torch.testing.assert_close(saelens_forward(cfg, weights, x), sae(x).detach())
+    K.save(perturb_(kron(dtype=torch.float32)), tmp_path / "kron")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        K.main(["export", str(tmp_path / "kron"), "--to", "saelens", str(tmp_path / "lens_kron")])
+    assert "no architecture that computes mAND" in capsys.readouterr().err
+    assert not (tmp_path / "lens_kron").exists()
+
+
+def test_export_loads_in_saelens(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4))
+    K.save(sae, tmp_path / "topk")
+    K.export_saelens(tmp_path / "topk", tmp_path / "lens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "lens"), device="cpu")
+    x = torch.randn(50, 16)
+    values, indices = sae.encode(x)
+    ours = torch.zeros(50, 64).scatter(-1, indices, values).detach()
+    torch.testing.assert_close(theirs.encode(x), ours)
+    torch.testing.assert_close(theirs.decode(ours), sae.decode(values, indices).detach())
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
