@@ -9,7 +9,6 @@ Run `python synthetic.py --help` for the experiment.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +135,7 @@ def save_figure(grams: dict, rv: dict, path: str):
         ax.set_yticks([])
     fig.suptitle("Feature correlations recovered after matching (KronSAE paper, section 5.1)")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -166,7 +166,7 @@ def experiment(tc: ToyConfig, figure: str = "", json_path: str = "", progress: b
     result = {"rv": summary, "per_setup": per_setup, "ratio_kron_h2_m4_n32_over_topk": ratio,
               "config": dataclasses.asdict(tc)}
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        K.write_json(json_path, result)
     if figure:
         print(f"figure: {figure}")
     return result
@@ -192,6 +192,12 @@ def main(argv=None):
     if not (0 <= args.rho_in[0] <= args.rho_in[1] < 1 and 1 <= args.k_true <= ToyConfig.F_true):
         parser.error(f"need 0 <= LO <= HI < 1 and 1 <= k_true <= {ToyConfig.F_true}, "
                      f"got rho_in={args.rho_in}, k_true={args.k_true}")
+    for flag, path in (("json", args.json), ("figure", args.figure)):
+        if path:
+            try:
+                K.check_writable(path, flag)
+            except ValueError as err:
+                parser.error(str(err))
     tc = ToyConfig(setups=args.setups, sae_steps=args.sae_steps, ae_steps=args.ae_steps, k_true=args.k_true,
                    rho_in=tuple(args.rho_in))
     if args.quick:
