@@ -595,7 +595,10 @@ class DataConfig:
     ctx: int = opt(128, "with --model: tokens per context")
     model_batch: int = opt(16, "with --model: contexts per forward pass")
     max_tokens: int = opt(1_000_000, "with --model: stop harvesting after this many tokens")
-    keep_first: bool = opt(False, "with --model: keep position 0 (the attention sink, often ~100x the norm)")
+    keep_first: bool = opt(False, "with --model: keep position 0, the attention sink (contexts start with BOS when "
+                                  "the tokenizer has one, so the sink sits there)")
+    max_norm_ratio: float = opt(10.0, "drop tokens whose norm exceeds this many times the median norm (massive "
+                                      "activations, attention sinks), in training, held-out and LM-cost data; 0 = keep all")
     normalize: bool = opt(False, "scale inputs so the mean norm is sqrt(d); folded back into the saved SAE")
     save_acts: str = opt("", "with --model: save the harvested activations (.pt) for later --data runs")
     eval_tokens: int = opt(8192, "held-out tokens for the final metrics")
@@ -603,6 +606,8 @@ class DataConfig:
     def __post_init__(self):
         check_positive(eval_tokens=self.eval_tokens, ctx=self.ctx, model_batch=self.model_batch,
                        max_tokens=self.max_tokens)
+        if not self.max_norm_ratio >= 0:
+            raise ValueError(f"--max-norm-ratio must be >= 0 (0 = no filter), got {self.max_norm_ratio}")
         if self.data and self.model:
             raise ValueError("give --data or --model, not both")
         if self.model and (self.layer < 0 or not self.text):
@@ -736,6 +741,43 @@ def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.T
     return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
 
 
+def norm_report(x: torch.Tensor, threshold: float, median: float) -> dict:
+    """What the filter drops from x (N, d): the count, its share of the tokens and of the raw variance
+    (sum over dropped rows of ||x - mean||^2 over the same sum for all rows), and the largest norm over the
+    median before and after."""
+    norms = x.norm(dim=-1)                                                         # (N,)
+    dropped = norms > threshold
+    mean = x.sum(0, dtype=torch.float64) / x.shape[0]
+    spread = torch.cat([(chunk.double() - mean).pow(2).sum(-1) for chunk in x.split(65536)])   # (N,)
+    return {"tokens": x.shape[0], "dropped": int(dropped.sum()), "dropped_share": float(dropped.double().mean()),
+            "dropped_variance_share": float(spread[dropped].sum() / spread.sum().clamp_min(1e-300)),
+            "median_norm": median, "threshold": threshold,
+            "max_norm_over_median_before": float(norms.max()) / median,
+            "max_norm_over_median_after": float(norms[~dropped].max()) / median if (~dropped).any() else None}
+
+
+def filter_massive(train: torch.Tensor, held_out: torch.Tensor, ratio: float) -> tuple[torch.Tensor, ...]:
+    """Drop the tokens whose norm exceeds ratio x the median training-token norm, from both splits alike:
+    massive activations (Sun et al. 2024, arXiv 2402.17762), a few tokens with 100 to 10,000 times the median
+    norm, usually attention sinks, which would otherwise hold most of the variance. ratio 0 keeps all.
+    Returns (train, held_out, report), the report as norm_report gives it for each split."""
+    median = float(train.norm(dim=-1).median())
+    threshold = ratio * median if ratio else math.inf
+    report = {"max_norm_ratio": ratio, "train": norm_report(train, threshold, median),
+              "held_out": norm_report(held_out, threshold, median)}
+    t, e = report["train"], report["held_out"]
+    if t["dropped"] or e["dropped"]:
+        print(f"massive activations: dropped {t['dropped']:,} of {t['tokens']:,} training tokens "
+              f"({t['dropped_share']:.3%}, {t['dropped_variance_share']:.1%} of the raw variance) and "
+              f"{e['dropped']:,} of {e['tokens']:,} held out, with norm > {ratio:g} x the median {median:.4g}; "
+              f"largest norm {t['max_norm_over_median_before']:.1f} x the median before, "
+              f"{t['max_norm_over_median_after']:.2f} x after")
+    else:
+        print(f"massive activations: none above {ratio:g} x the median norm {median:.4g} "
+              f"(largest {t['max_norm_over_median_before']:.2f} x)" if ratio else "massive activations: not filtered")
+    return train[train.norm(dim=-1) <= threshold], held_out[held_out.norm(dim=-1) <= threshold], report
+
+
 class ShuffledBatches:
     """The shuffling buffer: endless batches of rows, each row exactly once per epoch, in a fresh seeded
     order every epoch, so a batch mixes many contexts. A last batch under half size joins the one before.
@@ -844,12 +886,21 @@ def block_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def layer_input_module(model, layer: int) -> Optional[nn.Module]:
+    """The module whose input is hidden_states[layer]: block `layer`, or, at the last layer, the LM head, whose
+    input is the final residual with the final norm applied. None for an encoder's last layer (no head)."""
+    if layer < model.config.num_hidden_layers:
+        return find_blocks(model)[layer]
+    return model.get_output_embeddings()
+
+
 @torch.inference_mode()
 def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """hidden_states[layer], (b, T, d). Below the last layer this is the input of block `layer`, so a
-    pre-hook there captures it and stops the forward pass: the later blocks and the LM head never run."""
+    """hidden_states[layer], (b, T, d): the input of block `layer` (of the LM head at the last layer). A
+    pre-hook there captures it and stops the forward pass, so nothing after it runs."""
     check_layer(model.config, layer)
-    if layer == model.config.num_hidden_layers:  # the last entry has the final norm applied: run all blocks
+    module = layer_input_module(model, layer)
+    if module is None:  # an encoder's last layer: run every block
         return model.base_model(input_ids=input_ids, output_hidden_states=True).hidden_states[layer]
     captured = []
 
@@ -857,7 +908,7 @@ def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
         captured.append(block_input(args, kwargs))
         raise StopForward
 
-    handle = find_blocks(model)[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    handle = module.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         model(input_ids=input_ids)
     except StopForward:
@@ -875,14 +926,25 @@ def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     return wrapped[:start], wrapped[start + len(plain):]
 
 
+def context_wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens around each context: the tokenizer's own, and its BOS token first when it has one,
+    whether or not it adds it by itself (never twice). With BOS first, the attention sink sits at position 0,
+    which is dropped (SAELens does the same)."""
+    before, after = special_wrapping(tokenizer)
+    bos = tokenizer.bos_token_id
+    if bos is not None and before[:1] != [bos]:
+        before = [bos, *before]
+    return before, after
+
+
 def make_contexts(tokenizer, paths, ctx: int) -> torch.Tensor:
-    """Tokenise the text files into (N, ctx) contexts, each wrapped in the tokenizer's own special tokens."""
+    """Tokenise the text files into (N, ctx) contexts, each wrapped as context_wrapping says."""
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"text file {p} does not exist")
     text = "\n\n".join(Path(p).read_text(errors="replace") for p in paths)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    before, after = special_wrapping(tokenizer)
+    before, after = context_wrapping(tokenizer)
     body = ctx - len(before) - len(after)
     if body < 1 or len(ids) < body:
         raise ValueError(f"text too short: {len(ids)} tokens in {list(map(str, paths))}, but one context of "
@@ -915,51 +977,68 @@ def harvest(model, contexts: torch.Tensor, layer: int, mask: torch.Tensor, batch
     return torch.cat(out)
 
 
+class CE(NamedTuple):
+    mean: float     # mean next-token cross-entropy over the counted positions
+    counted: int    # positions averaged
+    excluded: int   # positions left out: their input norm exceeded max_norm (massive activations)
+
+
 @torch.inference_mode()
 def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, replace=None,
-               batch: int = 16) -> float:
-    """Mean next-token cross-entropy when block `layer`'s input is replaced by replace(h) at the masked
-    positions (None: the clean model)."""
+               batch: int = 16, max_norm: float = math.inf) -> CE:
+    """Next-token cross-entropy when hidden_states[layer] is replaced by replace(h) at the masked positions
+    (None: the clean model). Positions whose activation norm exceeds max_norm keep their activation and are
+    left out of the mean, in every pass alike, so clean, spliced and ablated CE stay comparable."""
     device = next(model.parameters()).device
     current = {}
 
     def splice(module, args, kwargs):
         h = block_input(args, kwargs)
-        keep = current["mask"]
+        current["massive"] = h.norm(dim=-1) > max_norm                             # (b, T)
+        if replace is None:
+            return None
+        keep = current["mask"] & ~current["massive"]
         new = h.clone()
         new[keep] = replace(h[keep].float()).to(h.dtype)
         return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
-    handle = find_blocks(model)[layer].register_forward_pre_hook(splice, with_kwargs=True) if replace else None
-    total, count = 0.0, 0
+    handle = layer_input_module(model, layer).register_forward_pre_hook(splice, with_kwargs=True)
+    total, counted, excluded = 0.0, 0, 0
     try:
         for ids, keep in zip(contexts.split(batch), mask.split(batch)):
             ids = ids.to(device)
             current["mask"] = keep.to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()                   # (b, T-1, vocab)
-            total += float(nnf.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-            count += ids[:, 1:].numel()
+            ce = nnf.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            count = ~current["massive"][:, :-1].flatten()                           # (b*(T-1),)
+            total, counted = total + float(ce[count].sum()), counted + int(count.sum())
+            excluded += int((~count).sum())
     finally:
-        if handle:
-            handle.remove()
-    return total / count
+        handle.remove()
+    return CE(total / counted, counted, excluded)
 
 
-def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: int) -> dict:
+def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: int,
+            max_norm: float = math.inf) -> dict:
     """What splicing the SAE in costs the LM: clean, spliced and zero-ablated CE, and loss recovered."""
-    clean = spliced_ce(model, contexts, mask, layer, None, batch)
-    spliced = spliced_ce(model, contexts, mask, layer, sae, batch)
-    zero = spliced_ce(model, contexts, mask, layer, torch.zeros_like, batch)
-    if zero == clean:  # the layer does not matter to the LM here: the ratio is undefined, not 0 or 1
-        return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero, "loss_recovered": None,
-                "loss_recovered_reason": "zero-ablation CE equals the clean CE"}
-    return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero, "loss_recovered": (zero - spliced) / (zero - clean)}
+    clean = spliced_ce(model, contexts, mask, layer, None, batch, max_norm)
+    spliced = spliced_ce(model, contexts, mask, layer, sae, batch, max_norm).mean
+    zero = spliced_ce(model, contexts, mask, layer, torch.zeros_like, batch, max_norm).mean
+    r = {"ce_clean": clean.mean, "ce_sae": spliced, "ce_zero": zero, "ce_positions": clean.counted,
+         "ce_positions_excluded": clean.excluded}
+    if zero == clean.mean:  # the layer does not matter to the LM here: the ratio is undefined, not 0 or 1
+        return r | {"loss_recovered": None, "loss_recovered_reason": "zero-ablation CE equals the clean CE"}
+    return r | {"loss_recovered": (zero - spliced) / (zero - clean.mean)}
 
 
 def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs).
-    Whole contexts are held out, so the LM cost is measured on text the SAE never saw."""
+    """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs),
+    with massive activations filtered out. Whole contexts are held out, so the LM cost is measured on text
+    the SAE never saw."""
     model, tokenizer, causal = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
+    if tokenizer.bos_token_id is None:
+        print(f"note: the tokenizer of {cfg.model} has no BOS token, so contexts start with its own special "
+              f"tokens {tokenizer.convert_ids_to_tokens(special_wrapping(tokenizer)[0])} or with text")
     contexts = make_contexts(tokenizer, cfg.text, cfg.ctx)                         # (N, T)
     perm = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(seed))
     contexts = contexts[perm]
@@ -973,9 +1052,11 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     if cfg.save_acts:
         write_atomic(cfg.save_acts, lambda tmp: torch.save(torch.cat([train_acts, eval_acts]), tmp))
         print(f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}")
-    splice_ok = causal and cfg.layer < model.config.num_hidden_layers
+    train_acts, eval_acts, report = filter_massive(train_acts, eval_acts, cfg.max_norm_ratio)
+    if not causal:
+        print(f"note: {cfg.model} is not a causal LM, so there is no loss-recovered evaluation")
     return train_acts, eval_acts, {"model": model, "contexts": contexts[:n_eval], "mask": mask[:n_eval],
-                                   "splice": splice_ok}
+                                   "splice": causal, "max_norm": report["train"]["threshold"], "report": report}
 
 
 # ============================================================================= 7. Evaluation
@@ -1023,7 +1104,13 @@ def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> d
             e = x - sae.decode(enc.values, enc.indices)
             aux_num += float((e - sae.sparse_decode(enc.aux_values, enc.aux_indices)).pow(2).sum())
             e_m.add(e)
-    ev = 1.0 - r_m.total_variance() / max(x_m.total_variance(), 1e-12)
+    total, error = x_m.total_variance(), r_m.total_variance()
+    if x_m.count < 2 or not total > 1e-12 * float(x_m.sumsq.sum() / x_m.count):
+        raise ValueError(f"EV is undefined on {x_m.count} rows of {'constant' if x_m.count > 1 else 'too little'} "
+                         f"data: it needs at least 2 rows that vary")
+    if not math.isfinite(error):
+        raise FloatingPointError(f"the reconstruction error is {error} on {x_m.count} rows: the SAE is broken")
+    ev = 1.0 - error / total
     return {"ev": ev, "fvu": 1.0 - ev, "l0": l0 / x_m.count, "dead_fraction": float(dead.float().mean()),
             "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12) if dead.any() else 0.0}
 
@@ -1347,6 +1434,23 @@ def file_or_synthetic_data(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     return split_data(data, s.data.eval_tokens, s.run.seed)
 
 
+def prepared_data(s: Settings, device) -> tuple[torch.Tensor, torch.Tensor, Optional[dict], dict]:
+    """(train, held-out, what lm_cost needs or None, the data report for the JSON), massive activations
+    filtered out of every source alike."""
+    if s.data.model:
+        train, held_out, lm = lm_data(s.data, s.run.seed, device)
+        report = lm.pop("report")
+        source = f"{s.data.model} hidden_states[{s.data.layer}]"
+    else:
+        train, held_out, lm = *file_or_synthetic_data(s), None
+        train, held_out, report = filter_massive(train, held_out, s.data.max_norm_ratio)
+        source = s.data.data or "synthetic block-correlated"
+    report = {"source": source, **report, "input_scale": input_scale(train) if s.data.normalize else None}
+    print(f"data: {train.shape[0]} training rows of width {train.shape[1]} ({source}), "
+          f"{held_out.shape[0]} held out, device {device}")
+    return train, held_out, lm, report
+
+
 def run_one(arch: str, train_data, eval_data, s: Settings, device, progress=True,
             stop: Optional[Callable[[Trainer], bool]] = None) -> tuple[SparseAutoencoder, dict, TrainResult]:
     """Build, train (or resume, with --resume) and evaluate one SAE; returns it, its metrics and its record."""
@@ -1362,6 +1466,11 @@ def run_one(arch: str, train_data, eval_data, s: Settings, device, progress=True
         print(f"{arch}: resuming at step {trainer.step} of {s.train.steps} from {out}")
     result = run_training(sae, batches, s.train, scale, out, s.run.save_every, progress, stop, trainer)
     metrics = evaluate(sae, eval_data)
+    sample = torch.randperm(train_data.shape[0], generator=torch.Generator().manual_seed(s.run.seed))
+    metrics["ev_train"] = evaluate(sae, train_data[sample[:eval_data.shape[0]]])["ev"]  # same EV, training rows
+    if abs(metrics["ev_train"] - metrics["ev"]) > 0.05:
+        print(f"warning: {arch}: EV on training rows ({metrics['ev_train']:.3f}) and held out ({metrics['ev']:.3f}) "
+              f"differ by more than 0.05; look at the data before trusting either", file=sys.stderr)
     metrics.update(sae.config(), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
                    encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=sae.num_params(),
                    ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds, final_train_loss=result.losses[-1], steps=s.train.steps,
@@ -1408,15 +1517,7 @@ def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> di
             Path(s.run.out, arch, name).unlink(missing_ok=True)   # --overwrite: nothing stale from the old run
         write_json(Path(s.run.out, "run.json"), s.to_dict())
     set_seed(s.run.seed)
-    lm = None
-    if s.data.model:
-        train_data, eval_data, lm = lm_data(s.data, s.run.seed, device)
-        source = f"{s.data.model} hidden_states[{s.data.layer}]"
-    else:
-        train_data, eval_data = file_or_synthetic_data(s)
-        source = s.data.data or "synthetic block-correlated"
-    print(f"data: {train_data.shape[0]} training rows of width {train_data.shape[1]} ({source}), "
-          f"{eval_data.shape[0]} held out, device {device}")
+    train_data, eval_data, lm, data_report = prepared_data(s, device)
     sigint_stop, restore = finish_step_on_sigint()
     results = {}
     try:
@@ -1425,7 +1526,7 @@ def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> di
                                             stop=lambda t: sigint_stop(t) or (stop is not None and stop(t)))
             if lm and lm["splice"]:
                 results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
-                                             s.data.model_batch))
+                                             s.data.model_batch, lm["max_norm"]))
     finally:
         restore()
     print(format_table(list(results.values())))
@@ -1437,7 +1538,8 @@ def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> di
     if s.run.out:
         print(f"checkpoints: {', '.join(str(Path(s.run.out, a)) for a in s.sae.archs)}")
     if s.run.json:
-        write_json(s.run.json, {**results, "config": provenance(s, device, time.perf_counter() - start)})
+        write_json(s.run.json, {**results, "data": data_report,
+                                "config": provenance(s, device, time.perf_counter() - start)})
     return results
 
 
@@ -1554,7 +1656,7 @@ def progressive(s: Settings, figure: str = "progressive.png") -> dict:
         check_writable(figure, "figure")
     start, device = time.perf_counter(), pick_device(s.run.device)
     set_seed(s.run.seed)
-    train_data, eval_data = file_or_synthetic_data(s)
+    train_data, eval_data, _, data_report = prepared_data(s, device)
     no_out = dataclasses.replace(s.run, out="", save_every=0)
     results = {}
     for arch in s.sae.archs:
@@ -1582,7 +1684,8 @@ def progressive(s: Settings, figure: str = "progressive.png") -> dict:
         save_progressive_figure(results, figure)
         print(f"figure: {figure}")
     if s.run.json:
-        write_json(s.run.json, {**results, "config": provenance(s, device, time.perf_counter() - start)})
+        write_json(s.run.json, {**results, "data": data_report,
+                                "config": provenance(s, device, time.perf_counter() - start)})
     return results
 
 

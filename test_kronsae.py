@@ -802,7 +802,8 @@ def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
             "--out", str(tmp_path / "ckpt")])
     text = out.read_text()
     results = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-    assert set(results) == {"topk", "kron", "config"}
+    assert set(results) == {"topk", "kron", "data", "config"}
+    assert results["data"]["train"]["tokens"] == 2500 and results["data"]["held_out"]["tokens"] == 500
     for arch in ("topk", "kron"):
         assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params",
                 "ms_per_step"} <= set(results[arch])
