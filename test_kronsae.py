@@ -580,6 +580,93 @@ def test_contexts_and_mask_drop_position_0_and_special_tokens(tiny_lm):
     assert K.harvest(model, contexts, 1, mask, batch=3, max_tokens=50, progress=False).shape == (50, 32)
 
 
+@pytest.fixture(scope="module")
+def sink_lm(tiny_lm, tmp_path_factory):
+    """tiny_lm with one word, "town", made massive: its embedding row is 1,000 times longer, so the residual
+    at its positions dwarfs the rest, as attention sinks do. The text holds it at 7 known places."""
+    from transformers import GPT2LMHeadModel
+    path = tmp_path_factory.mktemp("sink_gpt2")
+    model = GPT2LMHeadModel.from_pretrained(tiny_lm[0])
+    town = WORDS.index("town") + 2
+    with torch.no_grad():
+        model.transformer.wte.weight[town] *= 1000
+    model.save_pretrained(path)
+    for f in tiny_lm[0].glob("tokenizer*"):
+        (path / f.name).write_bytes(f.read_bytes())
+    (path / "special_tokens_map.json").write_bytes((tiny_lm[0] / "special_tokens_map.json").read_bytes()) \
+        if (tiny_lm[0] / "special_tokens_map.json").exists() else None
+    g = torch.Generator().manual_seed(1)
+    words = [WORDS[i] for i in torch.randint(0, len(WORDS) - 1, (6000,), generator=g).tolist()]  # no "town"
+    for i in (3, 800, 1999, 2500, 3777, 4100, 5555):
+        words[i] = "town"                                                   # none at a context's first word
+    (path / "text.txt").write_text(" ".join(words))
+    return path, path / "text.txt", town
+
+
+def test_massive_tokens_are_dropped_counted_and_ignored_by_the_scale(sink_lm, tmp_path):
+    path, text, town = sink_lm
+    out = tmp_path / "m.json"
+    K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16", "--dict-size", "64",
+            "--m", "2", "--n", "4", "--k", "4", "--steps", "30", "--batch", "128", "--eval-tokens", "300",
+            "--normalize", "--arch", "topk", "--save-acts", str(tmp_path / "acts.pt"), "--json", str(out)])
+    data = json.loads(out.read_text())["data"]
+    train, held_out = data["train"], data["held_out"]
+    assert train["dropped"] + held_out["dropped"] == 7                     # each planted "town", nothing else
+    acts = torch.load(tmp_path / "acts.pt")                                # raw: training rows, then held out
+    raw_train = acts[:train["tokens"]]
+    norms = raw_train.norm(dim=-1)
+    massive = norms > 10 * norms.median()
+    assert int(massive.sum()) == train["dropped"] and train["threshold"] == pytest.approx(10 * float(norms.median()))
+    mean = raw_train.double().mean(0)
+    spread = (raw_train.double() - mean).pow(2).sum(-1)
+    assert train["dropped_variance_share"] == pytest.approx(float(spread[massive].sum() / spread.sum()), rel=1e-6)
+    assert train["dropped_variance_share"] > 0.5 and train["max_norm_over_median_before"] > 100
+    assert train["max_norm_over_median_after"] <= 10
+    assert data["input_scale"] == pytest.approx(K.input_scale(raw_train[~massive]), rel=1e-6)
+    assert K.input_scale(raw_train) < 0.6 * data["input_scale"]           # 6 rows of 5,694 would have set it
+
+
+def test_filter_and_identity_splice_give_exactly_full_recovery(sink_lm):
+    path, text, town = sink_lm
+    model, tokenizer, _ = K.load_lm(str(path), "cpu")
+    contexts = K.make_contexts(tokenizer, [text], 16)
+    contexts = contexts[(contexts == town).any(1)][:4]                     # contexts that hold a massive token
+    mask = K.token_mask(contexts, tokenizer.all_special_ids)
+    threshold = 10 * float(K.residual_at(model, contexts, 1)[mask].norm(dim=-1).median())
+    cost = K.lm_cost(torch.nn.Identity(), model, contexts, mask, 1, batch=3, max_norm=threshold)
+    assert cost["loss_recovered"] == 1.0 and cost["ce_sae"] == cost["ce_clean"]
+    assert cost["ce_positions_excluded"] == int((contexts[:, :-1] == town).sum()) == 4
+    assert cost["ce_positions"] == 4 * 15 - 4
+
+
+def test_loss_recovered_works_at_the_last_layer(tiny_lm):
+    path, text = tiny_lm
+    model, tokenizer, _ = K.load_lm(str(path), "cpu")
+    contexts = K.make_contexts(tokenizer, [text], 16)[:6]
+    every = K.token_mask(contexts, [], keep_first=True)                      # splice at every position
+    cost = K.lm_cost(torch.nn.Identity(), model, contexts, every, 2, batch=4)   # 2 = the last of 2 blocks
+    assert cost["loss_recovered"] == 1.0
+    assert cost["ce_zero"] == pytest.approx(math.log(len(WORDS) + 2))   # a zero head input: uniform logits
+
+
+def test_bos_is_prepended_once_and_only_when_the_tokenizer_has_one(tiny_lm):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    path, text = tiny_lm
+    _, adds_bos, _ = K.load_lm(str(path), "cpu")
+    vocab = {"<unk>": 0, "<bos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()                    # no post-processor: adds nothing
+    silent = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>")
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert silent("the cat")["input_ids"] == [2, 3]                        # it does not add <bos> itself
+    for tokenizer, has_bos in ((adds_bos, True), (silent, True), (no_bos, False)):
+        contexts = K.make_contexts(tokenizer, [text], 16)
+        assert contexts.shape[1] == 16
+        assert ((contexts == 1).sum(1) == int(has_bos)).all()             # <bos> once, or never
+        assert (contexts[:, 0] == 1).all() == has_bos                      # and first
+
+
 def test_splicing_x_itself_leaves_the_model_unchanged(tiny_lm):
     path, text = tiny_lm
     model, tokenizer, _ = K.load_lm(str(path), "cpu")
@@ -653,6 +740,18 @@ def test_real_pretrained_minilm_harvest():
 
 
 # ============================================================================= 7. Evaluation
+
+def test_ev_refuses_to_lie():
+    sae = perturb_(kron())
+    with pytest.raises(ValueError, match="constant"):
+        K.evaluate(sae, torch.ones(50, 16, dtype=torch.float64) * 3)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        K.evaluate(sae, torch.randn(1, 16, dtype=torch.float64))
+    with torch.no_grad():
+        sae.W_dec[:] = float("nan")
+    with pytest.raises(FloatingPointError, match="reconstruction error is nan"):
+        K.evaluate(sae, torch.randn(50, 16, dtype=torch.float64))
+
 
 def test_normalized_mse_and_evaluate_match_definitions():
     sae = perturb_(kron(h=8, m=2, n=4, k=4))
@@ -804,6 +903,8 @@ def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
     results = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert set(results) == {"topk", "kron", "data", "config"}
     assert results["data"]["train"]["tokens"] == 2500 and results["data"]["held_out"]["tokens"] == 500
+    for arch in ("topk", "kron"):                           # no outliers here: training and held-out EV agree
+        assert abs(results[arch]["ev_train"] - results[arch]["ev"]) < 0.05
     for arch in ("topk", "kron"):
         assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params",
                 "ms_per_step"} <= set(results[arch])
