@@ -588,7 +588,8 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
 @dataclass
 class DataConfig:
     """Where the activations come from, and how they are prepared."""
-    data: str = opt("", "a .pt or .npy tensor of shape (N, d); empty = synthetic block-correlated data")
+    data: str = opt("", "an activation store (a directory written by `harvest` or --save-acts), or a .pt or .npy "
+                        "tensor of shape (N, d); empty = synthetic block-correlated data")
     model: str = opt("", "a transformers model (hub name or local directory) to harvest activations from")
     layer: int = opt(-1, "with --model: train on hidden_states[layer], the residual stream after block `layer`")
     text: tuple = opt((), "with --model: text file(s) to tokenise into contexts")
@@ -599,13 +600,19 @@ class DataConfig:
                                   "the tokenizer has one, so the sink sits there)")
     max_norm_ratio: float = opt(10.0, "drop tokens whose norm exceeds this many times the median norm (massive "
                                       "activations, attention sinks), in training, held-out and LM-cost data; 0 = keep all")
+    norm_figure: str = opt("", "save a histogram of the training tokens' norms, before and after that filter, here (PNG)")
     normalize: bool = opt(False, "scale inputs so the mean norm is sqrt(d); folded back into the saved SAE")
-    save_acts: str = opt("", "with --model: save the harvested activations (.pt) for later --data runs")
+    save_acts: str = opt("", "with --model: save the harvested activations for later --data runs: an activation "
+                             "store (a directory), or one tensor if the name ends in .pt")
+    dtype: str = opt("float16", "the activation store's dtype: float16, bfloat16 or float32")
+    buffer_tokens: int = opt(1_000_000, "training from a store: shuffle this many rows at a time (the shuffle buffer)")
     eval_tokens: int = opt(8192, "held-out tokens for the final metrics")
 
     def __post_init__(self):
         check_positive(eval_tokens=self.eval_tokens, ctx=self.ctx, model_batch=self.model_batch,
-                       max_tokens=self.max_tokens)
+                       max_tokens=self.max_tokens, buffer_tokens=self.buffer_tokens)
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}")
         if not self.max_norm_ratio >= 0:
             raise ValueError(f"--max-norm-ratio must be >= 0 (0 = no filter), got {self.max_norm_ratio}")
         if self.data and self.model:
@@ -623,7 +630,10 @@ class DataConfig:
         for path in self.text:
             if not Path(path).is_file() or not os.access(path, os.R_OK):
                 raise FileNotFoundError(f"--text: file {path} does not exist or cannot be read")
-        if self.model and self.model.startswith((".", "/", "~")) and not Path(self.model).expanduser().is_dir():
+        local = Path(self.model).expanduser()
+        if self.model.endswith(".gguf") and not local.is_file():
+            raise FileNotFoundError(f"--model: file {self.model} does not exist")
+        if self.model.startswith((".", "/", "~")) and not self.model.endswith(".gguf") and not local.is_dir():
             raise FileNotFoundError(f"--model: directory {self.model} does not exist")
 
 
@@ -646,9 +656,13 @@ DATA_KINDS = (".pt", ".npy")
 
 
 def check_data_path(path: str):
-    """Before any work: `path` is a readable file of a supported kind."""
+    """Before any work: `path` is a finished activation store, or a readable file of a supported kind."""
     if not Path(path).exists():
         raise FileNotFoundError(f"--data: file {path} does not exist")
+    if Path(path).is_dir():
+        if not Path(path, "manifest.json").is_file():
+            raise ValueError(f"--data {path} is a directory but not a finished activation store (no manifest.json)")
+        return
     if Path(path).suffix not in DATA_KINDS or not Path(path).is_file():
         raise ValueError(f"--data must be a {' or '.join(DATA_KINDS)} file of shape (N, d), got {path}")
     if not os.access(path, os.R_OK):
@@ -756,7 +770,44 @@ def norm_report(x: torch.Tensor, threshold: float, median: float) -> dict:
             "max_norm_over_median_after": float(norms[~dropped].max()) / median if (~dropped).any() else None}
 
 
-def filter_massive(train: torch.Tensor, held_out: torch.Tensor, ratio: float) -> tuple[torch.Tensor, ...]:
+def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str = ""):
+    """Token norms on log-log axes, all of them and those the filter keeps: one glance shows whether a few
+    tokens dominate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    norms = x.norm(dim=-1).double()
+    median = float(norms.median())
+    bins = np.logspace(math.log10(float(norms.min())), math.log10(float(norms.max())) + 1e-9, 90)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    ax.hist(norms.numpy(), bins, color="tab:red", label=f"all {len(norms):,} tokens")
+    ax.hist(norms[norms <= threshold].numpy(), bins, color="tab:blue", label="kept by the filter")
+    ax.axvline(median, color="k", lw=1, ls=":", label=f"median {median:.4g}")
+    if math.isfinite(threshold):
+        ax.axvline(threshold, color="k", lw=1, ls="--", label=f"threshold {threshold / median:g} x median")
+    ax.set(xscale="log", yscale="log", xlabel="token norm ||x||", ylabel="tokens", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def print_filter_report(report: dict):
+    t, e, ratio = report["train"], report["held_out"], report["max_norm_ratio"]
+    if t["dropped"] or e["dropped"]:
+        print(f"massive activations: dropped {t['dropped']:,} of {t['tokens']:,} training tokens "
+              f"({t['dropped_share']:.3%}, {t['dropped_variance_share']:.1%} of the raw variance) and "
+              f"{e['dropped']:,} of {e['tokens']:,} held out, with norm > {ratio:g} x the median "
+              f"{t['median_norm']:.4g}; largest norm {t['max_norm_over_median_before']:.1f} x the median before, "
+              f"{t['max_norm_over_median_after']:.2f} x after")
+    else:
+        print(f"massive activations: none above {ratio:g} x the median norm {t['median_norm']:.4g} "
+              f"(largest {t['max_norm_over_median_before']:.2f} x)" if ratio else "massive activations: not filtered")
+
+
+def filter_massive(train: torch.Tensor, held_out: torch.Tensor, ratio: float,
+                   figure: str = "", title: str = "") -> tuple[torch.Tensor, ...]:
     """Drop the tokens whose norm exceeds ratio x the median training-token norm, from both splits alike:
     massive activations (Sun et al. 2024, arXiv 2402.17762), a few tokens with 100 to 10,000 times the median
     norm, usually attention sinks, which would otherwise hold most of the variance. ratio 0 keeps all.
@@ -765,31 +816,55 @@ def filter_massive(train: torch.Tensor, held_out: torch.Tensor, ratio: float) ->
     threshold = ratio * median if ratio else math.inf
     report = {"max_norm_ratio": ratio, "train": norm_report(train, threshold, median),
               "held_out": norm_report(held_out, threshold, median)}
-    t, e = report["train"], report["held_out"]
-    if t["dropped"] or e["dropped"]:
-        print(f"massive activations: dropped {t['dropped']:,} of {t['tokens']:,} training tokens "
-              f"({t['dropped_share']:.3%}, {t['dropped_variance_share']:.1%} of the raw variance) and "
-              f"{e['dropped']:,} of {e['tokens']:,} held out, with norm > {ratio:g} x the median {median:.4g}; "
-              f"largest norm {t['max_norm_over_median_before']:.1f} x the median before, "
-              f"{t['max_norm_over_median_after']:.2f} x after")
-    else:
-        print(f"massive activations: none above {ratio:g} x the median norm {median:.4g} "
-              f"(largest {t['max_norm_over_median_before']:.2f} x)" if ratio else "massive activations: not filtered")
+    if figure:
+        save_norm_histogram(train, threshold, figure, title)
+        print(f"norm histogram: {figure}")
+    print_filter_report(report)
     return train[train.norm(dim=-1) <= threshold], held_out[held_out.norm(dim=-1) <= threshold], report
 
 
-class ShuffledBatches:
-    """The shuffling buffer: endless batches of rows, each row exactly once per epoch, in a fresh seeded
-    order every epoch, so a batch mixes many contexts. A last batch under half size joins the one before.
-    state_dict() is the data cursor: the generator's state at the start of the epoch, and the position."""
+class Rows(NamedTuple):
+    """A source of training rows: `count` of them, and fetch(index (m,)) -> (m, d) float32."""
+    count: int
+    fetch: Callable[[torch.Tensor], torch.Tensor]
 
-    def __init__(self, data: torch.Tensor, batch: int, generator: torch.Generator):
-        self.data, self.batch, self.generator = data, batch, generator
+
+class ShuffledBatches:
+    """The shuffle buffer: endless batches, each training row exactly once per epoch, in a fresh seeded order
+    every epoch, so that a batch mixes many contexts. A last batch under half size joins the one before.
+
+    `data` is an (N, d) tensor or a list of Rows (the shards of a store). When they hold more than `window`
+    rows, each epoch visits the sources in a seeded order, `window` rows' worth at a time, and shuffles within
+    that window: only the rows of the current batch are ever fetched. With rank and world (data parallel),
+    each process gets its own slice of every global batch. state_dict() is the data cursor: the generator's
+    state at the start of the epoch, the window and the position in it.
+    """
+
+    def __init__(self, data, batch: int, generator: torch.Generator, window: float = math.inf,
+                 rank: int = 0, world: int = 1):
+        self.sources = [Rows(data.shape[0], data.__getitem__)] if isinstance(data, torch.Tensor) else list(data)
+        self.batch, self.generator, self.window, self.rank, self.world = batch, generator, window, rank, world
         self.new_epoch()
 
     def new_epoch(self):
         self.epoch_start = self.generator.get_state()
-        chunks = list(torch.randperm(self.data.shape[0], generator=self.generator).split(self.batch))
+        order = list(range(len(self.sources)))
+        if sum(s.count for s in self.sources) > self.window:  # several windows: visit the sources in a seeded order
+            order = torch.randperm(len(order), generator=self.generator).tolist()
+        self.windows, current = [], []
+        for i in order:
+            current.append(i)
+            if sum(self.sources[j].count for j in current) >= self.window:
+                self.windows, current = self.windows + [current], []
+        self.windows += [current] if current else []
+        self.window_index = -1
+        self.next_window()
+
+    def next_window(self):
+        self.window_index += 1
+        ids = self.windows[self.window_index]
+        self.starts = np.cumsum([0] + [self.sources[i].count for i in ids])            # window row -> source
+        chunks = list(torch.randperm(int(self.starts[-1]), generator=self.generator).split(self.batch))
         if len(chunks) > 1 and chunks[-1].numel() < self.batch // 2:
             chunks[-2:] = [torch.cat(chunks[-2:])]
         self.chunks, self.position = chunks, 0
@@ -799,21 +874,164 @@ class ShuffledBatches:
 
     def __next__(self) -> torch.Tensor:
         if self.position == len(self.chunks):
-            self.new_epoch()
+            if self.window_index + 1 == len(self.windows):
+                self.new_epoch()
+            else:
+                self.next_window()
+        chunk = self.chunks[self.position]
         self.position += 1
-        return self.data[self.chunks[self.position - 1]]
+        part = chunk[self.rank * len(chunk) // self.world:(self.rank + 1) * len(chunk) // self.world]
+        ids = self.windows[self.window_index]
+        if len(ids) == 1:
+            return self.sources[ids[0]].fetch(part)
+        source = np.searchsorted(self.starts, part.numpy(), side="right") - 1          # (m,) which source
+        out = None
+        for k in np.unique(source):  # fetch each source's rows at once, keep the batch's order
+            at = torch.from_numpy(np.flatnonzero(source == k))
+            rows = self.sources[ids[k]].fetch(part[at] - int(self.starts[k]))
+            out = rows.new_empty(len(part), rows.shape[1]) if out is None else out
+            out[at] = rows
+        return out
 
     def state_dict(self) -> dict:
-        return {"epoch_start": self.epoch_start, "position": self.position}
+        return {"epoch_start": self.epoch_start, "window": self.window_index, "position": self.position}
 
     def load_state_dict(self, state: dict):
         self.generator.set_state(state["epoch_start"])
         self.new_epoch()
+        while self.window_index < state["window"]:
+            self.next_window()
         self.position = state["position"]
 
 
 def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator) -> ShuffledBatches:
     return ShuffledBatches(data, batch, generator)
+
+
+# ---------------------------------------------------------------- the activation store (harvest once, train many)
+# A store is a directory: shard_00000.npy (n, d) activations, offsets_00000.npy (contexts + 1,) int64 row
+# offsets of the whole contexts in that shard, norms_00000.npy (n,) float32 token norms, ..., and
+# manifest.json, written last. bfloat16, which numpy lacks, is stored as its uint16 bit patterns.
+
+STORE_DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
+                "float32": (np.float32, torch.float32)}
+
+
+class StoreWriter:
+    """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
+    manifest last and atomically, so a store without manifest.json is unfinished, never mistaken for whole."""
+
+    def __init__(self, directory: str, d: int, dtype: str = "float16", shard_tokens: int = 1 << 18):
+        self.directory, self.d, self.dtype, self.shard_tokens = Path(directory), d, dtype, shard_tokens
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shards, self.pending, self.lengths = [], [], []
+
+    def add(self, acts: torch.Tensor, lengths: list[int]):
+        """acts (n, d): the kept rows of len(lengths) whole contexts, lengths[i] rows from context i."""
+        limit = torch.finfo(STORE_DTYPES[self.dtype][1]).max
+        if not torch.isfinite(acts).all() or float(acts.abs().max()) > limit:
+            raise ValueError(f"activations reach {float(acts.abs().max()):.4g}, beyond --dtype {self.dtype}'s "
+                             f"largest value {limit:.4g}; use --dtype bfloat16 or float32")
+        self.pending.append(acts)
+        self.lengths += lengths
+        if sum(a.shape[0] for a in self.pending) >= self.shard_tokens:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        acts = torch.cat(self.pending).float()
+        name = f"{len(self.shards):05d}"
+        cast = acts.to(STORE_DTYPES[self.dtype][1])
+        array = cast.view(torch.int16).numpy().view(np.uint16) if self.dtype == "bfloat16" else cast.numpy()
+        norms = cast.float().norm(dim=-1).numpy()          # of the stored values, so a reader gets the same
+        for prefix, value in (("shard", array), ("norms", norms),
+                              ("offsets", np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64))):
+            write_atomic(self.directory / f"{prefix}_{name}.npy", lambda tmp, v=value: np.save(open(tmp, "wb"), v))
+        self.shards.append({"name": name, "tokens": acts.shape[0], "contexts": len(self.lengths)})
+        self.pending, self.lengths = [], []
+
+    def finish(self, **info) -> dict:
+        self.flush()
+        norms = np.concatenate([np.load(self.directory / f"norms_{s['name']}.npy") for s in self.shards])
+        manifest = {"format": "kronsae activation store", "version": 1, "d": self.d, "dtype": self.dtype,
+                    "tokens": int(sum(s["tokens"] for s in self.shards)),
+                    "contexts": int(sum(s["contexts"] for s in self.shards)), "shards": self.shards,
+                    "norms": {"median": float(np.median(norms)), "mean": float(norms.mean()),
+                              "max": float(norms.max()), "p99": float(np.quantile(norms, 0.99))}, **info}
+        write_json(self.directory / "manifest.json", manifest)
+        return manifest
+
+
+class ActivationStore:
+    """A finished store, memory-mapped: rows are read only when asked for, so it is never loaded whole."""
+
+    def __init__(self, directory: str):
+        self.directory = Path(directory)
+        path = self.directory / "manifest.json"
+        if not path.is_file():
+            raise ValueError(f"{directory} is not a finished activation store: manifest.json is missing "
+                             f"(an interrupted harvest leaves none; run the harvest again into an empty --out)")
+        try:
+            self.manifest = json.loads(path.read_text())
+            self.d, self.dtype = self.manifest["d"], self.manifest["dtype"]
+            self.shards = [np.load(self.directory / f"shard_{s['name']}.npy", mmap_mode="r")
+                           for s in self.manifest["shards"]]
+            self.norms = [np.load(self.directory / f"norms_{s['name']}.npy", mmap_mode="r")
+                          for s in self.manifest["shards"]]
+            self.offsets = [np.load(self.directory / f"offsets_{s['name']}.npy") for s in self.manifest["shards"]]
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"activation store {directory} is damaged ({type(err).__name__}: {err})") from None
+        for s, shard, offsets in zip(self.manifest["shards"], self.shards, self.offsets):
+            if shard.shape != (s["tokens"], self.d) or offsets[-1] != s["tokens"]:
+                raise ValueError(f"activation store {directory} is damaged: shard {s['name']} has shape "
+                                 f"{shard.shape}, the manifest says ({s['tokens']}, {self.d})")
+
+    def rows(self, shard: int, index) -> torch.Tensor:
+        """Rows `index` of shard `shard` as float32, (m, d)."""
+        t = torch.from_numpy(np.ascontiguousarray(self.shards[shard][np.asarray(index)]))
+        return (t.view(torch.bfloat16) if self.dtype == "bfloat16" else t).float()
+
+    def split(self, eval_tokens: int, seed: int, ratio: float):
+        """Hold out whole contexts, chosen by the seed, until they hold eval_tokens rows; drop every row whose
+        norm exceeds ratio x the median training norm, as filter_massive does. Returns (training Rows per
+        shard, held-out rows (n, d) in RAM, the filter's report, the input scale). Memory: the norms, one
+        index per training row, the held-out rows and one chunk at a time."""
+        counts = np.concatenate([np.diff(o) for o in self.offsets])                    # rows per context
+        if counts.sum() <= eval_tokens:
+            raise ValueError(f"need more than eval_tokens={eval_tokens} rows of data, the store has {counts.sum()}")
+        order = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed)).numpy()
+        held = np.zeros(len(counts), dtype=bool)
+        held[order[:int(np.searchsorted(np.cumsum(counts[order]), eval_tokens)) + 1]] = True
+        held_rows = np.split(np.repeat(held, counts), np.cumsum([len(n) for n in self.norms])[:-1])
+        norms = [np.asarray(n) for n in self.norms]
+        train_norms = np.concatenate([n[~h] for n, h in zip(norms, held_rows)])
+        median = float(np.partition(train_norms, (len(train_norms) - 1) // 2)[(len(train_norms) - 1) // 2])  # lower median, as torch
+        threshold = ratio * median if ratio else math.inf
+        train, held_out, total = [], [], np.zeros(self.d)
+        dropped = []
+        for k, (n, h) in enumerate(zip(norms, held_rows)):
+            index = np.flatnonzero(~h & (n <= threshold))
+            train.append(Rows(len(index), lambda i, k=k, index=index: self.rows(k, index[i.numpy()])))
+            held_out.append(self.rows(k, np.flatnonzero(h)))
+            for chunk in np.array_split(np.flatnonzero(~h), max(1, int(np.sum(~h)) // 65536)):  # sum of x, chunked
+                total += self.rows(k, chunk).double().sum(0).numpy()
+            dropped.append(self.rows(k, np.flatnonzero(~h & (n > threshold))))
+        dropped = torch.cat(dropped).double()
+        mean = total / len(train_norms)
+        spread = lambda sq, sx, m: float(sq - 2 * mean @ sx + m * mean @ mean)         # sum of ||x - mean||^2
+        share = spread(float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped)) / \
+            spread(float((train_norms.astype(np.float64) ** 2).sum()), total, len(train_norms))
+        kept = train_norms[train_norms <= threshold]
+        report_train = {"tokens": len(train_norms), "dropped": len(dropped), "dropped_share": len(dropped) / len(train_norms),
+                        "dropped_variance_share": share, "median_norm": median, "threshold": threshold,
+                        "max_norm_over_median_before": float(train_norms.max()) / median,
+                        "max_norm_over_median_after": float(kept.max()) / median if len(kept) else None}
+        held_out = torch.cat(held_out)
+        report = {"max_norm_ratio": ratio, "train": report_train,
+                  "held_out": norm_report(held_out, threshold, median)}
+        held_out = held_out[held_out.norm(dim=-1) <= threshold][:eval_tokens]
+        return train, held_out, report, math.sqrt(self.d) / float(kept.mean(dtype=np.float64))
 
 
 def input_scale(data: torch.Tensor) -> float:
@@ -837,16 +1055,21 @@ class StopForward(Exception):
 
 
 def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] = None):
-    """(model, tokenizer, causal) from a hub name or local directory, in eval mode. The layer index and
-    the context length are checked against the config before any weights are loaded."""
+    """(model, tokenizer, causal) from a hub name, a local directory or a .gguf file, in eval mode. The layer
+    index and the context length are checked against the config before any weights are loaded. A .gguf file
+    (llama.cpp's format) is dequantised to float32 by transformers, which needs the gguf and accelerate packages."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    name = str(name)
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():  # a path, not a hub name
+    name, extra = str(name), {}
+    if name.endswith(".gguf"):
+        if not Path(name).expanduser().is_file():
+            raise ValueError(f"model file {name} does not exist")
+        name, extra = str(Path(name).expanduser().parent), {"gguf_file": Path(name).name}
+    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():  # a path, not a hub name
         raise ValueError(f"model directory {name} does not exist; pass a local directory holding "
                          f"config.json, the weights and the tokenizer, or a hub name")
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, **extra)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without network "
                          f"access pass a local directory, e.g. one written by save_pretrained().") from None
@@ -857,9 +1080,9 @@ def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] =
         raise ValueError(f"--ctx {ctx} is longer than {name}'s maximum of {positions} positions")
     try:
         causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # saved architectures: GPT2LMHeadModel, ...
-        causal = any(a in causal_names for a in (config.architectures or []))
-        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        causal = bool(extra) or any(a in causal_names for a in (config.architectures or []))  # GGUF: an LM
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without network "
                          f"access pass a local directory, e.g. one written by save_pretrained().") from None
@@ -1031,6 +1254,21 @@ def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: in
     return r | {"loss_recovered": (zero - spliced) / (zero - clean.mean)}
 
 
+def dropped_tokens(acts: torch.Tensor, threshold: float, contexts: torch.Tensor, mask: torch.Tensor,
+                   tokenizer, top: int = 8) -> dict:
+    """Which tokens, at which positions, the norm filter dropped: the most common of each, with counts.
+    acts (n, d) are the rows harvested from contexts (N, T) at `mask`, in order."""
+    dropped = (acts.norm(dim=-1) > threshold).nonzero().squeeze(1)                    # rows
+    ids = contexts[mask][dropped]                                                      # (n_dropped,)
+    positions = torch.arange(contexts.shape[1]).expand_as(contexts)[mask][dropped]
+    def most_common(values, name):
+        v, c = values.unique(return_counts=True)
+        order = c.argsort(descending=True)[:top]
+        return {name(int(v[i])): int(c[i]) for i in order}
+    return {"dropped_tokens": most_common(ids, lambda t: tokenizer.convert_ids_to_tokens(t)),
+            "dropped_positions": most_common(positions, str)}
+
+
 def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs),
     with massive activations filtered out. Whole contexts are held out, so the LM cost is measured on text
@@ -1052,7 +1290,11 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     if cfg.save_acts:
         write_atomic(cfg.save_acts, lambda tmp: torch.save(torch.cat([train_acts, eval_acts]), tmp))
         print(f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}")
-    train_acts, eval_acts, report = filter_massive(train_acts, eval_acts, cfg.max_norm_ratio)
+    raw = train_acts
+    train_acts, eval_acts, report = filter_massive(train_acts, eval_acts, cfg.max_norm_ratio, cfg.norm_figure,
+                                                   f"{Path(cfg.model).name}, hidden_states[{cfg.layer}]")
+    report["train"].update(dropped_tokens(raw, report["train"]["threshold"], contexts[n_eval:], mask[n_eval:],
+                                          tokenizer))
     if not causal:
         print(f"note: {cfg.model} is not a causal LM, so there is no loss-recovered evaluation")
     return train_acts, eval_acts, {"model": model, "contexts": contexts[:n_eval], "mask": mask[:n_eval],
@@ -1380,7 +1622,8 @@ class Settings:
         inputs readable, outputs writable, --out not already holding a run, the device present."""
         self.data.check_inputs()
         check_device(self.run.device)
-        for flag, path in (("json", self.run.json), ("save-acts", self.data.save_acts)):
+        for flag, path in (("json", self.run.json), ("save-acts", self.data.save_acts),
+                           ("norm-figure", self.data.norm_figure)):
             if path:
                 check_writable(path, flag)
         if self.run.out:
@@ -1427,6 +1670,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+class TrainData(NamedTuple):
+    """The training rows, as ShuffledBatches takes them: an (N, d) tensor, or a store's shards as Rows."""
+    rows: object
+    d: int
+    tokens: int
+    scale: float  # sqrt(d) / mean norm: the --normalize scale
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> TrainData:
+        return cls(x, x.shape[1], x.shape[0], input_scale(x))
+
+
 def file_or_synthetic_data(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) rows from --data, or synthetic block-correlated data when no file is given."""
     n = s.train.steps * s.train.batch // 4 + s.data.eval_tokens
@@ -1434,31 +1689,41 @@ def file_or_synthetic_data(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     return split_data(data, s.data.eval_tokens, s.run.seed)
 
 
-def prepared_data(s: Settings, device) -> tuple[torch.Tensor, torch.Tensor, Optional[dict], dict]:
-    """(train, held-out, what lm_cost needs or None, the data report for the JSON), massive activations
-    filtered out of every source alike."""
+def prepared_data(s: Settings, device) -> tuple[TrainData, torch.Tensor, Optional[dict], dict]:
+    """(training data, held-out rows, what lm_cost needs or None, the data report for the JSON), with massive
+    activations filtered out of every source alike. A store is memory-mapped, never loaded whole."""
+    lm, source = None, s.data.data or "synthetic block-correlated"
     if s.data.model:
         train, held_out, lm = lm_data(s.data, s.run.seed, device)
-        report = lm.pop("report")
+        report, train = lm.pop("report"), TrainData.of(train)
         source = f"{s.data.model} hidden_states[{s.data.layer}]"
+    elif s.data.data and Path(s.data.data).is_dir():
+        store = ActivationStore(s.data.data)
+        rows, held_out, report, scale = store.split(s.data.eval_tokens, s.run.seed, s.data.max_norm_ratio)
+        train = TrainData(rows, store.d, sum(r.count for r in rows), scale)
+        report["store"] = {k: v for k, v in store.manifest.items() if k != "shards"}
+        print_filter_report(report)
     else:
-        train, held_out, lm = *file_or_synthetic_data(s), None
-        train, held_out, report = filter_massive(train, held_out, s.data.max_norm_ratio)
-        source = s.data.data or "synthetic block-correlated"
-    report = {"source": source, **report, "input_scale": input_scale(train) if s.data.normalize else None}
-    print(f"data: {train.shape[0]} training rows of width {train.shape[1]} ({source}), "
+        train, held_out = file_or_synthetic_data(s)
+        train, held_out, report = filter_massive(train, held_out, s.data.max_norm_ratio, s.data.norm_figure,
+                                                 Path(s.data.data).name if s.data.data else "synthetic")
+        train = TrainData.of(train)
+    report = {"source": source, **report, "input_scale": train.scale if s.data.normalize else None}
+    print(f"data: {train.tokens} training rows of width {train.d} ({source}), "
           f"{held_out.shape[0]} held out, device {device}")
     return train, held_out, lm, report
 
 
-def run_one(arch: str, train_data, eval_data, s: Settings, device, progress=True,
+def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, progress=True,
             stop: Optional[Callable[[Trainer], bool]] = None) -> tuple[SparseAutoencoder, dict, TrainResult]:
     """Build, train (or resume, with --resume) and evaluate one SAE; returns it, its metrics and its record."""
     set_seed(s.run.seed)
-    sae = s.sae.build(arch, train_data.shape[1]).to(device)
-    check_data(train_data, sae.d_in)
-    batches = shuffled_batches(train_data, s.train.batch, torch.Generator().manual_seed(s.run.seed))
-    scale = input_scale(train_data) if s.data.normalize else 1.0
+    sae = s.sae.build(arch, train_data.d).to(device)
+    if isinstance(train_data.rows, torch.Tensor):
+        check_data(train_data.rows, sae.d_in)
+    batches = ShuffledBatches(train_data.rows, s.train.batch, torch.Generator().manual_seed(s.run.seed),
+                              s.data.buffer_tokens)
+    scale = train_data.scale if s.data.normalize else 1.0
     out = str(Path(s.run.out, arch)) if s.run.out else ""
     trainer = None
     if s.run.resume and Path(out, "train_state.pt").exists():
@@ -1466,15 +1731,16 @@ def run_one(arch: str, train_data, eval_data, s: Settings, device, progress=True
         print(f"{arch}: resuming at step {trainer.step} of {s.train.steps} from {out}")
     result = run_training(sae, batches, s.train, scale, out, s.run.save_every, progress, stop, trainer)
     metrics = evaluate(sae, eval_data)
-    sample = torch.randperm(train_data.shape[0], generator=torch.Generator().manual_seed(s.run.seed))
-    metrics["ev_train"] = evaluate(sae, train_data[sample[:eval_data.shape[0]]])["ev"]  # same EV, training rows
+    sample = next(ShuffledBatches(train_data.rows, eval_data.shape[0], torch.Generator().manual_seed(s.run.seed),
+                                  s.data.buffer_tokens))                             # fixed training rows
+    metrics["ev_train"] = evaluate(sae, sample)["ev"]                                  # the same EV on them
     if abs(metrics["ev_train"] - metrics["ev"]) > 0.05:
         print(f"warning: {arch}: EV on training rows ({metrics['ev_train']:.3f}) and held out ({metrics['ev']:.3f}) "
               f"differ by more than 0.05; look at the data before trusting either", file=sys.stderr)
     metrics.update(sae.config(), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
                    encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=sae.num_params(),
-                   ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds, final_train_loss=result.losses[-1], steps=s.train.steps,
-                   batch=s.train.batch, device=str(device))
+                   ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds,
+                   final_train_loss=result.losses[-1], steps=s.train.steps, batch=s.train.batch, device=str(device))
     return sae, metrics, result
 
 

