@@ -29,11 +29,13 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -921,20 +923,21 @@ class StoreWriter:
     """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
     manifest last and atomically, so a store without manifest.json is unfinished, never mistaken for whole."""
 
-    def __init__(self, directory: str, d: int, dtype: str = "float16", shard_tokens: int = 1 << 18):
-        self.directory, self.d, self.dtype, self.shard_tokens = Path(directory), d, dtype, shard_tokens
+    def __init__(self, directory: str, dtype: str = "float16", shard_bytes: int = 1 << 28):
+        self.directory, self.dtype, self.shard_bytes, self.d = Path(directory), dtype, shard_bytes, None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shards, self.pending, self.lengths = [], [], []
 
     def add(self, acts: torch.Tensor, lengths: list[int]):
         """acts (n, d): the kept rows of len(lengths) whole contexts, lengths[i] rows from context i."""
+        self.d = acts.shape[1]
         limit = torch.finfo(STORE_DTYPES[self.dtype][1]).max
         if not torch.isfinite(acts).all() or float(acts.abs().max()) > limit:
             raise ValueError(f"activations reach {float(acts.abs().max()):.4g}, beyond --dtype {self.dtype}'s "
                              f"largest value {limit:.4g}; use --dtype bfloat16 or float32")
         self.pending.append(acts)
         self.lengths += lengths
-        if sum(a.shape[0] for a in self.pending) >= self.shard_tokens:
+        if sum(a.numel() for a in self.pending) * 4 >= self.shard_bytes:   # float32 while pending
             self.flush()
 
     def flush(self):
@@ -953,12 +956,18 @@ class StoreWriter:
 
     def finish(self, **info) -> dict:
         self.flush()
+        if not self.shards:
+            raise ValueError(f"no activations to write to {self.directory}")
         norms = np.concatenate([np.load(self.directory / f"norms_{s['name']}.npy") for s in self.shards])
         manifest = {"format": "kronsae activation store", "version": 1, "d": self.d, "dtype": self.dtype,
                     "tokens": int(sum(s["tokens"] for s in self.shards)),
                     "contexts": int(sum(s["contexts"] for s in self.shards)), "shards": self.shards,
-                    "norms": {"median": float(np.median(norms)), "mean": float(norms.mean()),
-                              "max": float(norms.max()), "p99": float(np.quantile(norms, 0.99))}, **info}
+                    "norms": {"median": float(np.median(norms)), "mean": float(norms.mean(dtype=np.float64)),
+                              "p99": float(np.quantile(norms, 0.99)), "max": float(norms.max())}, **info}
+        ratio = manifest.get("max_norm_ratio") or 0
+        threshold = ratio * float(np.median(norms)) if ratio else math.inf
+        manifest["norms"].update(above_threshold=int((norms > threshold).sum()), threshold=threshold,
+                                 input_scale=math.sqrt(self.d) / float(norms[norms <= threshold].mean(dtype=np.float64)))
         write_json(self.directory / "manifest.json", manifest)
         return manifest
 
@@ -1160,19 +1169,43 @@ def context_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     return before, after
 
 
-def make_contexts(tokenizer, paths, ctx: int) -> torch.Tensor:
-    """Tokenise the text files into (N, ctx) contexts, each wrapped as context_wrapping says."""
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"text file {p} does not exist")
-    text = "\n\n".join(Path(p).read_text(errors="replace") for p in paths)
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+def text_blocks(paths, block: int = 1 << 20) -> Iterator[str]:
+    """The text files, about `block` characters at a time, cut at line ends; files are joined by a blank line."""
+    for n, path in enumerate(paths):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"text file {path} does not exist")
+        with open(path, errors="replace") as f:
+            first = True
+            while text := f.read(block) + f.readline():
+                yield ("\n\n" if n and first else "") + text
+                first = False
+
+
+def iter_contexts(tokenizer, paths, ctx: int) -> Iterator[list[int]]:
+    """Contexts of ctx token ids, wrapped as context_wrapping says, tokenised lazily: the text is read and
+    tokenised only as far as the contexts taken from this iterator need."""
     before, after = context_wrapping(tokenizer)
     body = ctx - len(before) - len(after)
-    if body < 1 or len(ids) < body:
-        raise ValueError(f"text too short: {len(ids)} tokens in {list(map(str, paths))}, but one context of "
+    if body < 1:
+        raise ValueError(f"ctx={ctx} leaves no room for text after {len(before) + len(after)} special tokens")
+    ids = []
+    for text in text_blocks(paths):
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        while len(ids) >= body:
+            yield before + ids[:body] + after
+            ids = ids[body:]
+
+
+def make_contexts(tokenizer, paths, ctx: int, limit: Optional[int] = None) -> torch.Tensor:
+    """The first `limit` contexts (all when None) as an (N, ctx) tensor; the text past them is never read."""
+    contexts = list(itertools.islice(iter_contexts(tokenizer, paths, ctx), limit))
+    if not contexts:
+        before, after = context_wrapping(tokenizer)
+        body = ctx - len(before) - len(after)
+        count = len(tokenizer("".join(text_blocks(paths)), add_special_tokens=False, verbose=False)["input_ids"])
+        raise ValueError(f"text too short: {count} tokens in {list(map(str, paths))}, but one context of "
                          f"ctx={ctx} needs {body} (plus {ctx - body} special tokens)")
-    return torch.tensor([before + ids[i:i + body] + after for i in range(0, len(ids) - body + 1, body)])
+    return torch.tensor(contexts)
 
 
 def token_mask(input_ids: torch.Tensor, special_ids, keep_first: bool = False) -> torch.Tensor:
@@ -1277,7 +1310,9 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     if tokenizer.bos_token_id is None:
         print(f"note: the tokenizer of {cfg.model} has no BOS token, so contexts start with its own special "
               f"tokens {tokenizer.convert_ids_to_tokens(special_wrapping(tokenizer)[0])} or with text")
-    contexts = make_contexts(tokenizer, cfg.text, cfg.ctx)                         # (N, T)
+    before, after = context_wrapping(tokenizer)                                     # read only what is needed:
+    per_context = max(1, cfg.ctx - len(before) - len(after) - 1)                   # rows kept per context, at least
+    contexts = make_contexts(tokenizer, cfg.text, cfg.ctx, (cfg.max_tokens + cfg.eval_tokens) // per_context + 2)
     perm = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(seed))
     contexts = contexts[perm]
     mask = token_mask(contexts, tokenizer.all_special_ids, cfg.keep_first)        # (N, T)
@@ -1287,8 +1322,15 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
                          f"eval_tokens={cfg.eval_tokens} takes {n_eval}; add text or lower --eval-tokens")
     train_acts = harvest(model, contexts[n_eval:], cfg.layer, mask[n_eval:], cfg.model_batch, cfg.max_tokens)
     eval_acts = harvest(model, contexts[:n_eval], cfg.layer, mask[:n_eval], cfg.model_batch, cfg.eval_tokens)
-    if cfg.save_acts:
+    if cfg.save_acts.endswith(".pt"):
         write_atomic(cfg.save_acts, lambda tmp: torch.save(torch.cat([train_acts, eval_acts]), tmp))
+    elif cfg.save_acts:
+        writer = StoreWriter(cfg.save_acts, cfg.dtype)
+        for acts, part in ((train_acts, mask[n_eval:]), (eval_acts, mask[:n_eval])):
+            lengths = part.sum(1).cumsum(0).clamp(max=acts.shape[0]).diff(prepend=torch.zeros(1, dtype=torch.long))
+            writer.add(acts, [n for n in lengths.tolist() if n])
+        writer.finish(**store_info(cfg, tokenizer, 0.0))
+    if cfg.save_acts:
         print(f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}")
     raw = train_acts
     train_acts, eval_acts, report = filter_massive(train_acts, eval_acts, cfg.max_norm_ratio, cfg.norm_figure,
@@ -1299,6 +1341,53 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
         print(f"note: {cfg.model} is not a causal LM, so there is no loss-recovered evaluation")
     return train_acts, eval_acts, {"model": model, "contexts": contexts[:n_eval], "mask": mask[:n_eval],
                                    "splice": causal, "max_norm": report["train"]["threshold"], "report": report}
+
+
+def file_digest(path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
+    """What a store's manifest says about how it was made: the model and layer, the context, the treatment
+    of BOS, position 0, special tokens and massive activations, and the text files with their hashes."""
+    before, _ = special_wrapping(tokenizer)
+    bos = tokenizer.bos_token_id
+    return {"model": cfg.model, "layer": cfg.layer, "ctx": cfg.ctx, "harvest_seconds": seconds,
+            "bos": "none" if bos is None else "added by the tokenizer" if before[:1] == [bos] else "prepended",
+            "position_0": "kept" if cfg.keep_first else "dropped", "special_tokens": "dropped",
+            "max_norm_ratio": cfg.max_norm_ratio, "massive_activations": "kept in the store; training drops them",
+            "text": [file_digest(p) for p in cfg.text], "torch": torch.__version__}
+
+
+def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> dict:
+    """Write hidden_states[layer] of --model on --text to an activation store, shard by shard: the text is
+    tokenised lazily and reading stops at max_tokens, so memory holds one model batch and one shard."""
+    model, tokenizer, _ = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
+    writer, total, start = StoreWriter(out, cfg.dtype), 0, time.perf_counter()
+    contexts = iter_contexts(tokenizer, cfg.text, cfg.ctx)
+    with tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc=f"harvest layer {cfg.layer}",
+              disable=not progress) as bar:
+        while total < cfg.max_tokens and (batch := list(itertools.islice(contexts, cfg.model_batch))):
+            ids = torch.tensor(batch)                                                   # (b, T)
+            mask = token_mask(ids, tokenizer.all_special_ids, cfg.keep_first)
+            acts = residual_at(model, ids.to(device), cfg.layer)[mask.to(device)].float().cpu()[:cfg.max_tokens - total]
+            lengths = mask.sum(1).cumsum(0).clamp(max=acts.shape[0]).diff(prepend=torch.zeros(1, dtype=torch.long))
+            writer.add(acts, [n for n in lengths.tolist() if n])
+            total += acts.shape[0]
+            bar.update(acts.shape[0])
+    if total < cfg.max_tokens:
+        print(f"note: the text ran out after {total:,} tokens, before --max-tokens {cfg.max_tokens:,}")
+    seconds = time.perf_counter() - start
+    manifest = writer.finish(**store_info(cfg, tokenizer, seconds))
+    print(f"wrote {manifest['tokens']:,} tokens of {manifest['contexts']:,} contexts to {out} in "
+          f"{len(manifest['shards'])} shards ({manifest['dtype']}); {total / seconds:,.0f} tokens/s, "
+          f"{seconds / total * 1e6 / 60:.1f} min per million tokens; {manifest['norms']['above_threshold']} "
+          f"tokens above {cfg.max_norm_ratio:g} x the median norm")
+    return manifest
 
 
 # ============================================================================= 7. Evaluation
@@ -1625,7 +1714,9 @@ class Settings:
         for flag, path in (("json", self.run.json), ("save-acts", self.data.save_acts),
                            ("norm-figure", self.data.norm_figure)):
             if path:
-                check_writable(path, flag)
+                check_writable(path, flag, directory=flag == "save-acts" and not path.endswith(".pt"))
+        if self.data.save_acts and not self.data.save_acts.endswith(".pt"):
+            check_store_out(self.data.save_acts, self.run.overwrite)
         if self.run.out:
             check_writable(self.run.out, "out", directory=True)
             if holds_run(self.run.out) and not (self.run.overwrite or self.run.resume):
@@ -2155,10 +2246,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
 
-def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str):
-    """One --flag per dataclass field, with its type, default and help, in an argument group of its own."""
+def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, only: Optional[tuple] = None):
+    """One --flag per dataclass field (or per field in `only`), with its type, default and help, in an argument
+    group of its own."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(config_cls):
+        if only and f.name not in only:
+            continue
         flag, help = f"--{f.name.replace('_', '-')}", f"{f.metadata['help']} (default: {f.default})"
         if "cli_type" in f.metadata:
             group.add_argument(flag, dest=f.name, type=f.metadata["cli_type"], default=f.default, help=help)
@@ -2239,6 +2333,48 @@ def progressive_main(argv):
     return run_cli(progressive, s, extra["figure"])
 
 
+HARVEST_FIELDS = ("model", "layer", "text", "ctx", "model_batch", "max_tokens", "keep_first", "max_norm_ratio", "dtype")
+
+
+def check_store_out(out: str, overwrite: bool):
+    """Refuse an --out that holds a store, finished or not, unless overwrite; then clear the old store's files."""
+    old = [p for p in Path(out).glob("*") if p.name == "manifest.json" or
+           re.fullmatch(r"(shard|norms|offsets)_\d+\.npy(\.tmp)?", p.name)] if Path(out).is_dir() else []
+    if old and not overwrite:
+        state = "a finished" if Path(out, "manifest.json").exists() else "an unfinished (interrupted)"
+        raise ValueError(f"--out {out} holds {state} activation store; pass --overwrite to replace it, "
+                         f"or choose another --out")
+    for path in old:
+        path.unlink()
+
+
+def harvest_main(argv):
+    parser = Parser(prog="kronsae.py harvest", description=(
+        "Harvest once, train many: write hidden_states[layer] of a transformers model on text files to an "
+        "activation store, a directory of .npy shards and a manifest.json (see the README for the format). "
+        "Contexts start with BOS when the tokenizer has one; position 0 and special tokens are dropped; the "
+        "text is read only as far as --max-tokens needs. Train on it with: kronsae.py --data STORE."))
+    add_config_args(parser, DataConfig, "harvest", HARVEST_FIELDS)
+    parser.add_argument("--out", required=True, help="the store directory to write")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
+    args = vars(parser.parse_args(argv))
+    out, device, overwrite = args.pop("out"), args.pop("device"), args.pop("overwrite")
+
+    def make(args):
+        if not args["model"]:
+            raise ValueError("harvest needs --model, --layer and --text")
+        cfg = DataConfig(**args)
+        cfg.check_inputs()
+        check_device(device)
+        check_writable(out, "out", directory=True)
+        check_store_out(out, overwrite)
+        return cfg
+
+    cfg = build_configs(parser, args, make)
+    return run_cli(harvest_store, cfg, out, pick_device(device))
+
+
 def export_main(argv):
     parser = Parser(prog="kronsae.py export", description=(
         "Write a trained SAE in another library's on-disk format. saelens: cfg.json and sae_weights.safetensors "
@@ -2252,7 +2388,7 @@ def export_main(argv):
     return run_cli(export_saelens, args.directory, args.destination)
 
 
-COMMANDS = {"bench": bench_main, "progressive": progressive_main, "export": export_main}
+COMMANDS = {"harvest": harvest_main, "bench": bench_main, "progressive": progressive_main, "export": export_main}
 
 
 def main(argv=None):

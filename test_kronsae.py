@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
@@ -494,6 +495,32 @@ def test_make_dataset_is_deterministic_and_shaped():
     assert a.shape == (100, 24) and torch.equal(a, b)
 
 
+def test_shuffle_buffer_over_sources_in_windows_is_exact_mixed_and_resumable():
+    sources = [K.Rows(n, lambda i, base=base: (base + i).float()[:, None]) for n, base in
+               ((300, 0), (120, 1000), (500, 2000), (80, 3000))]                 # row value = source base + index
+    everything = torch.cat([base + torch.arange(n) for n, base in ((300, 0), (120, 1000), (500, 2000), (80, 3000))])
+    batches = K.ShuffledBatches(sources, 64, torch.Generator().manual_seed(0), window=400)
+    assert len(batches.windows) > 1
+    seen, mixed = [], 0
+    while sum(b.shape[0] for b in seen) < 1000:                                    # one epoch
+        b = next(batches)
+        seen.append(b)
+        mixed += len({int(v) // 1000 for v in b.flatten()}) > 1
+    epoch = torch.cat(seen).flatten().long()
+    assert torch.equal(epoch.sort().values, everything.sort().values)            # each row exactly once
+    assert mixed > 0                                                              # a window mixes sources
+    state = batches.state_dict()
+    expected = [next(batches) for _ in range(7)]
+    again = K.ShuffledBatches(sources, 64, torch.Generator().manual_seed(5), window=400)
+    again.load_state_dict(state)
+    assert all(torch.equal(next(again), e) for e in expected)                    # the cursor resumes exactly
+    halves = [K.ShuffledBatches(sources, 64, torch.Generator().manual_seed(0), window=400, rank=r, world=2)
+              for r in (0, 1)]
+    whole = K.ShuffledBatches(sources, 64, torch.Generator().manual_seed(0), window=400)
+    for _ in range(20):                                                           # ranks split each global batch
+        assert torch.equal(torch.cat([next(h) for h in halves]), next(whole))
+
+
 def test_shuffling_buffer_yields_every_row_once_per_epoch():
     data = torch.arange(1000, dtype=torch.float32)[:, None]
     batches = K.shuffled_batches(data, 128, torch.Generator().manual_seed(0))
@@ -746,6 +773,82 @@ def test_real_causal_lm_has_a_massive_sink_that_the_filter_catches(tmp_path):
     mask = K.token_mask(contexts, tokenizer.all_special_ids)
     cost = K.lm_cost(torch.nn.Identity(), model, contexts, mask, 9, batch=2, max_norm=10 * float(norms.median()))
     assert cost["loss_recovered"] == 1.0 and cost["ce_positions_excluded"] >= 4
+
+
+def test_harvest_writes_a_store_equal_to_a_direct_harvest_and_reads_lazily(tiny_lm, tmp_path, monkeypatch):
+    path, _ = tiny_lm
+    long_text = tmp_path / "long.txt"
+    g = torch.Generator().manual_seed(2)
+    long_text.write_text(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (600_000,), generator=g).tolist()))
+    blocks = []
+    real_blocks = K.text_blocks
+    monkeypatch.setattr(K, "text_blocks", lambda paths: (blocks.append(1) or b for b in real_blocks(paths)))
+    K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(long_text), "--ctx", "16",
+            "--max-tokens", "1000", "--model-batch", "7", "--dtype", "float32", "--out", str(tmp_path / "store")])
+    assert len(blocks) == 1 and long_text.stat().st_size > 2 * (1 << 20)        # 1 MB read of 2.4: lazy
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert {"model", "layer", "d", "dtype", "ctx", "tokens", "contexts", "bos", "position_0", "special_tokens",
+            "max_norm_ratio", "text", "norms", "shards"} <= set(manifest)
+    assert manifest["tokens"] == 1000 and manifest["contexts"] == 67 and manifest["bos"] == "added by the tokenizer"
+    assert manifest["text"][0]["bytes"] == long_text.stat().st_size and len(manifest["text"][0]["sha256"]) == 64
+    assert {"median", "mean", "max", "p99", "input_scale", "threshold"} <= set(manifest["norms"])
+    model, tokenizer, _ = K.load_lm(str(path), "cpu")
+    contexts = K.make_contexts(tokenizer, [long_text], 16, limit=67)
+    direct = K.harvest(model, contexts, 1, K.token_mask(contexts, tokenizer.all_special_ids), 7, 1000, False)
+    store = K.ActivationStore(tmp_path / "store")
+    stored = torch.cat([store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)])
+    assert torch.equal(stored, direct)                                            # float32: exactly
+    for name in ("float16", "bfloat16"):                                         # smaller types: rounded
+        K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(long_text), "--ctx", "16",
+                "--max-tokens", "300", "--dtype", name, "--out", str(tmp_path / name)])
+        small = K.ActivationStore(tmp_path / name)
+        torch.testing.assert_close(small.rows(0, np.arange(300)), direct[:300], rtol=1e-2, atol=1e-2)
+
+
+def test_an_interrupted_harvest_never_looks_complete(tmp_path, capsys):
+    writer = K.StoreWriter(tmp_path / "store", "float16", shard_bytes=1)
+    writer.add(torch.randn(40, 8), [20, 20])                                      # a shard, then "killed"
+    assert list((tmp_path / "store").glob("shard_*.npy")) and not (tmp_path / "store" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="not a finished activation store"):
+        K.ActivationStore(tmp_path / "store")
+    with pytest.raises(SystemExit):
+        K.main(["--data", str(tmp_path / "store"), "--steps", "2"])
+    assert "not a finished activation store" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unfinished"):
+        K.check_store_out(str(tmp_path / "store"), overwrite=False)
+    with pytest.raises(ValueError, match="float16"):
+        writer.add(torch.full((3, 8), 1e6), [3])                                 # overflows float16
+
+
+def store_of(x, lengths, path, dtype="float32"):
+    writer = K.StoreWriter(path, dtype, shard_bytes=x.shape[1] * 4 * 300)         # about 300 rows per shard
+    for rows, n in zip(x.split(lengths), lengths):
+        writer.add(rows, [n])
+    writer.finish(max_norm_ratio=10.0)
+    return K.ActivationStore(path)
+
+
+def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_path):
+    x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    store = store_of(x, [30] * 100, tmp_path / "store")
+    assert len(store.shards) > 1
+    rows, held_out, report, scale = store.split(300, seed=0, ratio=10.0)
+    in_ram = torch.cat([r.fetch(torch.arange(r.count)) for r in rows])            # the same rows, store order
+    assert in_ram.shape[0] + held_out.shape[0] == 3000 and held_out.shape[0] == 300
+    assert scale == pytest.approx(K.input_scale(in_ram), rel=1e-6)
+    cfg = K.TrainConfig(steps=40, batch=128)
+    saes = []
+    for data in (rows, in_ram):                                                    # one window: the same batches
+        K.set_seed(0)
+        sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
+        K.train(sae, K.ShuffledBatches(data, 128, torch.Generator().manual_seed(0)), cfg, progress=False)
+        saes.append(sae)
+    for (name, p), q in zip(saes[0].state_dict().items(), saes[1].state_dict().values()):
+        assert torch.equal(p, q), name
+    # and the CLI trains on the store, holding out whole contexts
+    results = K.main(["--data", str(tmp_path / "store"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
+                      "--steps", "20", "--batch", "128", "--eval-tokens", "300", "--buffer-tokens", "1000"])
+    assert all(r["ev"] > 0 for r in results.values())
 
 
 def test_real_pretrained_minilm_harvest():
