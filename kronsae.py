@@ -341,12 +341,20 @@ class NaiveKronSAE(KronSAE):
 
 # ============================================================================= 3. Losses
 
-def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+Sync = Optional[Callable[[torch.Tensor], torch.Tensor]]  # data parallel: a tensor's sum over the processes
+
+
+def normalized_mse(target: torch.Tensor, recon: torch.Tensor, sync: Sync = None) -> torch.Tensor:
     """||target - recon||^2 / ||target - mean(target)||^2 over the batch: a batch estimate of FVU.
 
-    Both loss terms (reconstruction and AuxK) use this same normalisation, as in Gao et al. 2024.
+    Both loss terms (reconstruction and AuxK) use this same normalisation, as in Gao et al. 2024. With
+    `sync`, each process holds a slice of the batch: the mean and the denominator are the whole batch's,
+    so the processes' losses add up to the whole batch's loss, and so do their gradients.
     """
-    return (target - recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    if sync is None:
+        return (target - recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    mean = sync(target.sum(0)) / sync(target.new_tensor(float(target.shape[0])))
+    return (target - recon).pow(2).sum() / sync((target - mean).pow(2).sum()).clamp_min(1e-12)
 
 
 def matryoshka_prefixes(sizes: list[int], F: int, multiple: int = 1) -> list[int]:
@@ -362,12 +370,12 @@ def matryoshka_prefixes(sizes: list[int], F: int, multiple: int = 1) -> list[int
 
 
 def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
-                        prefixes: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        prefixes: Optional[list[int]] = None, sync: Sync = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, x_hat). Plain: normalized_mse(x, x_hat). Matryoshka (Bussmann et al. 2025, arXiv 2503.17547):
     the sum over prefixes M of normalized_mse(x, x_hat using only latents with index < M)."""
     if prefixes is None:
         x_hat = sae.decode(enc.values, enc.indices)                                # (B, d)
-        return normalized_mse(x, x_hat), x_hat
+        return normalized_mse(x, x_hat, sync), x_hat
     # One sparse decode for all prefixes: bag (g, b) sums token b's latents in group g = [M_g-1, M_g);
     # a cumulative sum over groups gives every prefix. One decoder gradient instead of one per prefix.
     G, (B, k) = len(prefixes), enc.indices.shape
@@ -375,14 +383,14 @@ def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
     in_group = group == torch.arange(G, device=x.device)[:, None, None]                        # (G, B, k)
     parts = sae.sparse_decode((enc.values * in_group).view(G * B, k), enc.indices.repeat(G, 1))
     x_hats = parts.view(G, B, -1).cumsum(0) + sae.b_dec                                        # (G, B, d)
-    return sum(normalized_mse(x, x_hat) for x_hat in x_hats), x_hats[-1]
+    return sum(normalized_mse(x, x_hat, sync) for x_hat in x_hats), x_hats[-1]
 
 
-def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding) -> torch.Tensor:
+def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding, sync: Sync = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual x - x_hat (no b_dec)."""
     if enc.aux_values is None:
         return residual.new_zeros(())
-    return normalized_mse(residual, sae.sparse_decode(enc.aux_values, enc.aux_indices))
+    return normalized_mse(residual, sae.sparse_decode(enc.aux_values, enc.aux_indices), sync)
 
 
 # ============================================================================= 4. Training
@@ -445,7 +453,16 @@ class LatentTracker:
         self.sq_sum = torch.zeros(F, dtype=torch.float64, device=device)
         self.fire_count = torch.zeros(F, dtype=torch.float64, device=device)
 
-    def update(self, values: torch.Tensor, indices: torch.Tensor):  # (B, k), (B, k)
+    def update(self, values: torch.Tensor, indices: torch.Tensor, sync: Sync = None):  # (B, k), (B, k)
+        if sync is not None:  # data parallel: count every process's tokens, so that every process agrees
+            sq = torch.zeros_like(self.sq_sum).index_add_(0, indices.flatten(), values.flatten().double().pow(2))
+            fired = torch.zeros_like(self.fire_count).index_add_(0, indices.flatten(), (values.flatten() > 0).double())
+            tokens, sq, fired = int(sync(values.new_tensor(float(values.shape[0])))), sync(sq), sync(fired)
+            self.tokens, self.since = self.tokens + tokens, self.since + tokens
+            self.since[fired > 0] = 0
+            self.sq_sum += sq
+            self.fire_count += fired
+            return
         self.tokens += values.shape[0]
         self.since += values.shape[0]
         self.since[indices[values > 0]] = 0
@@ -488,25 +505,33 @@ def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.AdamW:
 
 
 def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor,
-               cfg: TrainConfig) -> tuple[StepStats, Encoding]:
-    """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK."""
+               cfg: TrainConfig, sync: Sync = None) -> tuple[StepStats, Encoding]:
+    """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK. With `sync`
+    (data parallel), x is this process's slice of the batch and the gradients are summed over processes."""
     enc = sae.encode_with_aux(x, dead if cfg.aux_coef else None)
     prefixes = matryoshka_prefixes(list(cfg.matryoshka), sae.F, sae.group) if cfg.matryoshka else None
-    recon, x_hat = reconstruction_loss(sae, x, enc, prefixes)
-    aux = auxk_loss(sae, (x - x_hat).detach(), enc)
+    recon, x_hat = reconstruction_loss(sae, x, enc, prefixes, sync)
+    aux = auxk_loss(sae, (x - x_hat).detach(), enc, sync)
     loss = recon + cfg.aux_coef * aux
-    fvu = normalized_mse(x, x_hat.detach())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} (fvu={fvu.item()}, aux={aux.item()})")
+    stats = torch.stack([loss.detach(), normalized_mse(x, x_hat.detach(), sync), aux.detach(),
+                         (enc.values > 0).sum().float() / x.shape[0]])
+    if sync is not None:  # the whole batch's loss terms, and its mean L0
+        stats = sync(stats * stats.new_tensor([1, 1, 1, x.shape[0]])) / stats.new_tensor(
+            [1, 1, 1, float(sync(x.new_tensor(float(x.shape[0]))))])
+    total, fvu, aux_value, l0 = stats.tolist()
+    if not math.isfinite(total):
+        raise FloatingPointError(f"loss is {total} (fvu={fvu}, aux={aux_value})")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if sync is not None:
+        for p in sae.parameters():
+            p.grad.copy_(sync(p.grad))
     sae.remove_parallel_grad_()  # after backward, before the step
     if cfg.grad_clip:
         nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
     sae.normalize_decoder_()     # after the step
-    l0 = (enc.values > 0).sum(-1).float().mean()
-    return StepStats(loss.item(), fvu.item(), aux.item(), l0.item()), enc
+    return StepStats(total, fvu, aux_value, l0), enc
 
 
 class Trainer:
@@ -541,32 +566,34 @@ class TrainResult(NamedTuple):
 
 
 def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, progress: bool = True,
-          on_step: Optional[Callable[[Trainer], None]] = None, trainer: Optional[Trainer] = None) -> TrainResult:
+          on_step: Optional[Callable[[Trainer], None]] = None, trainer: Optional[Trainer] = None,
+          sync: Sync = None) -> TrainResult:
     """Train `sae` in place up to cfg.steps steps on batches (B, d) drawn from `batches`: AdamW with warmup
     and cosine decay (paper A.1), unit-norm decoder and AuxK (Gao et al. 2024).
 
     Pass a `trainer` restored from a state_dict to resume where it stopped. on_step(trainer), if given,
     runs after every step. A non-finite loss raises FloatingPointError before it touches the weights.
+    With `sync` (data parallel), `batches` yields this process's slice of every batch.
     """
     trainer = trainer or Trainer(sae, cfg)
-    x = next(batches).to(sae.W_dec.device)
+    x = next(batches).to(sae.W_dec.device, non_blocking=True)
     sae.check_input(x)
     if not sae.b_dec.any():  # a fresh SAE (b_dec is zero at init): Gao et al. start b_dec at the data mean
         with torch.no_grad():
-            sae.b_dec.copy_(x.mean(0))
+            sae.b_dec.copy_(x.mean(0) if sync is None else sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
     first = trainer.step
     bar = tqdm(range(first, cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False,
                initial=first, total=cfg.steps)
     for step in bar:
         start = time.perf_counter()  # the step's time: its batch and its update, not the checkpoints
         if step > first:
-            x = next(batches).to(sae.W_dec.device)
+            x = next(batches).to(sae.W_dec.device, non_blocking=True)
         try:
-            stats, enc = train_step(sae, trainer.optimizer, x, trainer.tracker.dead, cfg)
+            stats, enc = train_step(sae, trainer.optimizer, x, trainer.tracker.dead, cfg, sync)
         except FloatingPointError as err:
             raise FloatingPointError(f"training stopped at step {step}: {err}") from None
         trainer.schedule.step()
-        trainer.tracker.update(enc.values.detach(), enc.indices)
+        trainer.tracker.update(enc.values.detach(), enc.indices, sync)
         trainer.losses.append(stats.loss)
         trainer.step, trainer.seconds = step + 1, trainer.seconds + time.perf_counter() - start
         if step % 10 == 0 or step == cfg.steps - 1:
@@ -843,9 +870,10 @@ class ShuffledBatches:
     """
 
     def __init__(self, data, batch: int, generator: torch.Generator, window: float = math.inf,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, pin: bool = False):
         self.sources = [Rows(data.shape[0], data.__getitem__)] if isinstance(data, torch.Tensor) else list(data)
         self.batch, self.generator, self.window, self.rank, self.world = batch, generator, window, rank, world
+        self.pin = pin  # page-locked batches, so that the copy to a GPU can overlap the step
         self.new_epoch()
 
     def new_epoch(self):
@@ -875,6 +903,10 @@ class ShuffledBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
+        batch = self.next_rows()
+        return batch.pin_memory() if self.pin else batch
+
+    def next_rows(self) -> torch.Tensor:
         if self.position == len(self.chunks):
             if self.window_index + 1 == len(self.windows):
                 self.new_epoch()
@@ -1575,7 +1607,8 @@ class Interrupted(Exception):
 
 def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
                  out: str = "", save_every: int = 0, progress: bool = True,
-                 stop: Optional[Callable[[Trainer], bool]] = None, trainer: Optional[Trainer] = None) -> TrainResult:
+                 stop: Optional[Callable[[Trainer], bool]] = None, trainer: Optional[Trainer] = None,
+                 sync: Sync = None) -> TrainResult:
     """`train` with checkpoints: the batches are multiplied by `scale` (--normalize) and the scale is folded
     back into the weights at the end, so every checkpoint in `out` is an SAE for raw inputs.
 
@@ -1587,13 +1620,15 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
 
     def after_step(trainer):
         stopping = stop is not None and trainer.step < cfg.steps and stop(trainer)
+        if sync is not None:  # every process stops at the same step
+            stopping = bool(sync(torch.tensor(float(stopping))) > 0)
         if out and (stopping or trainer.step == cfg.steps or (save_every and trainer.step % save_every == 0)):
             save_run_state(out, sae, trainer, batches, scale)
         if stopping:
             raise Interrupted(trainer.step, cfg.steps, out)
 
     try:
-        result = train(sae, scaled, cfg, progress=progress, on_step=after_step, trainer=trainer)
+        result = train(sae, scaled, cfg, progress=progress, on_step=after_step, trainer=trainer, sync=sync)
     except FloatingPointError as err:
         kept = out and Path(out, "sae.safetensors").exists()
         raise FloatingPointError(f"{err}; " + (f"last good checkpoint kept in {out}" if kept
@@ -1609,9 +1644,9 @@ class SAEConfig:
     """The SAEs' shape."""
     arch: str = opt("both", "which SAE to train: topk, kron or both")
     dict_size: int = opt(4096, "F, the number of latents (both SAEs)")
-    h: int = opt(0, "KronSAE heads; 0 means dict_size // (m*n)")
-    m: int = opt(2, "KronSAE composition base size per head (paper: start at 2)")
-    n: int = opt(8, "KronSAE composition extension size per head, m <= n")
+    h: int = opt(0, "KronSAE heads; 0 means dict_size // (m*n)", aliases=("--kron-h",))
+    m: int = opt(2, "KronSAE composition base size per head (paper: start at 2)", aliases=("--kron-m",))
+    n: int = opt(8, "KronSAE composition extension size per head, m <= n", aliases=("--kron-n",))
     k: int = opt(16, "active latents per token (TopK)")
 
     def __post_init__(self):
@@ -1706,9 +1741,12 @@ class Settings:
                 matryoshka_prefixes(list(self.train.matryoshka), self.sae.dict_size,
                                     self.sae.m * self.sae.n if arch == "kron" else 1)
 
-    def check_environment(self):
+    def check_environment(self, dist: Optional[Dist] = None):
         """Everything that needs the file system or the machine, before any data or model is built:
         inputs readable, outputs writable, --out not already holding a run, the device present."""
+        if dist and dist.world > 1 and self.data.model:
+            raise ValueError("under torchrun every process would harvest the model: run `kronsae.py harvest` "
+                             "once, then torchrun on --data STORE")
         self.data.check_inputs()
         check_device(self.run.device)
         for flag, path in (("json", self.run.json), ("save-acts", self.data.save_acts),
@@ -1742,6 +1780,41 @@ def resume_settings(directory: str) -> Settings:
         raise ValueError(f"--resume {directory}: {path} is not a run's settings ({err})") from None
     return dataclasses.replace(s, run=dataclasses.replace(s.run, out=str(directory), resume=str(directory),
                                                           overwrite=False))
+
+
+class Dist(NamedTuple):
+    """This process's place in a data-parallel run under torchrun; rank 0 of 1 otherwise."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def sync(self) -> Sync:
+        """Sum a tensor over the processes (torch.distributed's all-reduce), or None for one process."""
+        if self.world == 1:
+            return None
+
+        def all_sum(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+            return t
+        return all_sum
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on the CPU and nccl on CUDA, one GPU per
+    process; every rank but 0 stays silent. Otherwise one process, and nothing happens."""
+    device, world = pick_device(device_name), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank()
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints, saves and writes the JSON
+    return Dist(rank, world), device
 
 
 def set_seed(seed: int):
@@ -1806,21 +1879,24 @@ def prepared_data(s: Settings, device) -> tuple[TrainData, torch.Tensor, Optiona
 
 
 def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, progress=True,
-            stop: Optional[Callable[[Trainer], bool]] = None) -> tuple[SparseAutoencoder, dict, TrainResult]:
-    """Build, train (or resume, with --resume) and evaluate one SAE; returns it, its metrics and its record."""
+            stop: Optional[Callable[[Trainer], bool]] = None,
+            dist: Dist = Dist()) -> tuple[SparseAutoencoder, dict, TrainResult]:
+    """Build, train (or resume, with --resume) and evaluate one SAE; returns it, its metrics and its record.
+    Data parallel: each process trains on its slice of every batch, and rank 0 alone writes checkpoints."""
     set_seed(s.run.seed)
     sae = s.sae.build(arch, train_data.d).to(device)
     if isinstance(train_data.rows, torch.Tensor):
         check_data(train_data.rows, sae.d_in)
     batches = ShuffledBatches(train_data.rows, s.train.batch, torch.Generator().manual_seed(s.run.seed),
-                              s.data.buffer_tokens)
+                              s.data.buffer_tokens, dist.rank, dist.world, pin=device.type == "cuda")
     scale = train_data.scale if s.data.normalize else 1.0
     out = str(Path(s.run.out, arch)) if s.run.out else ""
     trainer = None
     if s.run.resume and Path(out, "train_state.pt").exists():
         trainer, scale = load_run_state(out, sae, s.train, batches)
         print(f"{arch}: resuming at step {trainer.step} of {s.train.steps} from {out}")
-    result = run_training(sae, batches, s.train, scale, out, s.run.save_every, progress, stop, trainer)
+    result = run_training(sae, batches, s.train, scale, out if dist.rank == 0 else "", s.run.save_every,
+                          progress and dist.rank == 0, stop, trainer, dist.sync)
     metrics = evaluate(sae, eval_data)
     sample = next(ShuffledBatches(train_data.rows, eval_data.shape[0], torch.Generator().manual_seed(s.run.seed),
                                   s.data.buffer_tokens))                             # fixed training rows
@@ -1858,18 +1934,21 @@ def write_json(path: str, obj):
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False)))
 
 
-def provenance(s: Settings, device, seconds: float) -> dict:
+def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict:
     """How a result was made: every setting, the torch version, the device, the world size, the time."""
-    return {**s.to_dict(), "torch": torch.__version__, "device": str(device), "world_size": 1,
+    return {**s.to_dict(), "torch": torch.__version__, "device": str(device), "world_size": world_size,
             "seconds": seconds, "command": " ".join(sys.argv)}
 
 
 def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> dict:
     """Train TopK and/or KronSAE on the same data and print them side by side. Ctrl-C (or stop(trainer)
     turning true) ends the run after the current step with a checkpoint in --out (see Interrupted)."""
-    s.check_environment()
-    start, device = time.perf_counter(), pick_device(s.run.device)
-    if s.run.out and not s.run.resume:
+    dist, device = init_distributed(s.run.device)
+    s.check_environment(dist)
+    if dist.world > 1:
+        torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
+    start = time.perf_counter()
+    if s.run.out and not s.run.resume and dist.rank == 0:
         for arch, name in itertools.product(("topk", "kron"), ("train_state.pt", "sae.safetensors", "config.json")):
             Path(s.run.out, arch, name).unlink(missing_ok=True)   # --overwrite: nothing stale from the old run
         write_json(Path(s.run.out, "run.json"), s.to_dict())
@@ -1880,7 +1959,7 @@ def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> di
     try:
         for arch in s.sae.archs:
             sae, results[arch], _ = run_one(arch, train_data, eval_data, s, device,
-                                            stop=lambda t: sigint_stop(t) or (stop is not None and stop(t)))
+                                            stop=lambda t: sigint_stop(t) or (stop is not None and stop(t)), dist=dist)
             if lm and lm["splice"]:
                 results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
                                              s.data.model_batch, lm["max_norm"]))
@@ -1894,9 +1973,9 @@ def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> di
                   f"{r['ce_zero']:.4f}; loss recovered {recovered}")
     if s.run.out:
         print(f"checkpoints: {', '.join(str(Path(s.run.out, a)) for a in s.sae.archs)}")
-    if s.run.json:
+    if s.run.json and dist.rank == 0:
         write_json(s.run.json, {**results, "data": data_report,
-                                "config": provenance(s, device, time.perf_counter() - start)})
+                                "config": provenance(s, device, time.perf_counter() - start, dist.world)})
     return results
 
 
@@ -2253,15 +2332,16 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, onl
     for f in dataclasses.fields(config_cls):
         if only and f.name not in only:
             continue
-        flag, help = f"--{f.name.replace('_', '-')}", f"{f.metadata['help']} (default: {f.default})"
+        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]  # aliases: torchrun's own parser
+        help = f"{f.metadata['help']} (default: {f.default})"                      # takes --m and --n for its options
         if "cli_type" in f.metadata:
-            group.add_argument(flag, dest=f.name, type=f.metadata["cli_type"], default=f.default, help=help)
+            group.add_argument(*flags, dest=f.name, type=f.metadata["cli_type"], default=f.default, help=help)
         elif isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         elif isinstance(f.default, tuple):
-            group.add_argument(flag, dest=f.name, nargs="+", default=f.default, help=help)
+            group.add_argument(*flags, dest=f.name, nargs="+", default=f.default, help=help)
         else:
-            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=help)
+            group.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, help=help)
 
 
 def build_configs(parser: argparse.ArgumentParser, args: dict, make: Callable, check=None):

@@ -5,6 +5,7 @@ Every fast path is checked against a naive reference written out here: all F sco
 import ast
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -849,6 +850,28 @@ def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_pat
     results = K.main(["--data", str(tmp_path / "store"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
                       "--steps", "20", "--batch", "128", "--eval-tokens", "300", "--buffer-tokens", "1000"])
     assert all(r["ev"] > 0 for r in results.values())
+
+
+def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+    """Two gloo processes, each with half of every batch, end where one process with the whole batch ends:
+    every batch statistic of the loss, the dead-latent counts and the gradients are summed across ranks."""
+    import subprocess
+    store_of(K.make_dataset(3000, d=16, F_true=64, k_true=4), [30] * 100, tmp_path / "store")
+    args = ["--data", str(tmp_path / "store"), "--dict-size", "64", "--kron-m", "2", "--kron-n", "4", "--k", "4",
+            "--steps", "12", "--batch", "128", "--eval-tokens", "300", "--dead-tokens", "200", "--normalize"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda launcher, out: subprocess.run([*launcher, str(ROOT / "kronsae.py"), *args, "--out", str(out),
+                                                "--json", str(out) + ".json"],
+                                               capture_output=True, text=True, timeout=300, env=env)
+    single = run([sys.executable], tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-2000:]
+    pair = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], tmp_path / "two")
+    assert pair.returncode == 0, pair.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text())["config"]["world_size"] == 2
+    for arch in ("topk", "kron"):
+        a, b = K.load(tmp_path / "one" / arch), K.load(tmp_path / "two" / arch)
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=f"{arch} {name}")
 
 
 def test_real_pretrained_minilm_harvest():
