@@ -1271,14 +1271,49 @@ class CE(NamedTuple):
     excluded: int   # positions left out: their input norm exceeded max_norm (massive activations)
 
 
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """The LM head on final hidden states h (n, d) -> (n, vocab), with Gemma 2's logit soft-capping. Called
+    as a function, not as the module, so that the hooks on the module do not run."""
+    head = model.get_output_embeddings()
+    logits = nnf.linear(h, head.weight, head.bias).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+@torch.inference_mode()
+def head_is_separable(model, ids: torch.Tensor) -> bool:
+    """Whether the model's logits are head_logits of the LM head's input, checked on one context: then the
+    CE can be computed a chunk of positions at a time, in memory that does not grow with the batch."""
+    captured = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    try:
+        logits = model(input_ids=ids[:1]).logits.float()
+    finally:
+        handle.remove()
+    return torch.allclose(head_logits(model, captured[0]), logits, rtol=1e-4, atol=1e-4)
+
+
+def chunked_ce(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per position from final hidden states h (n, d), a chunk of positions at a time: the
+    (n, vocab) logits never exist whole, only about 64 MB of them."""
+    chunk = max(1, (1 << 24) // model.get_output_embeddings().weight.shape[0])
+    return torch.cat([nnf.cross_entropy(head_logits(model, a), b, reduction="none")
+                      for a, b in zip(h.split(chunk), targets.split(chunk))])
+
+
 @torch.inference_mode()
 def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, replace=None,
-               batch: int = 16, max_norm: float = math.inf) -> CE:
+               batch: int = 16, max_norm: float = math.inf, chunked: bool = False) -> CE:
     """Next-token cross-entropy when hidden_states[layer] is replaced by replace(h) at the masked positions
     (None: the clean model). Positions whose activation norm exceeds max_norm keep their activation and are
-    left out of the mean, in every pass alike, so clean, spliced and ablated CE stay comparable."""
+    left out of the mean, in every pass alike, so clean, spliced and ablated CE stay comparable.
+    chunked (see head_is_separable): stop at the LM head and compute the CE a chunk at a time."""
     device = next(model.parameters()).device
     current = {}
+
+    def capture_head_input(module, args):
+        current["final"] = args[0]
+        raise StopForward
 
     def splice(module, args, kwargs):
         h = block_input(args, kwargs)
@@ -1290,30 +1325,42 @@ def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, re
         new[keep] = replace(h[keep].float()).to(h.dtype)
         return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
-    handle = layer_input_module(model, layer).register_forward_pre_hook(splice, with_kwargs=True)
+    handles = [layer_input_module(model, layer).register_forward_pre_hook(splice, with_kwargs=True)]
+    if chunked:  # registered after the splice, so at the last layer it sees the spliced input
+        handles.append(model.get_output_embeddings().register_forward_pre_hook(capture_head_input))
     total, counted, excluded = 0.0, 0, 0
     try:
         for ids, keep in zip(contexts.split(batch), mask.split(batch)):
             ids = ids.to(device)
             current["mask"] = keep.to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()                   # (b, T-1, vocab)
-            ce = nnf.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            if chunked:
+                try:
+                    model(input_ids=ids)
+                except StopForward:
+                    pass
+                ce = chunked_ce(model, current["final"][:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            else:
+                logits = model(input_ids=ids).logits[:, :-1].float()               # (b, T-1, vocab)
+                ce = nnf.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
             count = ~current["massive"][:, :-1].flatten()                           # (b*(T-1),)
             total, counted = total + float(ce[count].sum()), counted + int(count.sum())
             excluded += int((~count).sum())
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return CE(total / counted, counted, excluded)
 
 
 def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: int,
             max_norm: float = math.inf) -> dict:
-    """What splicing the SAE in costs the LM: clean, spliced and zero-ablated CE, and loss recovered."""
-    clean = spliced_ce(model, contexts, mask, layer, None, batch, max_norm)
-    spliced = spliced_ce(model, contexts, mask, layer, sae, batch, max_norm).mean
-    zero = spliced_ce(model, contexts, mask, layer, torch.zeros_like, batch, max_norm).mean
+    """What splicing the SAE in costs the LM: clean, spliced and zero-ablated CE, and loss recovered. The CE
+    is computed a chunk of positions at a time when the model allows it (head_is_separable)."""
+    chunked = head_is_separable(model, contexts[:1].to(next(model.parameters()).device))
+    clean = spliced_ce(model, contexts, mask, layer, None, batch, max_norm, chunked)
+    spliced = spliced_ce(model, contexts, mask, layer, sae, batch, max_norm, chunked).mean
+    zero = spliced_ce(model, contexts, mask, layer, torch.zeros_like, batch, max_norm, chunked).mean
     r = {"ce_clean": clean.mean, "ce_sae": spliced, "ce_zero": zero, "ce_positions": clean.counted,
-         "ce_positions_excluded": clean.excluded}
+         "ce_positions_excluded": clean.excluded, "ce_chunked": chunked}
     if zero == clean.mean:  # the layer does not matter to the LM here: the ratio is undefined, not 0 or 1
         return r | {"loss_recovered": None, "loss_recovered_reason": "zero-ablation CE equals the clean CE"}
     return r | {"loss_recovered": (zero - spliced) / (zero - clean.mean)}

@@ -668,6 +668,21 @@ def test_filter_and_identity_splice_give_exactly_full_recovery(sink_lm):
     assert cost["ce_positions"] == 4 * 15 - 4
 
 
+@pytest.mark.parametrize("layer", [1, 2])
+def test_chunked_ce_equals_the_full_logits_twin(tiny_lm, layer):
+    path, text = tiny_lm
+    model, tokenizer, _ = K.load_lm(str(path), "cpu")
+    contexts = K.make_contexts(tokenizer, [text], 16)[:7]
+    mask = K.token_mask(contexts, tokenizer.all_special_ids)
+    assert K.head_is_separable(model, contexts)
+    for replace in (None, torch.zeros_like, lambda h: 0.5 * h):
+        full = K.spliced_ce(model, contexts, mask, layer, replace, batch=3, chunked=False)
+        chunked = K.spliced_ce(model, contexts, mask, layer, replace, batch=3, chunked=True)
+        assert chunked.mean == pytest.approx(full.mean, rel=1e-6) and chunked.counted == full.counted
+    model.config.final_logit_softcapping = 1.0        # the head would now disagree with the model's logits
+    assert not K.head_is_separable(model, contexts)
+
+
 def test_loss_recovered_works_at_the_last_layer(tiny_lm):
     path, text = tiny_lm
     model, tokenizer, _ = K.load_lm(str(path), "cpu")
