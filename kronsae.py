@@ -955,7 +955,7 @@ class StoreWriter:
     """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
     manifest last and atomically, so a store without manifest.json is unfinished, never mistaken for whole."""
 
-    def __init__(self, directory: str, dtype: str = "float16", shard_bytes: int = 1 << 28):
+    def __init__(self, directory: str, dtype: str = "float16", shard_bytes: int = 1 << 26):
         self.directory, self.dtype, self.shard_bytes, self.d = Path(directory), dtype, shard_bytes, None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shards, self.pending, self.lengths = [], [], []
@@ -1005,7 +1005,9 @@ class StoreWriter:
 
 
 class ActivationStore:
-    """A finished store, memory-mapped: rows are read only when asked for, so it is never loaded whole."""
+    """A finished store, memory-mapped: rows are read only when asked for, so it is never loaded whole. Each
+    read maps the shard, copies the rows out and unmaps it, so that pages read once do not stay in the
+    process's memory."""
 
     def __init__(self, directory: str):
         self.directory = Path(directory)
@@ -1030,7 +1032,9 @@ class ActivationStore:
 
     def rows(self, shard: int, index) -> torch.Tensor:
         """Rows `index` of shard `shard` as float32, (m, d)."""
-        t = torch.from_numpy(np.ascontiguousarray(self.shards[shard][np.asarray(index)]))
+        mapped = np.load(self.directory / f"shard_{self.manifest['shards'][shard]['name']}.npy", mmap_mode="r")
+        t = torch.from_numpy(np.ascontiguousarray(mapped[np.asarray(index)]))
+        del mapped
         return (t.view(torch.bfloat16) if self.dtype == "bfloat16" else t).float()
 
     def split(self, eval_tokens: int, seed: int, ratio: float):
@@ -1055,7 +1059,7 @@ class ActivationStore:
             index = np.flatnonzero(~h & (n <= threshold))
             train.append(Rows(len(index), lambda i, k=k, index=index: self.rows(k, index[i.numpy()])))
             held_out.append(self.rows(k, np.flatnonzero(h)))
-            for chunk in np.array_split(np.flatnonzero(~h), max(1, int(np.sum(~h)) // 65536)):  # sum of x, chunked
+            for chunk in np.array_split(np.flatnonzero(~h), max(1, int(np.sum(~h)) // 8192)):  # sum of x, chunked
                 total += self.rows(k, chunk).double().sum(0).numpy()
             dropped.append(self.rows(k, np.flatnonzero(~h & (n > threshold))))
         dropped = torch.cat(dropped).double()
@@ -2520,7 +2524,8 @@ COMMANDS = {"harvest": harvest_main, "bench": bench_main, "progressive": progres
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    tune_cpu_allocator()
+    if argv[:1] != ["harvest"]:  # harvesting is bound by the model, not by page faults: keep its memory small
+        tune_cpu_allocator()
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
     parser = Parser(
