@@ -19,6 +19,10 @@ Run:
   python kronsae.py                  # TopK SAE vs KronSAE on block-correlated synthetic data, side by side
   python kronsae.py --data acts.pt   # the same on your own (N, d) activations
   python kronsae.py --model NAME_OR_DIR --layer L --text FILE ...   # on a transformers model's residual stream
+  python kronsae.py harvest --model M --layer L --text FILE --out STORE   # an activation store on disk
+  python kronsae.py --data STORE     # train from it, streamed; under torchrun, data parallel
+  python kronsae.py --resume DIR     # continue an interrupted run (Ctrl-C saves one) exactly
+  python kronsae.py export DIR --to saelens OUT   # a TopK SAE in SAELens's format
   python kronsae.py bench            # ms per step, memory, FLOPs: TopK vs KronSAE vs the naive KronSAE
   python kronsae.py progressive      # Matryoshka vs pruning by importance (progressive coding)
   python kronsae.py --help           # every option (each command has its own --help)
@@ -879,7 +883,7 @@ class ShuffledBatches:
     def new_epoch(self):
         self.epoch_start = self.generator.get_state()
         order = list(range(len(self.sources)))
-        if sum(s.count for s in self.sources) > self.window:  # several windows: visit the sources in a seeded order
+        if len(order) > 1 and sum(s.count for s in self.sources) > self.window:  # visit the sources in a seeded order
             order = torch.randperm(len(order), generator=self.generator).tolist()
         self.windows, current = [], []
         for i in order:

@@ -821,6 +821,19 @@ def test_harvest_writes_a_store_equal_to_a_direct_harvest_and_reads_lazily(tiny_
         torch.testing.assert_close(small.rows(0, np.arange(300)), direct[:300], rtol=1e-2, atol=1e-2)
 
 
+def test_save_acts_writes_a_store_the_next_run_trains_on(tiny_lm, tmp_path):
+    path, text = tiny_lm
+    common = ["--dict-size", "64", "--m", "2", "--n", "4", "--k", "4", "--steps", "10", "--batch", "128",
+              "--eval-tokens", "300", "--arch", "kron"]
+    K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16", "--save-acts",
+            str(tmp_path / "store"), *common])
+    store = K.ActivationStore(tmp_path / "store")
+    assert store.manifest["tokens"] == 6000 and store.manifest["contexts"] == 400     # <bos> dropped: 15 each
+    assert all((np.diff(o) == 15).all() for o in store.offsets)                      # whole contexts per shard
+    results = K.main(["--data", str(tmp_path / "store"), *common])
+    assert results["kron"]["ev"] > 0
+
+
 def test_an_interrupted_harvest_never_looks_complete(tmp_path, capsys):
     writer = K.StoreWriter(tmp_path / "store", "float16", shard_bytes=1)
     writer.add(torch.randn(40, 8), [20, 20])                                      # a shard, then "killed"
