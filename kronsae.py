@@ -518,11 +518,10 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
     aux = auxk_loss(sae, (x - x_hat).detach(), enc, sync)
     loss = recon + cfg.aux_coef * aux
     stats = torch.stack([loss.detach(), normalized_mse(x, x_hat.detach(), sync), aux.detach(),
-                         (enc.values > 0).sum().float() / x.shape[0]])
-    if sync is not None:  # the whole batch's loss terms, and its mean L0
-        stats = sync(stats * stats.new_tensor([1, 1, 1, x.shape[0]])) / stats.new_tensor(
-            [1, 1, 1, float(sync(x.new_tensor(float(x.shape[0]))))])
-    total, fvu, aux_value, l0 = stats.tolist()
+                         (enc.values > 0).sum().float(), x.new_tensor(float(x.shape[0]))])
+    if sync is not None:  # each process holds its share of the loss terms: their sum is the whole batch's
+        stats = sync(stats)
+    total, fvu, aux_value, active, tokens = stats.tolist()
     if not math.isfinite(total):
         raise FloatingPointError(f"loss is {total} (fvu={fvu}, aux={aux_value})")
     optimizer.zero_grad(set_to_none=True)
@@ -535,7 +534,7 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
         nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
     sae.normalize_decoder_()     # after the step
-    return StepStats(total, fvu, aux_value, l0), enc
+    return StepStats(total, fvu, aux_value, active / tokens), enc
 
 
 class Trainer:

@@ -1203,7 +1203,10 @@ BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing 
     (["bench", "--repeats", "0"], "repeats"), (["bench", "--json", "FILE/b.json"], "json"),
     (["bench", "--shapes", "2by8"], "shapes"), (["bench", "--device", "cuda"], "device"),
     (["progressive", "--figure", "FILE/p.png"], "figure"), (["progressive", "--out", "TMP/o"], "out"),
-    (["export", "TMP/no_sae", "--to", "saelens", "TMP/exp"], "no_sae"),
+    (["export", "TMP/no_sae", "--to", "saelens", "TMP/exp"], "no_sae"), (["--dtype", "int8"], "dtype"),
+    (["--buffer-tokens", "0"], "buffer.tokens"), (["harvest", "--out", "TMP/s"], "model"),
+    (["harvest", "--model", "TMP", "--layer", "1", "--text", "FILE", "--out", "FILE"], "out"),
+    (["harvest", "--model", "TMP", "--layer", "1", "--text", "FILE", "--out", "TMP/s", "--dtype", "fp8"], "dtype"),
     (["export", "TMP/no_sae", "--to", "onnx", "TMP/exp"], "to"),
 ]
 
