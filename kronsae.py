@@ -485,14 +485,6 @@ class LatentTracker:
     def frequency(self) -> torch.Tensor:  # (F,) share of training tokens on which each latent fired
         return (self.fire_count / max(self.tokens, 1)).float().cpu()
 
-    def state_dict(self) -> dict:
-        return {"tokens": self.tokens, "since": self.since, "sq_sum": self.sq_sum, "fire_count": self.fire_count}
-
-    def load_state_dict(self, state: dict):
-        self.tokens = state["tokens"]
-        for name in ("since", "sq_sum", "fire_count"):
-            getattr(self, name).copy_(state[name])
-
 
 class StepStats(NamedTuple):
     loss: float  # total loss that was optimised
@@ -539,7 +531,7 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
 
 class Trainer:
     """What the loop carries from step to step: AdamW, the schedule (paper A.1), the latent tracker, the step
-    and the losses so far. state_dict() holds all of it, so a run can stop and resume exactly."""
+    and the losses so far. A checkpoint of all of it resumes a run exactly (trainer_state, in Part 2)."""
 
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
         self.sae, self.cfg, self.step, self.losses, self.seconds = sae, cfg, 0, [], 0.0
@@ -547,17 +539,6 @@ class Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
         self.tracker = LatentTracker(sae.F, cfg.dead_threshold, sae.W_dec.device)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "losses": list(self.losses), "seconds": self.seconds,
-                "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(), "tracker": self.tracker.state_dict()}
-
-    def load_state_dict(self, state: dict):
-        self.step, self.losses, self.seconds = state["step"], list(state["losses"]), state["seconds"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.tracker.load_state_dict(state["tracker"])
 
 
 class TrainResult(NamedTuple):
@@ -1596,12 +1577,31 @@ def write_atomic(path, write: Callable[[Path], None]):
     os.replace(tmp, path)
 
 
+TRACKED = ("since", "sq_sum", "fire_count")
+
+
+def trainer_state(trainer: Trainer) -> dict:
+    """Everything the training loop carries: the step, the losses, AdamW, the schedule, the latent tracker."""
+    return {"step": trainer.step, "losses": list(trainer.losses), "seconds": trainer.seconds,
+            "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict(),
+            "tracker": {"tokens": trainer.tracker.tokens, **{name: getattr(trainer.tracker, name) for name in TRACKED}}}
+
+
+def restore_trainer(trainer: Trainer, state: dict):
+    trainer.step, trainer.losses, trainer.seconds = state["step"], list(state["losses"]), state["seconds"]
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.schedule.load_state_dict(state["schedule"])
+    trainer.tracker.tokens = state["tracker"]["tokens"]
+    for name in TRACKED:
+        getattr(trainer.tracker, name).copy_(state["tracker"][name])
+
+
 def save_run_state(directory: str, sae: SparseAutoencoder, trainer: Trainer, batches, scale: float):
     """A checkpoint that resumes exactly: the SAE for raw inputs (sae.safetensors, as `load` reads it), and
     train_state.pt with the weights at the training scale, AdamW, the schedule, the latent tracker, the data
     cursor, the RNG states and the normalisation scale."""
     save(folded_copy(sae, scale), directory)
-    state = {"sae": sae.state_dict(), "trainer": trainer.state_dict(), "scale": scale,
+    state = {"sae": sae.state_dict(), "trainer": trainer_state(trainer), "scale": scale,
              "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
     write_atomic(Path(directory, "train_state.pt"), lambda tmp: torch.save(state, tmp))
@@ -1613,7 +1613,7 @@ def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, bat
         state = torch.load(Path(directory, "train_state.pt"), map_location=sae.W_dec.device, weights_only=False)
         sae.load_state_dict(state["sae"])
         trainer = Trainer(sae, cfg)
-        trainer.load_state_dict(state["trainer"])
+        restore_trainer(trainer, state["trainer"])
     except Exception as err:
         raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
     if state["batches"] is not None:
