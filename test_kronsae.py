@@ -178,6 +178,39 @@ def test_kron_fast_path_equals_naive(h, m, n, k):
         torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
 
 
+def eq_2_to_4_reference(sae, x):
+    """KronSAE written from eqs. 2-4 with einsum, sharing nothing with kronsae.py but the parameters:
+    u = P_g (x - b_dec) + b_P, v = Q_g (x - b_dec) + b_Q (eq. 2); z[g, i, j] = sqrt(ReLU(u_i) ReLU(v_j)), exactly 0
+    when either is 0 (eq. 3); latent g*m*n + i*n + j (eq. 4); top k; x_hat = sum z_l W_dec[l] + b_dec (eq. 1)."""
+    h, m, n = sae.h, sae.m, sae.n
+    W, bias = sae.W_enc.view(h, m + n, -1), sae.b_enc.view(h, m + n)
+    centred = x - sae.b_dec
+    u = torch.einsum("gid,bd->bgi", W[:, :m], centred) + bias[:, :m]               # (B, h, m)
+    v = torch.einsum("gjd,bd->bgj", W[:, m:], centred) + bias[:, m:]               # (B, h, n)
+    t = torch.einsum("bgi,bgj->bgij", u.clamp_min(0), v.clamp_min(0))              # (B, h, m, n)
+    z = (torch.where(t > 0, t, torch.ones_like(t)).sqrt() * (t > 0)).reshape(len(x), h * m * n)
+    top = z.topk(sae.k, dim=-1)
+    x_hat = torch.einsum("bk,bkd->bd", top.values, sae.W_dec[top.indices]) + sae.b_dec
+    return top.values, top.indices, x_hat
+
+
+@pytest.mark.parametrize("h,m,n,k", [(8, 2, 4, 8), (2, 8, 8, 3), (3, 32, 32, 32), (4, 4, 4, 16)])
+def test_kron_fast_path_equals_an_independent_reference(h, m, n, k):
+    sae = perturb_(kron(h, m, n, k))
+    x = torch.randn(25, 16, dtype=torch.float64, requires_grad=True)
+    values, indices = sae.encode(x)
+    r_values, r_indices, r_x_hat = eq_2_to_4_reference(sae, x)
+    live = r_values > 0
+    assert torch.equal(indices.where(live, -1).sort(-1).values, r_indices.where(live, -1).sort(-1).values)
+    torch.testing.assert_close(values, r_values)
+    torch.testing.assert_close(sae.decode(values, indices), r_x_hat)
+    target = torch.randn(25, 16, dtype=torch.float64)
+    g_fast = grads(sae, x, ((sae(x) - target) ** 2).sum())
+    g_ref = grads(sae, x, ((eq_2_to_4_reference(sae, x)[2] - target) ** 2).sum())
+    for name in g_ref:
+        torch.testing.assert_close(g_fast[name], g_ref[name], msg=name)
+
+
 @pytest.mark.parametrize("F,k", [(64, 8), (50, 1), (16, 16)])
 def test_topk_fast_path_equals_naive(F, k):
     sae = perturb_(K.TopKSAE(d_in=16, dict_size=F, k=k).double())
