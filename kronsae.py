@@ -612,8 +612,10 @@ class DataConfig:
     keep_first: bool = opt(False, "with --model: keep position 0, the attention sink (contexts start with BOS when "
                                   "the tokenizer has one, so the sink sits there)")
     max_norm_ratio: float = opt(10.0, "drop tokens whose norm exceeds this many times the median norm (massive "
-                                      "activations, attention sinks), in training, held-out and LM-cost data; 0 = keep all")
-    norm_figure: str = opt("", "save a histogram of the training tokens' norms, before and after that filter, here (PNG)")
+                                      "activations, attention sinks), in training, held-out and LM-cost data; "
+                                      "0 = keep all")
+    norm_figure: str = opt("", "save a histogram of the training tokens' norms, before and after that filter, "
+                               "here (PNG)")
     normalize: bool = opt(False, "scale inputs so the mean norm is sqrt(d); folded back into the saved SAE")
     save_acts: str = opt("", "with --model: save the harvested activations for later --data runs: an activation "
                              "store (a directory), or one tensor if the name ends in .pt")
@@ -935,6 +937,11 @@ STORE_DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, 
                 "float32": (np.float32, torch.float32)}
 
 
+def save_npy(path: Path, array: np.ndarray):
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(f, array)
+
+
 class StoreWriter:
     """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
     manifest last and atomically, so a store without manifest.json is unfinished, never mistaken for whole."""
@@ -966,7 +973,7 @@ class StoreWriter:
         norms = cast.float().norm(dim=-1).numpy()          # of the stored values, so a reader gets the same
         for prefix, value in (("shard", array), ("norms", norms),
                               ("offsets", np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64))):
-            write_atomic(self.directory / f"{prefix}_{name}.npy", lambda tmp, v=value: np.save(open(tmp, "wb"), v))
+            write_atomic(self.directory / f"{prefix}_{name}.npy", partial(save_npy, array=value))
         self.shards.append({"name": name, "tokens": acts.shape[0], "contexts": len(self.lengths)})
         self.pending, self.lengths = [], []
 
@@ -982,8 +989,9 @@ class StoreWriter:
                               "p99": float(np.quantile(norms, 0.99)), "max": float(norms.max())}, **info}
         ratio = manifest.get("max_norm_ratio") or 0
         threshold = ratio * float(np.median(norms)) if ratio else math.inf
+        kept = norms[norms <= threshold]
         manifest["norms"].update(above_threshold=int((norms > threshold).sum()), threshold=threshold,
-                                 input_scale=math.sqrt(self.d) / float(norms[norms <= threshold].mean(dtype=np.float64)))
+                                 input_scale=math.sqrt(self.d) / float(kept.mean(dtype=np.float64)))
         write_json(self.directory / "manifest.json", manifest)
         return manifest
 
@@ -1035,7 +1043,8 @@ class ActivationStore:
         held_rows = np.split(np.repeat(held, counts), np.cumsum([len(n) for n in self.norms])[:-1])
         norms = [np.asarray(n) for n in self.norms]
         train_norms = np.concatenate([n[~h] for n, h in zip(norms, held_rows)])
-        median = float(np.partition(train_norms, (len(train_norms) - 1) // 2)[(len(train_norms) - 1) // 2])  # lower median, as torch
+        middle = (len(train_norms) - 1) // 2                                            # the lower median, as torch
+        median = float(np.partition(train_norms, middle)[middle])
         threshold = ratio * median if ratio else math.inf
         train, held_out, total = [], [], np.zeros(self.d)
         dropped = []
@@ -1048,11 +1057,13 @@ class ActivationStore:
             dropped.append(self.rows(k, np.flatnonzero(~h & (n > threshold))))
         dropped = torch.cat(dropped).double()
         mean = total / len(train_norms)
-        spread = lambda sq, sx, m: float(sq - 2 * mean @ sx + m * mean @ mean)         # sum of ||x - mean||^2
+        def spread(sq, sx, count):  # sum of ||x - mean||^2 over rows with sum of ||x||^2 = sq and sum of x = sx
+            return float(sq - 2 * mean @ sx + count * mean @ mean)
         share = spread(float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped)) / \
             spread(float((train_norms.astype(np.float64) ** 2).sum()), total, len(train_norms))
         kept = train_norms[train_norms <= threshold]
-        report_train = {"tokens": len(train_norms), "dropped": len(dropped), "dropped_share": len(dropped) / len(train_norms),
+        report_train = {"tokens": len(train_norms), "dropped": len(dropped),
+                        "dropped_share": len(dropped) / len(train_norms),
                         "dropped_variance_share": share, "median_norm": median, "threshold": threshold,
                         "max_norm_over_median_before": float(train_norms.max()) / median,
                         "max_norm_over_median_after": float(kept.max()) / median if len(kept) else None}
@@ -1777,8 +1788,8 @@ def check_writable(path: str, flag: str, directory: bool = False):
 
 
 def holds_run(directory: str) -> bool:
-    return Path(directory, "run.json").exists() or any(
-        Path(directory, arch, name).exists() for arch in ("topk", "kron") for name in ("sae.safetensors", "train_state.pt"))
+    return Path(directory, "run.json").exists() or any(Path(directory, arch, name).exists() for arch in ("topk", "kron")
+                                                       for name in ("sae.safetensors", "train_state.pt"))
 
 
 @dataclass
@@ -2532,7 +2543,8 @@ def main(argv=None):
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
     parser = Parser(
-        prog="kronsae.py", description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
+        prog="kronsae.py",
+        description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
                     "and prints EV, L0, dead %, encoder FLOPs, parameters and ms per step side by side. "
                     f"Other commands: {', '.join(COMMANDS)} (each has its own --help).")
     s, _ = parse_settings(parser, argv)
