@@ -2202,6 +2202,7 @@ class BenchConfig:
     flat_width: int = opt(4096, "encoder width h*(m+n) for the flat-in-F series (0 = skip)")
     repeats: int = opt(5, "timed repeats per step; the median is reported")
     naive: int = opt(1, "also time the naive KronSAE (1) or not (0)")
+    dead: float = opt(0.05, "share of latents marked dead for the 'aux' column: fwd+bwd with AuxK on; 0 = skip")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     seed: int = opt(0, "seed")
     json: str = opt("", "write the table to this JSON file")
@@ -2216,6 +2217,8 @@ class BenchConfig:
                              f"got {self.dict_sizes!r} and {self.shapes!r}") from None
         if any(len(mn) != 2 or min(mn) < 1 for mn in self.mn_list) or min(self.F_list) < 1:
             raise ValueError(f"--shapes must look like 2x8,4x4 and --dict-sizes be positive, got {self.shapes!r}")
+        if not 0 <= self.dead < 1:
+            raise ValueError(f"--dead must be in [0, 1), got {self.dead}")
         if self.flat_width < 0 or self.flat_width % 64:
             raise ValueError(f"flat_width must be 0 or a multiple of 64 (h >= 1 at 32x32), got {self.flat_width}")
         if self.device not in ("auto", "cpu", "cuda", "mps") or self.naive not in (0, 1):
@@ -2280,8 +2283,18 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
         optimizer.step()
         sae.normalize_decoder_()
 
+    dead = torch.zeros(sae.F, dtype=torch.bool, device=device)
+    dead[torch.randperm(sae.F, device=device)[:int(bcfg.dead * sae.F)]] = True
+
+    def fwd_bwd_aux():  # the whole training loss once latents have died: reconstruction and AuxK (1/32)
+        sae.zero_grad(set_to_none=True)
+        enc = sae.encode_with_aux(x, dead)
+        recon, x_hat = reconstruction_loss(sae, x, enc)
+        (recon + auxk_loss(sae, (x - x_hat).detach(), enc) / 32).backward()
+
     naive = isinstance(sae, NaiveKronSAE)
     fwd_bwd_ms = median_ms(fwd_bwd, device, 1 if naive else bcfg.repeats, warmup=not naive)
+    aux_ms = median_ms(fwd_bwd_aux, device, bcfg.repeats) if bcfg.dead and not naive else None
     opt_ms = median_ms(opt_step, device, 1 if naive else bcfg.repeats)
     sae.zero_grad(set_to_none=True)  # measure from a clean start, so the step's own gradients count
     peak = peak_bytes(fwd_bwd, device)
@@ -2291,7 +2304,7 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
     name = "topk" if isinstance(sae, TopKSAE) else f"kron_{sae.m}x{sae.n}"
     name = "naive_" + name if isinstance(sae, NaiveKronSAE) else name
     return {"name": name, "dict_size": sae.F, "h": getattr(sae, "h", None), "encoder_rows": E,
-            "flops_per_token": sae.flops_per_token(), "fwd_bwd_ms": fwd_bwd_ms, "opt_ms": opt_ms,
+            "flops_per_token": sae.flops_per_token(), "fwd_bwd_ms": fwd_bwd_ms, "aux_ms": aux_ms, "opt_ms": opt_ms,
             "peak_mb": peak / 2**20, "gflops": 2 * x.shape[0] * sae.flops_per_token() / fwd_bwd_ms / 1e6,
             "gemm_ms": gemm_ms, "gemm_gflops": 2 * x.shape[0] * E * sae.d_in / gemm_ms / 1e6,
             "step_over_gemm": fwd_bwd_ms / gemm_ms}
@@ -2314,28 +2327,46 @@ def bench_models(bcfg: BenchConfig):
     return specs
 
 
+BENCH_TARGETS = {"kron_8x8_speedup": {16384: 3.0, 65536: 3.5}, "naive_speedup": 5.0, "flat": 1.5,
+                 "step_over_gemm": 1.5}
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    return "met" if (value >= target if higher_is_better else value <= target) else "missed"
+
+
 def bench_verdicts(rows: list[dict]) -> list[str]:
-    """The issue's targets, checked against this run's numbers."""
+    """This run's numbers against the targets (BENCH_TARGETS), each with 'met' or 'missed'."""
     out = []
     for F in sorted({r["dict_size"] for r in rows if r["section"].startswith("F=")}):
         at = {r["name"]: r for r in rows if r["section"] == f"F={F}"}
         if "kron_8x8" in at and "topk" in at:
             top, kron = at["topk"], at["kron_8x8"]
-            out.append(f"F={F}: kron 8x8 is {top['fwd_bwd_ms'] / kron['fwd_bwd_ms']:.2f}x faster than topk "
-                       f"(FLOP ratio {top['flops_per_token'] / kron['flops_per_token']:.2f}x)")
+            ratio, target = top["fwd_bwd_ms"] / kron["fwd_bwd_ms"], BENCH_TARGETS["kron_8x8_speedup"].get(F)
+            out.append(f"F={F}: kron 8x8 is {ratio:.2f}x faster than topk (FLOP ratio "
+                       f"{top['flops_per_token'] / kron['flops_per_token']:.2f}x)"
+                       + (f"; target {target:g}x: {verdict(ratio, target)}" if target else ""))
+            if top.get("aux_ms") and kron.get("aux_ms"):
+                out.append(f"F={F}: with AuxK on dead latents, topk's time / kron 8x8's = "
+                           f"{top['aux_ms'] / kron['aux_ms']:.2f}")
         for name, r in at.items():
             if name.startswith("naive_") and name[6:] in at:
                 fast = at[name[6:]]
-                out.append(f"F={F}: {name[6:]} vs naive: {r['fwd_bwd_ms'] / fast['fwd_bwd_ms']:.1f}x faster, "
+                ratio = r["fwd_bwd_ms"] / fast["fwd_bwd_ms"]
+                out.append(f"F={F}: {name[6:]} vs naive: {ratio:.1f}x faster "
+                           f"(target {BENCH_TARGETS['naive_speedup']:g}x: {verdict(ratio, BENCH_TARGETS['naive_speedup'])}), "
                            f"{100 * fast['peak_mb'] / max(r['peak_mb'], 1e-9):.0f}% of its peak memory")
     flat = [r for r in rows if r["section"].startswith("flat")]
     if len(flat) > 1:
+        ratio = flat[-1]["fwd_bwd_ms"] / flat[0]["fwd_bwd_ms"]
         out.append(f"flat in F: F {flat[0]['dict_size']} -> {flat[-1]['dict_size']} at fixed h(m+n) costs "
-                   f"{flat[-1]['fwd_bwd_ms'] / flat[0]['fwd_bwd_ms']:.2f}x the fwd+bwd time")
+                   f"{ratio:.2f}x the fwd+bwd time (target at most {BENCH_TARGETS['flat']:g}x: "
+                   f"{verdict(ratio, BENCH_TARGETS['flat'], higher_is_better=False)})")
     kron = [r for r in rows if r["name"].startswith("kron")]
     if kron:
-        out.append("kron step / its encoder GEMM: " + ", ".join(
-            f"{r['name']}@{r['dict_size']}: {r['step_over_gemm']:.2f}x" for r in kron))
+        out.append(f"kron step / its encoder GEMM (target at most {BENCH_TARGETS['step_over_gemm']:g}x): " + ", ".join(
+            f"{r['name']}@{r['dict_size']}: {r['step_over_gemm']:.2f}x "
+            f"{verdict(r['step_over_gemm'], BENCH_TARGETS['step_over_gemm'], higher_is_better=False)}" for r in kron))
     return out
 
 
@@ -2347,8 +2378,9 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     set_seed(bcfg.seed)
     x = torch.randn(bcfg.batch, bcfg.d_in, device=device)
     print(f"bench: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads; "
-          f"median of {bcfg.repeats} (ms); peak = memory the fwd+bwd allocates")
-    header = (f"{'section':<22}{'SAE':<15}{'F':>7}{'enc rows':>9}{'FLOPs/tok':>12}{'fwd+bwd':>9}{'opt':>8}"
+          f"median of {bcfg.repeats} (ms); peak = memory the fwd+bwd allocates; aux = fwd+bwd with AuxK on "
+          f"{bcfg.dead:.0%} dead latents")
+    header = (f"{'section':<22}{'SAE':<15}{'F':>7}{'enc rows':>9}{'FLOPs/tok':>12}{'fwd+bwd':>9}{'aux':>8}{'opt':>8}"
               f"{'peak MB':>9}{'GFLOP/s':>9}{'GEMM GF/s':>10}{'step/GEMM':>10}")
     print(header + "\n" + "-" * len(header))
     rows = []
@@ -2357,7 +2389,8 @@ def bench(bcfg: BenchConfig) -> list[dict]:
         r = {"section": section, **bench_one(sae, x, bcfg)}
         rows.append(r)
         tqdm.write(f"{section:<22}{r['name']:<15}{r['dict_size']:>7}{r['encoder_rows']:>9}{r['flops_per_token']:>12,}"
-                   f"{r['fwd_bwd_ms']:>9.1f}{r['opt_ms']:>8.1f}{r['peak_mb']:>9.1f}{r['gflops']:>9.1f}"
+                   f"{r['fwd_bwd_ms']:>9.1f}{r['aux_ms'] or float('nan'):>8.1f}{r['opt_ms']:>8.1f}{r['peak_mb']:>9.1f}"
+                   f"{r['gflops']:>9.1f}"
                    f"{r['gemm_gflops']:>10.1f}{r['step_over_gemm']:>10.2f}")
         del sae
     print("\n".join(bench_verdicts(rows)))

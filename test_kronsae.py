@@ -1245,6 +1245,24 @@ def test_bench_runs_and_reports_targets(tmp_path):
     assert json.loads(out.read_text())["rows"][0]["name"] == "topk"
 
 
+def test_bench_verdicts_follow_the_targets():
+    """The verdict logic alone, on made-up timings: each target met on one side and missed on the other."""
+    def row(section, name, F, ms, flops=1000, aux=None, step_over_gemm=1.0, peak=10.0):
+        return {"section": section, "name": name, "dict_size": F, "fwd_bwd_ms": ms, "aux_ms": aux,
+                "flops_per_token": flops, "step_over_gemm": step_over_gemm, "peak_mb": peak}
+    rows = [row("F=16384", "topk", 16384, 300.0, 4000, aux=600.0), row("F=16384", "kron_8x8", 16384, 90.0, aux=150.0),
+            row("F=16384", "naive_kron_8x8", 16384, 400.0, peak=100.0),
+            row("F=65536", "topk", 65536, 300.0, 4000), row("F=65536", "kron_8x8", 65536, 90.0, step_over_gemm=2.0),
+            row("flat", "kron_8x8", 16384, 100.0), row("flat", "kron_32x32", 65536, 160.0)]
+    text = "\n".join(K.bench_verdicts(rows))
+    assert "F=16384: kron 8x8 is 3.33x faster than topk (FLOP ratio 4.00x); target 3x: met" in text
+    assert "F=65536: kron 8x8 is 3.33x faster than topk (FLOP ratio 4.00x); target 3.5x: missed" in text
+    assert "topk's time / kron 8x8's = 4.00" in text
+    assert "kron_8x8 vs naive: 4.4x faster (target 5x: missed), 10% of its peak memory" in text
+    assert "costs 1.60x the fwd+bwd time (target at most 1.5x: missed)" in text
+    assert "kron_8x8@16384: 1.00x met" in text and "kron_8x8@65536: 2.00x missed" in text
+
+
 # ============================================================================= 12. CLI
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
