@@ -415,8 +415,7 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "max global gradient norm; 0 = no clipping")
     aux_coef: float = opt(1 / 32, "AuxK loss weight (Gao et al. 2024); 0 = no AuxK")
     dead_tokens: int = opt(0, "a latent unused for this many tokens is dead; 0 = auto (10%% of training, at most 10M)")
-    matryoshka: tuple = opt((), "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss",
-                            cli_type=str)
+    matryoshka: tuple = opt((), "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss")
 
     def __post_init__(self):
         check_positive(steps=self.steps, batch=self.batch)
@@ -426,11 +425,9 @@ class TrainConfig:
         for name in ("grad_clip", "aux_coef", "dead_tokens"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
-        try:  # the CLI gives "256,512,1024"
-            sizes = self.matryoshka.split(",") if isinstance(self.matryoshka, str) else self.matryoshka
-            self.matryoshka = tuple(int(t) for t in sizes if str(t).strip())
-        except ValueError:
-            raise ValueError(f"--matryoshka must be comma-separated integers, got {self.matryoshka!r}") from None
+        if isinstance(self.matryoshka, str) or not all(isinstance(t, int) for t in self.matryoshka):
+            raise ValueError(f"matryoshka must be a sequence of integers, got {self.matryoshka!r}")
+        self.matryoshka = tuple(self.matryoshka)
 
     @property
     def dead_threshold(self) -> int:
@@ -449,7 +446,7 @@ def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
 
 class LatentTracker:
     """Per latent, over the training tokens seen so far: tokens since it last fired (dead = at least
-    `threshold`), and the running importance E[a^2] and firing frequency. O(B k) per step."""
+    `threshold`), and the running importance E[a^2] and firing frequency. O(B k + F) per step."""
 
     def __init__(self, F: int, threshold: int, device):
         self.threshold, self.tokens = threshold, 0
@@ -458,20 +455,16 @@ class LatentTracker:
         self.fire_count = torch.zeros(F, dtype=torch.float64, device=device)
 
     def update(self, values: torch.Tensor, indices: torch.Tensor, sync: Sync = None):  # (B, k), (B, k)
-        if sync is not None:  # data parallel: count every process's tokens, so that every process agrees
-            sq = torch.zeros_like(self.sq_sum).index_add_(0, indices.flatten(), values.flatten().double().pow(2))
-            fired = torch.zeros_like(self.fire_count).index_add_(0, indices.flatten(), (values.flatten() > 0).double())
-            tokens, sq, fired = int(sync(values.new_tensor(float(values.shape[0])))), sync(sq), sync(fired)
-            self.tokens, self.since = self.tokens + tokens, self.since + tokens
-            self.since[fired > 0] = 0
-            self.sq_sum += sq
-            self.fire_count += fired
-            return
-        self.tokens += values.shape[0]
-        self.since += values.shape[0]
-        self.since[indices[values > 0]] = 0
-        self.sq_sum.index_add_(0, indices.flatten(), values.flatten().double().pow(2))
-        self.fire_count.index_add_(0, indices.flatten(), (values.flatten() > 0).double())
+        """Count this batch; with `sync` (data parallel), every process's part of it, so that all agree."""
+        sq = torch.zeros_like(self.sq_sum).index_add_(0, indices.flatten(), values.flatten().double().pow(2))
+        fired = torch.zeros_like(self.fire_count).index_add_(0, indices.flatten(), (values.flatten() > 0).double())
+        tokens = values.shape[0]
+        if sync is not None:
+            tokens, sq, fired = int(sync(values.new_tensor(float(tokens)))), sync(sq), sync(fired)
+        self.tokens, self.since = self.tokens + tokens, self.since + tokens
+        self.since[fired > 0] = 0
+        self.sq_sum += sq
+        self.fire_count += fired
 
     @property
     def dead(self) -> torch.Tensor:  # (F,) bool
@@ -770,19 +763,24 @@ def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.T
     return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
 
 
+def filter_report(norms: np.ndarray, threshold: float, median: float, variance_share: float) -> dict:
+    """What the filter drops, from the token norms: the count, its share of the tokens and of the raw variance,
+    and the largest norm over the median before and after."""
+    dropped, kept = norms > threshold, norms[norms <= threshold]
+    return {"tokens": len(norms), "dropped": int(dropped.sum()), "dropped_share": float(dropped.mean()),
+            "dropped_variance_share": variance_share, "median_norm": median, "threshold": threshold,
+            "max_norm_over_median_before": float(norms.max()) / median,
+            "max_norm_over_median_after": float(kept.max()) / median if len(kept) else None}
+
+
 def norm_report(x: torch.Tensor, threshold: float, median: float) -> dict:
-    """What the filter drops from x (N, d): the count, its share of the tokens and of the raw variance
-    (sum over dropped rows of ||x - mean||^2 over the same sum for all rows), and the largest norm over the
-    median before and after."""
+    """filter_report for rows x (N, d); the raw-variance share is the sum over dropped rows of ||x - mean||^2
+    over the same sum for all rows."""
     norms = x.norm(dim=-1)                                                         # (N,)
-    dropped = norms > threshold
     mean = x.sum(0, dtype=torch.float64) / x.shape[0]
     spread = torch.cat([(chunk.double() - mean).pow(2).sum(-1) for chunk in x.split(65536)])   # (N,)
-    return {"tokens": x.shape[0], "dropped": int(dropped.sum()), "dropped_share": float(dropped.double().mean()),
-            "dropped_variance_share": float(spread[dropped].sum() / spread.sum().clamp_min(1e-300)),
-            "median_norm": median, "threshold": threshold,
-            "max_norm_over_median_before": float(norms.max()) / median,
-            "max_norm_over_median_after": float(norms[~dropped].max()) / median if (~dropped).any() else None}
+    share = float(spread[norms > threshold].sum() / spread.sum().clamp_min(1e-300))
+    return filter_report(norms.numpy(), threshold, median, share)
 
 
 def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str = ""):
@@ -942,6 +940,12 @@ def save_npy(path: Path, array: np.ndarray):
         np.save(f, array)
 
 
+def store_files(directory) -> list[Path]:
+    """The files of a store, finished or not, in `directory`."""
+    return [p for p in Path(directory).glob("*") if p.name == "manifest.json" or
+            re.fullmatch(r"(shard|norms|offsets)_\d+\.npy(\.tmp)?", p.name)] if Path(directory).is_dir() else []
+
+
 class StoreWriter:
     """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
     manifest last and atomically, so a store without manifest.json is unfinished, never mistaken for whole."""
@@ -949,6 +953,8 @@ class StoreWriter:
     def __init__(self, directory: str, dtype: str = "float16", shard_bytes: int = 1 << 26):
         self.directory, self.dtype, self.shard_bytes, self.d = Path(directory), dtype, shard_bytes, None
         self.directory.mkdir(parents=True, exist_ok=True)
+        for path in store_files(directory):  # an old store here (the CLI asked for --overwrite first)
+            path.unlink()
         self.shards, self.pending, self.lengths = [], [], []
 
     def add(self, acts: torch.Tensor, lengths: list[int]):
@@ -1062,13 +1068,8 @@ class ActivationStore:
         share = spread(float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped)) / \
             spread(float((train_norms.astype(np.float64) ** 2).sum()), total, len(train_norms))
         kept = train_norms[train_norms <= threshold]
-        report_train = {"tokens": len(train_norms), "dropped": len(dropped),
-                        "dropped_share": len(dropped) / len(train_norms),
-                        "dropped_variance_share": share, "median_norm": median, "threshold": threshold,
-                        "max_norm_over_median_before": float(train_norms.max()) / median,
-                        "max_norm_over_median_after": float(kept.max()) / median if len(kept) else None}
         held_out = torch.cat(held_out)
-        report = {"max_norm_ratio": ratio, "train": report_train,
+        report = {"max_norm_ratio": ratio, "train": filter_report(train_norms, threshold, median, share),
                   "held_out": norm_report(held_out, threshold, median)}
         held_out = held_out[held_out.norm(dim=-1) <= threshold][:eval_tokens]
         return train, held_out, report, math.sqrt(self.d) / float(kept.mean(dtype=np.float64))
@@ -1264,6 +1265,12 @@ def harvest(model, contexts: torch.Tensor, layer: int, mask: torch.Tensor, batch
     return torch.cat(out)
 
 
+def context_lengths(mask: torch.Tensor, rows: int) -> list[int]:
+    """How many of the first `rows` harvested rows each context (a row of mask (N, T)) gave, for the store."""
+    lengths = mask.sum(1).cumsum(0).clamp(max=rows).diff(prepend=torch.zeros(1, dtype=torch.long))
+    return [n for n in lengths.tolist() if n]
+
+
 class CE(NamedTuple):
     mean: float     # mean next-token cross-entropy over the counted positions
     counted: int    # positions averaged
@@ -1405,8 +1412,7 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     elif cfg.save_acts:
         writer = StoreWriter(cfg.save_acts, cfg.dtype)
         for acts, part in ((train_acts, mask[n_eval:]), (eval_acts, mask[:n_eval])):
-            lengths = part.sum(1).cumsum(0).clamp(max=acts.shape[0]).diff(prepend=torch.zeros(1, dtype=torch.long))
-            writer.add(acts, [n for n in lengths.tolist() if n])
+            writer.add(acts, context_lengths(part, acts.shape[0]))
         writer.finish(**store_info(cfg, tokenizer, 0.0))
     if cfg.save_acts:
         print(f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}")
@@ -1452,9 +1458,8 @@ def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> d
         while total < cfg.max_tokens and (batch := list(itertools.islice(contexts, cfg.model_batch))):
             ids = torch.tensor(batch)                                                   # (b, T)
             mask = token_mask(ids, tokenizer.all_special_ids, cfg.keep_first)
-            acts = residual_at(model, ids.to(device), cfg.layer)[mask.to(device)].float().cpu()[:cfg.max_tokens - total]
-            lengths = mask.sum(1).cumsum(0).clamp(max=acts.shape[0]).diff(prepend=torch.zeros(1, dtype=torch.long))
-            writer.add(acts, [n for n in lengths.tolist() if n])
+            acts = harvest(model, ids, cfg.layer, mask, len(ids), cfg.max_tokens - total, progress=False)
+            writer.add(acts, context_lengths(mask, acts.shape[0]))
             total += acts.shape[0]
             bar.update(acts.shape[0])
     if total < cfg.max_tokens:
@@ -2423,6 +2428,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
 
+def comma_ints(text: str) -> tuple:
+    """'256,512,1024' -> (256, 512, 1024), for flags that take a list."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+CLI_TYPES = {"matryoshka": comma_ints}  # fields whose flag is parsed from one string
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, only: Optional[tuple] = None):
     """One --flag per dataclass field (or per field in `only`), with its type, default and help, in an argument
     group of its own."""
@@ -2432,8 +2448,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, onl
             continue
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]  # aliases: torchrun's own parser
         help = f"{f.metadata['help']} (default: {f.default})"                      # takes --m and --n for its options
-        if "cli_type" in f.metadata:
-            group.add_argument(*flags, dest=f.name, type=f.metadata["cli_type"], default=f.default, help=help)
+        if f.name in CLI_TYPES:
+            group.add_argument(*flags, dest=f.name, type=CLI_TYPES[f.name], default=f.default, help=help)
         elif isinstance(f.default, bool):
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         elif isinstance(f.default, tuple):
@@ -2518,15 +2534,12 @@ HARVEST_FIELDS = ("model", "layer", "text", "ctx", "model_batch", "max_tokens", 
 
 
 def check_store_out(out: str, overwrite: bool):
-    """Refuse an --out that holds a store, finished or not, unless overwrite; then clear the old store's files."""
-    old = [p for p in Path(out).glob("*") if p.name == "manifest.json" or
-           re.fullmatch(r"(shard|norms|offsets)_\d+\.npy(\.tmp)?", p.name)] if Path(out).is_dir() else []
-    if old and not overwrite:
+    """Before any work: refuse an --out that holds a store, finished or not, unless overwrite (StoreWriter
+    then clears it when it starts writing)."""
+    if store_files(out) and not overwrite:
         state = "a finished" if Path(out, "manifest.json").exists() else "an unfinished (interrupted)"
         raise ValueError(f"--out {out} holds {state} activation store; pass --overwrite to replace it, "
                          f"or choose another --out")
-    for path in old:
-        path.unlink()
 
 
 def harvest_main(argv):

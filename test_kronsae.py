@@ -2,6 +2,7 @@
 
 Every fast path is checked against a naive reference written out here: all F scores, top-k, a dense decoder.
 """
+import argparse
 import ast
 import json
 import math
@@ -196,36 +197,29 @@ def eq_2_to_4_reference(sae, x):
 
 @pytest.mark.parametrize("h,m,n,k", [(8, 2, 4, 8), (2, 8, 8, 3), (3, 32, 32, 32), (4, 4, 4, 16)])
 def test_kron_fast_path_equals_an_independent_reference(h, m, n, k):
-    sae = perturb_(kron(h, m, n, k))
-    x = torch.randn(25, 16, dtype=torch.float64, requires_grad=True)
+    assert_equals_reference(perturb_(kron(h, m, n, k)), eq_2_to_4_reference, rows=25)
+
+
+def assert_equals_reference(sae, reference, rows):
+    """The fast path against reference(sae, x) -> (values, indices, x_hat): the same live latents, the same
+    values and reconstruction, and the same gradients of a loss on the reconstruction."""
+    x = torch.randn(rows, 16, dtype=torch.float64, requires_grad=True)
     values, indices = sae.encode(x)
-    r_values, r_indices, r_x_hat = eq_2_to_4_reference(sae, x)
+    r_values, r_indices, r_x_hat = reference(sae, x)
     live = r_values > 0
     assert torch.equal(indices.where(live, -1).sort(-1).values, r_indices.where(live, -1).sort(-1).values)
     torch.testing.assert_close(values, r_values)
-    torch.testing.assert_close(sae.decode(values, indices), r_x_hat)
-    target = torch.randn(25, 16, dtype=torch.float64)
+    torch.testing.assert_close(sae(x), r_x_hat)
+    target = torch.randn(rows, 16, dtype=torch.float64)
     g_fast = grads(sae, x, ((sae(x) - target) ** 2).sum())
-    g_ref = grads(sae, x, ((eq_2_to_4_reference(sae, x)[2] - target) ** 2).sum())
+    g_ref = grads(sae, x, ((reference(sae, x)[2] - target) ** 2).sum())
     for name in g_ref:
         torch.testing.assert_close(g_fast[name], g_ref[name], msg=name)
 
 
 @pytest.mark.parametrize("F,k", [(64, 8), (50, 1), (16, 16)])
 def test_topk_fast_path_equals_naive(F, k):
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=F, k=k).double())
-    x = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)
-    values, indices = sae.encode(x)
-    n_values, n_indices, n_x_hat = naive_forward(sae, x)
-    live = n_values > 0
-    assert torch.equal(indices.where(live, -1).sort(-1).values, n_indices.where(live, -1).sort(-1).values)
-    torch.testing.assert_close(values, n_values)
-    torch.testing.assert_close(sae(x), n_x_hat)
-    target = torch.randn(33, 16, dtype=torch.float64)
-    g_fast = grads(sae, x, ((sae(x) - target) ** 2).sum())
-    g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
-    for name in g_naive:
-        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+    assert_equals_reference(perturb_(K.TopKSAE(d_in=16, dict_size=F, k=k).double()), naive_forward, rows=33)
 
 
 def test_exactly_k_distinct_active_latents():
@@ -354,14 +348,16 @@ def test_invalid_matryoshka_prefixes_raise(sizes, multiple, match):
 
 
 def test_matryoshka_config_checks_heads_and_appends_F():
-    assert K.TrainConfig(matryoshka="16,64").matryoshka == (16, 64)
+    assert K.TrainConfig(matryoshka=K.comma_ints("16,64")).matryoshka == (16, 64)
     assert K.matryoshka_prefixes([16, 64], 256, K.KronSAE(d_in=4, h=16, m=2, n=8, k=4).group) == [16, 64, 256]
     assert K.matryoshka_prefixes([10, 20], 256, K.TopKSAE(d_in=4, dict_size=256, k=4).group) == [10, 20, 256]
     with pytest.raises(ValueError, match="multiples of m\\*n=16"):
-        K.Settings(K.SAEConfig(dict_size=256, m=2, n=8), K.TrainConfig(matryoshka="10,20"))
-    K.Settings(K.SAEConfig(dict_size=256, arch="topk"), K.TrainConfig(matryoshka="10,20"))   # TopK: any sizes
-    with pytest.raises(ValueError, match="comma-separated integers"):
-        K.TrainConfig(matryoshka="a,b")
+        K.Settings(K.SAEConfig(dict_size=256, m=2, n=8), K.TrainConfig(matryoshka=(10, 20)))
+    K.Settings(K.SAEConfig(dict_size=256, arch="topk"), K.TrainConfig(matryoshka=(10, 20)))   # TopK: any sizes
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers"):
+        K.comma_ints("a,b")
+    with pytest.raises(ValueError, match="sequence of integers"):
+        K.TrainConfig(matryoshka="16,64")
 
 
 # ============================================================================= 4. Training
@@ -1292,6 +1288,7 @@ BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing 
     (["bench", "--shapes", "2by8"], "shapes"), (["bench", "--device", "cuda"], "device"),
     (["progressive", "--figure", "FILE/p.png"], "figure"), (["progressive", "--out", "TMP/o"], "out"),
     (["export", "TMP/no_sae", "--to", "saelens", "TMP/exp"], "no_sae"), (["--dtype", "int8"], "dtype"),
+    (["--matryoshka", "a,b"], "matryoshka"),
     (["--buffer-tokens", "0"], "buffer.tokens"), (["harvest", "--out", "TMP/s"], "model"),
     (["harvest", "--model", "TMP", "--layer", "1", "--text", "FILE", "--out", "FILE"], "out"),
     (["harvest", "--model", "TMP", "--layer", "1", "--text", "FILE", "--out", "TMP/s", "--dtype", "fp8"], "dtype"),
