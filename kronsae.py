@@ -13,7 +13,7 @@ Shape letters used in the comments:
 
 Contents. Part 1, the method, stands alone: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training.
 Part 2 is the tooling around it: 5. Data, 6. The real-model path, 7. Evaluation, 8. Checkpoints,
-9. The main job: TopK vs KronSAE, 10. Progressive coding, 11. Benchmark, 12. CLI.
+9. The main job: TopK vs KronSAE, and the kernel ablation, 10. Progressive coding, 11. Benchmark, 12. CLI.
 
 Run:
   python kronsae.py                  # TopK SAE vs KronSAE on block-correlated synthetic data, side by side
@@ -25,6 +25,7 @@ Run:
   python kronsae.py export DIR --to saelens OUT   # a TopK SAE in SAELens's format
   python kronsae.py bench            # ms per step, memory, FLOPs: TopK vs KronSAE vs the naive KronSAE
   python kronsae.py progressive      # Matryoshka vs pruning by importance (progressive coding)
+  python kronsae.py ablate --data X  # mAND vs ReLU(u)ReLU(v) vs u v, over seeds (the kernel ablation)
   python kronsae.py --help           # every option (each command has its own --help)
 """
 from __future__ import annotations
@@ -81,6 +82,17 @@ def mand(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     (outer) product ReLU(u) (x) ReLU(v) (eq. 4); flattening the last two dims row-major gives index i*n + j.
     """
     return sqrt_prod(u.relu()[..., :, None], v.relu()[..., None, :])
+
+
+# The paper's kernel ablation (section 5) swaps mAND for two other ways of composing u_i and v_j. Each maps
+# paired (broadcastable) u and v to latent values >= 0: NaiveKronSAE broadcasts them into the (m, n) outer
+# grid, KronSAE applies them to the k chosen pairs only. `product` can be positive when both are negative;
+# its ReLU only zeroes a negative product that reaches the top k, as the TopK SAE's ReLU does.
+KERNELS = {
+    "mand": lambda u, v: sqrt_prod(u.relu(), v.relu()),   # eq. 3, the default
+    "relu_product": lambda u, v: u.relu() * v.relu(),     # ReLU(u) ReLU(v): mAND without the square root
+    "product": lambda u, v: (u * v).relu(),               # u v: no AND, negative times negative fires
+}
 
 
 # ============================================================================= 2. The SAEs (eqs. 1-4)
@@ -251,12 +263,15 @@ class KronSAE(SparseAutoencoder):
     W_enc: (h*(m+n), d), head k's rows are [P_k; Q_k]. The encoder costs O(h(m+n)d), not O(Fd).
     """
 
-    def __init__(self, d_in: int, h: int, m: int, n: int, k: int, dict_size: Optional[int] = None):
+    def __init__(self, d_in: int, h: int, m: int, n: int, k: int, dict_size: Optional[int] = None,
+                 kernel: str = "mand"):
         check_positive(h=h, m=m, n=n)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         if dict_size is not None and dict_size != h * m * n:
             raise ValueError(f"KronSAE needs F = h*m*n, got F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}")
         super().__init__(d_in, h * m * n, k, enc_rows=h * (m + n))
-        self.h, self.m, self.n, self.group = h, m, n, m * n
+        self.h, self.m, self.n, self.group, self.kernel = h, m, n, m * n, kernel
         # paper A.1: draw the encoder, decoder row (k, i, j) = P_k,i + Q_k,j, normalised; biases zero
         self.W_enc.data = nnf.normalize(torch.randn(h * (m + n), d_in), dim=-1)
         P, Q = self.W_enc.data.view(h, m + n, d_in).split([m, n], dim=1)          # (h, m, d), (h, n, d)
@@ -269,7 +284,8 @@ class KronSAE(SparseAutoencoder):
         self.register_buffer("rank_pairs", pairs, persistent=False)                # (2, R) or None
 
     def config(self) -> dict:
-        return {"arch": "kron", "d_in": self.d_in, "h": self.h, "m": self.m, "n": self.n, "k": self.k}
+        return {"arch": "kron", "d_in": self.d_in, "h": self.h, "m": self.m, "n": self.n, "k": self.k,
+                "kernel": self.kernel}
 
     def split(self, pre):  # (B, h*(m+n)) -> u (B, h, m), v (B, h, n)
         return pre.view(-1, self.h, self.m + self.n).split([self.m, self.n], dim=-1)
@@ -281,19 +297,25 @@ class KronSAE(SparseAutoencoder):
 
     def select(self, pre, k):  # (B, h*(m+n)) -> (B, k), without building all F scores
         m, n = self.m, self.n
-        p, q = self.split(pre.relu())                                             # (B, h, m), (B, h, n)
-        # a head's best score is sqrt(max p * max q); the global top k lies in the k best heads
-        heads = (p.amax(-1) * q.amax(-1)).topk(min(k, self.h), dim=-1).indices    # (B, H)
-        p = p.gather(1, heads[..., None].expand(-1, -1, m))                       # (B, H, m)
-        q = q.gather(1, heads[..., None].expand(-1, -1, n))                       # (B, H, n)
-        if self.rank_pairs is None:  # small heads: score every pair of the chosen heads
-            best = (p[..., :, None] * q[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
+        u, v = self.split(pre)                                                    # (B, h, m), (B, h, n)
+        if self.kernel == "product":  # signs matter: a head's best u_i v_j is one of its corner products
+            u_ends, v_ends = torch.stack([u.amax(-1), u.amin(-1)]), torch.stack([v.amax(-1), v.amin(-1)])
+            head_best = (u_ends[:, None] * v_ends[None, :]).flatten(0, 1).amax(0)  # (B, h)
+        else:  # mand, relu_product: monotone in p_i q_j, p = ReLU(u), q = ReLU(v); best is max p * max q
+            u, v = u.relu(), v.relu()
+            head_best = u.amax(-1) * v.amax(-1)                                   # (B, h)
+        # the global top k lies in the k heads with the best best score
+        heads = head_best.topk(min(k, self.h), dim=-1).indices                    # (B, H)
+        u = u.gather(1, heads[..., None].expand(-1, -1, m))                       # (B, H, m)
+        v = v.gather(1, heads[..., None].expand(-1, -1, n))                       # (B, H, n)
+        if self.rank_pairs is None or self.kernel == "product":  # score every pair of the chosen heads
+            best = (u[..., :, None] * v[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
             slot, ij = best // (m * n), best % (m * n)
             i, j = ij // n, ij % n
-        else:  # big heads: sort p and q, and score only the rank pairs that can reach the top k
+        else:  # big heads, scores >= 0: sort p and q, and score only the rank pairs that can reach the top k
             r, s = self.rank_pairs                                                # (R,), (R,)
-            p, i_sorted = p.topk(min(m, k), dim=-1)                               # (B, H, a)
-            q, j_sorted = q.topk(min(n, k), dim=-1)                               # (B, H, b)
+            p, i_sorted = u.topk(min(m, k), dim=-1)                               # (B, H, a)
+            q, j_sorted = v.topk(min(n, k), dim=-1)                               # (B, H, b)
             shape = (*p.shape[:2], r.numel())
             cand = p.gather(-1, r.expand(shape)) * q.gather(-1, s.expand(shape))  # (B, H, R)
             best = cand.flatten(1).topk(k, dim=-1).indices                        # (B, k) into H*R
@@ -307,13 +329,12 @@ class KronSAE(SparseAutoencoder):
         base = head * (self.m + self.n)
         return torch.cat([base + ij // self.n, base + self.m + ij % self.n], dim=-1)
 
-    def scores_of(self, pre, latents):  # (B, E), (L,) -> (B, L): p_i * q_j, monotone in the mAND value
+    def scores_of(self, pre, latents):  # (B, E), (L,) -> (B, L): the latents' values
         u_rows, v_rows = self.rows_of(latents).chunk(2, dim=-1)
-        return pre[:, u_rows].relu() * pre[:, v_rows].relu()
+        return KERNELS[self.kernel](pre[:, u_rows], pre[:, v_rows])
 
-    def activation(self, pre_rows):  # (B, 2k) -> (B, k): eq. 3 on the chosen pairs only
-        u, v = pre_rows.chunk(2, dim=-1)
-        return sqrt_prod(u.relu(), v.relu())
+    def activation(self, pre_rows):  # (B, 2k) -> (B, k): eq. 3 (or the kernel) on the chosen pairs only
+        return KERNELS[self.kernel](*pre_rows.chunk(2, dim=-1))
 
     def flops_per_token(self) -> int:
         """eq. 7, multiply-accumulates: encoder d*h*(m+n), mAND m*n*h, sparse decoder k*d."""
@@ -328,9 +349,9 @@ class NaiveKronSAE(KronSAE):
     F-sized work per token; the tests hold it to that.
     """
 
-    def scores(self, x):  # (B, d) -> (B, F): every mAND score, eqs. 3-4
-        p, q = self.pre_latents(x)
-        return mand(p, q).flatten(1)
+    def scores(self, x):  # (B, d) -> (B, F): every mAND (or kernel) score, eqs. 3-4
+        u, v = self.split((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+        return KERNELS[self.kernel](u[..., :, None], v[..., None, :]).flatten(1)
 
     def encode(self, x):
         top = self.scores(x).topk(self.k, dim=-1)
@@ -1543,6 +1564,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def mean_std(values: list[float]) -> dict:
+    """{"mean", "std"} of repeated measurements (seeds, set-ups); std is the sample std (n - 1), 0 for one value."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
+
+
 # ============================================================================= 8. Checkpoints
 
 def save(sae: SparseAutoencoder, directory: str):
@@ -1707,7 +1734,7 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     return result
 
 
-# ============================================================================= 9. The main job: TopK vs KronSAE
+# ============================================================================= 9. The main job: TopK vs KronSAE, and the kernel ablation
 
 @dataclass
 class SAEConfig:
@@ -1718,10 +1745,13 @@ class SAEConfig:
     m: int = opt(2, "KronSAE composition base size per head (paper: start at 2)", aliases=("--kron-m",))
     n: int = opt(8, "KronSAE composition extension size per head, m <= n", aliases=("--kron-n",))
     k: int = opt(16, "active latents per token (TopK)")
+    kernel: str = opt("mand", "KronSAE composition kernel: mand (eq. 3), relu_product or product (section 5)")
 
     def __post_init__(self):
         if self.arch not in ("topk", "kron", "both"):
             raise ValueError(f"arch must be topk, kron or both, got {self.arch!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         check_positive(dict_size=self.dict_size, m=self.m, n=self.n, k=self.k)
         if self.h < 0:
             raise ValueError(f"h must be >= 0 (0 means derive it), got h={self.h}")
@@ -1745,7 +1775,8 @@ class SAEConfig:
     def build(self, arch: str, d_in: int) -> SparseAutoencoder:
         if arch == "topk":
             return TopKSAE(d_in=d_in, dict_size=self.dict_size, k=self.k)
-        return KronSAE(d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, dict_size=self.dict_size)
+        return KronSAE(d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, dict_size=self.dict_size,
+                       kernel=self.kernel)
 
 
 @dataclass
@@ -2049,6 +2080,50 @@ def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> di
     return results
 
 
+# The paper's kernel ablation (section 5): the same KronSAE with mAND, ReLU(u)ReLU(v) or u v, on the same data,
+# each over several seeds (init and batch order; the held-out split stays that of --seed).
+
+def check_ablation(s: Settings):
+    if s.run.out or s.run.resume or s.run.save_every:
+        raise ValueError("ablate writes no checkpoints; drop --out, --resume and --save-every")
+    if s.sae.arch == "topk":
+        raise ValueError("ablate trains KronSAEs only; drop --arch topk")
+    if s.sae.kernel != "mand":
+        raise ValueError("ablate takes its kernels from --kernels; drop --kernel")
+
+
+def ablate(s: Settings, kernels: list[str], seeds: int) -> dict:
+    """Train a KronSAE per kernel and seed (seeds --seed, --seed + 1, ...) and compare held-out EV, mean ± std."""
+    check_ablation(s)
+    s.check_environment()
+    start, device = time.perf_counter(), pick_device(s.run.device)
+    set_seed(s.run.seed)
+    train_data, eval_data, _, data_report = prepared_data(s, device)
+    sigint_stop, restore = finish_step_on_sigint()
+    results = {}
+    try:
+        for kernel in kernels:
+            evs = []
+            for i in range(seeds):
+                one = dataclasses.replace(s, sae=dataclasses.replace(s.sae, arch="kron", kernel=kernel),
+                                          run=dataclasses.replace(s.run, seed=s.run.seed + i))
+                print(f"kernel {kernel}, seed {s.run.seed + i}")
+                evs.append(run_one("kron", train_data, eval_data, one, device, stop=sigint_stop)[1]["ev"])
+            stats = mean_std(evs)
+            results[kernel] = {"ev_mean": stats["mean"], "ev_std": stats["std"], "evs": evs}
+    finally:
+        restore()
+    print(f"\nKronSAE h={s.sae.heads} m={s.sae.m} n={s.sae.n}, F={s.sae.dict_size}, k={s.sae.k}: held-out EV over "
+          f"{seeds} seed(s), mean ± std")
+    for kernel, r in results.items():
+        print(f"{kernel:<14}{r['ev_mean']:.4f} ± {r['ev_std']:.4f}   " + " ".join(f"{ev:.4f}" for ev in r["evs"]))
+    if s.run.json:
+        write_json(s.run.json, {"kernels": results, "data": data_report,
+                                "config": {**provenance(s, device, time.perf_counter() - start),
+                                           "kernels": kernels, "seeds": seeds}})
+    return results
+
+
 # ============================================================================= 10. Progressive coding
 # Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190
 
@@ -2095,7 +2170,7 @@ def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
         if heads is None or not torch.equal(keep, (heads[:, None] * size + torch.arange(size)).flatten()):
             raise ValueError(f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
                              f"{size} latents in order, got {keep.numel()} latents")
-        small = KronSAE(d_in=sae.d_in, h=heads.numel(), m=sae.m, n=sae.n, k=k)
+        small = KronSAE(d_in=sae.d_in, h=heads.numel(), m=sae.m, n=sae.n, k=k, kernel=sae.kernel)
         enc_rows = (heads[:, None] * (sae.m + sae.n) + torch.arange(sae.m + sae.n)).flatten()
     else:
         small, enc_rows = TopKSAE(d_in=sae.d_in, dict_size=keep.numel(), k=k), keep
@@ -2530,6 +2605,28 @@ def progressive_main(argv):
     return run_cli(progressive, s, extra["figure"])
 
 
+def kernel_names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in KERNELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated kernels from {', '.join(KERNELS)}, got {text!r}")
+    return names
+
+
+def ablate_main(argv):
+    parser = Parser(prog="kronsae.py ablate", description=(
+        "The paper's kernel ablation (section 5): train a KronSAE with each composition kernel over --seeds "
+        "seeds on the same data and print held-out EV as mean ± std. mand is eq. 3, relu_product is "
+        "ReLU(u)ReLU(v), product is u v. Data options are those of the main job (--data, --model, ...)."))
+    parser.add_argument("--kernels", type=kernel_names, default=list(KERNELS),
+                        help=f"comma-separated kernels (default: {','.join(KERNELS)})")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per kernel, from --seed on (default: 3)")
+    s, extra = parse_settings(parser, argv, check_ablation)
+    if extra["seeds"] < 1:
+        parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
+    return run_cli(ablate, s, extra["kernels"], extra["seeds"])
+
+
 HARVEST_FIELDS = ("model", "layer", "text", "ctx", "model_batch", "max_tokens", "keep_first", "max_norm_ratio", "dtype")
 
 
@@ -2582,7 +2679,8 @@ def export_main(argv):
     return run_cli(export_saelens, args.directory, args.destination)
 
 
-COMMANDS = {"harvest": harvest_main, "bench": bench_main, "progressive": progressive_main, "export": export_main}
+COMMANDS = {"harvest": harvest_main, "bench": bench_main, "progressive": progressive_main, "ablate": ablate_main,
+            "export": export_main}
 
 
 def main(argv=None):

@@ -30,8 +30,8 @@ def seeded():
     K.set_seed(0)
 
 
-def kron(h=8, m=2, n=4, k=8, d=16, dtype=torch.float64):
-    return K.KronSAE(d_in=d, h=h, m=m, n=n, k=k).to(dtype)
+def kron(h=8, m=2, n=4, k=8, d=16, dtype=torch.float64, kernel="mand"):
+    return K.KronSAE(d_in=d, h=h, m=m, n=n, k=k, kernel=kernel).to(dtype)
 
 
 def perturb_(sae, scale=0.1):
@@ -45,7 +45,7 @@ def perturb_(sae, scale=0.1):
 
 def naive_twin(sae):
     """KronSAE's naive twin (kronsae.NaiveKronSAE) sharing the same parameter tensors."""
-    twin = K.NaiveKronSAE(d_in=sae.d_in, h=sae.h, m=sae.m, n=sae.n, k=sae.k).to(sae.W_dec.dtype)
+    twin = K.NaiveKronSAE(d_in=sae.d_in, h=sae.h, m=sae.m, n=sae.n, k=sae.k, kernel=sae.kernel).to(sae.W_dec.dtype)
     for name, p in sae.named_parameters():
         setattr(twin, name, p)
     return twin
@@ -159,9 +159,10 @@ def test_kron_shapes_and_contract(h, m, n, k):
     torch.testing.assert_close(sae(x), sae.decode(values, indices))
 
 
+@pytest.mark.parametrize("kernel", list(K.KERNELS))
 @pytest.mark.parametrize("h,m,n,k", KRON_SHAPES)
-def test_kron_fast_path_equals_naive(h, m, n, k):
-    sae = perturb_(kron(h, m, n, k))
+def test_kron_fast_path_equals_naive(h, m, n, k, kernel):
+    sae = perturb_(kron(h, m, n, k, kernel=kernel))
     x = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)
     values, indices = sae.encode(x)
     x_hat = sae.decode(values, indices)
@@ -177,6 +178,30 @@ def test_kron_fast_path_equals_naive(h, m, n, k):
     g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
     for name in g_naive:
         torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+
+
+def test_kernels_compose_u_and_v_as_the_paper_says():
+    u = torch.tensor([2.0, -3.0, 0.5])
+    v = torch.tensor([8.0, -2.0])
+    torch.testing.assert_close(K.KERNELS["mand"](u[:, None], v[None, :]), torch.tensor([[4.0, 0], [0, 0], [2.0, 0]]))
+    torch.testing.assert_close(K.KERNELS["relu_product"](u[:, None], v[None, :]),
+                               torch.tensor([[16.0, 0], [0, 0], [4.0, 0]]))
+    torch.testing.assert_close(K.KERNELS["product"](u[:, None], v[None, :]), torch.tensor([[16.0, 0], [0, 6], [4, 0]]))
+
+
+@pytest.mark.parametrize("h,m,n,k", [(6, 2, 4, 5), (3, 32, 32, 32), (4, 8, 8, 3)])
+def test_product_selection_finds_negative_times_negative(h, m, n, k):
+    """Under `product`, the largest latents can be u_i v_j with both negative, in a head whose positive
+    entries are small. The selection must find them: the same latents and values as the naive twin."""
+    sae = perturb_(kron(h, m, n, k, kernel="product"))
+    with torch.no_grad():
+        sae.b_enc.view(h, m + n)[1] = -5.0       # head 1: every u and v strongly negative
+        sae.b_enc.view(h, m + n)[1, 0] = 0.5     # one small positive u, so a "ReLU head max" would rank it low
+    x = torch.randn(17, 16, dtype=torch.float64, requires_grad=True)
+    values, indices = sae.encode(x)
+    # head 1 has (m-1)*n negative pairs, each near 25: they are the top latents of every token
+    assert ((indices // (m * n) == 1).sum(-1) >= min(k, (m - 1) * n)).all()
+    assert_equals_reference(sae, naive_forward, rows=17)
 
 
 def eq_2_to_4_reference(sae, x):
@@ -292,9 +317,10 @@ def test_forward_matmul_flops_match_eq7(arch):
 
 # ============================================================================= 3. Losses
 
-@pytest.mark.parametrize("arch", ["topk", "kron"])
+@pytest.mark.parametrize("arch", ["topk", "kron", "kron_product"])
 def test_auxk_picks_top_dead_latents_and_trains_the_encoder(arch):
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4).double() if arch == "topk" else kron(8, 2, 4, 4))
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4).double() if arch == "topk" else
+                   kron(8, 2, 4, 4, kernel="product" if arch == "kron_product" else "mand"))
     dead = torch.zeros(sae.F, dtype=torch.bool)
     dead[torch.randperm(sae.F)[:20]] = True
     x = torch.randn(10, 16, dtype=torch.float64)
@@ -1115,7 +1141,7 @@ def test_training_with_normalize_saves_an_sae_for_raw_inputs(tmp_path):
     assert K.evaluate(K.load(tmp_path), data[:1024])["ev"] > 0.4
 
 
-# ============================================================================= 9. The main job: TopK vs KronSAE
+# ============================================================================= 9. The main job: TopK vs KronSAE, and the kernel ablation
 
 @pytest.mark.parametrize("make,match", [
     (lambda: K.KronSAE(d_in=8, h=4, m=2, n=4, k=4, dict_size=40), r"F = h\*m\*n.*F=40.*32"),
@@ -1159,6 +1185,43 @@ def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
     assert config["world_size"] == 1 and config["torch"] == torch.__version__ and config["seconds"] > 0
     assert config["device"] == "cpu" and "NaN" not in text and "Infinity" not in text
     assert K.Settings.from_dict(json.loads((tmp_path / "ckpt" / "run.json").read_text())).sae.dict_size == 128
+
+
+def test_ablate_trains_each_kernel_over_seeds(tmp_path, capsys):
+    data = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    torch.save(data, tmp_path / "acts.pt")
+    args = ["ablate", "--data", str(tmp_path / "acts.pt"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
+            "--steps", "20", "--batch", "64", "--eval-tokens", "500", "--seeds", "2"]
+    results = K.main([*args, "--json", str(tmp_path / "a.json")])
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert list(saved["kernels"]) == list(results) == ["mand", "relu_product", "product"]
+    for r in saved["kernels"].values():
+        assert len(r["evs"]) == 2 and r["evs"][0] != r["evs"][1]                 # two seeds, two runs
+        assert r["ev_mean"] == pytest.approx(sum(r["evs"]) / 2)
+        assert r["ev_std"] == pytest.approx(abs(r["evs"][0] - r["evs"][1]) / 2 ** 0.5)
+    assert saved["config"]["seeds"] == 2 and saved["config"]["sae"]["h"] == 0 and saved["data"]["train"]
+    # the same seed and kernel give the same EV when run alone
+    again = K.main([*args[:-2], "--seeds", "1", "--kernels", "product"])
+    assert again["product"]["evs"] == saved["kernels"]["product"]["evs"][:1]
+    capsys.readouterr()
+    for bad, message in ((["--kernels", "mand,sigmoid"], "expected comma-separated kernels"),
+                         (["--seeds", "0"], "--seeds must be >= 1"), (["--out", str(tmp_path / "o")], "ablate writes no"),
+                         (["--arch", "topk"], "KronSAEs only"), (["--kernel", "product"], "from --kernels")):
+        with pytest.raises(SystemExit):
+            K.main([*args, *bad])
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+def test_kernel_is_a_flag_and_survives_a_checkpoint(tmp_path):
+    s, _ = K.parse_settings(K.Parser(prog="kronsae.py"), ["--kernel", "relu_product", "--dict-size", "64",
+                                                          "--m", "2", "--n", "4"])
+    sae = s.sae.build("kron", 16)
+    assert sae.kernel == "relu_product"
+    K.save(sae, tmp_path / "c")
+    assert K.load(tmp_path / "c").kernel == "relu_product"
+    with pytest.raises(SystemExit):
+        K.parse_settings(K.Parser(prog="kronsae.py"), ["--kernel", "sigmoid"])
 
 
 # ============================================================================= 10. Progressive coding
