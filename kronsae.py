@@ -717,23 +717,29 @@ def load_data(path: str) -> torch.Tensor:
 # synthetic.py builds its toy experiment on the same generator.
 
 def block_covariance(F_true: int = 256, n_blocks: int = 8, n_off: int = 4, rho_in: tuple = (0.3, 0.8),
-                     rho_off: float = 0.25, seed: int = 0) -> torch.Tensor:
+                     rho_off: float = 0.25, seed: int = 0, sizes: tuple = ()) -> torch.Tensor:
     """A block-structured correlation matrix S, shape (F_true, F_true), unit diagonal, positive definite.
 
-    n_blocks diagonal blocks of different (random) sizes, each with its own within-block correlation drawn
-    from rho_in, plus n_off off-diagonal blocks linking random pairs of blocks with correlation +-rho_off.
+    n_blocks diagonal blocks of different (random) sizes, or exactly `sizes` when given (they must sum to
+    F_true), each with its own within-block correlation drawn from rho_in, plus n_off off-diagonal blocks
+    linking random pairs of blocks with correlation +-rho_off.
     """
+    if sizes and (sum(sizes) != F_true or min(sizes) < 1):
+        raise ValueError(f"block sizes must be positive and sum to F_true={F_true}, got {list(sizes)}")
+    n_blocks = len(sizes) or n_blocks
     if not 1 <= n_blocks <= F_true:
         raise ValueError(f"need 1 <= n_blocks <= F_true, got n_blocks={n_blocks}, F_true={F_true}")
+    if not (0 <= rho_in[0] <= rho_in[1] < 1 and 0 <= rho_off < 1):
+        raise ValueError(f"need 0 <= rho_in low <= high < 1 and 0 <= rho_off < 1, got {rho_in}, {rho_off}")
     g = torch.Generator().manual_seed(seed)
     # different block sizes: cut [0, F_true) at n_blocks-1 distinct random points
     cuts = torch.randperm(F_true - 1, generator=g)[: n_blocks - 1].sort().values + 1
-    edges = [0, *cuts.tolist(), F_true]
+    edges = list(itertools.accumulate(sizes, initial=0)) if sizes else [0, *cuts.tolist(), F_true]
     blocks = [(a, b) for a, b in zip(edges[:-1], edges[1:])]
     S = torch.zeros(F_true, F_true, dtype=torch.float64)
     for a, b in blocks:
         S[a:b, a:b] = rho_in[0] + (rho_in[1] - rho_in[0]) * torch.rand((), generator=g, dtype=torch.float64)
-    for _ in range(n_off):
+    for _ in range(n_off if n_blocks > 1 else 0):
         i, j = torch.randperm(n_blocks, generator=g)[:2].tolist()
         sign = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
         (a, b), (c, e) = blocks[i], blocks[j]

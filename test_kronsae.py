@@ -4,6 +4,7 @@ Every fast path is checked against a naive reference written out here: all F sco
 """
 import argparse
 import ast
+import dataclasses
 import json
 import math
 import os
@@ -525,9 +526,17 @@ def test_block_covariance_is_a_valid_block_correlation_matrix():
     assert not torch.equal(S, K.block_covariance(128, n_blocks=6, n_off=3, seed=6))
 
 
-def test_generator_sample_covariance_approaches_S():
+@pytest.mark.parametrize("layout", [dict(n_blocks=4, n_off=2), dict(sizes=(40, 16, 8), n_off=1, rho_off=0.4),
+                                    dict(sizes=(8,) * 8, n_off=6, rho_in=(0.7, 0.9)), dict(n_blocks=1)])
+def test_generator_sample_covariance_approaches_S(layout):
     F_true, n = 64, 200_000
-    S = K.block_covariance(F_true, n_blocks=4, n_off=2, seed=0)
+    S = K.block_covariance(F_true, seed=0, **layout)
+    if "sizes" in layout:  # the requested blocks, each with one within-block correlation
+        a = 0
+        for size in layout["sizes"]:
+            block = S[a:a + size, a:a + size][~torch.eye(size, dtype=torch.bool)]
+            assert block.numel() == 0 or (block - block.mean()).abs().max() < 0.05
+            a += size
     x = K.sample_sparse(S, n, k_true=8, generator=torch.Generator().manual_seed(0))
     codes = K.sparse_codes(n, F_true, 8, torch.Generator().manual_seed(0))
     L = torch.linalg.cholesky(S.double())
@@ -1512,6 +1521,96 @@ def test_matching_recovers_a_planted_permutation():
     assert torch.equal(perm[idx], torch.arange(40))
 
 
+def test_block_covariance_checks_its_parameters():
+    for bad in (dict(sizes=(30, 30)), dict(sizes=(64, 0)), dict(rho_in=(0.5, 1.0)), dict(rho_off=-0.1)):
+        with pytest.raises(ValueError):
+            K.block_covariance(64, **bad)
+
+
+def test_cosine_gram_is_what_the_default_toy_scores():
+    """With --gram cosine the AE's Gram has a unit diagonal; raw keeps the embeddings' norms."""
+    tc = synthetic.ToyConfig(setups=1, seeds=1, samples=4096, ae_steps=50, sae_steps=5, batch=256,
+                             models=("topk",), workers=1)
+    _, grams, health = synthetic.run_setup(synthetic.SETUPS[0], tc)
+    torch.testing.assert_close(grams["ae"].diagonal(), torch.ones(256))
+    _, raw, _ = synthetic.run_setup(synthetic.SETUPS[0], dataclasses.replace(tc, gram="raw"))
+    assert (raw["ae"].diagonal() - 1).abs().max() > 0.1
+    assert set(grams) == {"truth", "ae", "topk"} and set(health["topk"]) == {"dead", "duplicated"}
+
+
+def test_faq_with_more_starts_never_scores_lower():
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(30, 6, generator=g), torch.randn(30, 6, generator=g)
+    A, B = (X @ X.T).double(), (Y @ Y.T).double()
+
+    def objective(idx):
+        return float(torch.trace(A @ B[idx][:, idx]))
+    assert objective(synthetic.match_atoms(X, Y, inits=6)) >= objective(synthetic.match_atoms(X, Y)) - 1e-9
+
+
+def planted_sae(absorbing: bool) -> K.TopKSAE:
+    """A TopK SAE on a 1-parent, 2-child toy with orthonormal directions (d = F_true = 4: parent 0, children 1 and
+    2, one other feature 3). Each latent reads one feature. The absorbing one writes parent + child in each
+    child's decoder row and silences the parent's latent when a child fires; the clean one is the identity."""
+    sae = K.TopKSAE(d_in=4, dict_size=4, k=4).double()
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4, dtype=torch.float64))
+        sae.W_dec.copy_(torch.eye(4, dtype=torch.float64))
+        if absorbing:
+            sae.W_enc[0, 1:3] = -10.0                              # the parent latent is off when a child is on
+            sae.W_dec[1:3, 0] = 1.0                                # children carry the parent direction
+            sae.normalize_decoder_()
+    return sae
+
+
+def planted_codes(n=200, child_always=True):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.zeros(n, 4, dtype=torch.float64)
+    codes[:, 0] = 1.0                                                # the parent fires in every input
+    child = torch.randint(1, 3, (n,), generator=g)
+    with_child = torch.ones(n, dtype=torch.bool) if child_always else torch.rand(n, generator=g) < 0.5
+    codes[torch.arange(n)[with_child], child[with_child]] = 1.0
+    codes[:, 3] = torch.rand(n, generator=g, dtype=torch.float64) < 0.3
+    return codes
+
+
+def test_absorption_rate_is_one_for_a_hand_built_absorber_and_zero_for_a_clean_sae():
+    h = synthetic.Hierarchy(torch.eye(4, dtype=torch.float64), torch.tensor([[1, 2]]))
+    codes = planted_codes()
+    assert synthetic.absorption_rate(planted_sae(absorbing=True), codes, codes, h) == 1.0
+    assert synthetic.absorption_rate(planted_sae(absorbing=False), codes, codes, h) == 0.0
+    # the parent alone is never absorbed: with a child in half the inputs, the rate is that half
+    half = planted_codes(child_always=False)
+    rate = synthetic.absorption_rate(planted_sae(absorbing=True), half, half, h)
+    assert rate == pytest.approx(float((half[:, 1:3] > 0).any(-1).double().mean()))
+
+
+def test_absorption_toy_plants_children_only_with_their_parent():
+    ac = synthetic.AbsorptionConfig()
+    codes = synthetic.hierarchy_codes(ac, 20_000, torch.Generator().manual_seed(0))
+    h = synthetic.planted_hierarchy(ac, 0)
+    parents = codes[:, :ac.parents] > 0
+    kids = codes[:, h.children] > 0                                               # (n, P, C)
+    assert not (kids.any(-1) & ~parents).any()                                    # never without the parent
+    assert (kids.sum(-1) <= 1).all()                                              # at most one child each
+    assert kids.any(-1)[parents].float().mean() == pytest.approx(ac.p_child, abs=0.02)
+    assert (codes > 0).sum(-1).float().mean() == pytest.approx(
+        ac.parents * ac.p_parent * (1 + ac.p_child) + ac.others * ac.p_other, rel=0.03)
+    with pytest.raises(ValueError, match="F_true"):
+        synthetic.AbsorptionConfig(others=10)
+
+
+def test_absorption_quick_run_writes_its_json(tmp_path):
+    out = tmp_path / "abs.json"
+    result = synthetic.main(["absorption", "--quick", "--workers", "1", "--json", str(out),
+                             "--figure", str(tmp_path / "abs.png")])
+    saved = json.loads(out.read_text())["absorption"]
+    assert set(saved) == {"topk", "kron_h2_m4_n32", "kron_h4_m2_n32", "kron_h4_m8_n8", "kron_h8_m2_n16"}
+    assert all(0 <= v["mean"] <= 1 and v["std"] >= 0 for v in saved.values())
+    assert result["absorption"]["topk"]["mean"] == saved["topk"]["mean"]
+    assert (tmp_path / "abs.png").stat().st_size > 5_000
+
+
 def test_synthetic_quick_run_completes(tmp_path):
     out, fig = tmp_path / "rv.json", tmp_path / "rv.png"
     result = synthetic.main(["--quick", "--json", str(out), "--figure", str(fig)])
@@ -1520,6 +1619,23 @@ def test_synthetic_quick_run_completes(tmp_path):
     assert all(-1 <= v["mean"] <= 1 and v["std"] >= 0 for v in rv.values())
     assert fig.stat().st_size > 10_000
     assert result["rv"] == rv
+    assert len(result["runs"]) == 2 and all(set(r["health"]) == set(rv) - {"ae"} for r in result["runs"])
+
+
+def test_synthetic_runs_the_same_in_one_or_two_workers(tmp_path):
+    args = ["--setups", "1", "--seeds", "2", "--samples", "4096", "--ae-steps", "50", "--sae-steps", "20",
+            "--models", "topk", "--figure", ""]
+    one, two = synthetic.main([*args, "--workers", "1"]), synthetic.main([*args, "--workers", "2"])
+    assert one["rv"] == two["rv"] and one["rv"]["topk"]["seed_std"] > 0
+
+
+@pytest.mark.parametrize("bad", [["--models", "topk,relu"], ["--setups", "9"], ["--block-sizes", "100,100"],
+                                 ["--rho-in", "0.5", "1.2"], ["--gram", "dot"], ["--seeds", "0"]])
+def test_synthetic_refuses_bad_options_in_one_line(bad, capsys):
+    with pytest.raises(SystemExit):
+        synthetic.main(bad)
+    err = capsys.readouterr().err
+    assert err.startswith("synthetic.py: error:") and err.count("\n") == 1
 
 
 # ============================================================================= the layout (README reading guide)
