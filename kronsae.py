@@ -2189,18 +2189,38 @@ def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
     return small
 
 
+@torch.no_grad()
+def prefix_cut_fvu(sae: SparseAutoencoder, data: torch.Tensor, G: int, batch: int = 4096) -> float:
+    """FVU of prefix G as Matryoshka training scores it (reconstruction_loss): the top k over all F latents,
+    of which only those among the first G decode. (prune instead re-picks the top k among the first G.)"""
+    x_m, r_m = Moments(), Moments()
+    for x in data.split(batch):
+        x = x.to(sae.W_dec.device)
+        values, indices = sae.encode(x)
+        x_m.add(x)
+        r_m.add(x - sae.decode(values * (indices < G), indices))
+    return r_m.total_variance() / x_m.total_variance()
+
+
 def progressive_curves(plain: SparseAutoencoder, matryoshka: SparseAutoencoder, eval_data: torch.Tensor,
                        sizes: list[int]) -> dict:
-    """FVU on held-out data against the number of kept latents G, for four ways of choosing them."""
+    """FVU on held-out data against the number of kept latents G: the Matryoshka SAE as trained (cut) and
+    re-picking its top k among the first G, and the plain SAE pruned three ways (each re-picks its top k)."""
     importance, frequency = latent_stats(plain, eval_data)
     orders = {"matryoshka": (matryoshka, torch.arange(matryoshka.F)),   # trained to be used in index order
               "pruned_importance": (plain, rank_latents(plain, importance)),
               "pruned_frequency": (plain, rank_latents(plain, frequency)),
               "unsorted_prefix": (plain, torch.arange(plain.F))}
-    curves = {name: [evaluate(prune(sae, order[:G]), eval_data)["fvu"] for G in sizes]
-              for name, (sae, order) in orders.items()}
+    curves = {"matryoshka_cut": [prefix_cut_fvu(matryoshka, eval_data, G) for G in sizes]} | {
+        name: [evaluate(prune(sae, order[:G]), eval_data)["fvu"] for G in sizes] for name, (sae, order) in orders.items()}
     alpha, r2 = fit_power_law(importance)
     return {"G": sizes, "fvu": curves, "power_law_alpha": alpha, "power_law_r2": r2}
+
+
+def paper_ordering(fvu: dict, matryoshka: str) -> bool:
+    """The paper's ordering at every G < F: Matryoshka < pruned by E[a^2] < unsorted prefix."""
+    return all(fvu[matryoshka][i] < fvu["pruned_importance"][i] < fvu["unsorted_prefix"][i]
+               for i in range(len(fvu[matryoshka]) - 1))
 
 
 def save_progressive_figure(results: dict, path: str):
@@ -2210,7 +2230,7 @@ def save_progressive_figure(results: dict, path: str):
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
     for ax, (arch, r) in zip(axes[0], results.items()):
         for name, fvu in r["fvu"].items():
-            ax.plot(r["G"], fvu, marker="o", label=name)
+            ax.errorbar(r["G"], fvu, yerr=r["fvu_std"][name], marker="o", capsize=3, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("kept latents G")
         ax.set_ylabel("held-out FVU")
@@ -2235,8 +2255,9 @@ def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
     return dataclasses.replace(s, train=dataclasses.replace(s.train, matryoshka=tuple(sizes))), sizes
 
 
-def progressive(s: Settings, figure: str = "progressive.png") -> dict:
-    """Train a plain and a Matryoshka SAE per arch, then compare FVU at G = F/16 ... F (Peter and Soegaard)."""
+def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) -> dict:
+    """Train a plain and a Matryoshka SAE per arch and seed, then compare FVU at G = F/16 ... F (Peter and
+    Soegaard), mean ± std over seeds (--seed, --seed + 1, ...; the held-out split stays that of --seed)."""
     nested, sizes = nested_settings(s)
     s.check_environment()
     if figure:
@@ -2244,35 +2265,45 @@ def progressive(s: Settings, figure: str = "progressive.png") -> dict:
     start, device = time.perf_counter(), pick_device(s.run.device)
     set_seed(s.run.seed)
     train_data, eval_data, _, data_report = prepared_data(s, device)
-    no_out = dataclasses.replace(s.run, out="", save_every=0)
     results = {}
     for arch in s.sae.archs:
-        plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(s, run=no_out), device)
-        mat, _, mat_run = run_one(arch, train_data, eval_data, dataclasses.replace(nested, run=no_out), device)
-        r = progressive_curves(plain, mat, eval_data, sizes)
-        alpha, r2 = fit_power_law(plain_run.importance)   # the same fit on importance tracked during training
-        r.update(train_seconds_plain=plain_run.seconds, train_seconds_matryoshka=mat_run.seconds,
-                 train_power_law_alpha=alpha, train_power_law_r2=r2)
+        runs = []
+        for seed in range(s.run.seed, s.run.seed + seeds):
+            run = dataclasses.replace(s.run, out="", save_every=0, seed=seed)
+            plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(s, run=run), device)
+            mat, _, mat_run = run_one(arch, train_data, eval_data, dataclasses.replace(nested, run=run), device)
+            r = progressive_curves(plain, mat, eval_data, sizes)
+            alpha, r2 = fit_power_law(plain_run.importance)   # the same fit on importance tracked during training
+            runs.append(r | dict(train_seconds_plain=plain_run.seconds, train_seconds_matryoshka=mat_run.seconds,
+                                 train_power_law_alpha=alpha, train_power_law_r2=r2))
+        r = {key: mean_std([run[key] for run in runs])["mean"] for key in runs[0] if key not in ("G", "fvu")}
+        r.update(G=sizes, seeds=list(range(s.run.seed, s.run.seed + seeds)),
+                 fvu={name: [mean_std([run["fvu"][name][i] for run in runs])["mean"] for i in range(len(sizes))]
+                      for name in runs[0]["fvu"]},
+                 fvu_std={name: [mean_std([run["fvu"][name][i] for run in runs])["std"] for i in range(len(sizes))]
+                          for name in runs[0]["fvu"]},
+                 fvu_per_seed=[run["fvu"] for run in runs],
+                 ordering_holds={m: [paper_ordering(run["fvu"], m) for run in runs]
+                                 for m in ("matryoshka_cut", "matryoshka")})
         results[arch] = r
-        print(f"\n{arch}: FVU on {eval_data.shape[0]} held-out rows; "
+        print(f"\n{arch}: FVU on {eval_data.shape[0]} held-out rows, mean ± std over {seeds} seed(s); "
               f"importance E[a^2] ~ rank^-{r['power_law_alpha']:.2f} "
-              f"(R^2 {r['power_law_r2']:.3f}; tracked during training: rank^-{alpha:.2f}, R^2 {r2:.3f}); "
-              f"Matryoshka training took "
+              f"(R^2 {r['power_law_r2']:.3f}; tracked during training: rank^-{r['train_power_law_alpha']:.2f}, "
+              f"R^2 {r['train_power_law_r2']:.3f}); Matryoshka training took "
               f"{r['train_seconds_matryoshka'] / r['train_seconds_plain']:.2f}x the plain SAE's time")
-        print(f"{'G':>8}" + "".join(f"{name:>20}" for name in r["fvu"]))
+        print("matryoshka_cut: as trained (top k of all F, cut at G); the rest re-pick their top k among the G kept")
+        print(f"{'G':>6}" + "".join(f"{name:>22}" for name in r["fvu"]))
         for i, G in enumerate(sizes):
-            print(f"{G:>8}" + "".join(f"{fvu[i]:>20.4f}" for fvu in r["fvu"].values()))
-        order_ok = all(r["fvu"]["matryoshka"][i] < r["fvu"]["pruned_importance"][i] < r["fvu"]["unsorted_prefix"][i]
-                       for i in range(len(sizes) - 1))
-        print("paper's ordering (matryoshka < pruned by E[a^2] < unsorted) at every G < F: "
-              + ("yes" if order_ok else "no"))
-        r["paper_ordering_holds"] = order_ok
+            print(f"{G:>6}" + "".join(f"{r['fvu'][n][i]:>13.4f} ± {r['fvu_std'][n][i]:.4f}" for n in r["fvu"]))
+        for m, holds in r["ordering_holds"].items():
+            print(f"paper's ordering ({m} < pruned by E[a^2] < unsorted) at every G < F: "
+                  f"{sum(holds)} of {seeds} seed(s)")
     if figure:
         save_progressive_figure(results, figure)
         print(f"figure: {figure}")
     if s.run.json:
         write_json(s.run.json, {**results, "data": data_report,
-                                "config": provenance(s, device, time.perf_counter() - start)})
+                                "config": provenance(s, device, time.perf_counter() - start) | {"seeds": seeds}})
     return results
 
 
@@ -2607,8 +2638,12 @@ def progressive_main(argv):
         "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
         "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."))
     parser.add_argument("--figure", default="progressive.png", help="PNG for the curves ('' = none)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per SAE, from --seed on; FVU is mean ± std "
+                                                             "(default: 1)")
     s, extra = parse_settings(parser, argv, nested_settings)
-    return run_cli(progressive, s, extra["figure"])
+    if extra["seeds"] < 1:
+        parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
+    return run_cli(progressive, s, extra["figure"], extra["seeds"])
 
 
 def kernel_names(text: str) -> list[str]:

@@ -1279,19 +1279,50 @@ def test_pruning_kron_keeps_whole_heads_and_equals_the_restricted_original():
         K.prune(sae, torch.tensor([8, 9, 10, 11, 12, 13, 15, 14])) # a head's latents out of order
 
 
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_prefix_cut_is_the_matryoshka_training_prefix(arch):
+    """prefix_cut_fvu against a dense twin: the global top k as a dense code, latents >= G zeroed, decoded."""
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(8, 2, 4, 8))
+    x = torch.randn(300, 16, dtype=torch.float64)
+    _, _, x_hat_full = naive_forward(sae, x)
+    for G in (8, 32, 64):
+        values, indices = sae.encode(x)
+        code = torch.zeros(300, 64, dtype=torch.float64).scatter(1, indices, values)
+        code[:, G:] = 0
+        x_hat = (code @ sae.W_dec + sae.b_dec).detach()
+        fvu = float((x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum())
+        assert K.prefix_cut_fvu(sae, x, G) == pytest.approx(fvu)
+    assert K.prefix_cut_fvu(sae, x, 64) == pytest.approx(K.evaluate(sae, x)["fvu"])
+    # the Matryoshka loss at prefix G is this reconstruction's squared error
+    enc = sae.encode_with_aux(x)
+    loss, _ = K.reconstruction_loss(sae, x, enc, [8, 64])
+    dense8 = torch.zeros(300, 64, dtype=torch.float64).scatter(1, enc.indices, enc.values)
+    dense8[:, 8:] = 0
+    expected = K.normalized_mse(x, dense8 @ sae.W_dec + sae.b_dec) + K.normalized_mse(x, x_hat_full)
+    assert float(loss) == pytest.approx(float(expected))
+
+
 def test_progressive_command_runs(tmp_path):
     data = K.make_dataset(4000, d=16, F_true=64, k_true=4)
     torch.save(data, tmp_path / "acts.pt")
     results = K.main(["progressive", "--data", str(tmp_path / "acts.pt"), "--dict-size", "256", "--m", "2",
                       "--n", "8", "--k", "4", "--steps", "30", "--batch", "128", "--eval-tokens", "800",
-                      "--json", str(tmp_path / "p.json"), "--figure", str(tmp_path / "p.png")])
+                      "--seeds", "2", "--json", str(tmp_path / "p.json"), "--figure", str(tmp_path / "p.png")])
     assert set(results) == {"topk", "kron"}
     for r in results.values():
         assert r["G"] == [16, 32, 64, 128, 256]
-        assert set(r["fvu"]) == {"matryoshka", "pruned_importance", "pruned_frequency", "unsorted_prefix"}
+        assert list(r["fvu"]) == ["matryoshka_cut", "matryoshka", "pruned_importance", "pruned_frequency",
+                                  "unsorted_prefix"]
         full = [curve[-1] for curve in r["fvu"].values()]
-        assert full[1] == full[2] == full[3]                       # at G = F every plain variant is the same SAE
+        assert full[0] == pytest.approx(full[1], abs=1e-6)        # at G = F, cutting and re-picking agree
+        assert full[2] == full[3] == full[4]                       # at G = F every plain variant is the same SAE
         assert r["power_law_alpha"] > 0
+        assert len(r["fvu_per_seed"]) == 2 and all(len(v) == 2 for v in r["ordering_holds"].values())
+        for name, curve in r["fvu"].items():
+            seeds = [run[name] for run in r["fvu_per_seed"]]
+            assert seeds[0] != seeds[1]                             # two seeds, two trainings
+            assert curve[0] == pytest.approx((seeds[0][0] + seeds[1][0]) / 2)
+            assert r["fvu_std"][name][0] == pytest.approx(abs(seeds[0][0] - seeds[1][0]) / 2 ** 0.5)
     assert (tmp_path / "p.png").stat().st_size > 10_000
     for bad in (["--dict-size", "200"], ["--dict-size", "256", "--m", "4", "--n", "8"], ["--matryoshka", "256"]):
         with pytest.raises(SystemExit):                 # F % 16, F/16 not whole heads, prefixes given
