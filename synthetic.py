@@ -420,32 +420,26 @@ def absorption_experiment(ac: AbsorptionConfig, figure: str = "", json_path: str
     return result
 
 
-def absorption_main(argv) -> dict:
-    ac = AbsorptionConfig()
-    parser = K.Parser(prog="synthetic.py absorption", description=(
-        "Feature absorption (Chanin et al. 2024; the KronSAE paper's fig. 4) on a planted hierarchy: parent "
-        "features whose children fire only with them, embedded as random directions in a low-dimensional "
-        "space. Trains the TopK SAE and the four KronSAE shapes at the same F and k, and reports the share of "
-        "parent-active inputs where the parent's latent is silent and an active child's latent carries the "
-        "parent direction (SAEBench's thresholds), mean ± std over seeds."))
-    add = parser.add_argument
-    add("--seeds", type=int, default=ac.seeds, help=f"seeds (default: {ac.seeds})")
-    add("--p-child", type=float, default=ac.p_child, help=f"P(a child fires | its parent fires) (default: {ac.p_child})")
-    add("--k", type=int, default=ac.k, help=f"SAE sparsity (default: {ac.k})")
-    add("--sae-steps", type=int, default=ac.sae_steps, help=f"optimiser steps per SAE (default: {ac.sae_steps})")
-    add("--workers", type=int, default=ac.workers, help=f"processes, one thread each (default: {ac.workers})")
-    add("--quick", action="store_true", help="1 seed, short training: a smoke run for tests")
-    add("--figure", default="absorption.png", help="PNG path for the bar chart ('' = none)")
-    add("--json", default="", help="write {'absorption': {model: {'mean', 'std', ...}}, ...} to this file")
+# ----------------------------------------------------------------------------- the CLI
+
+def parse_experiment(parser: K.Parser, argv, make, figure: str, json_layout: str, quick: dict):
+    """Add --quick, --figure and --json, parse, and build the config with make(args): a bad option is one
+    line on stderr (kronsae's Parser). Returns (config, figure path, JSON path)."""
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run for tests: {quick}")
+    parser.add_argument("--figure", default=figure, help=f"PNG path for the figure ('' = none; default: {figure})")
+    parser.add_argument("--json", default="", help=f"write {json_layout} to this file")
     args = vars(parser.parse_args(argv))
-    quick, figure, json_path = args.pop("quick"), args.pop("figure"), args.pop("json")
-    if quick:
-        args.update(seeds=1, samples=8192, eval_samples=2048, sae_steps=60, batch=512)
-    ac = K.build_configs(parser, args, lambda a: AbsorptionConfig(**a))
-    for flag, path in (("json", json_path), ("figure", figure)):
-        if path:
-            K.build_configs(parser, path, lambda p: K.check_writable(p, flag))
-    return absorption_experiment(ac, figure=figure, json_path=json_path)
+    is_quick, figure, json_path = args.pop("quick"), args.pop("figure"), args.pop("json")
+    if is_quick:
+        args.update(quick)
+
+    def build(args):
+        for flag, path in (("json", json_path), ("figure", figure)):
+            if path:
+                K.check_writable(path, flag)
+        return make(args)
+
+    return K.build_configs(parser, args, build), figure, json_path
 
 
 def comma_list(kind):
@@ -465,7 +459,6 @@ def rv_main(argv) -> dict:
         "the AE's features by quadratic assignment (FAQ) and scored by RV against the true covariance, over "
         "8 covariance set-ups x --seeds seeds. Other command: absorption (see synthetic.py absorption --help)."))
     add = parser.add_argument
-    add("--quick", action="store_true", help="2 set-ups, 1 seed, short training: a smoke run for tests")
     add("--setups", type=int, default=tc.setups, help=f"covariance set-ups to average over, 1-8 (default: {tc.setups})")
     add("--seeds", type=int, default=tc.seeds, help=f"repeats of each set-up: samples, AE and SAE inits (default: {tc.seeds})")
     add("--gram", default=tc.gram, choices=["cosine", "raw"],
@@ -489,18 +482,32 @@ def rv_main(argv) -> dict:
         help="FAQ starts per matching, the best objective wins (default: 1, scipy's barycenter start)")
     add("--models", type=comma_list(str), default=tc.models, help="comma-separated SAEs to train (default: all five)")
     add("--workers", type=int, default=tc.workers, help=f"processes, one thread each (default: {tc.workers})")
-    add("--figure", default="synthetic_rv.png", help="PNG path for the figure ('' = none)")
-    add("--json", default="", help="write {'rv': {model: {'mean', 'std', 'seed_std'}}, 'runs': [...], ...} here")
-    args = vars(parser.parse_args(argv))
-    quick, figure, json_path = args.pop("quick"), args.pop("figure"), args.pop("json")
-    args["rho_in"] = tuple(args["rho_in"])
-    if quick:
-        args.update(setups=2, seeds=1, samples=8192, ae_steps=200, sae_steps=60, batch=512)
-    tc = K.build_configs(parser, args, lambda a: ToyConfig(**a))
-    for flag, path in (("json", json_path), ("figure", figure)):
-        if path:
-            K.build_configs(parser, path, lambda p: K.check_writable(p, flag))
+    tc, figure, json_path = parse_experiment(
+        parser, argv, lambda a: ToyConfig(**a | {"rho_in": tuple(a["rho_in"])}), "synthetic_rv.png",
+        "{'rv': {model: {'mean', 'std', 'seed_std'}}, 'runs': [...], ...}",
+        quick=dict(setups=2, seeds=1, samples=8192, ae_steps=200, sae_steps=60, batch=512))
     return experiment(tc, figure=figure, json_path=json_path)
+
+
+def absorption_main(argv) -> dict:
+    ac = AbsorptionConfig()
+    parser = K.Parser(prog="synthetic.py absorption", description=(
+        "Feature absorption (Chanin et al. 2024; the KronSAE paper's fig. 4) on a planted hierarchy: parent "
+        "features whose children fire only with them, embedded as random directions in a low-dimensional "
+        "space. Trains the TopK SAE and the four KronSAE shapes at the same F and k, and reports the share of "
+        "parent-active inputs where the parent's latent is silent and an active child's latent carries the "
+        "parent direction (SAEBench's thresholds), mean ± std over seeds."))
+    add = parser.add_argument
+    add("--seeds", type=int, default=ac.seeds, help=f"seeds (default: {ac.seeds})")
+    add("--p-child", type=float, default=ac.p_child, help=f"P(a child fires | its parent fires) (default: {ac.p_child})")
+    add("--k", type=int, default=ac.k, help=f"SAE sparsity (default: {ac.k})")
+    add("--sae-steps", type=int, default=ac.sae_steps, help=f"optimiser steps per SAE (default: {ac.sae_steps})")
+    add("--workers", type=int, default=ac.workers, help=f"processes, one thread each (default: {ac.workers})")
+    ac, figure, json_path = parse_experiment(
+        parser, argv, lambda a: AbsorptionConfig(**a), "absorption.png",
+        "{'absorption': {model: {'mean', 'std', 'rates', 'ev'}}, ...}",
+        quick=dict(seeds=1, samples=8192, eval_samples=2048, sae_steps=60, batch=512))
+    return absorption_experiment(ac, figure=figure, json_path=json_path)
 
 
 COMMANDS = {"absorption": absorption_main}
