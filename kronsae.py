@@ -261,6 +261,7 @@ class KronSAE(SparseAutoencoder):
     f = TopK over all F = h*m*n scores, latent index head*m*n + i*n + j; decode as eq. 1.
 
     W_enc: (h*(m+n), d), head k's rows are [P_k; Q_k]. The encoder costs O(h(m+n)d), not O(Fd).
+    `kernel` swaps mAND for another of KERNELS (the paper's section 5 ablation); selection stays exact.
     """
 
     def __init__(self, d_in: int, h: int, m: int, n: int, k: int, dict_size: Optional[int] = None,
