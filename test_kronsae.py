@@ -1516,8 +1516,9 @@ def test_cli_help_documents_every_option(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("h,m,n,k", [(64, 2, 8, 16), (8, 32, 32, 32)])
-def test_cuda_fast_path_equals_naive(h, m, n, k):
-    sae = perturb_(K.KronSAE(d_in=64, h=h, m=m, n=n, k=k)).double().cuda()
+@pytest.mark.parametrize("kernel", list(K.KERNELS))
+def test_cuda_fast_path_equals_naive(h, m, n, k, kernel):
+    sae = perturb_(K.KronSAE(d_in=64, h=h, m=m, n=n, k=k, kernel=kernel)).double().cuda()
     x = torch.randn(128, 64, dtype=torch.float64, device="cuda", requires_grad=True)
     target = torch.randn(128, 64, dtype=torch.float64, device="cuda")
     torch.testing.assert_close(sae(x), naive_forward(sae, x)[2])
