@@ -93,6 +93,8 @@ KERNELS = {
     "relu_product": lambda u, v: u.relu() * v.relu(),     # ReLU(u) ReLU(v): mAND without the square root
     "product": lambda u, v: (u * v).relu(),               # u v: no AND, negative times negative fires
 }
+# Scaling u and v by t scales the latent by t^degree (what folding an input scale into the weights needs)
+KERNEL_DEGREE = {"mand": 1, "relu_product": 2, "product": 2}
 
 
 # ============================================================================= 2. The SAEs (eqs. 1-4)
@@ -163,6 +165,7 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"k must be <= F, got k={k}, F={dict_size}")
         self.d_in, self.F, self.k = d_in, dict_size, k
         self.group = 1  # Matryoshka prefixes must be multiples of this (KronSAE: whole heads)
+        self.degree = 1  # scaling the pre-activations by t scales the latents by t^degree (ReLU: 1)
         self.W_enc = nn.Parameter(torch.empty(enc_rows, d_in))
         self.b_enc = nn.Parameter(torch.zeros(enc_rows))
         self.W_dec = nn.Parameter(torch.empty(dict_size, d_in))
@@ -273,6 +276,7 @@ class KronSAE(SparseAutoencoder):
             raise ValueError(f"KronSAE needs F = h*m*n, got F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}")
         super().__init__(d_in, h * m * n, k, enc_rows=h * (m + n))
         self.h, self.m, self.n, self.group, self.kernel = h, m, n, m * n, kernel
+        self.degree = KERNEL_DEGREE[kernel]
         # paper A.1: draw the encoder, decoder row (k, i, j) = P_k,i + Q_k,j, normalised; biases zero
         self.W_enc.data = nnf.normalize(torch.randn(h * (m + n), d_in), dim=-1)
         P, Q = self.W_enc.data.view(h, m + n, d_in).split([m, n], dim=1)          # (h, m, d), (h, n, d)
@@ -1110,10 +1114,15 @@ def input_scale(data: torch.Tensor) -> float:
 
 @torch.no_grad()
 def fold_input_scale_(sae: SparseAutoencoder, c: float):
-    """An SAE trained on c*x becomes one for raw x: sae'(x) = sae(c x) / c.
-    Both activations are positively homogeneous (ReLU; mAND: sqrt(c u * c v) = c sqrt(u v)), so dividing
-    the biases by c is exact; W_enc and the unit-norm W_dec stay as they are."""
-    sae.b_enc /= c
+    """An SAE trained on c*x becomes one for raw x: sae'(x) = sae(c x) / c, exactly.
+    On c x the pre-activations are c u, with u those of sae' when b_enc and b_dec are divided by c. The
+    activations are positively homogeneous of some degree (ReLU and mAND: sqrt(c u * c v) = c sqrt(u v),
+    degree 1; the ablation's products, degree 2), so the latents are c^degree f(u). Dividing by c leaves
+    c^(degree-1): scaling the encoder rows by a = c^((degree-1)/degree) puts it back (a = 1 for degree 1).
+    The unit-norm W_dec stays as it is."""
+    a = c ** (1 - 1 / sae.degree)
+    sae.W_enc *= a
+    sae.b_enc /= c / a
     sae.b_dec /= c
 
 

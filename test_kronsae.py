@@ -601,9 +601,10 @@ def test_shuffling_buffer_yields_every_row_once_per_epoch():
         assert all(b.shape[0] >= 64 for b in epoch)
 
 
-@pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_normalisation_folds_back_exactly(arch):
-    sae = perturb_(K.SAEConfig(dict_size=64, m=2, n=4, k=4).build(arch, 16).double())
+@pytest.mark.parametrize("arch,kernel", [("topk", "mand"), ("kron", "mand"), ("kron", "relu_product"),
+                                         ("kron", "product")])
+def test_normalisation_folds_back_exactly(arch, kernel):
+    sae = perturb_(K.SAEConfig(dict_size=64, m=2, n=4, k=4, kernel=kernel).build(arch, 16).double())
     x = torch.randn(20, 16, dtype=torch.float64) * 30
     c = K.input_scale(x)
     assert float((c * x).norm(dim=-1).mean()) == pytest.approx(4.0)       # sqrt(d)
