@@ -120,20 +120,23 @@ class ToyConfig:
         if self.gram not in ("cosine", "raw") or self.topk_init not in ("tied", "random"):
             raise ValueError(f"--gram is cosine or raw, --topk-init tied or random; got {self.gram!r}, "
                              f"{self.topk_init!r}")
-        unknown = set(self.models) - set(model_specs(self.F_true, self.k))
+        unknown = set(self.models) - set(model_specs(self.F_true, self.k)) - {"random_atoms"}
         if unknown:
-            raise ValueError(f"unknown models {sorted(unknown)}; choose from topk and "
-                             + ", ".join(f"kron_h{h}_m{m}_n{n}" for h, m, n in KRON_SHAPES))
+            raise ValueError(f"unknown models {sorted(unknown)}; choose from topk, "
+                             + ", ".join(f"kron_h{h}_m{m}_n{n}" for h, m, n in KRON_SHAPES) + " and random_atoms")
         if self.sae_lr <= 0 or self.aux_coef < 0:
             raise ValueError(f"need --sae-lr > 0 and --aux-coef >= 0, got {self.sae_lr}, {self.aux_coef}")
         block_covariance(self.F_true, rho_in=self.rho_in, rho_off=self.rho_off, sizes=self.block_sizes)  # checks
 
 
 def model_specs(F: int, k: int, models: tuple = ()) -> dict:
-    """{name: (arch, SAEConfig)} for the TopK SAE and the four KronSAE shapes named in `models` (all when empty)."""
+    """{name: (arch, SAEConfig)} for the TopK SAE and the four KronSAE shapes named in `models` (all five when
+    empty). `random_atoms`, only when named, is the baseline of an SAE that learned nothing: F random unit rows."""
     shape = K.SAEConfig(dict_size=F, k=k)
     specs = {"topk": ("topk", shape)} | {
         f"kron_h{h}_m{m}_n{n}": ("kron", dataclasses.replace(shape, h=h, m=m, n=n)) for h, m, n in KRON_SHAPES}
+    if "random_atoms" in models:
+        specs["random_atoms"] = ("random", None)
     return {name: spec for name, spec in specs.items() if not models or name in models}
 
 
@@ -164,14 +167,18 @@ def run_setup(setup: dict, tc: ToyConfig, seed: int = 0, progress: bool = False)
     grams, health = {"truth": S, "ae": X @ X.T}, {}
     train_cfg = K.TrainConfig(steps=tc.sae_steps, batch=tc.batch, lr=tc.sae_lr, aux_coef=tc.aux_coef)
     for name, (arch, c) in model_specs(tc.F_true, tc.k, tc.models).items():
-        K.set_seed(run)
-        sae = c.build(arch, tc.d)
-        if arch == "topk" and tc.topk_init == "random":
-            sae.W_enc.data = torch.nn.functional.normalize(torch.randn_like(sae.W_enc), dim=-1)
-        batches = K.shuffled_batches(acts, tc.batch, torch.Generator().manual_seed(run))
-        K.train(sae, batches, train_cfg, progress=progress)
-        health[name] = atom_health(sae, acts)
-        Y = sae.W_dec.detach()
+        if arch == "random":  # the baseline: atoms that know nothing of S, as spread as random vectors in d dims
+            Y = torch.nn.functional.normalize(torch.randn(tc.F_true, tc.d, generator=torch.Generator().manual_seed(run)),
+                                              dim=-1)
+        else:
+            K.set_seed(run)
+            sae = c.build(arch, tc.d)
+            if arch == "topk" and tc.topk_init == "random":
+                sae.W_enc.data = torch.nn.functional.normalize(torch.randn_like(sae.W_enc), dim=-1)
+            batches = K.shuffled_batches(acts, tc.batch, torch.Generator().manual_seed(run))
+            K.train(sae, batches, train_cfg, progress=progress)
+            health[name] = atom_health(sae, acts)
+            Y = sae.W_dec.detach()
         Y = Y[match_atoms(X, Y, seed=run, inits=tc.faq_inits)]                      # row i ~ feature i
         grams[name] = Y @ Y.T
     rv = {name: rv_coefficient(S, C) for name, C in grams.items() if name != "truth"}
@@ -480,7 +487,8 @@ def rv_main(argv) -> dict:
         help="TopK encoder init: tied to the decoder (Gao et al.) or independent (default: tied)")
     add("--faq-inits", type=int, default=tc.faq_inits,
         help="FAQ starts per matching, the best objective wins (default: 1, scipy's barycenter start)")
-    add("--models", type=comma_list(str), default=tc.models, help="comma-separated SAEs to train (default: all five)")
+    add("--models", type=comma_list(str), default=tc.models,
+        help="comma-separated SAEs to train (default: all five); random_atoms adds the untrained baseline")
     add("--workers", type=int, default=tc.workers, help=f"processes, one thread each (default: {tc.workers})")
     tc, figure, json_path = parse_experiment(
         parser, argv, lambda a: ToyConfig(**a | {"rho_in": tuple(a["rho_in"])}), "synthetic_rv.png",

@@ -1563,12 +1563,14 @@ def test_block_covariance_checks_its_parameters():
 def test_cosine_gram_is_what_the_default_toy_scores():
     """With --gram cosine the AE's Gram has a unit diagonal; raw keeps the embeddings' norms."""
     tc = synthetic.ToyConfig(setups=1, seeds=1, samples=4096, ae_steps=50, sae_steps=5, batch=256,
-                             models=("topk",), workers=1)
+                             models=("topk", "random_atoms"), workers=1)
     _, grams, health = synthetic.run_setup(synthetic.SETUPS[0], tc)
     torch.testing.assert_close(grams["ae"].diagonal(), torch.ones(256))
     _, raw, _ = synthetic.run_setup(synthetic.SETUPS[0], dataclasses.replace(tc, gram="raw"))
     assert (raw["ae"].diagonal() - 1).abs().max() > 0.1
-    assert set(grams) == {"truth", "ae", "topk"} and set(health["topk"]) == {"dead", "duplicated"}
+    assert set(grams) == {"truth", "ae", "topk", "random_atoms"} and set(health) == {"topk"}
+    assert set(health["topk"]) == {"dead", "duplicated"}
+    assert "random_atoms" not in synthetic.model_specs(256, 8)               # the baseline only when asked for
 
 
 def test_faq_with_more_starts_never_scores_lower():
