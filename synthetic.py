@@ -344,20 +344,22 @@ def hierarchy_codes(ac: AbsorptionConfig, n: int, g: torch.Generator) -> torch.T
     return on * (0.5 + torch.rand(n, ac.F_true, generator=g))
 
 
-def absorption_rate(sae: K.SparseAutoencoder, x: torch.Tensor, codes: torch.Tensor, h: Hierarchy) -> float:
-    """The share of (input, active parent) pairs where the parent is absorbed: its main latent (the decoder
-    row closest to its direction) is silent, and the active latent with the largest projection onto the
-    parent direction is the main latent of one of its active children, with cosine >= ABSORBER_MIN_COSINE
-    and a projection >= ABSORBER_MIN_SHARE of the input's own."""
+def absorption_stats(sae: K.SparseAutoencoder, x: torch.Tensor, codes: torch.Tensor, h: Hierarchy) -> dict:
+    """Over (input, active parent) pairs: `rate`, the share where the parent is absorbed: its main latent (the
+    decoder row closest to its direction) is silent, and the active latent with the largest projection onto
+    the parent direction is the main latent of one of its active children, with cosine >= ABSORBER_MIN_COSINE
+    and a projection >= ABSORBER_MIN_SHARE of the input's own. `parent_fires`, the share where the parent's
+    main latent fires: an SAE that never learned the parent cannot absorb it either."""
     with torch.no_grad():
         cos = h.directions @ torch.nn.functional.normalize(sae.W_dec, dim=-1).T       # (F_true, F)
         main = cos.argmax(-1)                                                          # (F_true,) feature -> latent
         values, indices = sae.encode(x)
         dense = torch.zeros(x.shape[0], sae.F, dtype=x.dtype).scatter_(1, indices, values)  # (N, F)
-        absorbed = total = 0
+        absorbed = total = fires = 0
         for p in range(h.parents):
             rows = codes[:, p] > 0
             total += int(rows.sum())
+            fires += int((dense[rows, main[p]] > 1e-8).sum())
             proj = dense[rows] * cos[p]                                                # (n, F) onto parent p
             top_proj, top = proj.max(-1)
             kids = h.children[p]
@@ -366,7 +368,7 @@ def absorption_rate(sae: K.SparseAutoencoder, x: torch.Tensor, codes: torch.Tens
             silent = dense[rows, main[p]] <= 1e-8
             carries = (cos[p, top] >= ABSORBER_MIN_COSINE) & (own > 0) & (top_proj >= ABSORBER_MIN_SHARE * own)
             absorbed += int((silent & child_absorbs & carries).sum())
-    return absorbed / max(total, 1)
+    return {"rate": absorbed / max(total, 1), "parent_fires": fires / max(total, 1)}
 
 
 def absorption_run(ac: AbsorptionConfig, seed: int, name: str) -> dict:
@@ -382,7 +384,7 @@ def absorption_run(ac: AbsorptionConfig, seed: int, name: str) -> dict:
     K.train(sae, K.shuffled_batches(x[: ac.samples], ac.batch, torch.Generator().manual_seed(seed)),
             K.TrainConfig(steps=ac.sae_steps, batch=ac.batch), progress=False)
     held_out, held_codes = x[ac.samples:], codes[ac.samples:]
-    return {"rate": absorption_rate(sae, held_out, held_codes, h), "ev": K.evaluate(sae, held_out)["ev"]}
+    return absorption_stats(sae, held_out, held_codes, h) | {"ev": K.evaluate(sae, held_out)["ev"]}
 
 
 def save_absorption_figure(summary: dict, path: str):
@@ -409,14 +411,16 @@ def absorption_experiment(ac: AbsorptionConfig, figure: str = "", json_path: str
     jobs = [(ac, seed, name) for seed in range(ac.seeds) for name in names]
     results = run_jobs(absorption_run, jobs, ac.workers, progress)
     rates = {name: [r["rate"] for (_, _, n), r in zip(jobs, results) if n == name] for name in names}
-    evs = {name: [r["ev"] for (_, _, n), r in zip(jobs, results) if n == name] for name in names}
-    summary = {name: K.mean_std(rates[name]) | {"rates": rates[name], "ev": K.mean_std(evs[name])["mean"]}
-               for name in names}
+    mean = {key: {name: K.mean_std([r[key] for (_, _, n), r in zip(jobs, results) if n == name])["mean"]
+                  for name in names} for key in ("ev", "parent_fires")}
+    summary = {name: K.mean_std(rates[name]) | {"rates": rates[name], "ev": mean["ev"][name],
+                                                "parent_fires": mean["parent_fires"][name]} for name in names}
     seconds = time.perf_counter() - start
     print(f"\nabsorption rate on held-out inputs, {ac.seeds} seeds ({seconds:.0f} s); F = {ac.F_true}, k = {ac.k}")
-    print(f"{'model':<18}{'absorption':>18}{'EV':>8}")
+    print(f"{'model':<18}{'absorption':>18}{'parent fires':>14}{'EV':>8}")
     for name, st in summary.items():
-        print(f"{name:<18}{100 * st['mean']:>10.1f}% ± {100 * st['std']:.1f}%{st['ev']:>8.3f}")
+        print(f"{name:<18}{100 * st['mean']:>10.1f}% ± {100 * st['std']:.1f}%{100 * st['parent_fires']:>13.1f}%"
+              f"{st['ev']:>8.3f}")
     result = {"absorption": summary, "config": dataclasses.asdict(ac), "seconds": seconds,
               "thresholds": {"min_cosine": ABSORBER_MIN_COSINE, "min_share": ABSORBER_MIN_SHARE}}
     if json_path:
@@ -513,7 +517,7 @@ def absorption_main(argv) -> dict:
     add("--workers", type=int, default=ac.workers, help=f"processes, one thread each (default: {ac.workers})")
     ac, figure, json_path = parse_experiment(
         parser, argv, lambda a: AbsorptionConfig(**a), "absorption.png",
-        "{'absorption': {model: {'mean', 'std', 'rates', 'ev'}}, ...}",
+        "{'absorption': {model: {'mean', 'std', 'rates', 'parent_fires', 'ev'}}, ...}",
         quick=dict(seeds=1, samples=8192, eval_samples=2048, sae_steps=60, batch=512))
     return absorption_experiment(ac, figure=figure, json_path=json_path)
 

@@ -1612,12 +1612,13 @@ def planted_codes(n=200, child_always=True):
 def test_absorption_rate_is_one_for_a_hand_built_absorber_and_zero_for_a_clean_sae():
     h = synthetic.Hierarchy(torch.eye(4, dtype=torch.float64), torch.tensor([[1, 2]]))
     codes = planted_codes()
-    assert synthetic.absorption_rate(planted_sae(absorbing=True), codes, codes, h) == 1.0
-    assert synthetic.absorption_rate(planted_sae(absorbing=False), codes, codes, h) == 0.0
+    assert synthetic.absorption_stats(planted_sae(absorbing=True), codes, codes, h) == {"rate": 1.0, "parent_fires": 0.0}
+    assert synthetic.absorption_stats(planted_sae(absorbing=False), codes, codes, h) == {"rate": 0.0, "parent_fires": 1.0}
     # the parent alone is never absorbed: with a child in half the inputs, the rate is that half
     half = planted_codes(child_always=False)
-    rate = synthetic.absorption_rate(planted_sae(absorbing=True), half, half, h)
-    assert rate == pytest.approx(float((half[:, 1:3] > 0).any(-1).double().mean()))
+    stats = synthetic.absorption_stats(planted_sae(absorbing=True), half, half, h)
+    with_child = float((half[:, 1:3] > 0).any(-1).double().mean())
+    assert stats["rate"] == pytest.approx(with_child) and stats["parent_fires"] == pytest.approx(1 - with_child)
 
 
 def test_absorption_toy_plants_children_only_with_their_parent():
@@ -1641,7 +1642,7 @@ def test_absorption_quick_run_writes_its_json(tmp_path):
                              "--figure", str(tmp_path / "abs.png")])
     saved = json.loads(out.read_text())["absorption"]
     assert set(saved) == {"topk", "kron_h2_m4_n32", "kron_h4_m2_n32", "kron_h4_m8_n8", "kron_h8_m2_n16"}
-    assert all(0 <= v["mean"] <= 1 and v["std"] >= 0 for v in saved.values())
+    assert all(0 <= v["mean"] <= 1 and v["std"] >= 0 and 0 <= v["parent_fires"] <= 1 for v in saved.values())
     assert result["absorption"]["topk"]["mean"] == saved["topk"]["mean"]
     assert (tmp_path / "abs.png").stat().st_size > 5_000
 
