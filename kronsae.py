@@ -13,7 +13,7 @@ Shape letters used in the comments:
 
 Contents. Part 1, the method, stands alone: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training.
 Part 2 is the tooling around it: 5. Data, 6. The real-model path, 7. Evaluation, 8. Checkpoints,
-9. The main job: TopK vs KronSAE, and the kernel ablation, 10. Progressive coding, 11. Benchmark, 12. CLI.
+9. The main job and the kernel ablation, 10. Progressive coding, 11. Benchmark, 12. CLI.
 
 Run:
   python kronsae.py                  # TopK SAE vs KronSAE on block-correlated synthetic data, side by side
@@ -1750,7 +1750,7 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     return result
 
 
-# ============================================================================= 9. The main job: TopK vs KronSAE, and the kernel ablation
+# ============================================================================= 9. The main job and the kernel ablation
 
 @dataclass
 class SAEConfig:
@@ -2221,8 +2221,9 @@ def progressive_curves(plain: SparseAutoencoder, matryoshka: SparseAutoencoder, 
               "pruned_importance": (plain, rank_latents(plain, importance)),
               "pruned_frequency": (plain, rank_latents(plain, frequency)),
               "unsorted_prefix": (plain, torch.arange(plain.F))}
-    curves = {"matryoshka_cut": [prefix_cut_fvu(matryoshka, eval_data, G) for G in sizes]} | {
-        name: [evaluate(prune(sae, order[:G]), eval_data)["fvu"] for G in sizes] for name, (sae, order) in orders.items()}
+    curves = {"matryoshka_cut": [prefix_cut_fvu(matryoshka, eval_data, G) for G in sizes]}
+    for name, (sae, order) in orders.items():
+        curves[name] = [evaluate(prune(sae, order[:G]), eval_data)["fvu"] for G in sizes]
     alpha, r2 = fit_power_law(importance)
     return {"G": sizes, "fvu": curves, "power_law_alpha": alpha, "power_law_r2": r2}
 
@@ -2287,11 +2288,11 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
             runs.append(r | dict(train_seconds_plain=plain_run.seconds, train_seconds_matryoshka=mat_run.seconds,
                                  train_power_law_alpha=alpha, train_power_law_r2=r2))
         r = {key: mean_std([run[key] for run in runs])["mean"] for key in runs[0] if key not in ("G", "fvu")}
+        at_G = {name: [mean_std([run["fvu"][name][i] for run in runs]) for i in range(len(sizes))]
+                for name in runs[0]["fvu"]}                                      # name -> per G {mean, std}
         r.update(G=sizes, seeds=list(range(s.run.seed, s.run.seed + seeds)),
-                 fvu={name: [mean_std([run["fvu"][name][i] for run in runs])["mean"] for i in range(len(sizes))]
-                      for name in runs[0]["fvu"]},
-                 fvu_std={name: [mean_std([run["fvu"][name][i] for run in runs])["std"] for i in range(len(sizes))]
-                          for name in runs[0]["fvu"]},
+                 fvu={name: [st["mean"] for st in stats] for name, stats in at_G.items()},
+                 fvu_std={name: [st["std"] for st in stats] for name, stats in at_G.items()},
                  fvu_per_seed=[run["fvu"] for run in runs],
                  ordering_holds={m: [paper_ordering(run["fvu"], m) for run in runs]
                                  for m in ("matryoshka_cut", "matryoshka")})

@@ -168,8 +168,8 @@ def run_setup(setup: dict, tc: ToyConfig, seed: int = 0, progress: bool = False)
     train_cfg = K.TrainConfig(steps=tc.sae_steps, batch=tc.batch, lr=tc.sae_lr, aux_coef=tc.aux_coef)
     for name, (arch, c) in model_specs(tc.F_true, tc.k, tc.models).items():
         if arch == "random":  # the baseline: atoms that know nothing of S, as spread as random vectors in d dims
-            Y = torch.nn.functional.normalize(torch.randn(tc.F_true, tc.d, generator=torch.Generator().manual_seed(run)),
-                                              dim=-1)
+            Y = torch.randn(tc.F_true, tc.d, generator=torch.Generator().manual_seed(run))
+            Y = torch.nn.functional.normalize(Y, dim=-1)
         else:
             K.set_seed(run)
             sae = c.build(arch, tc.d)
@@ -471,14 +471,16 @@ def rv_main(argv) -> dict:
         "8 covariance set-ups x --seeds seeds. Other command: absorption (see synthetic.py absorption --help)."))
     add = parser.add_argument
     add("--setups", type=int, default=tc.setups, help=f"covariance set-ups to average over, 1-8 (default: {tc.setups})")
-    add("--seeds", type=int, default=tc.seeds, help=f"repeats of each set-up: samples, AE and SAE inits (default: {tc.seeds})")
+    add("--seeds", type=int, default=tc.seeds,
+        help=f"repeats of each set-up: samples, AE and SAE inits (default: {tc.seeds})")
     add("--gram", default=tc.gram, choices=["cosine", "raw"],
         help="the AE's feature Gram for its RV and the matching: cosine (unit-normalised embeddings, as the "
              "paper's AE RV implies) or raw (default: cosine)")
     add("--k-true", type=int, default=tc.k_true, help=f"generator: active features per sample (default: {tc.k_true})")
     add("--rho-in", type=float, nargs=2, default=tc.rho_in, metavar=("LO", "HI"),
         help=f"generator: range of the within-block correlations (default: {tc.rho_in[0]} {tc.rho_in[1]})")
-    add("--rho-off", type=float, default=tc.rho_off, help=f"generator: off-diagonal block correlation (default: {tc.rho_off})")
+    add("--rho-off", type=float, default=tc.rho_off,
+        help=f"generator: off-diagonal block correlation (default: {tc.rho_off})")
     add("--block-sizes", type=comma_list(int), default=tc.block_sizes,
         help="generator: comma-separated diagonal block sizes summing to 256, for every set-up "
              "(default: each set-up's own random sizes)")
@@ -511,7 +513,8 @@ def absorption_main(argv) -> dict:
         "parent direction (SAEBench's thresholds), mean ± std over seeds."))
     add = parser.add_argument
     add("--seeds", type=int, default=ac.seeds, help=f"seeds (default: {ac.seeds})")
-    add("--p-child", type=float, default=ac.p_child, help=f"P(a child fires | its parent fires) (default: {ac.p_child})")
+    add("--p-child", type=float, default=ac.p_child,
+        help=f"P(a child fires | its parent fires) (default: {ac.p_child})")
     add("--k", type=int, default=ac.k, help=f"SAE sparsity (default: {ac.k})")
     add("--sae-steps", type=int, default=ac.sae_steps, help=f"optimiser steps per SAE (default: {ac.sae_steps})")
     add("--workers", type=int, default=ac.workers, help=f"processes, one thread each (default: {ac.workers})")

@@ -1151,7 +1151,7 @@ def test_training_with_normalize_saves_an_sae_for_raw_inputs(tmp_path):
     assert K.evaluate(K.load(tmp_path), data[:1024])["ev"] > 0.4
 
 
-# ============================================================================= 9. The main job: TopK vs KronSAE, and the kernel ablation
+# ============================================================================= 9. The main job and the kernel ablation
 
 @pytest.mark.parametrize("make,match", [
     (lambda: K.KronSAE(d_in=8, h=4, m=2, n=4, k=4, dict_size=40), r"F = h\*m\*n.*F=40.*32"),
@@ -1215,7 +1215,8 @@ def test_ablate_trains_each_kernel_over_seeds(tmp_path, capsys):
     assert again["product"]["evs"] == saved["kernels"]["product"]["evs"][:1]
     capsys.readouterr()
     for bad, message in ((["--kernels", "mand,sigmoid"], "expected comma-separated kernels"),
-                         (["--seeds", "0"], "--seeds must be >= 1"), (["--out", str(tmp_path / "o")], "ablate writes no"),
+                         (["--seeds", "0"], "--seeds must be >= 1"),
+                         (["--out", str(tmp_path / "o")], "ablate writes no"),
                          (["--arch", "topk"], "KronSAEs only"), (["--kernel", "product"], "from --kernels")):
         with pytest.raises(SystemExit):
             K.main([*args, *bad])
@@ -1612,8 +1613,8 @@ def planted_codes(n=200, child_always=True):
 def test_absorption_rate_is_one_for_a_hand_built_absorber_and_zero_for_a_clean_sae():
     h = synthetic.Hierarchy(torch.eye(4, dtype=torch.float64), torch.tensor([[1, 2]]))
     codes = planted_codes()
-    assert synthetic.absorption_stats(planted_sae(absorbing=True), codes, codes, h) == {"rate": 1.0, "parent_fires": 0.0}
-    assert synthetic.absorption_stats(planted_sae(absorbing=False), codes, codes, h) == {"rate": 0.0, "parent_fires": 1.0}
+    assert synthetic.absorption_stats(planted_sae(True), codes, codes, h) == {"rate": 1.0, "parent_fires": 0.0}
+    assert synthetic.absorption_stats(planted_sae(False), codes, codes, h) == {"rate": 0.0, "parent_fires": 1.0}
     # the parent alone is never absorbed: with a child in half the inputs, the rate is that half
     half = planted_codes(child_always=False)
     stats = synthetic.absorption_stats(planted_sae(absorbing=True), half, half, h)
