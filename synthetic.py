@@ -398,7 +398,7 @@ def save_absorption_figure(summary: dict, path: str):
            color=["tab:gray" if n == "topk" else "tab:blue" for n in names])
     ax.set_xticks(range(len(names)), [n.replace("kron_", "kron\n") for n in names])
     ax.set_ylabel("absorption rate (%)")
-    ax.set_title("Planted parent/child toy: parents absorbed by a child latent (mean ± std over seeds)")
+    ax.set_title("Parents absorbed by a child latent (mean ± std over seeds)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
