@@ -183,14 +183,17 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():  # scores for selection only; gradients flow through gather_linear
             pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)                        # (B, E)
         indices = self.select(pre, self.k)                                         # (B, k)
-        values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
         if dead is None or not bool(dead.any()):
+            values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
             return Encoding(values, indices)
         # AuxK scores only the L dead latents: O(B L) work, small in a healthy run, up to O(B F) if most die
         dead_ids = dead.nonzero().squeeze(1)                                        # (L,)
         k_aux = min(self.d_in // 2, dead_ids.numel())   # Gao et al.: k_aux about d/2
         aux_indices = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
-        aux_values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(aux_indices), pre))
+        # one gather for the live and the dead latents: one sparse encoder backward, not two
+        both = torch.cat([indices, aux_indices], dim=1)                            # (B, k + k_aux)
+        values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(both), pre))
+        values, aux_values = values.split([self.k, k_aux], dim=1)
         return Encoding(values, indices, aux_values, aux_indices)
 
     def check_input(self, x: torch.Tensor):
@@ -307,12 +310,13 @@ class KronSAE(SparseAutoencoder):
             u_ends, v_ends = torch.stack([u.amax(-1), u.amin(-1)]), torch.stack([v.amax(-1), v.amin(-1)])
             head_best = (u_ends[:, None] * v_ends[None, :]).flatten(0, 1).amax(0)  # (B, h)
         else:  # mand, relu_product: monotone in p_i q_j, p = ReLU(u), q = ReLU(v); best is max p * max q
-            u, v = u.relu(), v.relu()
-            head_best = u.amax(-1) * v.amax(-1)                                   # (B, h)
-        # the global top k lies in the k heads with the best best score
+            head_best = u.amax(-1).relu() * v.amax(-1).relu()                     # max ReLU = ReLU max
+        # the global top k lies in the k heads with the best best score; gather their u and v rows at once
         heads = head_best.topk(min(k, self.h), dim=-1).indices                    # (B, H)
-        u = u.gather(1, heads[..., None].expand(-1, -1, m))                       # (B, H, m)
-        v = v.gather(1, heads[..., None].expand(-1, -1, n))                       # (B, H, n)
+        chosen = pre.view(-1, self.h, m + n).gather(1, heads[..., None].expand(-1, -1, m + n))
+        u, v = chosen.split([m, n], dim=-1)                                       # (B, H, m), (B, H, n)
+        if self.kernel != "product":
+            u, v = u.relu(), v.relu()
         if self.rank_pairs is None or self.kernel == "product":  # score every pair of the chosen heads
             best = (u[..., :, None] * v[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
             slot, ij = best // (m * n), best % (m * n)
@@ -2538,10 +2542,10 @@ def tune_cpu_allocator():
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
     libc.mallopt(M_TRIM_THRESHOLD, 2**30)
     libc.mallopt(M_TOP_PAD, 2**28)
-    libc.mallopt(M_MMAP_THRESHOLD, 2**25)  # glibc's maximum: blocks up to 32 MiB come from the reusable heap
+    libc.mallopt(M_MMAP_MAX, 0)  # every block from the reusable heap, even the (F, d) decoder gradient
 
 
 class Parser(argparse.ArgumentParser):
