@@ -34,6 +34,7 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -113,6 +114,38 @@ class Encoding(NamedTuple):
     aux_indices: Optional[torch.Tensor] = None  # (B, k_aux)
 
 
+@functools.cache
+def has_embedding_bag(device_type: str) -> bool:
+    """Whether nnf.embedding_bag (sum, per-sample weights, offsets) runs forward and backward on this device
+    type. CPU and CUDA have it; MPS lacked parts of it in some PyTorch versions (pytorch/pytorch#162270)."""
+    if device_type in ("cpu", "cuda"):
+        return True
+    try:
+        W = torch.ones(3, 2, device=device_type, requires_grad=True)
+        w = torch.ones(2, device=device_type, requires_grad=True)
+        ids, offsets = torch.tensor([0, 2], device=device_type), torch.tensor([0], device=device_type)
+        nnf.embedding_bag(ids, W, offsets, per_sample_weights=w, mode="sum").sum().backward()
+        return True
+    except (NotImplementedError, RuntimeError) as err:
+        print(f"note: embedding_bag fails on {device_type} ({str(err).splitlines()[0]}); "
+              f"using gathered rows instead, which is slower and holds (B, k, d)", file=sys.stderr)
+        return False
+
+
+def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
+            offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """nnf.embedding_bag(mode="sum"): out[b] = sum over bag b of weights * table[ids]. Bags are the rows of a
+    2-D ids, or the slices of a 1-D ids that start at offsets. Where the device lacks embedding_bag, the same
+    sum from gathered rows."""
+    if has_embedding_bag(table.device.type):
+        return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights, mode="sum")
+    if offsets is None:  # (B, S, d) gathered rows, weighted and summed
+        return (weights[..., None] * table[ids]).sum(-2)
+    bag = torch.bucketize(torch.arange(len(ids), device=ids.device), offsets, right=True) - 1
+    out = table.new_zeros(len(offsets), table.shape[1])
+    return out.index_add_(0, bag, weights[:, None] * table[ids])
+
+
 # The sparse kernel. Both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) of
 # those scores per token reach the loss. Autograd through the dense matmul would still pay O(B E d) in the
 # backward pass; this Function pays O(B k d), and the tests hold it to the dense path.
@@ -135,13 +168,12 @@ class GatherLinear(torch.autograd.Function):
         B, S = rows.shape
         flat = rows.reshape(-1)                                                    # (B*S,)
         # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]: a weighted bag of rows per token
-        grad_x = nnf.embedding_bag(rows, W, per_sample_weights=g, mode="sum")      # (B, d)
+        grad_x = bag_sum(rows, W, g)                                               # (B, d)
         # dL/dW[r] = sum over (b, s) with rows[b, s] = r of g[b, s] x[b]: bags of tokens per row
         order = flat.argsort()
         tokens = torch.arange(B, device=x.device).repeat_interleave(S)[order]      # (B*S,)
         counts = torch.bincount(flat, minlength=W.shape[0])                        # (E,)
-        grad_W = nnf.embedding_bag(tokens, x, counts.cumsum(0) - counts, mode="sum",
-                                   per_sample_weights=g.reshape(-1)[order])        # (E, d)
+        grad_W = bag_sum(tokens, x, g.reshape(-1)[order], counts.cumsum(0) - counts)  # (E, d)
         grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
         return grad_x, grad_W, grad_b, None, None
 
@@ -202,7 +234,7 @@ class SparseAutoencoder(nn.Module):
 
     def sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_l values[b, l] W_dec[indices[b, l]] through the k active rows only: O(k d), not O(F d)."""
-        return nnf.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")  # (B, d)
+        return bag_sum(indices, self.W_dec, values)                               # (B, d)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.sparse_decode(values, indices) + self.b_dec                   # (B, d)
@@ -465,6 +497,11 @@ class TrainConfig:
         return self.dead_tokens or min(10_000_000, max(1, self.steps * self.batch // 10))
 
 
+def wide_dtype(device) -> torch.dtype:
+    """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     """paper A.1: linear warmup over the first `warmup` share of steps, then cosine decay to `floor` x lr."""
     warm = max(1, int(warmup * total))
@@ -481,13 +518,14 @@ class LatentTracker:
     def __init__(self, F: int, threshold: int, device):
         self.threshold, self.tokens = threshold, 0
         self.since = torch.zeros(F, dtype=torch.long, device=device)
-        self.sq_sum = torch.zeros(F, dtype=torch.float64, device=device)
-        self.fire_count = torch.zeros(F, dtype=torch.float64, device=device)
+        self.sq_sum = torch.zeros(F, dtype=wide_dtype(device), device=device)
+        self.fire_count = torch.zeros(F, dtype=wide_dtype(device), device=device)
 
     def update(self, values: torch.Tensor, indices: torch.Tensor, sync: Sync = None):  # (B, k), (B, k)
         """Count this batch; with `sync` (data parallel), every process's part of it, so that all agree."""
-        sq = torch.zeros_like(self.sq_sum).index_add_(0, indices.flatten(), values.flatten().double().pow(2))
-        fired = torch.zeros_like(self.fire_count).index_add_(0, indices.flatten(), (values.flatten() > 0).double())
+        wide = self.sq_sum.dtype
+        sq = torch.zeros_like(self.sq_sum).index_add_(0, indices.flatten(), values.flatten().to(wide).pow(2))
+        fired = torch.zeros_like(self.fire_count).index_add_(0, indices.flatten(), (values.flatten() > 0).to(wide))
         tokens = values.shape[0]
         if sync is not None:
             tokens, sq, fired = int(sync(values.new_tensor(float(tokens)))), sync(sq), sync(fired)
@@ -1517,13 +1555,13 @@ def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> d
 # ============================================================================= 7. Evaluation
 
 class Moments:
-    """Running per-dimension sums, for Var over a whole data set (float64)."""
+    """Running per-dimension sums, for Var over a whole data set (float64: on the CPU for MPS, which has none)."""
 
     def __init__(self):
         self.count, self.sum, self.sumsq = 0, 0.0, 0.0
 
     def add(self, x: torch.Tensor):
-        x = x.double()
+        x = x.to("cpu" if x.device.type == "mps" else x.device, torch.float64)
         self.count += x.shape[0]
         self.sum = self.sum + x.sum(0)
         self.sumsq = self.sumsq + x.pow(2).sum(0)
@@ -2151,10 +2189,10 @@ def ablate(s: Settings, kernels: list[str], seeds: int) -> dict:
 def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, ...]:
     """Per latent, over `data`: importance E[a^2] (mean squared activation) and firing frequency. (F,) each."""
     device = sae.W_dec.device
-    sq, fired = torch.zeros(sae.F, dtype=torch.float64, device=device), torch.zeros(sae.F, device=device)
+    sq, fired = torch.zeros(sae.F, dtype=wide_dtype(device), device=device), torch.zeros(sae.F, device=device)
     for x in data.split(batch):
         values, indices = sae.encode(x.to(device))
-        sq.index_add_(0, indices.flatten(), values.flatten().double().pow(2))
+        sq.index_add_(0, indices.flatten(), values.flatten().to(sq.dtype).pow(2))
         fired.index_add_(0, indices.flatten(), (values.flatten() > 0).float())
     return (sq / data.shape[0]).float().cpu(), (fired / data.shape[0]).cpu()
 
@@ -2335,6 +2373,8 @@ class BenchConfig:
     repeats: int = opt(5, "timed repeats per step; the median is reported")
     naive: int = opt(1, "also time the naive KronSAE (1) or not (0)")
     dead: float = opt(0.05, "share of latents marked dead for the 'aux' column: fwd+bwd with AuxK on; 0 = skip")
+    profile: int = opt(0, "1 = instead of the table, split one whole training step (AuxK on --dead) of TopK and "
+                          "KronSAE at the first of --shapes into its phases, with torch.profiler")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     seed: int = opt(0, "seed")
     json: str = opt("", "write the table to this JSON file")
@@ -2353,9 +2393,9 @@ class BenchConfig:
             raise ValueError(f"--dead must be in [0, 1), got {self.dead}")
         if self.flat_width < 0 or self.flat_width % 64:
             raise ValueError(f"flat_width must be 0 or a multiple of 64 (h >= 1 at 32x32), got {self.flat_width}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") or self.naive not in (0, 1):
-            raise ValueError(f"--device must be auto, cpu, cuda or mps and --naive 0 or 1, "
-                             f"got {self.device!r} and {self.naive}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") or self.naive not in (0, 1) or self.profile not in (0, 1):
+            raise ValueError(f"--device must be auto, cpu, cuda or mps, and --naive and --profile 0 or 1; "
+                             f"got {self.device!r}, {self.naive} and {self.profile}")
 
 
 def sync(device):
@@ -2399,24 +2439,40 @@ def peak_bytes(fn, device) -> int:
     return peak
 
 
+def time_step(x: torch.Tensor, bcfg: BenchConfig, model: nn.Module, fwd_bwd, fwd_bwd_aux, opt_step,
+              encoder_rows: int, once: bool = False) -> dict:
+    """The timing columns of one SAE: fwd+bwd, with AuxK, the optimiser step, peak memory, and a plain matmul
+    of the encoder's shape. once: one run without warm-up (the naive model takes seconds per step)."""
+    device = x.device
+    fwd_bwd_ms = median_ms(fwd_bwd, device, 1 if once else bcfg.repeats, warmup=not once)
+    aux_ms = median_ms(fwd_bwd_aux, device, bcfg.repeats) if bcfg.dead and not once else None
+    opt_ms = median_ms(opt_step, device, 1 if once else bcfg.repeats)
+    model.zero_grad(set_to_none=True)  # measure from a clean start, so the step's own gradients count
+    peak = peak_bytes(fwd_bwd, device)
+    W = torch.randn(encoder_rows, x.shape[1], device=device)
+    gemm_ms = median_ms(lambda: x @ W.T, device, bcfg.repeats)  # the roof: the encoder matmul alone
+    return {"encoder_rows": encoder_rows, "fwd_bwd_ms": fwd_bwd_ms, "aux_ms": aux_ms, "opt_ms": opt_ms,
+            "peak_mb": peak / 2**20, "gemm_ms": gemm_ms,
+            "gemm_gflops": 2 * x.shape[0] * encoder_rows * x.shape[1] / gemm_ms / 1e6,
+            "step_over_gemm": fwd_bwd_ms / gemm_ms}
+
+
+def dead_mask(F: int, share: float, device) -> torch.Tensor:
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+    dead[torch.randperm(F, device=device)[:int(share * F)]] = True
+    return dead
+
+
 def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """Time fwd+bwd of the reconstruction loss, and separately the optimiser step with its constraint steps.
     The naive model gets one timed run and no warm-up: it takes seconds per step, and the targets
     against it are 5x."""
-    device = x.device
     optimizer = make_optimizer(sae, lr=1e-4)
+    dead = dead_mask(sae.F, bcfg.dead, x.device)
 
     def fwd_bwd():
         sae.zero_grad(set_to_none=True)
         normalized_mse(x, sae(x)).backward()
-
-    def opt_step():
-        sae.remove_parallel_grad_()
-        optimizer.step()
-        sae.normalize_decoder_()
-
-    dead = torch.zeros(sae.F, dtype=torch.bool, device=device)
-    dead[torch.randperm(sae.F, device=device)[:int(bcfg.dead * sae.F)]] = True
 
     def fwd_bwd_aux():  # the whole training loss once latents have died: reconstruction and AuxK (1/32)
         sae.zero_grad(set_to_none=True)
@@ -2424,31 +2480,62 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
         recon, x_hat = reconstruction_loss(sae, x, enc)
         (recon + auxk_loss(sae, (x - x_hat).detach(), enc) / 32).backward()
 
+    def opt_step():
+        sae.remove_parallel_grad_()
+        optimizer.step()
+        sae.normalize_decoder_()
+
     naive = isinstance(sae, NaiveKronSAE)
-    fwd_bwd_ms = median_ms(fwd_bwd, device, 1 if naive else bcfg.repeats, warmup=not naive)
-    aux_ms = median_ms(fwd_bwd_aux, device, bcfg.repeats) if bcfg.dead and not naive else None
-    opt_ms = median_ms(opt_step, device, 1 if naive else bcfg.repeats)
-    sae.zero_grad(set_to_none=True)  # measure from a clean start, so the step's own gradients count
-    peak = peak_bytes(fwd_bwd, device)
-    E = sae.W_enc.shape[0]
-    W = torch.randn(E, sae.d_in, device=device)
-    gemm_ms = median_ms(lambda: x @ W.T, device, bcfg.repeats)  # the roof: the encoder matmul alone
     name = "topk" if isinstance(sae, TopKSAE) else f"kron_{sae.m}x{sae.n}"
-    name = "naive_" + name if isinstance(sae, NaiveKronSAE) else name
-    return {"name": name, "dict_size": sae.F, "h": getattr(sae, "h", None), "encoder_rows": E,
-            "flops_per_token": sae.flops_per_token(), "fwd_bwd_ms": fwd_bwd_ms, "aux_ms": aux_ms, "opt_ms": opt_ms,
-            "peak_mb": peak / 2**20, "gflops": 2 * x.shape[0] * sae.flops_per_token() / fwd_bwd_ms / 1e6,
-            "gemm_ms": gemm_ms, "gemm_gflops": 2 * x.shape[0] * E * sae.d_in / gemm_ms / 1e6,
-            "step_over_gemm": fwd_bwd_ms / gemm_ms}
+    row = {"name": "naive_" + name if naive else name, "dict_size": sae.F, "h": getattr(sae, "h", None),
+           "flops_per_token": sae.flops_per_token()}
+    row |= time_step(x, bcfg, sae, fwd_bwd, fwd_bwd_aux, opt_step, sae.W_enc.shape[0], once=naive)
+    return row | {"gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6}
+
+
+def has_sparsify() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("sparsify") is not None
+
+
+def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
+    """EleutherAI's sparsify TopK SAE (pip install eai-sparsify), timed like ours: the same loss, AuxK on the same
+    share of dead latents, the same fused AdamW, and its own decoder constraint steps. On CUDA its forward runs
+    in bfloat16 autocast, as sparsify ships it."""
+    from sparsify import SparseCoder, SparseCoderConfig
+    coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=F, k=bcfg.k), device=x.device)
+    optimizer = torch.optim.AdamW(coder.parameters(), lr=1e-4, weight_decay=0.0,
+                                  fused=x.device.type in ("cpu", "cuda") or None)
+    dead = dead_mask(F, bcfg.dead, x.device)
+
+    def fwd_bwd():
+        coder.zero_grad(set_to_none=True)
+        coder(x).fvu.backward()
+
+    def fwd_bwd_aux():
+        coder.zero_grad(set_to_none=True)
+        out = coder(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+
+    def opt_step():
+        coder.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        coder.set_decoder_norm_to_unit_norm()
+
+    row = {"name": "sparsify_topk", "dict_size": F, "h": None, "flops_per_token": x.shape[1] * F + bcfg.k * x.shape[1]}
+    row |= time_step(x, bcfg, coder, fwd_bwd, fwd_bwd_aux, opt_step, F)
+    return row | {"gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6}
 
 
 def bench_models(bcfg: BenchConfig):
-    """(section, class, kwargs) for each model to time: per F, TopK, KronSAE per shape, naive per shape;
-    then flat-in-F. Models are built one at a time, so no model's memory outlives its own measurement."""
+    """(section, class, kwargs) for each model to time: per F, TopK, sparsify's TopK when installed, KronSAE
+    per shape, naive per shape; then flat-in-F. Models are built one at a time, so no model's memory outlives its own measurement."""
     d, k = bcfg.d_in, bcfg.k
     specs = []
     for F in bcfg.F_list:
         specs.append((f"F={F}", TopKSAE, dict(d_in=d, dict_size=F, k=k)))
+        if has_sparsify():  # the optional column: EleutherAI's TopK, when installed
+            specs.append((f"F={F}", "sparsify", dict(F=F)))
         for cls in (KronSAE, NaiveKronSAE) if bcfg.naive else (KronSAE,):
             specs += [(f"F={F}", cls, dict(d_in=d, h=F // (m * n), m=m, n=n, k=k))
                       for m, n in bcfg.mn_list if F % (m * n) == 0]
@@ -2457,6 +2544,91 @@ def bench_models(bcfg: BenchConfig):
             specs.append((f"flat h(m+n)={bcfg.flat_width}", KronSAE,
                           dict(d_in=d, h=bcfg.flat_width // (2 * mn), m=mn, n=mn, k=k)))
     return specs
+
+
+# The phases of a training step. Methods of the SAE are wrapped in profiler ranges with these labels; a few
+# operators and autograd nodes are phases by themselves. Every operator's own time goes to the nearest phase
+# above it, so the phases add up to the profiled time, and the real train_step is what runs.
+PROFILE_LABELS = {"select": "selection", "scores_of": "AuxK: dead latents' scores",
+                  "encode_with_aux": "encoder: gathers, activation, AuxK top-k", "sparse_decode": "decoder",
+                  "remove_parallel_grad_": "decoder gradient projection", "normalize_decoder_": "decoder renorm"}
+PROFILE_OPS = {"aten::addmm": "encoder GEMM", "GatherLinearBackward": "backward: encoder (sparse)",
+               "EmbeddingBagBackward0": "backward: decoder (sparse)", "Optimizer.step#AdamW.step": "AdamW"}
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
+
+
+def labelled(method, label: str):
+    def run(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return method(*args, **kwargs)
+    return run
+
+
+def phase_of(event) -> str:
+    """The phase an operator's own time belongs to: its nearest enclosing phase."""
+    while event is not None:
+        name = event.name.removeprefix(BACKWARD_NODE)
+        if name in PROFILE_OPS:
+            return PROFILE_OPS[name]
+        if name in PROFILE_LABELS.values():
+            return name
+        if event.cpu_parent is None and event.name.startswith(BACKWARD_NODE):
+            return "backward: activation and losses"
+        event = event.cpu_parent
+    return "losses, clipping, bookkeeping"
+
+
+def profile_step(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, steps: int = 3) -> dict:
+    """ms per phase of a whole train_step (AuxK on the `dead` latents, clipping, AdamW, decoder renorm), from
+    torch.profiler over `steps` steps: the operators' own CPU time, or on CUDA their kernels' time. Also
+    'step (unprofiled)', the median wall time of a step without the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    device = x.device
+    cfg, optimizer = TrainConfig(steps=steps + 1, batch=len(x)), make_optimizer(sae, lr=1e-4)
+    step = partial(train_step, sae, optimizer, x, dead, cfg)
+    wall = median_ms(step, device, steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, label in PROFILE_LABELS.items():
+        setattr(sae, name, labelled(getattr(sae, name), label))  # instance attributes shadow the methods
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            sync(device)
+    finally:
+        for name in PROFILE_LABELS:
+            delattr(sae, name)
+    times = dict.fromkeys([*PROFILE_OPS.values(), *PROFILE_LABELS.values()], 0.0)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CPU:
+            own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+            phase = phase_of(event)
+            times[phase] = times.get(phase, 0.0) + own / 1000 / steps
+    return times | {"step (unprofiled)": wall}
+
+
+def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
+    """profile_step of TopK and KronSAE (first of --shapes) at every F; prints one table per F."""
+    (m, n), out = bcfg.mn_list[0], {}
+    for F in bcfg.F_list:
+        models = {"topk": TopKSAE(bcfg.d_in, F, bcfg.k)}
+        if F % (m * n) == 0:
+            models[f"kron_{m}x{n}"] = KronSAE(bcfg.d_in, F // (m * n), m, n, bcfg.k)
+        dead = dead_mask(F, bcfg.dead, x.device)
+        times = {name: profile_step(sae.to(x.device), x, dead) for name, sae in models.items()}
+        unit = "GPU kernel ms" if x.device.type == "cuda" else "CPU ms"
+        print(f"\nF={F}: one training step, {bcfg.dead:.0%} of latents dead ({unit} per step; share of the phases' sum)")
+        phases = list(next(iter(times.values())))
+        print(f"{'phase':<42}" + "".join(f"{name:>22}" for name in times))
+        for phase in phases:
+            cells = []
+            for t in times.values():
+                total = sum(v for p, v in t.items() if p != "step (unprofiled)")
+                share = f"{t[phase] / total:6.1%}" if phase != "step (unprofiled)" else " " * 6
+                cells.append(f"{t[phase]:>14.1f} {share}")
+            print(f"{phase:<42}" + "".join(f"{c:>22}" for c in cells))
+        out[F] = times
+    return out
 
 
 BENCH_TARGETS = {"kron_8x8_speedup": {16384: 3.0, 65536: 3.5}, "naive_speedup": 5.0, "flat": 1.5,
@@ -2481,6 +2653,9 @@ def bench_verdicts(rows: list[dict]) -> list[str]:
             if top.get("aux_ms") and kron.get("aux_ms"):
                 out.append(f"F={F}: with AuxK on dead latents, topk's time / kron 8x8's = "
                            f"{top['aux_ms'] / kron['aux_ms']:.2f}")
+        if "sparsify_topk" in at and "topk" in at:
+            ratio = at["sparsify_topk"]["fwd_bwd_ms"] / at["topk"]["fwd_bwd_ms"]
+            out.append(f"F={F}: our topk is {ratio:.2f}x as fast as sparsify's (target at least 1x: {verdict(ratio, 1.0)})")
         for name, r in at.items():
             if name.startswith("naive_") and name[6:] in at:
                 fast = at[name[6:]]
@@ -2509,6 +2684,12 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     device = pick_device(bcfg.device)
     set_seed(bcfg.seed)
     x = torch.randn(bcfg.batch, bcfg.d_in, device=device)
+    if bcfg.profile:
+        print(f"bench --profile: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads")
+        profiles = bench_profile(bcfg, x)
+        if bcfg.json:
+            write_json(bcfg.json, {"config": dataclasses.asdict(bcfg) | {"device": str(device)}, "profile": profiles})
+        return profiles
     print(f"bench: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads; "
           f"median of {bcfg.repeats} (ms); peak = memory the fwd+bwd allocates; aux = fwd+bwd with AuxK on "
           f"{bcfg.dead:.0%} dead latents")
@@ -2517,8 +2698,8 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     print(header + "\n" + "-" * len(header))
     rows = []
     for section, cls, kwargs in tqdm(bench_models(bcfg), desc="bench", leave=False):
-        sae = cls(**kwargs).to(device)
-        r = {"section": section, **bench_one(sae, x, bcfg)}
+        sae = None if cls == "sparsify" else cls(**kwargs).to(device)
+        r = {"section": section, **(bench_sparsify(kwargs["F"], x, bcfg) if sae is None else bench_one(sae, x, bcfg))}
         rows.append(r)
         tqdm.write(f"{section:<22}{r['name']:<15}{r['dict_size']:>7}{r['encoder_rows']:>9}{r['flops_per_token']:>12,}"
                    f"{r['fwd_bwd_ms']:>9.1f}{r['aux_ms'] or float('nan'):>8.1f}{r['opt_ms']:>8.1f}{r['peak_mb']:>9.1f}"

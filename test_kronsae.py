@@ -4,6 +4,7 @@ Every fast path is checked against a naive reference written out here: all F sco
 """
 import argparse
 import ast
+import copy
 import dataclasses
 import json
 import math
@@ -1337,7 +1338,7 @@ def test_bench_runs_and_reports_targets(tmp_path):
     out = tmp_path / "bench.json"
     rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256",
                    "--shapes", "2x8,4x4", "--flat-width", "64", "--repeats", "1", "--json", str(out)])
-    names = [r["name"] for r in rows]
+    names = [r["name"] for r in rows if r["name"] != "sparsify_topk"]  # sparsify's column: when installed
     assert names[:5] == ["topk", "kron_2x8", "kron_4x4", "naive_kron_2x8", "naive_kron_4x4"]
     assert [r["dict_size"] for r in rows if r["section"].startswith("flat")] == [256, 512, 1024]
     by = {r["name"]: r for r in rows if r["section"] == "F=256"}
@@ -1354,14 +1355,70 @@ def test_bench_verdicts_follow_the_targets():
     rows = [row("F=16384", "topk", 16384, 300.0, 4000, aux=600.0), row("F=16384", "kron_8x8", 16384, 90.0, aux=150.0),
             row("F=16384", "naive_kron_8x8", 16384, 400.0, peak=100.0),
             row("F=65536", "topk", 65536, 300.0, 4000), row("F=65536", "kron_8x8", 65536, 90.0, step_over_gemm=2.0),
-            row("flat", "kron_8x8", 16384, 100.0), row("flat", "kron_32x32", 65536, 160.0)]
+            row("flat", "kron_8x8", 16384, 100.0), row("flat", "kron_32x32", 65536, 160.0),
+            row("F=16384", "sparsify_topk", 16384, 450.0), row("F=65536", "sparsify_topk", 65536, 250.0)]
     text = "\n".join(K.bench_verdicts(rows))
+    assert "F=16384: our topk is 1.50x as fast as sparsify's (target at least 1x: met)" in text
+    assert "F=65536: our topk is 0.83x as fast as sparsify's (target at least 1x: missed)" in text
     assert "F=16384: kron 8x8 is 3.33x faster than topk (FLOP ratio 4.00x); target 3x: met" in text
     assert "F=65536: kron 8x8 is 3.33x faster than topk (FLOP ratio 4.00x); target 3.5x: missed" in text
     assert "topk's time / kron 8x8's = 4.00" in text
     assert "kron_8x8 vs naive: 4.4x faster (target 5x: missed), 10% of its peak memory" in text
     assert "costs 1.60x the fwd+bwd time (target at most 1.5x: missed)" in text
     assert "kron_8x8@16384: 1.00x met" in text and "kron_8x8@65536: 2.00x missed" in text
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_profile_splits_a_real_training_step_into_phases(arch):
+    torch.manual_seed(0)
+    sae = K.TopKSAE(32, 256, 8) if arch == "topk" else K.KronSAE(32, 16, 4, 4, 8)
+    x, dead = torch.randn(64, 32), K.dead_mask(256, 0.1, "cpu")
+    times = K.profile_step(sae, x, dead, steps=2)
+    assert set(times) >= {*K.PROFILE_OPS.values(), *K.PROFILE_LABELS.values(), "step (unprofiled)"}
+    for phase in ("encoder GEMM", "selection", "AuxK: dead latents' scores", "decoder", "AdamW",
+                  "backward: encoder (sparse)", "backward: decoder (sparse)", "decoder renorm"):
+        assert times[phase] > 0, phase
+    assert all(name not in vars(sae) for name in K.PROFILE_LABELS)   # the class's methods again
+    assert int(K.dead_mask(256, 0.1, "cpu").sum()) == 25
+
+
+def test_bench_profile_cli(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    K.main(["bench", "--profile", "1", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256",
+            "--shapes", "4x4", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "F=256: one training step, 5% of latents dead" in text and "selection" in text
+    assert set(json.loads(out.read_text())["profile"]["256"]) == {"topk", "kron_4x4"}
+
+
+@pytest.mark.skipif(not K.has_sparsify(), reason="sparsify (pip install eai-sparsify) not installed")
+def test_bench_has_the_sparsify_column():
+    rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256", "--shapes", "4x4",
+                   "--flat-width", "0", "--naive", "0", "--repeats", "1"])
+    assert [r["name"] for r in rows] == ["topk", "sparsify_topk", "kron_4x4"]
+    assert rows[1]["aux_ms"] > 0 and rows[1]["flops_per_token"] == rows[0]["flops_per_token"]
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_fallback_without_embedding_bag_matches(arch, monkeypatch):
+    """Where a device lacks embedding_bag (MPS in some versions), bag_sum sums gathered rows: the same
+    values and gradients, through the decoder, the sparse encoder backward and AuxK."""
+    torch.manual_seed(0)
+    sae = perturb_(K.TopKSAE(32, 128, 8) if arch == "topk" else K.KronSAE(32, 8, 4, 4, 8)).double()
+    x = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::3] = True
+
+    def loss():
+        enc = sae.encode_with_aux(x, dead)
+        recon, x_hat = K.reconstruction_loss(sae, x, enc, [64])
+        return recon + K.auxk_loss(sae, (x - x_hat).detach(), enc)
+    fast = grads(sae, x, loss())
+    monkeypatch.setattr(K, "has_embedding_bag", lambda device_type: False)
+    slow = grads(sae, x, loss())
+    for name in fast:
+        torch.testing.assert_close(slow[name], fast[name], msg=name)
+    assert K.wide_dtype("cpu") == torch.float64 and K.wide_dtype("mps") == torch.float32
 
 
 # ============================================================================= 12. CLI
@@ -1528,6 +1585,50 @@ def test_cuda_fast_path_equals_naive(h, m, n, k, kernel):
     g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
     for name in g_naive:
         torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_cuda_training_step_matches_cpu(arch):
+    """A whole train_step on CUDA (AuxK on dead latents, Matryoshka, clipping, fused AdamW, decoder
+    constraints) gives the CPU's loss and weights, in float64."""
+    torch.manual_seed(0)
+    cpu = perturb_(K.TopKSAE(64, 512, 16) if arch == "topk" else K.KronSAE(64, 32, 4, 4, 16)).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(256, 64, dtype=torch.float64)
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[::5] = True
+    cfg = K.TrainConfig(steps=10, batch=256, matryoshka=(128, 256))
+    opts = K.make_optimizer(cpu, 1e-3), K.make_optimizer(gpu, 1e-3)
+    for _ in range(3):
+        s_cpu, _ = K.train_step(cpu, opts[0], x, dead, cfg)
+        s_gpu, _ = K.train_step(gpu, opts[1], x.cuda(), dead.cuda(), cfg)
+        assert s_gpu.loss == pytest.approx(s_cpu.loss, rel=1e-9) and s_gpu.aux == pytest.approx(s_cpu.aux, rel=1e-9)
+    for name, p in cpu.named_parameters():
+        torch.testing.assert_close(dict(gpu.named_parameters())[name].cpu(), p, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", list(K.KERNELS))
+def test_cuda_selection_matches_cpu(kernel):
+    torch.manual_seed(0)
+    for h, m, n, k in [(256, 8, 8, 32), (8, 32, 32, 32), (64, 2, 8, 16)]:
+        sae = K.KronSAE(d_in=64, h=h, m=m, n=n, k=k, kernel=kernel)
+        pre = torch.randn(512, h * (m + n))
+        on_cpu, on_gpu = sae.select(pre, k), sae.cuda().select(pre.cuda(), k).cpu()
+        assert torch.equal(on_gpu.sort(-1).values, on_cpu.sort(-1).values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bench_and_profile_run():
+    rows = K.main(["bench", "--device", "cuda", "--batch", "256", "--d-in", "64", "--k", "8", "--dict-sizes", "4096",
+                   "--shapes", "8x8", "--flat-width", "0", "--repeats", "2"])
+    names = [r["name"] for r in rows]
+    assert names[0] == "topk" and "kron_8x8" in names and "naive_kron_8x8" in names
+    assert all(r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    times = K.profile_step(K.KronSAE(64, 64, 8, 8, 8).cuda(), torch.randn(256, 64, device="cuda"),
+                           K.dead_mask(4096, 0.05, "cuda"), steps=2)
+    assert times["encoder GEMM"] > 0 and times["selection"] > 0 and times["backward: encoder (sparse)"] > 0
 
 
 # ============================================================================= synthetic.py (section 5.1)
