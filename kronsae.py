@@ -149,6 +149,9 @@ def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
 # The sparse kernel. Both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) of
 # those scores per token reach the loss. Autograd through the dense matmul would still pay O(B E d) in the
 # backward pass; this Function pays O(B k d), and the tests hold it to the dense path.
+DENSE_BACKWARD_SHARE = {"cuda": 1 / 32, "cpu": 1 / 2}  # GatherLinear goes dense from S = E * share rows
+
+
 class GatherLinear(torch.autograd.Function):
     """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias.
 
@@ -166,6 +169,11 @@ class GatherLinear(torch.autograd.Function):
     def backward(ctx, g):  # g (B, S)
         x, W, rows = ctx.saved_tensors
         B, S = rows.shape
+        if S >= W.shape[0] * DENSE_BACKWARD_SHARE.get(x.device.type, 1.0):
+            # many rows per token (AuxK's k_aux = d/2 latents, 2 rows each for KronSAE): two GEMMs on the
+            # dense (B, E) gradient beat gathering B*S rows; on a GPU already at S = E/32
+            G = torch.zeros(B, W.shape[0], dtype=g.dtype, device=g.device).scatter_add_(1, rows, g)  # (B, E)
+            return G @ W, G.T @ x, G.sum(0), None, None
         flat = rows.reshape(-1)                                                    # (B*S,)
         # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]: a weighted bag of rows per token
         grad_x = bag_sum(rows, W, g)                                               # (B, d)

@@ -119,7 +119,9 @@ def test_mand_gradient_finite_at_zero():
 
 # ============================================================================= 2. The SAEs (eqs. 1-4)
 
-def test_gather_linear_matches_dense_autograd():
+@pytest.mark.parametrize("share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"])
+def test_gather_linear_matches_dense_autograd(share, monkeypatch):
+    monkeypatch.setitem(K.DENSE_BACKWARD_SHARE, "cpu", share)  # both of GatherLinear's backward paths
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, requires_grad=True)
@@ -866,7 +868,8 @@ def test_harvest_writes_a_store_equal_to_a_direct_harvest_and_reads_lazily(tiny_
     real_blocks = K.text_blocks
     monkeypatch.setattr(K, "text_blocks", lambda paths: (blocks.append(1) or b for b in real_blocks(paths)))
     K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(long_text), "--ctx", "16",
-            "--max-tokens", "1000", "--model-batch", "7", "--dtype", "float32", "--out", str(tmp_path / "store")])
+            "--max-tokens", "1000", "--model-batch", "7", "--dtype", "float32", "--device", "cpu",  # as `direct`
+            "--out", str(tmp_path / "store")])
     assert len(blocks) == 1 and long_text.stat().st_size > 2 * (1 << 20)        # 1 MB read of 2.4: lazy
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert {"model", "layer", "d", "dtype", "ctx", "tokens", "contexts", "bos", "position_0", "special_tokens",
@@ -1585,6 +1588,21 @@ def test_cuda_fast_path_equals_naive(h, m, n, k, kernel):
     g_naive = grads(sae, x, ((naive_forward(sae, x)[2] - target) ** 2).sum())
     for name in g_naive:
         torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"])
+def test_cuda_gather_linear_matches_dense_autograd(share, monkeypatch):
+    monkeypatch.setitem(K.DENSE_BACKWARD_SHARE, "cuda", share)
+    x = torch.randn(64, 32, dtype=torch.float64, device="cuda", requires_grad=True)
+    W = torch.randn(300, 32, dtype=torch.float64, device="cuda", requires_grad=True)
+    b = torch.randn(300, dtype=torch.float64, device="cuda", requires_grad=True)
+    rows, weights = torch.randint(0, 300, (64, 40), device="cuda"), torch.randn(64, 40, dtype=torch.float64, device="cuda")
+    dense = (x @ W.T + b).gather(1, rows)
+    g_dense = torch.autograd.grad((dense * weights).sum(), (x, W, b))
+    g_fast = torch.autograd.grad((K.gather_linear(x, W, b, rows, dense.detach()) * weights).sum(), (x, W, b))
+    for a, e in zip(g_fast, g_dense):
+        torch.testing.assert_close(a, e)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
