@@ -955,7 +955,8 @@ def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch
     import subprocess
     store_of(K.make_dataset(3000, d=16, F_true=64, k_true=4), [30] * 100, tmp_path / "store")
     args = ["--data", str(tmp_path / "store"), "--dict-size", "64", "--kron-m", "2", "--kron-n", "4", "--k", "4",
-            "--steps", "12", "--batch", "128", "--eval-tokens", "300", "--dead-tokens", "200", "--normalize"]
+            "--steps", "12", "--batch", "128", "--eval-tokens", "300", "--dead-tokens", "200", "--normalize",
+            "--device", "cpu"]  # gloo, on any machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = lambda launcher, out: subprocess.run([*launcher, str(ROOT / "kronsae.py"), *args, "--out", str(out),
                                                 "--json", str(out) + ".json"],
@@ -977,7 +978,8 @@ def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path)
     import subprocess
     store_of(K.make_dataset(3000, d=16, F_true=64, k_true=4), [30] * 100, tmp_path / "store")
     args = ["--data", str(tmp_path / "store"), "--dict-size", "64", "--kron-m", "2", "--kron-n", "4", "--k", "4",
-            "--steps", "600", "--batch", "64", "--eval-tokens", "300", "--buffer-tokens", "1000", "--arch", "kron"]
+            "--steps", "600", "--batch", "64", "--eval-tokens", "300", "--buffer-tokens", "1000", "--arch", "kron",
+            "--device", "cpu"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(ROOT / "kronsae.py")
@@ -1624,6 +1626,14 @@ def test_cuda_training_step_matches_cpu(arch):
         assert s_gpu.loss == pytest.approx(s_cpu.loss, rel=1e-9) and s_gpu.aux == pytest.approx(s_cpu.aux, rel=1e-9)
     for name, p in cpu.named_parameters():
         torch.testing.assert_close(dict(gpu.named_parameters())[name].cpu(), p, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(ValueError, match="has no GPU of its own"):
+        K.init_distributed("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
