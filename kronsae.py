@@ -997,7 +997,7 @@ class ShuffledBatches:
         return {"epoch_start": self.epoch_start, "window": self.window_index, "position": self.position}
 
     def load_state_dict(self, state: dict):
-        self.generator.set_state(state["epoch_start"])
+        self.generator.set_state(state["epoch_start"].cpu())  # a CPU generator, whatever map_location said
         self.new_epoch()
         while self.window_index < state["window"]:
             self.next_window()
@@ -1727,7 +1727,7 @@ def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, bat
         raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
     if state["batches"] is not None:
         batches.load_state_dict(state["batches"])
-    torch.set_rng_state(state["rng"]["torch"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     return trainer, state["scale"]
@@ -2385,6 +2385,8 @@ class BenchConfig:
     repeats: int = opt(5, "timed repeats per step; the median is reported")
     naive: int = opt(1, "also time the naive KronSAE (1) or not (0)")
     dead: float = opt(0.05, "share of latents marked dead for the 'aux' column: fwd+bwd with AuxK on; 0 = skip")
+    sparsify_bf16: int = opt(0, "sparsify's column on CUDA: 0 = in float32 like ours, 1 = as it ships (bfloat16 "
+                                "autocast in its forward)")
     profile: int = opt(0, "1 = instead of the table, split one whole training step (AuxK on --dead) of TopK and "
                           "KronSAE at the first of --shapes into its phases, with torch.profiler")
     device: str = opt("auto", "auto, cpu, cuda or mps")
@@ -2405,9 +2407,9 @@ class BenchConfig:
             raise ValueError(f"--dead must be in [0, 1), got {self.dead}")
         if self.flat_width < 0 or self.flat_width % 64:
             raise ValueError(f"flat_width must be 0 or a multiple of 64 (h >= 1 at 32x32), got {self.flat_width}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") or self.naive not in (0, 1) or self.profile not in (0, 1):
-            raise ValueError(f"--device must be auto, cpu, cuda or mps, and --naive and --profile 0 or 1; "
-                             f"got {self.device!r}, {self.naive} and {self.profile}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") or {self.naive, self.profile, self.sparsify_bf16} - {0, 1}:
+            raise ValueError(f"--device must be auto, cpu, cuda or mps, and --naive, --profile and --sparsify-bf16 "
+                             f"0 or 1; got {self.device!r}, {self.naive}, {self.profile} and {self.sparsify_bf16}")
 
 
 def sync(device):
@@ -2512,10 +2514,12 @@ def has_sparsify() -> bool:
 
 def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """EleutherAI's sparsify TopK SAE (pip install eai-sparsify), timed like ours: the same loss, AuxK on the same
-    share of dead latents, the same fused AdamW, and its own decoder constraint steps. On CUDA its forward runs
-    in bfloat16 autocast, as sparsify ships it."""
+    share of dead latents, the same fused AdamW, and its own decoder constraint steps. Its forward carries a
+    bfloat16 autocast for CUDA; unless --sparsify-bf16 1, that decorator is unwrapped, so both run in float32."""
     from sparsify import SparseCoder, SparseCoderConfig
     coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=F, k=bcfg.k), device=x.device)
+    if not bcfg.sparsify_bf16:
+        coder.forward = partial(getattr(SparseCoder.forward, "__wrapped__", SparseCoder.forward), coder)
     optimizer = torch.optim.AdamW(coder.parameters(), lr=1e-4, weight_decay=0.0,
                                   fused=x.device.type in ("cpu", "cuda") or None)
     dead = dead_mask(F, bcfg.dead, x.device)

@@ -412,9 +412,12 @@ def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
     assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-6
 
 
-def test_kron_training_step_has_no_F_sized_matmul():
-    """Forward + backward + step. Per token, the only matmul is the h(m+n) x d encoder's forward; once per
-    step, remove_parallel_grad_ takes F row-wise dot products (a bmm of F x d). Nothing else."""
+@pytest.mark.parametrize("share,encoder_matmuls", [(math.inf, 1), (0.0, 3)], ids=["sparse_backward", "dense_backward"])
+def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkeypatch):
+    """Forward + backward + step. Per token, the only matmuls are the h(m+n) x d encoder's forward (and, when
+    GatherLinear's backward goes dense, the two of its backward); once per step, remove_parallel_grad_ takes F
+    row-wise dot products (a bmm of F x d). Nothing else."""
+    monkeypatch.setitem(K.DENSE_BACKWARD_SHARE, "cpu", share)
     d, F, E = 64, 1024, 32 * (4 + 8)
     cfg = K.TrainConfig(steps=1, batch=32)
     dead = torch.ones(F, dtype=torch.bool)  # AuxK on too
@@ -424,8 +427,8 @@ def test_kron_training_step_has_no_F_sized_matmul():
         opt = torch.optim.AdamW(sae.parameters())
         return matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
 
-    assert step_flops(32) == 2 * 32 * d * E + 2 * F * d
-    assert step_flops(64) - step_flops(32) == 2 * 32 * d * E   # per-token matmul work is the encoder alone
+    assert step_flops(32) == encoder_matmuls * 2 * 32 * d * E + 2 * F * d
+    assert step_flops(64) - step_flops(32) == encoder_matmuls * 2 * 32 * d * E  # per token: the encoder's alone
 
 
 def test_kron_training_step_saves_nothing_F_sized_per_token():
@@ -1199,7 +1202,7 @@ def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
     assert config["run"]["seed"] == 0 and config["train"]["lr"] == 8e-4 and config["train"]["steps"] == 20
     assert config["data"]["data"] == str(tmp_path / "acts.npy") and config["data"]["model"] == ""
     assert config["world_size"] == 1 and config["torch"] == torch.__version__ and config["seconds"] > 0
-    assert config["device"] == "cpu" and "NaN" not in text and "Infinity" not in text
+    assert config["device"] == str(K.pick_device("auto")) and "NaN" not in text and "Infinity" not in text
     assert K.Settings.from_dict(json.loads((tmp_path / "ckpt" / "run.json").read_text())).sae.dict_size == 128
 
 
