@@ -1603,9 +1603,9 @@ def test_cuda_gather_linear_matches_dense_autograd(share, monkeypatch):
     W = torch.randn(300, 32, dtype=torch.float64, device="cuda", requires_grad=True)
     b = torch.randn(300, dtype=torch.float64, device="cuda", requires_grad=True)
     rows, weights = torch.randint(0, 300, (64, 40), device="cuda"), torch.randn(64, 40, dtype=torch.float64, device="cuda")
-    dense = (x @ W.T + b).gather(1, rows)
-    g_dense = torch.autograd.grad((dense * weights).sum(), (x, W, b))
-    g_fast = torch.autograd.grad((K.gather_linear(x, W, b, rows, dense.detach()) * weights).sum(), (x, W, b))
+    pre = x @ W.T + b                                                        # (B, E)
+    g_dense = torch.autograd.grad((pre.gather(1, rows) * weights).sum(), (x, W, b))
+    g_fast = torch.autograd.grad((K.gather_linear(x, W, b, rows, pre.detach()) * weights).sum(), (x, W, b))
     for a, e in zip(g_fast, g_dense):
         torch.testing.assert_close(a, e)
 
