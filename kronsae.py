@@ -146,8 +146,9 @@ def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
 
 # The sparse kernel. Both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) of
 # those scores per token reach the loss. Autograd through the dense matmul would still pay O(B E d) in the
-# backward pass; this Function pays O(B k d), and the tests hold it to the dense path.
-DENSE_BACKWARD_SHARE = {"cuda": 1 / 32, "cpu": 1 / 10}  # GatherLinear goes dense from S = E * share rows
+# backward pass; this Function pays O(B k d), and the tests hold it to the dense path. When a token gathers
+# many rows (AuxK adds k_aux = d/2 latents), the dense backward is cheaper again: from S = E * share rows.
+DENSE_BACKWARD_SHARE = {"cuda": 1 / 32, "cpu": 1 / 10}  # measured where the two paths cross (README, benchmark)
 
 
 class GatherLinear(torch.autograd.Function):
@@ -155,7 +156,8 @@ class GatherLinear(torch.autograd.Function):
 
     Forward only gathers. Backward touches only the gathered rows: O(B S d) instead of the O(B E d) of
     the dense matmul's backward (Gao et al. 2024 do the same in their kernels). It is exact, because
-    the rows that were not gathered get no gradient on the dense path either.
+    the rows that were not gathered get no gradient on the dense path either. Where S is a large share of
+    E (DENSE_BACKWARD_SHARE), it scatters the gradient into (B, E) and takes the dense backward's two GEMMs.
     """
 
     @staticmethod
@@ -169,7 +171,7 @@ class GatherLinear(torch.autograd.Function):
         B, S = rows.shape
         if S >= W.shape[0] * DENSE_BACKWARD_SHARE.get(x.device.type, 1.0):
             # many rows per token (AuxK's k_aux = d/2 latents, 2 rows each for KronSAE): two GEMMs on the
-            # dense (B, E) gradient beat gathering B*S rows (measured: from S = E/10 on a CPU, E/32 on an H100)
+            # dense (B, E) gradient beat gathering B*S rows
             G = torch.zeros(B, W.shape[0], dtype=g.dtype, device=g.device).scatter_add_(1, rows, g)  # (B, E)
             return G @ W, G.T @ x, G.sum(0), None, None
         flat = rows.reshape(-1)                                                    # (B*S,)
