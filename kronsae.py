@@ -2545,7 +2545,8 @@ def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
 
 def bench_models(bcfg: BenchConfig):
     """(section, class, kwargs) for each model to time: per F, TopK, sparsify's TopK when installed, KronSAE
-    per shape, naive per shape; then flat-in-F. Models are built one at a time, so no model's memory outlives its own measurement."""
+    per shape, naive per shape; then flat-in-F. Models are built one at a time, so no model's memory outlives
+    its own measurement."""
     d, k = bcfg.d_in, bcfg.k
     specs = []
     for F in bcfg.F_list:
@@ -2568,8 +2569,9 @@ def bench_models(bcfg: BenchConfig):
 PROFILE_LABELS = {"select": "selection", "scores_of": "AuxK: dead latents' scores",
                   "encode_with_aux": "encoder: gathers, activation, AuxK top-k", "sparse_decode": "decoder",
                   "remove_parallel_grad_": "decoder gradient projection", "normalize_decoder_": "decoder renorm"}
-PROFILE_OPS = {"aten::addmm": "encoder GEMM", "GatherLinearBackward": "backward: encoder (sparse)",
-               "EmbeddingBagBackward0": "backward: decoder (sparse)", "Optimizer.step#AdamW.step": "AdamW"}
+PROFILE_OPS = {"aten::addmm": "encoder GEMM", "GatherLinearBackward": "backward: encoder (GatherLinear)",
+               "EmbeddingBagBackward0": "backward: decoder (embedding_bag)",
+               "Optimizer.step#AdamW.step": "AdamW"}
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 
 
@@ -2633,7 +2635,8 @@ def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
         dead = dead_mask(F, bcfg.dead, x.device)
         times = {name: profile_step(sae.to(x.device), x, dead) for name, sae in models.items()}
         unit = "GPU kernel ms" if x.device.type == "cuda" else "CPU ms"
-        print(f"\nF={F}: one training step, {bcfg.dead:.0%} of latents dead ({unit} per step; share of the phases' sum)")
+        print(f"\nF={F}: one training step, {bcfg.dead:.0%} of latents dead "
+              f"({unit} per step; share of the phases' sum)")
         phases = list(next(iter(times.values())))
         print(f"{'phase':<42}" + "".join(f"{name:>22}" for name in times))
         for phase in phases:
@@ -2671,7 +2674,8 @@ def bench_verdicts(rows: list[dict]) -> list[str]:
                            f"{top['aux_ms'] / kron['aux_ms']:.2f}")
         if "sparsify_topk" in at and "topk" in at:
             ratio = at["sparsify_topk"]["fwd_bwd_ms"] / at["topk"]["fwd_bwd_ms"]
-            out.append(f"F={F}: our topk is {ratio:.2f}x as fast as sparsify's (target at least 1x: {verdict(ratio, 1.0)})")
+            out.append(f"F={F}: our topk is {ratio:.2f}x as fast as sparsify's "
+                       f"(target at least 1x: {verdict(ratio, 1.0)})")
         for name, r in at.items():
             if name.startswith("naive_") and name[6:] in at:
                 fast = at[name[6:]]
@@ -2701,7 +2705,8 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     set_seed(bcfg.seed)
     x = torch.randn(bcfg.batch, bcfg.d_in, device=device)
     if bcfg.profile:
-        print(f"bench --profile: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads")
+        print(f"bench --profile: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, "
+              f"{torch.get_num_threads()} threads")
         profiles = bench_profile(bcfg, x)
         if bcfg.json:
             write_json(bcfg.json, {"config": dataclasses.asdict(bcfg) | {"device": str(device)}, "profile": profiles})
