@@ -1411,6 +1411,7 @@ def test_bench_has_the_sparsify_column():
 def test_fallback_without_embedding_bag_matches(arch, monkeypatch):
     """Where a device lacks embedding_bag (MPS in some versions), bag_sum sums gathered rows: the same
     values and gradients, through the decoder, the sparse encoder backward and AuxK."""
+    monkeypatch.setitem(K.DENSE_BACKWARD_SHARE, "cpu", math.inf)  # GatherLinear's sparse path, with its bag_sums
     torch.manual_seed(0)
     sae = perturb_(K.TopKSAE(32, 128, 8) if arch == "topk" else K.KronSAE(32, 8, 4, 4, 8)).double()
     x = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
