@@ -2642,14 +2642,11 @@ def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
         unit = "GPU kernel ms" if x.device.type == "cuda" else "CPU ms"
         print(f"\nF={F}: one training step, {bcfg.dead:.0%} of latents dead "
               f"({unit} per step; share of the phases' sum)")
-        phases = list(next(iter(times.values())))
+        totals = [sum(v for p, v in t.items() if p != "step (unprofiled)") for t in times.values()]
         print(f"{'phase':<42}" + "".join(f"{name:>22}" for name in times))
-        for phase in phases:
-            cells = []
-            for t in times.values():
-                total = sum(v for p, v in t.items() if p != "step (unprofiled)")
-                share = f"{t[phase] / total:6.1%}" if phase != "step (unprofiled)" else " " * 6
-                cells.append(f"{t[phase]:>14.1f} {share}")
+        for phase in next(iter(times.values())):
+            cells = [f"{t[phase]:>14.1f} " + (f"{t[phase] / total:6.1%}" if phase != "step (unprofiled)" else " " * 6)
+                     for t, total in zip(times.values(), totals)]
             print(f"{phase:<42}" + "".join(f"{c:>22}" for c in cells))
         out[F] = times
     return out
