@@ -562,10 +562,10 @@ class StepStats(NamedTuple):
     l0: float    # mean active latents per token
 
 
-def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.AdamW:
+def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.AdamW:
     """AdamW (paper A.1) without weight decay, which would fight the unit-norm decoder. The fused kernel
     (CPU and CUDA) does the same arithmetic without parameter-sized temporaries: 3-6x faster on a CPU."""
-    fused = sae.W_dec.device.type in ("cpu", "cuda") or None
+    fused = next(sae.parameters()).device.type in ("cpu", "cuda") or None
     return torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0, fused=fused)
 
 
@@ -997,7 +997,7 @@ class ShuffledBatches:
         return {"epoch_start": self.epoch_start, "window": self.window_index, "position": self.position}
 
     def load_state_dict(self, state: dict):
-        self.generator.set_state(state["epoch_start"].cpu())  # a CPU generator, whatever map_location said
+        self.generator.set_state(state["epoch_start"])
         self.new_epoch()
         while self.window_index < state["window"]:
             self.next_window()
@@ -1719,7 +1719,8 @@ def save_run_state(directory: str, sae: SparseAutoencoder, trainer: Trainer, bat
 def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, batches) -> tuple[Trainer, float]:
     """Restore what save_run_state wrote into `sae`, a fresh Trainer and `batches`; returns (trainer, scale)."""
     try:
-        state = torch.load(Path(directory, "train_state.pt"), map_location=sae.W_dec.device, weights_only=False)
+        # on the CPU: the RNG states must stay there, and the weights and AdamW's state are copied to their device
+        state = torch.load(Path(directory, "train_state.pt"), map_location="cpu", weights_only=False)
         sae.load_state_dict(state["sae"])
         trainer = Trainer(sae, cfg)
         restore_trainer(trainer, state["trainer"])
@@ -1727,7 +1728,7 @@ def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, bat
         raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
     if state["batches"] is not None:
         batches.load_state_dict(state["batches"])
-    torch.set_rng_state(state["rng"]["torch"].cpu())
+    torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     return trainer, state["scale"]
@@ -2525,8 +2526,7 @@ def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=F, k=bcfg.k), device=x.device)
     if not bcfg.sparsify_bf16:
         coder.forward = partial(getattr(SparseCoder.forward, "__wrapped__", SparseCoder.forward), coder)
-    optimizer = torch.optim.AdamW(coder.parameters(), lr=1e-4, weight_decay=0.0,
-                                  fused=x.device.type in ("cpu", "cuda") or None)
+    optimizer = make_optimizer(coder, lr=1e-4)
     dead = dead_mask(F, bcfg.dead, x.device)
 
     def fwd_bwd():
