@@ -1,6 +1,5 @@
-"""KronSAE: sparse autoencoders with a Kronecker-factorised encoder and the mAND activation.
-
-A minimal, single-file reference implementation, beside the TopK SAE it improves on.
+"""KronSAE: sparse autoencoders with a Kronecker-factorised encoder and the mAND activation, beside the TopK
+SAE it improves on. A minimal, single-file reference implementation.
 
 Papers (equation numbers are KronSAE's own):
   - Kurochkin, Aksenov, Laptev, Gavrilov, Balagansky 2025, "Kronecker Factorization Improves Efficiency
@@ -11,40 +10,16 @@ Shape letters used in the comments:
   B tokens in a batch    d input width (d_in)    F dictionary size    k active latents per token
   h heads                m, n pre-latents per head, F = h*m*n      E encoder rows (F or h*(m+n))
 
-Contents. Part 1, the method, stands alone: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training.
-Part 2 is the tooling around it: 5. Data, 6. The real-model path, 7. Evaluation, 8. Checkpoints,
-9. The main job and the kernel ablation, 10. Progressive coding, 11. Benchmark, 12. CLI.
-
-Run:
-  python kronsae.py                  # TopK SAE vs KronSAE on block-correlated synthetic data, side by side
-  python kronsae.py --data acts.pt   # the same on your own (N, d) activations
-  python kronsae.py --model NAME_OR_DIR --layer L --text FILE ...   # on a transformers model's residual stream
-  python kronsae.py harvest --model M --layer L --text FILE --out STORE   # an activation store on disk
-  python kronsae.py --data STORE     # train from it, streamed; under torchrun, data parallel
-  python kronsae.py --resume DIR     # continue an interrupted run (Ctrl-C saves one) exactly
-  python kronsae.py export DIR --to saelens OUT   # a TopK SAE in SAELens's format
-  python kronsae.py bench            # ms per step, memory, FLOPs: TopK vs KronSAE vs the naive KronSAE
-  python kronsae.py progressive      # Matryoshka vs pruning by importance (progressive coding)
-  python kronsae.py ablate --data X  # mAND vs ReLU(u)ReLU(v) vs u v, over seeds (the kernel ablation)
-  python kronsae.py --help           # every option (each command has its own --help)
+Part 1, the method: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training. Part 2, the tooling: 5. Devices,
+6. Data, 7. The real-model path, 8. Evaluation, 9. Checkpoints and runs, 10. The main job and the kernel
+ablation, 11. Progressive coding, 12. Benchmark, 13. CLI.
+Python: sae = KronSAE(d_in=512, h=512, m=2, n=8, k=32); train(sae, batches, TrainConfig(steps=1000))
+Shell:  python kronsae.py --help   (every command, and each command's own --help)
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import ctypes
-import dataclasses
-import functools
-import hashlib
-import itertools
-import json
-import math
-import os
-import random
-import re
-import signal
-import sys
-import time
+import argparse, copy, ctypes, dataclasses, errno, functools, hashlib, io, itertools, json  # noqa: E401
+import math, os, pickle, random, re, signal, sys, time  # noqa: E401
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -64,38 +39,26 @@ from tqdm.auto import tqdm
 # ============================================================================= 1. mAND (eq. 3)
 
 def sqrt_prod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sqrt(a*b) where a*b > 0, exactly 0 elsewhere, with a finite gradient everywhere.
-
-    d sqrt(t)/dt is infinite at t = 0. The "double where" keeps autograd away from it: the square
-    root only ever sees positive numbers, so inactive entries get value 0 and gradient 0, and active
-    ones get the exact derivative. (The paper's listing uses sqrt(a*b + 1e-5) instead, which makes
-    inactive pairs about 0.003 and breaks the AND.)
-    """
+    """sqrt(a*b) where a*b > 0, exactly 0 elsewhere, with a finite gradient everywhere: d sqrt(t)/dt is infinite
+    at t = 0, and the "double where" lets the square root see only positive numbers. (The paper's listing
+    uses sqrt(a*b + 1e-5), which makes inactive pairs about 0.003 and breaks the AND.)"""
     t = a * b
     active = t > 0
     return torch.where(active, torch.sqrt(torch.where(active, t, torch.ones_like(t))), torch.zeros_like(t))
 
 
 def mand(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """mAND (eq. 3): z[..., i, j] = sqrt(u_i v_j) if u_i > 0 and v_j > 0, else 0.
-
-    u: (..., m), v: (..., n) -> (..., m, n). This is the element-wise square root of the Kronecker
-    (outer) product ReLU(u) (x) ReLU(v) (eq. 4); flattening the last two dims row-major gives index i*n + j.
-    """
+    """mAND (eq. 3): z[..., i, j] = sqrt(u_i v_j) if u_i > 0 and v_j > 0, else 0. u (..., m), v (..., n) ->
+    (..., m, n): the square root of the Kronecker product ReLU(u) (x) ReLU(v) (eq. 4), row-major i*n + j."""
     return sqrt_prod(u.relu()[..., :, None], v.relu()[..., None, :])
 
 
-# The paper's kernel ablation (section 5) swaps mAND for two other ways of composing u_i and v_j. Each maps
-# paired (broadcastable) u and v to latent values >= 0: NaiveKronSAE broadcasts them into the (m, n) outer
-# grid, KronSAE applies them to the k chosen pairs only. `product` can be positive when both are negative;
-# its ReLU only zeroes a negative product that reaches the top k, as the TopK SAE's ReLU does.
+# The kernel ablation (section 5): mAND or two other ways of composing u_i and v_j (broadcastable).
 KERNELS = {
     "mand": lambda u, v: sqrt_prod(u.relu(), v.relu()),   # eq. 3, the default
     "relu_product": lambda u, v: u.relu() * v.relu(),     # ReLU(u) ReLU(v): mAND without the square root
-    "product": lambda u, v: (u * v).relu(),               # u v: no AND, negative times negative fires
+    "product": lambda u, v: (u * v).relu(),               # u v (ReLU'd only if it reaches the top k)
 }
-# Scaling u and v by t scales the latent by t^degree (what folding an input scale into the weights needs)
-KERNEL_DEGREE = {"mand": 1, "relu_product": 2, "product": 2}
 
 
 # ============================================================================= 2. The SAEs (eqs. 1-4)
@@ -114,89 +77,11 @@ class Encoding(NamedTuple):
     aux_indices: Optional[torch.Tensor] = None  # (B, k_aux)
 
 
-@functools.cache
-def has_embedding_bag(device_type: str) -> bool:
-    """Whether nnf.embedding_bag (sum, per-sample weights, offsets) runs forward and backward on this device
-    type. CPU and CUDA have it; MPS lacked parts of it in some PyTorch versions (pytorch/pytorch#162270)."""
-    if device_type in ("cpu", "cuda"):
-        return True
-    try:
-        W = torch.ones(3, 2, device=device_type, requires_grad=True)
-        w = torch.ones(2, device=device_type, requires_grad=True)
-        ids, offsets = torch.tensor([0, 2], device=device_type), torch.tensor([0], device=device_type)
-        nnf.embedding_bag(ids, W, offsets, per_sample_weights=w, mode="sum").sum().backward()
-        return True
-    except (NotImplementedError, RuntimeError):
-        return False
-
-
-def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
-            offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """nnf.embedding_bag(mode="sum"): out[b] = sum over bag b of weights * table[ids]. Bags are the rows of a
-    2-D ids, or the slices of a 1-D ids that start at offsets. Where the device lacks embedding_bag, the same
-    sum from gathered rows."""
-    if has_embedding_bag(table.device.type):
-        return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights, mode="sum")
-    if offsets is None:  # (B, S, d) gathered rows, weighted and summed
-        return (weights[..., None] * table[ids]).sum(-2)
-    bag = torch.bucketize(torch.arange(len(ids), device=ids.device), offsets, right=True) - 1
-    out = table.new_zeros(len(offsets), table.shape[1])
-    return out.index_add_(0, bag, weights[:, None] * table[ids])
-
-
-# The sparse kernel. Both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) of
-# those scores per token reach the loss. Autograd through the dense matmul would still pay O(B E d) in the
-# backward pass; this Function pays O(B k d), and the tests hold it to the dense path. When a token gathers
-# many rows (AuxK adds k_aux = d/2 latents), the dense backward is cheaper again: from S = E * share rows.
-DENSE_BACKWARD_SHARE = {"cuda": 1 / 32, "cpu": 1 / 10}  # measured where the two paths cross (README, benchmark)
-
-
-class GatherLinear(torch.autograd.Function):
-    """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias.
-
-    Forward only gathers. Backward touches only the gathered rows: O(B S d) instead of the O(B E d) of
-    the dense matmul's backward (Gao et al. 2024 do the same in their kernels). It is exact, because
-    the rows that were not gathered get no gradient on the dense path either. Where S is a large share of
-    E (DENSE_BACKWARD_SHARE), it scatters the gradient into (B, E) and takes the dense backward's two GEMMs.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W, bias, rows, pre):  # x (B, d), W (E, d), bias (E,), rows (B, S), pre (B, E)
-        ctx.save_for_backward(x, W, rows)
-        return pre.gather(1, rows)  # (B, S)
-
-    @staticmethod
-    def backward(ctx, g):  # g (B, S)
-        x, W, rows = ctx.saved_tensors
-        B, S = rows.shape
-        if S >= W.shape[0] * DENSE_BACKWARD_SHARE.get(x.device.type, 1.0):
-            # many rows per token (AuxK's k_aux = d/2 latents, 2 rows each for KronSAE): two GEMMs on the
-            # dense (B, E) gradient beat gathering B*S rows
-            G = torch.zeros(B, W.shape[0], dtype=g.dtype, device=g.device).scatter_add_(1, rows, g)  # (B, E)
-            return G @ W, G.T @ x, G.sum(0), None, None
-        flat = rows.reshape(-1)                                                    # (B*S,)
-        # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]: a weighted bag of rows per token
-        grad_x = bag_sum(rows, W, g)                                               # (B, d)
-        # dL/dW[r] = sum over (b, s) with rows[b, s] = r of g[b, s] x[b]: bags of tokens per row
-        order = flat.argsort()
-        tokens = torch.arange(B, device=x.device).repeat_interleave(S)[order]      # (B*S,)
-        counts = torch.bincount(flat, minlength=W.shape[0])                        # (E,)
-        grad_W = bag_sum(tokens, x, g.reshape(-1)[order], counts.cumsum(0) - counts)  # (E, d)
-        grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None
-
-
-gather_linear = GatherLinear.apply
-
-
 class SparseAutoencoder(nn.Module):
     """What both SAEs share: x_hat = sum over the k active latents of f_l W_dec[l], plus b_dec (eq. 1).
-
-    Parameters: W_enc (E, d) and b_enc (E,), W_dec (F, d) with unit rows, b_dec (d,).
-    Encoding centres the input first, W_enc (x - b_dec) + b_enc, as Gao et al. do; b_dec starts at
-    the data mean, so this is eq. 1 with the mean taken out before the encoder.
-    A subclass says how encoder rows become latents: select, scores_of, rows_of, activation.
-    """
+    Parameters: W_enc (E, d) and b_enc (E,), W_dec (F, d) with unit rows, b_dec (d,). The encoder centres
+    its input, W_enc (x - b_dec) + b_enc, as Gao et al. do. A subclass says how encoder rows become latents:
+    select, scores_of, rows_of, activation."""
 
     def __init__(self, d_in: int, dict_size: int, k: int, enc_rows: int):
         super().__init__()
@@ -205,7 +90,6 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"k must be <= F, got k={k}, F={dict_size}")
         self.d_in, self.F, self.k = d_in, dict_size, k
         self.group = 1  # Matryoshka prefixes must be multiples of this (KronSAE: whole heads)
-        self.degree = 1  # scaling the pre-activations by t scales the latents by t^degree (ReLU: 1)
         self.W_enc = nn.Parameter(torch.empty(enc_rows, d_in))
         self.b_enc = nn.Parameter(torch.zeros(enc_rows))
         self.W_dec = nn.Parameter(torch.empty(dict_size, d_in))
@@ -226,12 +110,10 @@ class SparseAutoencoder(nn.Module):
         if dead is None or not bool(dead.any()):
             values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
             return Encoding(values, indices)
-        # AuxK scores only the L dead latents: O(B L) work, small in a healthy run, up to O(B F) if most die
         dead_ids = dead.nonzero().squeeze(1)                                        # (L,)
         k_aux = min(self.d_in // 2, dead_ids.numel())   # Gao et al.: k_aux about d/2
         aux_indices = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
-        # one gather for the live and the dead latents: one sparse encoder backward, not two
-        both = torch.cat([indices, aux_indices], dim=1)                            # (B, k + k_aux)
+        both = torch.cat([indices, aux_indices], dim=1)  # one gather, one sparse encoder backward for both
         values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(both), pre))
         values, aux_values = values.split([self.k, k_aux], dim=1)
         return Encoding(values, indices, aux_values, aux_indices)
@@ -257,30 +139,22 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_grad_(self):
-        """Drop the part of each decoder row's gradient along the row itself: that part only changes the
-        norm, which normalize_decoder_ undoes. Runs after backward(), before clipping and step()."""
+        """Drop the part of each decoder row's gradient along the row itself: it only changes the norm, which
+        normalize_decoder_ undoes. Runs after backward(), before clipping and step()."""
         g, W = self.W_dec.grad, self.W_dec
-        if g is not None:  # row-wise dot and update without (F, d) temporaries, which cost page faults
+        if g is not None:  # row-wise dot and update without (F, d) temporaries
             along = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)            # (F, 1) = <g_f, W_f>
             g.addcmul_(along, W, value=-1.0)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 class TopKSAE(SparseAutoencoder):
     """f = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T f + b_dec (eq. 1; Gao et al. 2024).
-
-    W_enc: (F, d). Init: W_dec = W_enc^T with unit rows.
-    """
+    W_enc: (F, d). Init: W_dec = W_enc^T with unit rows."""
 
     def __init__(self, d_in: int, dict_size: int, k: int):
         super().__init__(d_in, dict_size, k, enc_rows=dict_size)
         self.W_dec.data = nnf.normalize(torch.randn(dict_size, d_in), dim=-1)
         self.W_enc.data = self.W_dec.data.clone()
-
-    def config(self) -> dict:
-        return {"arch": "topk", "d_in": self.d_in, "dict_size": self.F, "k": self.k}
 
     def select(self, pre, k):  # (B, F) -> (B, k)
         return pre.topk(k, dim=-1).indices
@@ -291,115 +165,44 @@ class TopKSAE(SparseAutoencoder):
     def rows_of(self, latents):  # each latent is one encoder row
         return latents
 
-    def activation(self, pre_rows):  # (B, k) -> (B, k)
+    def activation(self, pre_rows):  # (B, k) -> (B, k): eq. 1's ReLU
         return pre_rows.relu()
 
-    def flops_per_token(self) -> int:
-        """eq. 7, multiply-accumulates: the dense encoder d*F plus the sparse decoder k*d."""
+    def flops_per_token(self) -> int:  # eq. 7, multiply-accumulates: dense encoder d*F, sparse decoder k*d
         return self.d_in * self.F + self.k * self.d_in
 
 
-class KronSAE(SparseAutoencoder):
-    """KronSAE (eqs. 2-4): h heads, each with P_k (m, d) and Q_k (n, d).
+class NaiveKronSAE(SparseAutoencoder):
+    """KronSAE as the paper's listing computes it, with mAND exact: all F scores, TopK, a dense (B, F) code
+    and a dense decoder. O(F d) per token. Read this one first: KronSAE, below, is the same SAE (parameters,
+    init, values and gradients) without any F-sized work per token, and the tests hold it to that.
 
-    u_k = P_k x~ + b, v_k = Q_k x~ + b (x~ = x - b_dec)                            eq. 2
-    z[k, i, j] = mAND(u_k, v_k)[i, j] = sqrt(ReLU(u_k,i) ReLU(v_k,j))              eqs. 3-4
-    f = TopK over all F = h*m*n scores, latent index head*m*n + i*n + j; decode as eq. 1.
+    u_k = P_k x~ + b, v_k = Q_k x~ + b  (x~ = x - b_dec; head k's rows of W_enc are [P_k; Q_k])     eq. 2
+    z[k, i, j] = mAND(u_k, v_k)[i, j] = sqrt(ReLU(u_k,i) ReLU(v_k,j)), latent k*m*n + i*n + j       eqs. 3-4
+    f = TopK over all F = h*m*n scores; x_hat = W_dec^T f + b_dec                                   eq. 1
+    `kernel` swaps mAND for another of KERNELS (the paper's section 5 ablation)."""
 
-    W_enc: (h*(m+n), d), head k's rows are [P_k; Q_k]. The encoder costs O(h(m+n)d), not O(Fd).
-    `kernel` swaps mAND for another of KERNELS (the paper's section 5 ablation); selection stays exact.
-    """
-
-    def __init__(self, d_in: int, h: int, m: int, n: int, k: int, dict_size: Optional[int] = None,
-                 kernel: str = "mand"):
+    def __init__(self, d_in: int, h: int, m: int, n: int, k: int, kernel: str = "mand",
+                 dict_size: Optional[int] = None):
         check_positive(h=h, m=m, n=n)
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        if dict_size is not None and dict_size != h * m * n:
-            raise ValueError(f"KronSAE needs F = h*m*n, got F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}")
+        if kernel not in KERNELS or dict_size not in (None, h * m * n):
+            raise ValueError(f"need kernel in {', '.join(KERNELS)} and F = h*m*n, got kernel={kernel!r}, "
+                             f"F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}")
         super().__init__(d_in, h * m * n, k, enc_rows=h * (m + n))
         self.h, self.m, self.n, self.group, self.kernel = h, m, n, m * n, kernel
-        self.degree = KERNEL_DEGREE[kernel]
         # paper A.1: draw the encoder, decoder row (k, i, j) = P_k,i + Q_k,j, normalised; biases zero
         self.W_enc.data = nnf.normalize(torch.randn(h * (m + n), d_in), dim=-1)
         P, Q = self.W_enc.data.view(h, m + n, d_in).split([m, n], dim=1)          # (h, m, d), (h, n, d)
         self.W_dec.data = nnf.normalize((P[:, :, None] + Q[:, None, :]).reshape(-1, d_in), dim=-1)
-        # rank pairs (r, s) with (r+1)(s+1) <= k: in a head, the pair of p's r-th and q's s-th largest
-        # is beaten by (r+1)(s+1)-1 pairs of the same head, so only these pairs can reach the top k.
-        # Worth a sort only when it cuts the pairs to score per head by at least 4x.
-        rs = [(r, s) for r in range(min(m, k)) for s in range(min(n, k)) if (r + 1) * (s + 1) <= k]
-        pairs = torch.tensor(rs).T.contiguous() if 4 * len(rs) <= m * n else None
-        self.register_buffer("rank_pairs", pairs, persistent=False)                # (2, R) or None
 
-    def config(self) -> dict:
-        return {"arch": "kron", "d_in": self.d_in, "h": self.h, "m": self.m, "n": self.n, "k": self.k,
-                "kernel": self.kernel}
+    def flops_per_token(self) -> int:  # eq. 7, as KronSAE spends them: encoder, mAND, sparse decoder k*d
+        return self.d_in * self.h * (self.m + self.n) + self.m * self.n * self.h + self.k * self.d_in
 
     def split(self, pre):  # (B, h*(m+n)) -> u (B, h, m), v (B, h, n)
         return pre.view(-1, self.h, self.m + self.n).split([self.m, self.n], dim=-1)
 
-    def pre_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """p = ReLU(u), q = ReLU(v) (eq. 2): shapes (B, h, m) and (B, h, n). Dense, with autograd."""
-        u, v = self.split((x - self.b_dec) @ self.W_enc.T + self.b_enc)
-        return u.relu(), v.relu()
-
-    def select(self, pre, k):  # (B, h*(m+n)) -> (B, k), without building all F scores
-        m, n = self.m, self.n
-        u, v = self.split(pre)                                                    # (B, h, m), (B, h, n)
-        if self.kernel == "product":  # signs matter: a head's best u_i v_j is one of its corner products
-            u_ends, v_ends = torch.stack([u.amax(-1), u.amin(-1)]), torch.stack([v.amax(-1), v.amin(-1)])
-            head_best = (u_ends[:, None] * v_ends[None, :]).flatten(0, 1).amax(0)  # (B, h)
-        else:  # mand, relu_product: monotone in p_i q_j, p = ReLU(u), q = ReLU(v); best is max p * max q
-            head_best = u.amax(-1).relu() * v.amax(-1).relu()                     # max ReLU = ReLU max
-        # the global top k lies in the k heads with the best best score; gather their u and v rows at once
-        heads = head_best.topk(min(k, self.h), dim=-1).indices                    # (B, H)
-        chosen = pre.view(-1, self.h, m + n).gather(1, heads[..., None].expand(-1, -1, m + n))
-        u, v = chosen.split([m, n], dim=-1)                                       # (B, H, m), (B, H, n)
-        if self.kernel != "product":
-            u, v = u.relu(), v.relu()
-        if self.rank_pairs is None or self.kernel == "product":  # score every pair of the chosen heads
-            best = (u[..., :, None] * v[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
-            slot, ij = best // (m * n), best % (m * n)
-            i, j = ij // n, ij % n
-        else:  # big heads, scores >= 0: sort p and q, and score only the rank pairs that can reach the top k
-            r, s = self.rank_pairs                                                # (R,), (R,)
-            p, i_sorted = u.topk(min(m, k), dim=-1)                               # (B, H, a)
-            q, j_sorted = v.topk(min(n, k), dim=-1)                               # (B, H, b)
-            shape = (*p.shape[:2], r.numel())
-            cand = p.gather(-1, r.expand(shape)) * q.gather(-1, s.expand(shape))  # (B, H, R)
-            best = cand.flatten(1).topk(k, dim=-1).indices                        # (B, k) into H*R
-            slot, pair = best // r.numel(), best % r.numel()
-            i = i_sorted.flatten(1).gather(1, slot * p.shape[-1] + r[pair])       # (B, k)
-            j = j_sorted.flatten(1).gather(1, slot * q.shape[-1] + s[pair])       # (B, k)
-        return heads.gather(1, slot) * m * n + i * n + j                          # eq. 4 order
-
-    def rows_of(self, latents):  # (B, L) -> (B, 2L): the u row and the v row behind each latent
-        head, ij = latents // (self.m * self.n), latents % (self.m * self.n)
-        base = head * (self.m + self.n)
-        return torch.cat([base + ij // self.n, base + self.m + ij % self.n], dim=-1)
-
-    def scores_of(self, pre, latents):  # (B, E), (L,) -> (B, L): the latents' values
-        u_rows, v_rows = self.rows_of(latents).chunk(2, dim=-1)
-        return KERNELS[self.kernel](pre[:, u_rows], pre[:, v_rows])
-
-    def activation(self, pre_rows):  # (B, 2k) -> (B, k): eq. 3 (or the kernel) on the chosen pairs only
-        return KERNELS[self.kernel](*pre_rows.chunk(2, dim=-1))
-
-    def flops_per_token(self) -> int:
-        """eq. 7, multiply-accumulates: encoder d*h*(m+n), mAND m*n*h, sparse decoder k*d."""
-        return self.d_in * self.h * (self.m + self.n) + self.m * self.n * self.h + self.k * self.d_in
-
-
-class NaiveKronSAE(KronSAE):
-    """The paper's listing, with mAND exact (no epsilon): all F scores, top-k, a dense (B, F) code and a
-    dense decoder. O(F d) per token and O(B F) memory.
-
-    This is the version to read first. KronSAE computes the same values and gradients without any
-    F-sized work per token; the tests hold it to that.
-    """
-
-    def scores(self, x):  # (B, d) -> (B, F): every mAND (or kernel) score, eqs. 3-4
-        u, v = self.split((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+    def scores(self, x):  # (B, d) -> (B, F): every mAND (or kernel) score, eqs. 2-4
+        u, v = self.split((x - self.b_dec) @ self.W_enc.T + self.b_enc)                # eq. 2, before ReLU
         return KERNELS[self.kernel](u[..., :, None], v[..., None, :]).flatten(1)
 
     def encode(self, x):
@@ -413,27 +216,126 @@ class NaiveKronSAE(KronSAE):
         return code @ self.W_dec + self.b_dec                                      # (B, d) dense decoder
 
 
+@functools.lru_cache(maxsize=None)
+def rank_pairs(m: int, n: int, k: int) -> Optional[torch.Tensor]:
+    """(2, R): the rank pairs (r, s) with (r+1)(s+1) <= k. In a head, the pair of p's r-th and q's s-th largest is
+    beaten by (r+1)(s+1)-1 pairs of its head, so only these can reach the top k. None unless they cut 4x."""
+    rs = [(r, s) for r in range(min(m, k)) for s in range(min(n, k)) if (r + 1) * (s + 1) <= k]
+    return torch.tensor(rs).T.contiguous() if 4 * len(rs) <= m * n else None
+
+
+class KronSAE(NaiveKronSAE):
+    """NaiveKronSAE's SAE, fast: the encoder costs O(h(m+n)d), not O(Fd) (eq. 7), the top k is found
+    without building all F scores, and encoder and decoder touch only the chosen rows."""
+    encode, forward = SparseAutoencoder.encode, SparseAutoencoder.forward   # the sparse path, not the listing
+
+    def select(self, pre, k):  # (B, h*(m+n)) -> (B, k), exact for any k, without building all F scores
+        m, n = self.m, self.n
+        u, v = self.split(pre)                                                    # (B, h, m), (B, h, n)
+        if self.kernel == "product":  # signs matter: a head's best u_i v_j is one of its corner products
+            u_ends, v_ends = torch.stack([u.amax(-1), u.amin(-1)]), torch.stack([v.amax(-1), v.amin(-1)])
+            head_best = (u_ends[:, None] * v_ends[None, :]).flatten(0, 1).amax(0)  # (B, h)
+        else:  # mand, relu_product: monotone in p_i q_j, p = ReLU(u), q = ReLU(v); best is max p * max q
+            head_best = u.amax(-1).relu() * v.amax(-1).relu()                     # max ReLU = ReLU max
+        # the global top k lies in the k heads with the best best score; gather their u and v rows at once
+        heads = head_best.topk(min(k, self.h), dim=-1).indices                    # (B, H)
+        chosen = pre.view(-1, self.h, m + n).gather(1, heads[..., None].expand(-1, -1, m + n))
+        u, v = chosen.split([m, n], dim=-1)                                       # (B, H, m), (B, H, n)
+        pairs = None if self.kernel == "product" else rank_pairs(m, n, k)
+        if pairs is None:  # score every pair of the chosen heads
+            if self.kernel != "product":
+                u, v = u.relu(), v.relu()
+            best = (u[..., :, None] * v[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
+            slot, ij = best // (m * n), best % (m * n)
+            i, j = ij // n, ij % n
+        else:  # big heads, scores >= 0: sort p and q, and score only the rank pairs that can reach the top k
+            r, s = pairs.to(pre.device)                                           # (R,), (R,)
+            p, i_sorted = u.relu().topk(min(m, k), dim=-1)                        # (B, H, a)
+            q, j_sorted = v.relu().topk(min(n, k), dim=-1)                        # (B, H, b)
+            shape = (*p.shape[:2], r.numel())
+            cand = p.gather(-1, r.expand(shape)) * q.gather(-1, s.expand(shape))  # (B, H, R)
+            best = cand.flatten(1).topk(k, dim=-1).indices                        # (B, k) into H*R
+            slot, pair = best // r.numel(), best % r.numel()
+            i = i_sorted.flatten(1).gather(1, slot * p.shape[-1] + r[pair])       # (B, k)
+            j = j_sorted.flatten(1).gather(1, slot * q.shape[-1] + s[pair])       # (B, k)
+        return heads.gather(1, slot) * self.group + i * n + j                     # eq. 4 order
+
+    def rows_of(self, latents):  # (B, L) -> (B, 2L): the u row and the v row behind each latent
+        head, ij = latents // self.group, latents % self.group
+        base = head * (self.m + self.n)
+        return torch.cat([base + ij // self.n, base + self.m + ij % self.n], dim=-1)
+
+    def scores_of(self, pre, latents):  # (B, E), (L,) -> (B, L): the latents' values
+        u_rows, v_rows = self.rows_of(latents).chunk(2, dim=-1)
+        return KERNELS[self.kernel](pre[:, u_rows], pre[:, v_rows])
+
+    def activation(self, pre_rows):  # (B, 2k) -> (B, k): eq. 3 (or the kernel) on the chosen pairs only
+        return KERNELS[self.kernel](*pre_rows.chunk(2, dim=-1))
+
+
+# The sparse kernel. Both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE)
+# scores per token reach the loss. Autograd through the dense matmul would pay O(B E d) in the backward pass;
+# GatherLinear pays O(B k d), and the tests hold it to the dense path.
+
+def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
+            offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[b] = sum over bag b of weights * table[ids]: the rows of a 2-D ids, or the slices of a 1-D ids that
+    start at offsets. embedding_bag does it without gathering; devices without it use Part 2's twin."""
+    if table.device.type not in ("cpu", "cuda"):
+        return gathered_bag_sum(ids, table, weights, offsets)
+    return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights, mode="sum")
+
+
+class GatherLinear(torch.autograd.Function):
+    """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias.
+    Backward touches only the gathered rows: O(B S d), not O(B E d) (as Gao et al. 2024), and exactly: rows
+    not gathered get no gradient on the dense path either. When a token gathers a large share of E (AuxK),
+    the dense backward's two GEMMs are faster again (Part 2, section 5, says when)."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, rows, pre):  # x (B, d), W (E, d), bias (E,), rows (B, S), pre (B, E)
+        ctx.save_for_backward(x, W, rows)
+        return pre.gather(1, rows)  # (B, S)
+
+    @staticmethod
+    def backward(ctx, g):  # g (B, S)
+        x, W, rows = ctx.saved_tensors
+        B, S = rows.shape
+        if dense_backward_pays(S, W.shape[0], x.device):
+            G = torch.zeros(B, W.shape[0], dtype=g.dtype, device=g.device).scatter_add_(1, rows, g)  # (B, E)
+            return G @ W, G.T @ x, G.sum(0), None, None
+        flat = rows.reshape(-1)                                                    # (B*S,)
+        grad_x = bag_sum(rows, W, g)  # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]     # (B, d)
+        # dL/dW[r] = sum over (b, s) with rows[b, s] = r of g[b, s] x[b]: bags of tokens per row
+        order = flat.argsort()
+        tokens = torch.arange(B, device=x.device).repeat_interleave(S)[order]      # (B*S,)
+        counts = torch.bincount(flat, minlength=W.shape[0])                        # (E,)
+        grad_W = bag_sum(tokens, x, g.reshape(-1)[order], counts.cumsum(0) - counts)  # (E, d)
+        grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+gather_linear = GatherLinear.apply
+
+
 # ============================================================================= 3. Losses
 
-Sync = Optional[Callable[[torch.Tensor], torch.Tensor]]  # data parallel: a tensor's sum over the processes
+def total_variance(t: torch.Tensor) -> torch.Tensor:
+    """sum over the batch of ||t - mean(t)||^2: the denominator of FVU."""
+    return (t - t.mean(0)).pow(2).sum()
 
 
-def normalized_mse(target: torch.Tensor, recon: torch.Tensor, sync: Sync = None) -> torch.Tensor:
-    """||target - recon||^2 / ||target - mean(target)||^2 over the batch: a batch estimate of FVU.
-
-    Both loss terms (reconstruction and AuxK) use this same normalisation, as in Gao et al. 2024. With
-    `sync`, each process holds a slice of the batch: the mean and the denominator are the whole batch's,
-    so the processes' losses add up to the whole batch's loss, and so do their gradients.
-    """
-    if sync is None:
-        return (target - recon).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
-    mean = sync(target.sum(0)) / sync(target.new_tensor(float(target.shape[0])))
-    return (target - recon).pow(2).sum() / sync((target - mean).pow(2).sum()).clamp_min(1e-12)
+def normalized_mse(target: torch.Tensor, recon: torch.Tensor, variance: Optional[torch.Tensor] = None):
+    """||target - recon||^2 / total_variance(target): a batch estimate of FVU, for both loss terms (Gao et
+    al. 2024). A caller holding a slice of the batch passes the whole batch's variance (as sparsify does)."""
+    variance = total_variance(target) if variance is None else variance
+    return (target - recon).pow(2).sum() / variance.clamp_min(1e-12)
 
 
 def matryoshka_prefixes(sizes: list[int], F: int, multiple: int = 1) -> list[int]:
-    """Validate nested prefix sizes: strictly increasing, in (0, F], multiples of `multiple` (m*n for
-    KronSAE, so that no head straddles two groups). F is appended when missing."""
+    """Check nested prefix sizes: strictly increasing, in (0, F], multiples of `multiple` (m*n for KronSAE,
+    so that no head straddles two groups). F is appended when missing."""
+    sizes = list(sizes)
     if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0 or sizes[-1] > F:
         raise ValueError(f"Matryoshka prefixes must be strictly increasing sizes in (0, F={F}], got {sizes}")
     bad = [g for g in sizes if g % multiple]
@@ -443,28 +345,30 @@ def matryoshka_prefixes(sizes: list[int], F: int, multiple: int = 1) -> list[int
     return sizes if sizes[-1] == F else sizes + [F]
 
 
-def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
-                        prefixes: Optional[list[int]] = None, sync: Sync = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, prefixes=None,
+                        variance: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, x_hat). Plain: normalized_mse(x, x_hat). Matryoshka (Bussmann et al. 2025, arXiv 2503.17547):
-    the sum over prefixes M of normalized_mse(x, x_hat using only latents with index < M)."""
+    the sum over prefixes M (checked by matryoshka_prefixes) of normalized_mse(x, x_hat of latents < M)."""
     if prefixes is None:
         x_hat = sae.decode(enc.values, enc.indices)                                # (B, d)
-        return normalized_mse(x, x_hat, sync), x_hat
+        return normalized_mse(x, x_hat, variance), x_hat
     # One sparse decode for all prefixes: bag (g, b) sums token b's latents in group g = [M_g-1, M_g);
     # a cumulative sum over groups gives every prefix. One decoder gradient instead of one per prefix.
-    G, (B, k) = len(prefixes), enc.indices.shape
-    group = torch.bucketize(enc.indices, torch.tensor(prefixes, device=x.device), right=True)  # (B, k)
+    ends = torch.as_tensor(prefixes, device=x.device)
+    G, (B, k) = len(ends), enc.indices.shape
+    group = torch.bucketize(enc.indices, ends, right=True)                                     # (B, k)
     in_group = group == torch.arange(G, device=x.device)[:, None, None]                        # (G, B, k)
     parts = sae.sparse_decode((enc.values * in_group).view(G * B, k), enc.indices.repeat(G, 1))
     x_hats = parts.view(G, B, -1).cumsum(0) + sae.b_dec                                        # (G, B, d)
-    return sum(normalized_mse(x, x_hat, sync) for x_hat in x_hats), x_hats[-1]
+    return sum(normalized_mse(x, x_hat, variance) for x_hat in x_hats), x_hats[-1]
 
 
-def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding, sync: Sync = None) -> torch.Tensor:
+def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding,
+              variance: Optional[torch.Tensor] = None) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual x - x_hat (no b_dec)."""
     if enc.aux_values is None:
         return residual.new_zeros(())
-    return normalized_mse(residual, sae.sparse_decode(enc.aux_values, enc.aux_indices), sync)
+    return normalized_mse(residual, sae.sparse_decode(enc.aux_values, enc.aux_indices), variance)
 
 
 # ============================================================================= 4. Training
@@ -499,16 +403,6 @@ class TrainConfig:
             raise ValueError(f"matryoshka must be a sequence of integers, got {self.matryoshka!r}")
         self.matryoshka = tuple(self.matryoshka)
 
-    @property
-    def dead_threshold(self) -> int:
-        """Tokens without firing after which a latent counts as dead and feeds AuxK."""
-        return self.dead_tokens or min(10_000_000, max(1, self.steps * self.batch // 10))
-
-
-def wide_dtype(device) -> torch.dtype:
-    """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
 
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     """paper A.1: linear warmup over the first `warmup` share of steps, then cosine decay to `floor` x lr."""
@@ -519,143 +413,97 @@ def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class LatentTracker:
-    """Per latent, over the training tokens seen so far: tokens since it last fired (dead = at least
-    `threshold`), and the running importance E[a^2] and firing frequency. O(B k + F) per step."""
+class DeadLatents:
+    """Tokens since each latent last fired; dead = at least cfg.dead_tokens, or by default 10% of the training
+    tokens up to 10M (Gao et al. 2024 use 10M). These feed AuxK. O(B k + F) per step."""
 
-    def __init__(self, F: int, threshold: int, device):
-        self.threshold, self.tokens = threshold, 0
+    def __init__(self, F: int, cfg: TrainConfig, device):
+        self.threshold = cfg.dead_tokens or min(10_000_000, max(1, cfg.steps * cfg.batch // 10))
         self.since = torch.zeros(F, dtype=torch.long, device=device)
-        self.sq_sum = torch.zeros(F, dtype=wide_dtype(device), device=device)
-        self.fire_count = torch.zeros(F, dtype=wide_dtype(device), device=device)
 
-    def update(self, values: torch.Tensor, indices: torch.Tensor, sync: Sync = None):  # (B, k), (B, k)
-        """Count this batch; with `sync` (data parallel), every process's part of it, so that all agree."""
-        wide = self.sq_sum.dtype
-        sq = torch.zeros_like(self.sq_sum).index_add_(0, indices.flatten(), values.flatten().to(wide).pow(2))
-        fired = torch.zeros_like(self.fire_count).index_add_(0, indices.flatten(), (values.flatten() > 0).to(wide))
-        tokens = values.shape[0]
-        if sync is not None:
-            tokens, sq, fired = int(sync(values.new_tensor(float(tokens)))), sync(sq), sync(fired)
-        self.tokens, self.since = self.tokens + tokens, self.since + tokens
+    def update(self, fired: torch.Tensor, tokens: int):  # fired (F,): how often each latent fired
+        self.since += tokens
         self.since[fired > 0] = 0
-        self.sq_sum += sq
-        self.fire_count += fired
 
     @property
     def dead(self) -> torch.Tensor:  # (F,) bool
         return self.since >= self.threshold
 
-    @property
-    def importance(self) -> torch.Tensor:  # (F,) E[a^2] over the training tokens
-        return (self.sq_sum / max(self.tokens, 1)).float().cpu()
 
-    @property
-    def frequency(self) -> torch.Tensor:  # (F,) share of training tokens on which each latent fired
-        return (self.fire_count / max(self.tokens, 1)).float().cpu()
+def fire_counts(enc: Encoding, F: int) -> torch.Tensor:  # (F,): tokens on which each latent fired
+    return torch.zeros(F, device=enc.values.device).index_add_(0, enc.indices.flatten(),
+                                                               (enc.values.flatten() > 0).float())
 
 
 class StepStats(NamedTuple):
-    loss: float  # total loss that was optimised
-    fvu: float   # reconstruction term, normalised MSE on this batch
-    aux: float   # AuxK term before its weight
-    l0: float    # mean active latents per token
+    loss: float    # total loss that was optimised
+    fvu: float     # reconstruction term, normalised MSE on this batch
+    aux: float     # AuxK term before its weight
+    active: float  # active latents, summed over the batch's tokens
+    tokens: float
+
+    @property
+    def l0(self) -> float:  # mean active latents per token
+        return self.active / self.tokens
 
 
 def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.AdamW:
     """AdamW (paper A.1) without weight decay, which would fight the unit-norm decoder. The fused kernel
-    (CPU and CUDA) does the same arithmetic without parameter-sized temporaries: 3-6x faster on a CPU."""
+    (CPU and CUDA) does the same arithmetic without parameter-sized temporaries."""
     fused = next(sae.parameters()).device.type in ("cpu", "cuda") or None
     return torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0, fused=fused)
 
 
-def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor,
-               cfg: TrainConfig, sync: Sync = None) -> tuple[StepStats, Encoding]:
-    """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK. With `sync`
-    (data parallel), x is this process's slice of the batch and the gradients are summed over processes."""
+def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor, cfg: TrainConfig,
+               prefixes=None, variance: Callable = total_variance) -> tuple[StepStats, Encoding]:
+    """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK, `prefixes` the
+    checked Matryoshka prefixes (None: plain loss). `variance` measures the batch's total variance: a
+    data-parallel caller passes one that covers every process's slice."""
     enc = sae.encode_with_aux(x, dead if cfg.aux_coef else None)
-    prefixes = matryoshka_prefixes(list(cfg.matryoshka), sae.F, sae.group) if cfg.matryoshka else None
-    recon, x_hat = reconstruction_loss(sae, x, enc, prefixes, sync)
-    aux = auxk_loss(sae, (x - x_hat).detach(), enc, sync)
+    recon, x_hat = reconstruction_loss(sae, x, enc, prefixes, variance(x))
+    residual = (x - x_hat).detach()
+    aux = auxk_loss(sae, residual, enc, variance(residual) if enc.aux_values is not None else None)
     loss = recon + cfg.aux_coef * aux
-    stats = torch.stack([loss.detach(), normalized_mse(x, x_hat.detach(), sync), aux.detach(),
-                         (enc.values > 0).sum().float(), x.new_tensor(float(x.shape[0]))])
-    if sync is not None:  # each process holds its share of the loss terms: their sum is the whole batch's
-        stats = sync(stats)
-    total, fvu, aux_value, active, tokens = stats.tolist()
-    if not math.isfinite(total):
-        raise FloatingPointError(f"loss is {total} (fvu={fvu}, aux={aux_value})")
+    stats = StepStats(*torch.stack([loss.detach(), normalized_mse(x, x_hat.detach(), variance(x)), aux.detach(),
+                                    (enc.values > 0).sum().float(), x.new_tensor(float(len(x)))]).tolist())
+    if not math.isfinite(stats.loss):
+        raise FloatingPointError(f"loss is {stats.loss} (fvu={stats.fvu}, aux={stats.aux})")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if sync is not None:
-        for p in sae.parameters():
-            p.grad.copy_(sync(p.grad))
     sae.remove_parallel_grad_()  # after backward, before the step
     if cfg.grad_clip:
         nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
     sae.normalize_decoder_()     # after the step
-    return StepStats(total, fvu, aux_value, active / tokens), enc
+    return stats, enc
 
 
-class Trainer:
-    """What the loop carries from step to step: AdamW, the schedule (paper A.1), the latent tracker, the step
-    and the losses so far. A checkpoint of all of it resumes a run exactly (trainer_state, in Part 2)."""
-
-    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
-        self.sae, self.cfg, self.step, self.losses, self.seconds = sae, cfg, 0, [], 0.0
-        self.optimizer = make_optimizer(sae, cfg.lr)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
-        self.tracker = LatentTracker(sae.F, cfg.dead_threshold, sae.W_dec.device)
+def make_schedule(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
 
 
-class TrainResult(NamedTuple):
-    losses: list              # total loss per step
-    seconds: float            # wall time of the optimisation steps (over every session of a resumed run)
-    steps: int
-    importance: torch.Tensor  # (F,) E[a^2] over the training tokens (at the input scale trained on)
-    frequency: torch.Tensor   # (F,) firing frequency over the training tokens
-
-
-def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, progress: bool = True,
-          on_step: Optional[Callable[[Trainer], None]] = None, trainer: Optional[Trainer] = None,
-          sync: Sync = None) -> TrainResult:
-    """Train `sae` in place up to cfg.steps steps on batches (B, d) drawn from `batches`: AdamW with warmup
-    and cosine decay (paper A.1), unit-norm decoder and AuxK (Gao et al. 2024).
-
-    Pass a `trainer` restored from a state_dict to resume where it stopped. on_step(trainer), if given,
-    runs after every step. A non-finite loss raises FloatingPointError before it touches the weights.
-    With `sync` (data parallel), `batches` yields this process's slice of every batch.
-    """
-    trainer = trainer or Trainer(sae, cfg)
-    x = next(batches).to(sae.W_dec.device, non_blocking=True)
-    sae.check_input(x)
-    if not sae.b_dec.any():  # a fresh SAE (b_dec is zero at init): Gao et al. start b_dec at the data mean
-        with torch.no_grad():
-            sae.b_dec.copy_(x.mean(0) if sync is None else sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
-    first = trainer.step
-    bar = tqdm(range(first, cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False,
-               initial=first, total=cfg.steps)
+def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig,
+          progress: bool = True) -> list[float]:
+    """Train `sae` in place for cfg.steps steps on batches (B, d): AdamW with warmup and cosine decay (paper
+    A.1), unit-norm decoder and AuxK (Gao et al. 2024). Returns the losses. Part 2's run_training is this
+    loop with resume, checkpoints and data parallel around the same train_step."""
+    optimizer = make_optimizer(sae, cfg.lr)
+    schedule, dead = make_schedule(optimizer, cfg), DeadLatents(sae.F, cfg, sae.W_dec.device)
+    prefixes = matryoshka_prefixes(cfg.matryoshka, sae.F, sae.group) if cfg.matryoshka else None  # checked once
+    losses, bar = [], tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
     for step in bar:
-        start = time.perf_counter()  # the step's time: its batch and its update, not the checkpoints
-        if step > first:
-            x = next(batches).to(sae.W_dec.device, non_blocking=True)
-        try:
-            stats, enc = train_step(sae, trainer.optimizer, x, trainer.tracker.dead, cfg, sync)
-        except FloatingPointError as err:
-            raise FloatingPointError(f"training stopped at step {step}: {err}") from None
-        trainer.schedule.step()
-        trainer.tracker.update(enc.values.detach(), enc.indices, sync)
-        trainer.losses.append(stats.loss)
-        trainer.step, trainer.seconds = step + 1, trainer.seconds + time.perf_counter() - start
+        x = next(batches).to(sae.W_dec.device, non_blocking=True)
+        if step == 0 and not sae.b_dec.any():  # a fresh SAE: Gao et al. start b_dec at the data mean
+            sae.check_input(x)
+            sae.b_dec.data.copy_(x.mean(0))
+        stats, enc = train_step(sae, optimizer, x, dead.dead, cfg, prefixes)
+        schedule.step()
+        dead.update(fire_counts(enc, sae.F), len(x))
+        losses.append(stats.loss)
         if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
-                            dead=f"{float(trainer.tracker.dead.float().mean()):.1%}")
-        if on_step:
-            on_step(trainer)
-    tracker = trainer.tracker
-    return TrainResult(trainer.losses, trainer.seconds, cfg.steps, tracker.importance, tracker.frequency)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}")
+    return losses
 
 
 # #############################################################################################################
@@ -665,7 +513,52 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
 
 # PART 2: THE TOOLING
 
-# ============================================================================= 5. Data
+# ============================================================================= 5. Devices
+
+@functools.cache
+def has_embedding_bag(device_type: str) -> bool:
+    """Whether nnf.embedding_bag (sum, per-sample weights, offsets) runs forward and backward on this device
+    type. CPU and CUDA have it; MPS lacked parts of it in some PyTorch versions (pytorch/pytorch#162270)."""
+    if device_type in ("cpu", "cuda"):
+        return True
+    try:
+        W = torch.ones(3, 2, device=device_type, requires_grad=True)
+        w = torch.ones(2, device=device_type, requires_grad=True)
+        ids, offsets = torch.tensor([0, 2], device=device_type), torch.tensor([0], device=device_type)
+        nnf.embedding_bag(ids, W, offsets, per_sample_weights=w, mode="sum").sum().backward()
+        return True
+    except (NotImplementedError, RuntimeError):
+        return False
+
+
+def gathered_bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
+                     offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bag_sum (section 2) on a device that may lack embedding_bag: embedding_bag where it runs, else the
+    same sum from gathered rows, which holds (B, S, d)."""
+    if has_embedding_bag(table.device.type):
+        return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights, mode="sum")
+    if offsets is None:  # (B, S, d) gathered rows, weighted and summed
+        return (weights[..., None] * table[ids]).sum(-2)
+    bag = torch.bucketize(torch.arange(len(ids), device=ids.device), offsets, right=True) - 1
+    out = table.new_zeros(len(offsets), table.shape[1])
+    return out.index_add_(0, bag, weights[:, None] * table[ids])
+
+
+# GatherLinear's backward (section 2) goes dense from S = E * share rows per token: measured where the two
+# paths cross (README, benchmark). It happens under AuxK, which adds k_aux = d/2 latents per token.
+DENSE_BACKWARD_SHARE = {"cuda": 1 / 32, "cpu": 1 / 10}
+
+
+def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device) -> bool:
+    return rows_per_token >= enc_rows * DENSE_BACKWARD_SHARE.get(device.type, 1.0)
+
+
+def wide_dtype(device) -> torch.dtype:
+    """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+# ============================================================================= 6. Data
 
 @dataclass
 class DataConfig:
@@ -883,8 +776,7 @@ def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str
     ax.set(xscale="log", yscale="log", xlabel="token norm ||x||", ylabel="tokens", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -1017,11 +909,6 @@ STORE_DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, 
                 "float32": (np.float32, torch.float32)}
 
 
-def save_npy(path: Path, array: np.ndarray):
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
-        np.save(f, array)
-
-
 def store_files(directory) -> list[Path]:
     """The files of a store, finished or not, in `directory`."""
     return [p for p in Path(directory).glob("*") if p.name == "manifest.json" or
@@ -1061,7 +948,7 @@ class StoreWriter:
         norms = cast.float().norm(dim=-1).numpy()          # of the stored values, so a reader gets the same
         for prefix, value in (("shard", array), ("norms", norms),
                               ("offsets", np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64))):
-            write_atomic(self.directory / f"{prefix}_{name}.npy", partial(save_npy, array=value))
+            write_atomic(self.directory / f"{prefix}_{name}.npy", lambda f: f.write(npy_bytes(value)))
         self.shards.append({"name": name, "tokens": acts.shape[0], "contexts": len(self.lengths)})
         self.pending, self.lengths = [], []
 
@@ -1162,6 +1049,10 @@ def input_scale(data: torch.Tensor) -> float:
     return math.sqrt(data.shape[1]) / float(data.norm(dim=-1).mean())
 
 
+# Scaling u and v by t scales each kernel's latent by t^degree (section 1's KERNELS); ReLU (TopK) is degree 1
+KERNEL_DEGREE = {"mand": 1, "relu_product": 2, "product": 2}
+
+
 @torch.no_grad()
 def fold_input_scale_(sae: SparseAutoencoder, c: float):
     """An SAE trained on c*x becomes one for raw x: sae'(x) = sae(c x) / c, exactly.
@@ -1170,13 +1061,13 @@ def fold_input_scale_(sae: SparseAutoencoder, c: float):
     degree 1; the ablation's products, degree 2), so the latents are c^degree f(u). Dividing by c leaves
     c^(degree-1): scaling the encoder rows by a = c^((degree-1)/degree) puts it back (a = 1 for degree 1).
     The unit-norm W_dec stays as it is."""
-    a = c ** (1 - 1 / sae.degree)
+    a = c ** (1 - 1 / KERNEL_DEGREE.get(getattr(sae, "kernel", ""), 1))
     sae.W_enc *= a
     sae.b_enc /= c / a
     sae.b_dec /= c
 
 
-# ============================================================================= 6. The real-model path
+# ============================================================================= 7. The real-model path
 
 class StopForward(Exception):
     """Raised by the capture hook: nothing after the layer we want needs to run."""
@@ -1495,7 +1386,7 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     train_acts = harvest(model, contexts[n_eval:], cfg.layer, mask[n_eval:], cfg.model_batch, cfg.max_tokens)
     eval_acts = harvest(model, contexts[:n_eval], cfg.layer, mask[:n_eval], cfg.model_batch, cfg.eval_tokens)
     if cfg.save_acts.endswith(".pt"):
-        write_atomic(cfg.save_acts, lambda tmp: torch.save(torch.cat([train_acts, eval_acts]), tmp))
+        write_atomic(cfg.save_acts, lambda f: f.write(torch_bytes(torch.cat([train_acts, eval_acts]))))
     elif cfg.save_acts:
         writer = StoreWriter(cfg.save_acts, cfg.dtype)
         for acts, part in ((train_acts, mask[n_eval:]), (eval_acts, mask[:n_eval])):
@@ -1538,6 +1429,14 @@ def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> d
     """Write hidden_states[layer] of --model on --text to an activation store, shard by shard: the text is
     tokenised lazily and reading stops at max_tokens, so memory holds one model batch and one shard."""
     model, tokenizer, _ = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
+    try:
+        return write_store(model, tokenizer, cfg, out, progress)
+    except WriteError as err:
+        raise WriteError(f"{err}; the store in {out} is unfinished (it has no manifest.json) and will be refused "
+                         f"by training; free some space, then harvest again with --overwrite") from None
+
+
+def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> dict:
     writer, total, start = StoreWriter(out, cfg.dtype), 0, time.perf_counter()
     contexts = iter_contexts(tokenizer, cfg.text, cfg.ctx)
     with tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc=f"harvest layer {cfg.layer}",
@@ -1560,7 +1459,7 @@ def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> d
     return manifest
 
 
-# ============================================================================= 7. Evaluation
+# ============================================================================= 8. Evaluation
 
 class Moments:
     """Running per-dimension sums, for Var over a whole data set (float64: on the CPU for MPS, which has none)."""
@@ -1636,33 +1535,98 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
 
 
-# ============================================================================= 8. Checkpoints
+# ============================================================================= 9. Checkpoints and runs
+
+Sync = Optional[Callable[[torch.Tensor], torch.Tensor]]  # data parallel: a tensor's sum over the processes
+
+# One registry of architectures: the name in config.json, the class, and which attribute each constructor
+# argument is read back from. build, load, prune, export and bench all go through it.
+ARCHS = {"topk": (TopKSAE, {"d_in": "d_in", "dict_size": "F", "k": "k"}),
+         "kron": (KronSAE, {"d_in": "d_in", "h": "h", "m": "m", "n": "n", "k": "k", "kernel": "kernel"})}
+
+
+def sae_config(sae: SparseAutoencoder) -> dict:
+    """The constructor arguments that rebuild `sae`, with its architecture's name (config.json)."""
+    arch = next(name for name, (cls, _) in ARCHS.items() if type(sae) is cls)
+    return {"arch": arch, **{arg: getattr(sae, attr) for arg, attr in ARCHS[arch][1].items()}}
+
+
+def build_sae(config: dict) -> SparseAutoencoder:
+    config = dict(config)
+    return ARCHS[config.pop("arch")][0](**config)
+
+
+def num_params(sae: nn.Module) -> int:
+    return sum(p.numel() for p in sae.parameters())
+
+
+# What a failed write most often means, in words. A full disk ends a long run more often than anything else.
+WRITE_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "the file would exceed the size limit on files (ulimit -f)",
+                errno.EROFS: "the file system is read-only"}
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names it and the cause in words. Its temporary file is gone."""
+
+
+def write_atomic(path, write: Callable):
+    """write(f) into a temporary file beside `path`, then rename it over `path` (creating the folders): readers
+    never see half a file, and a failed write leaves the old file as it was. An OSError (a full disk, a quota)
+    becomes a WriteError. Writers pass bytes through Python's file object, whose errors are OSErrors."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        cause = WRITE_CAUSES.get(err.errno, err.strerror or f"the write fell short ({err})")
+        raise WriteError(f"could not write {path}: {cause}") from None
+
+
+def save_figure(fig, path):
+    """A matplotlib figure as a PNG, written atomically (write_atomic)."""
+    write_atomic(path, lambda f: fig.savefig(f, dpi=90, format="png"))
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:  # np.save's own writes raise OSErrors without an errno
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
 
 def save(sae: SparseAutoencoder, directory: str):
-    """Write sae.safetensors and config.json; each is written to a temporary name then renamed, so a
-    crash mid-save never leaves a half-written checkpoint in place of a good one. Non-finite weights
-    are refused: the last finite checkpoint stays."""
-    from safetensors.torch import save_file
+    """Write sae.safetensors and config.json, each atomically (write_atomic). Non-finite weights are refused:
+    the last finite checkpoint stays."""
+    from safetensors.torch import save as safetensors_bytes
     bad = [name for name, t in sae.state_dict().items() if not torch.isfinite(t).all()]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad)}) to {directory}")
-    Path(directory).mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-    save_file(weights, Path(directory, "sae.safetensors.tmp"))
-    Path(directory, "config.json.tmp").write_text(json.dumps(sae.config(), indent=2))
-    os.replace(Path(directory, "sae.safetensors.tmp"), Path(directory, "sae.safetensors"))
-    os.replace(Path(directory, "config.json.tmp"), Path(directory, "config.json"))
+    write_atomic(Path(directory, "sae.safetensors"), lambda f: f.write(safetensors_bytes(weights)))
+    write_json(Path(directory, "config.json"), sae_config(sae))
 
 
 def load(directory: str, device="cpu") -> SparseAutoencoder:
-    """The exact inverse of save. A missing or corrupt checkpoint raises ValueError naming what is wrong."""
+    """The exact inverse of save. A missing or corrupt checkpoint raises ValueError naming what is wrong.
+    Nothing in it can run code: safetensors and JSON."""
     from safetensors.torch import load_file
     for name in ("config.json", "sae.safetensors"):
         if not Path(directory, name).is_file():
             raise ValueError(f"{directory} is not a checkpoint: {name} is missing")
     try:
-        cfg = json.loads(Path(directory, "config.json").read_text())
-        sae = {"topk": TopKSAE, "kron": KronSAE}[cfg.pop("arch")](**cfg)
+        sae = build_sae(json.loads(Path(directory, "config.json").read_text()))
         sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
     except Exception as err:  # json, safetensors and load_state_dict each raise their own kind
         raise ValueError(f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})") from None
@@ -1677,61 +1641,125 @@ def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     return twin
 
 
-def write_atomic(path, write: Callable[[Path], None]):
-    """write(tmp) then rename tmp to path, creating the parent folders: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+class LatentStats:
+    """Per latent, over the tokens counted: importance E[a^2] (mean squared activation) and firing frequency,
+    as running sums in float64. Counted during training, and over held-out data by latent_stats."""
+
+    def __init__(self, F: int, device):
+        self.tokens = 0
+        self.sq_sum = torch.zeros(F, dtype=wide_dtype(device), device=device)
+        self.fire_count = torch.zeros(F, dtype=wide_dtype(device), device=device)
+
+    def update(self, values: torch.Tensor, indices: torch.Tensor, sync: Sync = None):  # (B, k), (B, k)
+        """Count a batch; with `sync` (data parallel), every process's part of it."""
+        sq = torch.zeros_like(self.sq_sum).index_add_(0, indices.flatten(), values.flatten().to(self.sq_sum.dtype) ** 2)
+        fired = torch.zeros_like(self.fire_count).index_add_(0, indices.flatten(),
+                                                             (values.flatten() > 0).to(self.fire_count.dtype))
+        tokens = values.shape[0]
+        if sync is not None:
+            tokens, sq, fired = int(sync(values.new_tensor(float(tokens)))), sync(sq), sync(fired)
+        self.tokens += tokens
+        self.sq_sum += sq
+        self.fire_count += fired
+
+    @property
+    def importance(self) -> torch.Tensor:  # (F,) E[a^2]
+        return (self.sq_sum / max(self.tokens, 1)).float().cpu()
+
+    @property
+    def frequency(self) -> torch.Tensor:  # (F,) share of tokens on which each latent fired
+        return (self.fire_count / max(self.tokens, 1)).float().cpu()
 
 
-TRACKED = ("since", "sq_sum", "fire_count")
+@dataclass
+class RunState:
+    """What run_training carries from step to step, and what a checkpoint saves to resume exactly: AdamW, the
+    schedule (paper A.1), the dead-latent counts, the checked Matryoshka prefixes, each latent's statistics,
+    the step, the losses so far and the steps' wall time."""
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    dead: DeadLatents
+    prefixes: Optional[list]
+    latents: LatentStats
+    step: int = 0
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @classmethod
+    def fresh(cls, sae: SparseAutoencoder, cfg: TrainConfig) -> RunState:
+        optimizer, device = make_optimizer(sae, cfg.lr), sae.W_dec.device
+        prefixes = matryoshka_prefixes(cfg.matryoshka, sae.F, sae.group) if cfg.matryoshka else None
+        return cls(optimizer, make_schedule(optimizer, cfg), DeadLatents(sae.F, cfg, device), prefixes,
+                   LatentStats(sae.F, device))
 
 
-def trainer_state(trainer: Trainer) -> dict:
-    """Everything the training loop carries: the step, the losses, AdamW, the schedule, the latent tracker."""
-    return {"step": trainer.step, "losses": list(trainer.losses), "seconds": trainer.seconds,
-            "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict(),
-            "tracker": {"tokens": trainer.tracker.tokens, **{name: getattr(trainer.tracker, name) for name in TRACKED}}}
+# The resume state holds tensors, numbers, strings and plain containers only, so that torch.load reads it with
+# weights_only=True: a run directory from someone else can never run code here (PyTorch >= 2.6's default).
+RUN_STATE_FORMAT = 2
 
 
-def restore_trainer(trainer: Trainer, state: dict):
-    trainer.step, trainer.losses, trainer.seconds = state["step"], list(state["losses"]), state["seconds"]
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.schedule.load_state_dict(state["schedule"])
-    trainer.tracker.tokens = state["tracker"]["tokens"]
-    for name in TRACKED:
-        getattr(trainer.tracker, name).copy_(state["tracker"][name])
+def rng_states() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss], "python": [version, list(internal), gauss_next]}
 
 
-def save_run_state(directory: str, sae: SparseAutoencoder, trainer: Trainer, batches, scale: float):
+def set_rng_states(rng: dict):
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_run_state(directory: str, sae: SparseAutoencoder, state: RunState, batches, scale: float):
     """A checkpoint that resumes exactly: the SAE for raw inputs (sae.safetensors, as `load` reads it), and
-    train_state.pt with the weights at the training scale, AdamW, the schedule, the latent tracker, the data
-    cursor, the RNG states and the normalisation scale."""
+    train_state.pt with the weights at the training scale, AdamW, the schedule, the dead-latent counts, the
+    latent statistics, the data cursor, the RNG states and the normalisation scale. train_state.pt is written
+    first: sae.safetensors is never newer than the state that resumes it."""
+    latents = state.latents
+    blob = {"format": RUN_STATE_FORMAT, "sae": sae.state_dict(), "step": state.step, "losses": list(state.losses),
+            "seconds": state.seconds, "optimizer": state.optimizer.state_dict(),
+            "schedule": state.schedule.state_dict(), "since": state.dead.since, "scale": scale,
+            "latents": {"tokens": latents.tokens, "sq_sum": latents.sq_sum, "fire_count": latents.fire_count},
+            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None, "rng": rng_states()}
+    write_atomic(Path(directory, "train_state.pt"), lambda f: f.write(torch_bytes(blob)))
     save(folded_copy(sae, scale), directory)
-    state = {"sae": sae.state_dict(), "trainer": trainer_state(trainer), "scale": scale,
-             "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-    write_atomic(Path(directory, "train_state.pt"), lambda tmp: torch.save(state, tmp))
 
 
-def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, batches) -> tuple[Trainer, float]:
-    """Restore what save_run_state wrote into `sae`, a fresh Trainer and `batches`; returns (trainer, scale)."""
-    try:
-        # on the CPU: the RNG states must stay there, and the weights and AdamW's state are copied to their device
-        state = torch.load(Path(directory, "train_state.pt"), map_location="cpu", weights_only=False)
-        sae.load_state_dict(state["sae"])
-        trainer = Trainer(sae, cfg)
-        restore_trainer(trainer, state["trainer"])
+def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, batches) -> tuple[RunState, float]:
+    """Restore what save_run_state wrote into `sae`, a fresh RunState and `batches`; returns (state, scale).
+    Loads with weights_only=True: a file that needs anything else is refused, and nothing in it runs."""
+    path = Path(directory, "train_state.pt")
+    try:  # on the CPU: the RNG states must stay there; weights and AdamW's state are copied to their device
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"refusing to resume from {path}: it holds Python objects that only a full unpickle "
+                         f"could load, and unpickling can run code (it was written by an older kronsae.py, or "
+                         f"not by kronsae.py). Nothing in it ran. Train afresh with --overwrite; its weights "
+                         f"alone still load with kronsae.load('{directory}')") from None
     except Exception as err:
         raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
-    if state["batches"] is not None:
-        batches.load_state_dict(state["batches"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return trainer, state["scale"]
+    if not isinstance(blob, dict) or blob.get("format") != RUN_STATE_FORMAT:
+        raise ValueError(f"cannot resume from {path}: not a resume state of this kronsae.py (format "
+                         f"{blob.get('format') if isinstance(blob, dict) else None!r}, expected {RUN_STATE_FORMAT})")
+    try:
+        sae.load_state_dict(blob["sae"])
+        state = RunState.fresh(sae, cfg)
+        state.step, state.losses, state.seconds = blob["step"], list(blob["losses"]), blob["seconds"]
+        state.optimizer.load_state_dict(blob["optimizer"])
+        state.schedule.load_state_dict(blob["schedule"])
+        state.dead.since.copy_(blob["since"])
+        state.latents.tokens = blob["latents"]["tokens"]
+        state.latents.sq_sum.copy_(blob["latents"]["sq_sum"])
+        state.latents.fire_count.copy_(blob["latents"]["fire_count"])
+        if blob["batches"] is not None:
+            batches.load_state_dict(blob["batches"])
+        set_rng_states(blob["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
+    return state, blob["scale"]
 
 
 def export_saelens(directory: str, destination: str) -> Path:
@@ -1739,7 +1767,7 @@ def export_saelens(directory: str, destination: str) -> Path:
     sae_weights.safetensors with W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,). SAELens encodes
     TopK(ReLU((x - b_dec) W_enc + b_enc)), which is our encoder. Checkpoints are saved for raw inputs,
     with --normalize already folded into the biases, so the export needs no normalisation."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
     check_writable(destination, "to saelens", directory=True)
     sae = load(directory)
     if not isinstance(sae, TopKSAE):
@@ -1754,8 +1782,8 @@ def export_saelens(directory: str, destination: str) -> Path:
            "rescale_acts_by_decoder_norm": False, "reshape_activations": "none", "metadata": metadata}
     weights = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     Path(destination).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(destination, "sae_weights.safetensors"), lambda tmp: save_file(
-        {name: t.detach().contiguous() for name, t in weights.items()}, tmp))
+    write_atomic(Path(destination, "sae_weights.safetensors"), lambda f: f.write(safetensors_bytes(
+        {name: t.detach().contiguous() for name, t in weights.items()})))
     write_json(Path(destination, "cfg.json"), cfg)
     print(f"wrote a SAELens TopK SAE (d_in={sae.d_in}, d_sae={sae.F}, k={sae.k}) to {destination}")
     return Path(destination)
@@ -1771,37 +1799,90 @@ class Interrupted(Exception):
 
 def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
                  out: str = "", save_every: int = 0, progress: bool = True,
-                 stop: Optional[Callable[[Trainer], bool]] = None, trainer: Optional[Trainer] = None,
-                 sync: Sync = None) -> TrainResult:
-    """`train` with checkpoints: the batches are multiplied by `scale` (--normalize) and the scale is folded
-    back into the weights at the end, so every checkpoint in `out` is an SAE for raw inputs.
-
-    With save_every, a resumable checkpoint is written every that many steps, and one at the end. When
-    stop(trainer) turns true after a step (Ctrl-C), a checkpoint is written and Interrupted is raised.
-    A non-finite loss leaves the last checkpoint as it was. Pass `trainer` to resume (see load_run_state).
+                 stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None, state: Optional[RunState] = None,
+                 sync: Sync = None) -> RunState:
+    """Part 1's `train` loop, with what a real run needs around train_step:
+    - --normalize: the batches are multiplied by `scale`, which is folded back into the weights at the end,
+      so that every checkpoint in `out` is an SAE for raw inputs;
+    - checkpoints: every save_every steps and at the end; resume by passing the `state` that load_run_state
+      restored; a non-finite loss or a full disk leaves the last good checkpoint as it was;
+    - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
+    - the steps' wall time and each latent's importance and frequency (RunState);
+    - data parallel (`sync`, a sum over processes): `batches` yields this process's slice of each batch, and
+      the loss's variances, the gradients and the statistics are summed over processes, here and nowhere else.
     """
+    state = state or RunState.fresh(sae, cfg)
+    device = sae.W_dec.device
     scaled = batches if scale == 1.0 else (x * scale for x in batches)
-
-    def after_step(trainer):
-        stopping = stop is not None and trainer.step < cfg.steps and stop(trainer)
-        if sync is not None:  # every process stops at the same step
-            stopping = bool(sync(torch.tensor(float(stopping))) > 0)
-        if out and (stopping or trainer.step == cfg.steps or (save_every and trainer.step % save_every == 0)):
-            save_run_state(out, sae, trainer, batches, scale)
-        if stopping:
-            raise Interrupted(trainer.step, cfg.steps, out)
-
+    variance = total_variance if sync is None else partial(synced_variance, sync=sync)
+    hooks = [] if sync is None else [p.register_post_accumulate_grad_hook(partial(sum_grad_, sync=sync))
+                                     for p in sae.parameters()]   # each gradient summed as backward makes it
+    x = next(scaled).to(device, non_blocking=True)
+    sae.check_input(x)
+    if not sae.b_dec.any():  # a fresh SAE: b_dec starts at the whole batch's mean, as in `train`
+        sae.b_dec.data.copy_(x.mean(0) if sync is None else sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
+    first = state.step
+    bar = tqdm(range(first, cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False,
+               initial=first, total=cfg.steps)
     try:
-        result = train(sae, scaled, cfg, progress=progress, on_step=after_step, trainer=trainer, sync=sync)
-    except FloatingPointError as err:
-        kept = out and Path(out, "sae.safetensors").exists()
-        raise FloatingPointError(f"{err}; " + (f"last good checkpoint kept in {out}" if kept
-                                               else "no checkpoint was written")) from None
+        for step in bar:
+            start = time.perf_counter()  # the step's time: its batch and its update, not the checkpoints
+            if step > first:
+                x = next(scaled).to(device, non_blocking=True)
+            try:
+                stats, enc = train_step(sae, state.optimizer, x, state.dead.dead, cfg, state.prefixes, variance)
+            except FloatingPointError as err:
+                kept = out and Path(out, "sae.safetensors").exists()
+                raise FloatingPointError(f"training stopped at step {step}: {err}; " + (
+                    f"last good checkpoint kept in {out}" if kept else "no checkpoint was written")) from None
+            fired = fire_counts(enc, sae.F)
+            if sync is not None:  # each process holds its share of the loss terms: their sum is the batch's
+                stats, fired = StepStats(*sync(torch.tensor(stats, dtype=torch.float64)).tolist()), sync(fired)
+            state.schedule.step()
+            state.dead.update(fired, int(stats.tokens))
+            state.latents.update(enc.values.detach(), enc.indices, sync)
+            state.losses.append(stats.loss)
+            state.step, state.seconds = step + 1, state.seconds + time.perf_counter() - start
+            if step % 10 == 0 or step == cfg.steps - 1:
+                bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
+                                dead=f"{float(state.dead.dead.float().mean()):.1%}")
+            checkpoint_or_stop(sae, state, cfg, batches, scale, out, save_every, stop, sync)
+    finally:
+        for hook in hooks:
+            hook.remove()
     fold_input_scale_(sae, scale)
-    return result
+    return state
 
 
-# ============================================================================= 9. The main job and the kernel ablation
+def sum_grad_(p: torch.Tensor, sync):
+    p.grad.copy_(sync(p.grad))
+
+
+def synced_variance(t: torch.Tensor, sync) -> torch.Tensor:
+    """total_variance (section 3) of the whole batch, when each process holds a slice of it."""
+    mean = sync(t.sum(0)) / sync(t.new_tensor(float(t.shape[0])))
+    return sync((t - mean).pow(2).sum())
+
+
+def checkpoint_or_stop(sae, state: RunState, cfg: TrainConfig, batches, scale: float, out: str, save_every: int,
+                       stop, sync: Sync):
+    """After a step: a checkpoint when one is due, and Interrupted when stop(sae, state) asks for it."""
+    stopping = stop is not None and state.step < cfg.steps and stop(sae, state)
+    if sync is not None:  # every process stops at the same step
+        stopping = bool(sync(torch.tensor(float(stopping))) > 0)
+    if out and (stopping or state.step == cfg.steps or (save_every and state.step % save_every == 0)):
+        try:
+            save_run_state(out, sae, state, batches, scale)
+        except WriteError as err:
+            run = Path(out).parent
+            raise WriteError(f"{err} at step {state.step}; the checkpoint before it in {out} is intact (if one "
+                             f"was written): free some space, then continue with: python kronsae.py --resume "
+                             f"{run}") from None
+    if stopping:
+        raise Interrupted(state.step, cfg.steps, out)
+
+
+# ============================================================================= 10. The main job and the kernel ablation
 
 @dataclass
 class SAEConfig:
@@ -1842,8 +1923,7 @@ class SAEConfig:
     def build(self, arch: str, d_in: int) -> SparseAutoencoder:
         if arch == "topk":
             return TopKSAE(d_in=d_in, dict_size=self.dict_size, k=self.k)
-        return KronSAE(d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, dict_size=self.dict_size,
-                       kernel=self.kernel)
+        return KronSAE(d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, kernel=self.kernel)
 
 
 @dataclass
@@ -2051,8 +2131,8 @@ def prepared_data(s: Settings, device) -> tuple[TrainData, torch.Tensor, Optiona
 
 
 def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, progress=True,
-            stop: Optional[Callable[[Trainer], bool]] = None,
-            dist: Dist = Dist()) -> tuple[SparseAutoencoder, dict, TrainResult]:
+            stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None,
+            dist: Dist = Dist()) -> tuple[SparseAutoencoder, dict, RunState]:
     """Build, train (or resume, with --resume) and evaluate one SAE; returns it, its metrics and its record.
     Data parallel: each process trains on its slice of every batch, and rank 0 alone writes checkpoints."""
     set_seed(s.run.seed)
@@ -2063,12 +2143,12 @@ def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, pr
                               s.data.buffer_tokens, dist.rank, dist.world, pin=device.type == "cuda")
     scale = train_data.scale if s.data.normalize else 1.0
     out = str(Path(s.run.out, arch)) if s.run.out else ""
-    trainer = None
+    state = None
     if s.run.resume and Path(out, "train_state.pt").exists():
-        trainer, scale = load_run_state(out, sae, s.train, batches)
-        print(f"{arch}: resuming at step {trainer.step} of {s.train.steps} from {out}")
+        state, scale = load_run_state(out, sae, s.train, batches)
+        print(f"{arch}: resuming at step {state.step} of {s.train.steps} from {out}")
     result = run_training(sae, batches, s.train, scale, out if dist.rank == 0 else "", s.run.save_every,
-                          progress and dist.rank == 0, stop, trainer, dist.sync)
+                          progress and dist.rank == 0, stop, state, dist.sync)
     metrics = evaluate(sae, eval_data)
     sample = next(ShuffledBatches(train_data.rows, eval_data.shape[0], torch.Generator().manual_seed(s.run.seed),
                                   s.data.buffer_tokens))                             # fixed training rows
@@ -2076,19 +2156,19 @@ def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, pr
     if abs(metrics["ev_train"] - metrics["ev"]) > 0.05:
         print(f"warning: {arch}: EV on training rows ({metrics['ev_train']:.3f}) and held out ({metrics['ev']:.3f}) "
               f"differ by more than 0.05; look at the data before trusting either", file=sys.stderr)
-    metrics.update(sae.config(), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
-                   encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=sae.num_params(),
-                   ms_per_step=1000 * result.seconds / result.steps, train_seconds=result.seconds,
+    metrics.update(sae_config(sae), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
+                   encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=num_params(sae),
+                   ms_per_step=1000 * result.seconds / s.train.steps, train_seconds=result.seconds,
                    final_train_loss=result.losses[-1], steps=s.train.steps, batch=s.train.batch, device=str(device))
     return sae, metrics, result
 
 
 def finish_step_on_sigint():
-    """A SIGINT handler that lets the current step finish: returns (stop, restore). stop(trainer) is true
+    """A SIGINT handler that lets the current step finish: returns (stop, restore). stop(sae, state) is true
     once Ctrl-C was pressed; restore() puts the previous handler back."""
     pressed = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    return (lambda trainer: bool(pressed)), (lambda: signal.signal(signal.SIGINT, previous))
+    return (lambda sae, state: bool(pressed)), (lambda: signal.signal(signal.SIGINT, previous))
 
 
 def json_safe(obj):
@@ -2103,7 +2183,8 @@ def json_safe(obj):
 
 
 def write_json(path: str, obj):
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False)))
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False)
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict:
@@ -2112,8 +2193,8 @@ def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict
             "seconds": seconds, "command": " ".join(sys.argv)}
 
 
-def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> dict:
-    """Train TopK and/or KronSAE on the same data and print them side by side. Ctrl-C (or stop(trainer)
+def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None) -> dict:
+    """Train TopK and/or KronSAE on the same data and print them side by side. Ctrl-C (or stop(sae, state)
     turning true) ends the run after the current step with a checkpoint in --out (see Interrupted)."""
     dist, device = init_distributed(s.run.device)
     s.check_environment(dist)
@@ -2131,7 +2212,7 @@ def compare(s: Settings, stop: Optional[Callable[[Trainer], bool]] = None) -> di
     try:
         for arch in s.sae.archs:
             sae, results[arch], _ = run_one(arch, train_data, eval_data, s, device,
-                                            stop=lambda t: sigint_stop(t) or (stop is not None and stop(t)), dist=dist)
+                                            stop=lambda *a: sigint_stop(*a) or (stop is not None and stop(*a)), dist=dist)
             if lm and lm["splice"]:
                 results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
                                              s.data.model_batch, lm["max_norm"]))
@@ -2195,19 +2276,16 @@ def ablate(s: Settings, kernels: list[str], seeds: int) -> dict:
     return results
 
 
-# ============================================================================= 10. Progressive coding
+# ============================================================================= 11. Progressive coding
 # Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190
 
 @torch.no_grad()
 def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, ...]:
-    """Per latent, over `data`: importance E[a^2] (mean squared activation) and firing frequency. (F,) each."""
-    device = sae.W_dec.device
-    sq, fired = torch.zeros(sae.F, dtype=wide_dtype(device), device=device), torch.zeros(sae.F, device=device)
+    """Per latent, over `data`: importance E[a^2] and firing frequency, (F,) each: LatentStats over held-out data."""
+    stats = LatentStats(sae.F, sae.W_dec.device)
     for x in data.split(batch):
-        values, indices = sae.encode(x.to(device))
-        sq.index_add_(0, indices.flatten(), values.flatten().to(sq.dtype).pow(2))
-        fired.index_add_(0, indices.flatten(), (values.flatten() > 0).float())
-    return (sq / data.shape[0]).float().cpu(), (fired / data.shape[0]).cpu()
+        stats.update(*sae.encode(x.to(sae.W_dec.device)))
+    return stats.importance, stats.frequency
 
 
 def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
@@ -2223,29 +2301,24 @@ def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
 
 
 def rank_latents(sae: SparseAutoencoder, score: torch.Tensor) -> torch.Tensor:
-    """Latent order, best first, by `score` (F,). KronSAE ranks whole heads by their summed score."""
-    if isinstance(sae, KronSAE):
-        heads = score.view(sae.h, -1).sum(-1).argsort(descending=True)
-        return (heads[:, None] * sae.m * sae.n + torch.arange(sae.m * sae.n)).flatten()
-    return score.argsort(descending=True)
+    """Latent order, best first, by `score` (F,), in whole groups (KronSAE: heads) ranked by their summed score."""
+    heads = score.view(-1, sae.group).sum(-1).argsort(descending=True)
+    return (heads[:, None] * sae.group + torch.arange(sae.group)).flatten()
 
 
 def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
     """A smaller SAE of the same class that keeps latents `keep` (in that order) and drops the rest.
     It selects its top k among the kept latents only. For KronSAE `keep` must be whole heads."""
-    keep = torch.as_tensor(keep, dtype=torch.long).cpu()
-    k, dev = min(sae.k, keep.numel()), sae.W_dec.device
-    if isinstance(sae, KronSAE):
-        size = sae.m * sae.n
-        heads = keep.view(-1, size)[:, 0] // size if keep.numel() % size == 0 else None
-        if heads is None or not torch.equal(keep, (heads[:, None] * size + torch.arange(size)).flatten()):
-            raise ValueError(f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
-                             f"{size} latents in order, got {keep.numel()} latents")
-        small = KronSAE(d_in=sae.d_in, h=heads.numel(), m=sae.m, n=sae.n, k=k, kernel=sae.kernel)
-        enc_rows = (heads[:, None] * (sae.m + sae.n) + torch.arange(sae.m + sae.n)).flatten()
-    else:
-        small, enc_rows = TopKSAE(d_in=sae.d_in, dict_size=keep.numel(), k=k), keep
-    small = small.to(device=dev, dtype=sae.W_dec.dtype)
+    keep, size = torch.as_tensor(keep, dtype=torch.long).cpu(), sae.group
+    heads = keep.view(-1, size)[:, 0] // size if keep.numel() % size == 0 else None
+    if heads is None or not torch.equal(keep, (heads[:, None] * size + torch.arange(size)).flatten()):
+        raise ValueError(f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
+                         f"{size} latents in order, got {keep.numel()} latents")
+    rows = sae.W_enc.shape[0] * size // sae.F                       # encoder rows per group: m+n, or 1
+    enc_rows = (heads[:, None] * rows + torch.arange(rows)).flatten()
+    shape = {"h": heads.numel()} if isinstance(sae, KronSAE) else {"dict_size": keep.numel()}
+    small = build_sae({**sae_config(sae), "k": min(sae.k, keep.numel()), **shape})
+    small, dev = small.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype), sae.W_dec.device
     with torch.no_grad():
         small.W_enc.copy_(sae.W_enc[enc_rows.to(dev)])
         small.b_enc.copy_(sae.b_enc[enc_rows.to(dev)])
@@ -2303,8 +2376,7 @@ def save_progressive_figure(results: dict, path: str):
         ax.set_title(f"{arch}: importance ~ rank^-{r['power_law_alpha']:.2f} (R^2 {r['power_law_r2']:.2f})")
         ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -2339,7 +2411,7 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
             plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(s, run=run), device)
             mat, _, mat_run = run_one(arch, train_data, eval_data, dataclasses.replace(nested, run=run), device)
             r = progressive_curves(plain, mat, eval_data, sizes)
-            alpha, r2 = fit_power_law(plain_run.importance)   # the same fit on importance tracked during training
+            alpha, r2 = fit_power_law(plain_run.latents.importance)   # the same fit on importance tracked during training
             runs.append(r | dict(train_seconds_plain=plain_run.seconds, train_seconds_matryoshka=mat_run.seconds,
                                  train_power_law_alpha=alpha, train_power_law_r2=r2))
         r = {key: mean_std([run[key] for run in runs])["mean"] for key in runs[0] if key not in ("G", "fvu")}
@@ -2373,7 +2445,7 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
     return results
 
 
-# ============================================================================= 11. Benchmark
+# ============================================================================= 12. Benchmark
 
 @dataclass
 class BenchConfig:
@@ -2500,7 +2572,7 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
         optimizer.step()
         sae.normalize_decoder_()
 
-    naive = isinstance(sae, NaiveKronSAE)
+    naive = type(sae) is NaiveKronSAE
     name = "topk" if isinstance(sae, TopKSAE) else f"kron_{sae.m}x{sae.n}"
     row = {"name": "naive_" + name if naive else name, "dict_size": sae.F, "h": getattr(sae, "h", None),
            "flops_per_token": sae.flops_per_token()}
@@ -2736,7 +2808,7 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     return rows
 
 
-# ============================================================================= 12. CLI
+# ============================================================================= 13. CLI
 
 def tune_cpu_allocator():
     """Keep freed memory mapped (Linux, glibc). By default glibc gives large freed blocks back to the OS,

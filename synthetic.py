@@ -204,8 +204,7 @@ def save_figure(grams: dict, rv: dict, path: str):
         ax.set_yticks([])
     fig.suptitle("Feature correlations recovered after matching (KronSAE paper, section 5.1)")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    K.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -400,8 +399,7 @@ def save_absorption_figure(summary: dict, path: str):
     ax.set_ylabel("absorption rate (%)")
     ax.set_title("Parents absorbed by a child latent (mean ± std over seeds)")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    K.save_figure(fig, path)
     plt.close(fig)
 
 
