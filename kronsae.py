@@ -487,7 +487,7 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
           progress: bool = True) -> list[float]:
     """Train `sae` in place for cfg.steps steps on batches (B, d): AdamW with warmup and cosine decay (paper
     A.1), unit-norm decoder and AuxK (Gao et al. 2024). Returns the losses. Part 2's run_training is this
-    loop with resume, checkpoints and data parallel around the same train_step."""
+    loop with checkpoints, restarts and data parallel around the same train_step."""
     optimizer = make_optimizer(sae, cfg.lr)
     schedule, dead = make_schedule(optimizer, cfg), DeadLatents(sae.F, cfg, sae.W_dec.device)
     prefixes = matryoshka_prefixes(cfg.matryoshka, sae.F, sae.group) if cfg.matryoshka else None  # checked once
@@ -1087,24 +1087,23 @@ def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] =
     elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():  # a path, not a hub name
         raise ValueError(f"model directory {name} does not exist; pass a local directory holding "
                          f"config.json, the weights and the tokenizer, or a hub name")
-    try:
-        config = AutoConfig.from_pretrained(name, **extra)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without network "
-                         f"access pass a local directory, e.g. one written by save_pretrained().") from None
+    def loaded(load, *args):
+        try:
+            return load(*args, **extra)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without "
+                             f"network access pass a local directory, e.g. one written by save_pretrained().") from None
+
+    config = loaded(AutoConfig.from_pretrained, name)
     if layer is not None:
         check_layer(config, layer)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if ctx is not None and positions and ctx > positions:
         raise ValueError(f"--ctx {ctx} is longer than {name}'s maximum of {positions} positions")
-    try:
-        causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # saved architectures: GPT2LMHeadModel, ...
-        causal = bool(extra) or any(a in causal_names for a in (config.architectures or []))  # GGUF: an LM
-        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without network "
-                         f"access pass a local directory, e.g. one written by save_pretrained().") from None
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # saved architectures: GPT2LMHeadModel, ...
+    causal = bool(extra) or any(a in causal_names for a in (config.architectures or []))  # GGUF: an LM
+    model = loaded((AutoModelForCausalLM if causal else AutoModel).from_pretrained, name)
+    tokenizer = loaded(AutoTokenizer.from_pretrained, name)
     return model.to(device).eval(), tokenizer, causal
 
 
@@ -1406,11 +1405,9 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
 
 
 def file_digest(path) -> dict:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": digest}
 
 
 def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
@@ -1515,18 +1512,22 @@ def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> d
             "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12) if dead.any() else 0.0}
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = [("SAE", lambda r: r["arch"] if r["arch"] == "topk" else f"kron h={r['h']} m={r['m']} n={r['n']}"),
-            ("F", lambda r: str(r["dict_size"])), ("k", lambda r: str(r["k"])),
-            ("EV", lambda r: f"{r['ev']:.4f}"), ("L0", lambda r: f"{r['l0']:.1f}"),
-            ("dead %", lambda r: f"{100 * r['dead_fraction']:.1f}"),
-            ("enc FLOPs/tok", lambda r: f"{r['encoder_flops_per_token']:,}"),
-            ("params", lambda r: f"{r['params']:,}"), ("ms/step", lambda r: f"{r['ms_per_step']:.1f}")]
-    cells = [[name for name, _ in cols]] + [[fmt(r) for _, fmt in cols] for r in rows]
-    widths = [max(len(row[c]) for row in cells) for c in range(len(cols))]
+def format_table(header: list[str], rows: list[list]) -> str:
+    """The one table printer: cells as strings, the first column left-aligned and the others right-aligned,
+    a rule under the header."""
+    cells = [list(map(str, row)) for row in [header, *rows]]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              for row in cells]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def results_table(rows: list[dict]) -> str:
+    """The main job's comparison: one row per SAE's metrics."""
+    return format_table(["SAE", "F", "k", "EV", "L0", "dead %", "enc FLOPs/tok", "params", "ms/step"], [[
+        r["arch"] if r["arch"] == "topk" else f"kron h={r['h']} m={r['m']} n={r['n']}", r["dict_size"], r["k"],
+        f"{r['ev']:.4f}", f"{r['l0']:.1f}", f"{100 * r['dead_fraction']:.1f}", f"{r['encoder_flops_per_token']:,}",
+        f"{r['params']:,}", f"{r['ms_per_step']:.1f}"] for r in rows])
 
 
 def mean_std(values: list[float]) -> dict:
@@ -2218,7 +2219,7 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
                                              s.data.model_batch, lm["max_norm"]))
     finally:
         restore()
-    print(format_table(list(results.values())))
+    print(results_table(list(results.values())))
     for arch, r in results.items():
         if "ce_clean" in r:
             recovered = r.get("loss_recovered_reason") or f"{r['loss_recovered']:.4f}"
@@ -2267,8 +2268,9 @@ def ablate(s: Settings, kernels: list[str], seeds: int) -> dict:
         restore()
     print(f"\nKronSAE h={s.sae.heads} m={s.sae.m} n={s.sae.n}, F={s.sae.dict_size}, k={s.sae.k}: held-out EV over "
           f"{seeds} seed(s), mean ± std")
-    for kernel, r in results.items():
-        print(f"{kernel:<14}{r['ev_mean']:.4f} ± {r['ev_std']:.4f}   " + " ".join(f"{ev:.4f}" for ev in r["evs"]))
+    print(format_table(["kernel", "EV mean ± std", "per seed"], [
+        [kernel, f"{r['ev_mean']:.4f} ± {r['ev_std']:.4f}", " ".join(f"{ev:.4f}" for ev in r["evs"])]
+        for kernel, r in results.items()]))
     if s.run.json:
         write_json(s.run.json, {"kernels": results, "data": data_report,
                                 "config": {**provenance(s, device, time.perf_counter() - start),
@@ -2430,9 +2432,8 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
               f"R^2 {r['train_power_law_r2']:.3f}); Matryoshka training took "
               f"{r['train_seconds_matryoshka'] / r['train_seconds_plain']:.2f}x the plain SAE's time")
         print("matryoshka_cut: as trained (top k of all F, cut at G); the rest re-pick their top k among the G kept")
-        print(f"{'G':>6}" + "".join(f"{name:>22}" for name in r["fvu"]))
-        for i, G in enumerate(sizes):
-            print(f"{G:>6}" + "".join(f"{r['fvu'][n][i]:>13.4f} ± {r['fvu_std'][n][i]:.4f}" for n in r["fvu"]))
+        print(format_table(["G", *r["fvu"]], [[G, *(f"{r['fvu'][n][i]:.4f} ± {r['fvu_std'][n][i]:.4f}" for n in r["fvu"])]
+                                              for i, G in enumerate(sizes)]))
         for m, holds in r["ordering_holds"].items():
             print(f"paper's ordering ({m} < pruned by E[a^2] < unsorted) at every G < F: "
                   f"{sum(holds)} of {seeds} seed(s)")
@@ -2715,11 +2716,9 @@ def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
         print(f"\nF={F}: one training step, {bcfg.dead:.0%} of latents dead "
               f"({unit} per step; share of the phases' sum)")
         totals = [sum(v for p, v in t.items() if p != "step (unprofiled)") for t in times.values()]
-        print(f"{'phase':<42}" + "".join(f"{name:>22}" for name in times))
-        for phase in next(iter(times.values())):
-            cells = [f"{t[phase]:>14.1f} " + (f"{t[phase] / total:6.1%}" if phase != "step (unprofiled)" else " " * 6)
-                     for t, total in zip(times.values(), totals)]
-            print(f"{phase:<42}" + "".join(f"{c:>22}" for c in cells))
+        print(format_table(["phase", *times], [
+            [phase, *(f"{t[phase]:.1f} " + (f"{t[phase] / total:6.1%}" if phase != "step (unprofiled)" else " " * 6)
+                      for t, total in zip(times.values(), totals))] for phase in next(iter(times.values()))]))
         out[F] = times
     return out
 
@@ -2788,19 +2787,18 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     print(f"bench: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads; "
           f"median of {bcfg.repeats} (ms); peak = memory the fwd+bwd allocates; aux = fwd+bwd with AuxK on "
           f"{bcfg.dead:.0%} dead latents")
-    header = (f"{'section':<22}{'SAE':<15}{'F':>7}{'enc rows':>9}{'FLOPs/tok':>12}{'fwd+bwd':>9}{'aux':>8}{'opt':>8}"
-              f"{'peak MB':>9}{'GFLOP/s':>9}{'GEMM GF/s':>10}{'step/GEMM':>10}")
-    print(header + "\n" + "-" * len(header))
     rows = []
     for section, cls, kwargs in tqdm(bench_models(bcfg), desc="bench", leave=False):
         sae = None if cls == "sparsify" else cls(**kwargs).to(device)
         r = {"section": section, **(bench_sparsify(kwargs["F"], x, bcfg) if sae is None else bench_one(sae, x, bcfg))}
         rows.append(r)
-        tqdm.write(f"{section:<22}{r['name']:<15}{r['dict_size']:>7}{r['encoder_rows']:>9}{r['flops_per_token']:>12,}"
-                   f"{r['fwd_bwd_ms']:>9.1f}{r['aux_ms'] or float('nan'):>8.1f}{r['opt_ms']:>8.1f}{r['peak_mb']:>9.1f}"
-                   f"{r['gflops']:>9.1f}"
-                   f"{r['gemm_gflops']:>10.1f}{r['step_over_gemm']:>10.2f}")
         del sae
+    print(format_table(
+        ["section", "SAE", "F", "enc rows", "FLOPs/tok", "fwd+bwd", "aux", "opt", "peak MB", "GFLOP/s", "GEMM GF/s",
+         "step/GEMM"],
+        [[r["section"], r["name"], r["dict_size"], r["encoder_rows"], f"{r['flops_per_token']:,}",
+          f"{r['fwd_bwd_ms']:.1f}", f"{r['aux_ms'] or float('nan'):.1f}", f"{r['opt_ms']:.1f}", f"{r['peak_mb']:.1f}",
+          f"{r['gflops']:.1f}", f"{r['gemm_gflops']:.1f}", f"{r['step_over_gemm']:.2f}"] for r in rows]))
     print("\n".join(bench_verdicts(rows)))
     if bcfg.json:
         write_json(bcfg.json, {"config": dataclasses.asdict(bcfg) | {"device": str(device), "torch": torch.__version__},
@@ -2825,9 +2823,15 @@ def tune_cpu_allocator():
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `kronsae.py: error: ...`, with exit status 2 and no usage dump."""
+    """argparse whose errors are one line, `kronsae.py: error: ...`, with exit status 2 and no usage dump.
+    Flags are never abbreviated: `ablate --kernel` must not quietly mean --kernels."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments"):
+            message += f" ({self.prog} does not take them; see {self.prog} --help)"
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
 
@@ -2842,12 +2846,13 @@ def comma_ints(text: str) -> tuple:
 CLI_TYPES = {"matryoshka": comma_ints}  # fields whose flag is parsed from one string
 
 
-def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, only: Optional[tuple] = None):
-    """One --flag per dataclass field (or per field in `only`), with its type, default and help, in an argument
-    group of its own."""
+def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, only: Optional[tuple] = None,
+                    drop: tuple = ()):
+    """One --flag per dataclass field (or per field in `only`, less those in `drop`), with its type, default and
+    help, in an argument group of its own. A command offers only the flags that mean something to it."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(config_cls):
-        if only and f.name not in only:
+        if only and f.name not in only or f.name in drop:
             continue
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]  # aliases: torchrun's own parser
         help = f"{f.metadata['help']} (default: {f.default})"                      # takes --m and --n for its options
@@ -2876,14 +2881,42 @@ SETTINGS_PARTS = {"sae": (SAEConfig, "the SAEs' shape"), "train": (TrainConfig, 
                   "data": (DataConfig, "data"), "run": (RunConfig, "the run (seed, device, outputs)")}
 
 
-def parse_settings(parser: argparse.ArgumentParser, argv, check=None) -> tuple[Settings, dict]:
-    """Parse argv into Settings, one argument group per config; returns it with the flags left over."""
+# Flags that only say how --model is harvested: without --model they would do nothing, so they are refused
+MODEL_ONLY = ("layer", "text", "ctx", "model_batch", "max_tokens", "keep_first", "dtype", "save_acts")
+NOT_GIVEN = object()
+
+
+def given_args(parser: argparse.ArgumentParser, argv) -> tuple[dict, set]:
+    """(every flag's value, the flags given on the command line): argparse fills a default only where the
+    namespace has no value yet, so a namespace of NOT_GIVEN tells the two apart."""
+    dests = [a.dest for a in parser._actions if a.default is not argparse.SUPPRESS]
+    args = vars(parser.parse_args(argv, argparse.Namespace(**{d: NOT_GIVEN for d in dests})))
+    given = {d for d in dests if args[d] is not NOT_GIVEN}
+    return {d: args[d] if d in given else parser.get_default(d) for d in args}, given
+
+
+def parse_settings(parser: argparse.ArgumentParser, argv, check=None, refuse: Optional[dict] = None
+                   ) -> tuple[Settings, dict]:
+    """Parse argv into Settings, one argument group per config; returns it with the command's own flags.
+    `refuse` maps the fields this command does not take to the reason, which is the error if one is given
+    (they keep their defaults, and --help leaves them out). A harvest flag without --model is an error too."""
+    refuse = refuse or {}
     for cls, title in SETTINGS_PARTS.values():
-        add_config_args(parser, cls, title)
-    args = vars(parser.parse_args(argv))
+        add_config_args(parser, cls, title, drop=tuple(refuse))
+        for f in dataclasses.fields(cls):
+            if f.name in refuse:
+                parser.add_argument(f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ()), dest=f.name,
+                                    nargs="?", help=argparse.SUPPRESS)
+    args, given = given_args(parser, argv)
+    for name in sorted(given & set(refuse)):
+        parser.error(f"{refuse[name]}; drop --{name.replace('_', '-')}")
+    idle = [f"--{name.replace('_', '-')}" for name in MODEL_ONLY if name in given and not args.get("model")]
+    if idle:
+        parser.error(f"{', '.join(idle)} only appl{'y' if len(idle) > 1 else 'ies'} to harvesting --model; "
+                     f"drop {'them' if len(idle) > 1 else 'it'}, or add --model")
 
     def make(args):
-        parts = {name: cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls)})
+        parts = {name: cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls) if f.name not in refuse})
                  for name, (cls, _) in SETTINGS_PARTS.items()}
         return Settings(**parts)
 
@@ -2924,6 +2957,17 @@ def bench_main(argv):
     return run_cli(bench, bcfg)
 
 
+def refusing(names: tuple, reason: str) -> dict:
+    return {name: reason for name in names}
+
+
+PROGRESSIVE_REFUSES = (refusing(("out", "resume", "save_every", "overwrite"), "progressive writes no checkpoints")
+                       | refusing(("model", *MODEL_ONLY), "progressive trains on --data or synthetic data")
+                       | {"matryoshka": "progressive sets the Matryoshka prefixes itself (F/16 ... F)"})
+ABLATE_REFUSES = (refusing(("out", "resume", "save_every", "overwrite"), "ablate writes no checkpoints")
+                  | {"arch": "ablate trains KronSAEs only", "kernel": "ablate takes its kernels from --kernels"})
+
+
 def progressive_main(argv):
     parser = Parser(prog="kronsae.py progressive", description=(
         "Progressive coding (Peter and Soegaard 2025): FVU against the number of kept latents G = F/16 ... F "
@@ -2932,7 +2976,7 @@ def progressive_main(argv):
     parser.add_argument("--figure", default="progressive.png", help="PNG for the curves ('' = none)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per SAE, from --seed on; FVU is mean ± std "
                                                              "(default: 1)")
-    s, extra = parse_settings(parser, argv, nested_settings)
+    s, extra = parse_settings(parser, argv, nested_settings, PROGRESSIVE_REFUSES)
     if extra["seeds"] < 1:
         parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
     return run_cli(progressive, s, extra["figure"], extra["seeds"])
@@ -2954,7 +2998,7 @@ def ablate_main(argv):
     parser.add_argument("--kernels", type=kernel_names, default=list(KERNELS),
                         help=f"comma-separated kernels (default: {','.join(KERNELS)})")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per kernel, from --seed on (default: 3)")
-    s, extra = parse_settings(parser, argv, check_ablation)
+    s, extra = parse_settings(parser, argv, check_ablation, ABLATE_REFUSES)
     if extra["seeds"] < 1:
         parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
     return run_cli(ablate, s, extra["kernels"], extra["seeds"])

@@ -248,13 +248,14 @@ def experiment(tc: ToyConfig, figure: str = "", json_path: str = "", progress: b
     seconds = time.perf_counter() - start
     print(f"\nRV(S, C), {tc.gram} Gram of the AE, over {tc.setups} set-ups x {tc.seeds} seeds ({seconds:.0f} s); "
           f"± std over all runs, and the std of the set-up mean over seeds")
-    print(f"{'model':<18}{'this run':>18}{'over seeds':>12}{'paper (table 7)':>18}{'dead':>7}{'dup':>6}")
+    table = []
     for name, st in summary.items():
         health = [r["health"][name] for r in runs] if name in runs[0]["health"] else []
         dead = f"{sum(h['dead'] for h in health) / len(health):.1f}" if health else ""
         dup = f"{sum(h['duplicated'] for h in health) / len(health):.1f}" if health else ""
-        print(f"{name:<18}{st['mean']:>11.3f} ± {st['std']:.3f}{'± ' + format(st['seed_std'], '.3f'):>12}"
-              f"{PAPER_RV.get(name, ''):>18}{dead:>7}{dup:>6}")
+        table.append([name, f"{st['mean']:.3f} ± {st['std']:.3f}", f"± {st['seed_std']:.3f}", PAPER_RV.get(name, ""),
+                      dead, dup])
+    print(K.format_table(["model", "this run", "over seeds", "paper (table 7)", "dead", "dup"], table))
     ratio = summary["kron_h2_m4_n32"]["mean"] / summary["topk"]["mean"] \
         if {"kron_h2_m4_n32", "topk"} <= summary.keys() else None
     if ratio is not None:
@@ -415,10 +416,9 @@ def absorption_experiment(ac: AbsorptionConfig, figure: str = "", json_path: str
                                                 "parent_fires": mean["parent_fires"][name]} for name in names}
     seconds = time.perf_counter() - start
     print(f"\nabsorption rate on held-out inputs, {ac.seeds} seeds ({seconds:.0f} s); F = {ac.F_true}, k = {ac.k}")
-    print(f"{'model':<18}{'absorption':>18}{'parent fires':>14}{'EV':>8}")
-    for name, st in summary.items():
-        print(f"{name:<18}{100 * st['mean']:>10.1f}% ± {100 * st['std']:.1f}%{100 * st['parent_fires']:>13.1f}%"
-              f"{st['ev']:>8.3f}")
+    print(K.format_table(["model", "absorption", "parent fires", "EV"], [
+        [name, f"{100 * st['mean']:.1f}% ± {100 * st['std']:.1f}%", f"{100 * st['parent_fires']:.1f}%", f"{st['ev']:.3f}"]
+        for name, st in summary.items()]))
     result = {"absorption": summary, "config": dataclasses.asdict(ac), "seconds": seconds,
               "thresholds": {"min_cosine": ABSORBER_MIN_COSINE, "min_share": ABSORBER_MIN_SHARE}}
     if json_path:
