@@ -1387,10 +1387,14 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     if cfg.save_acts.endswith(".pt"):
         write_atomic(cfg.save_acts, lambda f: f.write(torch_bytes(torch.cat([train_acts, eval_acts]))))
     elif cfg.save_acts:
-        writer = StoreWriter(cfg.save_acts, cfg.dtype)
-        for acts, part in ((train_acts, mask[n_eval:]), (eval_acts, mask[:n_eval])):
-            writer.add(acts, context_lengths(part, acts.shape[0]))
-        writer.finish(**store_info(cfg, tokenizer, 0.0))
+        try:
+            writer = StoreWriter(cfg.save_acts, cfg.dtype)
+            for acts, part in ((train_acts, mask[n_eval:]), (eval_acts, mask[:n_eval])):
+                writer.add(acts, context_lengths(part, acts.shape[0]))
+            writer.finish(**store_info(cfg, tokenizer, 0.0))
+        except WriteError as err:
+            raise WriteError(f"{err}; the store in {cfg.save_acts} is unfinished and will be refused by training; "
+                             f"free some space, then run again with --overwrite") from None
     if cfg.save_acts:
         print(f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}")
     raw = train_acts

@@ -13,6 +13,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -498,7 +499,7 @@ def rv_main(argv) -> dict:
         parser, argv, lambda a: ToyConfig(**a | {"rho_in": tuple(a["rho_in"])}), "synthetic_rv.png",
         "{'rv': {model: {'mean', 'std', 'seed_std'}}, 'runs': [...], ...}",
         quick=dict(setups=2, seeds=1, samples=8192, ae_steps=200, sae_steps=60, batch=512))
-    return experiment(tc, figure=figure, json_path=json_path)
+    return K.run_cli(partial(experiment, tc, figure=figure, json_path=json_path))  # errors: one line
 
 
 def absorption_main(argv) -> dict:
@@ -520,7 +521,7 @@ def absorption_main(argv) -> dict:
         parser, argv, lambda a: AbsorptionConfig(**a), "absorption.png",
         "{'absorption': {model: {'mean', 'std', 'rates', 'parent_fires', 'ev'}}, ...}",
         quick=dict(seeds=1, samples=8192, eval_samples=2048, sae_steps=60, batch=512))
-    return absorption_experiment(ac, figure=figure, json_path=json_path)
+    return K.run_cli(partial(absorption_experiment, ac, figure=figure, json_path=json_path))
 
 
 COMMANDS = {"absorption": absorption_main}

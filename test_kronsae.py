@@ -6,9 +6,11 @@ import argparse
 import ast
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
+import random
 import re
 import signal
 import sys
@@ -1604,6 +1606,131 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, stop_at, stop_in
         state = torch.load(tmp_path / "stopped" / arch / "train_state.pt", weights_only=True)
         straight = torch.load(tmp_path / "straight" / arch / "train_state.pt", weights_only=True)
         assert state["step"] == 20 and state["losses"] == straight["losses"]
+
+
+class RunsCode:
+    """A pickle that runs a shell command when it is unpickled: what a hostile train_state.pt would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_resume_state_is_refused_and_never_runs(tmp_path, capsys):
+    run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", steps=4)
+    marker = tmp_path / "it_ran"
+    torch.save({"format": K.RUN_STATE_FORMAT, "sae": RunsCode(marker)}, tmp_path / "run" / "kron" / "train_state.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        K.main(["--resume", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "refusing to resume" in err and "can run code" in err and "Nothing in it ran" in err
+    assert not marker.exists()
+    pickle_state = {"trainer": {"step": 3}, "rng": {"numpy": np.random.get_state()}}  # a state as the old code wrote
+    torch.save(pickle_state, tmp_path / "run" / "kron" / "train_state.pt")
+    with pytest.raises(ValueError, match="older kronsae.py"):
+        K.load_run_state(tmp_path / "run" / "kron", K.KronSAE(16, 8, 2, 4, 4), K.TrainConfig(), None)
+
+
+def test_resume_state_round_trips_under_weights_only(tmp_path):
+    """Every part of the resume state (AdamW, the schedule, the dead-latent counts, the statistics, the data
+    cursor, Python's, NumPy's and torch's RNG states) comes back from a file that loads with weights_only=True."""
+    data = K.make_dataset(2000, d=16, F_true=64, k_true=4)
+    cfg = K.TrainConfig(steps=30, batch=64)
+    sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
+    feed = K.ShuffledBatches(data, cfg.batch, torch.Generator().manual_seed(0), window=700)
+    state = K.run_training(sae, feed, dataclasses.replace(cfg, steps=7), progress=False)
+    K.set_seed(11)
+    K.save_run_state(tmp_path, sae, state, feed, 2.5)
+    expected = (random.random(), np.random.rand(), torch.rand(3), next(feed))         # drawn after the save
+    blob = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert blob["format"] == K.RUN_STATE_FORMAT and blob["step"] == 7
+    twin = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
+    twin_feed = K.ShuffledBatches(data, cfg.batch, torch.Generator().manual_seed(5), window=700)
+    restored, scale = K.load_run_state(tmp_path, twin, cfg, twin_feed)
+    assert scale == 2.5 and restored.step == 7 and restored.losses == state.losses
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2]) and torch.equal(next(twin_feed), expected[3])
+    assert torch.equal(restored.dead.since, state.dead.since)
+    assert torch.equal(restored.latents.sq_sum, state.latents.sq_sum) and restored.latents.tokens == 7 * 64
+    for a, b in zip(restored.optimizer.state.values(), state.optimizer.state.values()):
+        assert all(torch.equal(a[key], b[key]) for key in ("exp_avg", "exp_avg_sq", "step"))
+    assert restored.schedule.last_epoch == state.schedule.last_epoch == 7
+
+
+def full_disk_after(calls: int):
+    """An os.fsync that fails as a full disk does from its `calls`-th call on: the writer's data is on its way
+    to the disk, part-way through write_atomic."""
+    count = []
+
+    def fsync(fd):
+        count.append(fd)
+        if len(count) >= calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    real_fsync = os.fsync
+    return fsync
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """--save-every 4: run.json, then three files per checkpoint (train_state.pt, sae.safetensors,
+    config.json). The disk fills while writing the checkpoint of step 8; the one of step 4 is left, loads, and
+    --resume from it ends where a run that never stopped ends."""
+    run_small(tmp_path, "--out", str(tmp_path / "straight"), "--arch", "kron", "--save-every", "4", steps=13)
+    monkeypatch.setattr(K.os, "fsync", full_disk_after(5))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_small(tmp_path, "--out", str(tmp_path / "full"), "--arch", "kron", "--save-every", "4", steps=13)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(r"could not write .*full/kron/train_state.pt: the disk is full at step 8; the checkpoint "
+                     r"before it .* free some space, then continue with: python kronsae.py --resume .*full", err), err
+    assert not list((tmp_path / "full").rglob("*.tmp"))                          # no half-written file left
+    assert torch.load(tmp_path / "full" / "kron" / "train_state.pt", weights_only=True)["step"] == 4
+    K.load(tmp_path / "full" / "kron")
+    K.main(["--resume", str(tmp_path / "full")])
+    a, b = K.load(tmp_path / "straight" / "kron"), K.load(tmp_path / "full" / "kron")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_smaller_than_a_checkpoint_is_one_line(tmp_path):
+    """The real thing, in a subprocess under `ulimit -f` (writes past the limit fail with EFBIG, as on a full
+    disk): one line, a non-zero exit, and no checkpoint in the run directory that fails to load."""
+    import subprocess
+    np.save(tmp_path / "acts.npy", K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy())
+    command = (f"ulimit -f 24; exec {sys.executable} {ROOT / 'kronsae.py'} --data {tmp_path / 'acts.npy'} "
+               f"--arch kron --dict-size 64 --m 2 --n 4 --k 4 --steps 12 --batch 64 --eval-tokens 300 "
+               f"--out {tmp_path / 'run'} --save-every 4")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "could not write" in last and "size limit on files" in last and "--resume" in last, last
+    for directory in {p.parent for p in (tmp_path / "run").rglob("*.safetensors")}:
+        K.load(directory)                                                        # any checkpoint there loads
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_a_harvest_that_fills_the_disk_leaves_a_store_refused_as_unfinished(tiny_lm, tmp_path, capsys,
+                                                                             monkeypatch):
+    model_dir, text = tiny_lm
+    monkeypatch.setattr(K.os, "fsync", full_disk_after(2))                       # the second shard file
+    with pytest.raises(SystemExit) as exit_info:
+        K.main(["harvest", "--model", str(model_dir), "--layer", "1", "--text", str(text), "--ctx", "16",
+                "--out", str(tmp_path / "store"), "--device", "cpu"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err                                                   # progress bars, then one line
+    last = err.strip().splitlines()[-1]
+    assert exit_info.value.code == 1 and "Traceback" not in err and last.startswith("kronsae.py: error: "), err
+    assert "the disk is full" in last and "unfinished" in last and "harvest again with --overwrite" in last
+    with pytest.raises(ValueError, match="not a finished activation store"):
+        K.ActivationStore(tmp_path / "store")
+    assert not list((tmp_path / "store").glob("*.tmp"))
 
 
 @pytest.mark.slow
