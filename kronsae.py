@@ -69,8 +69,7 @@ def check_positive(**sizes):
             raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
 
 
-class Encoding(NamedTuple):
-    """What an encoder pass returns; the aux fields are None unless dead latents were given."""
+class Encoding(NamedTuple):  # what an encoder pass returns; the aux fields are None unless dead latents were given
     values: torch.Tensor                        # (B, k) latent activations, >= 0
     indices: torch.Tensor                       # (B, k) their indices into the dictionary
     aux_values: Optional[torch.Tensor] = None   # (B, k_aux) the top dead latents, for AuxK
@@ -95,26 +94,24 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(dict_size, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, d) -> (values, indices), both (B, k): exactly the top k latents of each token."""
-        enc = self.encode_with_aux(x)
-        return enc.values, enc.indices
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, d) -> (B, k), (B, k): the top k
+        return self.encode_with_aux(x)[:2]
 
     def encode_with_aux(self, x: torch.Tensor, dead: Optional[torch.Tensor] = None) -> Encoding:
         """encode, plus the top k_aux dead latents when a (F,) bool mask `dead` is given (AuxK)."""
         self.check_input(x)
         x_c = x - self.b_dec
-        with torch.no_grad():  # scores for selection only; gradients flow through gather_linear
+        with torch.no_grad():  # scores for selection only; gradients flow through GatherLinear
             pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)                        # (B, E)
         indices = self.select(pre, self.k)                                         # (B, k)
         if dead is None or not bool(dead.any()):
-            values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
+            values = self.activation(GatherLinear.apply(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
             return Encoding(values, indices)
         dead_ids = dead.nonzero().squeeze(1)                                        # (L,)
         k_aux = min(self.d_in // 2, dead_ids.numel())   # Gao et al.: k_aux about d/2
         aux_indices = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
         both = torch.cat([indices, aux_indices], dim=1)  # one gather, one sparse encoder backward for both
-        values = self.activation(gather_linear(x_c, self.W_enc, self.b_enc, self.rows_of(both), pre))
+        values = self.activation(GatherLinear.apply(x_c, self.W_enc, self.b_enc, self.rows_of(both), pre))
         values, aux_values = values.split([self.k, k_aux], dim=1)
         return Encoding(values, indices, aux_values, aux_indices)
 
@@ -273,9 +270,8 @@ class KronSAE(NaiveKronSAE):
         return KERNELS[self.kernel](*pre_rows.chunk(2, dim=-1))
 
 
-# The sparse kernel. Both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE)
-# scores per token reach the loss. Autograd through the dense matmul would pay O(B E d) in the backward pass;
-# GatherLinear pays O(B k d), and the tests hold it to the dense path.
+# The sparse kernel: both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) scores
+# per token reach the loss, so the backward pass needs only O(B k d), not the dense matmul's O(B E d).
 
 def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
             offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -315,13 +311,9 @@ class GatherLinear(torch.autograd.Function):
         return grad_x, grad_W, grad_b, None, None
 
 
-gather_linear = GatherLinear.apply
-
-
 # ============================================================================= 3. Losses
 
-def total_variance(t: torch.Tensor) -> torch.Tensor:
-    """sum over the batch of ||t - mean(t)||^2: the denominator of FVU."""
+def total_variance(t: torch.Tensor) -> torch.Tensor:  # sum over the batch of ||t - mean(t)||^2: FVU's denominator
     return (t - t.mean(0)).pow(2).sum()
 
 
@@ -332,35 +324,11 @@ def normalized_mse(target: torch.Tensor, recon: torch.Tensor, variance: Optional
     return (target - recon).pow(2).sum() / variance.clamp_min(1e-12)
 
 
-def matryoshka_prefixes(sizes: list[int], F: int, multiple: int = 1) -> list[int]:
-    """Check nested prefix sizes: strictly increasing, in (0, F], multiples of `multiple` (m*n for KronSAE,
-    so that no head straddles two groups). F is appended when missing."""
-    sizes = list(sizes)
-    if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0 or sizes[-1] > F:
-        raise ValueError(f"Matryoshka prefixes must be strictly increasing sizes in (0, F={F}], got {sizes}")
-    bad = [g for g in sizes if g % multiple]
-    if bad:
-        raise ValueError(f"KronSAE Matryoshka prefixes must be multiples of m*n={multiple} so that no head "
-                         f"straddles two groups, got {bad}")
-    return sizes if sizes[-1] == F else sizes + [F]
-
-
-def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, prefixes=None,
+def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
                         variance: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, x_hat). Plain: normalized_mse(x, x_hat). Matryoshka (Bussmann et al. 2025, arXiv 2503.17547):
-    the sum over prefixes M (checked by matryoshka_prefixes) of normalized_mse(x, x_hat of latents < M)."""
-    if prefixes is None:
-        x_hat = sae.decode(enc.values, enc.indices)                                # (B, d)
-        return normalized_mse(x, x_hat, variance), x_hat
-    # One sparse decode for all prefixes: bag (g, b) sums token b's latents in group g = [M_g-1, M_g);
-    # a cumulative sum over groups gives every prefix. One decoder gradient instead of one per prefix.
-    ends = torch.as_tensor(prefixes, device=x.device)
-    G, (B, k) = len(ends), enc.indices.shape
-    group = torch.bucketize(enc.indices, ends, right=True)                                     # (B, k)
-    in_group = group == torch.arange(G, device=x.device)[:, None, None]                        # (G, B, k)
-    parts = sae.sparse_decode((enc.values * in_group).view(G * B, k), enc.indices.repeat(G, 1))
-    x_hats = parts.view(G, B, -1).cumsum(0) + sae.b_dec                                        # (G, B, d)
-    return sum(normalized_mse(x, x_hat, variance) for x_hat in x_hats), x_hats[-1]
+    """(normalized_mse(x, x_hat), x_hat): eq. 1's reconstruction, scored as FVU."""
+    x_hat = sae.decode(enc.values, enc.indices)                                    # (B, d)
+    return normalized_mse(x, x_hat, variance), x_hat
 
 
 def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding,
@@ -389,19 +357,19 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "max global gradient norm; 0 = no clipping")
     aux_coef: float = opt(1 / 32, "AuxK loss weight (Gao et al. 2024); 0 = no AuxK")
     dead_tokens: int = opt(0, "a latent unused for this many tokens is dead; 0 = auto (10%% of training, at most 10M)")
-    matryoshka: tuple = opt((), "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss")
+
+    @property
+    def dead_after(self) -> int:  # tokens; Gao et al. use 10M, which short runs never reach
+        return self.dead_tokens or min(10_000_000, max(1, self.steps * self.batch // 10))
 
     def __post_init__(self):
         check_positive(steps=self.steps, batch=self.batch)
         if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; "
                              f"got lr={self.lr}, warmup={self.warmup}, min_lr={self.min_lr}")
-        for name in ("grad_clip", "aux_coef", "dead_tokens"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
-        if isinstance(self.matryoshka, str) or not all(isinstance(t, int) for t in self.matryoshka):
-            raise ValueError(f"matryoshka must be a sequence of integers, got {self.matryoshka!r}")
-        self.matryoshka = tuple(self.matryoshka)
+        bad = [name for name in ("grad_clip", "aux_coef", "dead_tokens") if not getattr(self, name) >= 0]
+        if bad:
+            raise ValueError(f"{bad[0]} must be >= 0, got {bad[0]}={getattr(self, bad[0])}")
 
 
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
@@ -413,38 +381,23 @@ def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class DeadLatents:
-    """Tokens since each latent last fired; dead = at least cfg.dead_tokens, or by default 10% of the training
-    tokens up to 10M (Gao et al. 2024 use 10M). These feed AuxK. O(B k + F) per step."""
-
-    def __init__(self, F: int, cfg: TrainConfig, device):
-        self.threshold = cfg.dead_tokens or min(10_000_000, max(1, cfg.steps * cfg.batch // 10))
-        self.since = torch.zeros(F, dtype=torch.long, device=device)
-
-    def update(self, fired: torch.Tensor, tokens: int):  # fired (F,): how often each latent fired
-        self.since += tokens
-        self.since[fired > 0] = 0
-
-    @property
-    def dead(self) -> torch.Tensor:  # (F,) bool
-        return self.since >= self.threshold
-
-
 def fire_counts(enc: Encoding, F: int) -> torch.Tensor:  # (F,): tokens on which each latent fired
     return torch.zeros(F, device=enc.values.device).index_add_(0, enc.indices.flatten(),
                                                                (enc.values.flatten() > 0).float())
+
+
+def count_tokens_since_firing_(since: torch.Tensor, fired: torch.Tensor, tokens: int):
+    """AuxK's dead latents (Gao et al. 2024) are those that have not fired for cfg.dead_after tokens."""
+    since += tokens
+    since[fired > 0] = 0
 
 
 class StepStats(NamedTuple):
     loss: float    # total loss that was optimised
     fvu: float     # reconstruction term, normalised MSE on this batch
     aux: float     # AuxK term before its weight
-    active: float  # active latents, summed over the batch's tokens
+    active: float  # active latents, summed over the batch's tokens (L0 = active / tokens)
     tokens: float
-
-    @property
-    def l0(self) -> float:  # mean active latents per token
-        return self.active / self.tokens
 
 
 def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.AdamW:
@@ -455,12 +408,13 @@ def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.AdamW:
 
 
 def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor, cfg: TrainConfig,
-               prefixes=None, variance: Callable = total_variance) -> tuple[StepStats, Encoding]:
-    """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK, `prefixes` the
-    checked Matryoshka prefixes (None: plain loss). `variance` measures the batch's total variance: a
-    data-parallel caller passes one that covers every process's slice."""
+               variance: Callable = total_variance, loss_fn: Callable = reconstruction_loss
+               ) -> tuple[StepStats, Encoding]:
+    """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK. `variance` measures
+    the batch's total variance (a data-parallel caller passes one that covers every process's slice), and
+    `loss_fn` is the reconstruction term (Part 2's matryoshka_loss is another)."""
     enc = sae.encode_with_aux(x, dead if cfg.aux_coef else None)
-    recon, x_hat = reconstruction_loss(sae, x, enc, prefixes, variance(x))
+    recon, x_hat = loss_fn(sae, x, enc, variance(x))
     residual = (x - x_hat).detach()
     aux = auxk_loss(sae, residual, enc, variance(residual) if enc.aux_values is not None else None)
     loss = recon + cfg.aux_coef * aux
@@ -489,20 +443,19 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
     A.1), unit-norm decoder and AuxK (Gao et al. 2024). Returns the losses. Part 2's run_training is this
     loop with checkpoints, restarts and data parallel around the same train_step."""
     optimizer = make_optimizer(sae, cfg.lr)
-    schedule, dead = make_schedule(optimizer, cfg), DeadLatents(sae.F, cfg, sae.W_dec.device)
-    prefixes = matryoshka_prefixes(cfg.matryoshka, sae.F, sae.group) if cfg.matryoshka else None  # checked once
+    schedule, since = make_schedule(optimizer, cfg), torch.zeros(sae.F, dtype=torch.long, device=sae.W_dec.device)
     losses, bar = [], tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
     for step in bar:
         x = next(batches).to(sae.W_dec.device, non_blocking=True)
         if step == 0 and not sae.b_dec.any():  # a fresh SAE: Gao et al. start b_dec at the data mean
             sae.check_input(x)
             sae.b_dec.data.copy_(x.mean(0))
-        stats, enc = train_step(sae, optimizer, x, dead.dead, cfg, prefixes)
+        stats, enc = train_step(sae, optimizer, x, since >= cfg.dead_after, cfg)
         schedule.step()
-        dead.update(fire_counts(enc, sae.F), len(x))
+        count_tokens_since_firing_(since, fire_counts(enc, sae.F), len(x))
         losses.append(stats.loss)
         if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}")
+            bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.active / stats.tokens:.1f}")
     return losses
 
 
@@ -1679,12 +1632,11 @@ class LatentStats:
 @dataclass
 class RunState:
     """What run_training carries from step to step, and what a checkpoint saves to resume exactly: AdamW, the
-    schedule (paper A.1), the dead-latent counts, the checked Matryoshka prefixes, each latent's statistics,
-    the step, the losses so far and the steps' wall time."""
+    schedule (paper A.1), the dead-latent counts, each latent's statistics, the step, the losses so far and the
+    steps' wall time."""
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
-    dead: DeadLatents
-    prefixes: Optional[list]
+    since: torch.Tensor                       # (F,) tokens since each latent last fired (section 4)
     latents: LatentStats
     step: int = 0
     losses: list = field(default_factory=list)
@@ -1693,9 +1645,8 @@ class RunState:
     @classmethod
     def fresh(cls, sae: SparseAutoencoder, cfg: TrainConfig) -> RunState:
         optimizer, device = make_optimizer(sae, cfg.lr), sae.W_dec.device
-        prefixes = matryoshka_prefixes(cfg.matryoshka, sae.F, sae.group) if cfg.matryoshka else None
-        return cls(optimizer, make_schedule(optimizer, cfg), DeadLatents(sae.F, cfg, device), prefixes,
-                   LatentStats(sae.F, device))
+        since = torch.zeros(sae.F, dtype=torch.long, device=device)
+        return cls(optimizer, make_schedule(optimizer, cfg), since, LatentStats(sae.F, device))
 
 
 # The resume state holds tensors, numbers, strings and plain containers only, so that torch.load reads it with
@@ -1726,7 +1677,7 @@ def save_run_state(directory: str, sae: SparseAutoencoder, state: RunState, batc
     latents = state.latents
     blob = {"format": RUN_STATE_FORMAT, "sae": sae.state_dict(), "step": state.step, "losses": list(state.losses),
             "seconds": state.seconds, "optimizer": state.optimizer.state_dict(),
-            "schedule": state.schedule.state_dict(), "since": state.dead.since, "scale": scale,
+            "schedule": state.schedule.state_dict(), "since": state.since, "scale": scale,
             "latents": {"tokens": latents.tokens, "sq_sum": latents.sq_sum, "fire_count": latents.fire_count},
             "batches": batches.state_dict() if hasattr(batches, "state_dict") else None, "rng": rng_states()}
     write_atomic(Path(directory, "train_state.pt"), lambda f: f.write(torch_bytes(blob)))
@@ -1755,7 +1706,7 @@ def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, bat
         state.step, state.losses, state.seconds = blob["step"], list(blob["losses"]), blob["seconds"]
         state.optimizer.load_state_dict(blob["optimizer"])
         state.schedule.load_state_dict(blob["schedule"])
-        state.dead.since.copy_(blob["since"])
+        state.since.copy_(blob["since"])
         state.latents.tokens = blob["latents"]["tokens"]
         state.latents.sq_sum.copy_(blob["latents"]["sq_sum"])
         state.latents.fire_count.copy_(blob["latents"]["fire_count"])
@@ -1805,7 +1756,7 @@ class Interrupted(Exception):
 def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
                  out: str = "", save_every: int = 0, progress: bool = True,
                  stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None, state: Optional[RunState] = None,
-                 sync: Sync = None) -> RunState:
+                 sync: Sync = None, matryoshka: tuple = ()) -> RunState:
     """Part 1's `train` loop, with what a real run needs around train_step:
     - --normalize: the batches are multiplied by `scale`, which is folded back into the weights at the end,
       so that every checkpoint in `out` is an SAE for raw inputs;
@@ -1813,6 +1764,7 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
       restored; a non-finite loss or a full disk leaves the last good checkpoint as it was;
     - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
     - the steps' wall time and each latent's importance and frequency (RunState);
+    - Matryoshka training (section 11) when `matryoshka` gives prefix sizes, checked here once;
     - data parallel (`sync`, a sum over processes): `batches` yields this process's slice of each batch, and
       the loss's variances, the gradients and the statistics are summed over processes, here and nowhere else.
     """
@@ -1820,6 +1772,8 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     device = sae.W_dec.device
     scaled = batches if scale == 1.0 else (x * scale for x in batches)
     variance = total_variance if sync is None else partial(synced_variance, sync=sync)
+    loss_fn = partial(matryoshka_loss, prefixes=matryoshka_prefixes(matryoshka, sae.F, sae.group)) \
+        if matryoshka else reconstruction_loss
     hooks = [] if sync is None else [p.register_post_accumulate_grad_hook(partial(sum_grad_, sync=sync))
                                      for p in sae.parameters()]   # each gradient summed as backward makes it
     x = next(scaled).to(device, non_blocking=True)
@@ -1835,7 +1789,7 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
             if step > first:
                 x = next(scaled).to(device, non_blocking=True)
             try:
-                stats, enc = train_step(sae, state.optimizer, x, state.dead.dead, cfg, state.prefixes, variance)
+                stats, enc = train_step(sae, state.optimizer, x, state.since >= cfg.dead_after, cfg, variance, loss_fn)
             except FloatingPointError as err:
                 kept = out and Path(out, "sae.safetensors").exists()
                 raise FloatingPointError(f"training stopped at step {step}: {err}; " + (
@@ -1844,13 +1798,13 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
             if sync is not None:  # each process holds its share of the loss terms: their sum is the batch's
                 stats, fired = StepStats(*sync(torch.tensor(stats, dtype=torch.float64)).tolist()), sync(fired)
             state.schedule.step()
-            state.dead.update(fired, int(stats.tokens))
+            count_tokens_since_firing_(state.since, fired, int(stats.tokens))
             state.latents.update(enc.values.detach(), enc.indices, sync)
             state.losses.append(stats.loss)
             state.step, state.seconds = step + 1, state.seconds + time.perf_counter() - start
             if step % 10 == 0 or step == cfg.steps - 1:
-                bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
-                                dead=f"{float(state.dead.dead.float().mean()):.1%}")
+                bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.active / stats.tokens:.1f}",
+                                dead=f"{float((state.since >= cfg.dead_after).float().mean()):.1%}")
             checkpoint_or_stop(sae, state, cfg, batches, scale, out, save_every, stop, sync)
     finally:
         for hook in hooks:
@@ -1899,8 +1853,12 @@ class SAEConfig:
     n: int = opt(8, "KronSAE composition extension size per head, m <= n", aliases=("--kron-n",))
     k: int = opt(16, "active latents per token (TopK)")
     kernel: str = opt("mand", "KronSAE composition kernel: mand (eq. 3), relu_product or product (section 5)")
+    matryoshka: tuple = opt((), "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss")
 
     def __post_init__(self):
+        if isinstance(self.matryoshka, str) or not all(isinstance(t, int) for t in self.matryoshka):
+            raise ValueError(f"matryoshka must be a sequence of integers, got {self.matryoshka!r}")
+        self.matryoshka = tuple(self.matryoshka)
         if self.arch not in ("topk", "kron", "both"):
             raise ValueError(f"arch must be topk, kron or both, got {self.arch!r}")
         if self.kernel not in KERNELS:
@@ -1989,9 +1947,9 @@ class Settings:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):  # checks that need two configs
-        if self.train.matryoshka:
+        if self.sae.matryoshka:
             for arch in self.sae.archs:
-                matryoshka_prefixes(list(self.train.matryoshka), self.sae.dict_size,
+                matryoshka_prefixes(list(self.sae.matryoshka), self.sae.dict_size,
                                     self.sae.m * self.sae.n if arch == "kron" else 1)
 
     def check_environment(self, dist: Optional[Dist] = None):
@@ -2153,7 +2111,7 @@ def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, pr
         state, scale = load_run_state(out, sae, s.train, batches)
         print(f"{arch}: resuming at step {state.step} of {s.train.steps} from {out}")
     result = run_training(sae, batches, s.train, scale, out if dist.rank == 0 else "", s.run.save_every,
-                          progress and dist.rank == 0, stop, state, dist.sync)
+                          progress and dist.rank == 0, stop, state, dist.sync, s.sae.matryoshka)
     metrics = evaluate(sae, eval_data)
     sample = next(ShuffledBatches(train_data.rows, eval_data.shape[0], torch.Generator().manual_seed(s.run.seed),
                                   s.data.buffer_tokens))                             # fixed training rows
@@ -2283,7 +2241,41 @@ def ablate(s: Settings, kernels: list[str], seeds: int) -> dict:
 
 
 # ============================================================================= 11. Progressive coding
-# Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190
+# Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190,
+# compare Matryoshka SAEs with plain SAEs pruned by latent importance.
+
+# Matryoshka SAEs (Bussmann et al. 2025, arXiv 2503.17547): the reconstruction loss summed over nested prefixes of
+# the dictionary, so that early latents learn to reconstruct alone. KronSAE + Matryoshka (paper A.1): the same
+# loss, with prefixes of whole heads.
+
+def matryoshka_prefixes(sizes, F: int, multiple: int = 1) -> list[int]:
+    """Check nested prefix sizes: strictly increasing, in (0, F], multiples of `multiple` (m*n for KronSAE,
+    so that no head straddles two groups). F is appended when missing."""
+    sizes = list(sizes)
+    if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0 or sizes[-1] > F:
+        raise ValueError(f"Matryoshka prefixes must be strictly increasing sizes in (0, F={F}], got {sizes}")
+    bad = [g for g in sizes if g % multiple]
+    if bad:
+        raise ValueError(f"KronSAE Matryoshka prefixes must be multiples of m*n={multiple} so that no head "
+                         f"straddles two groups, got {bad}")
+    return sizes if sizes[-1] == F else sizes + [F]
+
+
+def matryoshka_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, variance: Optional[torch.Tensor] = None,
+                    prefixes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, x_hat) as reconstruction_loss (section 3) returns them: the sum over prefixes M (checked by
+    matryoshka_prefixes) of normalized_mse(x, x_hat of latents < M), and the whole x_hat."""
+    # One sparse decode for all prefixes: bag (g, b) sums token b's latents in group g = [M_g-1, M_g);
+    # a cumulative sum over groups gives every prefix. One decoder gradient instead of one per prefix.
+    ends = torch.as_tensor(prefixes, device=x.device)
+    G, (B, k) = len(ends), enc.indices.shape
+    group = torch.bucketize(enc.indices, ends, right=True)                                     # (B, k)
+    in_group = group == torch.arange(G, device=x.device)[:, None, None]                        # (G, B, k)
+    parts = sae.sparse_decode((enc.values * in_group).view(G * B, k), enc.indices.repeat(G, 1))
+    x_hats = parts.view(G, B, -1).cumsum(0) + sae.b_dec                                        # (G, B, d)
+    return sum(normalized_mse(x, x_hat, variance) for x_hat in x_hats), x_hats[-1]
+
+
 
 @torch.no_grad()
 def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, ...]:
@@ -2388,7 +2380,7 @@ def save_progressive_figure(results: dict, path: str):
 
 def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
     """s with Matryoshka prefixes G = F/16, F/8, F/4, F/2, F (validated by Settings), and those sizes."""
-    if s.train.matryoshka:
+    if s.sae.matryoshka:
         raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
     if s.run.out or s.run.resume or s.data.model:
         raise ValueError("progressive trains on --data or synthetic data and writes no checkpoints; "
@@ -2396,7 +2388,7 @@ def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
     if s.sae.dict_size % 16:
         raise ValueError(f"progressive needs F divisible by 16, got F={s.sae.dict_size}")
     sizes = [s.sae.dict_size // 16 * i for i in (1, 2, 4, 8, 16)]
-    return dataclasses.replace(s, train=dataclasses.replace(s.train, matryoshka=tuple(sizes))), sizes
+    return dataclasses.replace(s, sae=dataclasses.replace(s.sae, matryoshka=tuple(sizes))), sizes
 
 
 def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) -> dict:

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_gather_linear_matches_dense_autograd(share, monkeypatch):
     weights = torch.randn(7, 6, dtype=torch.float64)
     dense = (x @ W.T + b).gather(1, rows)
     g_dense = torch.autograd.grad((dense * weights).sum(), (x, W, b))
-    fast = K.gather_linear(x, W, b, rows, (x @ W.T + b).detach())
+    fast = K.GatherLinear.apply(x, W, b, rows, (x @ W.T + b).detach())
     g_fast = torch.autograd.grad((fast * weights).sum(), (x, W, b))
     torch.testing.assert_close(fast, dense)
     for a, e in zip(g_fast, g_dense):
@@ -374,57 +375,6 @@ def test_auxk_picks_top_dead_latents_and_trains_the_encoder(arch):
     assert sae.W_enc.grad.abs().sum() > 0 and sae.W_dec.grad.abs().sum() > 0
 
 
-def test_matryoshka_single_prefix_equals_plain_loss():
-    sae = perturb_(kron(h=8, m=2, n=4, k=8))
-    x = torch.randn(30, 16, dtype=torch.float64)
-    enc = sae.encode_with_aux(x)
-    plain, _ = K.reconstruction_loss(sae, x, enc)
-    single, _ = K.reconstruction_loss(sae, x, enc, K.matryoshka_prefixes([64], 64))
-    assert plain == single == K.normalized_mse(x, sae(x))
-
-
-@pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_matryoshka_loss_sums_dense_prefix_reconstructions(arch):
-    """The grouped sparse decode against its naive twin: a dense code, one dense decode per prefix."""
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(8, 2, 4, 8))
-    x = torch.randn(30, 16, dtype=torch.float64)
-    prefixes = [8, 32, 64] if arch == "kron" else [5, 20, 64]
-
-    def naive():
-        values, indices, _ = naive_forward(sae, x)
-        dense = torch.zeros(30, 64, dtype=torch.float64).scatter(-1, indices, values)     # (B, F)
-        return sum(K.normalized_mse(x, dense[:, :M] @ sae.W_dec[:M] + sae.b_dec) for M in prefixes)
-
-    fast = lambda: K.reconstruction_loss(sae, x, sae.encode_with_aux(x), prefixes)[0]
-    torch.testing.assert_close(fast(), naive())
-    g_fast, g_naive = grads(sae, x.requires_grad_(), fast()), grads(sae, x, naive())
-    for name in g_naive:
-        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
-    _, x_hat = K.reconstruction_loss(sae, x, sae.encode_with_aux(x), prefixes)
-    torch.testing.assert_close(x_hat, sae(x))                                   # the last prefix is all of F
-
-
-@pytest.mark.parametrize("sizes,multiple,match", [
-    ([32, 16], 1, "strictly increasing"), ([0, 64], 1, "strictly increasing"), ([16, 128], 1, r"F=64"),
-    ([12, 32], 8, r"multiples of m\*n=8.*\[12\]"), ([], 1, "strictly increasing")])
-def test_invalid_matryoshka_prefixes_raise(sizes, multiple, match):
-    with pytest.raises(ValueError, match=match):
-        K.matryoshka_prefixes(sizes, 64, multiple)
-
-
-def test_matryoshka_config_checks_heads_and_appends_F():
-    assert K.TrainConfig(matryoshka=K.comma_ints("16,64")).matryoshka == (16, 64)
-    assert K.matryoshka_prefixes([16, 64], 256, K.KronSAE(d_in=4, h=16, m=2, n=8, k=4).group) == [16, 64, 256]
-    assert K.matryoshka_prefixes([10, 20], 256, K.TopKSAE(d_in=4, dict_size=256, k=4).group) == [10, 20, 256]
-    with pytest.raises(ValueError, match="multiples of m\\*n=16"):
-        K.Settings(K.SAEConfig(dict_size=256, m=2, n=8), K.TrainConfig(matryoshka=(10, 20)))
-    K.Settings(K.SAEConfig(dict_size=256, arch="topk"), K.TrainConfig(matryoshka=(10, 20)))   # TopK: any sizes
-    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers"):
-        K.comma_ints("a,b")
-    with pytest.raises(ValueError, match="sequence of integers"):
-        K.TrainConfig(matryoshka="16,64")
-
-
 # ============================================================================= 4. Training
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -549,7 +499,7 @@ def test_fallback_without_embedding_bag_matches(arch, monkeypatch):
 
     def loss():
         enc = sae.encode_with_aux(x, dead)
-        recon, x_hat = K.reconstruction_loss(sae, x, enc, [64])
+        recon, x_hat = K.matryoshka_loss(sae, x, enc, prefixes=[64])
         return recon + K.auxk_loss(sae, (x - x_hat).detach(), enc)
     fast = grads(sae, x, loss())
     calls, gathered = [], K.gathered_bag_sum
@@ -1172,7 +1122,7 @@ def test_training_tracks_importance_and_frequency():
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_run_training_is_parts_1_train_loop(arch):
     """Part 2's loop (resume, checkpoints, data parallel around train_step) trains exactly as Part 1's `train`."""
-    cfg = K.TrainConfig(steps=12, batch=64, matryoshka=(32, 64))
+    cfg = K.TrainConfig(steps=12, batch=64)
     data = K.make_dataset(1024, d=16, F_true=64, k_true=4)
     saes = []
     for loop in (K.train, K.run_training):
@@ -1333,6 +1283,57 @@ def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path)
 
 # ============================================================================= 11. Progressive coding
 
+def test_matryoshka_single_prefix_equals_plain_loss():
+    sae = perturb_(kron(h=8, m=2, n=4, k=8))
+    x = torch.randn(30, 16, dtype=torch.float64)
+    enc = sae.encode_with_aux(x)
+    plain, _ = K.reconstruction_loss(sae, x, enc)
+    single, _ = K.matryoshka_loss(sae, x, enc, prefixes=K.matryoshka_prefixes([64], 64))
+    assert plain == single == K.normalized_mse(x, sae(x))
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_matryoshka_loss_sums_dense_prefix_reconstructions(arch):
+    """The grouped sparse decode against its naive twin: a dense code, one dense decode per prefix."""
+    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(8, 2, 4, 8))
+    x = torch.randn(30, 16, dtype=torch.float64)
+    prefixes = [8, 32, 64] if arch == "kron" else [5, 20, 64]
+
+    def naive():
+        values, indices, _ = naive_forward(sae, x)
+        dense = torch.zeros(30, 64, dtype=torch.float64).scatter(-1, indices, values)     # (B, F)
+        return sum(K.normalized_mse(x, dense[:, :M] @ sae.W_dec[:M] + sae.b_dec) for M in prefixes)
+
+    fast = lambda: K.matryoshka_loss(sae, x, sae.encode_with_aux(x), prefixes=prefixes)[0]
+    torch.testing.assert_close(fast(), naive())
+    g_fast, g_naive = grads(sae, x.requires_grad_(), fast()), grads(sae, x, naive())
+    for name in g_naive:
+        torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
+    _, x_hat = K.matryoshka_loss(sae, x, sae.encode_with_aux(x), prefixes=prefixes)
+    torch.testing.assert_close(x_hat, sae(x))                                   # the last prefix is all of F
+
+
+@pytest.mark.parametrize("sizes,multiple,match", [
+    ([32, 16], 1, "strictly increasing"), ([0, 64], 1, "strictly increasing"), ([16, 128], 1, r"F=64"),
+    ([12, 32], 8, r"multiples of m\*n=8.*\[12\]"), ([], 1, "strictly increasing")])
+def test_invalid_matryoshka_prefixes_raise(sizes, multiple, match):
+    with pytest.raises(ValueError, match=match):
+        K.matryoshka_prefixes(sizes, 64, multiple)
+
+
+def test_matryoshka_config_checks_heads_and_appends_F():
+    assert K.SAEConfig(matryoshka=K.comma_ints("16,64")).matryoshka == (16, 64)
+    assert K.matryoshka_prefixes([16, 64], 256, K.KronSAE(d_in=4, h=16, m=2, n=8, k=4).group) == [16, 64, 256]
+    assert K.matryoshka_prefixes([10, 20], 256, K.TopKSAE(d_in=4, dict_size=256, k=4).group) == [10, 20, 256]
+    with pytest.raises(ValueError, match="multiples of m\\*n=16"):
+        K.Settings(K.SAEConfig(dict_size=256, m=2, n=8, matryoshka=(10, 20)))
+    K.Settings(K.SAEConfig(dict_size=256, arch="topk", matryoshka=(10, 20)))   # TopK: any sizes
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers"):
+        K.comma_ints("a,b")
+    with pytest.raises(ValueError, match="sequence of integers"):
+        K.SAEConfig(matryoshka="16,64")
+
+
 def test_latent_stats_match_their_definitions():
     sae = perturb_(kron(h=8, m=2, n=4, k=4))
     x = torch.randn(100, 16, dtype=torch.float64)
@@ -1393,11 +1394,11 @@ def test_prefix_cut_is_the_matryoshka_training_prefix(arch):
     assert K.prefix_cut_fvu(sae, x, 64) == pytest.approx(K.evaluate(sae, x)["fvu"])
     # the Matryoshka loss at prefix G is this reconstruction's squared error
     enc = sae.encode_with_aux(x)
-    loss, _ = K.reconstruction_loss(sae, x, enc, [8, 64])
+    loss, _ = K.matryoshka_loss(sae, x, enc, prefixes=[8, 64])
     dense8 = torch.zeros(300, 64, dtype=torch.float64).scatter(1, enc.indices, enc.values)
     dense8[:, 8:] = 0
     expected = K.normalized_mse(x, dense8 @ sae.W_dec + sae.b_dec) + K.normalized_mse(x, x_hat_full)
-    assert float(loss.detach()) == pytest.approx(float(expected))
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()))
 
 
 @pytest.mark.slow
@@ -1654,7 +1655,7 @@ def test_resume_state_round_trips_under_weights_only(tmp_path):
     assert scale == 2.5 and restored.step == 7 and restored.losses == state.losses
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(3), expected[2]) and torch.equal(next(twin_feed), expected[3])
-    assert torch.equal(restored.dead.since, state.dead.since)
+    assert torch.equal(restored.since, state.since)
     assert torch.equal(restored.latents.sq_sum, state.latents.sq_sum) and restored.latents.tokens == 7 * 64
     for a, b in zip(restored.optimizer.state.values(), state.optimizer.state.values()):
         assert all(torch.equal(a[key], b[key]) for key in ("exp_avg", "exp_avg_sq", "step"))
@@ -1801,7 +1802,7 @@ def test_cuda_gather_linear_matches_dense_autograd(share, monkeypatch):
     weights = torch.randn(64, 40, dtype=torch.float64, device="cuda")
     pre = x @ W.T + b                                                        # (B, E)
     g_dense = torch.autograd.grad((pre.gather(1, rows) * weights).sum(), (x, W, b))
-    g_fast = torch.autograd.grad((K.gather_linear(x, W, b, rows, pre.detach()) * weights).sum(), (x, W, b))
+    g_fast = torch.autograd.grad((K.GatherLinear.apply(x, W, b, rows, pre.detach()) * weights).sum(), (x, W, b))
     for a, e in zip(g_fast, g_dense):
         torch.testing.assert_close(a, e)
 
@@ -1817,11 +1818,11 @@ def test_cuda_training_step_matches_cpu(arch):
     x = torch.randn(256, 64, dtype=torch.float64)
     dead = torch.zeros(512, dtype=torch.bool)
     dead[::5] = True
-    cfg = K.TrainConfig(steps=10, batch=256, matryoshka=(128, 256))
+    cfg, matryoshka = K.TrainConfig(steps=10, batch=256), partial(K.matryoshka_loss, prefixes=[128, 256])
     opts = K.make_optimizer(cpu, 1e-3), K.make_optimizer(gpu, 1e-3)
     for _ in range(3):
-        s_cpu, _ = K.train_step(cpu, opts[0], x, dead, cfg)
-        s_gpu, _ = K.train_step(gpu, opts[1], x.cuda(), dead.cuda(), cfg)
+        s_cpu, _ = K.train_step(cpu, opts[0], x, dead, cfg, loss_fn=matryoshka)
+        s_gpu, _ = K.train_step(gpu, opts[1], x.cuda(), dead.cuda(), cfg, loss_fn=matryoshka)
         assert s_gpu.loss == pytest.approx(s_cpu.loss, rel=1e-9) and s_gpu.aux == pytest.approx(s_cpu.aux, rel=1e-9)
     for name, p in cpu.named_parameters():
         torch.testing.assert_close(dict(gpu.named_parameters())[name].cpu(), p, msg=name)
