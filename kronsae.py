@@ -139,9 +139,8 @@ class SparseAutoencoder(nn.Module):
         """Drop the part of each decoder row's gradient along the row itself: it only changes the norm, which
         normalize_decoder_ undoes. Runs after backward(), before clipping and step()."""
         g, W = self.W_dec.grad, self.W_dec
-        if g is not None:  # row-wise dot and update without (F, d) temporaries
-            along = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)            # (F, 1) = <g_f, W_f>
-            g.addcmul_(along, W, value=-1.0)
+        if g is not None:  # g_f -= <g_f, W_f> W_f, row-wise without (F, d) temporaries
+            g.addcmul_(torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1), W, value=-1.0)
 
 
 class TopKSAE(SparseAutoencoder):
@@ -213,14 +212,6 @@ class NaiveKronSAE(SparseAutoencoder):
         return code @ self.W_dec + self.b_dec                                      # (B, d) dense decoder
 
 
-@functools.lru_cache(maxsize=None)
-def rank_pairs(m: int, n: int, k: int) -> Optional[torch.Tensor]:
-    """(2, R): the rank pairs (r, s) with (r+1)(s+1) <= k. In a head, the pair of p's r-th and q's s-th largest is
-    beaten by (r+1)(s+1)-1 pairs of its head, so only these can reach the top k. None unless they cut 4x."""
-    rs = [(r, s) for r in range(min(m, k)) for s in range(min(n, k)) if (r + 1) * (s + 1) <= k]
-    return torch.tensor(rs).T.contiguous() if 4 * len(rs) <= m * n else None
-
-
 class KronSAE(NaiveKronSAE):
     """NaiveKronSAE's SAE, fast: the encoder costs O(h(m+n)d), not O(Fd) (eq. 7), the top k is found
     without building all F scores, and encoder and decoder touch only the chosen rows."""
@@ -238,15 +229,17 @@ class KronSAE(NaiveKronSAE):
         heads = head_best.topk(min(k, self.h), dim=-1).indices                    # (B, H)
         chosen = pre.view(-1, self.h, m + n).gather(1, heads[..., None].expand(-1, -1, m + n))
         u, v = chosen.split([m, n], dim=-1)                                       # (B, H, m), (B, H, n)
-        pairs = None if self.kernel == "product" else rank_pairs(m, n, k)
-        if pairs is None:  # score every pair of the chosen heads
+        # in a head, the pair of p's r-th and q's s-th largest is beaten by (r+1)(s+1)-1 pairs of the same head,
+        # so only the rank pairs with (r+1)(s+1) <= k can reach the top k; worth a sort if it cuts 4x
+        rs = [(r, s) for r in range(min(m, k)) for s in range(min(n, k)) if (r + 1) * (s + 1) <= k]
+        if self.kernel == "product" or 4 * len(rs) > m * n:  # score every pair of the chosen heads
             if self.kernel != "product":
                 u, v = u.relu(), v.relu()
             best = (u[..., :, None] * v[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
             slot, ij = best // (m * n), best % (m * n)
             i, j = ij // n, ij % n
         else:  # big heads, scores >= 0: sort p and q, and score only the rank pairs that can reach the top k
-            r, s = pairs.to(pre.device)                                           # (R,), (R,)
+            r, s = torch.tensor(rs, device=pre.device).T                          # (R,), (R,)
             p, i_sorted = u.relu().topk(min(m, k), dim=-1)                        # (B, H, a)
             q, j_sorted = v.relu().topk(min(n, k), dim=-1)                        # (B, H, b)
             shape = (*p.shape[:2], r.numel())
@@ -381,6 +374,11 @@ def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def make_schedule(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
+
+
 def fire_counts(enc: Encoding, F: int) -> torch.Tensor:  # (F,): tokens on which each latent fired
     return torch.zeros(F, device=enc.values.device).index_add_(0, enc.indices.flatten(),
                                                                (enc.values.flatten() > 0).float())
@@ -430,11 +428,6 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
     optimizer.step()
     sae.normalize_decoder_()     # after the step
     return stats, enc
-
-
-def make_schedule(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
 
 
 def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig,
