@@ -1474,10 +1474,10 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 def results_table(rows: list[dict]) -> str:
     """The main job's comparison: one row per SAE's metrics."""
-    return format_table(["SAE", "F", "k", "EV", "L0", "dead %", "enc FLOPs/tok", "params", "ms/step"], [[
+    return format_table(["SAE", "F", "k", "tokens", "EV", "L0", "dead %", "enc FLOPs/tok", "params", "ms/step"], [[
         r["arch"] if r["arch"] == "topk" else f"kron h={r['h']} m={r['m']} n={r['n']}", r["dict_size"], r["k"],
-        f"{r['ev']:.4f}", f"{r['l0']:.1f}", f"{100 * r['dead_fraction']:.1f}", f"{r['encoder_flops_per_token']:,}",
-        f"{r['params']:,}", f"{r['ms_per_step']:.1f}"] for r in rows])
+        f"{r['tokens']:,}", f"{r['ev']:.4f}", f"{r['l0']:.1f}", f"{100 * r['dead_fraction']:.1f}",
+        f"{r['encoder_flops_per_token']:,}", f"{r['params']:,}", f"{r['ms_per_step']:.1f}"] for r in rows])
 
 
 def mean_std(values: list[float]) -> dict:
@@ -1882,6 +1882,9 @@ class SAEConfig:
         return KronSAE(d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, kernel=self.kernel)
 
 
+MATCHES = ("tokens", "flops", "time")
+
+
 @dataclass
 class RunConfig:
     """The run itself: seed, device, outputs, resume."""
@@ -1892,10 +1895,15 @@ class RunConfig:
     save_every: int = opt(0, "also checkpoint every this many steps (needs --out); 0 = only at the end")
     resume: str = opt("", "continue the run saved in this --out directory, with its own settings, to its --steps")
     overwrite: bool = opt(False, "replace a run already saved in --out (without it, such an --out is refused)")
+    match: str = opt("tokens", "what the SAEs are compared at: tokens (every SAE trains --steps steps), flops (each "
+                               "gets the training FLOPs, eq. 7 per token, that TopK spends in --steps, as in the "
+                               "paper's section 4.1) or time (each gets the seconds TopK's --steps take here)")
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.match not in MATCHES:
+            raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
         if self.seed < 0 or self.save_every < 0:
             raise ValueError(f"--seed and --save-every must be >= 0, got {self.seed} and {self.save_every}")
         if self.save_every and not (self.out or self.resume):
@@ -2088,9 +2096,11 @@ def prepared_data(s: Settings, device) -> tuple[TrainData, torch.Tensor, Optiona
 
 def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, progress=True,
             stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None,
-            dist: Dist = Dist()) -> tuple[SparseAutoencoder, dict, RunState]:
-    """Build, train (or resume, with --resume) and evaluate one SAE; returns it, its metrics and its record.
-    Data parallel: each process trains on its slice of every batch, and rank 0 alone writes checkpoints."""
+            dist: Dist = Dist(), steps: Optional[int] = None) -> tuple[SparseAutoencoder, dict, RunState]:
+    """Build, train (or resume, with --resume) and evaluate one SAE for `steps` steps (default --steps; see
+    matched_steps); returns it, its metrics and its record. Data parallel: each process trains on its slice of
+    every batch, and rank 0 alone writes checkpoints."""
+    s = dataclasses.replace(s, train=dataclasses.replace(s.train, steps=steps or s.train.steps))
     set_seed(s.run.seed)
     sae = s.sae.build(arch, train_data.d).to(device)
     if isinstance(train_data.rows, torch.Tensor):
@@ -2115,8 +2125,52 @@ def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, pr
     metrics.update(sae_config(sae), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
                    encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=num_params(sae),
                    ms_per_step=1000 * result.seconds / s.train.steps, train_seconds=result.seconds,
-                   final_train_loss=result.losses[-1], steps=s.train.steps, batch=s.train.batch, device=str(device))
+                   final_train_loss=result.losses[-1], steps=s.train.steps, batch=s.train.batch, device=str(device),
+                   tokens=s.train.steps * s.train.batch, seconds=result.seconds, match=s.run.match,
+                   train_flops=s.train.steps * s.train.batch * sae.flops_per_token())
     return sae, metrics, result
+
+
+def matched_steps(s: Settings, arch: str, train_data: TrainData, device, topk_seconds: Optional[float] = None,
+                  dist: Dist = Dist()) -> int:
+    """Steps of --batch tokens that `arch` trains for under --match. tokens: --steps. flops: the training FLOPs
+    TopK spends in --steps, counted by eq. 7 per token as the paper counts them (section 4.1), so a cheaper
+    encoder sees more tokens. time: TopK's seconds for --steps (`topk_seconds` when TopK was trained in this
+    run, else estimated as below), over this SAE's seconds per step from a short warm-up. A resumed run keeps
+    the count it was first given (OUT/arch/match.json), so that its schedule keeps its length."""
+    if s.run.match == "tokens" or arch == "topk":
+        return s.train.steps
+    record = Path(s.run.out, arch, "match.json") if s.run.out else None
+    if s.run.resume and record and record.is_file():
+        return json.loads(record.read_text())["steps"]
+    with torch.device("meta"):  # shapes only, no memory
+        topk, sae = s.sae.build("topk", train_data.d), s.sae.build(arch, train_data.d)
+    if s.run.match == "flops":
+        steps = s.train.steps * topk.flops_per_token() / sae.flops_per_token()
+    else:
+        if topk_seconds is None:
+            topk_seconds = s.train.steps * seconds_per_step("topk", s, train_data, device, dist)
+        steps = topk_seconds / seconds_per_step(arch, s, train_data, device, dist)
+    steps = max(1, round(steps))
+    if record and dist.rank == 0:
+        write_json(record, {"match": s.run.match, "steps": steps, "topk_steps": s.train.steps})
+    return steps
+
+
+def seconds_per_step(arch: str, s: Settings, train_data: TrainData, device, dist: Dist = Dist(),
+                     warm: int = 10) -> float:
+    """Mean seconds of `warm` training steps of a fresh `arch` SAE, after 2 steps that pay for first allocations;
+    under torchrun, the mean over the processes, so that all of them take the same step count."""
+    sae = s.sae.build(arch, train_data.d).to(device)
+    batches = ShuffledBatches(train_data.rows, s.train.batch, torch.Generator().manual_seed(s.run.seed),
+                              s.data.buffer_tokens, dist.rank, dist.world)
+    cfg = dataclasses.replace(s.train, steps=2 + warm)
+    state = run_training(sae, batches, dataclasses.replace(cfg, steps=2), progress=False, sync=dist.sync,
+                         matryoshka=s.sae.matryoshka, state=RunState.fresh(sae, cfg))
+    primed = state.seconds
+    state = run_training(sae, batches, cfg, progress=False, state=state, sync=dist.sync, matryoshka=s.sae.matryoshka)
+    per_step = (state.seconds - primed) / warm
+    return per_step if dist.sync is None else float(dist.sync(torch.tensor(per_step, dtype=torch.float64))) / dist.world
 
 
 def finish_step_on_sigint():
@@ -2158,7 +2212,8 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
     start = time.perf_counter()
     if s.run.out and not s.run.resume and dist.rank == 0:
-        for arch, name in itertools.product(("topk", "kron"), ("train_state.pt", "sae.safetensors", "config.json")):
+        for arch, name in itertools.product(("topk", "kron"), ("train_state.pt", "sae.safetensors", "config.json",
+                                                               "match.json")):
             Path(s.run.out, arch, name).unlink(missing_ok=True)   # --overwrite: nothing stale from the old run
         write_json(Path(s.run.out, "run.json"), s.to_dict())
     set_seed(s.run.seed)
@@ -2166,9 +2221,13 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
     sigint_stop, restore = finish_step_on_sigint()
     results = {}
     try:
-        for arch in s.sae.archs:
-            sae, results[arch], _ = run_one(arch, train_data, eval_data, s, device,
-                                            stop=lambda *a: sigint_stop(*a) or (stop is not None and stop(*a)), dist=dist)
+        topk_seconds = None
+        for arch in s.sae.archs:  # TopK first: --match flops and time measure the others against it
+            steps = matched_steps(s, arch, train_data, device, topk_seconds, dist)
+            sae, results[arch], state = run_one(arch, train_data, eval_data, s, device, dist=dist, steps=steps,
+                                                stop=lambda *a: sigint_stop(*a) or (stop is not None and stop(*a)))
+            if arch == "topk":
+                topk_seconds = results[arch]["seconds"]
             if lm and lm["splice"]:
                 results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
                                              s.data.model_batch, lm["max_norm"]))
@@ -2188,8 +2247,10 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
     return results
 
 
-# The paper's kernel ablation (section 5): the same KronSAE with mAND, ReLU(u)ReLU(v) or u v, on the same data,
-# each over several seeds (init and batch order; the held-out split stays that of --seed).
+# The paper's ablations, as one sweep. Kernels (section 5, table 1): the same KronSAE with mAND, ReLU(u)ReLU(v) or
+# u v. Shapes (fig. 2, appendix A.8): TopK and KronSAEs of several (m, n) at one F and k. Budgets (figs. 1, 3, 9):
+# TopK step counts, each SAE matched to them by --match (tokens, flops or time). Every cell runs over several
+# seeds (init and batch order; the held-out split stays that of --seed).
 
 def check_ablation(s: Settings):
     if s.run.out or s.run.resume or s.run.save_every:
@@ -2200,37 +2261,125 @@ def check_ablation(s: Settings):
         raise ValueError("ablate takes its kernels from --kernels; drop --kernel")
 
 
-def ablate(s: Settings, kernels: list[str], seeds: int) -> dict:
-    """Train a KronSAE per kernel and seed (seeds --seed, --seed + 1, ...) and compare held-out EV, mean ± std."""
+def shape_names(text: str) -> list:
+    """'topk,2x4,8x8' -> ['topk', (2, 4), (8, 8)]."""
+    shapes = []
+    for part in (t.strip() for t in text.split(",") if t.strip()):
+        found = re.fullmatch(r"(\d+)x(\d+)", part)
+        if part != "topk" and not (found and int(found[1]) > 0 and int(found[2]) > 0):
+            raise argparse.ArgumentTypeError(f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}")
+        shapes.append(part if part == "topk" else (int(found[1]), int(found[2])))
+    if not shapes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}")
+    return shapes
+
+
+def shape_label(shape, kernel: str, kernels: list[str]) -> str:
+    if shape == "topk":
+        return "topk"
+    return f"{shape[0]}x{shape[1]}" + (f" {kernel}" if len(kernels) > 1 else "")
+
+
+def ablate(s: Settings, kernels: list[str], seeds: int, shapes: Optional[list] = None,
+           budgets: Optional[list[int]] = None, figure: str = "") -> dict:
+    """Train every shape (TopK, or KronSAE (m, n) with each kernel) at every budget (TopK steps; --match sets the
+    others') over `seeds` seeds, and compare held-out EV, mean ± std per cell. Returns the JSON's content:
+    every run, the cells, and `kernels` (the first KronSAE shape at the first budget, as the kernel ablation
+    has always reported it)."""
     check_ablation(s)
+    shapes, budgets = shapes or [(s.sae.m, s.sae.n)], budgets or [s.train.steps]
+    for shape in shapes:
+        if shape != "topk" and s.sae.dict_size % (shape[0] * shape[1]):
+            raise ValueError(f"--shapes {shape[0]}x{shape[1]}: F={s.sae.dict_size} is not a multiple of m*n")
+    if figure:
+        check_writable(figure, "figure")
     s.check_environment()
     start, device = time.perf_counter(), pick_device(s.run.device)
     set_seed(s.run.seed)
     train_data, eval_data, _, data_report = prepared_data(s, device)
+    shapes = sorted(shapes, key=lambda shape: shape != "topk")        # TopK first: the others match it
     sigint_stop, restore = finish_step_on_sigint()
-    results = {}
+    runs = []
     try:
-        for kernel in kernels:
-            evs = []
-            for i in range(seeds):
-                one = dataclasses.replace(s, sae=dataclasses.replace(s.sae, arch="kron", kernel=kernel),
-                                          run=dataclasses.replace(s.run, seed=s.run.seed + i))
-                print(f"kernel {kernel}, seed {s.run.seed + i}")
-                evs.append(run_one("kron", train_data, eval_data, one, device, stop=sigint_stop)[1]["ev"])
-            stats = mean_std(evs)
-            results[kernel] = {"ev_mean": stats["mean"], "ev_std": stats["std"], "evs": evs}
+        for budget, seed in itertools.product(budgets, range(s.run.seed, s.run.seed + seeds)):
+            topk_seconds = None
+            for shape, kernel in ((sh, k) for sh in shapes for k in (["-"] if sh == "topk" else kernels)):
+                arch, (m, n) = ("topk", (s.sae.m, s.sae.n)) if shape == "topk" else ("kron", shape)
+                one = dataclasses.replace(
+                    s, sae=dataclasses.replace(s.sae, arch=arch, m=m, n=n, h=0, kernel="mand" if arch == "topk" else kernel),
+                    train=dataclasses.replace(s.train, steps=budget), run=dataclasses.replace(s.run, seed=seed))
+                print(f"{shape_label(shape, kernel, kernels)}, budget {budget} TopK steps, seed {seed}")
+                steps = matched_steps(one, arch, train_data, device, topk_seconds)
+                metrics = run_one(arch, train_data, eval_data, one, device, stop=sigint_stop, steps=steps)[1]
+                topk_seconds = metrics["seconds"] if arch == "topk" else topk_seconds
+                runs.append({"shape": "topk" if arch == "topk" else f"{m}x{n}", "kernel": kernel, "budget": budget,
+                             "seed": seed, **{key: metrics[key] for key in ("steps", "tokens", "train_flops", "seconds",
+                                                                             "ev", "ev_train", "l0", "dead_fraction")}})
     finally:
         restore()
-    print(f"\nKronSAE h={s.sae.heads} m={s.sae.m} n={s.sae.n}, F={s.sae.dict_size}, k={s.sae.k}: held-out EV over "
-          f"{seeds} seed(s), mean ± std")
-    print(format_table(["kernel", "EV mean ± std", "per seed"], [
-        [kernel, f"{r['ev_mean']:.4f} ± {r['ev_std']:.4f}", " ".join(f"{ev:.4f}" for ev in r["evs"])]
-        for kernel, r in results.items()]))
+    result = ablation_summary(runs, s, kernels, shapes, budgets)
+    print_ablation(result, s, seeds)
+    if figure:
+        save_ablation_figure(result, figure, s)
     if s.run.json:
-        write_json(s.run.json, {"kernels": results, "data": data_report,
-                                "config": {**provenance(s, device, time.perf_counter() - start),
-                                           "kernels": kernels, "seeds": seeds}})
-    return results
+        write_json(s.run.json, {**result, "data": data_report, "config": {
+            **provenance(s, device, time.perf_counter() - start), "kernels": kernels, "seeds": seeds,
+            "shapes": [sh if sh == "topk" else f"{sh[0]}x{sh[1]}" for sh in shapes], "budgets": budgets}})
+    return result
+
+
+def ablation_summary(runs: list[dict], s: Settings, kernels: list[str], shapes: list, budgets: list[int]) -> dict:
+    """The cells: for each shape, kernel and budget, mean ± std over seeds of EV, and the means of steps, tokens,
+    training FLOPs and seconds. `kernels`: today's kernel-ablation keys for the first KronSAE shape."""
+    cells = []
+    keyed = {}
+    for r in runs:
+        keyed.setdefault((r["shape"], r["kernel"], r["budget"]), []).append(r)
+    for (shape, kernel, budget), group in keyed.items():
+        ev = mean_std([r["ev"] for r in group])
+        cells.append({"shape": shape, "kernel": kernel, "budget": budget, "ev_mean": ev["mean"], "ev_std": ev["std"],
+                      "evs": [r["ev"] for r in group],
+                      **{key: mean_std([r[key] for r in group])["mean"] for key in ("steps", "tokens", "train_flops",
+                                                                                     "seconds")}})
+    first = next((f"{sh[0]}x{sh[1]}" for sh in shapes if sh != "topk"), None)
+    legacy = {c["kernel"]: {"ev_mean": c["ev_mean"], "ev_std": c["ev_std"], "evs": c["evs"]}
+              for c in cells if c["shape"] == first and c["budget"] == budgets[0]}
+    return {"kernels": legacy, "cells": cells, "runs": runs, "match": s.run.match}
+
+
+def print_ablation(result: dict, s: Settings, seeds: int):
+    print(f"\nF={s.sae.dict_size}, k={s.sae.k}, --match {s.run.match}: held-out EV over {seeds} seed(s), mean ± std; "
+          f"steps, tokens, training FLOPs (eq. 7 per token) and seconds are means over the seeds")
+    print(format_table(["budget", "SAE", "kernel", "steps", "tokens", "train GFLOPs", "seconds", "EV mean ± std",
+                        "per seed"],
+                       [[c["budget"], c["shape"], c["kernel"], f"{c['steps']:.0f}", f"{c['tokens']:,.0f}",
+                         f"{c['train_flops'] / 1e9:,.1f}", f"{c['seconds']:.1f}", f"{c['ev_mean']:.4f} ± {c['ev_std']:.4f}",
+                         " ".join(f"{ev:.4f}" for ev in c["evs"])] for c in result["cells"]]))
+
+
+def save_ablation_figure(result: dict, path: str, s: Settings):
+    """EV against training FLOPs and against seconds, one line per shape (and kernel), error bars ± std."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines = {}
+    for c in result["cells"]:
+        lines.setdefault(c["shape"] + ("" if c["kernel"] in ("-", "mand") else f" {c['kernel']}"), []).append(c)
+    for ax, key, label in ((axes[0], "train_flops", "training FLOPs (eq. 7 per token x tokens)"),
+                           (axes[1], "seconds", "training seconds")):
+        for name, cells in lines.items():
+            cells = sorted(cells, key=lambda c: c[key])
+            ax.errorbar([c[key] for c in cells], [c["ev_mean"] for c in cells], [c["ev_std"] for c in cells],
+                        marker="o", capsize=3, label=name, color="black" if name == "topk" else None)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out EV")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"F={s.sae.dict_size}, k={s.sae.k}, budgets matched by {result['match']}")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 # ============================================================================= 11. Progressive coding
@@ -2981,16 +3130,29 @@ def kernel_names(text: str) -> list[str]:
 
 def ablate_main(argv):
     parser = Parser(prog="kronsae.py ablate", description=(
-        "The paper's kernel ablation (section 5): train a KronSAE with each composition kernel over --seeds "
-        "seeds on the same data and print held-out EV as mean ± std. mand is eq. 3, relu_product is "
-        "ReLU(u)ReLU(v), product is u v. Data options are those of the main job (--data, --model, ...)."))
+        "The paper's ablations as one sweep: every SAE of --shapes (TopK and KronSAE shapes; each KronSAE with "
+        "each of --kernels: mand is eq. 3, relu_product ReLU(u)ReLU(v), product u v) at every TopK step count of "
+        "--budgets, with the others' steps set by --match (tokens, flops or time), over --seeds seeds, on the "
+        "same data; prints held-out EV as mean ± std per cell. Data options are those of the main job (--data, "
+        "--model, ...). With the defaults it is the kernel ablation of section 5."))
     parser.add_argument("--kernels", type=kernel_names, default=list(KERNELS),
                         help=f"comma-separated kernels (default: {','.join(KERNELS)})")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per kernel, from --seed on (default: 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell, from --seed on (default: 3)")
+    parser.add_argument("--shapes", type=shape_names, default=None,
+                        help="comma-separated SAEs: topk and KronSAE shapes MxN at --dict-size, e.g. topk,2x4,4x4,8x8 "
+                             "(default: --m x --n)")
+    parser.add_argument("--budgets", type=comma_ints, default=None,
+                        help="comma-separated TopK step counts, e.g. 250,500,1000; --match gives the other SAEs "
+                             "theirs (default: --steps)")
+    parser.add_argument("--figure", default="", help="PNG of EV against training FLOPs and against seconds, one line "
+                                                     "per shape ('' = none)")
     s, extra = parse_settings(parser, argv, check_ablation, ABLATE_REFUSES)
     if extra["seeds"] < 1:
         parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
-    return run_cli(ablate, s, extra["kernels"], extra["seeds"])
+    if extra["budgets"] is not None and (not extra["budgets"] or min(extra["budgets"]) < 1):
+        parser.error(f"--budgets must be positive step counts, got {extra['budgets']}")
+    return run_cli(lambda: ablate(s, extra["kernels"], extra["seeds"], extra["shapes"], extra["budgets"],
+                                  extra["figure"])["kernels"])
 
 
 HARVEST_FIELDS = ("model", "layer", "text", "ctx", "model_batch", "max_tokens", "keep_first", "max_norm_ratio", "dtype")

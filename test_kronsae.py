@@ -1181,6 +1181,80 @@ def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
     assert K.Settings.from_dict(json.loads((tmp_path / "ckpt" / "run.json").read_text())).sae.dict_size == 128
 
 
+def test_match_flops_gives_each_sae_the_steps_eq_7_implies(tmp_path):
+    """--match flops: TopK trains --steps; KronSAE trains round(steps * TopK's eq. 7 FLOPs / its own), so that
+    both spend the same training FLOPs (section 4.1); the JSON says so per SAE."""
+    run_small(tmp_path, "--match", "flops", "--json", str(tmp_path / "m.json"), "--k", "4", steps=30)
+    saved = json.loads((tmp_path / "m.json").read_text())
+    d, F, k, h, m, n = 16, 64, 4, 8, 2, 4
+    topk_flops, kron_flops = d * F + k * d, d * h * (m + n) + m * n * h + k * d                   # eq. 7
+    assert saved["topk"]["steps"] == 30 and saved["kron"]["steps"] == round(30 * topk_flops / kron_flops) == 36
+    for arch in ("topk", "kron"):
+        r = saved[arch]
+        assert r["match"] == "flops" and r["tokens"] == r["steps"] * 64
+        assert r["train_flops"] == r["tokens"] * r["flops_per_token"] and r["seconds"] > 0
+    assert abs(saved["kron"]["train_flops"] / saved["topk"]["train_flops"] - 1) < 1 / 60   # one step's rounding
+
+
+def test_match_time_gives_each_sae_topks_seconds(tmp_path, monkeypatch):
+    """--match time with a fake clock: a TopK step costs 30 ms and a KronSAE step 12 ms, whatever the machine
+    does. KronSAE's warm-up measures 12 ms, so it trains 2.5x TopK's steps and ends within 15% of its seconds."""
+    now, cost = [0.0], {K.TopKSAE: 0.030, K.KronSAE: 0.012}
+    real_step = K.train_step
+
+    def step(sae, *args, **kwargs):
+        now[0] += cost[type(sae)]
+        return real_step(sae, *args, **kwargs)
+    monkeypatch.setattr(K, "train_step", step)
+    monkeypatch.setattr(K.time, "perf_counter", lambda: now[0])
+    run_small(tmp_path, "--match", "time", "--json", str(tmp_path / "t.json"), steps=20)
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["topk"]["steps"] == 20 and saved["kron"]["steps"] == 50
+    assert saved["topk"]["seconds"] == pytest.approx(0.6) and saved["kron"]["match"] == "time"
+    assert abs(saved["kron"]["seconds"] / saved["topk"]["seconds"] - 1) <= 0.15
+
+
+def test_resume_under_match_flops_equals_an_uninterrupted_run(tmp_path):
+    run_small(tmp_path, "--out", str(tmp_path / "straight"), "--match", "flops")
+    argv = ["--data", str(tmp_path / "acts.npy"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
+            "--steps", "20", "--batch", "64", "--eval-tokens", "300", "--out", str(tmp_path / "stopped"),
+            "--match", "flops"]
+    settings, _ = K.parse_settings(K.Parser(prog="kronsae.py"), argv)
+    with pytest.raises(K.Interrupted):   # KronSAE stops at step 17 of its 24 (eq. 7: 24 steps for TopK's 20)
+        K.compare(settings, stop=lambda sae, state: state.step == 17 and isinstance(sae, K.KronSAE))
+    K.main(["--resume", str(tmp_path / "stopped")])
+    for arch in ("topk", "kron"):
+        a, b = K.load(tmp_path / "straight" / arch), K.load(tmp_path / "stopped" / arch)
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=f"{arch} {name}")
+    state = torch.load(tmp_path / "stopped" / "kron" / "train_state.pt", weights_only=True)
+    assert state["step"] == json.loads((tmp_path / "stopped" / "kron" / "match.json").read_text())["steps"] == 24
+
+
+def test_ablate_sweeps_shapes_and_budgets_into_json_and_figure(tmp_path, capsys):
+    """The sweep behind figs. 1-2 on a tiny store: every run in the JSON, the cells' mean ± std, the figure."""
+    x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    store_of(x, [100] * 30, tmp_path / "store")
+    K.main(["ablate", "--data", str(tmp_path / "store"), "--dict-size", "64", "--k", "4", "--shapes", "topk,2x4,4x4",
+            "--kernels", "mand", "--budgets", "8,16", "--match", "flops", "--seeds", "2", "--batch", "64",
+            "--eval-tokens", "300", "--json", str(tmp_path / "s.json"), "--figure", str(tmp_path / "s.png")])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert len(saved["runs"]) == 3 * 2 * 2 and len(saved["cells"]) == 3 * 2
+    topk = {r["budget"]: r["train_flops"] for r in saved["runs"] if r["shape"] == "topk"}
+    for r in saved["runs"]:
+        assert abs(r["train_flops"] / topk[r["budget"]] - 1) < 0.1                   # iso-FLOPs, up to rounding
+    for c in saved["cells"]:
+        evs = [r["ev"] for r in saved["runs"] if (r["shape"], r["budget"]) == (c["shape"], c["budget"])]
+        assert c["evs"] == evs and c["ev_mean"] == pytest.approx(sum(evs) / 2)
+    assert list(saved["kernels"]) == ["mand"] and saved["kernels"]["mand"]["evs"] == saved["cells"][1]["evs"]
+    assert saved["config"]["shapes"] == ["topk", "2x4", "4x4"] and saved["config"]["budgets"] == [8, 16]
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "4x4" in capsys.readouterr().out
+    for bad in (["--shapes", "2by4"], ["--shapes", "3x5"], ["--budgets", "0"]):
+        with pytest.raises(SystemExit):
+            K.main(["ablate", "--data", str(tmp_path / "store"), "--dict-size", "64", *bad])
+
+
 def test_ablate_trains_each_kernel_over_seeds(tmp_path, capsys):
     data = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     torch.save(data, tmp_path / "acts.pt")
