@@ -448,7 +448,8 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
         count_tokens_since_firing_(since, fire_counts(enc, sae.F), len(x))
         losses.append(stats.loss)
         if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.active / stats.tokens:.1f}")
+            bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}",
+                            l0=f"{stats.active / stats.tokens:.1f}")
     return losses
 
 
@@ -1796,8 +1797,8 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
             state.losses.append(stats.loss)
             state.step, state.seconds = step + 1, state.seconds + time.perf_counter() - start
             if step % 10 == 0 or step == cfg.steps - 1:
-                bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}", l0=f"{stats.active / stats.tokens:.1f}",
-                                dead=f"{float((state.since >= cfg.dead_after).float().mean()):.1%}")
+                bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}",
+                                l0=f"{stats.active / stats.tokens:.1f}", dead=f"{float((state.since >= cfg.dead_after).float().mean()):.1%}")
             checkpoint_or_stop(sae, state, cfg, batches, scale, out, save_every, stop, sync)
     finally:
         for hook in hooks:
@@ -2305,9 +2306,9 @@ def ablate(s: Settings, kernels: list[str], seeds: int, shapes: Optional[list] =
             topk_seconds = None
             for shape, kernel in ((sh, k) for sh in shapes for k in (["-"] if sh == "topk" else kernels)):
                 arch, (m, n) = ("topk", (s.sae.m, s.sae.n)) if shape == "topk" else ("kron", shape)
-                one = dataclasses.replace(
-                    s, sae=dataclasses.replace(s.sae, arch=arch, m=m, n=n, h=0, kernel="mand" if arch == "topk" else kernel),
-                    train=dataclasses.replace(s.train, steps=budget), run=dataclasses.replace(s.run, seed=seed))
+                shaped = dataclasses.replace(s.sae, arch=arch, m=m, n=n, h=0, kernel="mand" if arch == "topk" else kernel)
+                one = dataclasses.replace(s, sae=shaped, train=dataclasses.replace(s.train, steps=budget),
+                                          run=dataclasses.replace(s.run, seed=seed))
                 print(f"{shape_label(shape, kernel, kernels)}, budget {budget} TopK steps, seed {seed}")
                 steps = matched_steps(one, arch, train_data, device, topk_seconds)
                 metrics = run_one(arch, train_data, eval_data, one, device, stop=sigint_stop, steps=steps)[1]
@@ -2353,7 +2354,8 @@ def print_ablation(result: dict, s: Settings, seeds: int):
     print(format_table(["budget", "SAE", "kernel", "steps", "tokens", "train GFLOPs", "seconds", "EV mean ± std",
                         "per seed"],
                        [[c["budget"], c["shape"], c["kernel"], f"{c['steps']:.0f}", f"{c['tokens']:,.0f}",
-                         f"{c['train_flops'] / 1e9:,.1f}", f"{c['seconds']:.1f}", f"{c['ev_mean']:.4f} ± {c['ev_std']:.4f}",
+                         f"{c['train_flops'] / 1e9:,.1f}", f"{c['seconds']:.1f}",
+                         f"{c['ev_mean']:.4f} ± {c['ev_std']:.4f}",
                          " ".join(f"{ev:.4f}" for ev in c["evs"])] for c in result["cells"]]))
 
 
@@ -2551,7 +2553,7 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
             plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(s, run=run), device)
             mat, _, mat_run = run_one(arch, train_data, eval_data, dataclasses.replace(nested, run=run), device)
             r = progressive_curves(plain, mat, eval_data, sizes)
-            alpha, r2 = fit_power_law(plain_run.latents.importance)   # the same fit on importance tracked during training
+            alpha, r2 = fit_power_law(plain_run.latents.importance)   # the same fit on importance tracked in training
             runs.append(r | dict(train_seconds_plain=plain_run.seconds, train_seconds_matryoshka=mat_run.seconds,
                                  train_power_law_alpha=alpha, train_power_law_r2=r2))
         r = {key: mean_std([run[key] for run in runs])["mean"] for key in runs[0] if key not in ("G", "fvu")}
@@ -2570,8 +2572,8 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
               f"R^2 {r['train_power_law_r2']:.3f}); Matryoshka training took "
               f"{r['train_seconds_matryoshka'] / r['train_seconds_plain']:.2f}x the plain SAE's time")
         print("matryoshka_cut: as trained (top k of all F, cut at G); the rest re-pick their top k among the G kept")
-        print(format_table(["G", *r["fvu"]], [[G, *(f"{r['fvu'][n][i]:.4f} ± {r['fvu_std'][n][i]:.4f}" for n in r["fvu"])]
-                                              for i, G in enumerate(sizes)]))
+        print(format_table(["G", *r["fvu"]], [
+            [G, *(f"{r['fvu'][n][i]:.4f} ± {r['fvu_std'][n][i]:.4f}" for n in r["fvu"])] for i, G in enumerate(sizes)]))
         for m, holds in r["ordering_holds"].items():
             print(f"paper's ordering ({m} < pruned by E[a^2] < unsorted) at every G < F: "
                   f"{sum(holds)} of {seeds} seed(s)")

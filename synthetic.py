@@ -418,7 +418,8 @@ def absorption_experiment(ac: AbsorptionConfig, figure: str = "", json_path: str
     seconds = time.perf_counter() - start
     print(f"\nabsorption rate on held-out inputs, {ac.seeds} seeds ({seconds:.0f} s); F = {ac.F_true}, k = {ac.k}")
     print(K.format_table(["model", "absorption", "parent fires", "EV"], [
-        [name, f"{100 * st['mean']:.1f}% ± {100 * st['std']:.1f}%", f"{100 * st['parent_fires']:.1f}%", f"{st['ev']:.3f}"]
+        [name, f"{100 * st['mean']:.1f}% ± {100 * st['std']:.1f}%", f"{100 * st['parent_fires']:.1f}%",
+         f"{st['ev']:.3f}"]
         for name, st in summary.items()]))
     result = {"absorption": summary, "config": dataclasses.asdict(ac), "seconds": seconds,
               "thresholds": {"min_cosine": ABSORBER_MIN_COSINE, "min_share": ABSORBER_MIN_SHARE}}
