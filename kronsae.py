@@ -10,11 +10,9 @@ Shape letters used in the comments:
   B tokens in a batch    d input width (d_in)    F dictionary size    k active latents per token
   h heads                m, n pre-latents per head, F = h*m*n      E encoder rows (F or h*(m+n))
 
-Part 1, the method: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training. Part 2, the tooling: 5. Devices,
-6. Data, 7. The real-model path, 8. Evaluation, 9. Checkpoints and runs, 10. The main job and the kernel
-ablation, 11. Progressive coding, 12. Benchmark, 13. CLI.
-Python: sae = KronSAE(d_in=512, h=512, m=2, n=8, k=32); train(sae, batches, TrainConfig(steps=1000))
-Shell:  python kronsae.py --help   (every command, and each command's own --help)
+Part 1, the method: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training. Part 2, the tooling, is
+sections 5-13 under their banners. Python: train(KronSAE(d_in=512, h=512, m=2, n=8, k=32), batches, TrainConfig()).
+Shell: python kronsae.py --help (and each command's own --help).
 """
 from __future__ import annotations
 
@@ -31,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-
 # #############################################################################################################
 # PART 1: THE METHOD. It reads like the paper, in its order, and knows nothing of files, models or the CLI.
 # #############################################################################################################
@@ -39,19 +36,16 @@ from tqdm.auto import tqdm
 # ============================================================================= 1. mAND (eq. 3)
 
 def sqrt_prod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sqrt(a*b) where a*b > 0, exactly 0 elsewhere, with a finite gradient everywhere: d sqrt(t)/dt is infinite
-    at t = 0, and the "double where" lets the square root see only positive numbers. (The paper's listing
-    uses sqrt(a*b + 1e-5), which makes inactive pairs about 0.003 and breaks the AND.)"""
+    """sqrt(a*b) where a*b > 0, else exactly 0, with finite gradients: the "double where" shows the square root only
+    positive numbers. (The paper's listing takes sqrt(a*b + 1e-5): inactive pairs are 0.003, the AND breaks.)"""
     t = a * b
     active = t > 0
     return torch.where(active, torch.sqrt(torch.where(active, t, torch.ones_like(t))), torch.zeros_like(t))
-
 
 def mand(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """mAND (eq. 3): z[..., i, j] = sqrt(u_i v_j) if u_i > 0 and v_j > 0, else 0. u (..., m), v (..., n) ->
     (..., m, n): the square root of the Kronecker product ReLU(u) (x) ReLU(v) (eq. 4), row-major i*n + j."""
     return sqrt_prod(u.relu()[..., :, None], v.relu()[..., None, :])
-
 
 # The kernel ablation (section 5): mAND or two other ways of composing u_i and v_j (broadcastable).
 KERNELS = {
@@ -60,21 +54,17 @@ KERNELS = {
     "product": lambda u, v: (u * v).relu(),               # u v (ReLU'd only if it reaches the top k)
 }
 
-
 # ============================================================================= 2. The SAEs (eqs. 1-4)
 
 def check_positive(**sizes):
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-
+    for name, value in ((name, value) for name, value in sizes.items() if not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
 
 class Encoding(NamedTuple):  # what an encoder pass returns; the aux fields are None unless dead latents were given
     values: torch.Tensor                        # (B, k) latent activations, >= 0
     indices: torch.Tensor                       # (B, k) their indices into the dictionary
     aux_values: Optional[torch.Tensor] = None   # (B, k_aux) the top dead latents, for AuxK
     aux_indices: Optional[torch.Tensor] = None  # (B, k_aux)
-
 
 class SparseAutoencoder(nn.Module):
     """What both SAEs share: x_hat = sum over the k active latents of f_l W_dec[l], plus b_dec (eq. 1).
@@ -104,16 +94,15 @@ class SparseAutoencoder(nn.Module):
         with torch.no_grad():  # scores for selection only; gradients flow through GatherLinear
             pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)                        # (B, E)
         indices = self.select(pre, self.k)                                         # (B, k)
-        if dead is None or not bool(dead.any()):
-            values = self.activation(GatherLinear.apply(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
+        k_aux = 0 if dead is None else min(self.d_in // 2, int(dead.sum()))      # Gao et al.: k_aux about d/2
+        if k_aux:  # the top dead latents join the same gather: one sparse encoder backward for both
+            dead_ids = dead.nonzero().squeeze(1)                                    # (L,)
+            aux = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
+            indices = torch.cat([indices, aux], dim=1)                             # (B, k + k_aux)
+        values = self.activation(GatherLinear.apply(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
+        if not k_aux:
             return Encoding(values, indices)
-        dead_ids = dead.nonzero().squeeze(1)                                        # (L,)
-        k_aux = min(self.d_in // 2, dead_ids.numel())   # Gao et al.: k_aux about d/2
-        aux_indices = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
-        both = torch.cat([indices, aux_indices], dim=1)  # one gather, one sparse encoder backward for both
-        values = self.activation(GatherLinear.apply(x_c, self.W_enc, self.b_enc, self.rows_of(both), pre))
-        values, aux_values = values.split([self.k, k_aux], dim=1)
-        return Encoding(values, indices, aux_values, aux_indices)
+        return Encoding(values[:, :self.k], indices[:, :self.k], values[:, self.k:], aux)
 
     def check_input(self, x: torch.Tensor):
         if x.shape[-1] != self.d_in:
@@ -142,7 +131,6 @@ class SparseAutoencoder(nn.Module):
         if g is not None:  # g_f -= <g_f, W_f> W_f, row-wise without (F, d) temporaries
             g.addcmul_(torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1), W, value=-1.0)
 
-
 class TopKSAE(SparseAutoencoder):
     """f = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T f + b_dec (eq. 1; Gao et al. 2024).
     W_enc: (F, d). Init: W_dec = W_enc^T with unit rows."""
@@ -167,7 +155,6 @@ class TopKSAE(SparseAutoencoder):
     def flops_per_token(self) -> int:  # eq. 7, multiply-accumulates: dense encoder d*F, sparse decoder k*d
         return self.d_in * self.F + self.k * self.d_in
 
-
 class NaiveKronSAE(SparseAutoencoder):
     """KronSAE as the paper's listing computes it, with mAND exact: all F scores, TopK, a dense (B, F) code
     and a dense decoder. O(F d) per token. Read this one first: KronSAE, below, is the same SAE (parameters,
@@ -175,8 +162,7 @@ class NaiveKronSAE(SparseAutoencoder):
 
     u_k = P_k x~ + b, v_k = Q_k x~ + b  (x~ = x - b_dec; head k's rows of W_enc are [P_k; Q_k])     eq. 2
     z[k, i, j] = mAND(u_k, v_k)[i, j] = sqrt(ReLU(u_k,i) ReLU(v_k,j)), latent k*m*n + i*n + j       eqs. 3-4
-    f = TopK over all F = h*m*n scores; x_hat = W_dec^T f + b_dec                                   eq. 1
-    `kernel` swaps mAND for another of KERNELS (the paper's section 5 ablation)."""
+    f = TopK over all F = h*m*n scores; x_hat = W_dec^T f + b_dec; `kernel`: section 5's ablation    eq. 1"""
 
     def __init__(self, d_in: int, h: int, m: int, n: int, k: int, kernel: str = "mand",
                  dict_size: Optional[int] = None):
@@ -210,7 +196,6 @@ class NaiveKronSAE(SparseAutoencoder):
         top = z.topk(self.k, dim=-1)
         code = torch.zeros_like(z).scatter(-1, top.indices, top.values)            # (B, F) dense code
         return code @ self.W_dec + self.b_dec                                      # (B, d) dense decoder
-
 
 class KronSAE(NaiveKronSAE):
     """NaiveKronSAE's SAE, fast: the encoder costs O(h(m+n)d), not O(Fd) (eq. 7), the top k is found
@@ -262,7 +247,6 @@ class KronSAE(NaiveKronSAE):
     def activation(self, pre_rows):  # (B, 2k) -> (B, k): eq. 3 (or the kernel) on the chosen pairs only
         return KERNELS[self.kernel](*pre_rows.chunk(2, dim=-1))
 
-
 # The sparse kernel: both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) scores
 # per token reach the loss, so the backward pass needs only O(B k d), not the dense matmul's O(B E d).
 
@@ -274,12 +258,10 @@ def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
         return gathered_bag_sum(ids, table, weights, offsets)
     return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights, mode="sum")
 
-
 class GatherLinear(torch.autograd.Function):
-    """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias.
-    Backward touches only the gathered rows: O(B S d), not O(B E d) (as Gao et al. 2024), and exactly: rows
-    not gathered get no gradient on the dense path either. When a token gathers a large share of E (AuxK),
-    the dense backward's two GEMMs are faster again (Part 2, section 5, says when)."""
+    """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias. Backward
+    touches only the gathered rows, O(B S d) (as Gao et al. 2024), exactly as the dense path; when a token gathers
+    a large share of E (AuxK), the dense backward's two GEMMs are faster again (section 5 says when)."""
 
     @staticmethod
     def forward(ctx, x, W, bias, rows, pre):  # x (B, d), W (E, d), bias (E,), rows (B, S), pre (B, E)
@@ -303,12 +285,10 @@ class GatherLinear(torch.autograd.Function):
         grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
         return grad_x, grad_W, grad_b, None, None
 
-
 # ============================================================================= 3. Losses
 
 def total_variance(t: torch.Tensor) -> torch.Tensor:  # sum over the batch of ||t - mean(t)||^2: FVU's denominator
     return (t - t.mean(0)).pow(2).sum()
-
 
 def normalized_mse(target: torch.Tensor, recon: torch.Tensor, variance: Optional[torch.Tensor] = None):
     """||target - recon||^2 / total_variance(target): a batch estimate of FVU, for both loss terms (Gao et
@@ -316,13 +296,11 @@ def normalized_mse(target: torch.Tensor, recon: torch.Tensor, variance: Optional
     variance = total_variance(target) if variance is None else variance
     return (target - recon).pow(2).sum() / variance.clamp_min(1e-12)
 
-
 def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
                         variance: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalized_mse(x, x_hat), x_hat): eq. 1's reconstruction, scored as FVU."""
     x_hat = sae.decode(enc.values, enc.indices)                                    # (B, d)
     return normalized_mse(x, x_hat, variance), x_hat
-
 
 def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding,
               variance: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -331,13 +309,10 @@ def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding,
         return residual.new_zeros(())
     return normalized_mse(residual, sae.sparse_decode(enc.aux_values, enc.aux_indices), variance)
 
-
 # ============================================================================= 4. Training
 
-def opt(default, help: str, **meta):
-    """A config field whose help text also becomes its --help line."""
+def opt(default, help: str, **meta):  # a config field whose help text is also its --help line
     return field(default=default, metadata={"help": help, **meta})
-
 
 @dataclass
 class TrainConfig:
@@ -360,10 +335,8 @@ class TrainConfig:
         if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; "
                              f"got lr={self.lr}, warmup={self.warmup}, min_lr={self.min_lr}")
-        bad = [name for name in ("grad_clip", "aux_coef", "dead_tokens") if not getattr(self, name) >= 0]
-        if bad:
-            raise ValueError(f"{bad[0]} must be >= 0, got {bad[0]}={getattr(self, bad[0])}")
-
+        for name in (name for name in ("grad_clip", "aux_coef", "dead_tokens") if not getattr(self, name) >= 0):
+            raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
 
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     """paper A.1: linear warmup over the first `warmup` share of steps, then cosine decay to `floor` x lr."""
@@ -373,22 +346,17 @@ def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
     progress = (step - warm) / max(1, total - warm)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-
 def make_schedule(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
-
 
 def fire_counts(enc: Encoding, F: int) -> torch.Tensor:  # (F,): tokens on which each latent fired
     return torch.zeros(F, device=enc.values.device).index_add_(0, enc.indices.flatten(),
                                                                (enc.values.flatten() > 0).float())
 
-
-def count_tokens_since_firing_(since: torch.Tensor, fired: torch.Tensor, tokens: int):
-    """AuxK's dead latents (Gao et al. 2024) are those that have not fired for cfg.dead_after tokens."""
+def count_tokens_since_firing_(since: torch.Tensor, fired: torch.Tensor, tokens: int):  # dead: since >= dead_after
     since += tokens
     since[fired > 0] = 0
-
 
 class StepStats(NamedTuple):
     loss: float    # total loss that was optimised
@@ -397,13 +365,11 @@ class StepStats(NamedTuple):
     active: float  # active latents, summed over the batch's tokens (L0 = active / tokens)
     tokens: float
 
-
 def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.AdamW:
     """AdamW (paper A.1) without weight decay, which would fight the unit-norm decoder. The fused kernel
     (CPU and CUDA) does the same arithmetic without parameter-sized temporaries."""
     fused = next(sae.parameters()).device.type in ("cpu", "cuda") or None
     return torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0, fused=fused)
-
 
 def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor, cfg: TrainConfig,
                variance: Callable = total_variance, loss_fn: Callable = reconstruction_loss
@@ -429,12 +395,10 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
     sae.normalize_decoder_()     # after the step
     return stats, enc
 
-
 def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig,
           progress: bool = True) -> list[float]:
-    """Train `sae` in place for cfg.steps steps on batches (B, d): AdamW with warmup and cosine decay (paper
-    A.1), unit-norm decoder and AuxK (Gao et al. 2024). Returns the losses. Part 2's run_training is this
-    loop with checkpoints, restarts and data parallel around the same train_step."""
+    """Train `sae` in place for cfg.steps steps on batches (B, d); returns the losses. Part 2's run_training is
+    this loop with checkpoints, restarts and data parallel around the same train_step."""
     optimizer = make_optimizer(sae, cfg.lr)
     schedule, since = make_schedule(optimizer, cfg), torch.zeros(sae.F, dtype=torch.long, device=sae.W_dec.device)
     losses, bar = [], tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
@@ -451,7 +415,6 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
             bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}",
                             l0=f"{stats.active / stats.tokens:.1f}")
     return losses
-
 
 # #############################################################################################################
 # END OF THE METHOD. Everything below is tooling around it: data, real models, evaluation, checkpoints,
@@ -477,7 +440,6 @@ def has_embedding_bag(device_type: str) -> bool:
     except (NotImplementedError, RuntimeError):
         return False
 
-
 def gathered_bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
                      offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """bag_sum (section 2) on a device that may lack embedding_bag: embedding_bag where it runs, else the
@@ -490,20 +452,16 @@ def gathered_bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     out = table.new_zeros(len(offsets), table.shape[1])
     return out.index_add_(0, bag, weights[:, None] * table[ids])
 
-
 # GatherLinear's backward (section 2) goes dense from S = E * share rows per token: measured where the two
 # paths cross (README, benchmark). It happens under AuxK, which adds k_aux = d/2 latents per token.
 DENSE_BACKWARD_SHARE = {"cuda": 1 / 32, "cpu": 1 / 10}
 
-
 def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device) -> bool:
     return rows_per_token >= enc_rows * DENSE_BACKWARD_SHARE.get(device.type, 1.0)
-
 
 def wide_dtype(device) -> torch.dtype:
     """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
 
 # ============================================================================= 6. Data
 
@@ -560,7 +518,6 @@ class DataConfig:
         if self.model.startswith((".", "/", "~")) and not self.model.endswith(".gguf") and not local.is_dir():
             raise FileNotFoundError(f"--model: directory {self.model} does not exist")
 
-
 def check_data(x: torch.Tensor, d_in: Optional[int] = None):
     """Raise ValueError unless x is a finite (N, d_in) floating tensor."""
     if x.ndim != 2:
@@ -575,9 +532,7 @@ def check_data(x: torch.Tensor, d_in: Optional[int] = None):
         raise ValueError(f"data has {int(bad.sum())} non-finite values (NaN or inf) out of {x.numel()}; "
                          f"first at [row, column] {where}")
 
-
 DATA_KINDS = (".pt", ".npy")
-
 
 def check_data_path(path: str):
     """Before any work: `path` is a finished activation store, or a readable file of a supported kind."""
@@ -592,7 +547,6 @@ def check_data_path(path: str):
     if not os.access(path, os.R_OK):
         raise ValueError(f"--data: {path} cannot be read (permission denied)")
 
-
 def load_data(path: str) -> torch.Tensor:
     """A .pt (torch.save of a tensor) or .npy file holding an (N, d) array, as float32."""
     check_data_path(path)
@@ -606,7 +560,6 @@ def load_data(path: str) -> torch.Tensor:
     x = x.float() if x.is_floating_point() else x
     check_data(x)
     return x
-
 
 # The synthetic default: block-correlated sparse features (KronSAE paper, section 5.1 and appendix B).
 # synthetic.py builds its toy experiment on the same generator.
@@ -646,13 +599,11 @@ def block_covariance(F_true: int = 256, n_blocks: int = 8, n_off: int = 4, rho_i
     scale = S.diagonal().rsqrt()
     return (S * scale[:, None] * scale[None, :]).float()
 
-
 def sparse_codes(n: int, F_true: int, k_true: int, generator: torch.Generator) -> torch.Tensor:
     """TopK(ReLU(z)), z ~ N(0, I): (n, F_true) with k_true active entries per row."""
     z = torch.randn(n, F_true, generator=generator).relu()              # (n, F_true)
     top = z.topk(k_true, dim=-1)
     return torch.zeros_like(z).scatter_(-1, top.indices, top.values)
-
 
 def sample_sparse(S: torch.Tensor, n: int, k_true: int, generator: torch.Generator) -> torch.Tensor:
     """x_sparse = L TopK(ReLU(z)) with S = L L^T (appendix B). Returns (n, F_true).
@@ -662,7 +613,6 @@ def sample_sparse(S: torch.Tensor, n: int, k_true: int, generator: torch.Generat
     """
     L = torch.linalg.cholesky(S.double()).float()                        # (F_true, F_true)
     return sparse_codes(n, S.shape[0], k_true, generator) @ L.T         # (n, F_true)
-
 
 def make_dataset(n: int, d: int = 128, F_true: int = 1024, k_true: int = 16, seed: int = 0,
                  n_blocks: int = 32, n_off: int = 16) -> torch.Tensor:
@@ -676,14 +626,12 @@ def make_dataset(n: int, d: int = 128, F_true: int = 1024, k_true: int = 16, see
     D = torch.nn.functional.normalize(torch.randn(F_true, d, generator=g), dim=-1)   # (F_true, d)
     return sample_sparse(S, n, k_true, g) @ D                                        # (n, d)
 
-
 def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded shuffle, then (train, held-out) with eval_tokens rows held out."""
     if data.shape[0] <= eval_tokens:
         raise ValueError(f"need more than eval_tokens={eval_tokens} rows of data, got {data.shape[0]}")
     perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))
     return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
-
 
 def filter_report(norms: np.ndarray, threshold: float, median: float, variance_share: float) -> dict:
     """What the filter drops, from the token norms: the count, its share of the tokens and of the raw variance,
@@ -694,7 +642,6 @@ def filter_report(norms: np.ndarray, threshold: float, median: float, variance_s
             "max_norm_over_median_before": float(norms.max()) / median,
             "max_norm_over_median_after": float(kept.max()) / median if len(kept) else None}
 
-
 def norm_report(x: torch.Tensor, threshold: float, median: float) -> dict:
     """filter_report for rows x (N, d); the raw-variance share is the sum over dropped rows of ||x - mean||^2
     over the same sum for all rows."""
@@ -703,7 +650,6 @@ def norm_report(x: torch.Tensor, threshold: float, median: float) -> dict:
     spread = torch.cat([(chunk.double() - mean).pow(2).sum(-1) for chunk in x.split(65536)])   # (N,)
     share = float(spread[norms > threshold].sum() / spread.sum().clamp_min(1e-300))
     return filter_report(norms.numpy(), threshold, median, share)
-
 
 def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str = ""):
     """Token norms on log-log axes, all of them and those the filter keeps: one glance shows whether a few
@@ -726,7 +672,6 @@ def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str
     save_figure(fig, path)
     plt.close(fig)
 
-
 def print_filter_report(report: dict):
     t, e, ratio = report["train"], report["held_out"], report["max_norm_ratio"]
     if t["dropped"] or e["dropped"]:
@@ -738,7 +683,6 @@ def print_filter_report(report: dict):
     else:
         print(f"massive activations: none above {ratio:g} x the median norm {t['median_norm']:.4g} "
               f"(largest {t['max_norm_over_median_before']:.2f} x)" if ratio else "massive activations: not filtered")
-
 
 def filter_massive(train: torch.Tensor, held_out: torch.Tensor, ratio: float,
                    figure: str = "", title: str = "") -> tuple[torch.Tensor, ...]:
@@ -756,12 +700,10 @@ def filter_massive(train: torch.Tensor, held_out: torch.Tensor, ratio: float,
     print_filter_report(report)
     return train[train.norm(dim=-1) <= threshold], held_out[held_out.norm(dim=-1) <= threshold], report
 
-
 class Rows(NamedTuple):
     """A source of training rows: `count` of them, and fetch(index (m,)) -> (m, d) float32."""
     count: int
     fetch: Callable[[torch.Tensor], torch.Tensor]
-
 
 class ShuffledBatches:
     """The shuffle buffer: endless batches, each training row exactly once per epoch, in a fresh seeded order
@@ -842,10 +784,8 @@ class ShuffledBatches:
             self.next_window()
         self.position = state["position"]
 
-
 def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator) -> ShuffledBatches:
     return ShuffledBatches(data, batch, generator)
-
 
 # ---------------------------------------------------------------- the activation store (harvest once, train many)
 # A store is a directory: shard_00000.npy (n, d) activations, offsets_00000.npy (contexts + 1,) int64 row
@@ -855,12 +795,10 @@ def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator)
 STORE_DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
                 "float32": (np.float32, torch.float32)}
 
-
 def store_files(directory) -> list[Path]:
     """The files of a store, finished or not, in `directory`."""
     return [p for p in Path(directory).glob("*") if p.name == "manifest.json" or
             re.fullmatch(r"(shard|norms|offsets)_\d+\.npy(\.tmp)?", p.name)] if Path(directory).is_dir() else []
-
 
 class StoreWriter:
     """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
@@ -916,7 +854,6 @@ class StoreWriter:
                                  input_scale=math.sqrt(self.d) / float(kept.mean(dtype=np.float64)))
         write_json(self.directory / "manifest.json", manifest)
         return manifest
-
 
 class ActivationStore:
     """A finished store, memory-mapped: rows are read only when asked for, so it is never loaded whole. Each
@@ -990,15 +927,12 @@ class ActivationStore:
         held_out = held_out[held_out.norm(dim=-1) <= threshold][:eval_tokens]
         return train, held_out, report, math.sqrt(self.d) / float(kept.mean(dtype=np.float64))
 
-
 def input_scale(data: torch.Tensor) -> float:
     """The scalar c with mean ||c x|| = sqrt(d)."""
     return math.sqrt(data.shape[1]) / float(data.norm(dim=-1).mean())
 
-
 # Scaling u and v by t scales each kernel's latent by t^degree (section 1's KERNELS); ReLU (TopK) is degree 1
 KERNEL_DEGREE = {"mand": 1, "relu_product": 2, "product": 2}
-
 
 @torch.no_grad()
 def fold_input_scale_(sae: SparseAutoencoder, c: float):
@@ -1013,12 +947,10 @@ def fold_input_scale_(sae: SparseAutoencoder, c: float):
     sae.b_enc /= c / a
     sae.b_dec /= c
 
-
 # ============================================================================= 7. The real-model path
 
 class StopForward(Exception):
     """Raised by the capture hook: nothing after the layer we want needs to run."""
-
 
 def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] = None):
     """(model, tokenizer, causal) from a hub name, a local directory or a .gguf file, in eval mode. The layer
@@ -1053,13 +985,11 @@ def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] =
     tokenizer = loaded(AutoTokenizer.from_pretrained, name)
     return model.to(device).eval(), tokenizer, causal
 
-
 def check_layer(config, layer: int):
     """hidden_states has num_hidden_layers + 1 entries: 0 is the embeddings, L the output of block L."""
     n = config.num_hidden_layers
     if not 0 <= layer <= n:
         raise ValueError(f"layer must be in 0..{n} for this model ({n} blocks; 0 = embeddings), got {layer}")
-
 
 def find_blocks(model) -> nn.ModuleList:
     """The transformer blocks: the first ModuleList with num_hidden_layers entries (GPT-2, Llama, BERT, ...)."""
@@ -1069,10 +999,8 @@ def find_blocks(model) -> nn.ModuleList:
             return module
     raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}")
 
-
 def block_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
-
 
 def layer_input_module(model, layer: int) -> Optional[nn.Module]:
     """The module whose input is hidden_states[layer]: block `layer`, or, at the last layer, the LM head, whose
@@ -1080,7 +1008,6 @@ def layer_input_module(model, layer: int) -> Optional[nn.Module]:
     if layer < model.config.num_hidden_layers:
         return find_blocks(model)[layer]
     return model.get_output_embeddings()
-
 
 @torch.inference_mode()
 def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
@@ -1105,14 +1032,12 @@ def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
         handle.remove()
     return captured[0]
 
-
 def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a text ([CLS] / [SEP], <s>, or none)."""
     plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
     wrapped = tokenizer("hello")["input_ids"]
     start = next(i for i in range(len(wrapped)) if wrapped[i:i + len(plain)] == plain)
     return wrapped[:start], wrapped[start + len(plain):]
-
 
 def context_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens around each context: the tokenizer's own, and its BOS token first when it has one,
@@ -1124,7 +1049,6 @@ def context_wrapping(tokenizer) -> tuple[list[int], list[int]]:
         before = [bos, *before]
     return before, after
 
-
 def text_blocks(paths, block: int = 1 << 20) -> Iterator[str]:
     """The text files, about `block` characters at a time, cut at line ends; files are joined by a blank line."""
     for n, path in enumerate(paths):
@@ -1135,7 +1059,6 @@ def text_blocks(paths, block: int = 1 << 20) -> Iterator[str]:
             while text := f.read(block) + f.readline():
                 yield ("\n\n" if n and first else "") + text
                 first = False
-
 
 def iter_contexts(tokenizer, paths, ctx: int) -> Iterator[list[int]]:
     """Contexts of ctx token ids, wrapped as context_wrapping says, tokenised lazily: the text is read and
@@ -1151,7 +1074,6 @@ def iter_contexts(tokenizer, paths, ctx: int) -> Iterator[list[int]]:
             yield before + ids[:body] + after
             ids = ids[body:]
 
-
 def make_contexts(tokenizer, paths, ctx: int, limit: Optional[int] = None) -> torch.Tensor:
     """The first `limit` contexts (all when None) as an (N, ctx) tensor; the text past them is never read."""
     contexts = list(itertools.islice(iter_contexts(tokenizer, paths, ctx), limit))
@@ -1163,14 +1085,12 @@ def make_contexts(tokenizer, paths, ctx: int, limit: Optional[int] = None) -> to
                          f"ctx={ctx} needs {body} (plus {ctx - body} special tokens)")
     return torch.tensor(contexts)
 
-
 def token_mask(input_ids: torch.Tensor, special_ids, keep_first: bool = False) -> torch.Tensor:
     """(N, T) bool: the positions to train on. Position 0 is the attention sink; special tokens are not text."""
     keep = ~torch.isin(input_ids, torch.tensor(sorted(special_ids), dtype=input_ids.dtype))
     if not keep_first:
         keep[:, 0] = False
     return keep
-
 
 def harvest(model, contexts: torch.Tensor, layer: int, mask: torch.Tensor, batch: int,
             max_tokens: int, progress: bool = True) -> torch.Tensor:
@@ -1188,18 +1108,15 @@ def harvest(model, contexts: torch.Tensor, layer: int, mask: torch.Tensor, batch
                 break
     return torch.cat(out)
 
-
 def context_lengths(mask: torch.Tensor, rows: int) -> list[int]:
     """How many of the first `rows` harvested rows each context (a row of mask (N, T)) gave, for the store."""
     lengths = mask.sum(1).cumsum(0).clamp(max=rows).diff(prepend=torch.zeros(1, dtype=torch.long))
     return [n for n in lengths.tolist() if n]
 
-
 class CE(NamedTuple):
     mean: float     # mean next-token cross-entropy over the counted positions
     counted: int    # positions averaged
     excluded: int   # positions left out: their input norm exceeded max_norm (massive activations)
-
 
 def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     """The LM head on final hidden states h (n, d) -> (n, vocab), with Gemma 2's logit soft-capping. Called
@@ -1208,7 +1125,6 @@ def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     logits = nnf.linear(h, head.weight, head.bias).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return cap * torch.tanh(logits / cap) if cap else logits
-
 
 @torch.inference_mode()
 def head_is_separable(model, ids: torch.Tensor) -> bool:
@@ -1222,14 +1138,12 @@ def head_is_separable(model, ids: torch.Tensor) -> bool:
         handle.remove()
     return torch.allclose(head_logits(model, captured[0]), logits, rtol=1e-4, atol=1e-4)
 
-
 def chunked_ce(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per position from final hidden states h (n, d), a chunk of positions at a time: the
     (n, vocab) logits never exist whole, only about 64 MB of them."""
     chunk = max(1, (1 << 24) // model.get_output_embeddings().weight.shape[0])
     return torch.cat([nnf.cross_entropy(head_logits(model, a), b, reduction="none")
                       for a, b in zip(h.split(chunk), targets.split(chunk))])
-
 
 @torch.inference_mode()
 def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, replace=None,
@@ -1280,7 +1194,6 @@ def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, re
             handle.remove()
     return CE(total / counted, counted, excluded)
 
-
 def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: int,
             max_norm: float = math.inf) -> dict:
     """What splicing the SAE in costs the LM: clean, spliced and zero-ablated CE, and loss recovered. The CE
@@ -1295,7 +1208,6 @@ def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: in
         return r | {"loss_recovered": None, "loss_recovered_reason": "zero-ablation CE equals the clean CE"}
     return r | {"loss_recovered": (zero - spliced) / (zero - clean.mean)}
 
-
 def dropped_tokens(acts: torch.Tensor, threshold: float, contexts: torch.Tensor, mask: torch.Tensor,
                    tokenizer, top: int = 8) -> dict:
     """Which tokens, at which positions, the norm filter dropped: the most common of each, with counts.
@@ -1309,7 +1221,6 @@ def dropped_tokens(acts: torch.Tensor, threshold: float, contexts: torch.Tensor,
         return {name(int(v[i])): int(c[i]) for i in order}
     return {"dropped_tokens": most_common(ids, lambda t: tokenizer.convert_ids_to_tokens(t)),
             "dropped_positions": most_common(positions, str)}
-
 
 def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs),
@@ -1354,12 +1265,10 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     return train_acts, eval_acts, {"model": model, "contexts": contexts[:n_eval], "mask": mask[:n_eval],
                                    "splice": causal, "max_norm": report["train"]["threshold"], "report": report}
 
-
 def file_digest(path) -> dict:
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": digest}
-
 
 def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
     """What a store's manifest says about how it was made: the model and layer, the context, the treatment
@@ -1372,7 +1281,6 @@ def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
             "max_norm_ratio": cfg.max_norm_ratio, "massive_activations": "kept in the store; training drops them",
             "text": [file_digest(p) for p in cfg.text], "torch": torch.__version__}
 
-
 def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> dict:
     """Write hidden_states[layer] of --model on --text to an activation store, shard by shard: the text is
     tokenised lazily and reading stops at max_tokens, so memory holds one model batch and one shard."""
@@ -1382,7 +1290,6 @@ def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> d
     except WriteError as err:
         raise WriteError(f"{err}; the store in {out} is unfinished (it has no manifest.json) and will be refused "
                          f"by training; free some space, then harvest again with --overwrite") from None
-
 
 def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> dict:
     writer, total, start = StoreWriter(out, cfg.dtype), 0, time.perf_counter()
@@ -1406,7 +1313,6 @@ def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> 
           f"tokens above {cfg.max_norm_ratio:g} x the median norm")
     return manifest
 
-
 # ============================================================================= 8. Evaluation
 
 class Moments:
@@ -1424,7 +1330,6 @@ class Moments:
     def total_variance(self) -> float:  # sum over dims of Var
         mean = self.sum / self.count
         return float((self.sumsq / self.count - mean.pow(2)).sum())
-
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> dict:
@@ -1462,7 +1367,6 @@ def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> d
     return {"ev": ev, "fvu": 1.0 - ev, "l0": l0 / x_m.count, "dead_fraction": float(dead.float().mean()),
             "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12) if dead.any() else 0.0}
 
-
 def format_table(header: list[str], rows: list[list]) -> str:
     """The one table printer: cells as strings, the first column left-aligned and the others right-aligned,
     a rule under the header."""
@@ -1472,7 +1376,6 @@ def format_table(header: list[str], rows: list[list]) -> str:
              for row in cells]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
-
 def results_table(rows: list[dict]) -> str:
     """The main job's comparison: one row per SAE's metrics."""
     return format_table(["SAE", "F", "k", "tokens", "EV", "L0", "dead %", "enc FLOPs/tok", "params", "ms/step"], [[
@@ -1480,12 +1383,10 @@ def results_table(rows: list[dict]) -> str:
         f"{r['tokens']:,}", f"{r['ev']:.4f}", f"{r['l0']:.1f}", f"{100 * r['dead_fraction']:.1f}",
         f"{r['encoder_flops_per_token']:,}", f"{r['params']:,}", f"{r['ms_per_step']:.1f}"] for r in rows])
 
-
 def mean_std(values: list[float]) -> dict:
     """{"mean", "std"} of repeated measurements (seeds, set-ups); std is the sample std (n - 1), 0 for one value."""
     t = torch.tensor(values, dtype=torch.float64)
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
-
 
 # ============================================================================= 9. Checkpoints and runs
 
@@ -1496,31 +1397,25 @@ Sync = Optional[Callable[[torch.Tensor], torch.Tensor]]  # data parallel: a tens
 ARCHS = {"topk": (TopKSAE, {"d_in": "d_in", "dict_size": "F", "k": "k"}),
          "kron": (KronSAE, {"d_in": "d_in", "h": "h", "m": "m", "n": "n", "k": "k", "kernel": "kernel"})}
 
-
 def sae_config(sae: SparseAutoencoder) -> dict:
     """The constructor arguments that rebuild `sae`, with its architecture's name (config.json)."""
     arch = next(name for name, (cls, _) in ARCHS.items() if type(sae) is cls)
     return {"arch": arch, **{arg: getattr(sae, attr) for arg, attr in ARCHS[arch][1].items()}}
 
-
 def build_sae(config: dict) -> SparseAutoencoder:
     config = dict(config)
     return ARCHS[config.pop("arch")][0](**config)
 
-
 def num_params(sae: nn.Module) -> int:
     return sum(p.numel() for p in sae.parameters())
-
 
 # What a failed write most often means, in words. A full disk ends a long run more often than anything else.
 WRITE_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EFBIG: "the file would exceed the size limit on files (ulimit -f)",
                 errno.EROFS: "the file system is read-only"}
 
-
 class WriteError(OSError):
     """A file could not be written; the message names it and the cause in words. Its temporary file is gone."""
-
 
 def write_atomic(path, write: Callable):
     """write(f) into a temporary file beside `path`, then rename it over `path` (creating the folders): readers
@@ -1540,23 +1435,19 @@ def write_atomic(path, write: Callable):
         cause = WRITE_CAUSES.get(err.errno, err.strerror or f"the write fell short ({err})")
         raise WriteError(f"could not write {path}: {cause}") from None
 
-
 def save_figure(fig, path):
     """A matplotlib figure as a PNG, written atomically (write_atomic)."""
     write_atomic(path, lambda f: fig.savefig(f, dpi=90, format="png"))
-
 
 def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
-
 def npy_bytes(array: np.ndarray) -> bytes:  # np.save's own writes raise OSErrors without an errno
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
 
 def save(sae: SparseAutoencoder, directory: str):
     """Write sae.safetensors and config.json, each atomically (write_atomic). Non-finite weights are refused:
@@ -1568,7 +1459,6 @@ def save(sae: SparseAutoencoder, directory: str):
     weights = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
     write_atomic(Path(directory, "sae.safetensors"), lambda f: f.write(safetensors_bytes(weights)))
     write_json(Path(directory, "config.json"), sae_config(sae))
-
 
 def load(directory: str, device="cpu") -> SparseAutoencoder:
     """The exact inverse of save. A missing or corrupt checkpoint raises ValueError naming what is wrong.
@@ -1584,14 +1474,12 @@ def load(directory: str, device="cpu") -> SparseAutoencoder:
         raise ValueError(f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})") from None
     return sae.to(device)
 
-
 def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     if scale == 1.0:
         return sae
     twin = copy.deepcopy(sae)
     fold_input_scale_(twin, scale)
     return twin
-
 
 class LatentStats:
     """Per latent, over the tokens counted: importance E[a^2] (mean squared activation) and firing frequency,
@@ -1622,7 +1510,6 @@ class LatentStats:
     def frequency(self) -> torch.Tensor:  # (F,) share of tokens on which each latent fired
         return (self.fire_count / max(self.tokens, 1)).float().cpu()
 
-
 @dataclass
 class RunState:
     """What run_training carries from step to step, and what a checkpoint saves to resume exactly: AdamW, the
@@ -1642,11 +1529,9 @@ class RunState:
         since = torch.zeros(sae.F, dtype=torch.long, device=device)
         return cls(optimizer, make_schedule(optimizer, cfg), since, LatentStats(sae.F, device))
 
-
 # The resume state holds tensors, numbers, strings and plain containers only, so that torch.load reads it with
 # weights_only=True: a run directory from someone else can never run code here (PyTorch >= 2.6's default).
 RUN_STATE_FORMAT = 2
-
 
 def rng_states() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -1654,14 +1539,12 @@ def rng_states() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                       gauss], "python": [version, list(internal), gauss_next]}
 
-
 def set_rng_states(rng: dict):
     torch.set_rng_state(rng["torch"])
     kind, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = rng["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
 
 def save_run_state(directory: str, sae: SparseAutoencoder, state: RunState, batches, scale: float):
     """A checkpoint that resumes exactly: the SAE for raw inputs (sae.safetensors, as `load` reads it), and
@@ -1676,7 +1559,6 @@ def save_run_state(directory: str, sae: SparseAutoencoder, state: RunState, batc
             "batches": batches.state_dict() if hasattr(batches, "state_dict") else None, "rng": rng_states()}
     write_atomic(Path(directory, "train_state.pt"), lambda f: f.write(torch_bytes(blob)))
     save(folded_copy(sae, scale), directory)
-
 
 def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, batches) -> tuple[RunState, float]:
     """Restore what save_run_state wrote into `sae`, a fresh RunState and `batches`; returns (state, scale).
@@ -1711,7 +1593,6 @@ def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, bat
         raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
     return state, blob["scale"]
 
-
 def export_saelens(directory: str, destination: str) -> Path:
     """Write the TopK SAE saved in `directory` in SAELens's format: cfg.json (architecture topk, its k) and
     sae_weights.safetensors with W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,). SAELens encodes
@@ -1738,14 +1619,12 @@ def export_saelens(directory: str, destination: str) -> Path:
     print(f"wrote a SAELens TopK SAE (d_in={sae.d_in}, d_sae={sae.F}, k={sae.k}) to {destination}")
     return Path(destination)
 
-
 class Interrupted(Exception):
     """A run stopped between two steps (Ctrl-C): the step finished, and its checkpoint, if any, is complete."""
 
     def __init__(self, step: int, steps: int, out: str):
         self.step, self.steps, self.out = step, steps, out
         super().__init__(f"interrupted after step {step} of {steps}")
-
 
 def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
                  out: str = "", save_every: int = 0, progress: bool = True,
@@ -1806,16 +1685,13 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     fold_input_scale_(sae, scale)
     return state
 
-
 def sum_grad_(p: torch.Tensor, sync):
     p.grad.copy_(sync(p.grad))
-
 
 def synced_variance(t: torch.Tensor, sync) -> torch.Tensor:
     """total_variance (section 3) of the whole batch, when each process holds a slice of it."""
     mean = sync(t.sum(0)) / sync(t.new_tensor(float(t.shape[0])))
     return sync((t - mean).pow(2).sum())
-
 
 def checkpoint_or_stop(sae, state: RunState, cfg: TrainConfig, batches, scale: float, out: str, save_every: int,
                        stop, sync: Sync):
@@ -1833,7 +1709,6 @@ def checkpoint_or_stop(sae, state: RunState, cfg: TrainConfig, batches, scale: f
                              f"{run}") from None
     if stopping:
         raise Interrupted(state.step, cfg.steps, out)
-
 
 # ============================================================================= 10. The main job and the kernel ablation
 
@@ -1882,9 +1757,7 @@ class SAEConfig:
             return TopKSAE(d_in=d_in, dict_size=self.dict_size, k=self.k)
         return KronSAE(d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, kernel=self.kernel)
 
-
 MATCHES = ("tokens", "flops", "time")
-
 
 @dataclass
 class RunConfig:
@@ -1910,7 +1783,6 @@ class RunConfig:
         if self.save_every and not (self.out or self.resume):
             raise ValueError("--save-every needs --out DIR to write its checkpoints to")
 
-
 def check_device(name: str):
     """The requested device exists on this machine (auto always does)."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -1918,7 +1790,6 @@ def check_device(name: str):
                          f"use --device cpu or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("--device mps: the Apple MPS backend is not available here; use --device cpu or auto")
-
 
 def check_writable(path: str, flag: str, directory: bool = False):
     """Before any work: `path` can be written. It is an existing file (or folder, for a directory) with
@@ -1934,11 +1805,9 @@ def check_writable(path: str, flag: str, directory: bool = False):
     if not os.access(ancestor, os.W_OK):
         raise ValueError(f"--{flag} {path} cannot be written: no write permission on {ancestor}")
 
-
 def holds_run(directory: str) -> bool:
     return Path(directory, "run.json").exists() or any(Path(directory, arch, name).exists() for arch in ("topk", "kron")
                                                        for name in ("sae.safetensors", "train_state.pt"))
-
 
 @dataclass
 class Settings:
@@ -1981,7 +1850,6 @@ class Settings:
     def from_dict(cls, d: dict) -> Settings:
         return cls(SAEConfig(**d["sae"]), TrainConfig(**d["train"]), DataConfig(**d["data"]), RunConfig(**d["run"]))
 
-
 def resume_settings(directory: str) -> Settings:
     """The settings of the run saved in `directory` (its run.json), set up to continue it there."""
     path = Path(directory, "run.json")
@@ -1993,7 +1861,6 @@ def resume_settings(directory: str) -> Settings:
         raise ValueError(f"--resume {directory}: {path} is not a run's settings ({err})") from None
     return dataclasses.replace(s, run=dataclasses.replace(s.run, out=str(directory), resume=str(directory),
                                                           overwrite=False))
-
 
 class Dist(NamedTuple):
     """This process's place in a data-parallel run under torchrun; rank 0 of 1 otherwise."""
@@ -2011,7 +1878,6 @@ class Dist(NamedTuple):
             torch.distributed.all_reduce(t)
             return t
         return all_sum
-
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on the CPU and nccl on CUDA, one GPU per
@@ -2033,13 +1899,11 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints, saves and writes the JSON
     return Dist(rank, world), device
 
-
 def set_seed(seed: int):
     """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
 
 def pick_device(name: str = "auto") -> torch.device:
     device = torch.device(name) if name != "auto" else torch.device(
@@ -2049,7 +1913,6 @@ def pick_device(name: str = "auto") -> torch.device:
         print(f"note: embedding_bag does not run on {device.type} in this PyTorch; the sparse sums gather rows "
               f"instead (bag_sum), which is slower and holds (B, k, d)", file=sys.stderr)
     return device
-
 
 class TrainData(NamedTuple):
     """The training rows, as ShuffledBatches takes them: an (N, d) tensor, or a store's shards as Rows."""
@@ -2062,13 +1925,11 @@ class TrainData(NamedTuple):
     def of(cls, x: torch.Tensor) -> TrainData:
         return cls(x, x.shape[1], x.shape[0], input_scale(x))
 
-
 def file_or_synthetic_data(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) rows from --data, or synthetic block-correlated data when no file is given."""
     n = s.train.steps * s.train.batch // 4 + s.data.eval_tokens
     data = load_data(s.data.data) if s.data.data else make_dataset(n, seed=s.run.seed)
     return split_data(data, s.data.eval_tokens, s.run.seed)
-
 
 def prepared_data(s: Settings, device) -> tuple[TrainData, torch.Tensor, Optional[dict], dict]:
     """(training data, held-out rows, what lm_cost needs or None, the data report for the JSON), with massive
@@ -2093,7 +1954,6 @@ def prepared_data(s: Settings, device) -> tuple[TrainData, torch.Tensor, Optiona
     print(f"data: {train.tokens} training rows of width {train.d} ({source}), "
           f"{held_out.shape[0]} held out, device {device}")
     return train, held_out, lm, report
-
 
 def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, progress=True,
             stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None,
@@ -2131,7 +1991,6 @@ def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, pr
                    train_flops=s.train.steps * s.train.batch * sae.flops_per_token())
     return sae, metrics, result
 
-
 def matched_steps(s: Settings, arch: str, train_data: TrainData, device, topk_seconds: Optional[float] = None,
                   dist: Dist = Dist()) -> int:
     """Steps of --batch tokens that `arch` trains for under --match. tokens: --steps. flops: the training FLOPs
@@ -2157,7 +2016,6 @@ def matched_steps(s: Settings, arch: str, train_data: TrainData, device, topk_se
         write_json(record, {"match": s.run.match, "steps": steps, "topk_steps": s.train.steps})
     return steps
 
-
 def seconds_per_step(arch: str, s: Settings, train_data: TrainData, device, dist: Dist = Dist(),
                      warm: int = 10) -> float:
     """Mean seconds of `warm` training steps of a fresh `arch` SAE, after 2 steps that pay for first allocations;
@@ -2173,14 +2031,12 @@ def seconds_per_step(arch: str, s: Settings, train_data: TrainData, device, dist
     per_step = (state.seconds - primed) / warm
     return per_step if dist.sync is None else float(dist.sync(torch.tensor(per_step, dtype=torch.float64))) / dist.world
 
-
 def finish_step_on_sigint():
     """A SIGINT handler that lets the current step finish: returns (stop, restore). stop(sae, state) is true
     once Ctrl-C was pressed; restore() puts the previous handler back."""
     pressed = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     return (lambda sae, state: bool(pressed)), (lambda: signal.signal(signal.SIGINT, previous))
-
 
 def json_safe(obj):
     """obj with every NaN or infinity replaced by None, so that the JSON is strict."""
@@ -2192,17 +2048,14 @@ def json_safe(obj):
         return [json_safe(v) for v in obj]
     return obj
 
-
 def write_json(path: str, obj):
     text = json.dumps(json_safe(obj), indent=2, allow_nan=False)
     write_atomic(path, lambda f: f.write(text.encode()))
-
 
 def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict:
     """How a result was made: every setting, the torch version, the device, the world size, the time."""
     return {**s.to_dict(), "torch": torch.__version__, "device": str(device), "world_size": world_size,
             "seconds": seconds, "command": " ".join(sys.argv)}
-
 
 def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None) -> dict:
     """Train TopK and/or KronSAE on the same data and print them side by side. Ctrl-C (or stop(sae, state)
@@ -2247,7 +2100,6 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
                                 "config": provenance(s, device, time.perf_counter() - start, dist.world)})
     return results
 
-
 # The paper's ablations, as one sweep. Kernels (section 5, table 1): the same KronSAE with mAND, ReLU(u)ReLU(v) or
 # u v. Shapes (fig. 2, appendix A.8): TopK and KronSAEs of several (m, n) at one F and k. Budgets (figs. 1, 3, 9):
 # TopK step counts, each SAE matched to them by --match (tokens, flops or time). Every cell runs over several
@@ -2261,7 +2113,6 @@ def check_ablation(s: Settings):
     if s.sae.kernel != "mand":
         raise ValueError("ablate takes its kernels from --kernels; drop --kernel")
 
-
 def shape_names(text: str) -> list:
     """'topk,2x4,8x8' -> ['topk', (2, 4), (8, 8)]."""
     shapes = []
@@ -2274,12 +2125,10 @@ def shape_names(text: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}")
     return shapes
 
-
 def shape_label(shape, kernel: str, kernels: list[str]) -> str:
     if shape == "topk":
         return "topk"
     return f"{shape[0]}x{shape[1]}" + (f" {kernel}" if len(kernels) > 1 else "")
-
 
 def ablate(s: Settings, kernels: list[str], seeds: int, shapes: Optional[list] = None,
            budgets: Optional[list[int]] = None, figure: str = "") -> dict:
@@ -2328,7 +2177,6 @@ def ablate(s: Settings, kernels: list[str], seeds: int, shapes: Optional[list] =
             "shapes": [sh if sh == "topk" else f"{sh[0]}x{sh[1]}" for sh in shapes], "budgets": budgets}})
     return result
 
-
 def ablation_summary(runs: list[dict], s: Settings, kernels: list[str], shapes: list, budgets: list[int]) -> dict:
     """The cells: for each shape, kernel and budget, mean ± std over seeds of EV, and the means of steps, tokens,
     training FLOPs and seconds. `kernels`: today's kernel-ablation keys for the first KronSAE shape."""
@@ -2347,7 +2195,6 @@ def ablation_summary(runs: list[dict], s: Settings, kernels: list[str], shapes: 
               for c in cells if c["shape"] == first and c["budget"] == budgets[0]}
     return {"kernels": legacy, "cells": cells, "runs": runs, "match": s.run.match}
 
-
 def print_ablation(result: dict, s: Settings, seeds: int):
     print(f"\nF={s.sae.dict_size}, k={s.sae.k}, --match {s.run.match}: held-out EV over {seeds} seed(s), mean ± std; "
           f"steps, tokens, training FLOPs (eq. 7 per token) and seconds are means over the seeds")
@@ -2357,7 +2204,6 @@ def print_ablation(result: dict, s: Settings, seeds: int):
                          f"{c['train_flops'] / 1e9:,.1f}", f"{c['seconds']:.1f}",
                          f"{c['ev_mean']:.4f} ± {c['ev_std']:.4f}",
                          " ".join(f"{ev:.4f}" for ev in c["evs"])] for c in result["cells"]]))
-
 
 def save_ablation_figure(result: dict, path: str, s: Settings):
     """EV against training FLOPs and against seconds, one line per shape (and kernel), error bars ± std."""
@@ -2383,7 +2229,6 @@ def save_ablation_figure(result: dict, path: str, s: Settings):
     fig.tight_layout()
     save_figure(fig, path)
 
-
 # ============================================================================= 11. Progressive coding
 # Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190,
 # compare Matryoshka SAEs with plain SAEs pruned by latent importance.
@@ -2404,7 +2249,6 @@ def matryoshka_prefixes(sizes, F: int, multiple: int = 1) -> list[int]:
                          f"straddles two groups, got {bad}")
     return sizes if sizes[-1] == F else sizes + [F]
 
-
 def matryoshka_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, variance: Optional[torch.Tensor] = None,
                     prefixes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, x_hat) as reconstruction_loss (section 3) returns them: the sum over prefixes M (checked by
@@ -2419,8 +2263,6 @@ def matryoshka_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, vari
     x_hats = parts.view(G, B, -1).cumsum(0) + sae.b_dec                                        # (G, B, d)
     return sum(normalized_mse(x, x_hat, variance) for x_hat in x_hats), x_hats[-1]
 
-
-
 @torch.no_grad()
 def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, ...]:
     """Per latent, over `data`: importance E[a^2] and firing frequency, (F,) each: LatentStats over held-out data."""
@@ -2428,7 +2270,6 @@ def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) 
     for x in data.split(batch):
         stats.update(*sae.encode(x.to(sae.W_dec.device)))
     return stats.importance, stats.frequency
-
 
 def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
     """Least squares in log-log of importance against rank: importance ~ C * rank^-alpha.
@@ -2441,12 +2282,10 @@ def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
     residual = y - (slope * x + intercept)
     return float(-slope), float(1 - residual.pow(2).sum() / (y - y.mean()).pow(2).sum())
 
-
 def rank_latents(sae: SparseAutoencoder, score: torch.Tensor) -> torch.Tensor:
     """Latent order, best first, by `score` (F,), in whole groups (KronSAE: heads) ranked by their summed score."""
     heads = score.view(-1, sae.group).sum(-1).argsort(descending=True)
     return (heads[:, None] * sae.group + torch.arange(sae.group)).flatten()
-
 
 def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
     """A smaller SAE of the same class that keeps latents `keep` (in that order) and drops the rest.
@@ -2468,7 +2307,6 @@ def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
         small.b_dec.copy_(sae.b_dec)
     return small
 
-
 @torch.no_grad()
 def prefix_cut_fvu(sae: SparseAutoencoder, data: torch.Tensor, G: int, batch: int = 4096) -> float:
     """FVU of prefix G as Matryoshka training scores it (reconstruction_loss): the top k over all F latents,
@@ -2480,7 +2318,6 @@ def prefix_cut_fvu(sae: SparseAutoencoder, data: torch.Tensor, G: int, batch: in
         x_m.add(x)
         r_m.add(x - sae.decode(values * (indices < G), indices))
     return r_m.total_variance() / x_m.total_variance()
-
 
 def progressive_curves(plain: SparseAutoencoder, matryoshka: SparseAutoencoder, eval_data: torch.Tensor,
                        sizes: list[int]) -> dict:
@@ -2497,12 +2334,10 @@ def progressive_curves(plain: SparseAutoencoder, matryoshka: SparseAutoencoder, 
     alpha, r2 = fit_power_law(importance)
     return {"G": sizes, "fvu": curves, "power_law_alpha": alpha, "power_law_r2": r2}
 
-
 def paper_ordering(fvu: dict, matryoshka: str) -> bool:
     """The paper's ordering at every G < F: Matryoshka < pruned by E[a^2] < unsorted prefix."""
     return all(fvu[matryoshka][i] < fvu["pruned_importance"][i] < fvu["unsorted_prefix"][i]
                for i in range(len(fvu[matryoshka]) - 1))
-
 
 def save_progressive_figure(results: dict, path: str):
     import matplotlib
@@ -2521,7 +2356,6 @@ def save_progressive_figure(results: dict, path: str):
     save_figure(fig, path)
     plt.close(fig)
 
-
 def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
     """s with Matryoshka prefixes G = F/16, F/8, F/4, F/2, F (validated by Settings), and those sizes."""
     if s.sae.matryoshka:
@@ -2533,7 +2367,6 @@ def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
         raise ValueError(f"progressive needs F divisible by 16, got F={s.sae.dict_size}")
     sizes = [s.sae.dict_size // 16 * i for i in (1, 2, 4, 8, 16)]
     return dataclasses.replace(s, sae=dataclasses.replace(s.sae, matryoshka=tuple(sizes))), sizes
-
 
 def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) -> dict:
     """Train a plain and a Matryoshka SAE per arch and seed, then compare FVU at G = F/16 ... F (Peter and
@@ -2585,7 +2418,6 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
                                 "config": provenance(s, device, time.perf_counter() - start) | {"seeds": seeds}})
     return results
 
-
 # ============================================================================= 12. Benchmark
 
 @dataclass
@@ -2625,11 +2457,9 @@ class BenchConfig:
             raise ValueError(f"--device must be auto, cpu, cuda or mps, and --naive, --profile and --sparsify-bf16 "
                              f"0 or 1; got {self.device!r}, {self.naive}, {self.profile} and {self.sparsify_bf16}")
 
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 def median_ms(fn, device, repeats: int, warmup: bool = True) -> float:
     if warmup:
@@ -2642,7 +2472,6 @@ def median_ms(fn, device, repeats: int, warmup: bool = True) -> float:
         sync(device)
         times.append(1000 * (time.perf_counter() - start))
     return float(np.median(times))
-
 
 def peak_bytes(fn, device) -> int:
     """Peak memory that fn allocates beyond what is alive when it starts.
@@ -2666,7 +2495,6 @@ def peak_bytes(fn, device) -> int:
         peak = max(peak, live)
     return peak
 
-
 def time_step(x: torch.Tensor, bcfg: BenchConfig, model: nn.Module, fwd_bwd, fwd_bwd_aux, opt_step,
               encoder_rows: int, once: bool = False) -> dict:
     """The timing columns of one SAE: fwd+bwd, with AuxK, the optimiser step, peak memory, and a plain matmul
@@ -2684,12 +2512,10 @@ def time_step(x: torch.Tensor, bcfg: BenchConfig, model: nn.Module, fwd_bwd, fwd
             "gemm_gflops": 2 * x.shape[0] * encoder_rows * x.shape[1] / gemm_ms / 1e6,
             "step_over_gemm": fwd_bwd_ms / gemm_ms}
 
-
 def dead_mask(F: int, share: float, device) -> torch.Tensor:
     dead = torch.zeros(F, dtype=torch.bool, device=device)
     dead[torch.randperm(F, device=device)[:int(share * F)]] = True
     return dead
-
 
 def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """Time fwd+bwd of the reconstruction loss, and separately the optimiser step with its constraint steps.
@@ -2720,7 +2546,6 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
     row |= time_step(x, bcfg, sae, fwd_bwd, fwd_bwd_aux, opt_step, sae.W_enc.shape[0], once=naive)
     return row | {"gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6}
 
-
 @functools.cache
 def has_sparsify() -> bool:
     """Whether EleutherAI's sparsify imports here (its column is optional; a broken install just skips it)."""
@@ -2729,7 +2554,6 @@ def has_sparsify() -> bool:
     except Exception:
         return False
     return True
-
 
 def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """EleutherAI's sparsify TopK SAE (pip install eai-sparsify), timed like ours: the same loss, AuxK on the same
@@ -2760,7 +2584,6 @@ def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     row |= time_step(x, bcfg, coder, fwd_bwd, fwd_bwd_aux, opt_step, F)
     return row | {"gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6}
 
-
 def bench_models(bcfg: BenchConfig):
     """(section, class, kwargs) for each model to time: per F, TopK, sparsify's TopK when installed, KronSAE
     per shape, naive per shape; then flat-in-F. Models are built one at a time, so no model's memory outlives
@@ -2780,7 +2603,6 @@ def bench_models(bcfg: BenchConfig):
                           dict(d_in=d, h=bcfg.flat_width // (2 * mn), m=mn, n=mn, k=k)))
     return specs
 
-
 # The phases of a training step. Methods of the SAE are wrapped in profiler ranges with these labels; a few
 # operators and autograd nodes are phases by themselves. Every operator's own time goes to the nearest phase
 # above it, so the phases add up to the profiled time, and the real train_step is what runs.
@@ -2792,13 +2614,11 @@ PROFILE_OPS = {"aten::addmm": "encoder GEMM", "GatherLinearBackward": "backward:
                "Optimizer.step#AdamW.step": "AdamW"}
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 
-
 def labelled(method, label: str):
     def run(*args, **kwargs):
         with torch.profiler.record_function(label):
             return method(*args, **kwargs)
     return run
-
 
 def phase_of(event) -> str:
     """The phase an operator's own time belongs to: its nearest enclosing phase."""
@@ -2812,7 +2632,6 @@ def phase_of(event) -> str:
             return "backward: activation and losses"
         event = event.cpu_parent
     return "losses, clipping, bookkeeping"
-
 
 def profile_step(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, steps: int = 3) -> dict:
     """ms per phase of a whole train_step (AuxK on the `dead` latents, clipping, AdamW, decoder renorm), from
@@ -2842,7 +2661,6 @@ def profile_step(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, st
             times[phase] = times.get(phase, 0.0) + own / 1000 / steps
     return times | {"step (unprofiled)": wall}
 
-
 def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
     """profile_step of TopK and KronSAE (first of --shapes) at every F; prints one table per F."""
     (m, n), out = bcfg.mn_list[0], {}
@@ -2862,14 +2680,11 @@ def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
         out[F] = times
     return out
 
-
 BENCH_TARGETS = {"kron_8x8_speedup": {16384: 3.0, 65536: 3.5}, "naive_speedup": 5.0, "flat": 1.5,
                  "step_over_gemm": 1.5}
 
-
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
     return "met" if (value >= target if higher_is_better else value <= target) else "missed"
-
 
 def bench_verdicts(rows: list[dict]) -> list[str]:
     """This run's numbers against the targets (BENCH_TARGETS), each with 'met' or 'missed'."""
@@ -2909,7 +2724,6 @@ def bench_verdicts(rows: list[dict]) -> list[str]:
             f"{verdict(r['step_over_gemm'], BENCH_TARGETS['step_over_gemm'], higher_is_better=False)}" for r in kron))
     return out
 
-
 def bench(bcfg: BenchConfig) -> list[dict]:
     check_device(bcfg.device)
     if bcfg.json:
@@ -2945,7 +2759,6 @@ def bench(bcfg: BenchConfig) -> list[dict]:
                                "rows": rows})
     return rows
 
-
 # ============================================================================= 13. CLI
 
 def tune_cpu_allocator():
@@ -2961,7 +2774,6 @@ def tune_cpu_allocator():
     libc.mallopt(M_TOP_PAD, 2**28)
     libc.mallopt(M_MMAP_MAX, 0)  # every block from the reusable heap, even the (F, d) decoder gradient
 
-
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line, `kronsae.py: error: ...`, with exit status 2 and no usage dump.
     Flags are never abbreviated: `ablate --kernel` must not quietly mean --kernels."""
@@ -2974,7 +2786,6 @@ class Parser(argparse.ArgumentParser):
             message += f" ({self.prog} does not take them; see {self.prog} --help)"
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
-
 def comma_ints(text: str) -> tuple:
     """'256,512,1024' -> (256, 512, 1024), for flags that take a list."""
     try:
@@ -2982,9 +2793,7 @@ def comma_ints(text: str) -> tuple:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
-
 CLI_TYPES = {"matryoshka": comma_ints}  # fields whose flag is parsed from one string
-
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, only: Optional[tuple] = None,
                     drop: tuple = ()):
@@ -3005,7 +2814,6 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, onl
         else:
             group.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, help=help)
 
-
 def build_configs(parser: argparse.ArgumentParser, args: dict, make: Callable, check=None):
     """make(args) builds the configs; a ValueError from their validation (or from `check`) is a usage error."""
     try:
@@ -3016,15 +2824,12 @@ def build_configs(parser: argparse.ArgumentParser, args: dict, make: Callable, c
         parser.error(str(err))
     return configs
 
-
 SETTINGS_PARTS = {"sae": (SAEConfig, "the SAEs' shape"), "train": (TrainConfig, "training (optimiser, schedule, AuxK)"),
                   "data": (DataConfig, "data"), "run": (RunConfig, "the run (seed, device, outputs)")}
-
 
 # Flags that only say how --model is harvested: without --model they would do nothing, so they are refused
 MODEL_ONLY = ("layer", "text", "ctx", "model_batch", "max_tokens", "keep_first", "dtype", "save_acts")
 NOT_GIVEN = object()
-
 
 def given_args(parser: argparse.ArgumentParser, argv) -> tuple[dict, set]:
     """(every flag's value, the flags given on the command line): argparse fills a default only where the
@@ -3033,7 +2838,6 @@ def given_args(parser: argparse.ArgumentParser, argv) -> tuple[dict, set]:
     args = vars(parser.parse_args(argv, argparse.Namespace(**{d: NOT_GIVEN for d in dests})))
     given = {d for d in dests if args[d] is not NOT_GIVEN}
     return {d: args[d] if d in given else parser.get_default(d) for d in args}, given
-
 
 def parse_settings(parser: argparse.ArgumentParser, argv, check=None, refuse: Optional[dict] = None
                    ) -> tuple[Settings, dict]:
@@ -3062,7 +2866,6 @@ def parse_settings(parser: argparse.ArgumentParser, argv, check=None, refuse: Op
 
     return build_configs(parser, args, make, check), args
 
-
 def run_cli(job, *args):
     """Run a job. A user error, a diverged run or Ctrl-C ends with one clear line on stderr, never a
     traceback: exit status 1 for an error, 130 for Ctrl-C."""
@@ -3085,7 +2888,6 @@ def run_cli(job, *args):
     except (ValueError, OSError) as err:
         fail(f"error: {err}")
 
-
 def bench_main(argv):
     parser = Parser(prog="kronsae.py bench", description=(
         "Time one training step (forward + backward, and the optimiser step separately) of the TopK SAE, "
@@ -3096,17 +2898,14 @@ def bench_main(argv):
     bcfg = build_configs(parser, vars(parser.parse_args(argv)), lambda args: BenchConfig(**args))
     return run_cli(bench, bcfg)
 
-
 def refusing(names: tuple, reason: str) -> dict:
     return {name: reason for name in names}
-
 
 PROGRESSIVE_REFUSES = (refusing(("out", "resume", "save_every", "overwrite"), "progressive writes no checkpoints")
                        | refusing(("model", *MODEL_ONLY), "progressive trains on --data or synthetic data")
                        | {"matryoshka": "progressive sets the Matryoshka prefixes itself (F/16 ... F)"})
 ABLATE_REFUSES = (refusing(("out", "resume", "save_every", "overwrite"), "ablate writes no checkpoints")
                   | {"arch": "ablate trains KronSAEs only", "kernel": "ablate takes its kernels from --kernels"})
-
 
 def progressive_main(argv):
     parser = Parser(prog="kronsae.py progressive", description=(
@@ -3121,14 +2920,12 @@ def progressive_main(argv):
         parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
     return run_cli(progressive, s, extra["figure"], extra["seeds"])
 
-
 def kernel_names(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in KERNELS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated kernels from {', '.join(KERNELS)}, got {text!r}")
     return names
-
 
 def ablate_main(argv):
     parser = Parser(prog="kronsae.py ablate", description=(
@@ -3156,9 +2953,7 @@ def ablate_main(argv):
     return run_cli(lambda: ablate(s, extra["kernels"], extra["seeds"], extra["shapes"], extra["budgets"],
                                   extra["figure"])["kernels"])
 
-
 HARVEST_FIELDS = ("model", "layer", "text", "ctx", "model_batch", "max_tokens", "keep_first", "max_norm_ratio", "dtype")
-
 
 def check_store_out(out: str, overwrite: bool):
     """Before any work: refuse an --out that holds a store, finished or not, unless overwrite (StoreWriter
@@ -3167,7 +2962,6 @@ def check_store_out(out: str, overwrite: bool):
         state = "a finished" if Path(out, "manifest.json").exists() else "an unfinished (interrupted)"
         raise ValueError(f"--out {out} holds {state} activation store; pass --overwrite to replace it, "
                          f"or choose another --out")
-
 
 def harvest_main(argv):
     parser = Parser(prog="kronsae.py harvest", description=(
@@ -3195,7 +2989,6 @@ def harvest_main(argv):
     cfg = build_configs(parser, args, make)
     return run_cli(harvest_store, cfg, out, pick_device(device))
 
-
 def export_main(argv):
     parser = Parser(prog="kronsae.py export", description=(
         "Write a trained SAE in another library's on-disk format. saelens: cfg.json and sae_weights.safetensors "
@@ -3208,10 +3001,8 @@ def export_main(argv):
     args = parser.parse_args(argv)
     return run_cli(export_saelens, args.directory, args.destination)
 
-
 COMMANDS = {"harvest": harvest_main, "bench": bench_main, "progressive": progressive_main, "ablate": ablate_main,
             "export": export_main}
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -3231,7 +3022,6 @@ def main(argv=None):
             parser.error(f"--resume takes every setting from the saved run; drop {', '.join(others)}")
         s = build_configs(parser, {}, lambda _: resume_settings(s.run.resume))
     return run_cli(compare, s)
-
 
 if __name__ == "__main__":
     main()

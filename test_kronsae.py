@@ -2129,3 +2129,5 @@ def test_the_method_comes_first_and_stands_alone():
     for word in ("sync", "Trainer", "on_step", "DENSE_BACKWARD_SHARE", "has_embedding_bag", "resume", "seconds"):
         assert word not in part_1, word                 # data parallel, resume, timing, device probes: Part 2
     assert part_1.index("class NaiveKronSAE") < part_1.index("class KronSAE")   # the version to read first
+    end = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("# END OF THE METHOD"))
+    assert end <= 420, end                              # short enough to read in one sitting
