@@ -1991,13 +1991,13 @@ def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, pr
                    train_flops=s.train.steps * s.train.batch * sae.flops_per_token())
     return sae, metrics, result
 
-def matched_steps(s: Settings, arch: str, train_data: TrainData, device, topk_seconds: Optional[float] = None,
-                  dist: Dist = Dist()) -> int:
+def matched_steps(s: Settings, arch: str, train_data: TrainData, device, dist: Dist = Dist()) -> int:
     """Steps of --batch tokens that `arch` trains for under --match. tokens: --steps. flops: the training FLOPs
     TopK spends in --steps, counted by eq. 7 per token as the paper counts them (section 4.1), so a cheaper
-    encoder sees more tokens. time: TopK's seconds for --steps (`topk_seconds` when TopK was trained in this
-    run, else estimated as below), over this SAE's seconds per step from a short warm-up. A resumed run keeps
-    the count it was first given (OUT/arch/match.json), so that its schedule keeps its length."""
+    encoder sees more tokens. time: --steps times TopK's seconds per step over this SAE's, both from the same
+    short warm-up, so that a warm-up's own bias (its first steps, its AuxK load) cancels; the seconds each SAE
+    really used are reported beside. A resumed run keeps the count it was first given (OUT/arch/match.json), so
+    that its schedule keeps its length."""
     if s.run.match == "tokens" or arch == "topk":
         return s.train.steps
     record = Path(s.run.out, arch, "match.json") if s.run.out else None
@@ -2008,9 +2008,8 @@ def matched_steps(s: Settings, arch: str, train_data: TrainData, device, topk_se
     if s.run.match == "flops":
         steps = s.train.steps * topk.flops_per_token() / sae.flops_per_token()
     else:
-        if topk_seconds is None:
-            topk_seconds = s.train.steps * seconds_per_step("topk", s, train_data, device, dist)
-        steps = topk_seconds / seconds_per_step(arch, s, train_data, device, dist)
+        steps = s.train.steps * seconds_per_step("topk", s, train_data, device, dist) / seconds_per_step(
+            arch, s, train_data, device, dist)
     steps = max(1, round(steps))
     if record and dist.rank == 0:
         write_json(record, {"match": s.run.match, "steps": steps, "topk_steps": s.train.steps})
@@ -2075,13 +2074,10 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
     sigint_stop, restore = finish_step_on_sigint()
     results = {}
     try:
-        topk_seconds = None
-        for arch in s.sae.archs:  # TopK first: --match flops and time measure the others against it
-            steps = matched_steps(s, arch, train_data, device, topk_seconds, dist)
-            sae, results[arch], state = run_one(arch, train_data, eval_data, s, device, dist=dist, steps=steps,
-                                                stop=lambda *a: sigint_stop(*a) or (stop is not None and stop(*a)))
-            if arch == "topk":
-                topk_seconds = results[arch]["seconds"]
+        for arch in s.sae.archs:
+            steps = matched_steps(s, arch, train_data, device, dist)
+            sae, results[arch], _ = run_one(arch, train_data, eval_data, s, device, dist=dist, steps=steps,
+                                            stop=lambda *a: sigint_stop(*a) or (stop is not None and stop(*a)))
             if lm and lm["splice"]:
                 results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
                                              s.data.model_batch, lm["max_norm"]))
@@ -2147,21 +2143,19 @@ def ablate(s: Settings, kernels: list[str], seeds: int, shapes: Optional[list] =
     start, device = time.perf_counter(), pick_device(s.run.device)
     set_seed(s.run.seed)
     train_data, eval_data, _, data_report = prepared_data(s, device)
-    shapes = sorted(shapes, key=lambda shape: shape != "topk")        # TopK first: the others match it
+    shapes = sorted(shapes, key=lambda shape: shape != "topk")        # TopK first, the reference
     sigint_stop, restore = finish_step_on_sigint()
     runs = []
     try:
         for budget, seed in itertools.product(budgets, range(s.run.seed, s.run.seed + seeds)):
-            topk_seconds = None
             for shape, kernel in ((sh, k) for sh in shapes for k in (["-"] if sh == "topk" else kernels)):
                 arch, (m, n) = ("topk", (s.sae.m, s.sae.n)) if shape == "topk" else ("kron", shape)
                 shaped = dataclasses.replace(s.sae, arch=arch, m=m, n=n, h=0, kernel="mand" if arch == "topk" else kernel)
                 one = dataclasses.replace(s, sae=shaped, train=dataclasses.replace(s.train, steps=budget),
                                           run=dataclasses.replace(s.run, seed=seed))
                 print(f"{shape_label(shape, kernel, kernels)}, budget {budget} TopK steps, seed {seed}")
-                steps = matched_steps(one, arch, train_data, device, topk_seconds)
+                steps = matched_steps(one, arch, train_data, device)
                 metrics = run_one(arch, train_data, eval_data, one, device, stop=sigint_stop, steps=steps)[1]
-                topk_seconds = metrics["seconds"] if arch == "topk" else topk_seconds
                 runs.append({"shape": "topk" if arch == "topk" else f"{m}x{n}", "kernel": kernel, "budget": budget,
                              "seed": seed, **{key: metrics[key] for key in ("steps", "tokens", "train_flops", "seconds",
                                                                              "ev", "ev_train", "l0", "dead_fraction")}})
@@ -2217,7 +2211,7 @@ def save_ablation_figure(result: dict, path: str, s: Settings):
     for ax, key, label in ((axes[0], "train_flops", "training FLOPs (eq. 7 per token x tokens)"),
                            (axes[1], "seconds", "training seconds")):
         for name, cells in lines.items():
-            cells = sorted(cells, key=lambda c: c[key])
+            cells = sorted(cells, key=lambda c: c["budget"])
             ax.errorbar([c[key] for c in cells], [c["ev_mean"] for c in cells], [c["ev_std"] for c in cells],
                         marker="o", capsize=3, label=name, color="black" if name == "topk" else None)
         ax.set_xscale("log")
