@@ -247,6 +247,8 @@ class KronSAE(NaiveKronSAE):
 
 # The sparse kernel: both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) scores
 # per token reach the loss, so the backward pass needs only O(B k d), not the dense matmul's O(B E d).
+def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device) -> bool:  # many rows: AuxK
+    return rows_per_token * (32 if device.type == "cuda" else 10) >= enc_rows  # crossovers measured in the README
 
 def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
             offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -259,7 +261,7 @@ def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
 class GatherLinear(torch.autograd.Function):
     """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias. Backward
     touches only the gathered rows, O(B S d) (as Gao et al. 2024), exactly as the dense path; when a token gathers
-    a large share of E (AuxK), the dense backward's two GEMMs are faster again (section 5 says when)."""
+    a large share of E (AuxK), the dense backward's two GEMMs are faster again (dense_backward_pays)."""
 
     @staticmethod
     def forward(ctx, x, W, bias, rows, pre):  # x (B, d), W (E, d), bias (E,), rows (B, S), pre (B, E)
@@ -449,13 +451,6 @@ def gathered_bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     bag = torch.bucketize(torch.arange(len(ids), device=ids.device), offsets, right=True) - 1
     out = table.new_zeros(len(offsets), table.shape[1])
     return out.index_add_(0, bag, weights[:, None] * table[ids])
-
-# GatherLinear's backward (section 2) goes dense from S = E * share rows per token: measured where the two
-# paths cross (README, benchmark). It happens under AuxK, which adds k_aux = d/2 latents per token.
-DENSE_BACKWARD_SHARE = {"cuda": 1 / 32, "cpu": 1 / 10}
-
-def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device) -> bool:
-    return rows_per_token >= enc_rows * DENSE_BACKWARD_SHARE.get(device.type, 1.0)
 
 def wide_dtype(device) -> torch.dtype:
     """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""

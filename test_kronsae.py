@@ -4,6 +4,7 @@ Every fast path is checked against a naive reference written out here: all F sco
 """
 import argparse
 import ast
+import builtins
 import copy
 import dataclasses
 import errno
@@ -124,7 +125,7 @@ def test_mand_gradient_finite_at_zero():
 
 @pytest.mark.parametrize("share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"])
 def test_gather_linear_matches_dense_autograd(share, monkeypatch):
-    monkeypatch.setitem(K.DENSE_BACKWARD_SHARE, "cpu", share)  # both of GatherLinear's backward paths
+    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: share == 0.0)  # both backward paths
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, requires_grad=True)
@@ -404,7 +405,7 @@ def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkey
     """Forward + backward + step. Per token, the only matmuls are the h(m+n) x d encoder's forward (and, when
     GatherLinear's backward goes dense, the two of its backward); once per step, remove_parallel_grad_ takes F
     row-wise dot products (a bmm of F x d). Nothing else."""
-    monkeypatch.setitem(K.DENSE_BACKWARD_SHARE, "cpu", share)
+    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: share == 0.0)
     d, F, E = 64, 1024, 32 * (4 + 8)
     cfg = K.TrainConfig(steps=1, batch=32)
     dead = torch.ones(F, dtype=torch.bool)  # AuxK on too
@@ -490,7 +491,7 @@ def test_wrong_width_data_raises():
 def test_fallback_without_embedding_bag_matches(arch, monkeypatch):
     """Where a device lacks embedding_bag (MPS in some versions), bag_sum sums gathered rows: the same
     values and gradients, through the decoder, the sparse encoder backward and AuxK."""
-    monkeypatch.setitem(K.DENSE_BACKWARD_SHARE, "cpu", math.inf)  # GatherLinear's sparse path, with its bag_sums
+    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: False)  # the sparse path, with its bag_sums
     torch.manual_seed(0)
     sae = perturb_(K.TopKSAE(32, 128, 8) if arch == "topk" else K.KronSAE(32, 8, 4, 4, 8)).double()
     x = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
@@ -1869,7 +1870,7 @@ def test_cuda_fast_path_equals_naive(h, m, n, k, kernel):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"])
 def test_cuda_gather_linear_matches_dense_autograd(share, monkeypatch):
-    monkeypatch.setitem(K.DENSE_BACKWARD_SHARE, "cuda", share)
+    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: share == 0.0)
     x = torch.randn(64, 32, dtype=torch.float64, device="cuda", requires_grad=True)
     W = torch.randn(300, 32, dtype=torch.float64, device="cuda", requires_grad=True)
     b = torch.randn(300, dtype=torch.float64, device="cuda", requires_grad=True)
@@ -2127,6 +2128,14 @@ def test_the_method_comes_first_and_stands_alone():
                 if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
     assert "synthetic" not in imported and "torch" in imported   # not even lazily, inside a function
+    tree = ast.parse(part_1)
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    imports = {alias.asname or alias.name for node in ast.parse(text).body
+               if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    arguments = {node.arg for node in ast.walk(tree) if isinstance(node, ast.arg)}   # loss_fn, variance
+    outside = called - defined - imports - arguments - set(dir(builtins))
+    assert outside <= {"gathered_bag_sum"}, outside    # copied alone it runs; only an MPS device needs Part 2's twin
     for word in ("sync", "Trainer", "on_step", "DENSE_BACKWARD_SHARE", "has_embedding_bag", "resume", "seconds"):
         assert word not in part_1, word                 # data parallel, resume, timing, device probes: Part 2
     assert part_1.index("class NaiveKronSAE") < part_1.index("class KronSAE")   # the version to read first
