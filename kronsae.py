@@ -784,6 +784,9 @@ def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator)
 # A store is a directory: shard_00000.npy (n, d) activations, offsets_00000.npy (contexts + 1,) int64 row
 # offsets of the whole contexts in that shard, norms_00000.npy (n,) float32 token norms, ..., and
 # manifest.json, written last. bfloat16, which numpy lacks, is stored as its uint16 bit patterns.
+# Version 2 adds what `inspect` needs to show text: contexts_00000.npy (contexts, T) int32, every token id of
+# each context (BOS and specials included), positions_00000.npy (n,) int32, each row's position in its
+# context, and the manifest's "tokenizer". Version 1 stores (without them) still train.
 
 STORE_DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
                 "float32": (np.float32, torch.float32)}
@@ -791,7 +794,7 @@ STORE_DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, 
 def store_files(directory) -> list[Path]:
     """The files of a store, finished or not, in `directory`."""
     return [p for p in Path(directory).glob("*") if p.name == "manifest.json" or
-            re.fullmatch(r"(shard|norms|offsets)_\d+\.npy(\.tmp)?", p.name)] if Path(directory).is_dir() else []
+            re.fullmatch(r"(shard|norms|offsets|contexts|positions)_\d+\.npy(\.tmp)?", p.name)] if Path(directory).is_dir() else []
 
 class StoreWriter:
     """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
@@ -802,10 +805,18 @@ class StoreWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         for path in store_files(directory):  # an old store here (the CLI asked for --overwrite first)
             path.unlink()
-        self.shards, self.pending, self.lengths = [], [], []
+        self.shards, self.pending, self.lengths, self.ids, self.positions, self.text = [], [], [], [], [], None
 
-    def add(self, acts: torch.Tensor, lengths: list[int]):
-        """acts (n, d): the kept rows of len(lengths) whole contexts, lengths[i] rows from context i."""
+    def add(self, acts: torch.Tensor, lengths: list[int], ids: Optional[torch.Tensor] = None,
+            positions: Optional[torch.Tensor] = None):
+        """acts (n, d): the kept rows of len(lengths) whole contexts, lengths[i] rows from context i; with the
+        contexts' token ids (len(lengths), T) and each row's position in its context (n,), the store keeps the text."""
+        if (ids is None) != (positions is None) or self.text not in (None, ids is not None):
+            raise ValueError("give every add() both the token ids and the positions, or neither")
+        self.text = ids is not None
+        if self.text:
+            self.ids.append(ids.to(torch.int32))
+            self.positions.append(positions.to(torch.int32))
         self.d = acts.shape[1]
         limit = torch.finfo(STORE_DTYPES[self.dtype][1]).max
         if not torch.isfinite(acts).all() or float(acts.abs().max()) > limit:
@@ -824,18 +835,22 @@ class StoreWriter:
         cast = acts.to(STORE_DTYPES[self.dtype][1])
         array = cast.view(torch.int16).numpy().view(np.uint16) if self.dtype == "bfloat16" else cast.numpy()
         norms = cast.float().norm(dim=-1).numpy()          # of the stored values, so a reader gets the same
-        for prefix, value in (("shard", array), ("norms", norms),
-                              ("offsets", np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64))):
+        files = [("shard", array), ("norms", norms),
+                 ("offsets", np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64))]
+        if self.ids:
+            files += [("contexts", torch.cat(self.ids).numpy()), ("positions", torch.cat(self.positions).numpy())]
+        for prefix, value in files:
             write_atomic(self.directory / f"{prefix}_{name}.npy", lambda f: f.write(npy_bytes(value)))
         self.shards.append({"name": name, "tokens": acts.shape[0], "contexts": len(self.lengths)})
-        self.pending, self.lengths = [], []
+        self.pending, self.lengths, self.ids, self.positions = [], [], [], []
 
     def finish(self, **info) -> dict:
         self.flush()
         if not self.shards:
             raise ValueError(f"no activations to write to {self.directory}")
         norms = np.concatenate([np.load(self.directory / f"norms_{s['name']}.npy") for s in self.shards])
-        manifest = {"format": "kronsae activation store", "version": 1, "d": self.d, "dtype": self.dtype,
+        manifest = {"format": "kronsae activation store", "version": 2 if self.text else 1, "d": self.d,
+                    "dtype": self.dtype,
                     "tokens": int(sum(s["tokens"] for s in self.shards)),
                     "contexts": int(sum(s["contexts"] for s in self.shards)), "shards": self.shards,
                     "norms": {"median": float(np.median(norms)), "mean": float(norms.mean(dtype=np.float64)),
@@ -873,6 +888,20 @@ class ActivationStore:
             if shard.shape != (s["tokens"], self.d) or offsets[-1] != s["tokens"]:
                 raise ValueError(f"activation store {directory} is damaged: shard {s['name']} has shape "
                                  f"{shard.shape}, the manifest says ({s['tokens']}, {self.d})")
+
+    @property
+    def has_text(self) -> bool:
+        return self.manifest.get("version", 1) >= 2
+
+    def text(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids of shard `shard`'s contexts (contexts, T) and each row's position in its context (n,)."""
+        if not self.has_text:
+            raise ValueError(f"activation store {self.directory} has no token ids (it was written before stores "
+                             f"kept them); harvest it again with this version: python kronsae.py harvest --model "
+                             f"{self.manifest.get('model', 'M')} --layer {self.manifest.get('layer', 'L')} --text ... "
+                             f"--out NEW_STORE")
+        name = self.manifest["shards"][shard]["name"]
+        return np.load(self.directory / f"contexts_{name}.npy"), np.load(self.directory / f"positions_{name}.npy")
 
     def rows(self, shard: int, index) -> torch.Tensor:
         """Rows `index` of shard `shard` as float32, (m, d)."""
@@ -1101,10 +1130,12 @@ def harvest(model, contexts: torch.Tensor, layer: int, mask: torch.Tensor, batch
                 break
     return torch.cat(out)
 
-def context_lengths(mask: torch.Tensor, rows: int) -> list[int]:
-    """How many of the first `rows` harvested rows each context (a row of mask (N, T)) gave, for the store."""
-    lengths = mask.sum(1).cumsum(0).clamp(max=rows).diff(prepend=torch.zeros(1, dtype=torch.long))
-    return [n for n in lengths.tolist() if n]
+def store_args(ids: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple:
+    """StoreWriter.add's (lengths, ids, positions) for the first `rows` harvested rows (mask's order, row-major)
+    of contexts ids (N, T): the rows each context gave, the token ids of those that gave any, the rows' positions."""
+    where = mask.nonzero()[:rows]                                                   # (rows, 2): context, position
+    contexts, lengths = where[:, 0].unique_consecutive(return_counts=True)
+    return lengths.tolist(), ids[contexts], where[:, 1]
 
 class CE(NamedTuple):
     mean: float     # mean next-token cross-entropy over the counted positions
@@ -1240,8 +1271,8 @@ def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Ten
     elif cfg.save_acts:
         try:
             writer = StoreWriter(cfg.save_acts, cfg.dtype)
-            for acts, part in ((train_acts, mask[n_eval:]), (eval_acts, mask[:n_eval])):
-                writer.add(acts, context_lengths(part, acts.shape[0]))
+            for acts, part in ((train_acts, slice(n_eval, None)), (eval_acts, slice(n_eval))):
+                writer.add(acts, *store_args(contexts[part], mask[part], acts.shape[0]))
             writer.finish(**store_info(cfg, tokenizer, 0.0))
         except WriteError as err:
             raise WriteError(f"{err}; the store in {cfg.save_acts} is unfinished and will be refused by training; "
@@ -1268,7 +1299,7 @@ def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
     of BOS, position 0, special tokens and massive activations, and the text files with their hashes."""
     before, _ = special_wrapping(tokenizer)
     bos = tokenizer.bos_token_id
-    return {"model": cfg.model, "layer": cfg.layer, "ctx": cfg.ctx, "harvest_seconds": seconds,
+    return {"model": cfg.model, "tokenizer": cfg.model, "layer": cfg.layer, "ctx": cfg.ctx, "harvest_seconds": seconds,
             "bos": "none" if bos is None else "added by the tokenizer" if before[:1] == [bos] else "prepended",
             "position_0": "kept" if cfg.keep_first else "dropped", "special_tokens": "dropped",
             "max_norm_ratio": cfg.max_norm_ratio, "massive_activations": "kept in the store; training drops them",
@@ -1293,7 +1324,7 @@ def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> 
             ids = torch.tensor(batch)                                                   # (b, T)
             mask = token_mask(ids, tokenizer.all_special_ids, cfg.keep_first)
             acts = harvest(model, ids, cfg.layer, mask, len(ids), cfg.max_tokens - total, progress=False)
-            writer.add(acts, context_lengths(mask, acts.shape[0]))
+            writer.add(acts, *store_args(ids, mask, acts.shape[0]))
             total += acts.shape[0]
             bar.update(acts.shape[0])
     if total < cfg.max_tokens:

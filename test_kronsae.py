@@ -912,6 +912,28 @@ def test_save_acts_writes_a_store_the_next_run_trains_on(tiny_lm, tmp_path):
     assert results["kron"]["ev"] > 0
 
 
+def test_the_store_keeps_each_rows_token_context_and_position(tiny_lm, tmp_path):
+    path, text = tiny_lm
+    K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16",
+            "--max-tokens", "700", "--dtype", "float32", "--out", str(tmp_path / "store")])
+    store = K.ActivationStore(tmp_path / "store")
+    assert store.has_text and store.manifest["tokenizer"] == str(path) and store.manifest["version"] == 2
+    model, _, _ = K.load_lm(str(path), "cpu")
+    for k in range(len(store.shards)):
+        ids, positions = store.text(k)
+        offsets = store.offsets[k]
+        assert ids.shape == (len(offsets) - 1, 16) and positions.shape == (offsets[-1],)
+        context = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))         # each row's context
+        hidden = K.residual_at(model, torch.from_numpy(ids).long(), 1)              # (contexts, 16, d)
+        rows = store.rows(k, np.arange(offsets[-1]))
+        torch.testing.assert_close(rows, hidden[torch.from_numpy(context), torch.from_numpy(positions).long()])
+        assert (positions >= 1).all() and (ids[:, 0] == 1).all()                     # <bos> is kept as text only
+    old = store_of(torch.randn(100, 8), [50, 50], tmp_path / "old")                  # a version-1 store
+    assert not old.has_text
+    with pytest.raises(ValueError, match="harvest it again"):
+        old.text(0)
+
+
 def test_an_interrupted_harvest_never_looks_complete(tmp_path, capsys):
     writer = K.StoreWriter(tmp_path / "store", "float16", shard_bytes=1)
     writer.add(torch.randn(40, 8), [20, 20])                                      # a shard, then "killed"
