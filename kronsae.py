@@ -16,7 +16,7 @@ Shell: python kronsae.py --help (and each command's own --help).
 """
 from __future__ import annotations
 
-import argparse, copy, ctypes, dataclasses, errno, functools, hashlib, io, itertools, json  # noqa: E401
+import argparse, copy, ctypes, dataclasses, errno, functools, hashlib, html, io, itertools, json  # noqa: E401
 import math, os, pickle, random, re, signal, sys, time  # noqa: E401
 from dataclasses import dataclass, field
 from functools import partial
@@ -980,22 +980,9 @@ def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] =
     (llama.cpp's format) is dequantised to float32 by transformers, which needs the gguf and accelerate packages."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    name, extra = str(name), {}
-    if name.endswith(".gguf"):
-        if not Path(name).expanduser().is_file():
-            raise ValueError(f"model file {name} does not exist")
-        name, extra = str(Path(name).expanduser().parent), {"gguf_file": Path(name).name}
-    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():  # a path, not a hub name
-        raise ValueError(f"model directory {name} does not exist; pass a local directory holding "
-                         f"config.json, the weights and the tokenizer, or a hub name")
-    def loaded(load, *args):
-        try:
-            return load(*args, **extra)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without "
-                             f"network access pass a local directory, e.g. one written by save_pretrained().") from None
-
-    config = loaded(AutoConfig.from_pretrained, name)
+    name, extra = model_source(name)
+    loaded = partial(from_pretrained, name=name, extra=extra)
+    config = loaded(AutoConfig.from_pretrained)
     if layer is not None:
         check_layer(config, layer)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -1003,9 +990,28 @@ def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] =
         raise ValueError(f"--ctx {ctx} is longer than {name}'s maximum of {positions} positions")
     causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # saved architectures: GPT2LMHeadModel, ...
     causal = bool(extra) or any(a in causal_names for a in (config.architectures or []))  # GGUF: an LM
-    model = loaded((AutoModelForCausalLM if causal else AutoModel).from_pretrained, name)
-    tokenizer = loaded(AutoTokenizer.from_pretrained, name)
+    model = loaded((AutoModelForCausalLM if causal else AutoModel).from_pretrained)
+    tokenizer = loaded(AutoTokenizer.from_pretrained)
     return model.to(device).eval(), tokenizer, causal
+
+def model_source(name) -> tuple[str, dict]:
+    """(name, from_pretrained's extra arguments) for a hub name, a local directory or a .gguf file."""
+    name = str(name)
+    if name.endswith(".gguf"):
+        if not Path(name).expanduser().is_file():
+            raise ValueError(f"model file {name} does not exist")
+        return str(Path(name).expanduser().parent), {"gguf_file": Path(name).name}
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():  # a path, not a hub name
+        raise ValueError(f"model directory {name} does not exist; pass a local directory holding "
+                         f"config.json, the weights and the tokenizer, or a hub name")
+    return name, {}
+
+def from_pretrained(load: Callable, name: str, extra: dict):
+    try:
+        return load(name, **extra)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without "
+                         f"network access pass a local directory, e.g. one written by save_pretrained().") from None
 
 def check_layer(config, layer: int):
     """hidden_states has num_hidden_layers + 1 entries: 0 is the embeddings, L the output of block L."""
@@ -2436,7 +2442,487 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
                                 "config": provenance(s, device, time.perf_counter() - start) | {"seeds": seeds}})
     return results
 
-# ============================================================================= 12. Benchmark
+# ============================================================================= 12. Inspecting features
+# One streaming pass over a store, whole contexts at a time, gathers for every latent (and for KronSAE, every
+# pre-latent: ReLU(u_i), ReLU(v_j) of every head) what people read a feature by (appendix D.1): how often it
+# fires, its mean activation, the token ids it fires on (token entropy, eq. 10), and its top examples, each a
+# window of WINDOW tokens either side with the activation of every token (multitoken ratio, eq. 11).
+
+WINDOW = 15           # tokens either side of the firing token (appendix D.1: 31-token windows)
+HISTOGRAM_BINS = torch.logspace(-4, 4, 33)  # activation histograms: fixed log-spaced bins, whatever the scale
+
+class UnitStats:
+    """Streaming statistics of U units whose activations arrive as dense (B, U) chunks of whole contexts.
+    Memory: O(U * examples * WINDOW) for the examples and O(U * bins) for the histograms, whatever the number
+    of tokens read, plus one float per (unit, token id) pair that fired, for eq. 10."""
+
+    def __init__(self, units: int, examples: int, vocab: int):
+        self.units, self.vocab, self.tokens = units, vocab, 0
+        self.fired = torch.zeros(units, dtype=torch.long)
+        self.total = torch.zeros(units, dtype=torch.float64)
+        self.top = torch.zeros(units, examples)                           # the top activations, descending
+        self.row = torch.full((units, examples), -1)                      # the store row of each (-1: none)
+        self.span = torch.ones(units, examples)                           # tokens in each example's window
+        self.windows = torch.zeros(units, examples, 2 * WINDOW + 1)       # activations around each
+        self.histogram = torch.zeros(units, len(HISTOGRAM_BINS) + 1, dtype=torch.long)
+        self.keys, self.mass, self.pending = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64), []
+
+    def add(self, acts: torch.Tensor, chunk: TextChunk):
+        """acts (B, U) >= 0 on the chunk's rows; rows outside chunk.keep count for nothing but their windows."""
+        kept = acts * chunk.keep[:, None]
+        self.tokens += int(chunk.keep.sum())
+        rows, units = kept.nonzero(as_tuple=True)                        # the firings
+        values = kept[rows, units]
+        self.fired += torch.bincount(units, minlength=self.units)
+        self.total.index_add_(0, units, values.double())
+        bins = torch.bucketize(values, HISTOGRAM_BINS)
+        self.histogram.view(-1).index_add_(0, units * self.histogram.shape[1] + bins, torch.ones_like(bins))
+        self.pending.append((units * self.vocab + chunk.token_ids[rows], values.double()))
+        if sum(len(k) for k, _ in self.pending) > max(len(self.keys), 1 << 22):  # amortised: O(pairs log pairs)
+            self.coalesce()
+        E = min(self.top.shape[1], kept.shape[0])
+        best_values, best = kept.topk(E, dim=0)                            # (E, U) each unit's best rows here
+        padded = torch.cat([acts, acts.new_zeros(1, self.units)])         # last row: slots without a store row
+        windows = padded[chunk.neighbours[best], torch.arange(self.units)[None, :, None]]  # (E, U, 2W+1)
+        order = torch.cat([self.top, best_values.T], 1).topk(self.top.shape[1], dim=1).indices
+        def merge(old, new):
+            both = torch.cat([old, new], 1)
+            return both.gather(1, order.view(*order.shape, *[1] * (both.dim() - 2)).expand(-1, -1, *both.shape[2:]))
+        self.top = merge(self.top, best_values.T)
+        self.row = merge(self.row, torch.where(best_values > 0, chunk.rows[best], -1).T)
+        self.span = merge(self.span, chunk.span[best].T)
+        self.windows = merge(self.windows, windows.transpose(0, 1))
+
+    def coalesce(self):
+        keys = torch.cat([self.keys, *(k for k, _ in self.pending)])
+        mass = torch.cat([self.mass, *(m for _, m in self.pending)])
+        self.keys, inverse = keys.unique(return_inverse=True)             # sorted: unit-major, then token id
+        self.mass = torch.zeros(len(self.keys), dtype=torch.float64).index_add_(0, inverse, mass)
+        self.pending = []
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """Per unit (NaN where it never fired): frequency (share of tokens it fires on), mean_activation (over
+        those tokens), token_entropy (eq. 10) and multitoken_ratio (eq. 11, over its collected examples)."""
+        self.coalesce()
+        unit = self.keys // self.vocab
+        mass = torch.zeros(self.units, dtype=torch.float64).index_add_(0, unit, self.mass)
+        p = self.mass / mass[unit]
+        entropy = torch.zeros(self.units, dtype=torch.float64).index_add_(0, unit, -p * p.log())
+        never = self.fired == 0
+        valid = self.row >= 0                                             # (U, E) examples actually collected
+        active = ((self.windows > 0).sum(-1) / self.span * valid).sum(1) / valid.sum(1)
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        return {"frequency": self.fired / max(1, self.tokens),
+                "mean_activation": torch.where(never, nan, self.total / self.fired.clamp_min(1)),
+                "token_entropy": torch.where(never, nan, entropy),
+                "multitoken_ratio": torch.where(never, nan, active.double())}
+
+    def top_tokens(self, unit: int, count: int = 5) -> list[tuple[int, float]]:
+        """The unit's `count` token ids with the most activation mass, with their share of it."""
+        lo, hi = torch.searchsorted(self.keys, torch.tensor([unit * self.vocab, (unit + 1) * self.vocab])).tolist()
+        mass = self.mass[lo:hi]
+        best = mass.topk(min(count, len(mass))).indices
+        return [(int(self.keys[lo + b] % self.vocab), float(mass[b] / mass.sum())) for b in best]
+
+class TextChunk(NamedTuple):  # whole contexts of a store, and what UnitStats needs to know of their rows
+    x: torch.Tensor           # (B, d) activations
+    rows: torch.Tensor        # (B,) row ids in the store (shard by shard, in order)
+    token_ids: torch.Tensor   # (B,) each row's token id
+    neighbours: torch.Tensor  # (B, 2W+1) the chunk row at each window slot, B where no row is (edges, specials)
+    span: torch.Tensor        # (B,) tokens of the context inside the row's window
+    keep: torch.Tensor        # (B,) rows that count: within --tokens and not massive
+
+def text_chunks(store: ActivationStore, tokens: int, batch: int, threshold: float) -> Iterator[TextChunk]:
+    """The store's first `tokens` rows, whole contexts of one shard at a time, about `batch` rows a chunk."""
+    read, base = 0, 0
+    for k, offsets in enumerate(store.offsets):
+        ids, positions = store.text(k)
+        T, c = ids.shape[1], 0
+        while c < len(offsets) - 1 and read < tokens:
+            end = max(c + 1, int(np.searchsorted(offsets, offsets[c] + batch, side="right")) - 1)
+            a, b = int(offsets[c]), int(offsets[end])
+            context = torch.from_numpy(np.repeat(np.arange(end - c), np.diff(offsets[c:end + 1])))
+            pos = torch.from_numpy(positions[a:b]).long()
+            where = torch.full((end - c, T + 2 * WINDOW), b - a)          # (contexts, padded positions) -> row
+            where[context, pos + WINDOW] = torch.arange(b - a)
+            slots = pos[:, None] + torch.arange(2 * WINDOW + 1)            # padded positions of each window
+            x = store.rows(k, np.arange(a, b))
+            keep = (torch.arange(b - a) < tokens - read) & (x.norm(dim=-1) <= threshold)
+            yield TextChunk(x, base + torch.arange(a, b), torch.from_numpy(ids[c:end]).long()[context, pos],
+                            where[context[:, None], slots], (pos + WINDOW).clamp(max=T - 1) -
+                            (pos - WINDOW).clamp(min=0) + 1, keep)
+            read, c = read + b - a, end
+        base += int(offsets[-1])
+
+class Correlation:
+    """Pearson correlations between U units over the tokens streamed: sums and the (U, U) cross products."""
+
+    def __init__(self, units: int):
+        self.n, self.sum, self.cross = 0, torch.zeros(units, dtype=torch.float64), torch.zeros(units, units, dtype=torch.float64)
+
+    def add(self, acts: torch.Tensor):  # (B, U)
+        self.n += acts.shape[0]
+        self.sum += acts.sum(0, dtype=torch.float64)
+        self.cross += (acts.T @ acts).double()
+
+    def matrix(self) -> torch.Tensor:
+        mean = self.sum / self.n
+        cov = self.cross / self.n - mean[:, None] * mean[None, :]
+        std = cov.diagonal().clamp_min(0).sqrt()
+        return cov / (std[:, None] * std[None, :])                       # NaN for units that never fired
+
+def head_correlations(r: torch.Tensor, group: int) -> tuple[float, float]:
+    """The mean correlation of pairs of units in the same group of `group` consecutive units, and across."""
+    g = torch.arange(len(r)) // group
+    same, pair = g[:, None] == g[None, :], ~torch.eye(len(r), dtype=torch.bool)
+    def mean(mask):
+        values = r[mask & pair]
+        return float(values[values.isfinite()].mean())
+    return mean(same), mean(~same)
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    ok = a.isfinite() & b.isfinite()
+    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+def quartiles(values: torch.Tensor, seed: int = 0, resamples: int = 1000) -> dict:
+    """Mean and quartiles of the finite values, and the bootstrap std of the mean (resampling the units)."""
+    v = values[values.isfinite()].double()
+    if not len(v):
+        return {"mean": math.nan, "q25": math.nan, "median": math.nan, "q75": math.nan, "bootstrap_std": math.nan}
+    q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    draws = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))].mean(1)
+    return {"mean": float(v.mean()), "q25": q[0], "median": q[1], "q75": q[2], "bootstrap_std": float(draws.std())}
+
+def fig18(post: dict, pre: dict, sae: NaiveKronSAE) -> dict:
+    """Each post-latent statistic against its parents' (appendix E, fig. 18): the Pearson r over post-latents
+    with the base u_i's value, the extension v_j's, their mean, their product and their mAND sqrt(ab)."""
+    h, m, n = sae.h, sae.m, sae.n
+    out = {}
+    for stat in ("frequency", "token_entropy", "multitoken_ratio"):
+        u, v = pre[stat].view(h, m + n).split([m, n], dim=1)
+        a, b = u[:, :, None].expand(h, m, n).flatten(), v[:, None, :].expand(h, m, n).flatten()
+        y = post[stat]
+        out[stat] = {"base": pearson(y, a), "extension": pearson(y, b), "mean": pearson(y, (a + b) / 2),
+                     "product": pearson(y, a * b), "mand": pearson(y, (a * b).clamp_min(0).sqrt())}
+    return out
+
+def sampled_heads(sae: SparseAutoencoder, units: int = 512) -> torch.Tensor:
+    """The latents of the first few heads, about `units` of them, for the correlations of section 5.2."""
+    return torch.arange(min(sae.F, max(2, units // sae.group) * sae.group))
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    name, extra = model_source(name)
+    return from_pretrained(AutoTokenizer.from_pretrained, name, extra)
+
+@torch.no_grad()
+def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optional[list[int]] = None,
+                sample: int = 32, examples: int = 10, batch: int = 2048, seed: int = 0, progress: bool = True) -> Inspection:
+    """Read the first `tokens` rows of the store `data` through the SAE in `directory`: the report (the JSON's
+    content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams."""
+    store = ActivationStore(data)
+    store.text(0)                                                          # a one-line error for old stores
+    sae = load(directory)
+    if sae.d_in != store.d:
+        raise ValueError(f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}")
+    for latent in latents or []:
+        if not 0 <= latent < sae.F:
+            raise ValueError(f"--latents: latent {latent} is outside 0..{sae.F - 1}")
+    tokenizer = load_tokenizer(store.manifest["tokenizer"])
+    vocab = max(len(tokenizer), int(max(store.text(k)[0].max() for k in range(len(store.shards)))) + 1)
+    kron = isinstance(sae, NaiveKronSAE)
+    torch.manual_seed(seed)
+    init = build_sae(sae_config(sae))                                      # the same SAE at its init (A.1)
+    post = UnitStats(sae.F, examples, vocab)
+    pre = UnitStats(sae.W_enc.shape[0], examples, vocab) if kron else None
+    heads = sampled_heads(sae)
+    corr, corr_init = Correlation(len(heads)), Correlation(len(heads))
+    fires = both = parents = 0
+    total = min(tokens, store.manifest["tokens"])
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"inspect {Path(directory).name}",
+              disable=not progress) as bar:
+        for chunk in text_chunks(store, tokens, batch, store.manifest["norms"].get("threshold", math.inf)):
+            code = dense_code(sae, chunk.x)
+            post.add(code, chunk)
+            corr.add(code[chunk.keep][:, heads])
+            corr_init.add(dense_code(init, chunk.x[chunk.keep])[:, heads])
+            if kron:
+                pre_acts = torch.addmm(sae.b_enc, chunk.x - sae.b_dec, sae.W_enc.T)   # (B, h(m+n)): u, v
+                pre.add(pre_acts.relu(), chunk)
+                u, v = (t > 0 for t in sae.split(pre_acts[chunk.keep]))            # (b, h, m), (b, h, n)
+                on = code[chunk.keep] > 0
+                ij = torch.arange(sae.F) % sae.group
+                head = torch.arange(sae.F) // sae.group
+                both_on = u[:, head, ij // sae.n] & v[:, head, ij % sae.n]         # (b, F)
+                fires, both = fires + int(on.sum()), both + int((on & both_on).sum())
+                parents += int((u.sum(-1) * v.sum(-1)).sum())
+            bar.update(int(chunk.keep.sum()))
+    stats = post.statistics()
+    report = {"tokens": post.tokens, "config": sae_config(sae), "store": str(data),
+              "latents": unit_reports(post, stats, tokenizer, store, range(sae.F)), "summary": {}}
+    group = "post" if kron else "latents"
+    report["summary"][group] = {name: quartiles(value, seed) for name, value in stats.items()}
+    r, r_init = corr.matrix(), corr_init.matrix()
+    if kron:
+        pre_stats = pre.statistics()
+        report["pre_latents"] = unit_reports(pre, pre_stats, tokenizer, store, range(pre.units))
+        for entry in report["pre_latents"]:
+            head, index = divmod(entry["id"], sae.m + sae.n)
+            entry.update(head=head, side="base" if index < sae.m else "extension",
+                         index=index if index < sae.m else index - sae.m)
+        report["summary"]["pre"] = {name: quartiles(value, seed) for name, value in pre_stats.items()}
+        within, across = head_correlations(r, sae.group)
+        report["summary"].update(
+            within_head_correlation=within, across_head_correlation=across,
+            init_within_head_correlation=head_correlations(r_init, sae.group)[0],
+            init_across_head_correlation=head_correlations(r_init, sae.group)[1],
+            correlation_heads=len(heads) // sae.group, fig18=fig18(stats, pre_stats, sae),
+            and_check={"parents_when_fires": both / max(1, fires), "fires_when_parents": both / max(1, parents)})
+    report["selected"] = latents if latents else sorted(torch.randperm(
+        sae.F, generator=torch.Generator().manual_seed(seed))[:min(sample, sae.F)].tolist())
+    return Inspection(report, post, pre, tokenizer)
+
+def dense_code(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    values, indices = sae.encode(x)
+    return torch.zeros(x.shape[0], sae.F).scatter_(1, indices, values.float().clamp_min(0))
+
+def token_text(tokenizer, ids) -> dict[int, str]:
+    """Each token id as the text it stands for (a leading space kept), decoded one token at a time."""
+    ids = sorted(set(ids))
+    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+
+def unit_reports(stats: UnitStats, values: dict, tokenizer, store: ActivationStore, units) -> list[dict]:
+    """The JSON's per-unit entries, each with its examples as token strings and activations."""
+    bases = np.concatenate([[0], np.cumsum([int(o[-1]) for o in store.offsets])])
+    where = {}                                                             # store row -> (tokens, position)
+    for k in range(len(store.shards)):
+        wanted = stats.row[(stats.row >= bases[k]) & (stats.row < bases[k + 1])].unique() - int(bases[k])
+        if len(wanted):
+            ids, positions = store.text(k)
+            context = np.searchsorted(store.offsets[k], wanted.numpy(), side="right") - 1
+            for row, c in zip(wanted.tolist(), context):
+                p = int(positions[row])
+                lo = max(0, p - WINDOW)
+                where[row + int(bases[k])] = (ids[c, lo:p + WINDOW + 1].tolist(), p - lo)
+    text = token_text(tokenizer, [t for window, _ in where.values() for t in window])
+    out = []
+    for u in units:
+        entry = {"id": u, **{name: float(value[u]) for name, value in values.items()}, "examples": []}
+        for e in range(stats.row.shape[1]):
+            row = int(stats.row[u, e])
+            if row < 0:
+                break
+            ids, position = where[row]
+            acts = stats.windows[u, e, WINDOW - position: WINDOW - position + len(ids)]
+            entry["examples"].append({"tokens": [text[t] for t in ids], "activations": [float(f"{a:.4g}") for a in acts.tolist()],
+                                      "position": position})
+        out.append(entry)
+    return out
+
+class Inspection(NamedTuple):
+    report: dict               # what the JSON holds
+    post: UnitStats            # the latents (KronSAE: post-latents)
+    pre: Optional[UnitStats]   # KronSAE's pre-latents
+    tokenizer: object
+
+STAT_NAMES = ("frequency", "mean_activation", "token_entropy", "multitoken_ratio")
+
+def summary_table(summary: dict) -> str:
+    rows = [[group, name, *(f"{summary[group][name][q]:.4g}" for q in ("mean", "q25", "median", "q75")),
+             f"{summary[group][name]['bootstrap_std']:.2g}"] for group in ("latents", "post", "pre")
+            if group in summary for name in STAT_NAMES]
+    return format_table(["units", "statistic", "mean", "q25", "median", "q75", "± (bootstrap)"], rows)
+
+def fig18_table(fig: dict) -> str:
+    parents = ("base", "extension", "mean", "product", "mand")
+    return format_table(["post-latent stat", *(f"r vs {p}" for p in parents)],
+                        [[stat, *(f"{fig[stat][p]:.3f}" for p in parents)] for stat in fig])
+
+def marked_example(example: dict, width: int = 8) -> str:
+    """An example as one line: `width` tokens either side, the firing token in [[ ]] with its activation."""
+    p, tokens = example["position"], example["tokens"]
+    def show(t):
+        return t.replace("\n", "\\n")
+    left, right = "".join(map(show, tokens[max(0, p - width):p])), "".join(map(show, tokens[p + 1:p + 1 + width]))
+    return f"{example['activations'][p]:8.3f}  {left}[[{show(tokens[p])}]]{right}"
+
+def print_inspection(report: dict, latents: Optional[list[int]]):
+    s = report["summary"]
+    print(f"\n{report['tokens']:,} tokens of {report['store']}; statistics over the units that fired "
+          f"(frequency over all); ± is the bootstrap std of the mean over units")
+    print(summary_table(s))
+    if "within_head_correlation" in s:
+        print(f"\nsection 5.2: mean Pearson r of post-latent activations over tokens, first {s['correlation_heads']} "
+              f"heads: within a head {s['within_head_correlation']:.4f}, across heads "
+              f"{s['across_head_correlation']:.4f}; at init {s['init_within_head_correlation']:.4f} / "
+              f"{s['init_across_head_correlation']:.4f}")
+        print("\nfig. 18: Pearson r over post-latents, each statistic against its parents'")
+        print(fig18_table(s["fig18"]))
+        a = s["and_check"]
+        print(f"\nAND check: both parents positive on {100 * a['parents_when_fires']:.2f}% of firings; the "
+              f"post-latent is in the top k on {100 * a['fires_when_parents']:.3f}% of (token, latent) pairs "
+              f"whose parents are both positive")
+    for latent in latents or []:
+        entry = report["latents"][latent]
+        print(f"\nlatent {latent}: frequency {entry['frequency']:.4g}, mean activation {entry['mean_activation']:.4g}, "
+              f"token entropy {entry['token_entropy']:.3f}, multitoken ratio {entry['multitoken_ratio']:.3f}")
+        for example in entry["examples"][:5]:
+            print("  " + marked_example(example))
+
+# ---------------------------------------------------------------- the HTML report: one file, no network
+
+HTML_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: 2px 6px; }}
+th.sort {{ cursor: pointer; background: #eef; }} .num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.card {{ border: 1px solid #bbb; border-radius: 6px; padding: .6em 1em; margin: 1em 0; }}
+.ex {{ font: 12.5px/1.9 ui-monospace, monospace; white-space: pre-wrap; border-top: 1px dotted #ddd; }}
+.ex span {{ border-radius: 2px; }} .ex .fire {{ outline: 2px solid #c40; }}
+table.grid td {{ vertical-align: top; width: 7em; font-size: 12px; }} table.grid th {{ font-size: 12px; font-weight: normal; background: #f4f4f4; }}
+.index {{ max-height: 30em; overflow-y: scroll; display: inline-block; }}
+small {{ color: #666; }}
+</style></head><body>
+<h1>{title}</h1>
+{body}
+<script>
+function sortBy(th) {{  // sort the index table by this column, descending; click again for ascending
+  const table = th.closest("table"), col = [...th.parentNode.children].indexOf(th), body = table.tBodies[0];
+  const dir = th.dataset.dir = th.dataset.dir === "desc" ? "asc" : "desc";
+  const value = r => {{ const v = parseFloat(r.children[col].textContent); return isNaN(v) ? -Infinity : v; }};
+  [...body.rows].sort((a, b) => dir === "desc" ? value(b) - value(a) : value(a) - value(b)).forEach(r => body.appendChild(r));
+}}
+</script></body></html>
+"""
+
+def shade(activation: float, top: float) -> str:
+    alpha = 0 if top <= 0 else min(1.0, activation / top)
+    return f"background: rgba(255, 140, 0, {alpha:.2f})" if alpha > 0 else ""
+
+def example_html(example: dict, top: float) -> str:
+    spans = []
+    for i, (token, a) in enumerate(zip(example["tokens"], example["activations"])):
+        fire = ' class="fire"' if i == example["position"] else ""
+        spans.append(f'<span{fire} style="{shade(a, top)}" title="{a:.3f}">'
+                     f'{html.escape(token.replace(chr(10), "↵"))}</span>')
+    return f'<div class="ex">{"".join(spans)}</div>'
+
+def histogram_svg(counts: torch.Tensor) -> str:
+    """A small bar chart of a unit's activations over HISTOGRAM_BINS (log scale), as inline SVG."""
+    nonzero = counts.nonzero()
+    if not len(nonzero):
+        return ""
+    lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+    c = counts[lo:hi].double()
+    bars = "".join(f'<rect x="{6 * i}" y="{40 - 40 * v:.1f}" width="5" height="{40 * v:.1f}" fill="#48c"/>'
+                   for i, v in enumerate((c / c.max()).tolist()))
+    edges = torch.cat([torch.zeros(1), HISTOGRAM_BINS])
+    return (f'<svg width="{6 * len(c)}" height="40" role="img"><title>activations from {float(edges[lo]):.3g} to '
+            f'{float(HISTOGRAM_BINS[min(hi, len(HISTOGRAM_BINS) - 1)]):.3g}, log bins</title>{bars}</svg> '
+            f'<small>{float(edges[lo]):.3g} … {float(HISTOGRAM_BINS[min(hi, len(HISTOGRAM_BINS) - 1)]):.3g} (log)</small>')
+
+def stats_line(entry: dict) -> str:
+    return (f"frequency {entry['frequency']:.4g} · mean activation {entry['mean_activation']:.4g} · "
+            f"token entropy {entry['token_entropy']:.3f} · multitoken ratio {entry['multitoken_ratio']:.3f}")
+
+def card_html(entry: dict, stats: UnitStats, anchor: str, title: str) -> str:
+    top = max([max(e["activations"]) for e in entry["examples"]] or [0])
+    examples = "".join(example_html(e, top) for e in entry["examples"]) or "<p><small>never fired</small></p>"
+    return (f'<div class="card" id="{anchor}"><h3>{html.escape(title)}</h3><p>{stats_line(entry)}</p>'
+            f'<p>{histogram_svg(stats.histogram[entry["id"]])}</p>{examples}</div>')
+
+def top_tokens_text(stats: UnitStats, unit: int, text: dict, count: int = 3) -> str:
+    return " ".join(f"{html.escape(repr(text[t])[1:-1])}<small>({100 * share:.0f}%)</small>"
+                    for t, share in stats.top_tokens(unit, count)) or "<small>never fires</small>"
+
+def head_html(inspection: Inspection, head: int, text: dict) -> str:
+    """Head `head`'s m x n grid of post-latents; each row headed by its base pre-latent u_i, each column by its
+    extension v_j, with their top tokens, so that each post-latent reads as the AND of its row and column."""
+    report, post, pre = inspection.report, inspection.post, inspection.pre
+    c = report["config"]
+    m, n = c["m"], c["n"]
+    first = head * (m + n)
+    frequency = post.fired.double() / max(1, post.tokens)
+    peak = float(frequency[head * m * n:(head + 1) * m * n].max()) or 1.0
+    header = "".join(f'<th><a href="#pre-{first + m + j}">v<sub>{j}</sub></a> '
+                     f'{top_tokens_text(pre, first + m + j, text)}</th>' for j in range(n))
+    rows = []
+    for i in range(m):
+        cells = []
+        for j in range(n):
+            latent = head * m * n + i * n + j
+            cells.append(f'<td style="{shade(math.sqrt(float(frequency[latent]) / peak), 1)}">'
+                         f'<a href="#latent-{latent}">#{latent}</a> <small>{float(frequency[latent]):.2%}</small><br>'
+                         f'{top_tokens_text(post, latent, text, 2)}</td>')
+        rows.append(f'<tr><th><a href="#pre-{first + i}">u<sub>{i}</sub></a> {top_tokens_text(pre, first + i, text)}'
+                    f'</th>{"".join(cells)}</tr>')
+    return (f'<h3 id="head-{head}">Head {head}</h3><p><small>cell = post-latent mAND(u<sub>i</sub>, v<sub>j</sub>): '
+            f'its id, frequency (shading) and top tokens by activation mass; headers: the parents\' top tokens'
+            f'</small></p><table class="grid"><tr><th></th>{header}</tr>{"".join(rows)}</table>')
+
+def inspection_html(inspection: Inspection, directory: str) -> str:
+    report, post, pre = inspection.report, inspection.post, inspection.pre
+    kron = pre is not None
+    selected = report["selected"]
+    group = report["config"]["m"] * report["config"]["n"] if kron else 1
+    heads = list(dict.fromkeys(latent // group for latent in selected))[:2] if kron else []
+    cards = sorted(set(selected) | {h * group + j for h in heads for j in range(group)})
+    card_set = set(cards)
+    pre_cards = [h * (report["config"]["m"] + report["config"]["n"]) + j for h in heads
+                 for j in range(report["config"]["m"] + report["config"]["n"])]
+    wanted = [t for u in cards for t, _ in post.top_tokens(u)] + \
+             [t for u in pre_cards for t, _ in pre.top_tokens(u)] if kron else []
+    text = token_text(inspection.tokenizer, wanted)
+    s = report["summary"]
+    parts = [f"<p>{html.escape(json.dumps(report['config']))}<br>{report['tokens']:,} tokens of "
+             f"{html.escape(report['store'])}</p>", "<h2>Summary</h2>",
+             f"<pre>{html.escape(summary_table(s))}</pre>"]
+    if kron:
+        a = s["and_check"]
+        parts.append(f"<p>Section 5.2: mean correlation of post-latents within a head {s['within_head_correlation']:.4f}"
+                     f", across heads {s['across_head_correlation']:.4f} (at init: {s['init_within_head_correlation']:.4f}"
+                     f" / {s['init_across_head_correlation']:.4f}). AND check: both parents positive on "
+                     f"{100 * a['parents_when_fires']:.2f}% of firings.</p><p>Fig. 18, Pearson r over post-latents:"
+                     f"</p><pre>{html.escape(fig18_table(s['fig18']))}</pre><h2>Heads</h2>")
+        parts += [head_html(inspection, h, text) for h in heads]
+    def index_row(e):
+        name = f'<a href="#latent-{e["id"]}">{e["id"]}</a>' if e["id"] in card_set else str(e["id"])
+        return f"<tr><td>{name}</td>" + "".join(f'<td class="num">{e[s]:.4g}</td>' for s in STAT_NAMES) + "</tr>"
+    rows = "".join(index_row(e) for e in report["latents"])
+    parts.append('<h2>All latents</h2><p><small>click a header to sort</small></p><div class="index"><table><thead>'
+                 '<tr><th>latent</th>' + "".join(f'<th class="sort" onclick="sortBy(this)">{n.replace("_", " ")}</th>'
+                                                 for n in STAT_NAMES) + f"</tr></thead><tbody>{rows}</tbody></table></div>")
+    parts.append("<h2>Latents</h2>")
+    parts += [card_html(report["latents"][u], post, f"latent-{u}", f"latent {u}" +
+                        (f" (head {u // group}, u{(u % group) // report['config']['n']} AND "
+                         f"v{u % report['config']['n']})" if kron else "")) for u in cards]
+    if kron:
+        parts.append("<h2>Pre-latents of the heads shown</h2>")
+        for u in pre_cards:
+            entry = report["pre_latents"][u]
+            parts.append(card_html(entry, pre, f"pre-{u}", f"pre-latent {u}: head {entry['head']}, "
+                                                         f"{entry['side']} {entry['index']}"))
+    return HTML_PAGE.format(title=html.escape(f"What {directory} learned"), body="\n".join(parts))
+
+def inspect_job(args) -> dict:
+    for path, flag in ((args.html, "html"), (args.json, "json")):
+        if path:
+            check_writable(path, flag)
+    inspection = inspect_sae(args.directory, args.data, args.tokens, list(args.latents) or None, args.sample,
+                             args.examples, args.batch, args.seed)
+    if args.json:
+        write_json(args.json, inspection.report)
+    if args.html:
+        page = inspection_html(inspection, args.directory)
+        write_atomic(args.html, lambda f: f.write(page.encode()))
+    print_inspection(inspection.report, list(args.latents))
+    for path, what in ((args.json, "statistics"), (args.html, "report")):
+        if path:
+            print(f"wrote the {what} to {path}")
+    return inspection.report
+
+# ============================================================================= 13. Benchmark
 
 @dataclass
 class BenchConfig:
@@ -2777,7 +3263,7 @@ def bench(bcfg: BenchConfig) -> list[dict]:
                                "rows": rows})
     return rows
 
-# ============================================================================= 13. CLI
+# ============================================================================= 14. CLI
 
 def tune_cpu_allocator():
     """Keep freed memory mapped (Linux, glibc). By default glibc gives large freed blocks back to the OS,
@@ -3019,7 +3505,34 @@ def export_main(argv):
     args = parser.parse_args(argv)
     return run_cli(export_saelens, args.directory, args.destination)
 
-COMMANDS = {"harvest": harvest_main, "bench": bench_main, "progressive": progressive_main, "ablate": ablate_main,
+def inspect_main(argv):
+    parser = Parser(prog="kronsae.py inspect", description=(
+        "Look at what an SAE learned: one streaming pass over an activation store collects, for every latent "
+        "(and for KronSAE every pre-latent), its frequency, mean activation, token entropy (eq. 10), multitoken "
+        "ratio (eq. 11) and top examples in context, plus the paper's section 5.2 and fig. 18 statistics. Prints "
+        "a summary; writes a self-contained HTML report and a JSON of every statistic."))
+    parser.add_argument("directory", help="a trained SAE: a checkpoint directory such as OUT/kron of a training run")
+    parser.add_argument("--data", required=True, help="the activation store it was trained on (harvested with "
+                                                      "this version, which keeps the token ids)")
+    parser.add_argument("--tokens", type=int, default=200_000, help="read at most this many of the store's tokens "
+                                                                   "(default: 200000)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--latents", type=comma_ints, default=(), help="latents to show in full, e.g. 12,345")
+    which.add_argument("--sample", type=int, default=32, help="else show this many latents drawn by --seed "
+                                                               "(default: 32)")
+    parser.add_argument("--examples", type=int, default=10, help="top examples kept per latent (default: 10)")
+    parser.add_argument("--html", default="", help="write the report here (one self-contained HTML file)")
+    parser.add_argument("--json", default="", help="write every statistic and example here")
+    parser.add_argument("--batch", type=int, default=2048, help="rows per chunk of the streaming pass (default: 2048)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample, the bootstrap and the init "
+                                                            "baseline (default: 0)")
+    args = parser.parse_args(argv)
+    for name in ("tokens", "sample", "examples", "batch"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    return run_cli(inspect_job, args)
+
+COMMANDS = {"harvest": harvest_main, "inspect": inspect_main, "bench": bench_main, "progressive": progressive_main, "ablate": ablate_main,
             "export": export_main}
 
 def main(argv=None):

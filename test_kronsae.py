@@ -1527,7 +1527,157 @@ def test_progressive_command_runs(tmp_path):
             K.main(["progressive", *bad])
 
 
-# ============================================================================= 12. Benchmark
+# ============================================================================= 12. Inspecting features
+
+@pytest.fixture(scope="module")
+def inspected(tiny_lm, tmp_path_factory):
+    """A store of tiny_lm's text with its token ids, a KronSAE on it, and its inspection over 100-row chunks."""
+    path, text = tiny_lm
+    tmp = tmp_path_factory.mktemp("inspect")
+    K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16",
+            "--max-tokens", "3000", "--dtype", "float32", "--out", str(tmp / "store")])
+    torch.manual_seed(0)
+    sae = K.KronSAE(32, h=4, m=2, n=4, k=4)
+    K.save(sae, tmp / "kron")
+    inspection = K.inspect_sae(str(tmp / "kron"), str(tmp / "store"), tokens=2500, examples=5, batch=100,
+                               progress=False)
+    return tmp, sae, inspection
+
+
+def naive_inspection(sae, store_dir, tokens):
+    """Every statistic again, the slow way: dense codes of every row, then per-latent Python loops."""
+    store = K.ActivationStore(store_dir)
+    x = torch.cat([store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)])
+    ids = [store.text(k) for k in range(len(store.shards))]
+    token, context, position = [], [], []
+    for k, (contexts, positions) in enumerate(ids):
+        c = np.repeat(np.arange(len(store.offsets[k]) - 1), np.diff(store.offsets[k]))
+        token += contexts[c, positions].tolist()
+        context += [(k, int(i)) for i in c]
+        position += positions.tolist()
+    with torch.no_grad():
+        z = K.NaiveKronSAE.scores(sae, x)                                          # (N, F), the listing
+    top = z.topk(sae.k, dim=-1)
+    code = torch.zeros_like(z).scatter(-1, top.indices, top.values)
+    keep = (torch.arange(len(x)) < tokens) & (x.norm(dim=-1) <= store.manifest["norms"]["threshold"])
+    return code, keep, token, context, position
+
+
+def test_inspect_statistics_equal_a_naive_recount(inspected):
+    tmp, sae, inspection = inspected
+    code, keep, token, context, position = naive_inspection(sae, tmp / "store", 2500)
+    report = inspection.report
+    assert report["tokens"] == int(keep.sum()) == 2500
+    T = 16
+    for latent in range(sae.F):
+        a = code[:, latent] * keep
+        entry = report["latents"][latent]
+        assert entry["frequency"] == pytest.approx(float((a > 0).sum()) / 2500)
+        if not (a > 0).any():
+            assert entry["token_entropy"] is None or math.isnan(entry["token_entropy"])
+            continue
+        assert entry["mean_activation"] == pytest.approx(float(a[a > 0].mean()), rel=1e-5)
+        mass = {}                                                                  # eq. 10 by hand
+        for row in (a > 0).nonzero().flatten().tolist():
+            mass[token[row]] = mass.get(token[row], 0.0) + float(a[row])
+        p = [v / sum(mass.values()) for v in mass.values()]
+        assert entry["token_entropy"] == pytest.approx(-sum(q * math.log(q) for q in p), rel=1e-5, abs=1e-9)
+        values = a.topk(5).values                                                   # the true top 5
+        values = values[values > 0].tolist()
+        best = inspection.post.row[latent, :len(values)].tolist()                   # ties: any rows with them
+        assert [float(a[r]) for r in best] == pytest.approx(values, rel=1e-6)
+        shown = [e["activations"][e["position"]] for e in entry["examples"]]
+        assert shown == pytest.approx(values, rel=1e-3)                             # 4 digits in the JSON
+        ratios = []                                                                # eq. 11 by hand
+        for row, example in zip(best, entry["examples"]):
+            p = position[row]
+            window = [r for r in range(max(0, row - 16), min(len(code), row + 16))
+                      if context[r] == context[row] and abs(position[r] - p) <= 15]
+            active = sum(1 for r in window if code[r, latent] > 0)
+            span = min(T - 1, p + 15) - max(0, p - 15) + 1
+            ratios.append(active / span)
+            assert len(example["tokens"]) == span and example["activations"][example["position"]] > 0
+        assert entry["multitoken_ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
+
+
+def test_inspect_examples_show_the_right_text(inspected, tiny_lm):
+    tmp, sae, inspection = inspected
+    _, tokenizer, _ = K.load_lm(str(tiny_lm[0]), "cpu")
+    code, keep, token, context, position = naive_inspection(sae, tmp / "store", 2500)
+    latent = int((code * keep[:, None]).amax(0).argmax())
+    example = inspection.report["latents"][latent]["examples"][0]
+    row = int(inspection.post.row[latent, 0])
+    assert code[row, latent] == (code[:, latent] * keep).max()
+    assert example["tokens"][example["position"]] == tokenizer.decode([token[row]])
+    assert example["position"] == min(position[row], 15)
+
+
+def test_the_and_check_is_exactly_one_for_mand_and_fig18_is_computed(inspected):
+    s = inspected[2].report["summary"]
+    assert s["and_check"]["parents_when_fires"] == 1.0
+    assert 0 < s["and_check"]["fires_when_parents"] <= 1
+    assert set(s["fig18"]) == {"frequency", "token_entropy", "multitoken_ratio"}
+    assert set(s["fig18"]["frequency"]) == {"base", "extension", "mean", "product", "mand"}
+    assert {"post", "pre"} <= set(s) and -1 <= s["within_head_correlation"] <= 1
+    pre = inspected[2].report["pre_latents"]
+    assert len(pre) == 4 * 6 and pre[7]["head"] == 1 and pre[7]["side"] == "base" and pre[7]["index"] == 1
+    assert pre[9]["side"] == "extension" and pre[9]["index"] == 1
+
+
+def test_inspect_buffers_do_not_grow_with_the_tokens_read(inspected):
+    tmp, sae, big = inspected
+    small = K.inspect_sae(str(tmp / "kron"), str(tmp / "store"), tokens=300, examples=5, batch=100, progress=False)
+    assert small.report["tokens"] == 300
+    for name in ("top", "row", "span", "windows", "histogram", "fired", "total"):
+        assert getattr(small.post, name).shape == getattr(big.post, name).shape
+    vocab = len(WORDS) + 2                                                         # (unit, token) pairs at most
+    assert len(big.post.keys) <= sae.F * vocab and len(big.pre.keys) <= big.pre.units * vocab
+
+
+def test_the_html_report_parses_and_escapes_the_text(inspected):
+    from html.parser import HTMLParser
+    tmp, sae, inspection = inspected
+    report = copy.deepcopy(inspection.report)
+    latent = report["selected"][0]
+    entry = report["latents"][latent]
+    entry["examples"] = entry["examples"] or [{"tokens": ["a"], "activations": [1.0], "position": 0}]
+    entry["examples"][0]["tokens"][0] = "<script>alert(1)</script>"
+    page = K.inspection_html(inspection._replace(report=report), "run/kron")
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+
+    class Check(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.scripts, self.stack, self.ids = 0, [], set()
+
+        def handle_starttag(self, tag, attrs):
+            self.scripts += tag == "script"
+            self.ids |= {v for k, v in attrs if k == "id"}
+
+    check = Check()
+    check.feed(page)
+    assert check.scripts == 1                                                      # only the sort function
+    assert f"latent-{latent}" in check.ids and f"head-{latent // sae.group}" in check.ids
+    assert "http" not in page.replace("http-equiv", "")                            # nothing to fetch
+
+
+def test_inspect_command_writes_json_and_html_and_refuses_old_stores(inspected, tmp_path, capsys):
+    tmp = inspected[0]
+    report = K.main(["inspect", str(tmp / "kron"), "--data", str(tmp / "store"), "--tokens", "400",
+                     "--latents", "3,5", "--json", str(tmp_path / "s.json"), "--html", str(tmp_path / "r.html")])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["tokens"] == 400 and len(saved["latents"]) == 32 and len(saved["pre_latents"]) == 24
+    assert {"id", "frequency", "mean_activation", "token_entropy", "multitoken_ratio", "examples"} <= \
+        set(saved["latents"][3])
+    out = capsys.readouterr().out
+    assert "latent 3:" in out and "[[" in out and "AND check" in out and report["selected"] == [3, 5]
+    store_of(torch.randn(100, 32), [50, 50], tmp_path / "old")
+    with pytest.raises(SystemExit):
+        K.main(["inspect", str(tmp / "kron"), "--data", str(tmp_path / "old")])
+    assert "harvest it again" in capsys.readouterr().err
+
+
+# ============================================================================= 13. Benchmark
 
 def test_bench_runs_and_reports_targets(tmp_path):
     out = tmp_path / "bench.json"
@@ -1594,7 +1744,7 @@ def test_bench_has_the_sparsify_column():
     assert rows[1]["aux_ms"] > 0 and rows[1]["flops_per_token"] == rows[0]["flops_per_token"]
 
 
-# ============================================================================= 13. CLI
+# ============================================================================= 14. CLI
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     torch.save(torch.randn(50, 4, 2), tmp_path / "bad.pt")
