@@ -2096,7 +2096,7 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
     start = time.perf_counter()
     if s.run.out and not s.run.resume and dist.rank == 0:
         for arch, name in itertools.product(("topk", "kron"), ("train_state.pt", "sae.safetensors", "config.json",
-                                                               "match.json")):
+                                                               "match.json", "metrics.json")):
             Path(s.run.out, arch, name).unlink(missing_ok=True)   # --overwrite: nothing stale from the old run
         write_json(Path(s.run.out, "run.json"), s.to_dict())
     set_seed(s.run.seed)
@@ -2111,6 +2111,8 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
             if lm and lm["splice"]:
                 results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
                                              s.data.model_batch, lm["max_norm"]))
+            if s.run.out and dist.rank == 0:  # beside the checkpoint, for the commands that read it later
+                write_json(Path(s.run.out, arch, "metrics.json"), results[arch])
     finally:
         restore()
     print(results_table(list(results.values())))
@@ -2922,7 +2924,319 @@ def inspect_job(args) -> dict:
             print(f"wrote the {what} to {path}")
     return inspection.report
 
-# ============================================================================= 13. Benchmark
+# ============================================================================= 13. First-letter absorption
+# SAEBench's feature absorption (Karvonen et al. 2025, after Chanin et al. 2024; PAPER_NOTES section 8), the
+# metric of the paper's fig. 4 and table 5. A linear probe reads a word's first letter from the residual
+# stream; the SAE's "main" latents for that letter are found by k-sparse probing; a word is absorbed when the
+# main latents fall short and other latents aligned with the probe carry its projection instead.
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# SAEBench's thresholds (sae_bench/evals/absorption: feature_absorption_calculator.py and main.py's config)
+F1_JUMP = 0.03               # k-sparse probing: a latent joins the main ones while F1 rises by more than this
+MIN_PROBE_F1 = 0.6           # a letter counts only if the ground-truth probe's test F1 exceeds this
+MIN_LETTERS = 20             # SAEBench aborts with fewer letters above MIN_PROBE_F1
+FULL_COS = 0.025             # full absorption: the top-projecting latent's cosine with the probe, at least
+FRACTION_COS = 0.1           # absorption fraction: each absorbing latent's cosine with the probe, at least
+SHARE = 0.4                  # the absorbing latents must carry at least this share of the probe projection
+MAX_ABSORBERS = 3            # absorption fraction: at most this many absorbing latents
+ICL_EXAMPLES = 10            # in-context examples before each word
+
+def alphabetic_words(tokenizer) -> list[str]:
+    """The vocabulary's tokens that are one alphabetic word, with or without a leading space, as their text."""
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    words = tokenizer.batch_decode([[i] for i in ids])
+    return sorted({w for w in words if re.fullmatch(r" ?[A-Za-z]+", w)})
+
+def icl_prompt(word: str, examples: list[str]) -> tuple[str, int]:
+    """SAEBench's prompt: `word: W` lines for the examples, then the word and its colon; returns the text and
+    the character index where the word ends (the position to read is the token holding the word's last letter)."""
+    lines = "".join(f"\n{e}: {e.strip()[0].upper()}" for e in examples)
+    text = f"{lines}\n{word}:"
+    return text, len(text) - 1
+
+def word_position(tokenizer, text: str, end: int) -> tuple[list[int], int]:
+    """Token ids of `text` (without special tokens) and the index of the token that holds character end - 1,
+    found from the tokenizer's own offsets, never from a fixed offset. Slow tokenizers: tokenise the prefix."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for i, (a, b) in enumerate(encoded["offset_mapping"]):
+            if a <= end - 1 < b:
+                return encoded["input_ids"], i
+        raise ValueError(f"no token of {text!r} covers character {end - 1}")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids, len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) - 1
+
+class ProbeData(NamedTuple):  # the residual stream at each word's position, computed once per model and layer
+    acts: torch.Tensor        # (N, d) float32
+    letters: torch.Tensor     # (N,) 0..25
+    train: torch.Tensor       # (N,) bool: the 80% the probes train on
+    words: list[str]
+
+def probe_data(model, tokenizer, layer: int, words: list[str], seed: int, batch: int = 32,
+               progress: bool = True) -> ProbeData:
+    """Each word's prompt through the model up to `layer` (right-padded batches: a causal LM's earlier
+    positions never see the padding), read at the word's last token."""
+    rng = random.Random(seed)
+    before, _ = context_wrapping(tokenizer)
+    prompts = []
+    for word in words:
+        examples = rng.sample([w for w in words if w != word], ICL_EXAMPLES)
+        ids, position = word_position(tokenizer, *icl_prompt(word, examples))
+        prompts.append((before + ids, len(before) + position))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    acts = []
+    for start in tqdm(range(0, len(prompts), batch), desc=f"probe prompts, layer {layer}", disable=not progress):
+        chunk = prompts[start:start + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk], device=device)
+        h = residual_at(model, ids, layer)
+        acts.append(h[torch.arange(len(chunk)), torch.tensor([p for _, p in chunk])].float().cpu())
+    order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed))
+    train = torch.zeros(len(words), dtype=torch.bool)
+    train[order[:int(0.8 * len(words))]] = True
+    letters = torch.tensor([LETTERS.index(w.strip()[0].lower()) for w in words])
+    return ProbeData(torch.cat(acts), letters, train, words)
+
+def fit_probes(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int = 50, l1: float = 0.0,
+               batch: int = 512, seed: int = 0, min_steps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-vs-rest logistic probes, as SAEBench trains them: Adam, lr 1e-2 decaying to 1e-5, each class's
+    positives weighted by negatives/positives, an optional L1 penalty; 50 epochs, or more when a small set
+    would give fewer than min_steps steps. Returns W (classes, d) and b (classes,)."""
+    g = torch.Generator().manual_seed(seed)
+    epochs = max(epochs, math.ceil(min_steps / math.ceil(len(y) / batch)))
+    target = nnf.one_hot(y, classes).float()
+    positives = target.sum(0)
+    weight = (len(y) - positives) / positives.clamp_min(1)
+    W = torch.zeros(classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.Adam([W, b], lr=1e-2)
+    steps = epochs * math.ceil(len(y) / batch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1e-3 ** (t / steps))  # 1e-2 -> 1e-5
+    for _ in range(epochs):
+        for rows in torch.randperm(len(y), generator=g).split(batch):
+            logits = x[rows] @ W.T + b
+            loss = nnf.binary_cross_entropy_with_logits(logits, target[rows], pos_weight=weight)
+            if l1:
+                loss = loss + l1 * W.abs().sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return W.detach(), b.detach()
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-balanced logistic regression on few features (k-sparse probing), as scikit-learn's default fit:
+    the balanced log-loss plus 0.5 |w|^2 (the intercept unpenalised), minimised by Newton's method."""
+    y = y.double()
+    weight = torch.where(y > 0, len(y) / (2 * y.sum().clamp_min(1)), len(y) / (2 * (1 - y).sum().clamp_min(1)))
+    X = torch.cat([x.double(), torch.ones(len(y), 1, dtype=torch.float64)], 1)     # the last column: intercept
+    penalty = torch.ones(X.shape[1], dtype=torch.float64)
+    penalty[-1] = 0
+    theta = torch.zeros(X.shape[1], dtype=torch.float64)
+    for _ in range(steps):
+        p = torch.sigmoid(X @ theta)
+        grad = X.T @ (weight * (p - y)) + penalty * theta
+        hessian = (X.T * (weight * p * (1 - p))) @ X + torch.diag(penalty + 1e-9)
+        step = torch.linalg.solve(hessian, grad)
+        theta -= step
+        if step.abs().max() < 1e-8:
+            break
+    return theta[:-1].float(), theta[-1].float()
+
+def f1_score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
+    tp = float((predicted & actual).sum())
+    return 2 * tp / max(1.0, float(predicted.sum() + actual.sum()))
+
+def main_latents(codes: torch.Tensor, data: ProbeData, letter: int, ranking: torch.Tensor) -> tuple[list[int], list[float]]:
+    """k-sparse probing: the letter's top latents by the L1 probe's weight; k grows from 1 while test F1 rises
+    by more than F1_JUMP. Returns the main latents and the F1 at k = 1..10."""
+    train, test = codes[data.train][:, ranking], codes[~data.train][:, ranking]     # (n, 10) each
+    y = data.letters == letter
+    f1s = []
+    for k in range(1, 11):
+        w, b = fit_logistic(train[:, :k], y[data.train])
+        f1s.append(f1_score(test[:, :k] @ w + b > 0, y[~data.train]))
+    k = 1
+    while k < 10 and f1s[k] - f1s[k - 1] > F1_JUMP:
+        k += 1
+    return ranking[:k].tolist(), f1s
+
+def absorption_of(x: torch.Tensor, code: torch.Tensor, cos: torch.Tensor, probe: torch.Tensor,
+                  main: list[int]) -> tuple[float, bool]:
+    """One word: its absorption fraction and whether it is fully absorbed (SAEBench's
+    FeatureAbsorptionCalculator). x (d,) the residual, code (F,) the SAE's latents, cos (F,) each decoder row's
+    cosine with the unit probe direction `probe` (d,)."""
+    total = float(x @ probe)                                     # the probe's projection of the residual
+    if total <= 0:
+        return 0.0, False
+    projection = code * cos                                      # each latent's share of it
+    main_projection = float(projection[main].sum())
+    others = torch.ones_like(cos, dtype=torch.bool)
+    others[main] = False
+    others &= (cos >= FRACTION_COS) & (projection > 0)
+    absorbers = float(projection[others].topk(min(MAX_ABSORBERS, int(others.sum()))).values.sum())
+    if main_projection >= total or absorbers / total < SHARE:
+        fraction = 0.0
+    elif main_projection <= 0:
+        fraction = 1.0
+    else:
+        absorbed = min(absorbers, total - main_projection)
+        fraction = min(1.0, max(0.0, absorbed / (absorbed + main_projection)))
+    top = int(projection.argmax())
+    full = bool((code[main] <= 1e-8).all() and cos[top] >= FULL_COS and total >= 0
+                and projection[top] / total >= SHARE)
+    return fraction, full
+
+def letter_gate(data: ProbeData, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The ground-truth probe on the residual stream (scaled to mean norm sqrt(d) for the optimiser: the
+    directions are unchanged) and each letter's test F1."""
+    scale = input_scale(data.acts[data.train])
+    W, b = fit_probes(data.acts[data.train] * scale, data.letters[data.train], len(LETTERS), seed=seed)
+    scores = data.acts * scale @ W.T + b                        # (N, 26)
+    test = ~data.train
+    f1 = {LETTERS[c]: f1_score(scores[test, c] > 0, data.letters[test] == c) for c in range(len(LETTERS))
+          if (data.letters[test] == c).any()}
+    return W, scores, f1
+
+@torch.no_grad()
+def sae_absorption(sae: SparseAutoencoder, data: ProbeData, probe: torch.Tensor, scores: torch.Tensor,
+                   letters: list[str], seed: int) -> dict:
+    """SAEBench's three figures for one SAE, per letter and as mean and std over `letters`."""
+    codes = torch.cat([dense_code(sae, x) for x in data.acts.split(1024)])                    # (N, F)
+    with torch.enable_grad():
+        l1_W, _ = fit_probes(codes[data.train], data.letters[data.train], len(LETTERS), l1=0.01, seed=seed)
+    per_letter = {}
+    for name in letters:
+        c = LETTERS.index(name)
+        main, f1s = main_latents(codes, data, c, l1_W[c].topk(10).indices)
+        direction = nnf.normalize(probe[c], dim=0)
+        cos = nnf.normalize(sae.W_dec, dim=-1) @ direction
+        words = (~data.train & (data.letters == c) & (scores[:, c] > 0)).nonzero().flatten()   # probe positives
+        results = [absorption_of(data.acts[i], codes[i], cos, direction, main) for i in words.tolist()]
+        per_letter[name] = {"main_latents": main, "split_features": len(main), "k_sparse_f1": f1s,
+                            "words": len(results),
+                            "mean_absorption_fraction": sum(f for f, _ in results) / max(1, len(results)),
+                            "full_absorption": sum(full for _, full in results) / max(1, len(results))}
+    recon = sae(data.acts)
+    ev = 1 - float((data.acts - recon).pow(2).sum() / (data.acts - data.acts.mean(0)).pow(2).sum())
+    return {**{key: mean_std([per_letter[n][key] for n in letters] or [math.nan])
+               for key in ("mean_absorption_fraction", "full_absorption", "split_features")},
+            "ev_prompts": ev, "letters": per_letter}
+
+def run_ev(directory: str) -> float:
+    """The held-out EV the training run measured for this SAE (OUT/arch/metrics.json), NaN when there is none."""
+    try:
+        return float(json.loads(Path(directory, "metrics.json").read_text())["ev"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return math.nan
+
+def sae_name(directory: str) -> str:
+    return "/".join(Path(directory).resolve().parts[-2:])
+
+def cached_probe_data(model_name: str, layer: int, words: int, seed: int, cache: Path, device, batch: int,
+                      progress: bool = True) -> ProbeData:
+    """ProbeData from the cache beside the run (numpy and JSON: nothing that runs code), or computed and cached."""
+    key = hashlib.sha256(json.dumps([str(model_name), layer, words, seed, ICL_EXAMPLES]).encode()).hexdigest()[:12]
+    arrays, meta = cache / f"absorption_{key}.npz", cache / f"absorption_{key}.json"
+    if arrays.is_file() and meta.is_file():
+        with np.load(arrays, allow_pickle=False) as f:
+            return ProbeData(torch.from_numpy(f["acts"]), torch.from_numpy(f["letters"]),
+                             torch.from_numpy(f["train"]), json.loads(meta.read_text())["words"])
+    model, tokenizer, causal = load_lm(model_name, device, layer)
+    if not causal:
+        raise ValueError(f"{model_name} is not a causal LM; the first-letter prompts need one")
+    vocabulary = alphabetic_words(tokenizer)
+    if len(vocabulary) <= ICL_EXAMPLES:
+        raise ValueError(f"{model_name}'s vocabulary has {len(vocabulary)} alphabetic words; the prompts need more "
+                         f"than {ICL_EXAMPLES}")
+    chosen = random.Random(seed).sample(vocabulary, min(words, len(vocabulary)))
+    data = probe_data(model, tokenizer, layer, chosen, seed, batch, progress)
+    buffer = io.BytesIO()
+    np.savez(buffer, acts=data.acts.numpy(), letters=data.letters.numpy(), train=data.train.numpy())
+    write_atomic(arrays, lambda f: f.write(buffer.getvalue()))
+    write_json(meta, {"model": str(model_name), "layer": layer, "seed": seed, "words": data.words,
+                      "vocabulary_words": len(vocabulary)})
+    return data
+
+def absorption(directories: list[str], model_name: str, layer: int, words: int = 4000, seed: int = 0,
+               device="cpu", batch: int = 32, progress: bool = True) -> dict:
+    """Absorption of each SAE in `directories`, all trained on `model_name`'s hidden_states[layer]."""
+    saes = [load(d) for d in directories]
+    data = cached_probe_data(model_name, layer, words, seed, Path(directories[0]).resolve().parent, device, batch,
+                             progress)
+    for d, sae in zip(directories, saes):
+        if sae.d_in != data.acts.shape[1]:
+            raise ValueError(f"the SAE in {d} reads d={sae.d_in}, but {model_name}'s layer {layer} has "
+                             f"d={data.acts.shape[1]}")
+    return measure_absorption({sae_name(d): (sae, run_ev(d)) for d, sae in zip(directories, saes)}, data, seed)
+
+def measure_absorption(saes: dict, data: ProbeData, seed: int = 0) -> dict:
+    """The gate, then each SAE's figures: saes maps a name to (SAE, its held-out EV)."""
+    probe, scores, f1 = letter_gate(data, seed)
+    passed = sorted(name for name, value in f1.items() if value > MIN_PROBE_F1)
+    result = {"gate": {"letters": passed, "probe_f1": f1, "passed": len(passed) >= MIN_LETTERS,
+                       "words": len(data.words), "test_words": int((~data.train).sum())}, "saes": {}}
+    for name, (sae, ev) in saes.items():
+        result["saes"][name] = {**sae_absorption(sae, data, probe, scores, passed, seed), "ev": ev}
+    return result
+
+def absorption_table(result: dict) -> str:
+    def cell(v):
+        return f"{v['mean']:.3f} ± {v['std']:.3f}"
+    return format_table(["SAE", "absorption fraction", "full absorption", "split features", "EV", "EV (prompts)"],
+                        [[name, cell(r["mean_absorption_fraction"]), cell(r["full_absorption"]),
+                          cell(r["split_features"]), f"{r['ev']:.4f}", f"{r['ev_prompts']:.4f}"]
+                         for name, r in result["saes"].items()])
+
+def save_absorption_figure(result: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(result["saes"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, title in zip(axes, ("mean_absorption_fraction", "full_absorption"),
+                              ("mean absorption fraction", "full-absorption rate")):
+        values = [result["saes"][n][key] for n in names]
+        ax.bar(range(len(names)), [v["mean"] for v in values], yerr=[v["std"] for v in values], capsize=3,
+               color=["#888" if "topk" in n else "#2a7" for n in names])
+        ax.set_xticks(range(len(names)), [f"{n}\nEV {result['saes'][n]['ev']:.3f}" for n in names], fontsize=7)
+        ax.set_title(title + ("" if result["gate"]["passed"] else " (below the gate)"), fontsize=9)
+    fig.suptitle(f"first-letter absorption, {len(result['gate']['letters'])} letters (mean ± std over letters)",
+                 fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+def absorption_job(args) -> dict:
+    for path, flag in ((args.json, "json"), (args.figure, "figure")):
+        if path:
+            check_writable(path, flag)
+    check_device(args.device)
+    for d in args.directories:
+        for name in ("config.json", "sae.safetensors"):
+            if not Path(d, name).is_file():
+                raise ValueError(f"{d} is not a checkpoint: {name} is missing")
+    from transformers import AutoConfig
+    name, extra = model_source(args.model)
+    check_layer(from_pretrained(AutoConfig.from_pretrained, name, extra), args.layer)
+    result = absorption(args.directories, args.model, args.layer, args.words, args.seed, pick_device(args.device),
+                        args.model_batch)
+    gate = result["gate"]
+    if not gate["passed"]:
+        print(f"below the gate: only {len(gate['letters'])} letters have a probe F1 above {MIN_PROBE_F1} (SAEBench "
+              f"needs {MIN_LETTERS}); the figures below are reported anyway, marked as below the gate")
+    print(f"{gate['test_words']} test words of {gate['words']}; {len(gate['letters'])} letters pass the gate; "
+          f"mean ± std over letters")
+    print(absorption_table(result))
+    if args.json:
+        write_json(args.json, result)
+    if args.figure:
+        save_absorption_figure(result, args.figure)
+    return result
+
+# ============================================================================= 14. Benchmark
 
 @dataclass
 class BenchConfig:
@@ -3263,7 +3577,7 @@ def bench(bcfg: BenchConfig) -> list[dict]:
                                "rows": rows})
     return rows
 
-# ============================================================================= 14. CLI
+# ============================================================================= 15. CLI
 
 def tune_cpu_allocator():
     """Keep freed memory mapped (Linux, glibc). By default glibc gives large freed blocks back to the OS,
@@ -3532,7 +3846,32 @@ def inspect_main(argv):
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     return run_cli(inspect_job, args)
 
-COMMANDS = {"harvest": harvest_main, "inspect": inspect_main, "bench": bench_main, "progressive": progressive_main, "ablate": ablate_main,
+def absorption_main(argv):
+    parser = Parser(prog="kronsae.py absorption", description=(
+        "First-letter feature absorption (SAEBench; the paper's fig. 4 and table 5) of SAEs trained on one model's "
+        "layer: a probe reads each word's first letter from the residual stream, k-sparse probing finds each "
+        "letter's main latents, and a word is absorbed when they fall short and other latents carry the probe's "
+        "projection. The prompts' activations are cached beside the first run, so the next SAE costs only its "
+        "own encoding."))
+    parser.add_argument("directories", nargs="+", help="trained SAEs: checkpoint directories such as RUN/topk RUN/kron")
+    parser.add_argument("--model", required=True, help="the model they were trained on (hub name, directory or .gguf)")
+    parser.add_argument("--layer", type=int, required=True, help="the layer they were trained on: hidden_states[layer]")
+    parser.add_argument("--words", type=int, default=4000, help="alphabetic vocabulary words to use, drawn by --seed "
+                                                                "(80%% train, 20%% test; default: 4000)")
+    parser.add_argument("--json", default="", help="write every figure, per letter too, here")
+    parser.add_argument("--figure", default="", help="save a bar chart of the SAEs' absorption here (PNG)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the words, their split and the probes (default: 0)")
+    parser.add_argument("--model-batch", type=int, default=32, help="prompts per forward pass (default: 32)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    args = parser.parse_args(argv)
+    for name in ("words", "model_batch"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.words < 50:
+        parser.error(f"--words {args.words} is too few for 26 letters' probes; use at least 50")
+    return run_cli(absorption_job, args)
+
+COMMANDS = {"harvest": harvest_main, "inspect": inspect_main, "absorption": absorption_main, "bench": bench_main, "progressive": progressive_main, "ablate": ablate_main,
             "export": export_main}
 
 def main(argv=None):

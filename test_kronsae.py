@@ -1677,7 +1677,127 @@ def test_inspect_command_writes_json_and_html_and_refuses_old_stores(inspected, 
     assert "harvest it again" in capsys.readouterr().err
 
 
-# ============================================================================= 13. Benchmark
+# ============================================================================= 13. First-letter absorption
+
+def letter_data(n=1300, d=64, signal=range(26), noise=0.3, seed=0):
+    """Words whose residual holds 3 e_letter (for letters in `signal`) plus Gaussian noise in the last dims."""
+    g = torch.Generator().manual_seed(seed)
+    letters = torch.randint(0, 26, (n,), generator=g)
+    acts = torch.zeros(n, d)
+    acts[:, 40:] = noise * torch.randn(n, d - 40, generator=g)
+    has = torch.tensor([int(c) in signal for c in letters])
+    acts[has, letters[has]] += 3.0
+    train = torch.rand(n, generator=g) < 0.8
+    return K.ProbeData(acts, letters, train, [K.LETTERS[c] + "x" for c in letters.tolist()])
+
+
+def test_the_ground_truth_probe_learns_a_planted_first_letter_direction():
+    data = letter_data()
+    W, scores, f1 = K.letter_gate(data, seed=0)
+    assert min(f1.values()) > 0.95 and len(f1) == 26
+    assert (W[:, :26].argmax(1) == torch.arange(26)).all() and (W.diagonal() > 0).all()  # up e_c, down the rest
+    assert (W[:, 40:].norm(dim=1) < W[:, :26].norm(dim=1)).all()      # mostly in the letters' subspace
+
+
+def absorbing_sae(d=64):
+    """A TopK SAE built by hand: latent c reads and writes e_c, except that latent 0 ("a") is shut off by a
+    marker direction e_30, which a child latent 26 reads; its decoder row is (e_0 + e_30)/sqrt 2."""
+    sae = K.TopKSAE(d, 27, k=2)
+    with torch.no_grad():
+        sae.W_enc.zero_(), sae.b_enc.zero_(), sae.b_dec.zero_()
+        for c in range(26):
+            sae.W_enc[c, c] = 1.0
+        sae.W_enc[0, 30] = -10.0                                       # the marker silences "a"
+        sae.W_enc[26, 30] = 1.0
+        sae.b_enc.fill_(-0.5)
+        sae.W_dec.copy_(sae.W_enc.clamp_min(0))
+        sae.W_dec[26] = 0
+        sae.W_dec[26, 0] = sae.W_dec[26, 30] = 1.0
+        sae.normalize_decoder_()
+    return sae
+
+
+def test_a_silent_letter_latent_with_a_child_carrying_the_direction_is_absorption_1_there_and_0_elsewhere():
+    data = letter_data(n=5200)
+    marked = (data.letters == 0) & (torch.arange(len(data.letters)) % 30 == 0)  # one "a" word in 30: too rare
+    data.acts[marked, 30] += 3.0                                                # to count as a split feature
+    sae = absorbing_sae()
+    codes = K.dense_code(sae, data.acts)
+    assert (codes[marked, 0] == 0).all() and (codes[marked, 26] > 0).all() and (codes[data.letters == 0][~marked[
+        data.letters == 0], 0] > 0).all()
+    probe = torch.zeros(64)
+    probe[0] = 1.0
+    cos = torch.nn.functional.normalize(sae.W_dec, dim=-1) @ probe
+    for i in (data.letters == 0).nonzero().flatten().tolist():
+        fraction, full = K.absorption_of(data.acts[i], codes[i], cos, probe, [0])
+        assert (fraction, full) == ((1.0, True) if marked[i] else (0.0, False))
+    result = K.measure_absorption({"hand/topk": (sae, 0.5)}, data)               # the whole pipeline
+    a = result["saes"]["hand/topk"]["letters"]["a"]
+    assert a["main_latents"] == [0]                                             # the child is no main latent
+    test_a = ~data.train & (data.letters == 0)
+    assert a["words"] == int(test_a.sum())                                      # the probe finds every "a"
+    assert a["mean_absorption_fraction"] == pytest.approx(float(marked[test_a].float().mean()))
+    assert a["full_absorption"] == a["mean_absorption_fraction"]
+    assert result["saes"]["hand/topk"]["letters"]["b"]["mean_absorption_fraction"] == 0.0
+    assert result["gate"]["passed"] and len(result["gate"]["letters"]) == 26
+
+
+def test_the_gate_reports_results_below_it_as_such():
+    data = letter_data(signal=range(12))                                        # 14 letters carry no signal
+    result = K.measure_absorption({"hand/topk": (absorbing_sae(), 0.5)}, data)
+    assert not result["gate"]["passed"] and set(result["gate"]["letters"]) == set(K.LETTERS[:12])
+    assert set(result["saes"]["hand/topk"]["letters"]) == set(K.LETTERS[:12])   # reported anyway
+
+
+def trained_tokenizer(kind):
+    """A small BPE tokenizer trained here: GPT-2's byte-level kind, or SentencePiece's (Metaspace, "▁")."""
+    from tokenizers import SentencePieceBPETokenizer, ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    text = ["the cat sat on the mat: C", "a dog ran far: D", "caterpillar concatenate cattle\nbanana: B"] * 50
+    backend = (ByteLevelBPETokenizer() if kind == "bpe" else SentencePieceBPETokenizer())
+    backend.train_from_iterator(text, vocab_size=120, min_frequency=1)
+    return PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_the_word_position_comes_from_the_tokenizer(kind):
+    tokenizer = trained_tokenizer(kind)
+    for word in ("cat", " cat", " caterpillar", "banana", " concatenate"):
+        text, end = K.icl_prompt(word, ["dog", " mat", "cattle"])
+        ids, position = K.word_position(tokenizer, text, end)
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        upto, rest = tokenizer.decode(ids[:position + 1]), tokenizer.decode(ids[position + 1:]).strip()
+        assert upto.rstrip().removesuffix(":").endswith(word.strip())          # the token with its last letter,
+        assert not tokenizer.decode(ids[:position]).rstrip().endswith(word.strip())   # not one before it
+        assert rest in (":", "") and (rest == ":") != upto.endswith(":")        # merged with the colon, or not
+
+
+@pytest.mark.slow
+def test_absorption_command_runs_on_a_tiny_model_and_says_when_the_gate_fails(tiny_lm, tmp_path, capsys):
+    path, text = tiny_lm
+    K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16", "--dict-size", "64",
+            "--m", "2", "--n", "4", "--k", "4", "--steps", "20", "--batch", "128", "--eval-tokens", "300",
+            "--out", str(tmp_path / "run")])
+    argv = ["absorption", str(tmp_path / "run" / "topk"), str(tmp_path / "run" / "kron"), "--model", str(path),
+            "--layer", "1", "--words", "50", "--json", str(tmp_path / "a.json"), "--figure", str(tmp_path / "a.png")]
+    result = K.main(argv)
+    out = capsys.readouterr().out
+    assert "below the gate" in out and not result["gate"]["passed"]
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert set(saved["saes"]) == {"run/topk", "run/kron"} and (tmp_path / "a.png").stat().st_size > 0
+    for arch in ("topk", "kron"):
+        r = saved["saes"][f"run/{arch}"]
+        assert {"mean_absorption_fraction", "full_absorption", "split_features", "ev", "letters"} <= set(r)
+        assert r["ev"] == json.loads((tmp_path / "run" / arch / "metrics.json").read_text())["ev"]
+    assert list(tmp_path.glob("run/absorption_*.npz"))                          # cached beside the run
+    K.main(argv)                                                                # the second time, from the cache
+    assert "probe prompts" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        K.main(["absorption", str(tmp_path / "run" / "kron"), "--model", str(path), "--layer", "9"])
+    assert "layer must be in 0..2" in capsys.readouterr().err
+
+
+# ============================================================================= 14. Benchmark
 
 def test_bench_runs_and_reports_targets(tmp_path):
     out = tmp_path / "bench.json"
@@ -1744,7 +1864,7 @@ def test_bench_has_the_sparsify_column():
     assert rows[1]["aux_ms"] > 0 and rows[1]["flops_per_token"] == rows[0]["flops_per_token"]
 
 
-# ============================================================================= 14. CLI
+# ============================================================================= 15. CLI
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     torch.save(torch.randn(50, 4, 2), tmp_path / "bad.pt")
