@@ -2077,8 +2077,8 @@ def json_safe(obj):
         return [json_safe(v) for v in obj]
     return obj
 
-def write_json(path: str, obj):
-    text = json.dumps(json_safe(obj), indent=2, allow_nan=False)
+def write_json(path: str, obj, indent: Optional[int] = 2):
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False)
     write_atomic(path, lambda f: f.write(text.encode()))
 
 def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict:
@@ -2914,7 +2914,7 @@ def inspect_job(args) -> dict:
     inspection = inspect_sae(args.directory, args.data, args.tokens, list(args.latents) or None, args.sample,
                              args.examples, args.batch, args.seed)
     if args.json:
-        write_json(args.json, inspection.report)
+        write_json(args.json, inspection.report, indent=None)  # tens of MB at F = 8192: no indentation
     if args.html:
         page = inspection_html(inspection, args.directory)
         write_atomic(args.html, lambda f: f.write(page.encode()))
