@@ -2451,7 +2451,7 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
 # window of WINDOW tokens either side with the activation of every token (multitoken ratio, eq. 11).
 
 WINDOW = 15           # tokens either side of the firing token (appendix D.1: 31-token windows)
-HISTOGRAM_BINS = torch.logspace(-4, 4, 33)  # activation histograms: fixed log-spaced bins, whatever the scale
+HISTOGRAM_BINS = torch.logspace(-4, 4, 65)  # activation histograms: fixed log-spaced bins, whatever the scale
 
 class UnitStats:
     """Streaming statistics of U units whose activations arrive as dense (B, U) chunks of whole contexts.

@@ -1941,7 +1941,7 @@ def run_small(tmp_path, *extra, steps=20):
 def test_an_out_holding_a_run_is_refused_and_left_untouched(tmp_path, capsys):
     run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron")
     files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    assert {p.name for p in files} == {"run.json", "sae.safetensors", "config.json", "train_state.pt"}
+    assert {p.name for p in files} == {"run.json", "sae.safetensors", "config.json", "train_state.pt", "metrics.json"}
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", "--lr", "1e-3")
