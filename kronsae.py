@@ -10,9 +10,8 @@ Shape letters used in the comments:
   B tokens in a batch    d input width (d_in)    F dictionary size    k active latents per token
   h heads                m, n pre-latents per head, F = h*m*n      E encoder rows (F or h*(m+n))
 
-Part 1, the method: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training. Part 2, the tooling, is
-sections 5-13 under their banners. Python: train(KronSAE(d_in=512, h=512, m=2, n=8, k=32), batches, TrainConfig()).
-Shell: python kronsae.py --help (and each command's own --help).
+Part 1, the method: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training; Part 2, the tooling: 5-15.
+Python: train(KronSAE(d_in=512, h=512, m=2, n=8, k=32), batches, TrainConfig()). Shell: python kronsae.py --help.
 """
 from __future__ import annotations
 
@@ -107,8 +106,13 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"input's last dimension must be d_in={self.d_in}, got shape {tuple(x.shape)}")
 
     def sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """sum_l values[b, l] W_dec[indices[b, l]] through the k active rows only: O(k d), not O(F d)."""
-        return bag_sum(indices, self.W_dec, values)                               # (B, d)
+        """sum_l values[b, l] W_dec[indices[b, l]] through the rows used only: O(k d) per token, not O(F d). When
+        many rows per token come from few distinct rows (AuxK's dead latents), one GEMM on those rows is faster."""
+        used = torch.zeros(self.F, dtype=torch.bool, device=indices.device).index_fill_(0, indices.flatten(), True)
+        if not dense_backward_pays(indices.shape[1], int(used.sum()), indices.device):  # L distinct rows
+            return bag_sum(indices, self.W_dec, values)                           # (B, d)
+        code = values.new_zeros(len(values), int(used.sum())).scatter(1, (used.cumsum(0) - 1)[indices], values)
+        return code @ self.W_dec[used]                                            # (B, L) (L, d) -> (B, d)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.sparse_decode(values, indices) + self.b_dec                   # (B, d)
@@ -296,8 +300,7 @@ def normalized_mse(target: torch.Tensor, recon: torch.Tensor, variance: Optional
     variance = total_variance(target) if variance is None else variance
     return (target - recon).pow(2).sum() / variance.clamp_min(1e-12)
 
-def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding,
-                        variance: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, variance=None) -> tuple:
     """(normalized_mse(x, x_hat), x_hat): eq. 1's reconstruction, scored as FVU."""
     x_hat = sae.decode(enc.values, enc.indices)                                    # (B, d)
     return normalized_mse(x, x_hat, variance), x_hat
@@ -366,17 +369,15 @@ class StepStats(NamedTuple):
     tokens: float
 
 def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.AdamW:
-    """AdamW (paper A.1) without weight decay, which would fight the unit-norm decoder. The fused kernel
-    (CPU and CUDA) does the same arithmetic without parameter-sized temporaries."""
+    """AdamW (A.1) without weight decay, which fights the unit-norm decoder; fused: no parameter-sized temporaries."""
     fused = next(sae.parameters()).device.type in ("cpu", "cuda") or None
     return torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0, fused=fused)
 
 def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor, cfg: TrainConfig,
                variance: Callable = total_variance, loss_fn: Callable = reconstruction_loss
                ) -> tuple[StepStats, Encoding]:
-    """One optimiser step on batch x (B, d); `dead` (F,) marks the latents that feed AuxK. `variance` measures
-    the batch's total variance (a data-parallel caller passes one that covers every process's slice), and
-    `loss_fn` is the reconstruction term (Part 2's matryoshka_loss is another)."""
+    """One optimiser step on batch x (B, d); `dead` (F,) marks AuxK's latents. `variance`: the batch's total
+    variance (data parallel: of every process's slice); `loss_fn`: the reconstruction term (or matryoshka_loss)."""
     enc = sae.encode_with_aux(x, dead if cfg.aux_coef else None)
     recon, x_hat = loss_fn(sae, x, enc, variance(x))
     residual = (x - x_hat).detach()
@@ -397,8 +398,7 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
 
 def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig,
           progress: bool = True) -> list[float]:
-    """Train `sae` in place for cfg.steps steps on batches (B, d); returns the losses. Part 2's run_training is
-    this loop with checkpoints, restarts and data parallel around the same train_step."""
+    """Train `sae` in place for cfg.steps steps on batches (B, d); returns the losses (Part 2: run_training)."""
     optimizer = make_optimizer(sae, cfg.lr)
     schedule, since = make_schedule(optimizer, cfg), torch.zeros(sae.F, dtype=torch.long, device=sae.W_dec.device)
     losses, bar = [], tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
@@ -793,8 +793,9 @@ STORE_DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, 
 
 def store_files(directory) -> list[Path]:
     """The files of a store, finished or not, in `directory`."""
+    pattern = r"(shard|norms|offsets|contexts|positions)_\d+\.npy(\.tmp)?"
     return [p for p in Path(directory).glob("*") if p.name == "manifest.json" or
-            re.fullmatch(r"(shard|norms|offsets|contexts|positions)_\d+\.npy(\.tmp)?", p.name)] if Path(directory).is_dir() else []
+            re.fullmatch(pattern, p.name)] if Path(directory).is_dir() else []
 
 class StoreWriter:
     """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
@@ -2560,7 +2561,8 @@ class Correlation:
     """Pearson correlations between U units over the tokens streamed: sums and the (U, U) cross products."""
 
     def __init__(self, units: int):
-        self.n, self.sum, self.cross = 0, torch.zeros(units, dtype=torch.float64), torch.zeros(units, units, dtype=torch.float64)
+        self.n, self.sum = 0, torch.zeros(units, dtype=torch.float64)
+        self.cross = torch.zeros(units, units, dtype=torch.float64)
 
     def add(self, acts: torch.Tensor):  # (B, U)
         self.n += acts.shape[0]
@@ -2620,7 +2622,8 @@ def load_tokenizer(name: str):
 
 @torch.no_grad()
 def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optional[list[int]] = None,
-                sample: int = 32, examples: int = 10, batch: int = 2048, seed: int = 0, progress: bool = True) -> Inspection:
+                sample: int = 32, examples: int = 10, batch: int = 2048, seed: int = 0,
+                progress: bool = True) -> Inspection:
     """Read the first `tokens` rows of the store `data` through the SAE in `directory`: the report (the JSON's
     content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams."""
     store = ActivationStore(data)
@@ -2635,7 +2638,7 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
     vocab = max(len(tokenizer), int(max(store.text(k)[0].max() for k in range(len(store.shards)))) + 1)
     kron = isinstance(sae, NaiveKronSAE)
     torch.manual_seed(seed)
-    init = build_sae(sae_config(sae))                                      # the same SAE at its init (A.1)
+    init = build_sae(sae_config(sae))                      # the same SAE at its init (A.1), b_dec set below
     post = UnitStats(sae.F, examples, vocab)
     pre = UnitStats(sae.W_enc.shape[0], examples, vocab) if kron else None
     heads = sampled_heads(sae)
@@ -2648,6 +2651,8 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
             code = dense_code(sae, chunk.x)
             post.add(code, chunk)
             corr.add(code[chunk.keep][:, heads])
+            if not init.b_dec.any():  # as training starts: b_dec at the data mean (Part 1's train)
+                init.b_dec.copy_(chunk.x[chunk.keep].mean(0))
             corr_init.add(dense_code(init, chunk.x[chunk.keep])[:, heads])
             if kron:
                 pre_acts = torch.addmm(sae.b_enc, chunk.x - sae.b_dec, sae.W_enc.T)   # (B, h(m+n)): u, v
@@ -2717,8 +2722,8 @@ def unit_reports(stats: UnitStats, values: dict, tokenizer, store: ActivationSto
                 break
             ids, position = where[row]
             acts = stats.windows[u, e, WINDOW - position: WINDOW - position + len(ids)]
-            entry["examples"].append({"tokens": [text[t] for t in ids], "activations": [float(f"{a:.4g}") for a in acts.tolist()],
-                                      "position": position})
+            entry["examples"].append({"tokens": [text[t] for t in ids], "position": position,
+                                      "activations": [float(f"{a:.4g}") for a in acts.tolist()]})
         out.append(entry)
     return out
 
@@ -2782,7 +2787,8 @@ th.sort {{ cursor: pointer; background: #eef; }} .num {{ text-align: right; font
 .card {{ border: 1px solid #bbb; border-radius: 6px; padding: .6em 1em; margin: 1em 0; }}
 .ex {{ font: 12.5px/1.9 ui-monospace, monospace; white-space: pre-wrap; border-top: 1px dotted #ddd; }}
 .ex span {{ border-radius: 2px; }} .ex .fire {{ outline: 2px solid #c40; }}
-table.grid td {{ vertical-align: top; width: 7em; font-size: 12px; }} table.grid th {{ font-size: 12px; font-weight: normal; background: #f4f4f4; }}
+table.grid td {{ vertical-align: top; width: 7em; font-size: 12px; }}
+table.grid th {{ font-size: 12px; font-weight: normal; background: #f4f4f4; }}
 .index {{ max-height: 30em; overflow-y: scroll; display: inline-block; }}
 small {{ color: #666; }}
 </style></head><body>
@@ -2793,7 +2799,8 @@ function sortBy(th) {{  // sort the index table by this column, descending; clic
   const table = th.closest("table"), col = [...th.parentNode.children].indexOf(th), body = table.tBodies[0];
   const dir = th.dataset.dir = th.dataset.dir === "desc" ? "asc" : "desc";
   const value = r => {{ const v = parseFloat(r.children[col].textContent); return isNaN(v) ? -Infinity : v; }};
-  [...body.rows].sort((a, b) => dir === "desc" ? value(b) - value(a) : value(a) - value(b)).forEach(r => body.appendChild(r));
+  [...body.rows].sort((a, b) => dir === "desc" ? value(b) - value(a) : value(a) - value(b))
+    .forEach(r => body.appendChild(r));
 }}
 </script></body></html>
 """
@@ -2820,9 +2827,9 @@ def histogram_svg(counts: torch.Tensor) -> str:
     bars = "".join(f'<rect x="{6 * i}" y="{40 - 40 * v:.1f}" width="5" height="{40 * v:.1f}" fill="#48c"/>'
                    for i, v in enumerate((c / c.max()).tolist()))
     edges = torch.cat([torch.zeros(1), HISTOGRAM_BINS])
-    return (f'<svg width="{6 * len(c)}" height="40" role="img"><title>activations from {float(edges[lo]):.3g} to '
-            f'{float(HISTOGRAM_BINS[min(hi, len(HISTOGRAM_BINS) - 1)]):.3g}, log bins</title>{bars}</svg> '
-            f'<small>{float(edges[lo]):.3g} … {float(HISTOGRAM_BINS[min(hi, len(HISTOGRAM_BINS) - 1)]):.3g} (log)</small>')
+    low, high = float(edges[lo]), float(HISTOGRAM_BINS[min(hi, len(HISTOGRAM_BINS) - 1)])
+    return (f'<svg width="{6 * len(c)}" height="40" role="img"><title>activations from {low:.3g} to {high:.3g}, '
+            f'log bins</title>{bars}</svg> <small>{low:.3g} … {high:.3g} (log)</small>')
 
 def stats_line(entry: dict) -> str:
     return (f"frequency {entry['frequency']:.4g} · mean activation {entry['mean_activation']:.4g} · "
@@ -2882,19 +2889,19 @@ def inspection_html(inspection: Inspection, directory: str) -> str:
              f"<pre>{html.escape(summary_table(s))}</pre>"]
     if kron:
         a = s["and_check"]
-        parts.append(f"<p>Section 5.2: mean correlation of post-latents within a head {s['within_head_correlation']:.4f}"
-                     f", across heads {s['across_head_correlation']:.4f} (at init: {s['init_within_head_correlation']:.4f}"
-                     f" / {s['init_across_head_correlation']:.4f}). AND check: both parents positive on "
-                     f"{100 * a['parents_when_fires']:.2f}% of firings.</p><p>Fig. 18, Pearson r over post-latents:"
+        parts.append(f"<p>Section 5.2: mean correlation of post-latents within a head "
+                     f"{s['within_head_correlation']:.4f}, across heads {s['across_head_correlation']:.4f} (at init: "
+                     f"{s['init_within_head_correlation']:.4f} / {s['init_across_head_correlation']:.4f}). AND check: "
+                     f"both parents positive on {100 * a['parents_when_fires']:.2f}% of firings.</p><p>Fig. 18, Pearson r over post-latents:"
                      f"</p><pre>{html.escape(fig18_table(s['fig18']))}</pre><h2>Heads</h2>")
         parts += [head_html(inspection, h, text) for h in heads]
     def index_row(e):
         name = f'<a href="#latent-{e["id"]}">{e["id"]}</a>' if e["id"] in card_set else str(e["id"])
         return f"<tr><td>{name}</td>" + "".join(f'<td class="num">{e[s]:.4g}</td>' for s in STAT_NAMES) + "</tr>"
     rows = "".join(index_row(e) for e in report["latents"])
+    headers = "".join(f'<th class="sort" onclick="sortBy(this)">{n.replace("_", " ")}</th>' for n in STAT_NAMES)
     parts.append('<h2>All latents</h2><p><small>click a header to sort</small></p><div class="index"><table><thead>'
-                 '<tr><th>latent</th>' + "".join(f'<th class="sort" onclick="sortBy(this)">{n.replace("_", " ")}</th>'
-                                                 for n in STAT_NAMES) + f"</tr></thead><tbody>{rows}</tbody></table></div>")
+                 f'<tr><th>latent</th>{headers}</tr></thead><tbody>{rows}</tbody></table></div>')
     parts.append("<h2>Latents</h2>")
     parts += [card_html(report["latents"][u], post, f"latent-{u}", f"latent {u}" +
                         (f" (head {u // group}, u{(u % group) // report['config']['n']} AND "
@@ -3049,7 +3056,7 @@ def f1_score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
     tp = float((predicted & actual).sum())
     return 2 * tp / max(1.0, float(predicted.sum() + actual.sum()))
 
-def main_latents(codes: torch.Tensor, data: ProbeData, letter: int, ranking: torch.Tensor) -> tuple[list[int], list[float]]:
+def main_latents(codes: torch.Tensor, data: ProbeData, letter: int, ranking: torch.Tensor) -> tuple[list, list]:
     """k-sparse probing: the letter's top latents by the L1 probe's weight; k grows from 1 while test F1 rises
     by more than F1_JUMP. Returns the main latents and the F1 at k = 1..10."""
     train, test = codes[data.train][:, ranking], codes[~data.train][:, ranking]     # (n, 10) each
@@ -3860,7 +3867,8 @@ def absorption_main(argv):
                                                                 "(80%% train, 20%% test; default: 4000)")
     parser.add_argument("--json", default="", help="write every figure, per letter too, here")
     parser.add_argument("--figure", default="", help="save a bar chart of the SAEs' absorption here (PNG)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the words, their split and the probes (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the words, their split and the probes "
+                                                            "(default: 0)")
     parser.add_argument("--model-batch", type=int, default=32, help="prompts per forward pass (default: 32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     args = parser.parse_args(argv)
@@ -3871,7 +3879,8 @@ def absorption_main(argv):
         parser.error(f"--words {args.words} is too few for 26 letters' probes; use at least 50")
     return run_cli(absorption_job, args)
 
-COMMANDS = {"harvest": harvest_main, "inspect": inspect_main, "absorption": absorption_main, "bench": bench_main, "progressive": progressive_main, "ablate": ablate_main,
+COMMANDS = {"harvest": harvest_main, "inspect": inspect_main, "absorption": absorption_main, "bench": bench_main,
+            "progressive": progressive_main, "ablate": ablate_main,
             "export": export_main}
 
 def main(argv=None):

@@ -140,6 +140,36 @@ def test_gather_linear_matches_dense_autograd(share, monkeypatch):
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["one_gemm_on_the_rows_used", "bag_sum"])
+def test_sparse_decode_matches_the_dense_code_times_the_decoder(dense, monkeypatch):
+    """Both decoders (AuxK's many rows per token over few distinct rows take the GEMM on those rows) against
+    the dense (B, F) code times W_dec, in values and in the gradients of the values and of W_dec."""
+    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: dense)
+    sae = K.TopKSAE(16, 64, k=4).double()
+    dead = torch.tensor([3, 9, 10, 40, 41, 63])                                  # the few rows in use
+    indices = torch.stack([dead[torch.randperm(6)[:5]] for _ in range(9)])      # (9, 5), distinct per row
+    values = torch.rand(9, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(9, 16, dtype=torch.float64)
+    code = torch.zeros(9, 64, dtype=torch.float64).scatter(1, indices, values)
+    reference = code @ sae.W_dec
+    g_ref = torch.autograd.grad((reference * weights).sum(), (values, sae.W_dec))
+    out = sae.sparse_decode(values, indices)
+    g_out = torch.autograd.grad((out * weights).sum(), (values, sae.W_dec))
+    torch.testing.assert_close(out, reference)
+    for a, e in zip(g_out, g_ref):
+        torch.testing.assert_close(a, e)
+
+
+def test_auxk_decode_takes_the_gemm_only_when_few_rows_are_used(monkeypatch):
+    calls, original = [], K.bag_sum
+    monkeypatch.setattr(K, "bag_sum", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    sae = K.TopKSAE(16, 4096, k=4)
+    sae.sparse_decode(torch.rand(8, 32), torch.randperm(64)[:32].expand(8, 32))  # AuxK: 32 per token of 32 rows
+    assert calls == []
+    sae.sparse_decode(torch.rand(16, 2), torch.randperm(4096)[:32].view(16, 2))  # 2 per token of 32 rows
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
 def test_naive_kron_is_eqs_2_to_4(kernel):
     """NaiveKronSAE, the version to read first, against the einsum reference that shares nothing with it."""
