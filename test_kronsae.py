@@ -435,10 +435,12 @@ def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkey
     """Forward + backward + step. Per token, the only matmuls are the h(m+n) x d encoder's forward (and, when
     GatherLinear's backward goes dense, the two of its backward); once per step, remove_parallel_grad_ takes F
     row-wise dot products (a bmm of F x d). Nothing else."""
-    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: share == 0.0)
     d, F, E = 64, 1024, 32 * (4 + 8)
+    rule = K.dense_backward_pays    # forced for GatherLinear (E rows); the real rule for the decoder's rows
+    monkeypatch.setattr(K, "dense_backward_pays", lambda S, rows, device: share == 0.0 if rows == E else
+                        rule(S, rows, device))
     cfg = K.TrainConfig(steps=1, batch=32)
-    dead = torch.ones(F, dtype=torch.bool)  # AuxK on too
+    dead = torch.ones(F, dtype=torch.bool)  # AuxK on too: 32 rows per token out of hundreds, so bag_sum
 
     def step_flops(B):
         sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
@@ -447,6 +449,30 @@ def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkey
 
     assert step_flops(32) == encoder_matmuls * 2 * 32 * d * E + 2 * F * d
     assert step_flops(64) - step_flops(32) == encoder_matmuls * 2 * 32 * d * E  # per token: the encoder's alone
+
+
+def test_auxk_costs_what_its_dead_latents_cost():
+    """With few dead latents, AuxK's decode is one GEMM on their L rows, forward and backward (three of B x L x
+    d); the step's other matmuls do not change. Its cost grows with the dead latents, never with F."""
+    d, F, k_aux = 64, 1024, 32
+    cfg = K.TrainConfig(steps=1, batch=32)
+
+    def step_flops(dead_count):
+        torch.manual_seed(0)
+        sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
+        dead = torch.zeros(F, dtype=torch.bool)
+        dead[:dead_count] = True
+        opt = torch.optim.AdamW(sae.parameters())
+        x, enc = torch.randn(32, d), []
+        flops = matmul_flops(lambda: enc.append(K.train_step(sae, opt, x, dead, cfg)[1]))
+        return flops, 0 if enc[0].aux_indices is None else enc[0].aux_indices.unique().numel()
+
+    E = 32 * (4 + 8)
+    encoder_backward = 2 * 2 * 32 * E * d      # with AuxK, 2 (8 + 32) rows per token of E: GatherLinear goes dense
+    for dead_count in (40, 200):
+        flops, L = step_flops(dead_count)      # L <= dead_count: the dead rows some token's top 32 used
+        assert K.dense_backward_pays(k_aux, L, torch.device("cpu")) and L > dead_count / 2
+        assert flops - step_flops(0)[0] == encoder_backward + 3 * 2 * 32 * L * d
 
 
 def test_kron_training_step_saves_nothing_F_sized_per_token():
