@@ -864,6 +864,11 @@ class StoreWriter:
         write_json(self.directory / "manifest.json", manifest)
         return manifest
 
+# Rows read at a time when a store's training rows are summed. Small on purpose: with the CLI's allocator setting
+# (tune_cpu_allocator: no mmap, no trim), 8,192-row float64 chunks left holes in the heap that grew peak RSS with
+# the store (100k -> 400k tokens at d=1024: +613 MB); 1,024-row chunks are reused and the growth is gone.
+SUM_ROWS = 1024
+
 class ActivationStore:
     """A finished store, memory-mapped: rows are read only when asked for, so it is never loaded whole. Each
     read maps the shard, copies the rows out and unmaps it, so that pages read once do not stay in the
@@ -934,7 +939,7 @@ class ActivationStore:
             index = np.flatnonzero(~h & (n <= threshold))
             train.append(Rows(len(index), lambda i, k=k, index=index: self.rows(k, index[i.numpy()])))
             held_out.append(self.rows(k, np.flatnonzero(h)))
-            for chunk in np.array_split(np.flatnonzero(~h), max(1, int(np.sum(~h)) // 8192)):  # sum of x, chunked
+            for chunk in np.array_split(np.flatnonzero(~h), max(1, int(np.sum(~h)) // SUM_ROWS)):  # sum of x
                 total += self.rows(k, chunk).double().sum(0).numpy()
             dropped.append(self.rows(k, np.flatnonzero(~h & (n > threshold))))
         dropped = torch.cat(dropped).double()
@@ -2647,7 +2652,7 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
     total = min(tokens, store.manifest["tokens"])
     with tqdm(total=total, unit="tok", unit_scale=True, desc=f"inspect {Path(directory).name}",
               disable=not progress) as bar:
-        for chunk in text_chunks(store, tokens, batch, store.manifest["norms"].get("threshold", math.inf)):
+        for chunk in text_chunks(store, tokens, batch, store.manifest["norms"].get("threshold") or math.inf):
             code = dense_code(sae, chunk.x)
             post.add(code, chunk)
             corr.add(code[chunk.keep][:, heads])
@@ -3227,7 +3232,13 @@ def absorption_job(args) -> dict:
                 raise ValueError(f"{d} is not a checkpoint: {name} is missing")
     from transformers import AutoConfig
     name, extra = model_source(args.model)
-    check_layer(from_pretrained(AutoConfig.from_pretrained, name, extra), args.layer)
+    config = from_pretrained(AutoConfig.from_pretrained, name, extra)
+    check_layer(config, args.layer)
+    width = getattr(config, "hidden_size", None)
+    for d in args.directories:
+        d_in = json.loads(Path(d, "config.json").read_text()).get("d_in")
+        if width and d_in != width:
+            raise ValueError(f"the SAE in {d} reads d={d_in}, but {args.model} has width {width}")
     result = absorption(args.directories, args.model, args.layer, args.words, args.seed, pick_device(args.device),
                         args.model_batch)
     gate = result["gate"]

@@ -1013,6 +1013,22 @@ def store_of(x, lengths, path, dtype="float32"):
     return K.ActivationStore(path)
 
 
+def test_the_store_split_reads_small_chunks_whatever_the_shard_size(tmp_path, monkeypatch):
+    """Memory that stays bounded as the store grows: the split's pass over the training rows reads at most about
+    SUM_ROWS rows at a time (held-out rows are read once per shard), however large the shards are."""
+    x = torch.randn(9000, 8)
+    store = store_of(x, [30] * 300, tmp_path / "store")                            # shards of about 300 rows
+    writer = K.StoreWriter(tmp_path / "big", "float32", shard_bytes=8 * 4 * 6000)   # and of about 6,000
+    for rows in x.split(30):
+        writer.add(rows, [30])
+    writer.finish(max_norm_ratio=10.0)
+    for s in (store, K.ActivationStore(tmp_path / "big")):
+        sizes, rows = [], s.rows
+        monkeypatch.setattr(s, "rows", lambda k, index: sizes.append(len(index)) or rows(k, index))
+        s.split(eval_tokens=60, seed=0, ratio=10.0)
+        assert max(sizes) <= 2 * K.SUM_ROWS and sum(sizes) >= 9000
+
+
 def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_path):
     x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     store = store_of(x, [30] * 100, tmp_path / "store")
