@@ -1733,6 +1733,22 @@ def test_the_html_report_parses_and_escapes_the_text(inspected):
     assert "http" not in page.replace("http-equiv", "")                            # nothing to fetch
 
 
+def test_inspect_reads_a_topk_sae_too(inspected, tmp_path):
+    from html.parser import HTMLParser
+    tmp = inspected[0]
+    torch.manual_seed(0)
+    K.save(K.TopKSAE(32, 64, k=4), tmp_path / "topk")
+    inspection = K.inspect_sae(str(tmp_path / "topk"), str(tmp / "store"), tokens=600, examples=3, batch=200,
+                               progress=False)
+    report = inspection.report
+    assert inspection.pre is None and "pre_latents" not in report and "fig18" not in report["summary"]
+    assert set(report["summary"]["latents"]) == set(K.STAT_NAMES) and len(report["latents"]) == 64
+    assert sum(e["frequency"] for e in report["latents"]) == pytest.approx(4.0)      # k latents per token
+    page = K.inspection_html(inspection, "run/topk")
+    HTMLParser().feed(page)
+    assert "Head" not in page and f'id="latent-{report["selected"][0]}"' in page
+
+
 def test_inspect_command_writes_json_and_html_and_refuses_old_stores(inspected, tmp_path, capsys):
     tmp = inspected[0]
     report = K.main(["inspect", str(tmp / "kron"), "--data", str(tmp / "store"), "--tokens", "400",
