@@ -2656,7 +2656,7 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
             code = dense_code(sae, chunk.x)
             post.add(code, chunk)
             corr.add(code[chunk.keep][:, heads])
-            if not init.b_dec.any():  # as training starts: b_dec at the data mean (Part 1's train)
+            if not init.b_dec.any() and chunk.keep.any():  # as training starts: b_dec at the data mean
                 init.b_dec.copy_(chunk.x[chunk.keep].mean(0))
             corr_init.add(dense_code(init, chunk.x[chunk.keep])[:, heads])
             if kron:
