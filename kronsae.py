@@ -205,7 +205,7 @@ class KronSAE(NaiveKronSAE):
     encode, forward = SparseAutoencoder.encode, SparseAutoencoder.forward   # the sparse path, not the listing
 
     def select(self, pre, k):  # (B, h*(m+n)) -> (B, k), exact for any k, without building all F scores
-        m, n = self.m, self.n
+        m, n, pre = self.m, self.n, pre.float()  # bfloat16 products would tie where the exact ones do not
         u, v = self.split(pre)                                                    # (B, h, m), (B, h, n)
         if self.kernel == "product":  # signs matter: a head's best u_i v_j is one of its corner products
             u_ends, v_ends = torch.stack([u.amax(-1), u.amin(-1)]), torch.stack([v.amax(-1), v.amin(-1)])
@@ -260,7 +260,7 @@ def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
     start at offsets. embedding_bag does it without gathering; devices without it use Part 2's twin."""
     if table.device.type not in ("cpu", "cuda"):
         return gathered_bag_sum(ids, table, weights, offsets)
-    return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights, mode="sum")
+    return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 class GatherLinear(torch.autograd.Function):
     """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias. Backward
@@ -445,7 +445,7 @@ def gathered_bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     """bag_sum (section 2) on a device that may lack embedding_bag: embedding_bag where it runs, else the
     same sum from gathered rows, which holds (B, S, d)."""
     if has_embedding_bag(table.device.type):
-        return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights, mode="sum")
+        return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum")
     if offsets is None:  # (B, S, d) gathered rows, weighted and summed
         return (weights[..., None] * table[ids]).sum(-2)
     bag = torch.bucketize(torch.arange(len(ids), device=ids.device), offsets, right=True) - 1
@@ -1665,7 +1665,7 @@ class Interrupted(Exception):
 def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
                  out: str = "", save_every: int = 0, progress: bool = True,
                  stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None, state: Optional[RunState] = None,
-                 sync: Sync = None, matryoshka: tuple = ()) -> RunState:
+                 sync: Sync = None, matryoshka: tuple = (), precision: str = "fp32") -> RunState:
     """Part 1's `train` loop, with what a real run needs around train_step:
     - --normalize: the batches are multiplied by `scale`, which is folded back into the weights at the end,
       so that every checkpoint in `out` is an SAE for raw inputs;
@@ -1674,6 +1674,8 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
     - the steps' wall time and each latent's importance and frequency (RunState);
     - Matryoshka training (section 11) when `matryoshka` gives prefix sizes, checked here once;
+    - precision "bf16": train_step under bfloat16 autocast (the encoder GEMM and what follows it), with float32
+      weights, gradients and AdamW state, as sparsify trains on CUDA;
     - data parallel (`sync`, a sum over processes): `batches` yields this process's slice of each batch, and
       the loss's variances, the gradients and the statistics are summed over processes, here and nowhere else.
     """
@@ -1698,7 +1700,9 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
             if step > first:
                 x = next(scaled).to(device, non_blocking=True)
             try:
-                stats, enc = train_step(sae, state.optimizer, x, state.since >= cfg.dead_after, cfg, variance, loss_fn)
+                with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                    stats, enc = train_step(sae, state.optimizer, x, state.since >= cfg.dead_after, cfg, variance,
+                                            loss_fn)
             except FloatingPointError as err:
                 kept = out and Path(out, "sae.safetensors").exists()
                 raise FloatingPointError(f"training stopped at step {step}: {err}; " + (
@@ -1805,6 +1809,9 @@ class RunConfig:
     save_every: int = opt(0, "also checkpoint every this many steps (needs --out); 0 = only at the end")
     resume: str = opt("", "continue the run saved in this --out directory, with its own settings, to its --steps")
     overwrite: bool = opt(False, "replace a run already saved in --out (without it, such an --out is refused)")
+    precision: str = opt("fp32", "fp32, or bf16: bfloat16 autocast for the encoder, decoder and losses, with float32 "
+                                 "weights and AdamW state (sparsify's default on CUDA); faster only where bfloat16 "
+                                 "matmuls are (GPUs; CPUs with AVX512-BF16 or AMX)")
     match: str = opt("tokens", "what the SAEs are compared at: tokens (every SAE trains --steps steps), flops (each "
                                "gets the training FLOPs, eq. 7 per token, that TopK spends in --steps, as in the "
                                "paper's section 4.1) or time (each gets the seconds TopK's --steps take here)")
@@ -1814,6 +1821,8 @@ class RunConfig:
             raise ValueError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.match not in MATCHES:
             raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.seed < 0 or self.save_every < 0:
             raise ValueError(f"--seed and --save-every must be >= 0, got {self.seed} and {self.save_every}")
         if self.save_every and not (self.out or self.resume):
@@ -2011,7 +2020,7 @@ def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, pr
         state, scale = load_run_state(out, sae, s.train, batches)
         print(f"{arch}: resuming at step {state.step} of {s.train.steps} from {out}")
     result = run_training(sae, batches, s.train, scale, out if dist.rank == 0 else "", s.run.save_every,
-                          progress and dist.rank == 0, stop, state, dist.sync, s.sae.matryoshka)
+                          progress and dist.rank == 0, stop, state, dist.sync, s.sae.matryoshka, s.run.precision)
     metrics = evaluate(sae, eval_data)
     sample = next(ShuffledBatches(train_data.rows, eval_data.shape[0], torch.Generator().manual_seed(s.run.seed),
                                   s.data.buffer_tokens))                             # fixed training rows
@@ -2060,9 +2069,10 @@ def seconds_per_step(arch: str, s: Settings, train_data: TrainData, device, dist
                               s.data.buffer_tokens, dist.rank, dist.world)
     cfg = dataclasses.replace(s.train, steps=2 + warm)
     state = run_training(sae, batches, dataclasses.replace(cfg, steps=2), progress=False, sync=dist.sync,
-                         matryoshka=s.sae.matryoshka, state=RunState.fresh(sae, cfg))
+                         matryoshka=s.sae.matryoshka, state=RunState.fresh(sae, cfg), precision=s.run.precision)
     primed = state.seconds
-    state = run_training(sae, batches, cfg, progress=False, state=state, sync=dist.sync, matryoshka=s.sae.matryoshka)
+    state = run_training(sae, batches, cfg, progress=False, state=state, sync=dist.sync, matryoshka=s.sae.matryoshka,
+                         precision=s.run.precision)
     per_step = (state.seconds - primed) / warm
     return per_step if dist.sync is None else float(dist.sync(torch.tensor(per_step, dtype=torch.float64))) / dist.world
 

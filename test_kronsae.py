@@ -160,6 +160,38 @@ def test_sparse_decode_matches_the_dense_code_times_the_decoder(dense, monkeypat
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize("kernel", list(K.KERNELS))
+def test_select_is_exact_on_bfloat16_scores(kernel):
+    """Under --precision bf16 the encoder's scores arrive rounded to bfloat16, where ties are common. The
+    selection must still pick a true top k of those rounded scores, as the float32 naive twin ranks them."""
+    sae = K.KronSAE(d_in=8, h=16, m=4, n=8, k=24, kernel=kernel)
+    pre = torch.randn(64, 16 * 12).bfloat16()                                    # 8-bit mantissas: ties
+    u, v = sae.split(pre.float())
+    naive = K.KERNELS[kernel](u[..., :, None], v[..., None, :]).flatten(1)        # float32, the same rounded u, v
+    for k in (1, 24, 100):
+        chosen = naive.gather(1, sae.select(pre, k))
+        torch.testing.assert_close(chosen.sort(dim=1, descending=True).values, naive.topk(k, dim=1).values,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_bf16_training_keeps_float32_weights_and_state_and_tracks_fp32(arch):
+    x = K.make_dataset(6000, d=32, F_true=128, k_true=4)
+    cfg = K.TrainConfig(steps=120, batch=256, dead_tokens=256 * 5)               # AuxK on for part of the run
+    results = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        sae = K.TopKSAE(32, 256, k=8) if arch == "topk" else K.KronSAE(32, h=16, m=2, n=8, k=8)
+        batches = K.shuffled_batches(x[:5000], cfg.batch, torch.Generator().manual_seed(0))
+        state = K.run_training(sae, batches, cfg, progress=False, precision=precision)
+        assert all(p.dtype == torch.float32 for p in sae.parameters())
+        assert all(t.dtype == torch.float32 for st in state.optimizer.state.values() for t in st.values()
+                   if torch.is_tensor(t) and t.is_floating_point())
+        assert all(math.isfinite(loss) for loss in state.losses)
+        results[precision] = K.evaluate(sae, x[5000:])["ev"]
+    assert results["bf16"] == pytest.approx(results["fp32"], abs=0.02)
+
+
 def test_auxk_decode_takes_the_gemm_only_when_few_rows_are_used(monkeypatch):
     calls, original = [], K.bag_sum
     monkeypatch.setattr(K, "bag_sum", lambda *a, **kw: calls.append(1) or original(*a, **kw))
@@ -1966,7 +1998,7 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
 
 
 BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing file, TMP the test's folder
-    (["--grad-clip", "-1"], "grad.clip"), (["--aux-coef", "-0.5"], "aux.coef"),
+    (["--grad-clip", "-1"], "grad.clip"), (["--aux-coef", "-0.5"], "aux.coef"), (["--precision", "fp16"], "precision"),
     (["--dead-tokens", "-3"], "dead.tokens"), (["--steps", "0"], "steps"), (["--batch", "0"], "batch"),
     (["--eval-tokens", "0"], "eval.tokens"), (["--lr", "0"], "lr"), (["--seed", "-1"], "seed"),
     (["--save-every", "5"], "save.every"), (["--save-acts", "TMP/a.pt"], "save.acts"),
