@@ -466,7 +466,8 @@ def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
 def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkeypatch):
     """Forward + backward + step. Per token, the only matmuls are the h(m+n) x d encoder's forward (and, when
     GatherLinear's backward goes dense, the two of its backward); once per step, remove_parallel_grad_ takes F
-    row-wise dot products (a bmm of F x d). Nothing else."""
+    row-wise dot products (a bmm of F x d). Nothing else. (AuxK's decode takes a GEMM only on few dead rows:
+    test_auxk_costs_what_its_dead_latents_cost.)"""
     d, F, E = 64, 1024, 32 * (4 + 8)
     rule = K.dense_backward_pays    # forced for GatherLinear (E rows); the real rule for the decoder's rows
     monkeypatch.setattr(K, "dense_backward_pays", lambda S, rows, device: share == 0.0 if rows == E else
