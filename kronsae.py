@@ -109,9 +109,9 @@ class SparseAutoencoder(nn.Module):
         """sum_l values[b, l] W_dec[indices[b, l]] through the rows used only: O(k d) per token, not O(F d). When
         many rows per token come from few distinct rows (AuxK's dead latents), one GEMM on those rows is faster."""
         used = torch.zeros(self.F, dtype=torch.bool, device=indices.device).index_fill_(0, indices.flatten(), True)
-        if not dense_backward_pays(indices.shape[1], int(used.sum()), indices.device):  # L distinct rows
+        if not dense_backward_pays(indices.shape[1], L := int(used.sum()), indices.device):  # L distinct rows
             return bag_sum(indices, self.W_dec, values)                           # (B, d)
-        code = values.new_zeros(len(values), int(used.sum())).scatter(1, (used.cumsum(0) - 1)[indices], values)
+        code = values.new_zeros(len(values), L).scatter(1, (used.cumsum(0) - 1)[indices], values)
         return code @ self.W_dec[used]                                            # (B, L) (L, d) -> (B, d)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -647,9 +647,7 @@ def norm_report(x: torch.Tensor, threshold: float, median: float) -> dict:
 def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str = ""):
     """Token norms on log-log axes, all of them and those the filter keeps: one glance shows whether a few
     tokens dominate."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     norms = x.norm(dim=-1).double()
     median = float(norms.median())
     bins = np.logspace(math.log10(float(norms.min())), math.log10(float(norms.max())) + 1e-9, 90)
@@ -1471,6 +1469,13 @@ def write_atomic(path, write: Callable):
         cause = WRITE_CAUSES.get(err.errno, err.strerror or f"the write fell short ({err})")
         raise WriteError(f"could not write {path}: {cause}") from None
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported when a figure is asked for."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
 def save_figure(fig, path):
     """A matplotlib figure as a PNG, written atomically (write_atomic)."""
     write_atomic(path, lambda f: fig.savefig(f, dpi=90, format="png"))
@@ -2249,9 +2254,7 @@ def print_ablation(result: dict, s: Settings, seeds: int):
 
 def save_ablation_figure(result: dict, path: str, s: Settings):
     """EV against training FLOPs and against seconds, one line per shape (and kernel), error bars ± std."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     lines = {}
     for c in result["cells"]:
@@ -2382,9 +2385,7 @@ def paper_ordering(fvu: dict, matryoshka: str) -> bool:
                for i in range(len(fvu[matryoshka]) - 1))
 
 def save_progressive_figure(results: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
     for ax, (arch, r) in zip(axes[0], results.items()):
         for name, fvu in r["fvu"].items():
@@ -2599,10 +2600,9 @@ def head_correlations(r: torch.Tensor, group: int) -> tuple[float, float]:
         return float(values[values.isfinite()].mean())
     return mean(same), mean(~same)
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:  # over the units where both are defined
     ok = a.isfinite() & b.isfinite()
-    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
+    return float(torch.corrcoef(torch.stack([a[ok], b[ok]]))[0, 1])
 
 def quartiles(values: torch.Tensor, seed: int = 0, resamples: int = 1000) -> dict:
     """Mean and quartiles of the finite values, and the bootstrap std of the mean (resampling the units)."""
@@ -2659,6 +2659,7 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
     heads = sampled_heads(sae)
     corr, corr_init = Correlation(len(heads)), Correlation(len(heads))
     fires = both = parents = 0
+    head, ij = torch.arange(sae.F) // sae.group, torch.arange(sae.F) % sae.group   # each latent's head, (i, j)
     total = min(tokens, store.manifest["tokens"])
     with tqdm(total=total, unit="tok", unit_scale=True, desc=f"inspect {Path(directory).name}",
               disable=not progress) as bar:
@@ -2674,8 +2675,6 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
                 pre.add(pre_acts.relu(), chunk)
                 u, v = (t > 0 for t in sae.split(pre_acts[chunk.keep]))            # (b, h, m), (b, h, n)
                 on = code[chunk.keep] > 0
-                ij = torch.arange(sae.F) % sae.group
-                head = torch.arange(sae.F) // sae.group
                 both_on = u[:, head, ij // sae.n] & v[:, head, ij % sae.n]         # (b, F)
                 fires, both = fires + int(on.sum()), both + int((on & both_on).sum())
                 parents += int((u.sum(-1) * v.sum(-1)).sum())
@@ -2695,10 +2694,10 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
                          index=index if index < sae.m else index - sae.m)
         report["summary"]["pre"] = {name: quartiles(value, seed) for name, value in pre_stats.items()}
         within, across = head_correlations(r, sae.group)
+        init_within, init_across = head_correlations(r_init, sae.group)
         report["summary"].update(
             within_head_correlation=within, across_head_correlation=across,
-            init_within_head_correlation=head_correlations(r_init, sae.group)[0],
-            init_across_head_correlation=head_correlations(r_init, sae.group)[1],
+            init_within_head_correlation=init_within, init_across_head_correlation=init_across,
             correlation_heads=len(heads) // sae.group, fig18=fig18(stats, pre_stats, sae),
             and_check={"parents_when_fires": both / max(1, fires), "fires_when_parents": both / max(1, parents)})
     report["selected"] = latents if latents else sorted(torch.randperm(
@@ -2706,8 +2705,9 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
     return Inspection(report, post, pre, tokenizer)
 
 def dense_code(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """The SAE's code of x as a dense (B, F) tensor: zeros except each token's k active latents."""
     values, indices = sae.encode(x)
-    return torch.zeros(x.shape[0], sae.F).scatter_(1, indices, values.float().clamp_min(0))
+    return values.new_zeros(x.shape[0], sae.F).scatter_(1, indices, values)
 
 def token_text(tokenizer, ids) -> dict[int, str]:
     """Each token id as the text it stands for (a leading space kept), decoded one token at a time."""
@@ -3141,8 +3141,7 @@ def sae_absorption(sae: SparseAutoencoder, data: ProbeData, probe: torch.Tensor,
                             "words": len(results),
                             "mean_absorption_fraction": sum(f for f, _ in results) / max(1, len(results)),
                             "full_absorption": sum(full for _, full in results) / max(1, len(results))}
-    recon = sae(data.acts)
-    ev = 1 - float((data.acts - recon).pow(2).sum() / (data.acts - data.acts.mean(0)).pow(2).sum())
+    ev = evaluate(sae, data.acts)["ev"]
     return {**{key: mean_std([per_letter[n][key] for n in letters] or [math.nan])
                for key in ("mean_absorption_fraction", "full_absorption", "split_features")},
             "ev_prompts": ev, "letters": per_letter}
@@ -3184,14 +3183,18 @@ def cached_probe_data(model_name: str, layer: int, words: int, seed: int, cache:
 
 def absorption(directories: list[str], model_name: str, layer: int, words: int = 4000, seed: int = 0,
                device="cpu", batch: int = 32, progress: bool = True) -> dict:
-    """Absorption of each SAE in `directories`, all trained on `model_name`'s hidden_states[layer]."""
+    """Absorption of each SAE in `directories`, all trained on `model_name`'s hidden_states[layer]. The SAEs,
+    the layer and the widths are checked against the model's config before any weights or prompts load."""
+    from transformers import AutoConfig
     saes = [load(d) for d in directories]
+    config = from_pretrained(AutoConfig.from_pretrained, *model_source(model_name))
+    check_layer(config, layer)
+    width = getattr(config, "hidden_size", None)
+    for d, sae in zip(directories, saes):
+        if width and sae.d_in != width:
+            raise ValueError(f"the SAE in {d} reads d={sae.d_in}, but {model_name} has width {width}")
     data = cached_probe_data(model_name, layer, words, seed, Path(directories[0]).resolve().parent, device, batch,
                              progress)
-    for d, sae in zip(directories, saes):
-        if sae.d_in != data.acts.shape[1]:
-            raise ValueError(f"the SAE in {d} reads d={sae.d_in}, but {model_name}'s layer {layer} has "
-                             f"d={data.acts.shape[1]}")
     return measure_absorption({sae_name(d): (sae, run_ev(d)) for d, sae in zip(directories, saes)}, data, seed)
 
 def measure_absorption(saes: dict, data: ProbeData, seed: int = 0) -> dict:
@@ -3213,9 +3216,7 @@ def absorption_table(result: dict) -> str:
                          for name, r in result["saes"].items()])
 
 def save_absorption_figure(result: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names = list(result["saes"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key, title in zip(axes, ("mean_absorption_fraction", "full_absorption"),
@@ -3236,19 +3237,6 @@ def absorption_job(args) -> dict:
         if path:
             check_writable(path, flag)
     check_device(args.device)
-    for d in args.directories:
-        for name in ("config.json", "sae.safetensors"):
-            if not Path(d, name).is_file():
-                raise ValueError(f"{d} is not a checkpoint: {name} is missing")
-    from transformers import AutoConfig
-    name, extra = model_source(args.model)
-    config = from_pretrained(AutoConfig.from_pretrained, name, extra)
-    check_layer(config, args.layer)
-    width = getattr(config, "hidden_size", None)
-    for d in args.directories:
-        d_in = json.loads(Path(d, "config.json").read_text()).get("d_in")
-        if width and d_in != width:
-            raise ValueError(f"the SAE in {d} reads d={d_in}, but {args.model} has width {width}")
     result = absorption(args.directories, args.model, args.layer, args.words, args.seed, pick_device(args.device),
                         args.model_batch)
     gate = result["gate"]

@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -188,9 +187,7 @@ def run_setup(setup: dict, tc: ToyConfig, seed: int = 0, progress: bool = False)
 
 def save_figure(grams: dict, rv: dict, path: str):
     """Like the paper's figure 5: ground truth, AE, TopK and the best KronSAE, RV in the titles."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = K.pyplot()
     krons = [name for name in rv if name.startswith("kron")]
     shown = [name for name in ("topk", max(krons, key=rv.get) if krons else None) if name in rv]
     panels = [("truth", "ground-truth S"), ("ae", f"AE, RV={rv['ae']:.3f}")] + [
@@ -354,8 +351,7 @@ def absorption_stats(sae: K.SparseAutoencoder, x: torch.Tensor, codes: torch.Ten
     with torch.no_grad():
         cos = h.directions @ torch.nn.functional.normalize(sae.W_dec, dim=-1).T       # (F_true, F)
         main = cos.argmax(-1)                                                          # (F_true,) feature -> latent
-        values, indices = sae.encode(x)
-        dense = torch.zeros(x.shape[0], sae.F, dtype=x.dtype).scatter_(1, indices, values)  # (N, F)
+        dense = K.dense_code(sae, x)                                                   # (N, F)
         absorbed = total = fires = 0
         for p in range(h.parents):
             rows = codes[:, p] > 0
@@ -389,9 +385,7 @@ def absorption_run(ac: AbsorptionConfig, seed: int, name: str) -> dict:
 
 
 def save_absorption_figure(summary: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = K.pyplot()
     names = list(summary)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.bar(range(len(names)), [100 * summary[n]["mean"] for n in names],
