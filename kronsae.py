@@ -89,16 +89,15 @@ class SparseAutoencoder(nn.Module):
     def encode_with_aux(self, x: torch.Tensor, dead: Optional[torch.Tensor] = None) -> Encoding:
         """encode, plus the top k_aux dead latents when a (F,) bool mask `dead` is given (AuxK)."""
         self.check_input(x)
-        x_c = x - self.b_dec
         with torch.no_grad():  # scores for selection only; gradients flow through GatherLinear
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)                        # (B, E)
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)             # (B, E), eq. 2
         indices = self.select(pre, self.k)                                         # (B, k)
         k_aux = 0 if dead is None else min(self.d_in // 2, int(dead.sum()))      # Gao et al.: k_aux about d/2
         if k_aux:  # the top dead latents join the same gather: one sparse encoder backward for both
             dead_ids = dead.nonzero().squeeze(1)                                    # (L,)
             aux = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
         chosen = torch.cat([indices, aux], dim=1) if k_aux else indices           # (B, k + k_aux)
-        values = self.activation(GatherLinear.apply(x_c, self.W_enc, self.b_enc, self.rows_of(chosen), pre))
+        values = self.activation(GatherLinear.apply(x, self.b_dec, self.W_enc, self.b_enc, self.rows_of(chosen), pre))
         return Encoding(values[:, :self.k], indices, values[:, self.k:], aux) if k_aux else Encoding(values, indices)
 
     def check_input(self, x: torch.Tensor):
@@ -263,31 +262,32 @@ def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
     return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 class GatherLinear(torch.autograd.Function):
-    """y[b, s] = x[b] . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre = x W^T + bias. Backward
-    touches only the gathered rows, O(B S d) (as Gao et al. 2024), exactly as the dense path; when a token gathers
-    a large share of E (AuxK), the dense backward's two GEMMs are faster again (dense_backward_pays)."""
+    """y[b, s] = (x[b] - shift) . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre. Backward touches
+    only the gathered rows, O(B S d) (as Gao et al. 2024), or takes dense GEMMs when that pays (AuxK's many rows).
+    shift (b_dec) gets -sum_b dL/dx[b] = -(dL/dbias) W, an (E,) x (E, d) product; x's own only if x needs one."""
 
     @staticmethod
-    def forward(ctx, x, W, bias, rows, pre):  # x (B, d), W (E, d), bias (E,), rows (B, S), pre (B, E)
-        ctx.save_for_backward(x, W, rows)
+    def forward(ctx, x, shift, W, bias, rows, pre):  # x (B, d), shift (d,), W (E, d), bias (E,), rows (B, S)
+        ctx.save_for_backward(x - shift, W, rows)
         return pre.gather(1, rows)  # (B, S)
 
     @staticmethod
     def backward(ctx, g):  # g (B, S)
-        x, W, rows = ctx.saved_tensors
+        x_c, W, rows = ctx.saved_tensors
         B, S = rows.shape
-        if dense_backward_pays(S, W.shape[0], x.device):
+        if dense_backward_pays(S, W.shape[0], x_c.device):
             G = torch.zeros(B, W.shape[0], dtype=g.dtype, device=g.device).scatter_add_(1, rows, g)  # (B, E)
-            return G @ W, G.T @ x, G.sum(0), None, None
+            grad_x = G @ W if ctx.needs_input_grad[0] else None
+            return grad_x, -((grad_b := G.sum(0)) @ W), G.T @ x_c, grad_b, None, None
         flat = rows.reshape(-1)                                                    # (B*S,)
-        grad_x = bag_sum(rows, W, g)  # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]     # (B, d)
-        # dL/dW[r] = sum over (b, s) with rows[b, s] = r of g[b, s] x[b]: bags of tokens per row
+        grad_x = bag_sum(rows, W, g) if ctx.needs_input_grad[0] else None  # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]
+        # dL/dW[r] = sum over (b, s) with rows[b, s] = r of g[b, s] x_c[b]: bags of tokens per row
         order = flat.argsort()
-        tokens = torch.arange(B, device=x.device).repeat_interleave(S)[order]      # (B*S,)
+        tokens = torch.arange(B, device=x_c.device).repeat_interleave(S)[order]    # (B*S,)
         counts = torch.bincount(flat, minlength=W.shape[0])                        # (E,)
-        grad_W = bag_sum(tokens, x, g.reshape(-1)[order], counts.cumsum(0) - counts)  # (E, d)
+        grad_W = bag_sum(tokens, x_c, g.reshape(-1)[order], counts.cumsum(0) - counts)  # (E, d)
         grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None
+        return grad_x, -(grad_b @ W), grad_W, grad_b, None, None
 
 # ============================================================================= 3. Losses
 

@@ -123,21 +123,30 @@ def test_mand_gradient_finite_at_zero():
 
 # ============================================================================= 2. The SAEs (eqs. 1-4)
 
+@pytest.mark.parametrize("x_needs_grad", [True, False], ids=["x_grad", "data_x"])
 @pytest.mark.parametrize("share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"])
-def test_gather_linear_matches_dense_autograd(share, monkeypatch):
+def test_gather_linear_matches_dense_autograd(share, x_needs_grad, monkeypatch):
+    """Both backward paths against autograd through ((x - shift) W^T + bias).gather: every gradient, and for a batch
+    of data (no x gradient) the shift's through -(dL/dbias) W alone, with x's gradient never formed."""
     monkeypatch.setattr(K, "dense_backward_pays", lambda *a: share == 0.0)  # both backward paths
-    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=x_needs_grad)
+    shift = torch.randn(5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, requires_grad=True)
     rows = torch.randint(0, 11, (7, 6))  # repeats on purpose: gradients must accumulate
     weights = torch.randn(7, 6, dtype=torch.float64)
-    dense = (x @ W.T + b).gather(1, rows)
-    g_dense = torch.autograd.grad((dense * weights).sum(), (x, W, b))
-    fast = K.GatherLinear.apply(x, W, b, rows, (x @ W.T + b).detach())
-    g_fast = torch.autograd.grad((fast * weights).sum(), (x, W, b))
+    inputs = (x, shift, W, b) if x_needs_grad else (shift, W, b)
+    dense = ((x - shift) @ W.T + b).gather(1, rows)
+    g_dense = torch.autograd.grad((dense * weights).sum(), inputs)
+    fast = K.GatherLinear.apply(x, shift, W, b, rows, ((x - shift) @ W.T + b).detach())
+    g_fast = torch.autograd.grad((fast * weights).sum(), inputs)
     torch.testing.assert_close(fast, dense)
     for a, e in zip(g_fast, g_dense):
         torch.testing.assert_close(a, e)
+    calls = []
+    monkeypatch.setattr(K, "bag_sum", lambda *a: calls.append(a[1].shape) or K.gathered_bag_sum(*a))
+    K.GatherLinear.apply(x, shift, W, b, rows, dense.new_zeros(7, 11)).sum().backward()
+    assert ((11, 5) in calls) == (x_needs_grad and share != 0.0)  # x's bags over W's rows: only when x needs them
 
 
 @pytest.mark.parametrize("dense", [True, False], ids=["one_gemm_on_the_rows_used", "bag_sum"])
@@ -462,11 +471,12 @@ def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
     assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("share,encoder_matmuls", [(math.inf, 1), (0.0, 3)], ids=["sparse_backward", "dense_backward"])
+@pytest.mark.parametrize("share,encoder_matmuls", [(math.inf, 1), (0.0, 2)], ids=["sparse_backward", "dense_backward"])
 def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkeypatch):
     """Forward + backward + step. Per token, the only matmuls are the h(m+n) x d encoder's forward (and, when
-    GatherLinear's backward goes dense, the two of its backward); once per step, remove_parallel_grad_ takes F
-    row-wise dot products (a bmm of F x d). Nothing else. (AuxK's decode takes a GEMM only on few dead rows:
+    GatherLinear's backward goes dense, the one for W_enc's gradient: the data need none); once per step, b_dec's
+    gradient through the encoder, (E,) x (E, d), and remove_parallel_grad_'s F row-wise dot products (a bmm of
+    F x d). Nothing else. (AuxK's decode takes a GEMM only on few dead rows:
     test_auxk_costs_what_its_dead_latents_cost.)"""
     d, F, E = 64, 1024, 32 * (4 + 8)
     rule = K.dense_backward_pays    # forced for GatherLinear (E rows); the real rule for the decoder's rows
@@ -480,7 +490,7 @@ def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkey
         opt = torch.optim.AdamW(sae.parameters())
         return matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
 
-    assert step_flops(32) == encoder_matmuls * 2 * 32 * d * E + 2 * F * d
+    assert step_flops(32) == encoder_matmuls * 2 * 32 * d * E + 2 * F * d + 2 * E * d
     assert step_flops(64) - step_flops(32) == encoder_matmuls * 2 * 32 * d * E  # per token: the encoder's alone
 
 
@@ -501,7 +511,7 @@ def test_auxk_costs_what_its_dead_latents_cost():
         return flops, 0 if enc[0].aux_indices is None else enc[0].aux_indices.unique().numel()
 
     E = 32 * (4 + 8)
-    encoder_backward = 2 * 2 * 32 * E * d      # with AuxK, 2 (8 + 32) rows per token of E: GatherLinear goes dense
+    encoder_backward = 2 * 32 * E * d          # with AuxK, 2 (8 + 32) rows per token of E: GatherLinear goes dense
     for dead_count in (40, 200):
         flops, L = step_flops(dead_count)      # L <= dead_count: the dead rows some token's top 32 used
         assert K.dense_backward_pays(k_aux, L, torch.device("cpu")) and L > dead_count / 2
@@ -2289,9 +2299,11 @@ def test_cuda_gather_linear_matches_dense_autograd(share, monkeypatch):
     b = torch.randn(300, dtype=torch.float64, device="cuda", requires_grad=True)
     rows = torch.randint(0, 300, (64, 40), device="cuda")
     weights = torch.randn(64, 40, dtype=torch.float64, device="cuda")
-    pre = x @ W.T + b                                                        # (B, E)
-    g_dense = torch.autograd.grad((pre.gather(1, rows) * weights).sum(), (x, W, b))
-    g_fast = torch.autograd.grad((K.GatherLinear.apply(x, W, b, rows, pre.detach()) * weights).sum(), (x, W, b))
+    shift = torch.randn(32, dtype=torch.float64, device="cuda", requires_grad=True)
+    pre = (x - shift) @ W.T + b                                              # (B, E)
+    g_dense = torch.autograd.grad((pre.gather(1, rows) * weights).sum(), (x, shift, W, b))
+    fast = K.GatherLinear.apply(x, shift, W, b, rows, pre.detach())
+    g_fast = torch.autograd.grad((fast * weights).sum(), (x, shift, W, b))
     for a, e in zip(g_fast, g_dense):
         torch.testing.assert_close(a, e)
 
