@@ -1,22 +1,18 @@
 """KronSAE: sparse autoencoders with a Kronecker-factorised encoder and the mAND activation, beside the TopK
-SAE it improves on. A minimal, single-file reference implementation.
-
-Papers (equation numbers are KronSAE's own):
+SAE it improves on. A minimal, single-file reference implementation. Papers (equation numbers are KronSAE's own):
   - Kurochkin, Aksenov, Laptev, Gavrilov, Balagansky 2025, "Kronecker Factorization Improves Efficiency
     and Interpretability of Sparse Autoencoders", arXiv 2505.22255 (KronSAE, mAND, eqs. 1-7, appendix A.1).
   - Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093 (TopK SAE, AuxK loss).
-
 Shape letters used in the comments:
   B tokens in a batch    d input width (d_in)    F dictionary size    k active latents per token
   h heads                m, n pre-latents per head, F = h*m*n      E encoder rows (F or h*(m+n))
-
 Part 1, the method: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training; Part 2, the tooling: 5-15.
 Python: train(KronSAE(d_in=512, h=512, m=2, n=8, k=32), batches, TrainConfig()). Shell: python kronsae.py --help.
 """
 from __future__ import annotations
 
 import argparse, copy, ctypes, dataclasses, errno, functools, hashlib, html, io, itertools, json  # noqa: E401
-import math, os, pickle, random, re, signal, sys, time  # noqa: E401
+import math, os, pickle, random, re, signal, sys, time, warnings  # noqa: E401
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -66,10 +62,9 @@ class Encoding(NamedTuple):  # what an encoder pass returns; the aux fields are 
     aux_indices: Optional[torch.Tensor] = None  # (B, k_aux)
 
 class SparseAutoencoder(nn.Module):
-    """What both SAEs share: x_hat = sum over the k active latents of f_l W_dec[l], plus b_dec (eq. 1).
-    Parameters: W_enc (E, d) and b_enc (E,), W_dec (F, d) with unit rows, b_dec (d,). The encoder centres
-    its input, W_enc (x - b_dec) + b_enc, as Gao et al. do. A subclass says how encoder rows become latents:
-    select, scores_of, rows_of, activation."""
+    """What both SAEs share: x_hat = sum over the k active latents of f_l W_dec[l], plus b_dec (eq. 1). Parameters:
+    W_enc (E, d), b_enc (E,), W_dec (F, d) with unit rows, b_dec (d,). The encoder centres its input, W_enc (x - b_dec)
+    + b_enc (Gao et al.). Subclasses say how encoder rows become latents: select, scores_of, rows_of, activation."""
 
     def __init__(self, d_in: int, dict_size: int, k: int, enc_rows: int):
         super().__init__()
@@ -109,7 +104,7 @@ class SparseAutoencoder(nn.Module):
         many rows per token come from few distinct rows (AuxK's dead latents), one GEMM on those rows is faster."""
         used = torch.zeros(self.F, dtype=torch.bool, device=indices.device).index_fill_(0, indices.flatten(), True)
         if not dense_backward_pays(indices.shape[1], L := int(used.sum()), indices.device):  # L distinct rows
-            return bag_sum(indices, self.W_dec, values)                           # (B, d)
+            return SparseDecode.apply(values, indices, self.W_dec)                # (B, d)
         code = values.new_zeros(len(values), L).scatter(1, (used.cumsum(0) - 1)[indices], values)
         return code @ self.W_dec[used]                                            # (B, L) (L, d) -> (B, d)
 
@@ -133,8 +128,7 @@ class SparseAutoencoder(nn.Module):
             g.addcmul_(torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1), W, value=-1.0)
 
 class TopKSAE(SparseAutoencoder):
-    """f = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T f + b_dec (eq. 1; Gao et al. 2024).
-    W_enc: (F, d). Init: W_dec = W_enc^T with unit rows."""
+    """f = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T f + b_dec (eq. 1; Gao et al. 2024); W_enc = W_dec."""
 
     def __init__(self, d_in: int, dict_size: int, k: int):
         super().__init__(d_in, dict_size, k, enc_rows=dict_size)
@@ -219,8 +213,7 @@ class KronSAE(NaiveKronSAE):
         # so only the rank pairs with (r+1)(s+1) <= k can reach the top k; worth a sort if it cuts 4x
         rs = [(r, s) for r in range(min(m, k)) for s in range(min(n, k)) if (r + 1) * (s + 1) <= k]
         if self.kernel == "product" or 4 * len(rs) > m * n:  # score every pair of the chosen heads
-            if self.kernel != "product":
-                u, v = u.relu(), v.relu()
+            u, v = (u, v) if self.kernel == "product" else (u.relu(), v.relu())
             best = (u[..., :, None] * v[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
             slot, ij = best // (m * n), best % (m * n)
             i, j = ij // n, ij % n
@@ -249,45 +242,59 @@ class KronSAE(NaiveKronSAE):
         return KERNELS[self.kernel](*pre_rows.chunk(2, dim=-1))
 
 # The sparse kernel: both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) scores
-# per token reach the loss, so the backward pass needs only O(B k d), not the dense matmul's O(B E d).
-def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device) -> bool:  # many rows: AuxK
-    return rows_per_token * (32 if device.type == "cuda" else 10) >= enc_rows  # crossovers measured in the README
+# per token reach the loss, so the backward pass needs only O(B k d), not the dense matmul's O(B E d). Dense GEMMs
+# win when a token uses many rows (AuxK; crossovers measured in the README) and where sparse kernels are missing (MPS).
+def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device) -> bool:
+    return device.type not in ("cpu", "cuda") or rows_per_token * (32 if device.type == "cuda" else 10) >= enc_rows
 
-def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
-            offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """out[b] = sum over bag b of weights * table[ids]: the rows of a 2-D ids, or the slices of a 1-D ids that
-    start at offsets. embedding_bag does it without gathering; devices without it use Part 2's twin."""
-    if table.device.type not in ("cpu", "cuda"):
-        return gathered_bag_sum(ids, table, weights, offsets)
-    return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum")
+def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # without gathering
+    return nnf.embedding_bag(ids, table, per_sample_weights=weights.to(table.dtype), mode="sum")  # sum_s w table[id]
+
+def sparse_rows(rows: torch.Tensor, weights: torch.Tensor, width: int) -> torch.Tensor:
+    """The (B, width) matrix with weights[b, s] at (b, rows[b, s]), zero elsewhere, stored sparse (CSR; repeats add)."""
+    crow = torch.arange(0, rows.numel() + 1, rows.shape[1], device=rows.device)
+    return torch.sparse_csr_tensor(crow, rows.flatten(), weights.flatten(), (len(rows), width), check_invariants=False)
+
+def weight_grad(W: torch.Tensor, code: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """dL/dW = code^T x for a sparse (B, E) code, O(B S d): added into W.grad in place when it exists (train_step keeps
+    it; a fresh (F, d) tensor every step page-faults its way into memory), else returned."""
+    with torch.autocast(W.device.type, enabled=False):  # in W's dtype: the sparse kernels lack bfloat16
+        if W.grad is None:
+            return code.t() @ x.to(W.dtype)
+        torch.addmm(W.grad, code.t(), x.to(W.dtype), out=W.grad)  # autograd then receives None and adds nothing
 
 class GatherLinear(torch.autograd.Function):
-    """y[b, s] = (x[b] - shift) . W[rows[b, s]] + bias[rows[b, s]], read from the precomputed pre. Backward touches
-    only the gathered rows, O(B S d) (as Gao et al. 2024), or takes dense GEMMs when that pays (AuxK's many rows).
-    shift (b_dec) gets -sum_b dL/dx[b] = -(dL/dbias) W, an (E,) x (E, d) product; x's own only if x needs one."""
+    """y[b, s] = (x[b] - shift) . W[rows[b, s]] + bias[rows[b, s]], read from pre. Backward: only the rows gathered,
+    O(B S d) (Gao et al. 2024), else GEMMs; shift (b_dec) gets -(dL/dbias) W; x a gradient only if it needs one."""
 
     @staticmethod
     def forward(ctx, x, shift, W, bias, rows, pre):  # x (B, d), shift (d,), W (E, d), bias (E,), rows (B, S)
         ctx.save_for_backward(x - shift, W, rows)
         return pre.gather(1, rows)  # (B, S)
-
     @staticmethod
     def backward(ctx, g):  # g (B, S)
-        x_c, W, rows = ctx.saved_tensors
-        B, S = rows.shape
-        if dense_backward_pays(S, W.shape[0], x_c.device):
-            G = torch.zeros(B, W.shape[0], dtype=g.dtype, device=g.device).scatter_add_(1, rows, g)  # (B, E)
-            grad_x = G @ W if ctx.needs_input_grad[0] else None
-            return grad_x, -((grad_b := G.sum(0)) @ W), G.T @ x_c, grad_b, None, None
-        flat = rows.reshape(-1)                                                    # (B*S,)
-        grad_x = bag_sum(rows, W, g) if ctx.needs_input_grad[0] else None  # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]
-        # dL/dW[r] = sum over (b, s) with rows[b, s] = r of g[b, s] x_c[b]: bags of tokens per row
-        order = flat.argsort()
-        tokens = torch.arange(B, device=x_c.device).repeat_interleave(S)[order]    # (B*S,)
-        counts = torch.bincount(flat, minlength=W.shape[0])                        # (E,)
-        grad_W = bag_sum(tokens, x_c, g.reshape(-1)[order], counts.cumsum(0) - counts)  # (E, d)
-        grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat, g.reshape(-1))
+        (x_c, W, rows), x_needs_grad = ctx.saved_tensors, ctx.needs_input_grad[0]
+        if dense_backward_pays(rows.shape[1], len(W), x_c.device):
+            G = torch.zeros(len(rows), len(W), dtype=g.dtype, device=g.device).scatter_add_(1, rows, g)  # (B, E)
+            return G @ W if x_needs_grad else None, -((grad_b := G.sum(0)) @ W), G.T @ x_c, grad_b, None, None
+        grad_x = bag_sum(rows, W, g) if x_needs_grad else None  # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]
+        grad_b = torch.zeros(len(W), dtype=g.dtype, device=g.device).index_add_(0, rows.flatten(), g.flatten())
+        grad_W = weight_grad(W, sparse_rows(rows, g.to(W.dtype), len(W)), x_c)
         return grad_x, -(grad_b @ W), grad_W, grad_b, None, None
+
+class SparseDecode(torch.autograd.Function):
+    """out[b] = sum_s values[b, s] W[rows[b, s]], eq. 1's sparse decoder, O(B S d); backward: SDDMM and weight_grad."""
+
+    @staticmethod
+    def forward(ctx, values, rows, W):  # values (B, S), rows (B, S), W (F, d)
+        ctx.save_for_backward(values, rows, W)
+        return bag_sum(rows, W, values)  # (B, d)
+    @staticmethod
+    def backward(ctx, g):  # g (B, d)
+        values, rows, W = ctx.saved_tensors
+        code = sparse_rows(rows, values.to(W.dtype), len(W))                      # (B, F)
+        grad_values = torch.sparse.sampled_addmm(code, g, W.T, beta=0).values().view(values.shape)
+        return grad_values, None, weight_grad(W, code, g)
 
 # ============================================================================= 3. Losses
 
@@ -353,14 +360,6 @@ def make_schedule(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.Lambd
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
 
-def fire_counts(enc: Encoding, F: int) -> torch.Tensor:  # (F,): tokens on which each latent fired
-    return torch.zeros(F, device=enc.values.device).index_add_(0, enc.indices.flatten(),
-                                                               (enc.values.flatten() > 0).float())
-
-def count_tokens_since_firing_(since: torch.Tensor, fired: torch.Tensor, tokens: int):  # dead: since >= dead_after
-    since += tokens
-    since[fired > 0] = 0
-
 class StepStats(NamedTuple):
     loss: float    # total loss that was optimised
     fvu: float     # reconstruction term, normalised MSE on this batch
@@ -387,7 +386,7 @@ def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.T
                                     (enc.values > 0).sum().float(), x.new_tensor(float(len(x)))]).tolist())
     if not math.isfinite(stats.loss):
         raise FloatingPointError(f"loss is {stats.loss} (fvu={stats.fvu}, aux={stats.aux})")
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: weight_grad adds into them
     loss.backward()
     sae.remove_parallel_grad_()  # after backward, before the step
     if cfg.grad_clip:
@@ -407,9 +406,10 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
         if step == 0 and not sae.b_dec.any():  # a fresh SAE: Gao et al. start b_dec at the data mean
             sae.check_input(x)
             sae.b_dec.data.copy_(x.mean(0))
-        stats, enc = train_step(sae, optimizer, x, since >= cfg.dead_after, cfg)
+        stats, enc = train_step(sae, optimizer, x, since >= cfg.dead_after, cfg)  # dead: unused for dead_after tokens
         schedule.step()
-        count_tokens_since_firing_(since, fire_counts(enc, sae.F), len(x))
+        since += len(x)
+        since[enc.indices[enc.values > 0]] = 0
         losses.append(stats.loss)
         if step % 10 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}",
@@ -425,32 +425,8 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
 
 # ============================================================================= 5. Devices
 
-@functools.cache
-def has_embedding_bag(device_type: str) -> bool:
-    """Whether nnf.embedding_bag (sum, per-sample weights, offsets) runs forward and backward on this device
-    type. CPU and CUDA have it; MPS lacked parts of it in some PyTorch versions (pytorch/pytorch#162270)."""
-    if device_type in ("cpu", "cuda"):
-        return True
-    try:
-        W = torch.ones(3, 2, device=device_type, requires_grad=True)
-        w = torch.ones(2, device=device_type, requires_grad=True)
-        ids, offsets = torch.tensor([0, 2], device=device_type), torch.tensor([0], device=device_type)
-        nnf.embedding_bag(ids, W, offsets, per_sample_weights=w, mode="sum").sum().backward()
-        return True
-    except (NotImplementedError, RuntimeError):
-        return False
-
-def gathered_bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
-                     offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """bag_sum (section 2) on a device that may lack embedding_bag: embedding_bag where it runs, else the
-    same sum from gathered rows, which holds (B, S, d)."""
-    if has_embedding_bag(table.device.type):
-        return nnf.embedding_bag(ids, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum")
-    if offsets is None:  # (B, S, d) gathered rows, weighted and summed
-        return (weights[..., None] * table[ids]).sum(-2)
-    bag = torch.bucketize(torch.arange(len(ids), device=ids.device), offsets, right=True) - 1
-    out = table.new_zeros(len(offsets), table.shape[1])
-    return out.index_add_(0, bag, weights[:, None] * table[ids])
+# sparse_rows builds CSR matrices, which PyTorch flags as beta once per process; their use here is tested
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 def wide_dtype(device) -> torch.dtype:
     """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""
@@ -1704,6 +1680,8 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
             start = time.perf_counter()  # the step's time: its batch and its update, not the checkpoints
             if step > first:
                 x = next(scaled).to(device, non_blocking=True)
+            if sync is not None:  # fresh gradients: weight_grad would add into kept ones without the hooks firing
+                state.optimizer.zero_grad(set_to_none=True)
             try:
                 with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
                     stats, enc = train_step(sae, state.optimizer, x, state.since >= cfg.dead_after, cfg, variance,
@@ -1712,11 +1690,13 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
                 kept = out and Path(out, "sae.safetensors").exists()
                 raise FloatingPointError(f"training stopped at step {step}: {err}; " + (
                     f"last good checkpoint kept in {out}" if kept else "no checkpoint was written")) from None
-            fired = fire_counts(enc, sae.F)
+            fired = torch.zeros(sae.F, device=x.device).index_add_(0, enc.indices.flatten(),
+                                                                  (enc.values.flatten() > 0).float())  # (F,)
             if sync is not None:  # each process holds its share of the loss terms: their sum is the batch's
                 stats, fired = StepStats(*sync(torch.tensor(stats, dtype=torch.float64)).tolist()), sync(fired)
             state.schedule.step()
-            count_tokens_since_firing_(state.since, fired, int(stats.tokens))
+            state.since += int(stats.tokens)  # as train does, from every process's firings
+            state.since[fired > 0] = 0
             state.latents.update(enc.values.detach(), enc.indices, sync)
             state.losses.append(stats.loss)
             state.step, state.seconds = step + 1, state.seconds + time.perf_counter() - start
@@ -1959,9 +1939,6 @@ def pick_device(name: str = "auto") -> torch.device:
     device = torch.device(name) if name != "auto" else torch.device(
         "cuda" if torch.cuda.is_available() else
         "mps" if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else "cpu")
-    if device.type == "mps" and torch.backends.mps.is_available() and not has_embedding_bag("mps"):  # section 2
-        print(f"note: embedding_bag does not run on {device.type} in this PyTorch; the sparse sums gather rows "
-              f"instead (bag_sum), which is slower and holds (B, k, d)", file=sys.stderr)
     return device
 
 class TrainData(NamedTuple):
@@ -3359,11 +3336,11 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
     dead = dead_mask(sae.F, bcfg.dead, x.device)
 
     def fwd_bwd():
-        sae.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=False)  # as train_step: gradients stay allocated
         normalized_mse(x, sae(x)).backward()
 
     def fwd_bwd_aux():  # the whole training loss once latents have died: reconstruction and AuxK (1/32)
-        sae.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=False)  # as train_step: gradients stay allocated
         enc = sae.encode_with_aux(x, dead)
         recon, x_hat = reconstruction_loss(sae, x, enc)
         (recon + auxk_loss(sae, (x - x_hat).detach(), enc) / 32).backward()
@@ -3401,11 +3378,11 @@ def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     dead = dead_mask(F, bcfg.dead, x.device)
 
     def fwd_bwd():
-        coder.zero_grad(set_to_none=True)
+        coder.zero_grad(set_to_none=False)  # as train_step: gradients stay allocated
         coder(x).fvu.backward()
 
     def fwd_bwd_aux():
-        coder.zero_grad(set_to_none=True)
+        coder.zero_grad(set_to_none=False)  # as train_step: gradients stay allocated
         out = coder(x, dead_mask=dead)
         (out.fvu + out.auxk_loss / 32).backward()
 
@@ -3444,7 +3421,7 @@ PROFILE_LABELS = {"select": "selection", "scores_of": "AuxK: dead latents' score
                   "encode_with_aux": "encoder: gathers, activation, AuxK top-k", "sparse_decode": "decoder",
                   "remove_parallel_grad_": "decoder gradient projection", "normalize_decoder_": "decoder renorm"}
 PROFILE_OPS = {"aten::addmm": "encoder GEMM", "GatherLinearBackward": "backward: encoder (GatherLinear)",
-               "EmbeddingBagBackward0": "backward: decoder (embedding_bag)",
+               "SparseDecodeBackward": "backward: decoder (SparseDecode)",
                "Optimizer.step#AdamW.step": "AdamW"}
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 

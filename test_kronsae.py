@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kronsae as K
 import synthetic
@@ -143,8 +143,8 @@ def test_gather_linear_matches_dense_autograd(share, x_needs_grad, monkeypatch):
     torch.testing.assert_close(fast, dense)
     for a, e in zip(g_fast, g_dense):
         torch.testing.assert_close(a, e)
-    calls = []
-    monkeypatch.setattr(K, "bag_sum", lambda *a: calls.append(a[1].shape) or K.gathered_bag_sum(*a))
+    calls, bag_sum = [], K.bag_sum
+    monkeypatch.setattr(K, "bag_sum", lambda *a: calls.append(a[1].shape) or bag_sum(*a))
     K.GatherLinear.apply(x, shift, W, b, rows, dense.new_zeros(7, 11)).sum().backward()
     assert ((11, 5) in calls) == (x_needs_grad and share != 0.0)  # x's bags over W's rows: only when x needs them
 
@@ -167,6 +167,48 @@ def test_sparse_decode_matches_the_dense_code_times_the_decoder(dense, monkeypat
     torch.testing.assert_close(out, reference)
     for a, e in zip(g_out, g_ref):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("fn", ["decode", "encoder"])
+def test_weight_gradients_add_into_the_kept_gradient_in_place(fn):
+    """SparseDecode and GatherLinear's sparse backward: with W.grad None the weight gradient comes back as autograd's
+    own; with W.grad kept (train_step's zero_grad(set_to_none=False)) it is added into that very tensor, once."""
+    torch.manual_seed(0)
+    W = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    x, rows, weights = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 50, (9, 4)), torch.rand(9, 4)
+    values = weights.double().requires_grad_()
+
+    def loss():
+        if fn == "decode":
+            return (K.SparseDecode.apply(values, rows, W) * x).sum()
+        shift = torch.zeros(6, dtype=torch.float64)
+        return (K.GatherLinear.apply(x, shift, W, torch.zeros(50, dtype=torch.float64), rows, x @ W.T) * values).sum()
+    dense = ((torch.zeros(9, 50, dtype=torch.float64).scatter_add(1, rows, values) @ W) * x).sum()
+    expected = torch.autograd.grad(dense, W)[0]                               # the same bilinear form, dense
+    loss().backward()
+    torch.testing.assert_close(W.grad, expected)
+    kept = torch.randn(50, 6, dtype=torch.float64)
+    W.grad = kept.clone()
+    pointer = W.grad.data_ptr()
+    loss().backward()
+    assert W.grad.data_ptr() == pointer                                       # the same tensor, written in place
+    torch.testing.assert_close(W.grad, kept + expected)                       # added once, not twice
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_a_training_step_allocates_nothing_of_the_dictionarys_size(arch):
+    """After the first step, a step (forward, backward, clipping, AdamW, renorm) allocates no tensor as large as
+    W_dec: the (F, d) gradients are kept and written in place, so the Python API needs no allocator setting."""
+    from torch.profiler import ProfilerActivity, profile
+    B, d, F = 32, 64, 4096
+    sae = K.TopKSAE(d, F, 8) if arch == "topk" else K.KronSAE(d, h=64, m=8, n=8, k=8)
+    opt, cfg, x = K.make_optimizer(sae, 1e-3), K.TrainConfig(steps=3, batch=B), torch.randn(B, d)
+    no_dead = torch.zeros(F, dtype=torch.bool)
+    K.train_step(sae, opt, x, no_dead, cfg)                                    # allocates the gradients, once
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        K.train_step(sae, opt, x, no_dead, cfg)
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert sizes and max(sizes) < F * d * 4                                    # bytes of one float32 (F, d) tensor
 
 
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
@@ -399,10 +441,30 @@ def test_init_follows_the_paper():
     torch.testing.assert_close(top.W_dec.norm(dim=-1), torch.ones(32))
 
 
+class MatmulFlops(TorchDispatchMode):
+    """FLOPs of every matmul, 2 x the first operand's entries x the second's width (FlopCounterMode's 2 m k n when
+    dense); a sparse first operand counts its nonzeros only, and an SDDMM 2 x its sampled entries x the inner width."""
+    matmuls = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot", "_sparse_mm", "sparse_sampled_addmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "sparse_sampled_addmm":                      # (pattern, mat1 (B, d), mat2 (d, F))
+            self.flops += 2 * args[0]._nnz() * args[1].shape[1]
+        elif name in self.matmuls:
+            a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
+            entries = a._nnz() if a.layout != torch.strided else a.numel()
+            self.flops += 2 * entries * (b.shape[-1] if b.dim() > 1 else 1)
+        return func(*args, **(kwargs or {}))
+
+
 def matmul_flops(fn):
-    with FlopCounterMode(display=False) as counter:
+    with MatmulFlops() as counter:
         fn()
-    return counter.get_total_flops()
+    return counter.flops
 
 
 @pytest.mark.parametrize("m,n,rows_per_latent", [(2, 4, 0.75), (4, 4, 0.5), (8, 8, 0.25), (1, 4, 1.25)])
@@ -473,25 +535,28 @@ def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
 
 @pytest.mark.parametrize("share,encoder_matmuls", [(math.inf, 1), (0.0, 2)], ids=["sparse_backward", "dense_backward"])
 def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkeypatch):
-    """Forward + backward + step. Per token, the only matmuls are the h(m+n) x d encoder's forward (and, when
-    GatherLinear's backward goes dense, the one for W_enc's gradient: the data need none); once per step, b_dec's
-    gradient through the encoder, (E,) x (E, d), and remove_parallel_grad_'s F row-wise dot products (a bmm of
-    F x d). Nothing else. (AuxK's decode takes a GEMM only on few dead rows:
-    test_auxk_costs_what_its_dead_latents_cost.)"""
-    d, F, E = 64, 1024, 32 * (4 + 8)
+    """Forward + backward + step. Per token, the dense matmuls are the h(m+n) x d encoder's forward (and, when
+    GatherLinear's backward goes dense, the one for W_enc's gradient: the data need none), and the sparse ones cost
+    2 d per entry the token uses: each decoder's SDDMM and weight gradient (k and k_aux entries), and on the sparse
+    path the encoder's weight gradient (2 (k + k_aux) rows). Once per step, b_dec's gradient through the encoder,
+    (E,) x (E, d), and remove_parallel_grad_'s F row-wise dot products (a bmm of F x d). Nothing else. (AuxK's
+    decode takes a GEMM only on few dead rows: test_auxk_costs_what_its_dead_latents_cost.)"""
+    d, F, E, k, k_aux = 64, 1024, 32 * (4 + 8), 8, 32
     rule = K.dense_backward_pays    # forced for GatherLinear (E rows); the real rule for the decoder's rows
     monkeypatch.setattr(K, "dense_backward_pays", lambda S, rows, device: share == 0.0 if rows == E else
                         rule(S, rows, device))
     cfg = K.TrainConfig(steps=1, batch=32)
-    dead = torch.ones(F, dtype=torch.bool)  # AuxK on too: 32 rows per token out of hundreds, so bag_sum
+    dead = torch.ones(F, dtype=torch.bool)  # AuxK on too: 32 rows per token out of hundreds, so SparseDecode
 
     def step_flops(B):
-        sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
+        sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=k)
         opt = torch.optim.AdamW(sae.parameters())
         return matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
 
-    assert step_flops(32) == encoder_matmuls * 2 * 32 * d * E + 2 * F * d + 2 * E * d
-    assert step_flops(64) - step_flops(32) == encoder_matmuls * 2 * 32 * d * E  # per token: the encoder's alone
+    sparse_entries = 2 * (k + k_aux) + (2 * (k + k_aux) if share else 0)   # decoders: 2 each; encoder: 2 (k + k_aux)
+    per_token = encoder_matmuls * 2 * d * E + 2 * d * sparse_entries
+    assert step_flops(32) == 32 * per_token + 2 * F * d + 2 * E * d
+    assert step_flops(64) - step_flops(32) == 32 * per_token   # per token: the encoder's and O(k d), never F
 
 
 def test_auxk_costs_what_its_dead_latents_cost():
@@ -511,7 +576,8 @@ def test_auxk_costs_what_its_dead_latents_cost():
         return flops, 0 if enc[0].aux_indices is None else enc[0].aux_indices.unique().numel()
 
     E = 32 * (4 + 8)
-    encoder_backward = 2 * 32 * E * d          # with AuxK, 2 (8 + 32) rows per token of E: GatherLinear goes dense
+    # with AuxK, 2 (8 + 32) rows per token of E: GatherLinear's dense GEMM replaces its sparse weight gradient
+    encoder_backward = 2 * 32 * E * d - 2 * 32 * (2 * 8) * d
     for dead_count in (40, 200):
         flops, L = step_flops(dead_count)      # L <= dead_count: the dead rows some token's top 32 used
         assert K.dense_backward_pays(k_aux, L, torch.device("cpu")) and L > dead_count / 2
@@ -587,10 +653,12 @@ def test_wrong_width_data_raises():
 # ============================================================================= 5. Devices
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_fallback_without_embedding_bag_matches(arch, monkeypatch):
-    """Where a device lacks embedding_bag (MPS in some versions), bag_sum sums gathered rows: the same
-    values and gradients, through the decoder, the sparse encoder backward and AuxK."""
-    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: False)  # the sparse path, with its bag_sums
+def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
+    """Where embedding_bag and sparse matmuls are missing (MPS), every sparse kernel gives way to its dense twin
+    (scatter into (B, E) or (B, L), then GEMMs): the same values and gradients, through the decoder, the encoder
+    backward and AuxK, and no sparse matrix is built."""
+    assert K.dense_backward_pays(1, 10**9, torch.device("mps")) and not K.dense_backward_pays(1, 11, torch.device("cpu"))
+    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: False)  # the sparse paths
     torch.manual_seed(0)
     sae = perturb_(K.TopKSAE(32, 128, 8) if arch == "topk" else K.KronSAE(32, 8, 4, 4, 8)).double()
     x = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
@@ -602,11 +670,10 @@ def test_fallback_without_embedding_bag_matches(arch, monkeypatch):
         recon, x_hat = K.matryoshka_loss(sae, x, enc, prefixes=[64])
         return recon + K.auxk_loss(sae, (x - x_hat).detach(), enc)
     fast = grads(sae, x, loss())
-    calls, gathered = [], K.gathered_bag_sum
-    monkeypatch.setattr(K, "has_embedding_bag", lambda device_type: False)     # as on such a device
-    monkeypatch.setattr(K, "bag_sum", lambda *a: calls.append(1) or gathered(*a))
+    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: True)   # as on such a device
+    monkeypatch.setattr(K, "sparse_rows", None)
+    monkeypatch.setattr(K, "bag_sum", None)
     slow = grads(sae, x, loss())
-    assert len(calls) >= 4                 # decode, AuxK decode, GatherLinear's two bags: all went the slow way
     for name in fast:
         torch.testing.assert_close(slow[name], fast[name], msg=name)
     assert K.wide_dtype("cpu") == torch.float64 and K.wide_dtype("mps") == torch.float32
@@ -1972,7 +2039,7 @@ def test_profile_splits_a_real_training_step_into_phases(arch):
     times = K.profile_step(sae, x, dead, steps=2)
     assert set(times) >= {*K.PROFILE_OPS.values(), *K.PROFILE_LABELS.values(), "step (unprofiled)"}
     for phase in ("encoder GEMM", "selection", "AuxK: dead latents' scores", "decoder", "AdamW",
-                  "backward: encoder (GatherLinear)", "backward: decoder (embedding_bag)", "decoder renorm"):
+                  "backward: encoder (GatherLinear)", "backward: decoder (SparseDecode)", "decoder renorm"):
         assert times[phase] > 0, phase
     assert all(name not in vars(sae) for name in K.PROFILE_LABELS)   # the class's methods again
     assert int(K.dead_mask(256, 0.1, "cpu").sum()) == 25
@@ -2560,7 +2627,7 @@ def test_the_method_comes_first_and_stands_alone():
                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
     arguments = {node.arg for node in ast.walk(tree) if isinstance(node, ast.arg)}   # loss_fn, variance
     outside = called - defined - imports - arguments - set(dir(builtins))
-    assert outside <= {"gathered_bag_sum"}, outside    # copied alone it runs; only an MPS device needs Part 2's twin
+    assert not outside, outside                         # copied alone, it runs (MPS included: its dense twins)
     for word in ("sync", "Trainer", "on_step", "DENSE_BACKWARD_SHARE", "has_embedding_bag", "resume", "seconds"):
         assert word not in part_1, word                 # data parallel, resume, timing, device probes: Part 2
     assert part_1.index("class NaiveKronSAE") < part_1.index("class KronSAE")   # the version to read first
