@@ -250,18 +250,17 @@ def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device
 def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # without gathering
     return nnf.embedding_bag(ids, table, per_sample_weights=weights.to(table.dtype), mode="sum")  # sum_s w table[id]
 
-def sparse_rows(rows: torch.Tensor, weights: torch.Tensor, width: int) -> torch.Tensor:
-    """The (B, width) matrix with weights[b, s] at (b, rows[b, s]), zero elsewhere, stored sparse (CSR; repeats add)."""
-    crow = torch.arange(0, rows.numel() + 1, rows.shape[1], device=rows.device)
-    return torch.sparse_csr_tensor(crow, rows.flatten(), weights.flatten(), (len(rows), width), check_invariants=False)
-
-def weight_grad(W: torch.Tensor, code: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """dL/dW = code^T x for a sparse (B, E) code, O(B S d): added into W.grad in place when it exists (train_step keeps
-    it; a fresh (F, d) tensor every step page-faults its way into memory), else returned."""
+def weight_grad(W: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """dL/dW[r] = sum over (b, s) with rows[b, s] = r of weights[b, s] x[b]: an (E, B) sparse matrix (CSR, entries
+    sorted by row, repeats add) times x, O(B S d). Added into W.grad in place when it exists (train_step keeps it; a
+    fresh (F, d) tensor every step page-faults its way into memory), else returned."""
+    order, counts = rows.flatten().argsort(stable=True), torch.bincount(rows.flatten(), minlength=len(W))
+    code_t = torch.sparse_csr_tensor(torch.cat([counts.new_zeros(1), counts.cumsum(0)]), order // rows.shape[1],
+                                     weights.flatten()[order].to(W.dtype), (len(W), len(rows)), check_invariants=False)
     with torch.autocast(W.device.type, enabled=False):  # in W's dtype: the sparse kernels lack bfloat16
         if W.grad is None:
-            return code.t() @ x.to(W.dtype)
-        torch.addmm(W.grad, code.t(), x.to(W.dtype), out=W.grad)  # autograd then receives None and adds nothing
+            return code_t @ x.to(W.dtype)
+        torch.addmm(W.grad, code_t, x.to(W.dtype), out=W.grad)  # autograd then receives None and adds nothing
 
 class GatherLinear(torch.autograd.Function):
     """y[b, s] = (x[b] - shift) . W[rows[b, s]] + bias[rows[b, s]], read from pre. Backward: only the rows gathered,
@@ -279,8 +278,7 @@ class GatherLinear(torch.autograd.Function):
             return G @ W if x_needs_grad else None, -((grad_b := G.sum(0)) @ W), G.T @ x_c, grad_b, None, None
         grad_x = bag_sum(rows, W, g) if x_needs_grad else None  # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]
         grad_b = torch.zeros(len(W), dtype=g.dtype, device=g.device).index_add_(0, rows.flatten(), g.flatten())
-        grad_W = weight_grad(W, sparse_rows(rows, g.to(W.dtype), len(W)), x_c)
-        return grad_x, -(grad_b @ W), grad_W, grad_b, None, None
+        return grad_x, -(grad_b @ W), weight_grad(W, rows, g, x_c), grad_b, None, None
 
 class SparseDecode(torch.autograd.Function):
     """out[b] = sum_s values[b, s] W[rows[b, s]], eq. 1's sparse decoder, O(B S d); backward: SDDMM and weight_grad."""
@@ -292,9 +290,10 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # g (B, d)
         values, rows, W = ctx.saved_tensors
-        code = sparse_rows(rows, values.to(W.dtype), len(W))                      # (B, F)
-        grad_values = torch.sparse.sampled_addmm(code, g, W.T, beta=0).values().view(values.shape)
-        return grad_values, None, weight_grad(W, code, g)
+        at = torch.sparse_csr_tensor(torch.arange(0, rows.numel() + 1, rows.shape[1], device=rows.device),
+                                     rows.flatten(), g.new_zeros(rows.numel()), (len(rows), len(W)))  # (B, F) pattern
+        grad_values = torch.sparse.sampled_addmm(at, g, W.T, beta=0).values().view(values.shape)  # g W^T there
+        return grad_values, None, weight_grad(W, rows, values, g)
 
 # ============================================================================= 3. Losses
 
@@ -425,7 +424,7 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
 
 # ============================================================================= 5. Devices
 
-# sparse_rows builds CSR matrices, which PyTorch flags as beta once per process; their use here is tested
+# weight_grad and SparseDecode build CSR matrices, which PyTorch flags as beta once per process; what they do is tested
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 def wide_dtype(device) -> torch.dtype:
@@ -3242,6 +3241,8 @@ class BenchConfig:
     repeats: int = opt(5, "timed repeats per step; the median is reported")
     naive: int = opt(1, "also time the naive KronSAE (1) or not (0)")
     dead: float = opt(0.05, "share of latents marked dead for the 'aux' column: fwd+bwd with AuxK on; 0 = skip")
+    precision: str = opt("fp32", "fp32, or bf16: every row's fwd+bwd under bfloat16 autocast (ours as --precision bf16 "
+                                 "trains; sparsify's as it ships on CUDA, and on this device): peers at the same precision")
     sparsify_bf16: int = opt(0, "sparsify's column on CUDA: 0 = in float32 like ours, 1 = as it ships (bfloat16 "
                                 "autocast in its forward)")
     profile: int = opt(0, "1 = instead of the table, split one whole training step (AuxK on --dead) of TopK and "
@@ -3262,6 +3263,8 @@ class BenchConfig:
             raise ValueError(f"--shapes must look like 2x8,4x4 and --dict-sizes be positive, got {self.shapes!r}")
         if not 0 <= self.dead < 1:
             raise ValueError(f"--dead must be in [0, 1), got {self.dead}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.flat_width < 0 or self.flat_width % 64:
             raise ValueError(f"flat_width must be 0 or a multiple of 64 (h >= 1 at 32x32), got {self.flat_width}")
         if self.device not in ("auto", "cpu", "cuda", "mps") or {self.naive, self.profile, self.sparsify_bf16} - {0, 1}:
@@ -3309,19 +3312,29 @@ def peak_bytes(fn, device) -> int:
 def time_step(x: torch.Tensor, bcfg: BenchConfig, model: nn.Module, fwd_bwd, fwd_bwd_aux, opt_step,
               encoder_rows: int, once: bool = False) -> dict:
     """The timing columns of one SAE: fwd+bwd, with AuxK, the optimiser step, peak memory, and a plain matmul
-    of the encoder's shape. once: one run without warm-up (the naive model takes seconds per step)."""
-    device = x.device
+    of the encoder's shape. once: one run without warm-up (the naive model takes seconds per step). --precision
+    bf16: the fwd+bwd under bfloat16 autocast, and the GEMM in bfloat16."""
+    device, bf16 = x.device, bcfg.precision == "bf16"
+    if bf16:
+        fwd_bwd, fwd_bwd_aux = under_bf16_autocast(fwd_bwd, device), under_bf16_autocast(fwd_bwd_aux, device)
     fwd_bwd_ms = median_ms(fwd_bwd, device, 1 if once else bcfg.repeats, warmup=not once)
     aux_ms = median_ms(fwd_bwd_aux, device, bcfg.repeats) if bcfg.dead and not once else None
     opt_ms = median_ms(opt_step, device, 1 if once else bcfg.repeats)
     model.zero_grad(set_to_none=True)  # measure from a clean start, so the step's own gradients count
     peak = peak_bytes(fwd_bwd, device)
-    W = torch.randn(encoder_rows, x.shape[1], device=device)
-    gemm_ms = median_ms(lambda: x @ W.T, device, bcfg.repeats)  # the roof: the encoder matmul alone
+    W = torch.randn(encoder_rows, x.shape[1], device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    x_gemm = x.to(W.dtype)
+    gemm_ms = median_ms(lambda: x_gemm @ W.T, device, bcfg.repeats)  # the roof: the encoder matmul alone
     return {"encoder_rows": encoder_rows, "fwd_bwd_ms": fwd_bwd_ms, "aux_ms": aux_ms, "opt_ms": opt_ms,
             "peak_mb": peak / 2**20, "gemm_ms": gemm_ms,
             "gemm_gflops": 2 * x.shape[0] * encoder_rows * x.shape[1] / gemm_ms / 1e6,
             "step_over_gemm": fwd_bwd_ms / gemm_ms}
+
+def under_bf16_autocast(fn, device):
+    def run():
+        with torch.autocast(device.type, torch.bfloat16):
+            return fn()
+    return run
 
 def dead_mask(F: int, share: float, device) -> torch.Tensor:
     dead = torch.zeros(F, dtype=torch.bool, device=device)
@@ -3369,10 +3382,11 @@ def has_sparsify() -> bool:
 def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """EleutherAI's sparsify TopK SAE (pip install eai-sparsify), timed like ours: the same loss, AuxK on the same
     share of dead latents, the same fused AdamW, and its own decoder constraint steps. Its forward carries a
-    bfloat16 autocast for CUDA; unless --sparsify-bf16 1, that decorator is unwrapped, so both run in float32."""
+    bfloat16 autocast for CUDA; unless --sparsify-bf16 1 or --precision bf16, that decorator is unwrapped, so both
+    run in float32. With --precision bf16 both run under bfloat16 autocast on any device (time_step)."""
     from sparsify import SparseCoder, SparseCoderConfig
     coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=F, k=bcfg.k), device=x.device)
-    if not bcfg.sparsify_bf16:
+    if not (bcfg.sparsify_bf16 or bcfg.precision == "bf16"):
         coder.forward = partial(getattr(SparseCoder.forward, "__wrapped__", SparseCoder.forward), coder)
     optimizer = make_optimizer(coder, lr=1e-4)
     dead = dead_mask(F, bcfg.dead, x.device)
@@ -3551,7 +3565,7 @@ def bench(bcfg: BenchConfig) -> list[dict]:
         return profiles
     print(f"bench: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads; "
           f"median of {bcfg.repeats} (ms); peak = memory the fwd+bwd allocates; aux = fwd+bwd with AuxK on "
-          f"{bcfg.dead:.0%} dead latents")
+          f"{bcfg.dead:.0%} dead latents; {'bfloat16 autocast' if bcfg.precision == 'bf16' else 'float32'}")
     rows = []
     for section, cls, kwargs in tqdm(bench_models(bcfg), desc="bench", leave=False):
         sae = None if cls == "sparsify" else cls(**kwargs).to(device)

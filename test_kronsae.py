@@ -671,7 +671,7 @@ def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
         return recon + K.auxk_loss(sae, (x - x_hat).detach(), enc)
     fast = grads(sae, x, loss())
     monkeypatch.setattr(K, "dense_backward_pays", lambda *a: True)   # as on such a device
-    monkeypatch.setattr(K, "sparse_rows", None)
+    monkeypatch.setattr(K, "weight_grad", None)
     monkeypatch.setattr(K, "bag_sum", None)
     slow = grads(sae, x, loss())
     for name in fast:
@@ -2008,6 +2008,20 @@ def test_bench_runs_and_reports_targets(tmp_path):
     assert by["naive_kron_4x4"]["peak_mb"] > by["kron_4x4"]["peak_mb"] > 0
     assert by["kron_4x4"]["flops_per_token"] == K.KronSAE(d_in=32, h=16, m=4, n=4, k=8).flops_per_token()
     assert json.loads(out.read_text())["rows"][0]["name"] == "topk"
+
+
+def test_bench_in_bf16_runs_every_row_under_autocast(monkeypatch):
+    """--precision bf16: each fwd+bwd (ours, and sparsify's when installed) runs under bfloat16 autocast, so peers
+    are timed at one precision; the GEMM roof is a bfloat16 GEMM; a bad precision is one line before any work."""
+    seen, encode = [], K.SparseAutoencoder.encode_with_aux
+    monkeypatch.setattr(K.SparseAutoencoder, "encode_with_aux", lambda *a, **kw: seen.append(
+        torch.is_autocast_enabled("cpu")) or encode(*a, **kw))                 # every fwd+bwd of our rows
+    rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256", "--shapes", "4x4",
+                   "--flat-width", "0", "--naive", "0", "--repeats", "1", "--precision", "bf16", "--device", "cpu"])
+    assert {r["name"] for r in rows} >= {"topk", "kron_4x4"} and seen and all(seen)
+    with pytest.raises(SystemExit) as exit_:
+        K.main(["bench", "--precision", "fp16"])
+    assert exit_.value.code == 2
 
 
 def test_bench_verdicts_follow_the_targets():
