@@ -2004,6 +2004,7 @@ def test_bench_runs_and_reports_targets(tmp_path):
     names = [r["name"] for r in rows if r["name"] != "sparsify_topk"]  # sparsify's column: when installed
     assert names[:5] == ["topk", "kron_2x8", "kron_4x4", "naive_kron_2x8", "naive_kron_4x4"]
     assert [r["dict_size"] for r in rows if r["section"].startswith("flat")] == [256, 512, 1024]
+    assert all(r["copy_ms"] > 0 and r["per_token_ms"] + r["per_step_ms"] > 0 for r in rows if r["section"] != "F=256")
     by = {r["name"]: r for r in rows if r["section"] == "F=256"}
     assert by["naive_kron_4x4"]["peak_mb"] > by["kron_4x4"]["peak_mb"] > 0
     assert by["kron_4x4"]["flops_per_token"] == K.KronSAE(d_in=32, h=16, m=4, n=4, k=8).flops_per_token()
@@ -2032,7 +2033,9 @@ def test_bench_verdicts_follow_the_targets():
     rows = [row("F=16384", "topk", 16384, 300.0, 4000, aux=600.0), row("F=16384", "kron_8x8", 16384, 90.0, aux=150.0),
             row("F=16384", "naive_kron_8x8", 16384, 400.0, peak=100.0),
             row("F=65536", "topk", 65536, 300.0, 4000), row("F=65536", "kron_8x8", 65536, 90.0, step_over_gemm=2.0),
-            row("flat", "kron_8x8", 16384, 100.0), row("flat", "kron_32x32", 65536, 160.0),
+            row("flat", "kron_8x8", 16384, 100.0) | dict(per_token_ms=80.0, per_step_ms=20.0, opt_ms=12.0, copy_ms=10.0),
+            row("flat", "kron_32x32", 65536, 160.0) | dict(per_token_ms=100.0, per_step_ms=60.0, opt_ms=40.0,
+                                                          copy_ms=20.0),
             row("F=16384", "sparsify_topk", 16384, 450.0), row("F=65536", "sparsify_topk", 65536, 250.0)]
     text = "\n".join(K.bench_verdicts(rows))
     assert "F=16384: our topk is 1.50x as fast as sparsify's (target at least 1x: met)" in text
@@ -2042,6 +2045,9 @@ def test_bench_verdicts_follow_the_targets():
     assert "topk's time / kron 8x8's = 4.00" in text
     assert "kron_8x8 vs naive: 4.4x faster (target 5x: missed), 10% of its peak memory" in text
     assert "costs 1.60x the fwd+bwd time (target at most 1.5x: missed)" in text
+    assert "its per-token part costs 1.25x (target at most 1.2x: missed)" in text
+    assert "F=16384: fwd+bwd 20.0 ms, optimiser step 12.0 ms = 1.20x a copy of its bytes" in text
+    assert "= 2.00x a copy of its bytes (target at most 1.5x: met, missed)" in text
     assert "kron_8x8@16384: 1.00x met" in text and "kron_8x8@65536: 2.00x missed" in text
 
 
