@@ -169,25 +169,30 @@ def test_sparse_decode_matches_the_dense_code_times_the_decoder(dense, monkeypat
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("fn", ["decode", "encoder"])
-def test_weight_gradients_add_into_the_kept_gradient_in_place(fn):
+def test_weight_gradients_add_into_the_kept_gradient_in_place(fn, device):
     """SparseDecode and GatherLinear's sparse backward: with W.grad None the weight gradient comes back as autograd's
-    own; with W.grad kept (train_step's zero_grad(set_to_none=False)) it is added into that very tensor, once."""
+    own; with W.grad kept (train_step's zero_grad(set_to_none=False)) it is added into that very tensor, once. Also
+    the values' gradient (SDDMM) against the dense form, on the CPU (MKL) and CUDA (cuSPARSE)."""
     torch.manual_seed(0)
-    W = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
-    x, rows, weights = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 50, (9, 4)), torch.rand(9, 4)
-    values = weights.double().requires_grad_()
+    f64 = dict(dtype=torch.float64, device=device)
+    W = torch.randn(50, 6, **f64, requires_grad=True)
+    x, rows, weights = torch.randn(9, 6, **f64), torch.randint(0, 50, (9, 4), device=device), torch.rand(9, 4, **f64)
+    values = weights.clone().requires_grad_()
 
     def loss():
         if fn == "decode":
             return (K.SparseDecode.apply(values, rows, W) * x).sum()
-        shift = torch.zeros(6, dtype=torch.float64)
-        return (K.GatherLinear.apply(x, shift, W, torch.zeros(50, dtype=torch.float64), rows, x @ W.T) * values).sum()
-    dense = ((torch.zeros(9, 50, dtype=torch.float64).scatter_add(1, rows, values) @ W) * x).sum()
-    expected = torch.autograd.grad(dense, W)[0]                               # the same bilinear form, dense
+        shift = torch.zeros(6, **f64)
+        return (K.GatherLinear.apply(x, shift, W, torch.zeros(50, **f64), rows, x @ W.T) * values).sum()
+    dense = ((torch.zeros(9, 50, **f64).scatter_add(1, rows, values) @ W) * x).sum()
+    expected, expected_values = torch.autograd.grad(dense, (W, values))       # the same bilinear form, dense
     loss().backward()
     torch.testing.assert_close(W.grad, expected)
-    kept = torch.randn(50, 6, dtype=torch.float64)
+    torch.testing.assert_close(values.grad, expected_values)
+    kept = torch.randn(50, 6, **f64)
     W.grad = kept.clone()
     pointer = W.grad.data_ptr()
     loss().backward()
