@@ -3070,7 +3070,7 @@ def absorption_of(x: torch.Tensor, code: torch.Tensor, cos: torch.Tensor, probe:
     total = float(x @ probe)                                     # the probe's projection of the residual
     if total <= 0:
         return 0.0, False
-    projection = code * cos                                      # each latent's share of it
+    projection = (code * cos).detach()                           # each latent's share of it
     main_projection = float(projection[main].sum())
     others = torch.ones_like(cos, dtype=torch.bool)
     others[main] = False
