@@ -3336,15 +3336,15 @@ OPT_STEP_READS_AND_WRITES = 15  # of F x d floats: projection 5 (bmm reads g, W;
 def step_split(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """The flat-in-F columns. fwd+bwd at B and at B/2 tokens split a step into its per-token part, 2 (T(B) - T(B/2)),
     and its once-per-step part, 2 T(B/2) - T(B) (zeroing and adding into the kept (F, d) gradients). The optimiser
-    step's (F, d) work (opt_ms) is set against a plain copy that moves as many bytes (copy_ms)."""
+    step's (F, d) work (opt_ms) is set against a plain copy that moves as many bytes (copy_ms): one copy of F x d
+    floats (2 F d moved, far beyond any cache), scaled to the step's OPT_STEP_READS_AND_WRITES."""
     def fwd_bwd(batch):
         sae.zero_grad(set_to_none=False)
         normalized_mse(batch, sae(batch)).backward()
     run = (lambda fn: under_bf16_autocast(fn, x.device)) if bcfg.precision == "bf16" else (lambda fn: fn)
     full, half = (median_ms(run(partial(fwd_bwd, batch)), x.device, bcfg.repeats) for batch in (x, x[:len(x) // 2]))
-    source = torch.ones(OPT_STEP_READS_AND_WRITES * sae.F * sae.d_in // 2, device=x.device)  # a copy reads and writes
-    target = torch.empty_like(source)
-    copy_ms = median_ms(lambda: target.copy_(source), x.device, bcfg.repeats)
+    source, target = torch.ones_like(sae.W_dec), torch.empty_like(sae.W_dec)
+    copy_ms = median_ms(lambda: target.copy_(source), x.device, bcfg.repeats) * OPT_STEP_READS_AND_WRITES / 2
     return {"per_token_ms": 2 * (full - half), "per_step_ms": 2 * half - full, "copy_ms": copy_ms}
 
 def under_bf16_autocast(fn, device):
