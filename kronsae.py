@@ -193,8 +193,7 @@ class NaiveKronSAE(SparseAutoencoder):
         return code @ self.W_dec + self.b_dec                                      # (B, d) dense decoder
 
 class KronSAE(NaiveKronSAE):
-    """NaiveKronSAE's SAE, fast: the encoder costs O(h(m+n)d), not O(Fd) (eq. 7), the top k is found
-    without building all F scores, and encoder and decoder touch only the chosen rows."""
+    """NaiveKronSAE's SAE, fast: encoder O(h(m+n)d), not O(Fd) (eq. 7); top k without all F scores; chosen rows only."""
     encode, forward = SparseAutoencoder.encode, SparseAutoencoder.forward   # the sparse path, not the listing
 
     def select(self, pre, k):  # (B, h*(m+n)) -> (B, k), exact for any k, without building all F scores
@@ -241,22 +240,25 @@ class KronSAE(NaiveKronSAE):
     def activation(self, pre_rows):  # (B, 2k) -> (B, k): eq. 3 (or the kernel) on the chosen pairs only
         return KERNELS[self.kernel](*pre_rows.chunk(2, dim=-1))
 
-# The sparse kernel: both SAEs score all E encoder rows in one matmul, but only k (TopK) or 2k (KronSAE) scores
-# per token reach the loss, so the backward pass needs only O(B k d), not the dense matmul's O(B E d). Dense GEMMs
-# win when a token uses many rows (AuxK; crossovers measured in the README) and where sparse kernels are missing (MPS).
+# The sparse kernels: of the E encoder scores only k (TopK) or 2k (KronSAE) per token reach the loss, so backward needs
+# O(B k d), not O(B E d). Dense GEMMs win for many rows per token (AuxK; README) and where sparse kernels lack (MPS).
 def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device) -> bool:
     return device.type not in ("cpu", "cuda") or rows_per_token * (32 if device.type == "cuda" else 10) >= enc_rows
 
 def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # without gathering
     return nnf.embedding_bag(ids, table, per_sample_weights=weights.to(table.dtype), mode="sum")  # sum_s w table[id]
 
+def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple) -> torch.Tensor:
+    with warnings.catch_warnings(action="ignore"):  # a sparse CSR matrix, without PyTorch's one-time "beta" notice
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
 def weight_grad(W: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
     """dL/dW[r] = sum over (b, s) with rows[b, s] = r of weights[b, s] x[b]: an (E, B) sparse matrix (CSR, entries
     sorted by row, repeats add) times x, O(B S d). Added into W.grad in place when it exists (train_step keeps it; a
     fresh (F, d) tensor every step page-faults its way into memory), else returned."""
     order, counts = rows.flatten().argsort(stable=True), torch.bincount(rows.flatten(), minlength=len(W))
-    code_t = torch.sparse_csr_tensor(torch.cat([counts.new_zeros(1), counts.cumsum(0)]), order // rows.shape[1],
-                                     weights.flatten()[order].to(W.dtype), (len(W), len(rows)), check_invariants=False)
+    code_t = csr(torch.cat([counts.new_zeros(1), counts.cumsum(0)]), order // rows.shape[1],
+                 weights.flatten()[order].to(W.dtype), (len(W), len(rows)))   # (E, B)
     grad = torch.zeros_like(W) if W.grad is None else W.grad  # (out= keeps MKL from a second (E, d) buffer)
     with torch.autocast(W.device.type, enabled=False):  # in W's dtype: the sparse kernels lack bfloat16
         torch.addmm(grad, code_t, x.to(W.dtype), out=grad)
@@ -291,8 +293,7 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, g):  # g (B, d)
         values, rows, W = ctx.saved_tensors
         crow = torch.arange(0, rows.numel() + 1, rows.shape[1], device=rows.device)   # S entries in each row b
-        at = torch.sparse_csr_tensor(crow, rows.flatten(), g.new_zeros(rows.numel()), (len(rows), len(W)),
-                                     check_invariants=False)                                       # (B, F) pattern
+        at = csr(crow, rows.flatten(), g.new_zeros(rows.numel()), (len(rows), len(W)))  # (B, F) pattern
         grad_values = torch.sparse.sampled_addmm(at, g, W.T, beta=0).values().view(values.shape)  # g W^T there
         return grad_values, None, weight_grad(W, rows, values, g)
 
@@ -302,8 +303,7 @@ def total_variance(t: torch.Tensor) -> torch.Tensor:  # sum over the batch of ||
     return (t - t.mean(0)).pow(2).sum()
 
 def normalized_mse(target: torch.Tensor, recon: torch.Tensor, variance: Optional[torch.Tensor] = None):
-    """||target - recon||^2 / total_variance(target): a batch estimate of FVU, for both loss terms (Gao et
-    al. 2024). A caller holding a slice of the batch passes the whole batch's variance (as sparsify does)."""
+    """||target - recon||^2 / total_variance(target), a batch FVU (Gao et al.); a slice passes its whole batch's."""
     variance = total_variance(target) if variance is None else variance
     return (target - recon).pow(2).sum() / variance.clamp_min(1e-12)
 
@@ -424,9 +424,6 @@ def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainCon
 # PART 2: THE TOOLING
 
 # ============================================================================= 5. Devices
-
-# weight_grad and SparseDecode build CSR matrices, which PyTorch flags as beta once per process; what they do is tested
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 def wide_dtype(device) -> torch.dtype:
     """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""
