@@ -485,7 +485,7 @@ def test_flops_per_token_give_the_papers_encoder_saving(m, n, rows_per_latent):
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_forward_matmul_flops_match_eq7(arch):
-    """FlopCounterMode sees the encoder matmul of eq. 7 and nothing else: mAND is element-wise, and the
+    """The matmul counter sees the encoder matmul of eq. 7 and nothing else: mAND is element-wise, and the
     decoder is a gather (embedding_bag), so a hidden dense F x d encoder or decoder would show up here."""
     B, d = 32, 64
     sae = K.TopKSAE(d_in=d, dict_size=1024, k=8) if arch == "topk" else K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
@@ -2017,8 +2017,8 @@ def test_bench_runs_and_reports_targets(tmp_path):
 
 
 def test_bench_in_bf16_runs_every_row_under_autocast(monkeypatch):
-    """--precision bf16: each fwd+bwd (ours, and sparsify's when installed) runs under bfloat16 autocast, so peers
-    are timed at one precision; the GEMM roof is a bfloat16 GEMM; a bad precision is one line before any work."""
+    """--precision bf16: each fwd+bwd of ours runs under bfloat16 autocast (sparsify's too, through the same
+    time_step), so peers are timed at one precision; a bad precision is one line before any work."""
     seen, encode = [], K.SparseAutoencoder.encode_with_aux
     monkeypatch.setattr(K.SparseAutoencoder, "encode_with_aux", lambda *a, **kw: seen.append(
         torch.is_autocast_enabled("cpu")) or encode(*a, **kw))                 # every fwd+bwd of our rows
