@@ -3313,8 +3313,7 @@ def time_step(x: torch.Tensor, bcfg: BenchConfig, model: nn.Module, fwd_bwd, fwd
     of the encoder's shape. once: one run without warm-up (the naive model takes seconds per step). --precision
     bf16: the fwd+bwd under bfloat16 autocast, and the GEMM in bfloat16."""
     device, bf16 = x.device, bcfg.precision == "bf16"
-    if bf16:
-        fwd_bwd, fwd_bwd_aux = under_bf16_autocast(fwd_bwd, device), under_bf16_autocast(fwd_bwd_aux, device)
+    fwd_bwd, fwd_bwd_aux = at_precision(fwd_bwd, bcfg, device), at_precision(fwd_bwd_aux, bcfg, device)
     fwd_bwd_ms = median_ms(fwd_bwd, device, 1 if once else bcfg.repeats, warmup=not once)
     aux_ms = median_ms(fwd_bwd_aux, device, bcfg.repeats) if bcfg.dead and not once else None
     opt_ms = median_ms(opt_step, device, 1 if once else bcfg.repeats)
@@ -3335,20 +3334,23 @@ def step_split(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> di
     and its once-per-step part, 2 T(B/2) - T(B) (zeroing and adding into the kept (F, d) gradients). The optimiser
     step's (F, d) work (opt_ms) is set against a plain copy that moves as many bytes (copy_ms): one copy of F x d
     floats (2 F d moved, far beyond any cache), scaled to the step's OPT_STEP_READS_AND_WRITES."""
-    def fwd_bwd(batch):
-        sae.zero_grad(set_to_none=False)
-        normalized_mse(batch, sae(batch)).backward()
-    run = (lambda fn: under_bf16_autocast(fn, x.device)) if bcfg.precision == "bf16" else (lambda fn: fn)
-    full, half = (median_ms(run(partial(fwd_bwd, batch)), x.device, bcfg.repeats) for batch in (x, x[:len(x) // 2]))
+    full, half = (median_ms(at_precision(partial(fwd_bwd, sae, batch), bcfg, x.device), x.device, bcfg.repeats)
+                  for batch in (x, x[:len(x) // 2]))
     source, target = torch.ones_like(sae.W_dec), torch.empty_like(sae.W_dec)
     copy_ms = median_ms(lambda: target.copy_(source), x.device, bcfg.repeats) * OPT_STEP_READS_AND_WRITES / 2
     return {"per_token_ms": 2 * (full - half), "per_step_ms": 2 * half - full, "copy_ms": copy_ms}
 
-def under_bf16_autocast(fn, device):
+def at_precision(fn, bcfg: BenchConfig, device):
+    """fn, run under bfloat16 autocast with --precision bf16."""
     def run():
-        with torch.autocast(device.type, torch.bfloat16):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bcfg.precision == "bf16"):
             return fn()
     return run
+
+def fwd_bwd(sae: SparseAutoencoder, x: torch.Tensor):
+    """The reconstruction loss's forward and backward, the gradients kept allocated as train_step keeps them."""
+    sae.zero_grad(set_to_none=False)
+    normalized_mse(x, sae(x)).backward()
 
 def dead_mask(F: int, share: float, device) -> torch.Tensor:
     dead = torch.zeros(F, dtype=torch.bool, device=device)
@@ -3361,10 +3363,6 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
     against it are 5x."""
     optimizer = make_optimizer(sae, lr=1e-4)
     dead = dead_mask(sae.F, bcfg.dead, x.device)
-
-    def fwd_bwd():
-        sae.zero_grad(set_to_none=False)  # as train_step: gradients stay allocated
-        normalized_mse(x, sae(x)).backward()
 
     def fwd_bwd_aux():  # the whole training loss once latents have died: reconstruction and AuxK (1/32)
         sae.zero_grad(set_to_none=False)  # as train_step: gradients stay allocated
@@ -3381,7 +3379,7 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
     name = "topk" if isinstance(sae, TopKSAE) else f"kron_{sae.m}x{sae.n}"
     row = {"name": "naive_" + name if naive else name, "dict_size": sae.F, "h": getattr(sae, "h", None),
            "flops_per_token": sae.flops_per_token()}
-    row |= time_step(x, bcfg, sae, fwd_bwd, fwd_bwd_aux, opt_step, sae.W_enc.shape[0], once=naive)
+    row |= time_step(x, bcfg, sae, partial(fwd_bwd, sae, x), fwd_bwd_aux, opt_step, sae.W_enc.shape[0], once=naive)
     return row | {"gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6}
 
 @functools.cache
