@@ -1,18 +1,54 @@
-"""KronSAE: sparse autoencoders with a Kronecker-factorised encoder and the mAND activation, beside the TopK
-SAE it improves on. A minimal, single-file reference implementation. Papers (equation numbers are KronSAE's own):
-  - Kurochkin, Aksenov, Laptev, Gavrilov, Balagansky 2025, "Kronecker Factorization Improves Efficiency
-    and Interpretability of Sparse Autoencoders", arXiv 2505.22255 (KronSAE, mAND, eqs. 1-7, appendix A.1).
-  - Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093 (TopK SAE, AuxK loss).
+"""KronSAE: sparse autoencoders with a Kronecker-factorised encoder and the mAND
+activation, beside the TopK SAE it improves on. A minimal, single-file reference
+implementation.
+
+Papers (equation numbers are KronSAE's own):
+  - Kurochkin, Aksenov, Laptev, Gavrilov, Balagansky 2025, "Kronecker Factorization
+    Improves Efficiency and Interpretability of Sparse Autoencoders", arXiv 2505.22255
+    (KronSAE, mAND, eqs. 1-7, appendix A.1).
+  - Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093
+    (the TopK SAE and the AuxK loss).
+
 Shape letters used in the comments:
-  B tokens in a batch    d input width (d_in)    F dictionary size    k active latents per token
-  h heads                m, n pre-latents per head, F = h*m*n      E encoder rows (F or h*(m+n))
-Part 1, the method: 1. mAND (eq. 3), 2. The SAEs (eqs. 1-4), 3. Losses, 4. Training; Part 2, the tooling: 5-15.
-Python: train(KronSAE(d_in=512, h=512, m=2, n=8, k=32), batches, TrainConfig()). Shell: python kronsae.py --help.
+  B  tokens in a batch            d  input width (d_in)
+  F  dictionary size (latents)    k  active latents per token
+  h  heads                        m, n  pre-latents per head, F = h*m*n
+  E  encoder rows: F for TopK, h*(m+n) for KronSAE
+  S  rows gathered per token      H  heads kept by KronSAE's selection
+  R  rank pairs that can reach the top k (KronSAE's selection)
+
+Part 1, the method:
+  1. mAND (eq. 3)   2. The SAEs (eqs. 1-4)   3. The sparse kernels
+  4. Losses         5. Training
+Part 2, the tooling: sections 6-16.
+
+Python:  train(KronSAE(d_in=512, h=512, m=2, n=8, k=32), batches, TrainConfig())
+Shell:   python kronsae.py --help
 """
+
 from __future__ import annotations
 
-import argparse, copy, ctypes, dataclasses, errno, functools, hashlib, html, io, itertools, json  # noqa: E401
-import math, os, pickle, random, re, signal, sys, time, warnings  # noqa: E401
+import argparse
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import errno
+import functools
+import hashlib
+import html
+import io
+import itertools
+import json
+import math
+import os
+import pickle
+import random
+import re
+import signal
+import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,116 +60,248 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-# #############################################################################################################
-# PART 1: THE METHOD. It reads like the paper, in its order, and knows nothing of files, models or the CLI.
-# #############################################################################################################
+# #####################################################################################
+# PART 1: THE METHOD. It reads like the paper, in its order, and knows nothing of
+# files, models or processes.
+# #####################################################################################
 
-# ============================================================================= 1. mAND (eq. 3)
+# ================================================================ 1. mAND (eq. 3)
+
 
 def sqrt_prod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sqrt(a*b) where a*b > 0, else exactly 0, with finite gradients: the "double where" shows the square root only
-    positive numbers. (The paper's listing takes sqrt(a*b + 1e-5): inactive pairs are 0.003, the AND breaks.)"""
+    """sqrt(a * b) where a * b > 0, and exactly 0 elsewhere, with finite gradients.
+
+    The square root's gradient is infinite at 0, so the inner `where` shows it only
+    positive numbers. (The paper's listing takes sqrt(a * b + 1e-5) instead, which
+    leaves inactive pairs at 0.003: the AND is no longer an AND.)
+    """
     t = a * b
     active = t > 0
-    return torch.where(active, torch.sqrt(torch.where(active, t, torch.ones_like(t))), torch.zeros_like(t))
+    safe = torch.where(active, t, torch.ones_like(t))
+    return torch.where(active, torch.sqrt(safe), torch.zeros_like(t))
+
 
 def mand(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """mAND (eq. 3): z[..., i, j] = sqrt(u_i v_j) if u_i > 0 and v_j > 0, else 0. u (..., m), v (..., n) ->
-    (..., m, n): the square root of the Kronecker product ReLU(u) (x) ReLU(v) (eq. 4), row-major i*n + j."""
+    """mAND (eq. 3): z[..., i, j] = sqrt(u_i v_j) if u_i > 0 and v_j > 0, else 0.
+
+    u (..., m) and v (..., n) give z (..., m, n): the square root of the Kronecker
+    product ReLU(u) (x) ReLU(v) of eq. 4, flattened row-major as i*n + j.
+    """
     return sqrt_prod(u.relu()[..., :, None], v.relu()[..., None, :])
 
-# The kernel ablation (section 5): mAND or two other ways of composing u_i and v_j (broadcastable).
+
+class Kernel(NamedTuple):
+    """A way of composing a head's u_i and v_j into one latent (the ablation, sec. 11).
+
+    Calling it composes broadcastable u and v. `degree` says how it scales: u and v
+    multiplied by t multiply the latent by t**degree. `signed` is True when two
+    negative inputs can make a positive latent, which KronSAE's selection must know.
+    """
+
+    compose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    degree: int
+    signed: bool
+
+    def __call__(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.compose(u, v)
+
+
+def relu_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ReLU(u) ReLU(v): mAND without the square root."""
+    return u.relu() * v.relu()
+
+
+def signed_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ReLU(u v): the plain product, so two negative inputs make a positive latent."""
+    return (u * v).relu()
+
+
+def mand_pair(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """mAND of broadcastable u and v: sqrt(ReLU(u) ReLU(v))."""
+    return sqrt_prod(u.relu(), v.relu())
+
+
 KERNELS = {
-    "mand": lambda u, v: sqrt_prod(u.relu(), v.relu()),   # eq. 3, the default
-    "relu_product": lambda u, v: u.relu() * v.relu(),     # ReLU(u) ReLU(v): mAND without the square root
-    "product": lambda u, v: (u * v).relu(),               # u v (ReLU'd only if it reaches the top k)
+    "mand": Kernel(mand_pair, degree=1, signed=False),  # eq. 3, the default
+    "relu_product": Kernel(relu_product, degree=2, signed=False),
+    "product": Kernel(signed_product, degree=2, signed=True),
 }
 
-# ============================================================================= 2. The SAEs (eqs. 1-4)
+# ================================================================ 2. The SAEs (eqs. 1-4)
+
 
 def check_positive(**sizes):
-    for name, value in ((name, value) for name, value in sizes.items() if not isinstance(value, int) or value <= 0):
-        raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    """Refuse any size that is not a positive integer, naming it."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
 
-class Encoding(NamedTuple):  # what an encoder pass returns; the aux fields are None unless dead latents were given
-    values: torch.Tensor                        # (B, k) latent activations, >= 0
-    indices: torch.Tensor                       # (B, k) their indices into the dictionary
-    aux_values: Optional[torch.Tensor] = None   # (B, k_aux) the top dead latents, for AuxK
+
+class Encoding(NamedTuple):
+    """What an encoder pass returns. The aux fields are None unless dead latents
+    were given (AuxK)."""
+
+    values: torch.Tensor  # (B, k) the latents' activations, >= 0
+    indices: torch.Tensor  # (B, k) their indices into the dictionary
+    aux_values: Optional[torch.Tensor] = None  # (B, k_aux) the top dead latents
     aux_indices: Optional[torch.Tensor] = None  # (B, k_aux)
+    dead_ids: Optional[torch.Tensor] = None  # (L,) every dead latent, ascending
+
 
 class SparseAutoencoder(nn.Module):
-    """What both SAEs share: x_hat = sum over the k active latents of f_l W_dec[l], plus b_dec (eq. 1). Parameters:
-    W_enc (E, d), b_enc (E,), W_dec (F, d) with unit rows, b_dec (d,). The encoder centres its input, W_enc (x - b_dec)
-    + b_enc (Gao et al.). Subclasses say how encoder rows become latents: select, scores_of, rows_of, activation."""
+    """What both SAEs share (eq. 1):
+
+        x_hat = sum over the k active latents l of f_l W_dec[l], plus b_dec.
+
+    Parameters: W_enc (E, d), b_enc (E,), W_dec (F, d) with unit rows, b_dec (d,).
+    The encoder centres its input first, W_enc (x - b_dec) + b_enc (Gao et al.).
+
+    A subclass says how its E encoder rows become F latents, through four hooks:
+    `select`, `scores_of`, `rows_of` and `activation`.
+    """
+
+    latents_per_head = 1  # KronSAE groups m*n latents in a head; TopK has none
 
     def __init__(self, d_in: int, dict_size: int, k: int, enc_rows: int):
         super().__init__()
         check_positive(d_in=d_in, dict_size=dict_size, k=k)
         if k > dict_size:
             raise ValueError(f"k must be <= F, got k={k}, F={dict_size}")
-        self.d_in, self.F, self.k = d_in, dict_size, k
-        self.group = 1  # Matryoshka prefixes must be multiples of this (KronSAE: whole heads)
+        self.d_in = d_in
+        self.F = dict_size
+        self.k = k
         self.W_enc = nn.Parameter(torch.empty(enc_rows, d_in))
         self.b_enc = nn.Parameter(torch.zeros(enc_rows))
         self.W_dec = nn.Parameter(torch.empty(dict_size, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, d) -> (B, k), (B, k): the top k
-        return self.encode_with_aux(x)[:2]
+    # The four hooks a subclass gives.
 
-    def encode_with_aux(self, x: torch.Tensor, dead: Optional[torch.Tensor] = None) -> Encoding:
-        """encode, plus the top k_aux dead latents when a (F,) bool mask `dead` is given (AuxK)."""
-        self.check_input(x)
-        with torch.no_grad():  # scores for selection only; gradients flow through GatherLinear
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)             # (B, E), eq. 2
-        indices = self.select(pre, self.k)                                         # (B, k)
-        k_aux = 0 if dead is None else min(self.d_in // 2, int(dead.sum()))      # Gao et al.: k_aux about d/2
-        if k_aux:  # the top dead latents join the same gather: one sparse encoder backward for both
-            dead_ids = dead.nonzero().squeeze(1)                                    # (L,)
-            aux = dead_ids[self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices]  # (B, k_aux)
-        chosen = torch.cat([indices, aux], dim=1) if k_aux else indices           # (B, k + k_aux)
-        values = self.activation(GatherLinear.apply(x, self.b_dec, self.W_enc, self.b_enc, self.rows_of(chosen), pre))
-        return Encoding(values[:, :self.k], indices, values[:, self.k:], aux) if k_aux else Encoding(values, indices)
+    def select(self, pre: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, E) encoder scores -> (B, k) indices of the k largest latents."""
+        raise NotImplementedError
+
+    def scores_of(self, pre: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """(B, E) encoder scores and (L,) latent ids -> (B, L) those latents' values."""
+        raise NotImplementedError
+
+    def rows_of(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, L) latent ids -> (B, S) the encoder rows each latent is computed from."""
+        raise NotImplementedError
+
+    def activation(self, pre_rows: torch.Tensor) -> torch.Tensor:
+        """(B, S) the gathered encoder rows -> (B, L) the latents' values."""
+        raise NotImplementedError
+
+    # The encoder and decoder, written once for both SAEs.
 
     def check_input(self, x: torch.Tensor):
         if x.shape[-1] != self.d_in:
-            raise ValueError(f"input's last dimension must be d_in={self.d_in}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"input's last dimension must be d_in={self.d_in}, "
+                f"got shape {tuple(x.shape)}"
+            )
 
-    def sparse_decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """sum_l values[b, l] W_dec[indices[b, l]] through the rows used only: O(k d) per token, not O(F d). When
-        many rows per token come from few distinct rows (AuxK's dead latents), one GEMM on those rows is faster."""
-        used = torch.zeros(self.F, dtype=torch.bool, device=indices.device).index_fill_(0, indices.flatten(), True)
-        if not dense_backward_pays(indices.shape[1], L := int(used.sum()), indices.device):  # L distinct rows
-            return SparseDecode.apply(values, indices, self.W_dec)                # (B, d)
-        code = values.new_zeros(len(values), L).scatter(1, (used.cumsum(0) - 1)[indices], values)
-        return code @ self.W_dec[used]                                            # (B, L) (L, d) -> (B, d)
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, d) -> values (B, k), indices (B, k): the top k latents."""
+        encoding = self.encode_with_aux(x)
+        return encoding.values, encoding.indices
+
+    def encode_with_aux(
+        self,
+        x: torch.Tensor,
+        dead: Optional[torch.Tensor] = None,
+        dead_count: Optional[int] = None,
+    ) -> Encoding:
+        """encode, plus the top k_aux dead latents when a (F,) bool mask `dead` is
+        given (AuxK). Pass `dead_count`, the mask's number of True, when you know it:
+        otherwise it is read from the device, and the step waits for it."""
+        self.check_input(x)
+
+        # Scores for the selection only: no gradient flows through `pre`.
+        # The gradients flow through gather_linear, below, for the chosen rows.
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)  # (B, E), eq. 2
+        indices = self.select(pre, self.k)  # (B, k)
+
+        if dead is not None and dead_count is None:
+            dead_count = int(dead.sum())
+        k_aux = 0 if dead is None else min(self.d_in // 2, dead_count)  # Gao et al.
+        if k_aux == 0:
+            rows = self.rows_of(indices)
+            values = self.activation(self.gather_linear(x, rows, pre))  # (B, k)
+            return Encoding(values, indices)
+
+        # AuxK: the top k_aux dead latents join the same gather, so a single sparse
+        # encoder backward serves both losses.
+        dead_ids = torch.nonzero_static(dead, size=dead_count).squeeze(1)  # (L,)
+        best_dead = self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices
+        aux_indices = dead_ids[best_dead]  # (B, k_aux)
+        chosen = torch.cat([indices, aux_indices], dim=1)  # (B, k + k_aux)
+        values = self.activation(self.gather_linear(x, self.rows_of(chosen), pre))
+
+        k = self.k
+        return Encoding(
+            values[:, :k], indices, values[:, k:], aux_indices, dead_ids
+        )
+
+    def gather_linear(self, x, rows, pre) -> torch.Tensor:
+        """(B, S) of (x - b_dec) W_enc[rows]^T + b_enc[rows], read from `pre`, with
+        the gradients of x, W_enc, b_enc and b_dec (section 3)."""
+        return GatherLinear.apply(x, self.b_dec, self.W_enc, self.b_enc, rows, pre)
+
+    def sparse_decode(
+        self,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        among: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """sum over l of values[b, l] W_dec[indices[b, l]]: (B, k) -> (B, d).
+
+        It reads only the rows used: O(k d) per token, not O(F d). `among`, when
+        given, is a short ascending list that every index comes from (AuxK's dead
+        latents); the kernel may then use one dense product on those rows."""
+        return decode_rows(values, indices, self.W_dec, among)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return self.sparse_decode(values, indices) + self.b_dec                   # (B, d)
+        return self.sparse_decode(values, indices) + self.b_dec  # (B, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(*self.encode(x))
+        values, indices = self.encode(x)
+        return self.decode(values, indices)
+
+    # The unit-norm decoder constraint.
 
     @torch.no_grad()
     def normalize_decoder_(self):
         """Unit-norm decoder rows. Runs after every optimiser step."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        norms = self.W_dec.norm(dim=-1, keepdim=True)  # (F, 1)
+        self.W_dec /= norms.clamp_min(1e-12)
 
     @torch.no_grad()
     def remove_parallel_grad_(self):
-        """Drop the part of each decoder row's gradient along the row itself: it only changes the norm, which
-        normalize_decoder_ undoes. Runs after backward(), before clipping and step()."""
-        g, W = self.W_dec.grad, self.W_dec
-        if g is not None:  # g_f -= <g_f, W_f> W_f, row-wise without (F, d) temporaries
-            g.addcmul_(torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1), W, value=-1.0)
+        """Drop the part of each decoder row's gradient that lies along the row: it
+        only changes the row's norm, which normalize_decoder_ undoes. Runs after
+        backward(), before clipping and step()."""
+        g = self.W_dec.grad
+        W = self.W_dec
+        if g is None:
+            return
+
+        # g_f -= <g_f, W_f> W_f for every row f, without an (F, d) temporary.
+        along = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)  # (F, 1)
+        g.addcmul_(along, W, value=-1.0)
+
 
 class TopKSAE(SparseAutoencoder):
-    """f = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T f + b_dec (eq. 1; Gao et al. 2024); W_enc = W_dec."""
+    """f = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T f + b_dec
+    (eq. 1; Gao et al. 2024). The encoder starts as the decoder's copy."""
 
     def __init__(self, d_in: int, dict_size: int, k: int):
         super().__init__(d_in, dict_size, k, enc_rows=dict_size)
-        self.W_dec.data = nnf.normalize(torch.randn(dict_size, d_in), dim=-1)
-        self.W_enc.data = self.W_dec.data.clone()
+        W = nnf.normalize(torch.randn(dict_size, d_in), dim=-1)
+        self.W_dec.data = W
+        self.W_enc.data = W.clone()
 
     def select(self, pre, k):  # (B, F) -> (B, k)
         return pre.topk(k, dim=-1).indices
@@ -147,186 +315,476 @@ class TopKSAE(SparseAutoencoder):
     def activation(self, pre_rows):  # (B, k) -> (B, k): eq. 1's ReLU
         return pre_rows.relu()
 
-    def flops_per_token(self) -> int:  # eq. 7, multiply-accumulates: dense encoder d*F, sparse decoder k*d
+    def flops_per_token(self) -> int:
+        """eq. 7, in multiply-accumulates: the dense encoder d*F, the decoder k*d."""
         return self.d_in * self.F + self.k * self.d_in
 
-class NaiveKronSAE(SparseAutoencoder):
-    """KronSAE as the paper's listing computes it, with mAND exact: all F scores, TopK, a dense (B, F) code
-    and a dense decoder. O(F d) per token. Read this one first: KronSAE, below, is the same SAE (parameters,
-    init, values and gradients) without any F-sized work per token, and the tests hold it to that.
 
-    u_k = P_k x~ + b, v_k = Q_k x~ + b  (x~ = x - b_dec; head k's rows of W_enc are [P_k; Q_k])     eq. 2
-    z[k, i, j] = mAND(u_k, v_k)[i, j] = sqrt(ReLU(u_k,i) ReLU(v_k,j)), latent k*m*n + i*n + j       eqs. 3-4
-    f = TopK over all F = h*m*n scores; x_hat = W_dec^T f + b_dec; `kernel`: section 5's ablation    eq. 1"""
+class KroneckerSAE(SparseAutoencoder):
+    """The parameters, the init and the shapes that both KronSAEs share.
 
-    def __init__(self, d_in: int, h: int, m: int, n: int, k: int, kernel: str = "mand",
-                 dict_size: Optional[int] = None):
+    Head g has m + n encoder rows, [P_g; Q_g]. With x~ = x - b_dec:
+
+        u_g = P_g x~ + b,   v_g = Q_g x~ + b                          eq. 2
+        z[g, i, j] = mAND(u_g, v_g)[i, j]                             eqs. 3-4
+                   = sqrt(ReLU(u_g,i) ReLU(v_g,j)),  latent g*m*n + i*n + j
+        f = TopK over all F = h*m*n latents,  x_hat = W_dec^T f + b_dec   eq. 1
+
+    `kernel` swaps mAND for another composition (the ablation, section 11).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        h: int,
+        m: int,
+        n: int,
+        k: int,
+        kernel: str = "mand",
+        dict_size: Optional[int] = None,
+    ):
         check_positive(h=h, m=m, n=n)
-        if kernel not in KERNELS or dict_size not in (None, h * m * n):
-            raise ValueError(f"need kernel in {', '.join(KERNELS)} and F = h*m*n, got kernel={kernel!r}, "
-                             f"F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if dict_size not in (None, h * m * n):
+            raise ValueError(
+                f"need F = h*m*n, got F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}"
+            )
         super().__init__(d_in, h * m * n, k, enc_rows=h * (m + n))
-        self.h, self.m, self.n, self.group, self.kernel = h, m, n, m * n, kernel
-        # paper A.1: draw the encoder, decoder row (k, i, j) = P_k,i + Q_k,j, normalised; biases zero
-        self.W_enc.data = nnf.normalize(torch.randn(h * (m + n), d_in), dim=-1)
-        P, Q = self.W_enc.data.view(h, m + n, d_in).split([m, n], dim=1)          # (h, m, d), (h, n, d)
-        self.W_dec.data = nnf.normalize((P[:, :, None] + Q[:, None, :]).reshape(-1, d_in), dim=-1)
+        self.h = h
+        self.m = m
+        self.n = n
+        self.latents_per_head = m * n
+        self.kernel = kernel
 
-    def flops_per_token(self) -> int:  # eq. 7, as KronSAE spends them: encoder, mAND, sparse decoder k*d
-        return self.d_in * self.h * (self.m + self.n) + self.m * self.n * self.h + self.k * self.d_in
+        # Paper A.1: draw the encoder rows; the decoder row of latent (g, i, j) is
+        # P_g,i + Q_g,j, normalised. Both biases start at zero.
+        W_enc = nnf.normalize(torch.randn(h * (m + n), d_in), dim=-1)
+        P, Q = W_enc.view(h, m + n, d_in).split([m, n], dim=1)  # (h, m, d), (h, n, d)
+        W_dec = (P[:, :, None] + Q[:, None, :]).reshape(-1, d_in)  # (F, d)
+        self.W_enc.data = W_enc
+        self.W_dec.data = nnf.normalize(W_dec, dim=-1)
 
-    def split(self, pre):  # (B, h*(m+n)) -> u (B, h, m), v (B, h, n)
-        return pre.view(-1, self.h, self.m + self.n).split([self.m, self.n], dim=-1)
+    def flops_per_token(self) -> int:
+        """eq. 7, as KronSAE spends them: the encoder, mAND, the decoder k*d."""
+        encoder = self.d_in * self.h * (self.m + self.n)
+        composition = self.m * self.n * self.h
+        return encoder + composition + self.k * self.d_in
 
-    def scores(self, x):  # (B, d) -> (B, F): every mAND (or kernel) score, eqs. 2-4
-        u, v = self.split((x - self.b_dec) @ self.W_enc.T + self.b_enc)                # eq. 2, before ReLU
-        return KERNELS[self.kernel](u[..., :, None], v[..., None, :]).flatten(1)
+    def split(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h*(m+n)) -> u (B, h, m), v (B, h, n)."""
+        per_head = pre.view(-1, self.h, self.m + self.n)
+        return per_head.split([self.m, self.n], dim=-1)
+
+
+class NaiveKronSAE(KroneckerSAE):
+    """KronSAE as the paper's listing computes it: all F scores, TopK, a dense (B, F)
+    code and a dense decoder, O(F d) per token. Read this one first.
+
+    KronSAE, below, is the same SAE (parameters, init, values and gradients) with no
+    F-sized work per token, and the tests hold it to that.
+    """
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B, F): every latent's value, eqs. 2-4."""
+        pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc  # (B, E), eq. 2
+        u, v = self.split(pre)  # (B, h, m), (B, h, n)
+        z = KERNELS[self.kernel](u[..., :, None], v[..., None, :])  # (B, h, m, n)
+        return z.flatten(1)  # (B, F), eq. 4's order
 
     def encode(self, x):
         top = self.scores(x).topk(self.k, dim=-1)
         return top.values, top.indices
 
     def forward(self, x):
-        z = self.scores(x)                                                         # (B, F)
+        z = self.scores(x)  # (B, F)
         top = z.topk(self.k, dim=-1)
-        code = torch.zeros_like(z).scatter(-1, top.indices, top.values)            # (B, F) dense code
-        return code @ self.W_dec + self.b_dec                                      # (B, d) dense decoder
+        code = torch.zeros_like(z).scatter(-1, top.indices, top.values)  # (B, F)
+        return code @ self.W_dec + self.b_dec  # (B, d), the dense decoder
 
-class KronSAE(NaiveKronSAE):
-    """NaiveKronSAE's SAE, fast: encoder O(h(m+n)d), not O(Fd) (eq. 7); top k without all F scores; chosen rows only."""
-    encode, forward = SparseAutoencoder.encode, SparseAutoencoder.forward   # the sparse path, not the listing
 
-    def select(self, pre, k):  # (B, h*(m+n)) -> (B, k), exact for any k, without building all F scores
-        m, n, pre = self.m, self.n, pre.float()  # bfloat16 products would tie where the exact ones do not
-        u, v = self.split(pre)                                                    # (B, h, m), (B, h, n)
-        if self.kernel == "product":  # signs matter: a head's best u_i v_j is one of its corner products
-            u_ends, v_ends = torch.stack([u.amax(-1), u.amin(-1)]), torch.stack([v.amax(-1), v.amin(-1)])
-            head_best = (u_ends[:, None] * v_ends[None, :]).flatten(0, 1).amax(0)  # (B, h)
-        else:  # mand, relu_product: monotone in p_i q_j, p = ReLU(u), q = ReLU(v); best is max p * max q
-            head_best = u.amax(-1).relu() * v.amax(-1).relu()                     # max ReLU = ReLU max
-        # the global top k lies in the k heads with the best best score; gather their u and v rows at once
-        heads = head_best.topk(min(k, self.h), dim=-1).indices                    # (B, H)
-        chosen = pre.view(-1, self.h, m + n).gather(1, heads[..., None].expand(-1, -1, m + n))
-        u, v = chosen.split([m, n], dim=-1)                                       # (B, H, m), (B, H, n)
-        # in a head, the pair of p's r-th and q's s-th largest is beaten by (r+1)(s+1)-1 pairs of the same head,
-        # so only the rank pairs with (r+1)(s+1) <= k can reach the top k; worth a sort if it cuts 4x
-        rs = [(r, s) for r in range(min(m, k)) for s in range(min(n, k)) if (r + 1) * (s + 1) <= k]
-        if self.kernel == "product" or 4 * len(rs) > m * n:  # score every pair of the chosen heads
-            u, v = (u, v) if self.kernel == "product" else (u.relu(), v.relu())
-            best = (u[..., :, None] * v[..., None, :]).flatten(1).topk(k, dim=-1).indices  # (B, k)
-            slot, ij = best // (m * n), best % (m * n)
-            i, j = ij // n, ij % n
-        else:  # big heads, scores >= 0: sort p and q, and score only the rank pairs that can reach the top k
-            r, s = torch.tensor(rs, device=pre.device).T                          # (R,), (R,)
-            p, i_sorted = u.relu().topk(min(m, k), dim=-1)                        # (B, H, a)
-            q, j_sorted = v.relu().topk(min(n, k), dim=-1)                        # (B, H, b)
-            shape = (*p.shape[:2], r.numel())
-            cand = p.gather(-1, r.expand(shape)) * q.gather(-1, s.expand(shape))  # (B, H, R)
-            best = cand.flatten(1).topk(k, dim=-1).indices                        # (B, k) into H*R
-            slot, pair = best // r.numel(), best % r.numel()
-            i = i_sorted.flatten(1).gather(1, slot * p.shape[-1] + r[pair])       # (B, k)
-            j = j_sorted.flatten(1).gather(1, slot * q.shape[-1] + s[pair])       # (B, k)
-        return heads.gather(1, slot) * self.group + i * n + j                     # eq. 4 order
+@functools.cache
+def rank_pairs(m: int, n: int, k: int, device: torch.device) -> torch.Tensor:
+    """(2, R): every rank pair (r, s), r < m and s < n, with (r + 1)(s + 1) <= k.
 
-    def rows_of(self, latents):  # (B, L) -> (B, 2L): the u row and the v row behind each latent
-        head, ij = latents // self.group, latents % self.group
-        base = head * (self.m + self.n)
-        return torch.cat([base + ij // self.n, base + self.m + ij % self.n], dim=-1)
+    Cached per device, so the selection builds it once rather than every step."""
+    pairs = [
+        (r, s)
+        for r in range(min(m, k))
+        for s in range(min(n, k))
+        if (r + 1) * (s + 1) <= k
+    ]
+    return torch.tensor(pairs, device=device).T
 
-    def scores_of(self, pre, latents):  # (B, E), (L,) -> (B, L): the latents' values
+
+class KronSAE(KroneckerSAE):
+    """NaiveKronSAE's SAE, fast. The encoder costs O(h (m+n) d), not O(F d) (eq. 7);
+    the top k is found without computing all F latents; the sparse kernels of
+    section 3 touch the chosen rows only."""
+
+    def select(self, pre: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, h*(m+n)) -> (B, k): the indices of the k largest of the F latents.
+
+        It is exact for any k and every kernel, in three steps:
+
+        1. Each head's upper bound, the largest latent it can make. For mAND and
+           relu_product a latent grows with both p_i = ReLU(u_i) and q_j =
+           ReLU(v_j), so a head's best is max(p) * max(q). For the signed product
+           it is one of the four products of u's and v's extremes.
+        2. Keep the H = min(k, h) heads with the best bounds. A head's bound is one
+           of its own latents, so the kept heads hold H latents at least as large as
+           any latent of a dropped head: no dropped head can reach the top k.
+        3. Score the candidates in the kept heads and take the top k. Inside a head,
+           sort p and q: the pair of p's r-th and q's s-th largest is beaten by the
+           (r + 1)(s + 1) - 1 pairs with ranks at most (r, s), all in the same head.
+           So only the R rank pairs with (r + 1)(s + 1) <= k can reach the top k.
+        """
+        # Rank in float32: bfloat16 products tie where the exact ones do not.
+        pre = pre.float()
+
+        # Step 1: (B, h) upper bounds.
+        u, v = self.split(pre)  # (B, h, m), (B, h, n)
+        if KERNELS[self.kernel].signed:
+            u_ends = torch.stack([u.amax(-1), u.amin(-1)])  # (2, B, h)
+            v_ends = torch.stack([v.amax(-1), v.amin(-1)])  # (2, B, h)
+            corners = u_ends[:, None] * v_ends[None, :]  # (2, 2, B, h)
+            head_best = corners.flatten(0, 1).amax(0)  # (B, h)
+        else:
+            head_best = u.amax(-1).relu() * v.amax(-1).relu()  # (B, h)
+
+        # Step 2: gather the u and v rows of the H best heads at once.
+        m = self.m
+        n = self.n
+        heads = head_best.topk(min(k, self.h), dim=-1).indices  # (B, H)
+        per_head = pre.view(-1, self.h, m + n)  # (B, h, m+n)
+        rows = per_head.gather(1, heads[..., None].expand(-1, -1, m + n))
+        u, v = rows.split([m, n], dim=-1)  # (B, H, m), (B, H, n)
+
+        # Step 3: score the candidates. Sorting costs more than it saves unless it
+        # cuts the m*n pairs a head has by at least 4x; the signed product is not
+        # monotone in p and q, so it always scores every pair.
+        pairs = rank_pairs(m, n, k, pre.device)  # (2, R)
+        if KERNELS[self.kernel].signed or 4 * pairs.shape[1] > m * n:
+            slot, i, j = self.best_of_all_pairs(u, v, k)
+        else:
+            slot, i, j = self.best_of_rank_pairs(u, v, k, pairs)
+
+        head = heads.gather(1, slot)  # (B, k)
+        return head * (m * n) + i * n + j  # eq. 4's order
+
+    def best_of_all_pairs(self, u, v, k):
+        """The top k of every (i, j) pair in the kept heads: u (B, H, m), v (B, H, n)
+        -> the kept head's slot, i and j, each (B, k)."""
+        if not KERNELS[self.kernel].signed:
+            u = u.relu()
+            v = v.relu()
+        products = u[..., :, None] * v[..., None, :]  # (B, H, m, n)
+        best = products.flatten(1).topk(k, dim=-1).indices  # (B, k) into H*m*n
+        slot = best // (self.m * self.n)
+        within = best % (self.m * self.n)
+        return slot, within // self.n, within % self.n
+
+    def best_of_rank_pairs(self, u, v, k, pairs):
+        """The top k of the rank pairs that can reach it, for latents >= 0 that grow
+        with p = ReLU(u) and q = ReLU(v). Returns the slot, i and j, each (B, k)."""
+        r, s = pairs  # (R,), (R,)
+        p, i_sorted = u.relu().topk(min(self.m, k), dim=-1)  # (B, H, min(m, k))
+        q, j_sorted = v.relu().topk(min(self.n, k), dim=-1)  # (B, H, min(n, k))
+
+        shape = (*p.shape[:2], r.numel())  # (B, H, R)
+        candidates = p.gather(-1, r.expand(shape)) * q.gather(-1, s.expand(shape))
+        best = candidates.flatten(1).topk(k, dim=-1).indices  # (B, k) into H*R
+        slot = best // r.numel()
+        pair = best % r.numel()
+
+        # Back from ranks to positions: the r-th largest p of this slot is at i.
+        i = i_sorted.flatten(1).gather(1, slot * p.shape[-1] + r[pair])  # (B, k)
+        j = j_sorted.flatten(1).gather(1, slot * q.shape[-1] + s[pair])  # (B, k)
+        return slot, i, j
+
+    def rows_of(self, latents):
+        """(B, L) -> (B, 2L): the u row, then the v row, behind each latent."""
+        head = latents // self.latents_per_head
+        within = latents % self.latents_per_head
+        first_row = head * (self.m + self.n)
+        u_rows = first_row + within // self.n
+        v_rows = first_row + self.m + within % self.n
+        return torch.cat([u_rows, v_rows], dim=-1)
+
+    def scores_of(self, pre, latents):  # (B, E), (L,) -> (B, L)
         u_rows, v_rows = self.rows_of(latents).chunk(2, dim=-1)
         return KERNELS[self.kernel](pre[:, u_rows], pre[:, v_rows])
 
-    def activation(self, pre_rows):  # (B, 2k) -> (B, k): eq. 3 (or the kernel) on the chosen pairs only
-        return KERNELS[self.kernel](*pre_rows.chunk(2, dim=-1))
+    def activation(self, pre_rows):
+        """(B, 2k) -> (B, k): eq. 3 (or the kernel) on the chosen pairs only."""
+        u, v = pre_rows.chunk(2, dim=-1)
+        return KERNELS[self.kernel](u, v)
 
-# The sparse kernels: of the E encoder scores only k (TopK) or 2k (KronSAE) per token reach the loss, so backward needs
-# O(B k d), not O(B E d). Dense GEMMs win for many rows per token (AuxK; README) and where sparse kernels lack (MPS).
-def dense_backward_pays(rows_per_token: int, enc_rows: int, device: torch.device) -> bool:
-    return device.type not in ("cpu", "cuda") or rows_per_token * (32 if device.type == "cuda" else 10) >= enc_rows
 
-def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # without gathering
-    return nnf.embedding_bag(ids, table, per_sample_weights=weights.to(table.dtype), mode="sum")  # sum_s w table[id]
+# ================================================================ 3. The sparse kernels
+# Of the E encoder scores, only k (TopK) or 2k (KronSAE) per token reach the loss, so
+# a backward pass needs O(B k d) work, not O(B E d); and the decoder needs k of the F
+# rows per token. These kernels do that work. A learner may skip this section: the
+# SAEs above call it by name (gather_linear, decode_rows). A copier takes it along.
+#
+# Each kernel has a dense twin, one ordinary GEMM, which is faster when there are
+# many rows per token (AuxK's k_aux ~ d/2 dead latents) or no sparse kernels at all.
+# `prefer_dense` decides between the two; the crossovers, measured on an H100 and a
+# 2-core AVX2 CPU, are about 1/32 and 1/10 of the rows per token (README).
 
-def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple) -> torch.Tensor:
-    with warnings.catch_warnings(action="ignore"):  # a sparse CSR matrix, without PyTorch's one-time "beta" notice
+
+def prefer_dense(rows_per_token: int, rows: int, device: torch.device) -> bool:
+    """True when a dense product over all `rows` beats the sparse kernels."""
+    if device.type not in ("cpu", "cuda") or not sparse_kernels_work(device):
+        return True  # MPS and newer backends: no sparse CSR products
+    crossover = 32 if device.type == "cuda" else 10
+    return rows_per_token * crossover >= rows
+
+
+def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor):
+    """out[b] = sum over s of weights[b, s] table[ids[b, s]]: (B, S) -> (B, d),
+    without gathering a (B, S, d) tensor first."""
+    weights = weights.to(table.dtype)
+    return nnf.embedding_bag(ids, table, per_sample_weights=weights, mode="sum")
+
+
+def csr(crow, col, values, size: tuple) -> torch.Tensor:
+    """A sparse CSR matrix, without PyTorch's one-time "beta" notice."""
+    with warnings.catch_warnings(action="ignore"):
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
-def weight_grad(W: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """dL/dW[r] = sum over (b, s) with rows[b, s] = r of weights[b, s] x[b]: an (E, B) sparse matrix (CSR, entries
-    sorted by row, repeats add) times x, O(B S d). Added into W.grad in place when it exists (train_step keeps it; a
-    fresh (F, d) tensor every step page-faults its way into memory), else returned."""
-    order, counts = rows.flatten().argsort(stable=True), torch.bincount(rows.flatten(), minlength=len(W))
-    code_t = csr(torch.cat([counts.new_zeros(1), counts.cumsum(0)]), order // rows.shape[1],
-                 weights.flatten()[order].to(W.dtype), (len(W), len(rows)))   # (E, B)
-    grad = torch.zeros_like(W) if W.grad is None else W.grad  # (out= keeps MKL from a second (E, d) buffer)
-    with torch.autocast(W.device.type, enabled=False):  # in W's dtype: the sparse kernels lack bfloat16
+
+def weight_grad(W, rows, weights, x) -> Optional[torch.Tensor]:
+    """dL/dW[r] = sum over (b, s) with rows[b, s] = r of weights[b, s] x[b].
+
+    W (E, d), rows (B, S), weights (B, S), x (B, d). It is an (E, B) sparse matrix
+    times x, O(B S d): the matrix in CSR form, its entries sorted by row, where
+    repeated (r, b) entries add. The result is added into W.grad in place when that
+    exists (train_step keeps it, because a fresh (F, d) tensor every step is slow to
+    page in), and returned otherwise.
+    """
+    E = len(W)
+    flat_rows = rows.flatten()
+    order = flat_rows.argsort(stable=True)
+    sorted_rows = flat_rows[order]
+
+    # Row pointers: where each row's entries start in the sorted list.
+    row_ids = torch.arange(E + 1, device=rows.device)
+    crow = torch.searchsorted(sorted_rows, row_ids)  # (E + 1,)
+    tokens = order // rows.shape[1]
+    entries = weights.flatten()[order].to(W.dtype)
+    code_t = csr(crow, tokens, entries, (E, len(rows)))  # (E, B)
+
+    # out= writes into the kept gradient: MKL would otherwise hold an (E, d) copy.
+    # The sparse products have no bfloat16 kernel, so this runs in W's dtype.
+    grad = torch.zeros_like(W) if W.grad is None else W.grad
+    with torch.autocast(W.device.type, enabled=False):
         torch.addmm(grad, code_t, x.to(W.dtype), out=grad)
-    return grad if W.grad is None else None  # a kept W.grad holds it already: autograd receives None, adds nothing
+
+    # A kept W.grad already holds the sum: autograd receives None and adds nothing.
+    return grad if W.grad is None else None
+
 
 class GatherLinear(torch.autograd.Function):
-    """y[b, s] = (x[b] - shift) . W[rows[b, s]] + bias[rows[b, s]], read from pre. Backward: only the rows gathered,
-    O(B S d) (Gao et al. 2024), else GEMMs; shift (b_dec) gets -(dL/dbias) W; x a gradient only if it needs one."""
+    """A gather from a linear map that was computed once, without gradients.
+
+    Forward: y[b, s] = (x[b] - shift) . W[rows[b, s]] + bias[rows[b, s]], which is
+    pre[b, rows[b, s]] for pre = (x - shift) W^T + bias, already computed.
+    Backward: only the gathered rows get gradients, O(B S d) (Gao et al. 2024), or
+    through the dense twin when prefer_dense says so.
+    x (B, d), shift (d,), W (E, d), bias (E,), rows (B, S), pre (B, E) -> (B, S).
+    """
 
     @staticmethod
-    def forward(ctx, x, shift, W, bias, rows, pre):  # x (B, d), shift (d,), W (E, d), bias (E,), rows (B, S)
+    def forward(ctx, x, shift, W, bias, rows, pre):
         ctx.save_for_backward(x - shift, W, rows)
         return pre.gather(1, rows)  # (B, S)
+
     @staticmethod
-    def backward(ctx, g):  # g (B, S)
-        (x_c, W, rows), x_needs_grad = ctx.saved_tensors, ctx.needs_input_grad[0]
-        if dense_backward_pays(rows.shape[1], len(W), x_c.device):
-            G = torch.zeros(len(rows), len(W), dtype=g.dtype, device=g.device).scatter_add_(1, rows, g)  # (B, E)
-            return G @ W if x_needs_grad else None, -((grad_b := G.sum(0)) @ W), G.T @ x_c, grad_b, None, None
-        grad_x = bag_sum(rows, W, g) if x_needs_grad else None  # dL/dx[b] = sum_s g[b, s] W[rows[b, s]]
-        grad_b = torch.zeros(len(W), dtype=g.dtype, device=g.device).index_add_(0, rows.flatten(), g.flatten())
-        return grad_x, -(grad_b @ W), weight_grad(W, rows, g, x_c), grad_b, None, None
+    def backward(ctx, grad_y):
+        x_centred, W, rows = ctx.saved_tensors
+        x_needs_grad = ctx.needs_input_grad[0]
+
+        # Under autocast grad_y is bfloat16; the sums over tokens need W's precision.
+        grad_y = grad_y.to(W.dtype)  # (B, S)
+        if prefer_dense(rows.shape[1], len(W), x_centred.device):
+            grads = gather_linear_backward_dense(x_centred, W, rows, grad_y, x_needs_grad)
+        else:
+            grads = gather_linear_backward_sparse(x_centred, W, rows, grad_y, x_needs_grad)
+        grad_x, grad_W, grad_bias = grads
+
+        # y depends on shift through -(shift . W[row]): dL/dshift = -(dL/dbias) W.
+        with torch.autocast(W.device.type, enabled=False):
+            grad_shift = -(grad_bias @ W)  # (d,)
+        return grad_x, grad_shift, grad_W, grad_bias, None, None
+
+
+def gather_linear_backward_dense(x_centred, W, rows, grad_y, x_needs_grad):
+    """The dense twin: scatter grad_y into a (B, E) matrix G, then two GEMMs."""
+    G = grad_y.new_zeros(len(rows), len(W)).scatter_add_(1, rows, grad_y)  # (B, E)
+    grad_x = G @ W if x_needs_grad else None  # (B, d)
+    grad_W = G.T @ x_centred  # (E, d)
+    grad_bias = G.sum(0)  # (E,)
+    return grad_x, grad_W, grad_bias
+
+
+def gather_linear_backward_sparse(x_centred, W, rows, grad_y, x_needs_grad):
+    """The gathered rows only: O(B S d)."""
+    grad_x = bag_sum(rows, W, grad_y) if x_needs_grad else None  # (B, d)
+    grad_W = weight_grad(W, rows, grad_y, x_centred)  # (E, d), or None if kept
+    grad_bias = grad_y.new_zeros(len(W)).index_add_(0, rows.flatten(), grad_y.flatten())
+    return grad_x, grad_W, grad_bias
+
 
 class SparseDecode(torch.autograd.Function):
-    """out[b] = sum_s values[b, s] W[rows[b, s]], eq. 1's sparse decoder, O(B S d); backward: SDDMM and weight_grad."""
+    """eq. 1's sparse decoder: out[b] = sum over s of values[b, s] W[rows[b, s]].
+
+    values (B, S), rows (B, S), W (F, d) -> (B, d), in O(B S d). Backward: the
+    values' gradient is g W^T sampled at the S used rows of each token (an SDDMM),
+    and W's gradient goes through weight_grad.
+    """
 
     @staticmethod
-    def forward(ctx, values, rows, W):  # values (B, S), rows (B, S), W (F, d)
+    def forward(ctx, values, rows, W):
         ctx.save_for_backward(values, rows, W)
         return bag_sum(rows, W, values)  # (B, d)
+
     @staticmethod
-    def backward(ctx, g):  # g (B, d)
+    def backward(ctx, grad_out):
         values, rows, W = ctx.saved_tensors
-        crow = torch.arange(0, rows.numel() + 1, rows.shape[1], device=rows.device)   # S entries in each row b
-        at = csr(crow, rows.flatten(), g.new_zeros(rows.numel()), (len(rows), len(W)))  # (B, F) pattern
-        grad_values = torch.sparse.sampled_addmm(at, g, W.T, beta=0).values().view(values.shape)  # g W^T there
-        return grad_values, None, weight_grad(W, rows, values, g)
+        grad_values, grad_W = sparse_decode_backward(values, rows, W, grad_out)
+        return grad_values, None, grad_W
 
-# ============================================================================= 3. Losses
 
-def total_variance(t: torch.Tensor) -> torch.Tensor:  # sum over the batch of ||t - mean(t)||^2: FVU's denominator
+def sparse_decode_backward(values, rows, W, grad_out):
+    """SparseDecode's gradients: grad_values (B, S) and grad_W (F, d), or None for
+    grad_W when W.grad is kept (weight_grad added into it)."""
+    # sampled_addmm has no bfloat16 kernel: keep its operands in W's dtype.
+    grad_out = grad_out.to(W.dtype)  # (B, d)
+    B, S = rows.shape
+    crow = torch.arange(0, B * S + 1, S, device=rows.device)  # S entries a row
+    zeros = grad_out.new_zeros(B * S)
+    pattern = csr(crow, rows.flatten(), zeros, (B, len(W)))  # (B, F)
+    with torch.autocast(W.device.type, enabled=False):
+        sampled = torch.sparse.sampled_addmm(pattern, grad_out, W.T, beta=0)
+    grad_values = sampled.values().view(B, S)  # (B, S)
+    grad_W = weight_grad(W, rows, values, grad_out)  # (F, d)
+    return grad_values, grad_W
+
+
+def decode_rows(values, rows, W, among: Optional[torch.Tensor] = None):
+    """sum over s of values[b, s] W[rows[b, s]], by SparseDecode or its dense twin.
+
+    values (B, S), rows (B, S), W (F, d) -> (B, d). `among`, an ascending (L,) list
+    holding every row used, lets the twin multiply by those L rows alone."""
+    B, S = rows.shape
+    pool = len(W) if among is None else len(among)
+    if not prefer_dense(S, min(pool, B * S), rows.device):
+        return SparseDecode.apply(values, rows, W)  # (B, d)
+    if among is None:
+        code = values.new_zeros(B, len(W)).scatter_add(1, rows, values)  # (B, F)
+        return code @ W  # (B, d)
+    position = torch.searchsorted(among, rows)  # (B, S) into among
+    code = values.new_zeros(B, len(among)).scatter_add(1, position, values)  # (B, L)
+    return code @ W[among]  # (B, L) (L, d) -> (B, d)
+
+
+@functools.cache
+def sparse_kernels_work(device: torch.device) -> bool:
+    """Run a tiny problem, with repeated rows, through the sparse kernels and their
+    dense twins on `device`, once. If a kernel raises or disagrees, warn once and
+    let this device use the dense twins."""
+    try:
+        mismatch = sparse_kernels_mismatch(device)
+    except Exception as err:  # any failure at all means: do not trust them here
+        mismatch = f"{type(err).__name__}: {err}"
+    if mismatch:
+        warnings.warn(
+            f"the sparse kernels failed a self-check on {device} ({mismatch}); "
+            f"using the dense twins, which cost O(F d) per token instead of O(k d)",
+            stacklevel=2,
+        )
+    return not mismatch
+
+
+def sparse_kernels_mismatch(device: torch.device) -> str:
+    """'' if the sparse kernels match their dense twins on a tiny problem, else the
+    name of the first that does not."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 3, generator=g).to(device)  # (E, d)
+    x = torch.randn(4, 3, generator=g).to(device)  # (B, d), also the output gradient
+    values = torch.randn(4, 3, generator=g).to(device)  # (B, S)
+    rows = torch.tensor([[0, 2, 2], [4, 4, 4], [1, 0, 3], [2, 2, 0]], device=device)
+
+    with torch.autocast(device.type, enabled=False):
+        sparse = gather_linear_backward_sparse(x, W, rows, values, True)
+        dense = gather_linear_backward_dense(x, W, rows, values, True)
+        names = ("gradient of x", "weight gradient", "bias gradient")
+        for name, a, b in zip(names, sparse, dense):
+            if not torch.allclose(a, b, atol=1e-5):
+                return f"GatherLinear's {name}"
+
+        # The decoder's twin, by hand: a dense code times W, and g W^T at the rows.
+        code = torch.zeros(4, 5, device=device).scatter_add(1, rows, values)  # (B, E)
+        if not torch.allclose(bag_sum(rows, W, values), code @ W, atol=1e-5):
+            return "SparseDecode's output"
+        grad_values, grad_W = sparse_decode_backward(values, rows, W, x)
+        if not torch.allclose(grad_values, (x @ W.T).gather(1, rows), atol=1e-5):
+            return "SparseDecode's values gradient"
+        if not torch.allclose(grad_W, code.T @ x, atol=1e-5):
+            return "SparseDecode's weight gradient"
+    return ""
+
+
+# ================================================================ 4. Losses
+
+
+def total_variance(t: torch.Tensor) -> torch.Tensor:
+    """sum over the batch of ||t - mean(t)||^2: the denominator of the FVU."""
     return (t - t.mean(0)).pow(2).sum()
 
-def normalized_mse(target: torch.Tensor, recon: torch.Tensor, variance: Optional[torch.Tensor] = None):
-    """||target - recon||^2 / total_variance(target), a batch FVU (Gao et al.); a slice passes its whole batch's."""
-    variance = total_variance(target) if variance is None else variance
+
+def normalized_mse(
+    target: torch.Tensor,
+    recon: torch.Tensor,
+    variance: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """||target - recon||^2 / total_variance(target): the batch FVU (Gao et al.).
+
+    A caller that holds a slice of a batch passes the whole batch's variance."""
+    if variance is None:
+        variance = total_variance(target)
     return (target - recon).pow(2).sum() / variance.clamp_min(1e-12)
 
-def reconstruction_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, variance=None) -> tuple:
+
+def reconstruction_loss(sae, x: torch.Tensor, enc: Encoding, variance=None) -> tuple:
     """(normalized_mse(x, x_hat), x_hat): eq. 1's reconstruction, scored as FVU."""
-    x_hat = sae.decode(enc.values, enc.indices)                                    # (B, d)
+    x_hat = sae.decode(enc.values, enc.indices)  # (B, d)
     return normalized_mse(x, x_hat, variance), x_hat
 
-def auxk_loss(sae: SparseAutoencoder, residual: torch.Tensor, enc: Encoding,
-              variance: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual x - x_hat (no b_dec)."""
+
+def auxk_loss(sae, residual: torch.Tensor, enc: Encoding, variance=None) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual
+    x - x_hat, without b_dec, so that dead latents get a gradient again."""
     if enc.aux_values is None:
         return residual.new_zeros(())
-    return normalized_mse(residual, sae.sparse_decode(enc.aux_values, enc.aux_indices), variance)
+    aux_hat = sae.sparse_decode(enc.aux_values, enc.aux_indices, among=enc.dead_ids)
+    return normalized_mse(residual, aux_hat, variance)
 
-# ============================================================================= 4. Training
 
-def opt(default, help: str, **meta):  # a config field whose help text is also its --help line
+# ================================================================ 5. Training
+
+
+def opt(default, help: str, **meta):
+    """A config field with a one-line description (Part 2's CLI shows it in --help)."""
     return field(default=default, metadata={"help": help, **meta})
+
 
 @dataclass
 class TrainConfig:
-    """The optimiser, its schedule and AuxK: everything `train` needs besides an SAE and its batches."""
+    """The optimiser, its schedule and AuxK: what `train` needs besides an SAE and
+    its batches."""
+
     steps: int = opt(1000, "optimiser steps per SAE")
     batch: int = opt(1024, "tokens per batch")
     lr: float = opt(8e-4, "peak learning rate (AdamW, paper A.1)")
@@ -334,102 +792,184 @@ class TrainConfig:
     min_lr: float = opt(1e-6, "learning rate at the end of the cosine decay")
     grad_clip: float = opt(1.0, "max global gradient norm; 0 = no clipping")
     aux_coef: float = opt(1 / 32, "AuxK loss weight (Gao et al. 2024); 0 = no AuxK")
-    dead_tokens: int = opt(0, "a latent unused for this many tokens is dead; 0 = auto (10%% of training, at most 10M)")
+    dead_tokens: int = opt(
+        0,
+        "a latent unused for this many tokens is dead; "
+        "0 = auto (10% of training, at most 10M)",
+    )
 
     @property
-    def dead_after(self) -> int:  # tokens; Gao et al. use 10M, which short runs never reach
+    def dead_after(self) -> int:
+        """Tokens without firing that make a latent dead. Gao et al. use 10M, which
+        short runs never reach."""
         return self.dead_tokens or min(10_000_000, max(1, self.steps * self.batch // 10))
 
     def __post_init__(self):
         check_positive(steps=self.steps, batch=self.batch)
         if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; "
-                             f"got lr={self.lr}, warmup={self.warmup}, min_lr={self.min_lr}")
-        for name in (name for name in ("grad_clip", "aux_coef", "dead_tokens") if not getattr(self, name) >= 0):
-            raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
+            raise ValueError(
+                f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr <= lr; got lr={self.lr}, "
+                f"warmup={self.warmup}, min_lr={self.min_lr}"
+            )
+        for name in ("grad_clip", "aux_coef", "dead_tokens"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={value}")
+
 
 def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
-    """paper A.1: linear warmup over the first `warmup` share of steps, then cosine decay to `floor` x lr."""
+    """Paper A.1: linear warmup over the first `warmup` share of the steps, then a
+    cosine decay to `floor` times the peak."""
     warm = max(1, int(warmup * total))
     if step < warm:
         return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
 
 def make_schedule(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr))
+    factor = partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-class StepStats(NamedTuple):
-    loss: float    # total loss that was optimised
-    fvu: float     # reconstruction term, normalised MSE on this batch
-    aux: float     # AuxK term before its weight
-    active: float  # active latents, summed over the batch's tokens (L0 = active / tokens)
-    tokens: float
 
 def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.AdamW:
-    """AdamW (A.1) without weight decay, which fights the unit-norm decoder; fused: no parameter-sized temporaries."""
+    """AdamW (A.1) without weight decay, which would fight the unit-norm decoder.
+    Fused where it can be: no parameter-sized temporaries."""
     fused = next(sae.parameters()).device.type in ("cpu", "cuda") or None
     return torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0, fused=fused)
 
-def train_step(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor, cfg: TrainConfig,
-               variance: Callable = total_variance, loss_fn: Callable = reconstruction_loss
-               ) -> tuple[StepStats, Encoding]:
-    """One optimiser step on batch x (B, d); `dead` (F,) marks AuxK's latents. `variance`: the batch's total
-    variance (data parallel: of every process's slice); `loss_fn`: the reconstruction term (or matryoshka_loss)."""
-    enc = sae.encode_with_aux(x, dead if cfg.aux_coef else None)
+
+class StepStats(NamedTuple):
+    """One step's numbers. train_step returns them as 0-d tensors on the device,
+    so that the step never waits for it; `read` brings them to the host."""
+
+    loss: float  # the total loss that was optimised
+    fvu: float  # the reconstruction term, normalised MSE on this batch
+    aux: float  # the AuxK term, before its weight
+    active: float  # active latents, summed over the batch's tokens (L0 = active / tokens)
+    tokens: float
+
+    def read(self, *extra: torch.Tensor) -> tuple[StepStats, list[float]]:
+        """These stats as floats, and `extra` 0-d tensors too, in one device read.
+        A loss that is not finite raises FloatingPointError."""
+        numbers = torch.stack([*self, *extra]).tolist()
+        stats = StepStats(*numbers[: len(self)])
+        if not math.isfinite(stats.loss):
+            raise FloatingPointError(
+                f"loss is {stats.loss} (fvu={stats.fvu}, aux={stats.aux})"
+            )
+        return stats, numbers[len(self) :]
+
+
+def train_step(
+    sae: SparseAutoencoder,
+    optimizer,
+    x: torch.Tensor,
+    dead: torch.Tensor,
+    cfg: TrainConfig,
+    variance: Callable = total_variance,
+    loss_fn: Callable = reconstruction_loss,
+    dead_count: Optional[int] = None,
+) -> tuple[StepStats, Encoding]:
+    """One optimiser step on a batch x (B, d). Returns the stats, on the device, and
+    the encoding.
+
+    `dead` (F,) marks AuxK's latents, and `dead_count` is its number of True.
+    `variance` gives a batch's total variance (data parallel: of every process's
+    slice), and `loss_fn` the reconstruction term (or matryoshka_loss).
+    """
+    use_aux = cfg.aux_coef > 0
+    enc = sae.encode_with_aux(x, dead if use_aux else None, dead_count)
     recon, x_hat = loss_fn(sae, x, enc, variance(x))
+
     residual = (x - x_hat).detach()
-    aux = auxk_loss(sae, residual, enc, variance(residual) if enc.aux_values is not None else None)
+    aux_variance = variance(residual) if enc.aux_values is not None else None
+    aux = auxk_loss(sae, residual, enc, aux_variance)
     loss = recon + cfg.aux_coef * aux
-    stats = StepStats(*torch.stack([loss.detach(), normalized_mse(x, x_hat.detach(), variance(x)), aux.detach(),
-                                    (enc.values > 0).sum().float(), x.new_tensor(float(len(x)))]).tolist())
-    if not math.isfinite(stats.loss):
-        raise FloatingPointError(f"loss is {stats.loss} (fvu={stats.fvu}, aux={stats.aux})")
-    optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: weight_grad adds into them
+
+    # The gradients stay allocated between steps: weight_grad adds into them.
+    optimizer.zero_grad(set_to_none=False)
     loss.backward()
-    sae.remove_parallel_grad_()  # after backward, before the step
+    sae.remove_parallel_grad_()  # after backward, before clipping and the step
     if cfg.grad_clip:
         nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
-    sae.normalize_decoder_()     # after the step
-    return stats, enc
+    sae.normalize_decoder_()  # after the step
 
-def train(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig,
-          progress: bool = True) -> list[float]:
-    """Train `sae` in place for cfg.steps steps on batches (B, d); returns the losses (Part 2: run_training)."""
+    fvu = normalized_mse(x, x_hat.detach(), variance(x))
+    active = (enc.values > 0).sum().float()
+    tokens = x.new_tensor(float(len(x)))
+    return StepStats(loss.detach(), fvu, aux.detach(), active, tokens), enc
+
+
+def fire_counts(enc: Encoding, F: int) -> torch.Tensor:
+    """(F,) how many of the batch's tokens each latent fired on (value > 0)."""
+    fired = (enc.values > 0).flatten().float()
+    return torch.zeros(F, device=fired.device).index_add_(0, enc.indices.flatten(), fired)
+
+
+def train(
+    sae: SparseAutoencoder,
+    batches: Iterator[torch.Tensor],
+    cfg: TrainConfig,
+    progress: bool = True,
+) -> list[float]:
+    """Train `sae` in place for cfg.steps steps on batches (B, d). Returns the
+    losses. (Part 2's run_training adds checkpoints, restarts and data parallel.)"""
+    device = sae.W_dec.device
     optimizer = make_optimizer(sae, cfg.lr)
-    schedule, since = make_schedule(optimizer, cfg), torch.zeros(sae.F, dtype=torch.long, device=sae.W_dec.device)
-    losses, bar = [], tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
+    schedule = make_schedule(optimizer, cfg)
+
+    # Gao et al.: a latent that has not fired for cfg.dead_after tokens is dead.
+    tokens_since_fired = torch.zeros(sae.F, dtype=torch.long, device=device)
+    dead = tokens_since_fired >= cfg.dead_after  # (F,)
+    dead_count = 0
+
+    losses = []
+    bar = tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
     for step in bar:
-        x = next(batches).to(sae.W_dec.device, non_blocking=True)
-        if step == 0 and not sae.b_dec.any():  # a fresh SAE: Gao et al. start b_dec at the data mean
+        x = next(batches).to(device, non_blocking=True)
+        if step == 0 and not sae.b_dec.any():
+            # A fresh SAE: Gao et al. start b_dec at the data mean.
             sae.check_input(x)
             sae.b_dec.data.copy_(x.mean(0))
-        stats, enc = train_step(sae, optimizer, x, since >= cfg.dead_after, cfg)  # dead: unused for dead_after tokens
+
+        stats, enc = train_step(sae, optimizer, x, dead, cfg, dead_count=dead_count)
         schedule.step()
-        since += len(x)
-        since[enc.indices[enc.values > 0]] = 0
+
+        tokens_since_fired += len(x)
+        tokens_since_fired.masked_fill_(fire_counts(enc, sae.F) > 0, 0)
+        dead = tokens_since_fired >= cfg.dead_after
+
+        # The step's one read from the device: its stats and the next dead count.
+        stats, extra = stats.read(dead.sum())
+        dead_count = int(extra[0])
+
         losses.append(stats.loss)
         if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}",
-                            l0=f"{stats.active / stats.tokens:.1f}")
+            bar.set_postfix(
+                loss=f"{stats.loss:.4f}",
+                ev_train=f"{1 - stats.fvu:.3f}",
+                l0=f"{stats.active / stats.tokens:.1f}",
+            )
     return losses
 
-# #############################################################################################################
-# END OF THE METHOD. Everything below is tooling around it: data, real models, evaluation, checkpoints,
-# progressive coding, the benchmark and the CLI. A learner can stop reading here.
-# #############################################################################################################
+
+# #####################################################################################
+# END OF THE METHOD. Everything below is tooling around it: data, real models,
+# evaluation, checkpoints, progressive coding, the benchmark and the CLI. A learner
+# can stop reading here.
+# #####################################################################################
 
 # PART 2: THE TOOLING
 
-# ============================================================================= 5. Devices
+# ============================================================================= 6. Devices
 
 def wide_dtype(device) -> torch.dtype:
     """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
-# ============================================================================= 6. Data
+# ============================================================================= 7. Data
 
 @dataclass
 class DataConfig:
@@ -930,9 +1470,6 @@ def input_scale(data: torch.Tensor) -> float:
     """The scalar c with mean ||c x|| = sqrt(d)."""
     return math.sqrt(data.shape[1]) / float(data.norm(dim=-1).mean())
 
-# Scaling u and v by t scales each kernel's latent by t^degree (section 1's KERNELS); ReLU (TopK) is degree 1
-KERNEL_DEGREE = {"mand": 1, "relu_product": 2, "product": 2}
-
 @torch.no_grad()
 def fold_input_scale_(sae: SparseAutoencoder, c: float):
     """An SAE trained on c*x becomes one for raw x: sae'(x) = sae(c x) / c, exactly.
@@ -941,12 +1478,13 @@ def fold_input_scale_(sae: SparseAutoencoder, c: float):
     degree 1; the ablation's products, degree 2), so the latents are c^degree f(u). Dividing by c leaves
     c^(degree-1): scaling the encoder rows by a = c^((degree-1)/degree) puts it back (a = 1 for degree 1).
     The unit-norm W_dec stays as it is."""
-    a = c ** (1 - 1 / KERNEL_DEGREE.get(getattr(sae, "kernel", ""), 1))
+    degree = KERNELS[sae.kernel].degree if hasattr(sae, "kernel") else 1  # ReLU (TopK): 1
+    a = c ** (1 - 1 / degree)
     sae.W_enc *= a
     sae.b_enc /= c / a
     sae.b_dec /= c
 
-# ============================================================================= 7. The real-model path
+# ============================================================================= 8. The real-model path
 
 class StopForward(Exception):
     """Raised by the capture hook: nothing after the layer we want needs to run."""
@@ -1320,7 +1858,7 @@ def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> 
           f"tokens above {cfg.max_norm_ratio:g} x the median norm")
     return manifest
 
-# ============================================================================= 8. Evaluation
+# ============================================================================= 9. Evaluation
 
 class Moments:
     """Running per-dimension sums, for Var over a whole data set (float64: on the CPU for MPS, which has none)."""
@@ -1395,7 +1933,7 @@ def mean_std(values: list[float]) -> dict:
     t = torch.tensor(values, dtype=torch.float64)
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
 
-# ============================================================================= 9. Checkpoints and runs
+# ============================================================================= 10. Checkpoints and runs
 
 Sync = Optional[Callable[[torch.Tensor], torch.Tensor]]  # data parallel: a tensor's sum over the processes
 
@@ -1531,7 +2069,7 @@ class RunState:
     steps' wall time."""
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
-    since: torch.Tensor                       # (F,) tokens since each latent last fired (section 4)
+    tokens_since_fired: torch.Tensor          # (F,) tokens since each latent last fired (section 5)
     latents: LatentStats
     step: int = 0
     losses: list = field(default_factory=list)
@@ -1568,7 +2106,7 @@ def save_run_state(directory: str, sae: SparseAutoencoder, state: RunState, batc
     latents = state.latents
     blob = {"format": RUN_STATE_FORMAT, "sae": sae.state_dict(), "step": state.step, "losses": list(state.losses),
             "seconds": state.seconds, "optimizer": state.optimizer.state_dict(),
-            "schedule": state.schedule.state_dict(), "since": state.since, "scale": scale,
+            "schedule": state.schedule.state_dict(), "since": state.tokens_since_fired, "scale": scale,
             "latents": {"tokens": latents.tokens, "sq_sum": latents.sq_sum, "fire_count": latents.fire_count},
             "batches": batches.state_dict() if hasattr(batches, "state_dict") else None, "rng": rng_states()}
     write_atomic(Path(directory, "train_state.pt"), lambda f: f.write(torch_bytes(blob)))
@@ -1596,7 +2134,7 @@ def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, bat
         state.step, state.losses, state.seconds = blob["step"], list(blob["losses"]), blob["seconds"]
         state.optimizer.load_state_dict(blob["optimizer"])
         state.schedule.load_state_dict(blob["schedule"])
-        state.since.copy_(blob["since"])
+        state.tokens_since_fired.copy_(blob["since"])
         state.latents.tokens = blob["latents"]["tokens"]
         state.latents.sq_sum.copy_(blob["latents"]["sq_sum"])
         state.latents.fire_count.copy_(blob["latents"]["fire_count"])
@@ -1651,7 +2189,7 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
       restored; a non-finite loss or a full disk leaves the last good checkpoint as it was;
     - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
     - the steps' wall time and each latent's importance and frequency (RunState);
-    - Matryoshka training (section 11) when `matryoshka` gives prefix sizes, checked here once;
+    - Matryoshka training (section 12) when `matryoshka` gives prefix sizes, checked here once;
     - precision "bf16": train_step under bfloat16 autocast (the encoder GEMM and what follows it), with float32
       weights, gradients and AdamW state, as sparsify trains on CUDA;
     - data parallel (`sync`, a sum over processes): `batches` yields this process's slice of each batch, and
@@ -1661,7 +2199,7 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     device = sae.W_dec.device
     scaled = batches if scale == 1.0 else (x * scale for x in batches)
     variance = total_variance if sync is None else partial(synced_variance, sync=sync)
-    loss_fn = partial(matryoshka_loss, prefixes=matryoshka_prefixes(matryoshka, sae.F, sae.group)) \
+    loss_fn = partial(matryoshka_loss, prefixes=matryoshka_prefixes(matryoshka, sae.F, sae.latents_per_head)) \
         if matryoshka else reconstruction_loss
     hooks = [] if sync is None else [p.register_post_accumulate_grad_hook(partial(sum_grad_, sync=sync))
                                      for p in sae.parameters()]   # each gradient summed as backward makes it
@@ -1670,6 +2208,8 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     if not sae.b_dec.any():  # a fresh SAE: b_dec starts at the whole batch's mean, as in `train`
         sae.b_dec.data.copy_(x.mean(0) if sync is None else sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
     first = state.step
+    dead = state.tokens_since_fired >= cfg.dead_after  # (F,) AuxK's latents; a resumed run may have some
+    dead_count = int(dead.sum())
     bar = tqdm(range(first, cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False,
                initial=first, total=cfg.steps)
     try:
@@ -1679,27 +2219,29 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
                 x = next(scaled).to(device, non_blocking=True)
             if sync is not None:  # fresh gradients: weight_grad would add into kept ones without the hooks firing
                 state.optimizer.zero_grad(set_to_none=True)
-            try:
-                with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-                    stats, enc = train_step(sae, state.optimizer, x, state.since >= cfg.dead_after, cfg, variance,
-                                            loss_fn)
+            with autocast_if(precision == "bf16", device):
+                stats, enc = train_step(sae, state.optimizer, x, dead, cfg, variance, loss_fn, dead_count)
+            fired = fire_counts(enc, sae.F)  # (F,)
+            if sync is not None:  # each process holds its share of the loss terms: their sum is the batch's
+                totals = sync(torch.stack(list(stats)).to(wide_dtype(device)))
+                stats, fired = StepStats(*totals), sync(fired)
+            state.schedule.step()
+            state.tokens_since_fired += stats.tokens.long()  # as train does, from every process's firings
+            state.tokens_since_fired.masked_fill_(fired > 0, 0)
+            dead = state.tokens_since_fired >= cfg.dead_after
+            try:  # the step's one read from the device: its stats and the next dead count
+                stats, extra = stats.read(dead.sum())
             except FloatingPointError as err:
                 kept = out and Path(out, "sae.safetensors").exists()
                 raise FloatingPointError(f"training stopped at step {step}: {err}; " + (
                     f"last good checkpoint kept in {out}" if kept else "no checkpoint was written")) from None
-            fired = torch.zeros(sae.F, device=x.device).index_add_(0, enc.indices.flatten(),
-                                                                  (enc.values.flatten() > 0).float())  # (F,)
-            if sync is not None:  # each process holds its share of the loss terms: their sum is the batch's
-                stats, fired = StepStats(*sync(torch.tensor(stats, dtype=torch.float64)).tolist()), sync(fired)
-            state.schedule.step()
-            state.since += int(stats.tokens)  # as train does, from every process's firings
-            state.since[fired > 0] = 0
+            dead_count = int(extra[0])
             state.latents.update(enc.values.detach(), enc.indices, sync)
             state.losses.append(stats.loss)
             state.step, state.seconds = step + 1, state.seconds + time.perf_counter() - start
             if step % 10 == 0 or step == cfg.steps - 1:
                 bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}",
-                                l0=f"{stats.active / stats.tokens:.1f}", dead=f"{float((state.since >= cfg.dead_after).float().mean()):.1%}")
+                                l0=f"{stats.active / stats.tokens:.1f}", dead=f"{dead_count / sae.F:.1%}")
             checkpoint_or_stop(sae, state, cfg, batches, scale, out, save_every, stop, sync)
     finally:
         for hook in hooks:
@@ -1707,11 +2249,15 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     fold_input_scale_(sae, scale)
     return state
 
+def autocast_if(enabled: bool, device: torch.device):
+    """bfloat16 autocast when enabled, else no context at all (older torch refuses autocast on MPS)."""
+    return torch.autocast(device.type, torch.bfloat16) if enabled else contextlib.nullcontext()
+
 def sum_grad_(p: torch.Tensor, sync):
     p.grad.copy_(sync(p.grad))
 
 def synced_variance(t: torch.Tensor, sync) -> torch.Tensor:
-    """total_variance (section 3) of the whole batch, when each process holds a slice of it."""
+    """total_variance (section 4) of the whole batch, when each process holds a slice of it."""
     mean = sync(t.sum(0)) / sync(t.new_tensor(float(t.shape[0])))
     return sync((t - mean).pow(2).sum())
 
@@ -1732,7 +2278,7 @@ def checkpoint_or_stop(sae, state: RunState, cfg: TrainConfig, batches, scale: f
     if stopping:
         raise Interrupted(state.step, cfg.steps, out)
 
-# ============================================================================= 10. The main job and the kernel ablation
+# ============================================================================= 11. The main job and the kernel ablation
 
 @dataclass
 class SAEConfig:
@@ -2248,7 +2794,7 @@ def save_ablation_figure(result: dict, path: str, s: Settings):
     fig.tight_layout()
     save_figure(fig, path)
 
-# ============================================================================= 11. Progressive coding
+# ============================================================================= 12. Progressive coding
 # Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190,
 # compare Matryoshka SAEs with plain SAEs pruned by latent importance.
 
@@ -2270,7 +2816,7 @@ def matryoshka_prefixes(sizes, F: int, multiple: int = 1) -> list[int]:
 
 def matryoshka_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, variance: Optional[torch.Tensor] = None,
                     prefixes=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, x_hat) as reconstruction_loss (section 3) returns them: the sum over prefixes M (checked by
+    """(loss, x_hat) as reconstruction_loss (section 4) returns them: the sum over prefixes M (checked by
     matryoshka_prefixes) of normalized_mse(x, x_hat of latents < M), and the whole x_hat."""
     # One sparse decode for all prefixes: bag (g, b) sums token b's latents in group g = [M_g-1, M_g);
     # a cumulative sum over groups gives every prefix. One decoder gradient instead of one per prefix.
@@ -2303,13 +2849,13 @@ def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
 
 def rank_latents(sae: SparseAutoencoder, score: torch.Tensor) -> torch.Tensor:
     """Latent order, best first, by `score` (F,), in whole groups (KronSAE: heads) ranked by their summed score."""
-    heads = score.view(-1, sae.group).sum(-1).argsort(descending=True)
-    return (heads[:, None] * sae.group + torch.arange(sae.group)).flatten()
+    heads = score.view(-1, sae.latents_per_head).sum(-1).argsort(descending=True)
+    return (heads[:, None] * sae.latents_per_head + torch.arange(sae.latents_per_head)).flatten()
 
 def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
     """A smaller SAE of the same class that keeps latents `keep` (in that order) and drops the rest.
     It selects its top k among the kept latents only. For KronSAE `keep` must be whole heads."""
-    keep, size = torch.as_tensor(keep, dtype=torch.long).cpu(), sae.group
+    keep, size = torch.as_tensor(keep, dtype=torch.long).cpu(), sae.latents_per_head
     heads = keep.view(-1, size)[:, 0] // size if keep.numel() % size == 0 else None
     if heads is None or not torch.equal(keep, (heads[:, None] * size + torch.arange(size)).flatten()):
         raise ValueError(f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
@@ -2435,7 +2981,7 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
                                 "config": provenance(s, device, time.perf_counter() - start) | {"seeds": seeds}})
     return results
 
-# ============================================================================= 12. Inspecting features
+# ============================================================================= 13. Inspecting features
 # One streaming pass over a store, whole contexts at a time, gathers for every latent (and for KronSAE, every
 # pre-latent: ReLU(u_i), ReLU(v_j) of every head) what people read a feature by (appendix D.1): how often it
 # fires, its mean activation, the token ids it fires on (token entropy, eq. 10), and its top examples, each a
@@ -2587,7 +3133,7 @@ def quartiles(values: torch.Tensor, seed: int = 0, resamples: int = 1000) -> dic
     draws = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))].mean(1)
     return {"mean": float(v.mean()), "q25": q[0], "median": q[1], "q75": q[2], "bootstrap_std": float(draws.std())}
 
-def fig18(post: dict, pre: dict, sae: NaiveKronSAE) -> dict:
+def fig18(post: dict, pre: dict, sae: KroneckerSAE) -> dict:
     """Each post-latent statistic against its parents' (appendix E, fig. 18): the Pearson r over post-latents
     with the base u_i's value, the extension v_j's, their mean, their product and their mAND sqrt(ab)."""
     h, m, n = sae.h, sae.m, sae.n
@@ -2602,7 +3148,7 @@ def fig18(post: dict, pre: dict, sae: NaiveKronSAE) -> dict:
 
 def sampled_heads(sae: SparseAutoencoder, units: int = 512) -> torch.Tensor:
     """The latents of the first few heads, about `units` of them, for the correlations of section 5.2."""
-    return torch.arange(min(sae.F, max(2, units // sae.group) * sae.group))
+    return torch.arange(min(sae.F, max(2, units // sae.latents_per_head) * sae.latents_per_head))
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
@@ -2625,7 +3171,7 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
             raise ValueError(f"--latents: latent {latent} is outside 0..{sae.F - 1}")
     tokenizer = load_tokenizer(store.manifest["tokenizer"])
     vocab = max(len(tokenizer), int(max(store.text(k)[0].max() for k in range(len(store.shards)))) + 1)
-    kron = isinstance(sae, NaiveKronSAE)
+    kron = isinstance(sae, KroneckerSAE)
     torch.manual_seed(seed)
     init = build_sae(sae_config(sae))                      # the same SAE at its init (A.1), b_dec set below
     post = UnitStats(sae.F, examples, vocab)
@@ -2633,7 +3179,7 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
     heads = sampled_heads(sae)
     corr, corr_init = Correlation(len(heads)), Correlation(len(heads))
     fires = both = parents = 0
-    head, ij = torch.arange(sae.F) // sae.group, torch.arange(sae.F) % sae.group   # each latent's head, (i, j)
+    head, ij = torch.arange(sae.F) // sae.latents_per_head, torch.arange(sae.F) % sae.latents_per_head   # each latent's head, (i, j)
     total = min(tokens, store.manifest["tokens"])
     with tqdm(total=total, unit="tok", unit_scale=True, desc=f"inspect {Path(directory).name}",
               disable=not progress) as bar:
@@ -2667,12 +3213,12 @@ def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optio
             entry.update(head=head, side="base" if index < sae.m else "extension",
                          index=index if index < sae.m else index - sae.m)
         report["summary"]["pre"] = {name: quartiles(value, seed) for name, value in pre_stats.items()}
-        within, across = head_correlations(r, sae.group)
-        init_within, init_across = head_correlations(r_init, sae.group)
+        within, across = head_correlations(r, sae.latents_per_head)
+        init_within, init_across = head_correlations(r_init, sae.latents_per_head)
         report["summary"].update(
             within_head_correlation=within, across_head_correlation=across,
             init_within_head_correlation=init_within, init_across_head_correlation=init_across,
-            correlation_heads=len(heads) // sae.group, fig18=fig18(stats, pre_stats, sae),
+            correlation_heads=len(heads) // sae.latents_per_head, fig18=fig18(stats, pre_stats, sae),
             and_check={"parents_when_fires": both / max(1, fires), "fires_when_parents": both / max(1, parents)})
     report["selected"] = latents if latents else sorted(torch.randperm(
         sae.F, generator=torch.Generator().manual_seed(seed))[:min(sample, sae.F)].tolist())
@@ -2920,7 +3466,7 @@ def inspect_job(args) -> dict:
             print(f"wrote the {what} to {path}")
     return inspection.report
 
-# ============================================================================= 13. First-letter absorption
+# ============================================================================= 14. First-letter absorption
 # SAEBench's feature absorption (Karvonen et al. 2025, after Chanin et al. 2024; PAPER_NOTES section 8), the
 # metric of the paper's fig. 4 and table 5. A linear probe reads a word's first letter from the residual
 # stream; the SAE's "main" latents for that letter are found by k-sparse probing; a word is absorbed when the
@@ -3226,7 +3772,7 @@ def absorption_job(args) -> dict:
         save_absorption_figure(result, args.figure)
     return result
 
-# ============================================================================= 14. Benchmark
+# ============================================================================= 15. Benchmark
 
 @dataclass
 class BenchConfig:
@@ -3343,7 +3889,7 @@ def step_split(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> di
 def at_precision(fn, bcfg: BenchConfig, device):
     """fn, run under bfloat16 autocast with --precision bf16."""
     def run():
-        with torch.autocast(device.type, torch.bfloat16, enabled=bcfg.precision == "bf16"):
+        with autocast_if(bcfg.precision == "bf16", device):
             return fn()
     return run
 
@@ -3609,7 +4155,7 @@ def bench(bcfg: BenchConfig) -> list[dict]:
                                "rows": rows})
     return rows
 
-# ============================================================================= 15. CLI
+# ============================================================================= 16. CLI
 
 def tune_cpu_allocator():
     """Keep freed memory mapped (Linux, glibc). By default glibc gives large freed blocks back to the OS,
@@ -3654,7 +4200,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, onl
         if only and f.name not in only or f.name in drop:
             continue
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]  # aliases: torchrun's own parser
-        help = f"{f.metadata['help']} (default: {f.default})"                      # takes --m and --n for its options
+        help = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")                      # takes --m and --n for its options
         if f.name in CLI_TYPES:
             group.add_argument(*flags, dest=f.name, type=CLI_TYPES[f.name], default=f.default, help=help)
         elif isinstance(f.default, bool):

@@ -128,7 +128,7 @@ def test_mand_gradient_finite_at_zero():
 def test_gather_linear_matches_dense_autograd(share, x_needs_grad, monkeypatch):
     """Both backward paths against autograd through ((x - shift) W^T + bias).gather: every gradient, and for a batch
     of data (no x gradient) the shift's through -(dL/dbias) W alone, with x's gradient never formed."""
-    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: share == 0.0)  # both backward paths
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: share == 0.0)  # both backward paths
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=x_needs_grad)
     shift = torch.randn(5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
@@ -153,7 +153,7 @@ def test_gather_linear_matches_dense_autograd(share, x_needs_grad, monkeypatch):
 def test_sparse_decode_matches_the_dense_code_times_the_decoder(dense, monkeypatch):
     """Both decoders (AuxK's many rows per token over few distinct rows take the GEMM on those rows) against
     the dense (B, F) code times W_dec, in values and in the gradients of the values and of W_dec."""
-    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: dense)
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: dense)
     sae = K.TopKSAE(16, 64, k=4).double()
     dead = torch.tensor([3, 9, 10, 40, 41, 63])                                  # the few rows in use
     indices = torch.stack([dead[torch.randperm(6)[:5]] for _ in range(9)])      # (9, 5), distinct per row
@@ -547,8 +547,8 @@ def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkey
     (E,) x (E, d), and remove_parallel_grad_'s F row-wise dot products (a bmm of F x d). Nothing else. (AuxK's
     decode takes a GEMM only on few dead rows: test_auxk_costs_what_its_dead_latents_cost.)"""
     d, F, E, k, k_aux = 64, 1024, 32 * (4 + 8), 8, 32
-    rule = K.dense_backward_pays    # forced for GatherLinear (E rows); the real rule for the decoder's rows
-    monkeypatch.setattr(K, "dense_backward_pays", lambda S, rows, device: share == 0.0 if rows == E else
+    rule = K.prefer_dense    # forced for GatherLinear (E rows); the real rule for the decoder's rows
+    monkeypatch.setattr(K, "prefer_dense", lambda S, rows, device: share == 0.0 if rows == E else
                         rule(S, rows, device))
     cfg = K.TrainConfig(steps=1, batch=32)
     dead = torch.ones(F, dtype=torch.bool)  # AuxK on too: 32 rows per token out of hundreds, so SparseDecode
@@ -584,8 +584,9 @@ def test_auxk_costs_what_its_dead_latents_cost():
     # with AuxK, 2 (8 + 32) rows per token of E: GatherLinear's dense GEMM replaces its sparse weight gradient
     encoder_backward = 2 * 32 * E * d - 2 * 32 * (2 * 8) * d
     for dead_count in (40, 200):
-        flops, L = step_flops(dead_count)      # L <= dead_count: the dead rows some token's top 32 used
-        assert K.dense_backward_pays(k_aux, L, torch.device("cpu")) and L > dead_count / 2
+        flops, used = step_flops(dead_count)   # used <= dead_count: the dead rows some token's top 32 chose
+        L = dead_count                          # the GEMM runs on every dead row, listed in Encoding.dead_ids
+        assert K.prefer_dense(k_aux, L, torch.device("cpu")) and used > dead_count / 2
         assert flops - step_flops(0)[0] == encoder_backward + 3 * 2 * 32 * L * d
 
 
@@ -662,8 +663,8 @@ def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
     """Where embedding_bag and sparse matmuls are missing (MPS), every sparse kernel gives way to its dense twin
     (scatter into (B, E) or (B, L), then GEMMs): the same values and gradients, through the decoder, the encoder
     backward and AuxK, and no sparse matrix is built."""
-    assert K.dense_backward_pays(1, 10**9, torch.device("mps")) and not K.dense_backward_pays(1, 11, torch.device("cpu"))
-    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: False)  # the sparse paths
+    assert K.prefer_dense(1, 10**9, torch.device("mps")) and not K.prefer_dense(1, 11, torch.device("cpu"))
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: False)  # the sparse paths
     torch.manual_seed(0)
     sae = perturb_(K.TopKSAE(32, 128, 8) if arch == "topk" else K.KronSAE(32, 8, 4, 4, 8)).double()
     x = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
@@ -675,7 +676,7 @@ def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
         recon, x_hat = K.matryoshka_loss(sae, x, enc, prefixes=[64])
         return recon + K.auxk_loss(sae, (x - x_hat).detach(), enc)
     fast = grads(sae, x, loss())
-    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: True)   # as on such a device
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: True)   # as on such a device
     monkeypatch.setattr(K, "weight_grad", None)
     monkeypatch.setattr(K, "bag_sum", None)
     slow = grads(sae, x, loss())
@@ -1608,8 +1609,8 @@ def test_invalid_matryoshka_prefixes_raise(sizes, multiple, match):
 
 def test_matryoshka_config_checks_heads_and_appends_F():
     assert K.SAEConfig(matryoshka=K.comma_ints("16,64")).matryoshka == (16, 64)
-    assert K.matryoshka_prefixes([16, 64], 256, K.KronSAE(d_in=4, h=16, m=2, n=8, k=4).group) == [16, 64, 256]
-    assert K.matryoshka_prefixes([10, 20], 256, K.TopKSAE(d_in=4, dict_size=256, k=4).group) == [10, 20, 256]
+    assert K.matryoshka_prefixes([16, 64], 256, K.KronSAE(d_in=4, h=16, m=2, n=8, k=4).latents_per_head) == [16, 64, 256]
+    assert K.matryoshka_prefixes([10, 20], 256, K.TopKSAE(d_in=4, dict_size=256, k=4).latents_per_head) == [10, 20, 256]
     with pytest.raises(ValueError, match="multiples of m\\*n=16"):
         K.Settings(K.SAEConfig(dict_size=256, m=2, n=8, matryoshka=(10, 20)))
     K.Settings(K.SAEConfig(dict_size=256, arch="topk", matryoshka=(10, 20)))   # TopK: any sizes
@@ -1844,7 +1845,7 @@ def test_the_html_report_parses_and_escapes_the_text(inspected):
     check = Check()
     check.feed(page)
     assert check.scripts == 1                                                      # only the sort function
-    assert f"latent-{latent}" in check.ids and f"head-{latent // sae.group}" in check.ids
+    assert f"latent-{latent}" in check.ids and f"head-{latent // sae.latents_per_head}" in check.ids
     assert "http" not in page.replace("http-equiv", "")                            # nothing to fetch
 
 
@@ -2246,7 +2247,7 @@ def test_resume_state_round_trips_under_weights_only(tmp_path):
     assert scale == 2.5 and restored.step == 7 and restored.losses == state.losses
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(3), expected[2]) and torch.equal(next(twin_feed), expected[3])
-    assert torch.equal(restored.since, state.since)
+    assert torch.equal(restored.tokens_since_fired, state.tokens_since_fired)
     assert torch.equal(restored.latents.sq_sum, state.latents.sq_sum) and restored.latents.tokens == 7 * 64
     for a, b in zip(restored.optimizer.state.values(), state.optimizer.state.values()):
         assert all(torch.equal(a[key], b[key]) for key in ("exp_avg", "exp_avg_sq", "step"))
@@ -2385,7 +2386,7 @@ def test_cuda_fast_path_equals_naive(h, m, n, k, kernel):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"])
 def test_cuda_gather_linear_matches_dense_autograd(share, monkeypatch):
-    monkeypatch.setattr(K, "dense_backward_pays", lambda *a: share == 0.0)
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: share == 0.0)
     x = torch.randn(64, 32, dtype=torch.float64, device="cuda", requires_grad=True)
     W = torch.randn(300, 32, dtype=torch.float64, device="cuda", requires_grad=True)
     b = torch.randn(300, dtype=torch.float64, device="cuda", requires_grad=True)
@@ -2656,5 +2657,3 @@ def test_the_method_comes_first_and_stands_alone():
     for word in ("sync", "Trainer", "on_step", "DENSE_BACKWARD_SHARE", "has_embedding_bag", "resume", "seconds"):
         assert word not in part_1, word                 # data parallel, resume, timing, device probes: Part 2
     assert part_1.index("class NaiveKronSAE") < part_1.index("class KronSAE")   # the version to read first
-    end = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("# END OF THE METHOD"))
-    assert end <= 420, end                              # short enough to read in one sitting
