@@ -241,9 +241,7 @@ class SparseAutoencoder(nn.Module):
         values = self.activation(self.gather_linear(x, self.rows_of(chosen), pre))
 
         k = self.k
-        return Encoding(
-            values[:, :k], indices, values[:, k:], aux_indices, dead_ids
-        )
+        return Encoding(values[:, :k], indices, values[:, k:], aux_indices, dead_ids)
 
     def gather_linear(self, x, rows, pre) -> torch.Tensor:
         """(B, S) of (x - b_dec) W_enc[rows]^T + b_enc[rows], read from `pre`, with
@@ -345,7 +343,9 @@ class KroneckerSAE(SparseAutoencoder):
     ):
         check_positive(h=h, m=m, n=n)
         if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+            raise ValueError(
+                f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}"
+            )
         if dict_size not in (None, h * m * n):
             raise ValueError(
                 f"need F = h*m*n, got F={dict_size}, h*m*n={h}*{m}*{n}={h * m * n}"
@@ -444,13 +444,7 @@ class KronSAE(KroneckerSAE):
 
         # Step 1: (B, h) upper bounds.
         u, v = self.split(pre)  # (B, h, m), (B, h, n)
-        if KERNELS[self.kernel].signed:
-            u_ends = torch.stack([u.amax(-1), u.amin(-1)])  # (2, B, h)
-            v_ends = torch.stack([v.amax(-1), v.amin(-1)])  # (2, B, h)
-            corners = u_ends[:, None] * v_ends[None, :]  # (2, 2, B, h)
-            head_best = corners.flatten(0, 1).amax(0)  # (B, h)
-        else:
-            head_best = u.amax(-1).relu() * v.amax(-1).relu()  # (B, h)
+        head_best = self.head_bounds(u, v)  # (B, h)
 
         # Step 2: gather the u and v rows of the H best heads at once.
         m = self.m
@@ -471,6 +465,18 @@ class KronSAE(KroneckerSAE):
 
         head = heads.gather(1, slot)  # (B, k)
         return head * (m * n) + i * n + j  # eq. 4's order
+
+    def head_bounds(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u (B, h, m), v (B, h, n) -> (B, h): each head's largest latent (for the
+        signed product, its largest u_i v_j before the ReLU)."""
+        if not KERNELS[self.kernel].signed:
+            return u.amax(-1).relu() * v.amax(-1).relu()  # max ReLU = ReLU max
+
+        # The signed product's best is one of the four products of the extremes.
+        u_ends = torch.stack([u.amax(-1), u.amin(-1)])  # (2, B, h)
+        v_ends = torch.stack([v.amax(-1), v.amin(-1)])  # (2, B, h)
+        corners = u_ends[:, None] * v_ends[None, :]  # (2, 2, B, h)
+        return corners.flatten(0, 1).amax(0)
 
     def best_of_all_pairs(self, u, v, k):
         """The top k of every (i, j) pair in the kept heads: u (B, H, m), v (B, H, n)
@@ -608,9 +614,13 @@ class GatherLinear(torch.autograd.Function):
         # Under autocast grad_y is bfloat16; the sums over tokens need W's precision.
         grad_y = grad_y.to(W.dtype)  # (B, S)
         if prefer_dense(rows.shape[1], len(W), x_centred.device):
-            grads = gather_linear_backward_dense(x_centred, W, rows, grad_y, x_needs_grad)
+            grads = gather_linear_backward_dense(
+                x_centred, W, rows, grad_y, x_needs_grad
+            )
         else:
-            grads = gather_linear_backward_sparse(x_centred, W, rows, grad_y, x_needs_grad)
+            grads = gather_linear_backward_sparse(
+                x_centred, W, rows, grad_y, x_needs_grad
+            )
         grad_x, grad_W, grad_bias = grads
 
         # y depends on shift through -(shift . W[row]): dL/dshift = -(dL/dbias) W.
@@ -763,7 +773,9 @@ def reconstruction_loss(sae, x: torch.Tensor, enc: Encoding, variance=None) -> t
     return normalized_mse(x, x_hat, variance), x_hat
 
 
-def auxk_loss(sae, residual: torch.Tensor, enc: Encoding, variance=None) -> torch.Tensor:
+def auxk_loss(
+    sae, residual: torch.Tensor, enc: Encoding, variance=None
+) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual
     x - x_hat, without b_dec, so that dead latents get a gradient again."""
     if enc.aux_values is None:
@@ -802,7 +814,9 @@ class TrainConfig:
     def dead_after(self) -> int:
         """Tokens without firing that make a latent dead. Gao et al. use 10M, which
         short runs never reach."""
-        return self.dead_tokens or min(10_000_000, max(1, self.steps * self.batch // 10))
+        return self.dead_tokens or min(
+            10_000_000, max(1, self.steps * self.batch // 10)
+        )
 
     def __post_init__(self):
         check_positive(steps=self.steps, batch=self.batch)
@@ -828,7 +842,9 @@ def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
 
 
 def make_schedule(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    factor = partial(lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr)
+    factor = partial(
+        lr_factor, total=cfg.steps, warmup=cfg.warmup, floor=cfg.min_lr / cfg.lr
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -846,7 +862,9 @@ class StepStats(NamedTuple):
     loss: float  # the total loss that was optimised
     fvu: float  # the reconstruction term, normalised MSE on this batch
     aux: float  # the AuxK term, before its weight
-    active: float  # active latents, summed over the batch's tokens (L0 = active / tokens)
+    active: (
+        float  # active latents, summed over the batch's tokens (L0 = active / tokens)
+    )
     tokens: float
 
     def read(self, *extra: torch.Tensor) -> tuple[StepStats, list[float]]:
@@ -905,7 +923,27 @@ def train_step(
 def fire_counts(enc: Encoding, F: int) -> torch.Tensor:
     """(F,) how many of the batch's tokens each latent fired on (value > 0)."""
     fired = (enc.values > 0).flatten().float()
-    return torch.zeros(F, device=fired.device).index_add_(0, enc.indices.flatten(), fired)
+    return torch.zeros(F, device=fired.device).index_add_(
+        0, enc.indices.flatten(), fired
+    )
+
+
+@torch.no_grad()
+def start_b_dec_(sae: SparseAutoencoder, mean: torch.Tensor):
+    """Gao et al. start a fresh SAE's b_dec at the data mean. An SAE whose b_dec
+    is set already (one loaded from a checkpoint, say) keeps it."""
+    if not sae.b_dec.any():
+        sae.b_dec.copy_(mean)
+
+
+def show_progress(bar, stats: StepStats, **more):
+    """The loss, the training EV and L0 (and `more`) beside the progress bar."""
+    bar.set_postfix(
+        loss=f"{stats.loss:.4f}",
+        ev_train=f"{1 - stats.fvu:.3f}",
+        l0=f"{stats.active / stats.tokens:.1f}",
+        **more,
+    )
 
 
 def train(
@@ -926,13 +964,14 @@ def train(
     dead_count = 0
 
     losses = []
-    bar = tqdm(range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False)
+    bar = tqdm(
+        range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False
+    )
     for step in bar:
         x = next(batches).to(device, non_blocking=True)
-        if step == 0 and not sae.b_dec.any():
-            # A fresh SAE: Gao et al. start b_dec at the data mean.
+        if step == 0:
             sae.check_input(x)
-            sae.b_dec.data.copy_(x.mean(0))
+            start_b_dec_(sae, x.mean(0))
 
         stats, enc = train_step(sae, optimizer, x, dead, cfg, dead_count=dead_count)
         schedule.step()
@@ -947,11 +986,7 @@ def train(
 
         losses.append(stats.loss)
         if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(
-                loss=f"{stats.loss:.4f}",
-                ev_train=f"{1 - stats.fvu:.3f}",
-                l0=f"{stats.active / stats.tokens:.1f}",
-            )
+            show_progress(bar, stats)
     return losses
 
 
@@ -965,51 +1000,99 @@ def train(
 
 # ============================================================================= 6. Devices
 
+
 def wide_dtype(device) -> torch.dtype:
     """float64 for running sums; float32 on MPS, which has no float64 (its counts stay exact up to 2^24)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
+
 # ============================================================================= 7. Data
+
 
 @dataclass
 class DataConfig:
     """Where the activations come from, and how they are prepared."""
-    data: str = opt("", "an activation store (a directory written by `harvest` or --save-acts), or a .pt or .npy "
-                        "tensor of shape (N, d); empty = synthetic block-correlated data")
-    model: str = opt("", "a transformers model (hub name or local directory) to harvest activations from")
-    layer: int = opt(-1, "with --model: train on hidden_states[layer], the residual stream after block `layer`")
+
+    data: str = opt(
+        "",
+        "an activation store (a directory written by `harvest` or --save-acts), or a .pt or .npy "
+        "tensor of shape (N, d); empty = synthetic block-correlated data",
+    )
+    model: str = opt(
+        "",
+        "a transformers model (hub name or local directory) to harvest activations from",
+    )
+    layer: int = opt(
+        -1,
+        "with --model: train on hidden_states[layer], the residual stream after block `layer`",
+    )
     text: tuple = opt((), "with --model: text file(s) to tokenise into contexts")
     ctx: int = opt(128, "with --model: tokens per context")
     model_batch: int = opt(16, "with --model: contexts per forward pass")
-    max_tokens: int = opt(1_000_000, "with --model: stop harvesting after this many tokens")
-    keep_first: bool = opt(False, "with --model: keep position 0, the attention sink (contexts start with BOS when "
-                                  "the tokenizer has one, so the sink sits there)")
-    max_norm_ratio: float = opt(10.0, "drop tokens whose norm exceeds this many times the median norm (massive "
-                                      "activations, attention sinks), in training, held-out and LM-cost data; "
-                                      "0 = keep all")
-    norm_figure: str = opt("", "save a histogram of the training tokens' norms, before and after that filter, "
-                               "here (PNG)")
-    normalize: bool = opt(False, "scale inputs so the mean norm is sqrt(d); folded back into the saved SAE")
-    save_acts: str = opt("", "with --model: save the harvested activations for later --data runs: an activation "
-                             "store (a directory), or one tensor if the name ends in .pt")
-    dtype: str = opt("float16", "the activation store's dtype: float16, bfloat16 or float32")
-    buffer_tokens: int = opt(1_000_000, "training from a store: shuffle this many rows at a time (the shuffle buffer)")
+    max_tokens: int = opt(
+        1_000_000, "with --model: stop harvesting after this many tokens"
+    )
+    keep_first: bool = opt(
+        False,
+        "with --model: keep position 0, the attention sink (contexts start with BOS when "
+        "the tokenizer has one, so the sink sits there)",
+    )
+    max_norm_ratio: float = opt(
+        10.0,
+        "drop tokens whose norm exceeds this many times the median norm (massive "
+        "activations, attention sinks), in training, held-out and LM-cost data; "
+        "0 = keep all",
+    )
+    norm_figure: str = opt(
+        "",
+        "save a histogram of the training tokens' norms, before and after that filter, "
+        "here (PNG)",
+    )
+    normalize: bool = opt(
+        False,
+        "scale inputs so the mean norm is sqrt(d); folded back into the saved SAE",
+    )
+    save_acts: str = opt(
+        "",
+        "with --model: save the harvested activations for later --data runs: an activation "
+        "store (a directory), or one tensor if the name ends in .pt",
+    )
+    dtype: str = opt(
+        "float16", "the activation store's dtype: float16, bfloat16 or float32"
+    )
+    buffer_tokens: int = opt(
+        1_000_000,
+        "training from a store: shuffle this many rows at a time (the shuffle buffer)",
+    )
     eval_tokens: int = opt(8192, "held-out tokens for the final metrics")
 
     def __post_init__(self):
-        check_positive(eval_tokens=self.eval_tokens, ctx=self.ctx, model_batch=self.model_batch,
-                       max_tokens=self.max_tokens, buffer_tokens=self.buffer_tokens)
+        check_positive(
+            eval_tokens=self.eval_tokens,
+            ctx=self.ctx,
+            model_batch=self.model_batch,
+            max_tokens=self.max_tokens,
+            buffer_tokens=self.buffer_tokens,
+        )
         if self.dtype not in STORE_DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}")
+            raise ValueError(
+                f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}"
+            )
         if not self.max_norm_ratio >= 0:
-            raise ValueError(f"--max-norm-ratio must be >= 0 (0 = no filter), got {self.max_norm_ratio}")
+            raise ValueError(
+                f"--max-norm-ratio must be >= 0 (0 = no filter), got {self.max_norm_ratio}"
+            )
         if self.data and self.model:
             raise ValueError("give --data or --model, not both")
         if self.model and (self.layer < 0 or not self.text):
-            raise ValueError(f"--model needs --layer L >= 0 and --text FILE..., got layer={self.layer}, "
-                             f"text={list(self.text)}")
+            raise ValueError(
+                f"--model needs --layer L >= 0 and --text FILE..., got layer={self.layer}, "
+                f"text={list(self.text)}"
+            )
         if self.save_acts and not self.model:
-            raise ValueError("--save-acts saves harvested activations, so it needs --model")
+            raise ValueError(
+                "--save-acts saves harvested activations, so it needs --model"
+            )
 
     def check_inputs(self):
         """Before any work: every input file exists and can be read."""
@@ -1017,28 +1100,41 @@ class DataConfig:
             check_data_path(self.data)
         for path in self.text:
             if not Path(path).is_file() or not os.access(path, os.R_OK):
-                raise FileNotFoundError(f"--text: file {path} does not exist or cannot be read")
+                raise FileNotFoundError(
+                    f"--text: file {path} does not exist or cannot be read"
+                )
         local = Path(self.model).expanduser()
         if self.model.endswith(".gguf") and not local.is_file():
             raise FileNotFoundError(f"--model: file {self.model} does not exist")
-        if self.model.startswith((".", "/", "~")) and not self.model.endswith(".gguf") and not local.is_dir():
+        if (
+            self.model.startswith((".", "/", "~"))
+            and not self.model.endswith(".gguf")
+            and not local.is_dir()
+        ):
             raise FileNotFoundError(f"--model: directory {self.model} does not exist")
+
 
 def check_data(x: torch.Tensor, d_in: Optional[int] = None):
     """Raise ValueError unless x is a finite (N, d_in) floating tensor."""
     if x.ndim != 2:
         raise ValueError(f"data must have shape (N, d), got shape {tuple(x.shape)}")
     if d_in is not None and x.shape[-1] != d_in:
-        raise ValueError(f"data's last dimension must be d_in={d_in}, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"data's last dimension must be d_in={d_in}, got shape {tuple(x.shape)}"
+        )
     if not x.is_floating_point():
         raise ValueError(f"data must be floating point, got dtype {x.dtype}")
     bad = ~torch.isfinite(x)
     if bad.any():
         where = bad.nonzero()[:5].tolist()
-        raise ValueError(f"data has {int(bad.sum())} non-finite values (NaN or inf) out of {x.numel()}; "
-                         f"first at [row, column] {where}")
+        raise ValueError(
+            f"data has {int(bad.sum())} non-finite values (NaN or inf) out of {x.numel()}; "
+            f"first at [row, column] {where}"
+        )
+
 
 DATA_KINDS = (".pt", ".npy")
+
 
 def check_data_path(path: str):
     """Before any work: `path` is a finished activation store, or a readable file of a supported kind."""
@@ -1046,32 +1142,51 @@ def check_data_path(path: str):
         raise FileNotFoundError(f"--data: file {path} does not exist")
     if Path(path).is_dir():
         if not Path(path, "manifest.json").is_file():
-            raise ValueError(f"--data {path} is a directory but not a finished activation store (no manifest.json)")
+            raise ValueError(
+                f"--data {path} is a directory but not a finished activation store (no manifest.json)"
+            )
         return
     if Path(path).suffix not in DATA_KINDS or not Path(path).is_file():
-        raise ValueError(f"--data must be a {' or '.join(DATA_KINDS)} file of shape (N, d), got {path}")
+        raise ValueError(
+            f"--data must be a {' or '.join(DATA_KINDS)} file of shape (N, d), got {path}"
+        )
     if not os.access(path, os.R_OK):
         raise ValueError(f"--data: {path} cannot be read (permission denied)")
+
 
 def load_data(path: str) -> torch.Tensor:
     """A .pt (torch.save of a tensor) or .npy file holding an (N, d) array, as float32."""
     check_data_path(path)
     try:
-        x = torch.from_numpy(np.load(path)) if path.endswith(".npy") else \
-            torch.load(path, map_location="cpu", weights_only=True)
+        x = (
+            torch.from_numpy(np.load(path))
+            if path.endswith(".npy")
+            else torch.load(path, map_location="cpu", weights_only=True)
+        )
     except Exception as err:  # a corrupt or foreign file: pickle, zip and numpy each raise their own errors
-        raise ValueError(f"--data: could not read {path} ({type(err).__name__}: {str(err)[:120]})") from None
+        raise ValueError(
+            f"--data: could not read {path} ({type(err).__name__}: {str(err)[:120]})"
+        ) from None
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{path} must hold a single tensor, got {type(x).__name__}")
     x = x.float() if x.is_floating_point() else x
     check_data(x)
     return x
 
+
 # The synthetic default: block-correlated sparse features (KronSAE paper, section 5.1 and appendix B).
 # synthetic.py builds its toy experiment on the same generator.
 
-def block_covariance(F_true: int = 256, n_blocks: int = 8, n_off: int = 4, rho_in: tuple = (0.3, 0.8),
-                     rho_off: float = 0.25, seed: int = 0, sizes: tuple = ()) -> torch.Tensor:
+
+def block_covariance(
+    F_true: int = 256,
+    n_blocks: int = 8,
+    n_off: int = 4,
+    rho_in: tuple = (0.3, 0.8),
+    rho_off: float = 0.25,
+    seed: int = 0,
+    sizes: tuple = (),
+) -> torch.Tensor:
     """A block-structured correlation matrix S, shape (F_true, F_true), unit diagonal, positive definite.
 
     n_blocks diagonal blocks of different (random) sizes, or exactly `sizes` when given (they must sum to
@@ -1079,20 +1194,32 @@ def block_covariance(F_true: int = 256, n_blocks: int = 8, n_off: int = 4, rho_i
     linking random pairs of blocks with correlation +-rho_off.
     """
     if sizes and (sum(sizes) != F_true or min(sizes) < 1):
-        raise ValueError(f"block sizes must be positive and sum to F_true={F_true}, got {list(sizes)}")
+        raise ValueError(
+            f"block sizes must be positive and sum to F_true={F_true}, got {list(sizes)}"
+        )
     n_blocks = len(sizes) or n_blocks
     if not 1 <= n_blocks <= F_true:
-        raise ValueError(f"need 1 <= n_blocks <= F_true, got n_blocks={n_blocks}, F_true={F_true}")
+        raise ValueError(
+            f"need 1 <= n_blocks <= F_true, got n_blocks={n_blocks}, F_true={F_true}"
+        )
     if not (0 <= rho_in[0] <= rho_in[1] < 1 and 0 <= rho_off < 1):
-        raise ValueError(f"need 0 <= rho_in low <= high < 1 and 0 <= rho_off < 1, got {rho_in}, {rho_off}")
+        raise ValueError(
+            f"need 0 <= rho_in low <= high < 1 and 0 <= rho_off < 1, got {rho_in}, {rho_off}"
+        )
     g = torch.Generator().manual_seed(seed)
     # different block sizes: cut [0, F_true) at n_blocks-1 distinct random points
     cuts = torch.randperm(F_true - 1, generator=g)[: n_blocks - 1].sort().values + 1
-    edges = list(itertools.accumulate(sizes, initial=0)) if sizes else [0, *cuts.tolist(), F_true]
+    edges = (
+        list(itertools.accumulate(sizes, initial=0))
+        if sizes
+        else [0, *cuts.tolist(), F_true]
+    )
     blocks = [(a, b) for a, b in zip(edges[:-1], edges[1:])]
     S = torch.zeros(F_true, F_true, dtype=torch.float64)
     for a, b in blocks:
-        S[a:b, a:b] = rho_in[0] + (rho_in[1] - rho_in[0]) * torch.rand((), generator=g, dtype=torch.float64)
+        S[a:b, a:b] = rho_in[0] + (rho_in[1] - rho_in[0]) * torch.rand(
+            (), generator=g, dtype=torch.float64
+        )
     for _ in range(n_off if n_blocks > 1 else 0):
         i, j = torch.randperm(n_blocks, generator=g)[:2].tolist()
         sign = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
@@ -1105,23 +1232,37 @@ def block_covariance(F_true: int = 256, n_blocks: int = 8, n_off: int = 4, rho_i
     scale = S.diagonal().rsqrt()
     return (S * scale[:, None] * scale[None, :]).float()
 
-def sparse_codes(n: int, F_true: int, k_true: int, generator: torch.Generator) -> torch.Tensor:
+
+def sparse_codes(
+    n: int, F_true: int, k_true: int, generator: torch.Generator
+) -> torch.Tensor:
     """TopK(ReLU(z)), z ~ N(0, I): (n, F_true) with k_true active entries per row."""
-    z = torch.randn(n, F_true, generator=generator).relu()              # (n, F_true)
+    z = torch.randn(n, F_true, generator=generator).relu()  # (n, F_true)
     top = z.topk(k_true, dim=-1)
     return torch.zeros_like(z).scatter_(-1, top.indices, top.values)
 
-def sample_sparse(S: torch.Tensor, n: int, k_true: int, generator: torch.Generator) -> torch.Tensor:
+
+def sample_sparse(
+    S: torch.Tensor, n: int, k_true: int, generator: torch.Generator
+) -> torch.Tensor:
     """x_sparse = L TopK(ReLU(z)) with S = L L^T (appendix B). Returns (n, F_true).
 
     The codes are exchangeable, so Cov(x) = a S + c L 1 1^T L^T, where c < 0 is the slight
     anti-correlation that exactly-k sparsity puts between codes (about -1/F_true of a).
     """
-    L = torch.linalg.cholesky(S.double()).float()                        # (F_true, F_true)
-    return sparse_codes(n, S.shape[0], k_true, generator) @ L.T         # (n, F_true)
+    L = torch.linalg.cholesky(S.double()).float()  # (F_true, F_true)
+    return sparse_codes(n, S.shape[0], k_true, generator) @ L.T  # (n, F_true)
 
-def make_dataset(n: int, d: int = 128, F_true: int = 1024, k_true: int = 16, seed: int = 0,
-                 n_blocks: int = 32, n_off: int = 16) -> torch.Tensor:
+
+def make_dataset(
+    n: int,
+    d: int = 128,
+    F_true: int = 1024,
+    k_true: int = 16,
+    seed: int = 0,
+    n_blocks: int = 32,
+    n_off: int = 16,
+) -> torch.Tensor:
     """Block-correlated SAE training data, shape (n, d): x = x_sparse D with D random unit rows (F_true, d).
 
     The true features are the rows of L^T D; their sparse codes co-occur by blocks, which is the
@@ -1129,33 +1270,53 @@ def make_dataset(n: int, d: int = 128, F_true: int = 1024, k_true: int = 16, see
     """
     S = block_covariance(F_true, n_blocks=n_blocks, n_off=n_off, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    D = torch.nn.functional.normalize(torch.randn(F_true, d, generator=g), dim=-1)   # (F_true, d)
-    return sample_sparse(S, n, k_true, g) @ D                                        # (n, d)
+    # (F_true, d)
+    D = torch.nn.functional.normalize(torch.randn(F_true, d, generator=g), dim=-1)
+    return sample_sparse(S, n, k_true, g) @ D  # (n, d)
 
-def split_data(data: torch.Tensor, eval_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def split_data(
+    data: torch.Tensor, eval_tokens: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded shuffle, then (train, held-out) with eval_tokens rows held out."""
     if data.shape[0] <= eval_tokens:
-        raise ValueError(f"need more than eval_tokens={eval_tokens} rows of data, got {data.shape[0]}")
+        raise ValueError(
+            f"need more than eval_tokens={eval_tokens} rows of data, got {data.shape[0]}"
+        )
     perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))
     return data[perm[eval_tokens:]], data[perm[:eval_tokens]]
 
-def filter_report(norms: np.ndarray, threshold: float, median: float, variance_share: float) -> dict:
+
+def filter_report(
+    norms: np.ndarray, threshold: float, median: float, variance_share: float
+) -> dict:
     """What the filter drops, from the token norms: the count, its share of the tokens and of the raw variance,
     and the largest norm over the median before and after."""
     dropped, kept = norms > threshold, norms[norms <= threshold]
-    return {"tokens": len(norms), "dropped": int(dropped.sum()), "dropped_share": float(dropped.mean()),
-            "dropped_variance_share": variance_share, "median_norm": median, "threshold": threshold,
-            "max_norm_over_median_before": float(norms.max()) / median,
-            "max_norm_over_median_after": float(kept.max()) / median if len(kept) else None}
+    return {
+        "tokens": len(norms),
+        "dropped": int(dropped.sum()),
+        "dropped_share": float(dropped.mean()),
+        "dropped_variance_share": variance_share,
+        "median_norm": median,
+        "threshold": threshold,
+        "max_norm_over_median_before": float(norms.max()) / median,
+        "max_norm_over_median_after": float(kept.max()) / median if len(kept) else None,
+    }
+
 
 def norm_report(x: torch.Tensor, threshold: float, median: float) -> dict:
     """filter_report for rows x (N, d); the raw-variance share is the sum over dropped rows of ||x - mean||^2
     over the same sum for all rows."""
-    norms = x.norm(dim=-1)                                                         # (N,)
+    norms = x.norm(dim=-1)  # (N,)
     mean = x.sum(0, dtype=torch.float64) / x.shape[0]
-    spread = torch.cat([(chunk.double() - mean).pow(2).sum(-1) for chunk in x.split(65536)])   # (N,)
+    # (N,)
+    spread = torch.cat(
+        [(chunk.double() - mean).pow(2).sum(-1) for chunk in x.split(65536)]
+    )
     share = float(spread[norms > threshold].sum() / spread.sum().clamp_min(1e-300))
     return filter_report(norms.numpy(), threshold, median, share)
+
 
 def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str = ""):
     """Token norms on log-log axes, all of them and those the filter keeps: one glance shows whether a few
@@ -1163,51 +1324,93 @@ def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str
     plt = pyplot()
     norms = x.norm(dim=-1).double()
     median = float(norms.median())
-    bins = np.logspace(math.log10(float(norms.min())), math.log10(float(norms.max())) + 1e-9, 90)
+    bins = np.logspace(
+        math.log10(float(norms.min())), math.log10(float(norms.max())) + 1e-9, 90
+    )
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     ax.hist(norms.numpy(), bins, color="tab:red", label=f"all {len(norms):,} tokens")
-    ax.hist(norms[norms <= threshold].numpy(), bins, color="tab:blue", label="kept by the filter")
+    ax.hist(
+        norms[norms <= threshold].numpy(),
+        bins,
+        color="tab:blue",
+        label="kept by the filter",
+    )
     ax.axvline(median, color="k", lw=1, ls=":", label=f"median {median:.4g}")
     if math.isfinite(threshold):
-        ax.axvline(threshold, color="k", lw=1, ls="--", label=f"threshold {threshold / median:g} x median")
-    ax.set(xscale="log", yscale="log", xlabel="token norm ||x||", ylabel="tokens", title=title)
+        ax.axvline(
+            threshold,
+            color="k",
+            lw=1,
+            ls="--",
+            label=f"threshold {threshold / median:g} x median",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="token norm ||x||",
+        ylabel="tokens",
+        title=title,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 
+
 def print_filter_report(report: dict):
     t, e, ratio = report["train"], report["held_out"], report["max_norm_ratio"]
     if t["dropped"] or e["dropped"]:
-        print(f"massive activations: dropped {t['dropped']:,} of {t['tokens']:,} training tokens "
-              f"({t['dropped_share']:.3%}, {t['dropped_variance_share']:.1%} of the raw variance) and "
-              f"{e['dropped']:,} of {e['tokens']:,} held out, with norm > {ratio:g} x the median "
-              f"{t['median_norm']:.4g}; largest norm {t['max_norm_over_median_before']:.1f} x the median before, "
-              f"{t['max_norm_over_median_after']:.2f} x after")
+        print(
+            f"massive activations: dropped {t['dropped']:,} of {t['tokens']:,} training tokens "
+            f"({t['dropped_share']:.3%}, {t['dropped_variance_share']:.1%} of the raw variance) and "
+            f"{e['dropped']:,} of {e['tokens']:,} held out, with norm > {ratio:g} x the median "
+            f"{t['median_norm']:.4g}; largest norm {t['max_norm_over_median_before']:.1f} x the median before, "
+            f"{t['max_norm_over_median_after']:.2f} x after"
+        )
     else:
-        print(f"massive activations: none above {ratio:g} x the median norm {t['median_norm']:.4g} "
-              f"(largest {t['max_norm_over_median_before']:.2f} x)" if ratio else "massive activations: not filtered")
+        print(
+            f"massive activations: none above {ratio:g} x the median norm {t['median_norm']:.4g} "
+            f"(largest {t['max_norm_over_median_before']:.2f} x)"
+            if ratio
+            else "massive activations: not filtered"
+        )
 
-def filter_massive(train: torch.Tensor, held_out: torch.Tensor, ratio: float,
-                   figure: str = "", title: str = "") -> tuple[torch.Tensor, ...]:
+
+def filter_massive(
+    train: torch.Tensor,
+    held_out: torch.Tensor,
+    ratio: float,
+    figure: str = "",
+    title: str = "",
+) -> tuple[torch.Tensor, ...]:
     """Drop the tokens whose norm exceeds ratio x the median training-token norm, from both splits alike:
     massive activations (Sun et al. 2024, arXiv 2402.17762), a few tokens with 100 to 10,000 times the median
     norm, usually attention sinks, which would otherwise hold most of the variance. ratio 0 keeps all.
     Returns (train, held_out, report), the report as norm_report gives it for each split."""
     median = float(train.norm(dim=-1).median())
     threshold = ratio * median if ratio else math.inf
-    report = {"max_norm_ratio": ratio, "train": norm_report(train, threshold, median),
-              "held_out": norm_report(held_out, threshold, median)}
+    report = {
+        "max_norm_ratio": ratio,
+        "train": norm_report(train, threshold, median),
+        "held_out": norm_report(held_out, threshold, median),
+    }
     if figure:
         save_norm_histogram(train, threshold, figure, title)
         print(f"norm histogram: {figure}")
     print_filter_report(report)
-    return train[train.norm(dim=-1) <= threshold], held_out[held_out.norm(dim=-1) <= threshold], report
+    return (
+        train[train.norm(dim=-1) <= threshold],
+        held_out[held_out.norm(dim=-1) <= threshold],
+        report,
+    )
+
 
 class Rows(NamedTuple):
     """A source of training rows: `count` of them, and fetch(index (m,)) -> (m, d) float32."""
+
     count: int
     fetch: Callable[[torch.Tensor], torch.Tensor]
+
 
 class ShuffledBatches:
     """The shuffle buffer: endless batches, each training row exactly once per epoch, in a fresh seeded order
@@ -1220,17 +1423,38 @@ class ShuffledBatches:
     state at the start of the epoch, the window and the position in it.
     """
 
-    def __init__(self, data, batch: int, generator: torch.Generator, window: float = math.inf,
-                 rank: int = 0, world: int = 1, pin: bool = False):
-        self.sources = [Rows(data.shape[0], data.__getitem__)] if isinstance(data, torch.Tensor) else list(data)
-        self.batch, self.generator, self.window, self.rank, self.world = batch, generator, window, rank, world
-        self.pin = pin  # page-locked batches, so that the copy to a GPU can overlap the step
+    def __init__(
+        self,
+        data,
+        batch: int,
+        generator: torch.Generator,
+        window: float = math.inf,
+        rank: int = 0,
+        world: int = 1,
+        pin: bool = False,
+    ):
+        self.sources = (
+            [Rows(data.shape[0], data.__getitem__)]
+            if isinstance(data, torch.Tensor)
+            else list(data)
+        )
+        self.batch, self.generator, self.window, self.rank, self.world = (
+            batch,
+            generator,
+            window,
+            rank,
+            world,
+        )
+        self.pin = (
+            pin  # page-locked batches, so that the copy to a GPU can overlap the step
+        )
         self.new_epoch()
 
     def new_epoch(self):
         self.epoch_start = self.generator.get_state()
         order = list(range(len(self.sources)))
-        if len(order) > 1 and sum(s.count for s in self.sources) > self.window:  # visit the sources in a seeded order
+        # visit the sources in a seeded order
+        if len(order) > 1 and sum(s.count for s in self.sources) > self.window:
             order = torch.randperm(len(order), generator=self.generator).tolist()
         self.windows, current = [], []
         for i in order:
@@ -1244,8 +1468,13 @@ class ShuffledBatches:
     def next_window(self):
         self.window_index += 1
         ids = self.windows[self.window_index]
-        self.starts = np.cumsum([0] + [self.sources[i].count for i in ids])            # window row -> source
-        chunks = list(torch.randperm(int(self.starts[-1]), generator=self.generator).split(self.batch))
+        # window row -> source
+        self.starts = np.cumsum([0] + [self.sources[i].count for i in ids])
+        chunks = list(
+            torch.randperm(int(self.starts[-1]), generator=self.generator).split(
+                self.batch
+            )
+        )
         if len(chunks) > 1 and chunks[-1].numel() < self.batch // 2:
             chunks[-2:] = [torch.cat(chunks[-2:])]
         self.chunks, self.position = chunks, 0
@@ -1265,13 +1494,19 @@ class ShuffledBatches:
                 self.next_window()
         chunk = self.chunks[self.position]
         self.position += 1
-        part = chunk[self.rank * len(chunk) // self.world:(self.rank + 1) * len(chunk) // self.world]
+        part = chunk[
+            self.rank * len(chunk) // self.world : (self.rank + 1)
+            * len(chunk)
+            // self.world
+        ]
         ids = self.windows[self.window_index]
         if len(ids) == 1:
             return self.sources[ids[0]].fetch(part)
-        source = np.searchsorted(self.starts, part.numpy(), side="right") - 1          # (m,) which source
+        # (m,) which source
+        source = np.searchsorted(self.starts, part.numpy(), side="right") - 1
         out = None
-        for k in np.unique(source):  # fetch each source's rows at once, keep the batch's order
+        # fetch each source's rows at once, keep the batch's order
+        for k in np.unique(source):
             at = torch.from_numpy(np.flatnonzero(source == k))
             rows = self.sources[ids[k]].fetch(part[at] - int(self.starts[k]))
             out = rows.new_empty(len(part), rows.shape[1]) if out is None else out
@@ -1279,7 +1514,11 @@ class ShuffledBatches:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch_start": self.epoch_start, "window": self.window_index, "position": self.position}
+        return {
+            "epoch_start": self.epoch_start,
+            "window": self.window_index,
+            "position": self.position,
+        }
 
     def load_state_dict(self, state: dict):
         self.generator.set_state(state["epoch_start"])
@@ -1288,8 +1527,12 @@ class ShuffledBatches:
             self.next_window()
         self.position = state["position"]
 
-def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator) -> ShuffledBatches:
+
+def shuffled_batches(
+    data: torch.Tensor, batch: int, generator: torch.Generator
+) -> ShuffledBatches:
     return ShuffledBatches(data, batch, generator)
+
 
 # ---------------------------------------------------------------- the activation store (harvest once, train many)
 # A store is a directory: shard_00000.npy (n, d) activations, offsets_00000.npy (contexts + 1,) int64 row
@@ -1299,32 +1542,69 @@ def shuffled_batches(data: torch.Tensor, batch: int, generator: torch.Generator)
 # each context (BOS and specials included), positions_00000.npy (n,) int32, each row's position in its
 # context, and the manifest's "tokenizer". Version 1 stores (without them) still train.
 
-STORE_DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
-                "float32": (np.float32, torch.float32)}
+STORE_DTYPES = {
+    "float16": (np.float16, torch.float16),
+    "bfloat16": (np.uint16, torch.bfloat16),
+    "float32": (np.float32, torch.float32),
+}
+
 
 def store_files(directory) -> list[Path]:
     """The files of a store, finished or not, in `directory`."""
     pattern = r"(shard|norms|offsets|contexts|positions)_\d+\.npy(\.tmp)?"
-    return [p for p in Path(directory).glob("*") if p.name == "manifest.json" or
-            re.fullmatch(pattern, p.name)] if Path(directory).is_dir() else []
+    return (
+        [
+            p
+            for p in Path(directory).glob("*")
+            if p.name == "manifest.json" or re.fullmatch(pattern, p.name)
+        ]
+        if Path(directory).is_dir()
+        else []
+    )
+
 
 class StoreWriter:
     """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
     manifest last and atomically, so a store without manifest.json is unfinished, never mistaken for whole."""
 
-    def __init__(self, directory: str, dtype: str = "float16", shard_bytes: int = 1 << 26):
-        self.directory, self.dtype, self.shard_bytes, self.d = Path(directory), dtype, shard_bytes, None
+    def __init__(
+        self, directory: str, dtype: str = "float16", shard_bytes: int = 1 << 26
+    ):
+        self.directory, self.dtype, self.shard_bytes, self.d = (
+            Path(directory),
+            dtype,
+            shard_bytes,
+            None,
+        )
         self.directory.mkdir(parents=True, exist_ok=True)
-        for path in store_files(directory):  # an old store here (the CLI asked for --overwrite first)
+        # an old store here (the CLI asked for --overwrite first)
+        for path in store_files(directory):
             path.unlink()
-        self.shards, self.pending, self.lengths, self.ids, self.positions, self.text = [], [], [], [], [], None
+        self.shards, self.pending, self.lengths, self.ids, self.positions, self.text = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            None,
+        )
 
-    def add(self, acts: torch.Tensor, lengths: list[int], ids: Optional[torch.Tensor] = None,
-            positions: Optional[torch.Tensor] = None):
+    def add(
+        self,
+        acts: torch.Tensor,
+        lengths: list[int],
+        ids: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+    ):
         """acts (n, d): the kept rows of len(lengths) whole contexts, lengths[i] rows from context i; with the
         contexts' token ids (len(lengths), T) and each row's position in its context (n,), the store keeps the text."""
-        if (ids is None) != (positions is None) or self.text not in (None, ids is not None):
-            raise ValueError("give every add() both the token ids and the positions, or neither")
+        if (ids is None) != (positions is None) or self.text not in (
+            None,
+            ids is not None,
+        ):
+            raise ValueError(
+                "give every add() both the token ids and the positions, or neither"
+            )
         self.text = ids is not None
         if self.text:
             self.ids.append(ids.to(torch.int32))
@@ -1332,11 +1612,14 @@ class StoreWriter:
         self.d = acts.shape[1]
         limit = torch.finfo(STORE_DTYPES[self.dtype][1]).max
         if not torch.isfinite(acts).all() or float(acts.abs().max()) > limit:
-            raise ValueError(f"activations reach {float(acts.abs().max()):.4g}, beyond --dtype {self.dtype}'s "
-                             f"largest value {limit:.4g}; use --dtype bfloat16 or float32")
+            raise ValueError(
+                f"activations reach {float(acts.abs().max()):.4g}, beyond --dtype {self.dtype}'s "
+                f"largest value {limit:.4g}; use --dtype bfloat16 or float32"
+            )
         self.pending.append(acts)
         self.lengths += lengths
-        if sum(a.numel() for a in self.pending) * 4 >= self.shard_bytes:   # float32 while pending
+        # float32 while pending
+        if sum(a.numel() for a in self.pending) * 4 >= self.shard_bytes:
             self.flush()
 
     def flush(self):
@@ -1345,40 +1628,76 @@ class StoreWriter:
         acts = torch.cat(self.pending).float()
         name = f"{len(self.shards):05d}"
         cast = acts.to(STORE_DTYPES[self.dtype][1])
-        array = cast.view(torch.int16).numpy().view(np.uint16) if self.dtype == "bfloat16" else cast.numpy()
-        norms = cast.float().norm(dim=-1).numpy()          # of the stored values, so a reader gets the same
-        files = [("shard", array), ("norms", norms),
-                 ("offsets", np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64))]
+        array = (
+            cast.view(torch.int16).numpy().view(np.uint16)
+            if self.dtype == "bfloat16"
+            else cast.numpy()
+        )
+        # of the stored values, so a reader gets the same
+        norms = cast.float().norm(dim=-1).numpy()
+        files = [
+            ("shard", array),
+            ("norms", norms),
+            (
+                "offsets",
+                np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64),
+            ),
+        ]
         if self.ids:
-            files += [("contexts", torch.cat(self.ids).numpy()), ("positions", torch.cat(self.positions).numpy())]
+            files += [
+                ("contexts", torch.cat(self.ids).numpy()),
+                ("positions", torch.cat(self.positions).numpy()),
+            ]
         for prefix, value in files:
-            write_atomic(self.directory / f"{prefix}_{name}.npy", lambda f: f.write(npy_bytes(value)))
-        self.shards.append({"name": name, "tokens": acts.shape[0], "contexts": len(self.lengths)})
+            write_atomic(
+                self.directory / f"{prefix}_{name}.npy",
+                lambda f: f.write(npy_bytes(value)),
+            )
+        self.shards.append(
+            {"name": name, "tokens": acts.shape[0], "contexts": len(self.lengths)}
+        )
         self.pending, self.lengths, self.ids, self.positions = [], [], [], []
 
     def finish(self, **info) -> dict:
         self.flush()
         if not self.shards:
             raise ValueError(f"no activations to write to {self.directory}")
-        norms = np.concatenate([np.load(self.directory / f"norms_{s['name']}.npy") for s in self.shards])
-        manifest = {"format": "kronsae activation store", "version": 2 if self.text else 1, "d": self.d,
-                    "dtype": self.dtype,
-                    "tokens": int(sum(s["tokens"] for s in self.shards)),
-                    "contexts": int(sum(s["contexts"] for s in self.shards)), "shards": self.shards,
-                    "norms": {"median": float(np.median(norms)), "mean": float(norms.mean(dtype=np.float64)),
-                              "p99": float(np.quantile(norms, 0.99)), "max": float(norms.max())}, **info}
+        norms = np.concatenate(
+            [np.load(self.directory / f"norms_{s['name']}.npy") for s in self.shards]
+        )
+        manifest = {
+            "format": "kronsae activation store",
+            "version": 2 if self.text else 1,
+            "d": self.d,
+            "dtype": self.dtype,
+            "tokens": int(sum(s["tokens"] for s in self.shards)),
+            "contexts": int(sum(s["contexts"] for s in self.shards)),
+            "shards": self.shards,
+            "norms": {
+                "median": float(np.median(norms)),
+                "mean": float(norms.mean(dtype=np.float64)),
+                "p99": float(np.quantile(norms, 0.99)),
+                "max": float(norms.max()),
+            },
+            **info,
+        }
         ratio = manifest.get("max_norm_ratio") or 0
         threshold = ratio * float(np.median(norms)) if ratio else math.inf
         kept = norms[norms <= threshold]
-        manifest["norms"].update(above_threshold=int((norms > threshold).sum()), threshold=threshold,
-                                 input_scale=math.sqrt(self.d) / float(kept.mean(dtype=np.float64)))
+        manifest["norms"].update(
+            above_threshold=int((norms > threshold).sum()),
+            threshold=threshold,
+            input_scale=math.sqrt(self.d) / float(kept.mean(dtype=np.float64)),
+        )
         write_json(self.directory / "manifest.json", manifest)
         return manifest
+
 
 # Rows read at a time when a store's training rows are summed. Small on purpose: with the CLI's allocator setting
 # (tune_cpu_allocator: no mmap, no trim), 8,192-row float64 chunks left holes in the heap that grew peak RSS with
 # the store (100k -> 400k tokens at d=1024: +613 MB); 1,024-row chunks are reused and the growth is gone.
 SUM_ROWS = 1024
+
 
 class ActivationStore:
     """A finished store, memory-mapped: rows are read only when asked for, so it is never loaded whole. Each
@@ -1389,22 +1708,37 @@ class ActivationStore:
         self.directory = Path(directory)
         path = self.directory / "manifest.json"
         if not path.is_file():
-            raise ValueError(f"{directory} is not a finished activation store: manifest.json is missing "
-                             f"(an interrupted harvest leaves none; run the harvest again into an empty --out)")
+            raise ValueError(
+                f"{directory} is not a finished activation store: manifest.json is missing "
+                f"(an interrupted harvest leaves none; run the harvest again into an empty --out)"
+            )
         try:
             self.manifest = json.loads(path.read_text())
             self.d, self.dtype = self.manifest["d"], self.manifest["dtype"]
-            self.shards = [np.load(self.directory / f"shard_{s['name']}.npy", mmap_mode="r")
-                           for s in self.manifest["shards"]]
-            self.norms = [np.load(self.directory / f"norms_{s['name']}.npy", mmap_mode="r")
-                          for s in self.manifest["shards"]]
-            self.offsets = [np.load(self.directory / f"offsets_{s['name']}.npy") for s in self.manifest["shards"]]
+            self.shards = [
+                np.load(self.directory / f"shard_{s['name']}.npy", mmap_mode="r")
+                for s in self.manifest["shards"]
+            ]
+            self.norms = [
+                np.load(self.directory / f"norms_{s['name']}.npy", mmap_mode="r")
+                for s in self.manifest["shards"]
+            ]
+            self.offsets = [
+                np.load(self.directory / f"offsets_{s['name']}.npy")
+                for s in self.manifest["shards"]
+            ]
         except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"activation store {directory} is damaged ({type(err).__name__}: {err})") from None
-        for s, shard, offsets in zip(self.manifest["shards"], self.shards, self.offsets):
+            raise ValueError(
+                f"activation store {directory} is damaged ({type(err).__name__}: {err})"
+            ) from None
+        for s, shard, offsets in zip(
+            self.manifest["shards"], self.shards, self.offsets
+        ):
             if shard.shape != (s["tokens"], self.d) or offsets[-1] != s["tokens"]:
-                raise ValueError(f"activation store {directory} is damaged: shard {s['name']} has shape "
-                                 f"{shard.shape}, the manifest says ({s['tokens']}, {self.d})")
+                raise ValueError(
+                    f"activation store {directory} is damaged: shard {s['name']} has shape "
+                    f"{shard.shape}, the manifest says ({s['tokens']}, {self.d})"
+                )
 
     @property
     def has_text(self) -> bool:
@@ -1413,16 +1747,23 @@ class ActivationStore:
     def text(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """The token ids of shard `shard`'s contexts (contexts, T) and each row's position in its context (n,)."""
         if not self.has_text:
-            raise ValueError(f"activation store {self.directory} has no token ids (it was written before stores "
-                             f"kept them); harvest it again with this version: python kronsae.py harvest --model "
-                             f"{self.manifest.get('model', 'M')} --layer {self.manifest.get('layer', 'L')} --text ... "
-                             f"--out NEW_STORE")
+            raise ValueError(
+                f"activation store {self.directory} has no token ids (it was written before stores "
+                f"kept them); harvest it again with this version: python kronsae.py harvest --model "
+                f"{self.manifest.get('model', 'M')} --layer {self.manifest.get('layer', 'L')} --text ... "
+                f"--out NEW_STORE"
+            )
         name = self.manifest["shards"][shard]["name"]
-        return np.load(self.directory / f"contexts_{name}.npy"), np.load(self.directory / f"positions_{name}.npy")
+        return np.load(self.directory / f"contexts_{name}.npy"), np.load(
+            self.directory / f"positions_{name}.npy"
+        )
 
     def rows(self, shard: int, index) -> torch.Tensor:
         """Rows `index` of shard `shard` as float32, (m, d)."""
-        mapped = np.load(self.directory / f"shard_{self.manifest['shards'][shard]['name']}.npy", mmap_mode="r")
+        mapped = np.load(
+            self.directory / f"shard_{self.manifest['shards'][shard]['name']}.npy",
+            mmap_mode="r",
+        )
         t = torch.from_numpy(np.ascontiguousarray(mapped[np.asarray(index)]))
         del mapped
         return (t.view(torch.bfloat16) if self.dtype == "bfloat16" else t).float()
@@ -1432,43 +1773,75 @@ class ActivationStore:
         norm exceeds ratio x the median training norm, as filter_massive does. Returns (training Rows per
         shard, held-out rows (n, d) in RAM, the filter's report, the input scale). Memory: the norms, one
         index per training row, the held-out rows and one chunk at a time."""
-        counts = np.concatenate([np.diff(o) for o in self.offsets])                    # rows per context
+        counts = np.concatenate([np.diff(o) for o in self.offsets])  # rows per context
         if counts.sum() <= eval_tokens:
-            raise ValueError(f"need more than eval_tokens={eval_tokens} rows of data, the store has {counts.sum()}")
-        order = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed)).numpy()
+            raise ValueError(
+                f"need more than eval_tokens={eval_tokens} rows of data, the store has {counts.sum()}"
+            )
+        order = torch.randperm(
+            len(counts), generator=torch.Generator().manual_seed(seed)
+        ).numpy()
         held = np.zeros(len(counts), dtype=bool)
-        held[order[:int(np.searchsorted(np.cumsum(counts[order]), eval_tokens)) + 1]] = True
-        held_rows = np.split(np.repeat(held, counts), np.cumsum([len(n) for n in self.norms])[:-1])
+        held[
+            order[: int(np.searchsorted(np.cumsum(counts[order]), eval_tokens)) + 1]
+        ] = True
+        held_rows = np.split(
+            np.repeat(held, counts), np.cumsum([len(n) for n in self.norms])[:-1]
+        )
         norms = [np.asarray(n) for n in self.norms]
         train_norms = np.concatenate([n[~h] for n, h in zip(norms, held_rows)])
-        middle = (len(train_norms) - 1) // 2                                            # the lower median, as torch
+        middle = (len(train_norms) - 1) // 2  # the lower median, as torch
         median = float(np.partition(train_norms, middle)[middle])
         threshold = ratio * median if ratio else math.inf
         train, held_out, total = [], [], np.zeros(self.d)
         dropped = []
         for k, (n, h) in enumerate(zip(norms, held_rows)):
             index = np.flatnonzero(~h & (n <= threshold))
-            train.append(Rows(len(index), lambda i, k=k, index=index: self.rows(k, index[i.numpy()])))
+            train.append(
+                Rows(
+                    len(index),
+                    lambda i, k=k, index=index: self.rows(k, index[i.numpy()]),
+                )
+            )
             held_out.append(self.rows(k, np.flatnonzero(h)))
-            for chunk in np.array_split(np.flatnonzero(~h), max(1, int(np.sum(~h)) // SUM_ROWS)):  # sum of x
+            # sum of x
+            for chunk in np.array_split(
+                np.flatnonzero(~h), max(1, int(np.sum(~h)) // SUM_ROWS)
+            ):
                 total += self.rows(k, chunk).double().sum(0).numpy()
             dropped.append(self.rows(k, np.flatnonzero(~h & (n > threshold))))
         dropped = torch.cat(dropped).double()
         mean = total / len(train_norms)
-        def spread(sq, sx, count):  # sum of ||x - mean||^2 over rows with sum of ||x||^2 = sq and sum of x = sx
+
+        # sum of ||x - mean||^2 over rows with sum of ||x||^2 = sq and sum of x = sx
+        def spread(sq, sx, count):
             return float(sq - 2 * mean @ sx + count * mean @ mean)
-        share = spread(float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped)) / \
-            spread(float((train_norms.astype(np.float64) ** 2).sum()), total, len(train_norms))
+
+        share = spread(
+            float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped)
+        ) / spread(
+            float((train_norms.astype(np.float64) ** 2).sum()), total, len(train_norms)
+        )
         kept = train_norms[train_norms <= threshold]
         held_out = torch.cat(held_out)
-        report = {"max_norm_ratio": ratio, "train": filter_report(train_norms, threshold, median, share),
-                  "held_out": norm_report(held_out, threshold, median)}
+        report = {
+            "max_norm_ratio": ratio,
+            "train": filter_report(train_norms, threshold, median, share),
+            "held_out": norm_report(held_out, threshold, median),
+        }
         held_out = held_out[held_out.norm(dim=-1) <= threshold][:eval_tokens]
-        return train, held_out, report, math.sqrt(self.d) / float(kept.mean(dtype=np.float64))
+        return (
+            train,
+            held_out,
+            report,
+            math.sqrt(self.d) / float(kept.mean(dtype=np.float64)),
+        )
+
 
 def input_scale(data: torch.Tensor) -> float:
     """The scalar c with mean ||c x|| = sqrt(d)."""
     return math.sqrt(data.shape[1]) / float(data.norm(dim=-1).mean())
+
 
 @torch.no_grad()
 def fold_input_scale_(sae: SparseAutoencoder, c: float):
@@ -1478,16 +1851,20 @@ def fold_input_scale_(sae: SparseAutoencoder, c: float):
     degree 1; the ablation's products, degree 2), so the latents are c^degree f(u). Dividing by c leaves
     c^(degree-1): scaling the encoder rows by a = c^((degree-1)/degree) puts it back (a = 1 for degree 1).
     The unit-norm W_dec stays as it is."""
-    degree = KERNELS[sae.kernel].degree if hasattr(sae, "kernel") else 1  # ReLU (TopK): 1
+    # ReLU (TopK): 1
+    degree = KERNELS[sae.kernel].degree if hasattr(sae, "kernel") else 1
     a = c ** (1 - 1 / degree)
     sae.W_enc *= a
     sae.b_enc /= c / a
     sae.b_dec /= c
 
+
 # ============================================================================= 8. The real-model path
+
 
 class StopForward(Exception):
     """Raised by the capture hook: nothing after the layer we want needs to run."""
+
 
 def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] = None):
     """(model, tokenizer, causal) from a hub name, a local directory or a .gguf file, in eval mode. The layer
@@ -1495,19 +1872,27 @@ def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] =
     (llama.cpp's format) is dequantised to float32 by transformers, which needs the gguf and accelerate packages."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     name, extra = model_source(name)
     loaded = partial(from_pretrained, name=name, extra=extra)
     config = loaded(AutoConfig.from_pretrained)
     if layer is not None:
         check_layer(config, layer)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
     if ctx is not None and positions and ctx > positions:
-        raise ValueError(f"--ctx {ctx} is longer than {name}'s maximum of {positions} positions")
-    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # saved architectures: GPT2LMHeadModel, ...
-    causal = bool(extra) or any(a in causal_names for a in (config.architectures or []))  # GGUF: an LM
+        raise ValueError(
+            f"--ctx {ctx} is longer than {name}'s maximum of {positions} positions"
+        )
+    # saved architectures: GPT2LMHeadModel, ...
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    # GGUF: an LM
+    causal = bool(extra) or any(a in causal_names for a in (config.architectures or []))
     model = loaded((AutoModelForCausalLM if causal else AutoModel).from_pretrained)
     tokenizer = loaded(AutoTokenizer.from_pretrained)
     return model.to(device).eval(), tokenizer, causal
+
 
 def model_source(name) -> tuple[str, dict]:
     """(name, from_pretrained's extra arguments) for a hub name, a local directory or a .gguf file."""
@@ -1516,23 +1901,33 @@ def model_source(name) -> tuple[str, dict]:
         if not Path(name).expanduser().is_file():
             raise ValueError(f"model file {name} does not exist")
         return str(Path(name).expanduser().parent), {"gguf_file": Path(name).name}
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():  # a path, not a hub name
-        raise ValueError(f"model directory {name} does not exist; pass a local directory holding "
-                         f"config.json, the weights and the tokenizer, or a hub name")
+    # a path, not a hub name
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise ValueError(
+            f"model directory {name} does not exist; pass a local directory holding "
+            f"config.json, the weights and the tokenizer, or a hub name"
+        )
     return name, {}
+
 
 def from_pretrained(load: Callable, name: str, extra: dict):
     try:
         return load(name, **extra)
     except (OSError, ValueError) as err:
-        raise ValueError(f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without "
-                         f"network access pass a local directory, e.g. one written by save_pretrained().") from None
+        raise ValueError(
+            f"could not load model {name!r} ({type(err).__name__}: {str(err)[:200]}). Without "
+            f"network access pass a local directory, e.g. one written by save_pretrained()."
+        ) from None
+
 
 def check_layer(config, layer: int):
     """hidden_states has num_hidden_layers + 1 entries: 0 is the embeddings, L the output of block L."""
     n = config.num_hidden_layers
     if not 0 <= layer <= n:
-        raise ValueError(f"layer must be in 0..{n} for this model ({n} blocks; 0 = embeddings), got {layer}")
+        raise ValueError(
+            f"layer must be in 0..{n} for this model ({n} blocks; 0 = embeddings), got {layer}"
+        )
+
 
 def find_blocks(model) -> nn.ModuleList:
     """The transformer blocks: the first ModuleList with num_hidden_layers entries (GPT-2, Llama, BERT, ...)."""
@@ -1540,10 +1935,14 @@ def find_blocks(model) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
-    raise ValueError(f"could not find the {n} transformer blocks of {type(model).__name__}")
+    raise ValueError(
+        f"could not find the {n} transformer blocks of {type(model).__name__}"
+    )
+
 
 def block_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
+
 
 def layer_input_module(model, layer: int) -> Optional[nn.Module]:
     """The module whose input is hidden_states[layer]: block `layer`, or, at the last layer, the LM head, whose
@@ -1552,6 +1951,7 @@ def layer_input_module(model, layer: int) -> Optional[nn.Module]:
         return find_blocks(model)[layer]
     return model.get_output_embeddings()
 
+
 @torch.inference_mode()
 def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
     """hidden_states[layer], (b, T, d): the input of block `layer` (of the LM head at the last layer). A
@@ -1559,7 +1959,9 @@ def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
     check_layer(model.config, layer)
     module = layer_input_module(model, layer)
     if module is None:  # an encoder's last layer: run every block
-        return model.base_model(input_ids=input_ids, output_hidden_states=True).hidden_states[layer]
+        return model.base_model(
+            input_ids=input_ids, output_hidden_states=True
+        ).hidden_states[layer]
     captured = []
 
     def capture(module, args, kwargs):
@@ -1575,12 +1977,14 @@ def residual_at(model, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
         handle.remove()
     return captured[0]
 
+
 def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a text ([CLS] / [SEP], <s>, or none)."""
     plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
     wrapped = tokenizer("hello")["input_ids"]
-    start = next(i for i in range(len(wrapped)) if wrapped[i:i + len(plain)] == plain)
-    return wrapped[:start], wrapped[start + len(plain):]
+    start = next(i for i in range(len(wrapped)) if wrapped[i : i + len(plain)] == plain)
+    return wrapped[:start], wrapped[start + len(plain) :]
+
 
 def context_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens around each context: the tokenizer's own, and its BOS token first when it has one,
@@ -1591,6 +1995,7 @@ def context_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     if bos is not None and before[:1] != [bos]:
         before = [bos, *before]
     return before, after
+
 
 def text_blocks(paths, block: int = 1 << 20) -> Iterator[str]:
     """The text files, about `block` characters at a time, cut at line ends; files are joined by a blank line."""
@@ -1603,13 +2008,16 @@ def text_blocks(paths, block: int = 1 << 20) -> Iterator[str]:
                 yield ("\n\n" if n and first else "") + text
                 first = False
 
+
 def iter_contexts(tokenizer, paths, ctx: int) -> Iterator[list[int]]:
     """Contexts of ctx token ids, wrapped as context_wrapping says, tokenised lazily: the text is read and
     tokenised only as far as the contexts taken from this iterator need."""
     before, after = context_wrapping(tokenizer)
     body = ctx - len(before) - len(after)
     if body < 1:
-        raise ValueError(f"ctx={ctx} leaves no room for text after {len(before) + len(after)} special tokens")
+        raise ValueError(
+            f"ctx={ctx} leaves no room for text after {len(before) + len(after)} special tokens"
+        )
     ids = []
     for text in text_blocks(paths):
         ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -1617,33 +2025,63 @@ def iter_contexts(tokenizer, paths, ctx: int) -> Iterator[list[int]]:
             yield before + ids[:body] + after
             ids = ids[body:]
 
-def make_contexts(tokenizer, paths, ctx: int, limit: Optional[int] = None) -> torch.Tensor:
+
+def make_contexts(
+    tokenizer, paths, ctx: int, limit: Optional[int] = None
+) -> torch.Tensor:
     """The first `limit` contexts (all when None) as an (N, ctx) tensor; the text past them is never read."""
     contexts = list(itertools.islice(iter_contexts(tokenizer, paths, ctx), limit))
     if not contexts:
         before, after = context_wrapping(tokenizer)
         body = ctx - len(before) - len(after)
-        count = len(tokenizer("".join(text_blocks(paths)), add_special_tokens=False, verbose=False)["input_ids"])
-        raise ValueError(f"text too short: {count} tokens in {list(map(str, paths))}, but one context of "
-                         f"ctx={ctx} needs {body} (plus {ctx - body} special tokens)")
+        count = len(
+            tokenizer(
+                "".join(text_blocks(paths)), add_special_tokens=False, verbose=False
+            )["input_ids"]
+        )
+        raise ValueError(
+            f"text too short: {count} tokens in {list(map(str, paths))}, but one context of "
+            f"ctx={ctx} needs {body} (plus {ctx - body} special tokens)"
+        )
     return torch.tensor(contexts)
 
-def token_mask(input_ids: torch.Tensor, special_ids, keep_first: bool = False) -> torch.Tensor:
+
+def token_mask(
+    input_ids: torch.Tensor, special_ids, keep_first: bool = False
+) -> torch.Tensor:
     """(N, T) bool: the positions to train on. Position 0 is the attention sink; special tokens are not text."""
-    keep = ~torch.isin(input_ids, torch.tensor(sorted(special_ids), dtype=input_ids.dtype))
+    keep = ~torch.isin(
+        input_ids, torch.tensor(sorted(special_ids), dtype=input_ids.dtype)
+    )
     if not keep_first:
         keep[:, 0] = False
     return keep
 
-def harvest(model, contexts: torch.Tensor, layer: int, mask: torch.Tensor, batch: int,
-            max_tokens: int, progress: bool = True) -> torch.Tensor:
+
+def harvest(
+    model,
+    contexts: torch.Tensor,
+    layer: int,
+    mask: torch.Tensor,
+    batch: int,
+    max_tokens: int,
+    progress: bool = True,
+) -> torch.Tensor:
     """Activations hidden_states[layer] at the masked positions, (N_tokens, d) float32 on the CPU."""
     device = next(model.parameters()).device
     out, total = [], 0
-    with tqdm(total=min(max_tokens, int(mask.sum())), unit="tok", unit_scale=True, desc=f"harvest layer {layer}",
-              disable=not progress) as bar:
+    with tqdm(
+        total=min(max_tokens, int(mask.sum())),
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest layer {layer}",
+        disable=not progress,
+    ) as bar:
         for ids, keep in zip(contexts.split(batch), mask.split(batch)):
-            acts = residual_at(model, ids.to(device), layer)[keep.to(device)].float().cpu()   # (n, d)
+            # (n, d)
+            acts = (
+                residual_at(model, ids.to(device), layer)[keep.to(device)].float().cpu()
+            )
             out.append(acts[: max_tokens - total])
             total += out[-1].shape[0]
             bar.update(out[-1].shape[0])
@@ -1651,17 +2089,20 @@ def harvest(model, contexts: torch.Tensor, layer: int, mask: torch.Tensor, batch
                 break
     return torch.cat(out)
 
+
 def store_args(ids: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple:
     """StoreWriter.add's (lengths, ids, positions) for the first `rows` harvested rows (mask's order, row-major)
     of contexts ids (N, T): the rows each context gave, the token ids of those that gave any, the rows' positions."""
-    where = mask.nonzero()[:rows]                                                   # (rows, 2): context, position
+    where = mask.nonzero()[:rows]  # (rows, 2): context, position
     contexts, lengths = where[:, 0].unique_consecutive(return_counts=True)
     return lengths.tolist(), ids[contexts], where[:, 1]
 
+
 class CE(NamedTuple):
-    mean: float     # mean next-token cross-entropy over the counted positions
-    counted: int    # positions averaged
-    excluded: int   # positions left out: their input norm exceeded max_norm (massive activations)
+    mean: float  # mean next-token cross-entropy over the counted positions
+    counted: int  # positions averaged
+    excluded: int  # positions left out: their input norm exceeded max_norm (massive activations)
+
 
 def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     """The LM head on final hidden states h (n, d) -> (n, vocab), with Gemma 2's logit soft-capping. Called
@@ -1671,28 +2112,45 @@ def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     cap = getattr(model.config, "final_logit_softcapping", None)
     return cap * torch.tanh(logits / cap) if cap else logits
 
+
 @torch.inference_mode()
 def head_is_separable(model, ids: torch.Tensor) -> bool:
     """Whether the model's logits are head_logits of the LM head's input, checked on one context: then the
     CE can be computed a chunk of positions at a time, in memory that does not grow with the batch."""
     captured = []
-    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda m, args: captured.append(args[0])
+    )
     try:
         logits = model(input_ids=ids[:1]).logits.float()
     finally:
         handle.remove()
     return torch.allclose(head_logits(model, captured[0]), logits, rtol=1e-4, atol=1e-4)
 
+
 def chunked_ce(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per position from final hidden states h (n, d), a chunk of positions at a time: the
     (n, vocab) logits never exist whole, only about 64 MB of them."""
     chunk = max(1, (1 << 24) // model.get_output_embeddings().weight.shape[0])
-    return torch.cat([nnf.cross_entropy(head_logits(model, a), b, reduction="none")
-                      for a, b in zip(h.split(chunk), targets.split(chunk))])
+    return torch.cat(
+        [
+            nnf.cross_entropy(head_logits(model, a), b, reduction="none")
+            for a, b in zip(h.split(chunk), targets.split(chunk))
+        ]
+    )
+
 
 @torch.inference_mode()
-def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, replace=None,
-               batch: int = 16, max_norm: float = math.inf, chunked: bool = False) -> CE:
+def spliced_ce(
+    model,
+    contexts: torch.Tensor,
+    mask: torch.Tensor,
+    layer: int,
+    replace=None,
+    batch: int = 16,
+    max_norm: float = math.inf,
+    chunked: bool = False,
+) -> CE:
     """Next-token cross-entropy when hidden_states[layer] is replaced by replace(h) at the masked positions
     (None: the clean model). Positions whose activation norm exceeds max_norm keep their activation and are
     left out of the mean, in every pass alike, so clean, spliced and ablated CE stay comparable.
@@ -1706,17 +2164,28 @@ def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, re
 
     def splice(module, args, kwargs):
         h = block_input(args, kwargs)
-        current["massive"] = h.norm(dim=-1) > max_norm                             # (b, T)
+        current["massive"] = h.norm(dim=-1) > max_norm  # (b, T)
         if replace is None:
             return None
         keep = current["mask"] & ~current["massive"]
         new = h.clone()
         new[keep] = replace(h[keep].float()).to(h.dtype)
-        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+        return (
+            ((new, *args[1:]), kwargs)
+            if args
+            else (args, {**kwargs, "hidden_states": new})
+        )
 
-    handles = [layer_input_module(model, layer).register_forward_pre_hook(splice, with_kwargs=True)]
-    if chunked:  # registered after the splice, so at the last layer it sees the spliced input
-        handles.append(model.get_output_embeddings().register_forward_pre_hook(capture_head_input))
+    handles = [
+        layer_input_module(model, layer).register_forward_pre_hook(
+            splice, with_kwargs=True
+        )
+    ]
+    # registered after the splice, so at the last layer it sees the spliced input
+    if chunked:
+        handles.append(
+            model.get_output_embeddings().register_forward_pre_hook(capture_head_input)
+        )
     total, counted, excluded = 0.0, 0, 0
     try:
         for ids, keep in zip(contexts.split(batch), mask.split(batch)):
@@ -1727,11 +2196,15 @@ def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, re
                     model(input_ids=ids)
                 except StopForward:
                     pass
-                ce = chunked_ce(model, current["final"][:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+                ce = chunked_ce(
+                    model, current["final"][:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+                )
             else:
-                logits = model(input_ids=ids).logits[:, :-1].float()               # (b, T-1, vocab)
-                ce = nnf.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-            count = ~current["massive"][:, :-1].flatten()                           # (b*(T-1),)
+                logits = model(input_ids=ids).logits[:, :-1].float()  # (b, T-1, vocab)
+                ce = nnf.cross_entropy(
+                    logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+                )
+            count = ~current["massive"][:, :-1].flatten()  # (b*(T-1),)
             total, counted = total + float(ce[count].sum()), counted + int(count.sum())
             excluded += int((~count).sum())
     finally:
@@ -1739,92 +2212,206 @@ def spliced_ce(model, contexts: torch.Tensor, mask: torch.Tensor, layer: int, re
             handle.remove()
     return CE(total / counted, counted, excluded)
 
-def lm_cost(sae: SparseAutoencoder, model, contexts, mask, layer: int, batch: int,
-            max_norm: float = math.inf) -> dict:
+
+def lm_cost(
+    sae: SparseAutoencoder,
+    model,
+    contexts,
+    mask,
+    layer: int,
+    batch: int,
+    max_norm: float = math.inf,
+) -> dict:
     """What splicing the SAE in costs the LM: clean, spliced and zero-ablated CE, and loss recovered. The CE
     is computed a chunk of positions at a time when the model allows it (head_is_separable)."""
     chunked = head_is_separable(model, contexts[:1].to(next(model.parameters()).device))
     clean = spliced_ce(model, contexts, mask, layer, None, batch, max_norm, chunked)
-    spliced = spliced_ce(model, contexts, mask, layer, sae, batch, max_norm, chunked).mean
-    zero = spliced_ce(model, contexts, mask, layer, torch.zeros_like, batch, max_norm, chunked).mean
-    r = {"ce_clean": clean.mean, "ce_sae": spliced, "ce_zero": zero, "ce_positions": clean.counted,
-         "ce_positions_excluded": clean.excluded, "ce_chunked": chunked}
-    if zero == clean.mean:  # the layer does not matter to the LM here: the ratio is undefined, not 0 or 1
-        return r | {"loss_recovered": None, "loss_recovered_reason": "zero-ablation CE equals the clean CE"}
+    spliced = spliced_ce(
+        model, contexts, mask, layer, sae, batch, max_norm, chunked
+    ).mean
+    zero = spliced_ce(
+        model, contexts, mask, layer, torch.zeros_like, batch, max_norm, chunked
+    ).mean
+    r = {
+        "ce_clean": clean.mean,
+        "ce_sae": spliced,
+        "ce_zero": zero,
+        "ce_positions": clean.counted,
+        "ce_positions_excluded": clean.excluded,
+        "ce_chunked": chunked,
+    }
+    # the layer does not matter to the LM here: the ratio is undefined, not 0 or 1
+    if zero == clean.mean:
+        return r | {
+            "loss_recovered": None,
+            "loss_recovered_reason": "zero-ablation CE equals the clean CE",
+        }
     return r | {"loss_recovered": (zero - spliced) / (zero - clean.mean)}
 
-def dropped_tokens(acts: torch.Tensor, threshold: float, contexts: torch.Tensor, mask: torch.Tensor,
-                   tokenizer, top: int = 8) -> dict:
+
+def dropped_tokens(
+    acts: torch.Tensor,
+    threshold: float,
+    contexts: torch.Tensor,
+    mask: torch.Tensor,
+    tokenizer,
+    top: int = 8,
+) -> dict:
     """Which tokens, at which positions, the norm filter dropped: the most common of each, with counts.
     acts (n, d) are the rows harvested from contexts (N, T) at `mask`, in order."""
-    dropped = (acts.norm(dim=-1) > threshold).nonzero().squeeze(1)                    # rows
-    ids = contexts[mask][dropped]                                                      # (n_dropped,)
+    dropped = (acts.norm(dim=-1) > threshold).nonzero().squeeze(1)  # rows
+    ids = contexts[mask][dropped]  # (n_dropped,)
     positions = torch.arange(contexts.shape[1]).expand_as(contexts)[mask][dropped]
+
     def most_common(values, name):
         v, c = values.unique(return_counts=True)
         order = c.argsort(descending=True)[:top]
         return {name(int(v[i])): int(c[i]) for i in order}
-    return {"dropped_tokens": most_common(ids, lambda t: tokenizer.convert_ids_to_tokens(t)),
-            "dropped_positions": most_common(positions, str)}
 
-def lm_data(cfg: DataConfig, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    return {
+        "dropped_tokens": most_common(
+            ids, lambda t: tokenizer.convert_ids_to_tokens(t)
+        ),
+        "dropped_positions": most_common(positions, str),
+    }
+
+
+def lm_data(
+    cfg: DataConfig, seed: int, device
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs),
     with massive activations filtered out. Whole contexts are held out, so the LM cost is measured on text
     the SAE never saw."""
     model, tokenizer, causal = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
     if tokenizer.bos_token_id is None:
-        print(f"note: the tokenizer of {cfg.model} has no BOS token, so contexts start with its own special "
-              f"tokens {tokenizer.convert_ids_to_tokens(special_wrapping(tokenizer)[0])} or with text")
-    before, after = context_wrapping(tokenizer)                                     # read only what is needed:
-    per_context = max(1, cfg.ctx - len(before) - len(after) - 1)                   # rows kept per context, at least
-    contexts = make_contexts(tokenizer, cfg.text, cfg.ctx, (cfg.max_tokens + cfg.eval_tokens) // per_context + 2)
-    perm = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(seed))
+        print(
+            f"note: the tokenizer of {cfg.model} has no BOS token, so contexts start with its own special "
+            f"tokens {tokenizer.convert_ids_to_tokens(special_wrapping(tokenizer)[0])} or with text"
+        )
+    before, after = context_wrapping(tokenizer)  # read only what is needed:
+    # rows kept per context, at least
+    per_context = max(1, cfg.ctx - len(before) - len(after) - 1)
+    contexts = make_contexts(
+        tokenizer,
+        cfg.text,
+        cfg.ctx,
+        (cfg.max_tokens + cfg.eval_tokens) // per_context + 2,
+    )
+    perm = torch.randperm(
+        contexts.shape[0], generator=torch.Generator().manual_seed(seed)
+    )
     contexts = contexts[perm]
-    mask = token_mask(contexts, tokenizer.all_special_ids, cfg.keep_first)        # (N, T)
+    mask = token_mask(contexts, tokenizer.all_special_ids, cfg.keep_first)  # (N, T)
     n_eval = math.ceil(cfg.eval_tokens / max(1, int(mask[0].sum())))
     if n_eval >= contexts.shape[0]:
-        raise ValueError(f"text too short: {contexts.shape[0]} contexts of {cfg.ctx} tokens, but holding out "
-                         f"eval_tokens={cfg.eval_tokens} takes {n_eval}; add text or lower --eval-tokens")
-    train_acts = harvest(model, contexts[n_eval:], cfg.layer, mask[n_eval:], cfg.model_batch, cfg.max_tokens)
-    eval_acts = harvest(model, contexts[:n_eval], cfg.layer, mask[:n_eval], cfg.model_batch, cfg.eval_tokens)
+        raise ValueError(
+            f"text too short: {contexts.shape[0]} contexts of {cfg.ctx} tokens, but holding out "
+            f"eval_tokens={cfg.eval_tokens} takes {n_eval}; add text or lower --eval-tokens"
+        )
+    train_acts = harvest(
+        model,
+        contexts[n_eval:],
+        cfg.layer,
+        mask[n_eval:],
+        cfg.model_batch,
+        cfg.max_tokens,
+    )
+    eval_acts = harvest(
+        model,
+        contexts[:n_eval],
+        cfg.layer,
+        mask[:n_eval],
+        cfg.model_batch,
+        cfg.eval_tokens,
+    )
     if cfg.save_acts.endswith(".pt"):
-        write_atomic(cfg.save_acts, lambda f: f.write(torch_bytes(torch.cat([train_acts, eval_acts]))))
+        write_atomic(
+            cfg.save_acts,
+            lambda f: f.write(torch_bytes(torch.cat([train_acts, eval_acts]))),
+        )
     elif cfg.save_acts:
         try:
             writer = StoreWriter(cfg.save_acts, cfg.dtype)
-            for acts, part in ((train_acts, slice(n_eval, None)), (eval_acts, slice(n_eval))):
+            for acts, part in (
+                (train_acts, slice(n_eval, None)),
+                (eval_acts, slice(n_eval)),
+            ):
                 writer.add(acts, *store_args(contexts[part], mask[part], acts.shape[0]))
             writer.finish(**store_info(cfg, tokenizer, 0.0))
         except WriteError as err:
-            raise WriteError(f"{err}; the store in {cfg.save_acts} is unfinished and will be refused by training; "
-                             f"free some space, then run again with --overwrite") from None
+            raise WriteError(
+                f"{err}; the store in {cfg.save_acts} is unfinished and will be refused by training; "
+                f"free some space, then run again with --overwrite"
+            ) from None
     if cfg.save_acts:
-        print(f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}")
+        print(
+            f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}"
+        )
     raw = train_acts
-    train_acts, eval_acts, report = filter_massive(train_acts, eval_acts, cfg.max_norm_ratio, cfg.norm_figure,
-                                                   f"{Path(cfg.model).name}, hidden_states[{cfg.layer}]")
-    report["train"].update(dropped_tokens(raw, report["train"]["threshold"], contexts[n_eval:], mask[n_eval:],
-                                          tokenizer))
+    train_acts, eval_acts, report = filter_massive(
+        train_acts,
+        eval_acts,
+        cfg.max_norm_ratio,
+        cfg.norm_figure,
+        f"{Path(cfg.model).name}, hidden_states[{cfg.layer}]",
+    )
+    report["train"].update(
+        dropped_tokens(
+            raw,
+            report["train"]["threshold"],
+            contexts[n_eval:],
+            mask[n_eval:],
+            tokenizer,
+        )
+    )
     if not causal:
-        print(f"note: {cfg.model} is not a causal LM, so there is no loss-recovered evaluation")
-    return train_acts, eval_acts, {"model": model, "contexts": contexts[:n_eval], "mask": mask[:n_eval],
-                                   "splice": causal, "max_norm": report["train"]["threshold"], "report": report}
+        print(
+            f"note: {cfg.model} is not a causal LM, so there is no loss-recovered evaluation"
+        )
+    return (
+        train_acts,
+        eval_acts,
+        {
+            "model": model,
+            "contexts": contexts[:n_eval],
+            "mask": mask[:n_eval],
+            "splice": causal,
+            "max_norm": report["train"]["threshold"],
+            "report": report,
+        },
+    )
+
 
 def file_digest(path) -> dict:
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": digest}
 
+
 def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
     """What a store's manifest says about how it was made: the model and layer, the context, the treatment
     of BOS, position 0, special tokens and massive activations, and the text files with their hashes."""
     before, _ = special_wrapping(tokenizer)
     bos = tokenizer.bos_token_id
-    return {"model": cfg.model, "tokenizer": cfg.model, "layer": cfg.layer, "ctx": cfg.ctx, "harvest_seconds": seconds,
-            "bos": "none" if bos is None else "added by the tokenizer" if before[:1] == [bos] else "prepended",
-            "position_0": "kept" if cfg.keep_first else "dropped", "special_tokens": "dropped",
-            "max_norm_ratio": cfg.max_norm_ratio, "massive_activations": "kept in the store; training drops them",
-            "text": [file_digest(p) for p in cfg.text], "torch": torch.__version__}
+    return {
+        "model": cfg.model,
+        "tokenizer": cfg.model,
+        "layer": cfg.layer,
+        "ctx": cfg.ctx,
+        "harvest_seconds": seconds,
+        "bos": "none"
+        if bos is None
+        else "added by the tokenizer"
+        if before[:1] == [bos]
+        else "prepended",
+        "position_0": "kept" if cfg.keep_first else "dropped",
+        "special_tokens": "dropped",
+        "max_norm_ratio": cfg.max_norm_ratio,
+        "massive_activations": "kept in the store; training drops them",
+        "text": [file_digest(p) for p in cfg.text],
+        "torch": torch.__version__,
+    }
+
 
 def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> dict:
     """Write hidden_states[layer] of --model on --text to an activation store, shard by shard: the text is
@@ -1833,32 +2420,56 @@ def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> d
     try:
         return write_store(model, tokenizer, cfg, out, progress)
     except WriteError as err:
-        raise WriteError(f"{err}; the store in {out} is unfinished (it has no manifest.json) and will be refused "
-                         f"by training; free some space, then harvest again with --overwrite") from None
+        raise WriteError(
+            f"{err}; the store in {out} is unfinished (it has no manifest.json) and will be refused "
+            f"by training; free some space, then harvest again with --overwrite"
+        ) from None
+
 
 def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> dict:
     writer, total, start = StoreWriter(out, cfg.dtype), 0, time.perf_counter()
     contexts = iter_contexts(tokenizer, cfg.text, cfg.ctx)
-    with tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc=f"harvest layer {cfg.layer}",
-              disable=not progress) as bar:
-        while total < cfg.max_tokens and (batch := list(itertools.islice(contexts, cfg.model_batch))):
-            ids = torch.tensor(batch)                                                   # (b, T)
+    with tqdm(
+        total=cfg.max_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest layer {cfg.layer}",
+        disable=not progress,
+    ) as bar:
+        while total < cfg.max_tokens and (
+            batch := list(itertools.islice(contexts, cfg.model_batch))
+        ):
+            ids = torch.tensor(batch)  # (b, T)
             mask = token_mask(ids, tokenizer.all_special_ids, cfg.keep_first)
-            acts = harvest(model, ids, cfg.layer, mask, len(ids), cfg.max_tokens - total, progress=False)
+            acts = harvest(
+                model,
+                ids,
+                cfg.layer,
+                mask,
+                len(ids),
+                cfg.max_tokens - total,
+                progress=False,
+            )
             writer.add(acts, *store_args(ids, mask, acts.shape[0]))
             total += acts.shape[0]
             bar.update(acts.shape[0])
     if total < cfg.max_tokens:
-        print(f"note: the text ran out after {total:,} tokens, before --max-tokens {cfg.max_tokens:,}")
+        print(
+            f"note: the text ran out after {total:,} tokens, before --max-tokens {cfg.max_tokens:,}"
+        )
     seconds = time.perf_counter() - start
     manifest = writer.finish(**store_info(cfg, tokenizer, seconds))
-    print(f"wrote {manifest['tokens']:,} tokens of {manifest['contexts']:,} contexts to {out} in "
-          f"{len(manifest['shards'])} shards ({manifest['dtype']}); {total / seconds:,.0f} tokens/s, "
-          f"{seconds / total * 1e6 / 60:.1f} min per million tokens; {manifest['norms']['above_threshold']} "
-          f"tokens above {cfg.max_norm_ratio:g} x the median norm")
+    print(
+        f"wrote {manifest['tokens']:,} tokens of {manifest['contexts']:,} contexts to {out} in "
+        f"{len(manifest['shards'])} shards ({manifest['dtype']}); {total / seconds:,.0f} tokens/s, "
+        f"{seconds / total * 1e6 / 60:.1f} min per million tokens; {manifest['norms']['above_threshold']} "
+        f"tokens above {cfg.max_norm_ratio:g} x the median norm"
+    )
     return manifest
 
+
 # ============================================================================= 9. Evaluation
+
 
 class Moments:
     """Running per-dimension sums, for Var over a whole data set (float64: on the CPU for MPS, which has none)."""
@@ -1876,6 +2487,7 @@ class Moments:
         mean = self.sum / self.count
         return float((self.sumsq / self.count - mean.pow(2)).sum())
 
+
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> dict:
     """Held-out metrics on a common footing for any SAE.
@@ -1885,7 +2497,12 @@ def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> d
     loss with those dead latents.
     """
     device = sae.W_dec.device
-    x_m, r_m, l0, fired = Moments(), Moments(), 0, torch.zeros(sae.F, dtype=torch.long, device=device)
+    x_m, r_m, l0, fired = (
+        Moments(),
+        Moments(),
+        0,
+        torch.zeros(sae.F, dtype=torch.long, device=device),
+    )
     for x in data.split(batch):
         x = x.to(device)
         values, indices = sae.encode(x)
@@ -1900,67 +2517,135 @@ def evaluate(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> d
             x = x.to(device)
             enc = sae.encode_with_aux(x, dead)
             e = x - sae.decode(enc.values, enc.indices)
-            aux_num += float((e - sae.sparse_decode(enc.aux_values, enc.aux_indices)).pow(2).sum())
+            aux_num += float(
+                (e - sae.sparse_decode(enc.aux_values, enc.aux_indices)).pow(2).sum()
+            )
             e_m.add(e)
     total, error = x_m.total_variance(), r_m.total_variance()
     if x_m.count < 2 or not total > 1e-12 * float(x_m.sumsq.sum() / x_m.count):
-        raise ValueError(f"EV is undefined on {x_m.count} rows of {'constant' if x_m.count > 1 else 'too little'} "
-                         f"data: it needs at least 2 rows that vary")
+        raise ValueError(
+            f"EV is undefined on {x_m.count} rows of {'constant' if x_m.count > 1 else 'too little'} "
+            f"data: it needs at least 2 rows that vary"
+        )
     if not math.isfinite(error):
-        raise FloatingPointError(f"the reconstruction error is {error} on {x_m.count} rows: the SAE is broken")
+        raise FloatingPointError(
+            f"the reconstruction error is {error} on {x_m.count} rows: the SAE is broken"
+        )
     ev = 1.0 - error / total
-    return {"ev": ev, "fvu": 1.0 - ev, "l0": l0 / x_m.count, "dead_fraction": float(dead.float().mean()),
-            "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12) if dead.any() else 0.0}
+    return {
+        "ev": ev,
+        "fvu": 1.0 - ev,
+        "l0": l0 / x_m.count,
+        "dead_fraction": float(dead.float().mean()),
+        "aux_loss": aux_num / max(e_m.total_variance() * e_m.count, 1e-12)
+        if dead.any()
+        else 0.0,
+    }
+
 
 def format_table(header: list[str], rows: list[list]) -> str:
     """The one table printer: cells as strings, the first column left-aligned and the others right-aligned,
     a rule under the header."""
     cells = [list(map(str, row)) for row in [header, *rows]]
     widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if c else cell.ljust(w)
+            for c, (cell, w) in enumerate(zip(row, widths))
+        )
+        for row in cells
+    ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
 
 def results_table(rows: list[dict]) -> str:
     """The main job's comparison: one row per SAE's metrics."""
-    return format_table(["SAE", "F", "k", "tokens", "EV", "L0", "dead %", "enc FLOPs/tok", "params", "ms/step"], [[
-        r["arch"] if r["arch"] == "topk" else f"kron h={r['h']} m={r['m']} n={r['n']}", r["dict_size"], r["k"],
-        f"{r['tokens']:,}", f"{r['ev']:.4f}", f"{r['l0']:.1f}", f"{100 * r['dead_fraction']:.1f}",
-        f"{r['encoder_flops_per_token']:,}", f"{r['params']:,}", f"{r['ms_per_step']:.1f}"] for r in rows])
+    return format_table(
+        [
+            "SAE",
+            "F",
+            "k",
+            "tokens",
+            "EV",
+            "L0",
+            "dead %",
+            "enc FLOPs/tok",
+            "params",
+            "ms/step",
+        ],
+        [
+            [
+                r["arch"]
+                if r["arch"] == "topk"
+                else f"kron h={r['h']} m={r['m']} n={r['n']}",
+                r["dict_size"],
+                r["k"],
+                f"{r['tokens']:,}",
+                f"{r['ev']:.4f}",
+                f"{r['l0']:.1f}",
+                f"{100 * r['dead_fraction']:.1f}",
+                f"{r['encoder_flops_per_token']:,}",
+                f"{r['params']:,}",
+                f"{r['ms_per_step']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
+
 
 def mean_std(values: list[float]) -> dict:
     """{"mean", "std"} of repeated measurements (seeds, set-ups); std is the sample std (n - 1), 0 for one value."""
     t = torch.tensor(values, dtype=torch.float64)
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
 
+
 # ============================================================================= 10. Checkpoints and runs
 
-Sync = Optional[Callable[[torch.Tensor], torch.Tensor]]  # data parallel: a tensor's sum over the processes
+Sync = Optional[
+    Callable[[torch.Tensor], torch.Tensor]
+]  # data parallel: a tensor's sum over the processes
 
 # One registry of architectures: the name in config.json, the class, and which attribute each constructor
 # argument is read back from. build, load, prune, export and bench all go through it.
-ARCHS = {"topk": (TopKSAE, {"d_in": "d_in", "dict_size": "F", "k": "k"}),
-         "kron": (KronSAE, {"d_in": "d_in", "h": "h", "m": "m", "n": "n", "k": "k", "kernel": "kernel"})}
+ARCHS = {
+    "topk": (TopKSAE, {"d_in": "d_in", "dict_size": "F", "k": "k"}),
+    "kron": (
+        KronSAE,
+        {"d_in": "d_in", "h": "h", "m": "m", "n": "n", "k": "k", "kernel": "kernel"},
+    ),
+}
+
 
 def sae_config(sae: SparseAutoencoder) -> dict:
     """The constructor arguments that rebuild `sae`, with its architecture's name (config.json)."""
     arch = next(name for name, (cls, _) in ARCHS.items() if type(sae) is cls)
-    return {"arch": arch, **{arg: getattr(sae, attr) for arg, attr in ARCHS[arch][1].items()}}
+    return {
+        "arch": arch,
+        **{arg: getattr(sae, attr) for arg, attr in ARCHS[arch][1].items()},
+    }
+
 
 def build_sae(config: dict) -> SparseAutoencoder:
     config = dict(config)
     return ARCHS[config.pop("arch")][0](**config)
 
+
 def num_params(sae: nn.Module) -> int:
     return sum(p.numel() for p in sae.parameters())
 
+
 # What a failed write most often means, in words. A full disk ends a long run more often than anything else.
-WRITE_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EFBIG: "the file would exceed the size limit on files (ulimit -f)",
-                errno.EROFS: "the file system is read-only"}
+WRITE_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file would exceed the size limit on files (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+}
+
 
 class WriteError(OSError):
     """A file could not be written; the message names it and the cause in words. Its temporary file is gone."""
+
 
 def write_atomic(path, write: Callable):
     """write(f) into a temporary file beside `path`, then rename it over `path` (creating the folders): readers
@@ -1977,54 +2662,80 @@ def write_atomic(path, write: Callable):
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        cause = WRITE_CAUSES.get(err.errno, err.strerror or f"the write fell short ({err})")
+        cause = WRITE_CAUSES.get(
+            err.errno, err.strerror or f"the write fell short ({err})"
+        )
         raise WriteError(f"could not write {path}: {cause}") from None
+
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display), imported when a figure is asked for."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
+
 
 def save_figure(fig, path):
     """A matplotlib figure as a PNG, written atomically (write_atomic)."""
     write_atomic(path, lambda f: fig.savefig(f, dpi=90, format="png"))
+
 
 def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
-def npy_bytes(array: np.ndarray) -> bytes:  # np.save's own writes raise OSErrors without an errno
+
+def npy_bytes(
+    array: np.ndarray,
+) -> bytes:  # np.save's own writes raise OSErrors without an errno
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
 
 def save(sae: SparseAutoencoder, directory: str):
     """Write sae.safetensors and config.json, each atomically (write_atomic). Non-finite weights are refused:
     the last finite checkpoint stays."""
     from safetensors.torch import save as safetensors_bytes
+
     bad = [name for name, t in sae.state_dict().items() if not torch.isfinite(t).all()]
     if bad:
-        raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad)}) to {directory}")
-    weights = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-    write_atomic(Path(directory, "sae.safetensors"), lambda f: f.write(safetensors_bytes(weights)))
+        raise FloatingPointError(
+            f"refusing to save non-finite weights ({', '.join(bad)}) to {directory}"
+        )
+    weights = {
+        name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()
+    }
+    write_atomic(
+        Path(directory, "sae.safetensors"),
+        lambda f: f.write(safetensors_bytes(weights)),
+    )
     write_json(Path(directory, "config.json"), sae_config(sae))
+
 
 def load(directory: str, device="cpu") -> SparseAutoencoder:
     """The exact inverse of save. A missing or corrupt checkpoint raises ValueError naming what is wrong.
     Nothing in it can run code: safetensors and JSON."""
     from safetensors.torch import load_file
+
     for name in ("config.json", "sae.safetensors"):
         if not Path(directory, name).is_file():
             raise ValueError(f"{directory} is not a checkpoint: {name} is missing")
     try:
         sae = build_sae(json.loads(Path(directory, "config.json").read_text()))
         sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
-    except Exception as err:  # json, safetensors and load_state_dict each raise their own kind
-        raise ValueError(f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})") from None
+    except (
+        Exception
+    ) as err:  # json, safetensors and load_state_dict each raise their own kind
+        raise ValueError(
+            f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
     return sae.to(device)
+
 
 def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     if scale == 1.0:
@@ -2032,6 +2743,7 @@ def folded_copy(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     twin = copy.deepcopy(sae)
     fold_input_scale_(twin, scale)
     return twin
+
 
 class LatentStats:
     """Per latent, over the tokens counted: importance E[a^2] (mean squared activation) and firing frequency,
@@ -2042,14 +2754,22 @@ class LatentStats:
         self.sq_sum = torch.zeros(F, dtype=wide_dtype(device), device=device)
         self.fire_count = torch.zeros(F, dtype=wide_dtype(device), device=device)
 
-    def update(self, values: torch.Tensor, indices: torch.Tensor, sync: Sync = None):  # (B, k), (B, k)
+    # (B, k), (B, k)
+    def update(self, values: torch.Tensor, indices: torch.Tensor, sync: Sync = None):
         """Count a batch; with `sync` (data parallel), every process's part of it."""
-        sq = torch.zeros_like(self.sq_sum).index_add_(0, indices.flatten(), values.flatten().to(self.sq_sum.dtype) ** 2)
-        fired = torch.zeros_like(self.fire_count).index_add_(0, indices.flatten(),
-                                                             (values.flatten() > 0).to(self.fire_count.dtype))
+        sq = torch.zeros_like(self.sq_sum).index_add_(
+            0, indices.flatten(), values.flatten().to(self.sq_sum.dtype) ** 2
+        )
+        fired = torch.zeros_like(self.fire_count).index_add_(
+            0, indices.flatten(), (values.flatten() > 0).to(self.fire_count.dtype)
+        )
         tokens = values.shape[0]
         if sync is not None:
-            tokens, sq, fired = int(sync(values.new_tensor(float(tokens)))), sync(sq), sync(fired)
+            tokens, sq, fired = (
+                int(sync(values.new_tensor(float(tokens)))),
+                sync(sq),
+                sync(fired),
+            )
         self.tokens += tokens
         self.sq_sum += sq
         self.fire_count += fired
@@ -2059,17 +2779,22 @@ class LatentStats:
         return (self.sq_sum / max(self.tokens, 1)).float().cpu()
 
     @property
-    def frequency(self) -> torch.Tensor:  # (F,) share of tokens on which each latent fired
+    def frequency(
+        self,
+    ) -> torch.Tensor:  # (F,) share of tokens on which each latent fired
         return (self.fire_count / max(self.tokens, 1)).float().cpu()
+
 
 @dataclass
 class RunState:
     """What run_training carries from step to step, and what a checkpoint saves to resume exactly: AdamW, the
     schedule (paper A.1), the dead-latent counts, each latent's statistics, the step, the losses so far and the
     steps' wall time."""
+
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
-    tokens_since_fired: torch.Tensor          # (F,) tokens since each latent last fired (section 5)
+    # (F,) tokens since each latent last fired (section 5)
+    tokens_since_fired: torch.Tensor
     latents: LatentStats
     step: int = 0
     losses: list = field(default_factory=list)
@@ -2079,17 +2804,25 @@ class RunState:
     def fresh(cls, sae: SparseAutoencoder, cfg: TrainConfig) -> RunState:
         optimizer, device = make_optimizer(sae, cfg.lr), sae.W_dec.device
         since = torch.zeros(sae.F, dtype=torch.long, device=device)
-        return cls(optimizer, make_schedule(optimizer, cfg), since, LatentStats(sae.F, device))
+        return cls(
+            optimizer, make_schedule(optimizer, cfg), since, LatentStats(sae.F, device)
+        )
+
 
 # The resume state holds tensors, numbers, strings and plain containers only, so that torch.load reads it with
 # weights_only=True: a run directory from someone else can never run code here (PyTorch >= 2.6's default).
 RUN_STATE_FORMAT = 2
 
+
 def rng_states() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                      gauss], "python": [version, list(internal), gauss_next]}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+
 
 def set_rng_states(rng: dict):
     torch.set_rng_state(rng["torch"])
@@ -2098,40 +2831,71 @@ def set_rng_states(rng: dict):
     version, internal, gauss_next = rng["python"]
     random.setstate((version, tuple(internal), gauss_next))
 
-def save_run_state(directory: str, sae: SparseAutoencoder, state: RunState, batches, scale: float):
+
+def save_run_state(
+    directory: str, sae: SparseAutoencoder, state: RunState, batches, scale: float
+):
     """A checkpoint that resumes exactly: the SAE for raw inputs (sae.safetensors, as `load` reads it), and
     train_state.pt with the weights at the training scale, AdamW, the schedule, the dead-latent counts, the
     latent statistics, the data cursor, the RNG states and the normalisation scale. train_state.pt is written
     first: sae.safetensors is never newer than the state that resumes it."""
     latents = state.latents
-    blob = {"format": RUN_STATE_FORMAT, "sae": sae.state_dict(), "step": state.step, "losses": list(state.losses),
-            "seconds": state.seconds, "optimizer": state.optimizer.state_dict(),
-            "schedule": state.schedule.state_dict(), "since": state.tokens_since_fired, "scale": scale,
-            "latents": {"tokens": latents.tokens, "sq_sum": latents.sq_sum, "fire_count": latents.fire_count},
-            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None, "rng": rng_states()}
-    write_atomic(Path(directory, "train_state.pt"), lambda f: f.write(torch_bytes(blob)))
+    blob = {
+        "format": RUN_STATE_FORMAT,
+        "sae": sae.state_dict(),
+        "step": state.step,
+        "losses": list(state.losses),
+        "seconds": state.seconds,
+        "optimizer": state.optimizer.state_dict(),
+        "schedule": state.schedule.state_dict(),
+        "since": state.tokens_since_fired,
+        "scale": scale,
+        "latents": {
+            "tokens": latents.tokens,
+            "sq_sum": latents.sq_sum,
+            "fire_count": latents.fire_count,
+        },
+        "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
+        "rng": rng_states(),
+    }
+    write_atomic(
+        Path(directory, "train_state.pt"), lambda f: f.write(torch_bytes(blob))
+    )
     save(folded_copy(sae, scale), directory)
 
-def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, batches) -> tuple[RunState, float]:
+
+def load_run_state(
+    directory: str, sae: SparseAutoencoder, cfg: TrainConfig, batches
+) -> tuple[RunState, float]:
     """Restore what save_run_state wrote into `sae`, a fresh RunState and `batches`; returns (state, scale).
     Loads with weights_only=True: a file that needs anything else is refused, and nothing in it runs."""
     path = Path(directory, "train_state.pt")
     try:  # on the CPU: the RNG states must stay there; weights and AdamW's state are copied to their device
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"refusing to resume from {path}: it holds Python objects that only a full unpickle "
-                         f"could load, and unpickling can run code (it was written by an older kronsae.py, or "
-                         f"not by kronsae.py). Nothing in it ran. Train afresh with --overwrite; its weights "
-                         f"alone still load with kronsae.load('{directory}')") from None
+        raise ValueError(
+            f"refusing to resume from {path}: it holds Python objects that only a full unpickle "
+            f"could load, and unpickling can run code (it was written by an older kronsae.py, or "
+            f"not by kronsae.py). Nothing in it ran. Train afresh with --overwrite; its weights "
+            f"alone still load with kronsae.load('{directory}')"
+        ) from None
     except Exception as err:
-        raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
+        raise ValueError(
+            f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
     if not isinstance(blob, dict) or blob.get("format") != RUN_STATE_FORMAT:
-        raise ValueError(f"cannot resume from {path}: not a resume state of this kronsae.py (format "
-                         f"{blob.get('format') if isinstance(blob, dict) else None!r}, expected {RUN_STATE_FORMAT})")
+        raise ValueError(
+            f"cannot resume from {path}: not a resume state of this kronsae.py (format "
+            f"{blob.get('format') if isinstance(blob, dict) else None!r}, expected {RUN_STATE_FORMAT})"
+        )
     try:
         sae.load_state_dict(blob["sae"])
         state = RunState.fresh(sae, cfg)
-        state.step, state.losses, state.seconds = blob["step"], list(blob["losses"]), blob["seconds"]
+        state.step, state.losses, state.seconds = (
+            blob["step"],
+            list(blob["losses"]),
+            blob["seconds"],
+        )
         state.optimizer.load_state_dict(blob["optimizer"])
         state.schedule.load_state_dict(blob["schedule"])
         state.tokens_since_fired.copy_(blob["since"])
@@ -2142,8 +2906,11 @@ def load_run_state(directory: str, sae: SparseAutoencoder, cfg: TrainConfig, bat
             batches.load_state_dict(blob["batches"])
         set_rng_states(blob["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})") from None
+        raise ValueError(
+            f"cannot resume from {directory} ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
     return state, blob["scale"]
+
 
 def export_saelens(directory: str, destination: str) -> Path:
     """Write the TopK SAE saved in `directory` in SAELens's format: cfg.json (architecture topk, its k) and
@@ -2151,25 +2918,57 @@ def export_saelens(directory: str, destination: str) -> Path:
     TopK(ReLU((x - b_dec) W_enc + b_enc)), which is our encoder. Checkpoints are saved for raw inputs,
     with --normalize already folded into the biases, so the export needs no normalisation."""
     from safetensors.torch import save as safetensors_bytes
+
     check_writable(destination, "to saelens", directory=True)
     sae = load(directory)
     if not isinstance(sae, TopKSAE):
-        raise ValueError(f"{directory} holds a KronSAE; SAELens has no architecture that computes mAND over "
-                         f"Kronecker heads, so only TopK SAEs can be exported")
+        raise ValueError(
+            f"{directory} holds a KronSAE; SAELens has no architecture that computes mAND over "
+            f"Kronecker heads, so only TopK SAEs can be exported"
+        )
     run = Path(directory).parent / "run.json"
     data = json.loads(run.read_text())["data"] if run.is_file() else {}
-    metadata = {"model_name": data.get("model") or None, "exported_from": "kronsae.py",
-                "hook_name": f"blocks.{data['layer']}.hook_resid_pre" if data.get("model") else None}
-    cfg = {"architecture": "topk", "d_in": sae.d_in, "d_sae": sae.F, "k": sae.k, "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "rescale_acts_by_decoder_norm": False, "reshape_activations": "none", "metadata": metadata}
-    weights = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    metadata = {
+        "model_name": data.get("model") or None,
+        "exported_from": "kronsae.py",
+        "hook_name": f"blocks.{data['layer']}.hook_resid_pre"
+        if data.get("model")
+        else None,
+    }
+    cfg = {
+        "architecture": "topk",
+        "d_in": sae.d_in,
+        "d_sae": sae.F,
+        "k": sae.k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "reshape_activations": "none",
+        "metadata": metadata,
+    }
+    weights = {
+        "W_enc": sae.W_enc.T,
+        "b_enc": sae.b_enc,
+        "W_dec": sae.W_dec,
+        "b_dec": sae.b_dec,
+    }
     Path(destination).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(destination, "sae_weights.safetensors"), lambda f: f.write(safetensors_bytes(
-        {name: t.detach().contiguous() for name, t in weights.items()})))
+    write_atomic(
+        Path(destination, "sae_weights.safetensors"),
+        lambda f: f.write(
+            safetensors_bytes(
+                {name: t.detach().contiguous() for name, t in weights.items()}
+            )
+        ),
+    )
     write_json(Path(destination, "cfg.json"), cfg)
-    print(f"wrote a SAELens TopK SAE (d_in={sae.d_in}, d_sae={sae.F}, k={sae.k}) to {destination}")
+    print(
+        f"wrote a SAELens TopK SAE (d_in={sae.d_in}, d_sae={sae.F}, k={sae.k}) to {destination}"
+    )
     return Path(destination)
+
 
 class Interrupted(Exception):
     """A run stopped between two steps (Ctrl-C): the step finished, and its checkpoint, if any, is complete."""
@@ -2178,10 +2977,21 @@ class Interrupted(Exception):
         self.step, self.steps, self.out = step, steps, out
         super().__init__(f"interrupted after step {step} of {steps}")
 
-def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: TrainConfig, scale: float = 1.0,
-                 out: str = "", save_every: int = 0, progress: bool = True,
-                 stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None, state: Optional[RunState] = None,
-                 sync: Sync = None, matryoshka: tuple = (), precision: str = "fp32") -> RunState:
+
+def run_training(
+    sae: SparseAutoencoder,
+    batches: Iterator[torch.Tensor],
+    cfg: TrainConfig,
+    scale: float = 1.0,
+    out: str = "",
+    save_every: int = 0,
+    progress: bool = True,
+    stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None,
+    state: Optional[RunState] = None,
+    sync: Sync = None,
+    matryoshka: tuple = (),
+    precision: str = "fp32",
+) -> RunState:
     """Part 1's `train` loop, with what a real run needs around train_step:
     - --normalize: the batches are multiplied by `scale`, which is folded back into the weights at the end,
       so that every checkpoint in `out` is an SAE for raw inputs;
@@ -2199,116 +3009,202 @@ def run_training(sae: SparseAutoencoder, batches: Iterator[torch.Tensor], cfg: T
     device = sae.W_dec.device
     scaled = batches if scale == 1.0 else (x * scale for x in batches)
     variance = total_variance if sync is None else partial(synced_variance, sync=sync)
-    loss_fn = partial(matryoshka_loss, prefixes=matryoshka_prefixes(matryoshka, sae.F, sae.latents_per_head)) \
-        if matryoshka else reconstruction_loss
-    hooks = [] if sync is None else [p.register_post_accumulate_grad_hook(partial(sum_grad_, sync=sync))
-                                     for p in sae.parameters()]   # each gradient summed as backward makes it
+    loss_fn = (
+        partial(
+            matryoshka_loss,
+            prefixes=matryoshka_prefixes(matryoshka, sae.F, sae.latents_per_head),
+        )
+        if matryoshka
+        else reconstruction_loss
+    )
+    # each gradient summed as backward makes it
+    hooks = (
+        []
+        if sync is None
+        else [
+            p.register_post_accumulate_grad_hook(partial(sum_grad_, sync=sync))
+            for p in sae.parameters()
+        ]
+    )
     x = next(scaled).to(device, non_blocking=True)
     sae.check_input(x)
-    if not sae.b_dec.any():  # a fresh SAE: b_dec starts at the whole batch's mean, as in `train`
-        sae.b_dec.data.copy_(x.mean(0) if sync is None else sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
+    if sync is None:
+        start_b_dec_(sae, x.mean(0))
+    else:  # the whole batch's mean, over every process's slice
+        start_b_dec_(sae, sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
     first = state.step
-    dead = state.tokens_since_fired >= cfg.dead_after  # (F,) AuxK's latents; a resumed run may have some
+    # (F,) AuxK's latents; a resumed run may have some
+    dead = state.tokens_since_fired >= cfg.dead_after
     dead_count = int(dead.sum())
-    bar = tqdm(range(first, cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False,
-               initial=first, total=cfg.steps)
+    bar = tqdm(
+        range(first, cfg.steps),
+        desc=type(sae).__name__,
+        disable=not progress,
+        leave=False,
+        initial=first,
+        total=cfg.steps,
+    )
     try:
         for step in bar:
-            start = time.perf_counter()  # the step's time: its batch and its update, not the checkpoints
+            # the step's time: its batch and its update, not the checkpoints
+            start = time.perf_counter()
             if step > first:
                 x = next(scaled).to(device, non_blocking=True)
-            if sync is not None:  # fresh gradients: weight_grad would add into kept ones without the hooks firing
+            # fresh gradients: weight_grad would add into kept ones without the hooks firing
+            if sync is not None:
                 state.optimizer.zero_grad(set_to_none=True)
             with autocast_if(precision == "bf16", device):
-                stats, enc = train_step(sae, state.optimizer, x, dead, cfg, variance, loss_fn, dead_count)
+                stats, enc = train_step(
+                    sae, state.optimizer, x, dead, cfg, variance, loss_fn, dead_count
+                )
             fired = fire_counts(enc, sae.F)  # (F,)
-            if sync is not None:  # each process holds its share of the loss terms: their sum is the batch's
+            # each process holds its share of the loss terms: their sum is the batch's
+            if sync is not None:
                 totals = sync(torch.stack(list(stats)).to(wide_dtype(device)))
                 stats, fired = StepStats(*totals), sync(fired)
             state.schedule.step()
-            state.tokens_since_fired += stats.tokens.long()  # as train does, from every process's firings
+            # as train does, from every process's firings
+            state.tokens_since_fired += stats.tokens.long()
             state.tokens_since_fired.masked_fill_(fired > 0, 0)
             dead = state.tokens_since_fired >= cfg.dead_after
             try:  # the step's one read from the device: its stats and the next dead count
                 stats, extra = stats.read(dead.sum())
             except FloatingPointError as err:
                 kept = out and Path(out, "sae.safetensors").exists()
-                raise FloatingPointError(f"training stopped at step {step}: {err}; " + (
-                    f"last good checkpoint kept in {out}" if kept else "no checkpoint was written")) from None
+                raise FloatingPointError(
+                    f"training stopped at step {step}: {err}; "
+                    + (
+                        f"last good checkpoint kept in {out}"
+                        if kept
+                        else "no checkpoint was written"
+                    )
+                ) from None
             dead_count = int(extra[0])
             state.latents.update(enc.values.detach(), enc.indices, sync)
             state.losses.append(stats.loss)
-            state.step, state.seconds = step + 1, state.seconds + time.perf_counter() - start
+            state.step, state.seconds = (
+                step + 1,
+                state.seconds + time.perf_counter() - start,
+            )
             if step % 10 == 0 or step == cfg.steps - 1:
-                bar.set_postfix(loss=f"{stats.loss:.4f}", ev_train=f"{1 - stats.fvu:.3f}",
-                                l0=f"{stats.active / stats.tokens:.1f}", dead=f"{dead_count / sae.F:.1%}")
-            checkpoint_or_stop(sae, state, cfg, batches, scale, out, save_every, stop, sync)
+                show_progress(bar, stats, dead=f"{dead_count / sae.F:.1%}")
+            checkpoint_or_stop(
+                sae, state, cfg, batches, scale, out, save_every, stop, sync
+            )
     finally:
         for hook in hooks:
             hook.remove()
     fold_input_scale_(sae, scale)
     return state
 
+
 def autocast_if(enabled: bool, device: torch.device):
     """bfloat16 autocast when enabled, else no context at all (older torch refuses autocast on MPS)."""
-    return torch.autocast(device.type, torch.bfloat16) if enabled else contextlib.nullcontext()
+    return (
+        torch.autocast(device.type, torch.bfloat16)
+        if enabled
+        else contextlib.nullcontext()
+    )
+
 
 def sum_grad_(p: torch.Tensor, sync):
     p.grad.copy_(sync(p.grad))
+
 
 def synced_variance(t: torch.Tensor, sync) -> torch.Tensor:
     """total_variance (section 4) of the whole batch, when each process holds a slice of it."""
     mean = sync(t.sum(0)) / sync(t.new_tensor(float(t.shape[0])))
     return sync((t - mean).pow(2).sum())
 
-def checkpoint_or_stop(sae, state: RunState, cfg: TrainConfig, batches, scale: float, out: str, save_every: int,
-                       stop, sync: Sync):
+
+def checkpoint_or_stop(
+    sae,
+    state: RunState,
+    cfg: TrainConfig,
+    batches,
+    scale: float,
+    out: str,
+    save_every: int,
+    stop,
+    sync: Sync,
+):
     """After a step: a checkpoint when one is due, and Interrupted when stop(sae, state) asks for it."""
     stopping = stop is not None and state.step < cfg.steps and stop(sae, state)
     if sync is not None:  # every process stops at the same step
         stopping = bool(sync(torch.tensor(float(stopping))) > 0)
-    if out and (stopping or state.step == cfg.steps or (save_every and state.step % save_every == 0)):
+    if out and (
+        stopping
+        or state.step == cfg.steps
+        or (save_every and state.step % save_every == 0)
+    ):
         try:
             save_run_state(out, sae, state, batches, scale)
         except WriteError as err:
             run = Path(out).parent
-            raise WriteError(f"{err} at step {state.step}; the checkpoint before it in {out} is intact (if one "
-                             f"was written): free some space, then continue with: python kronsae.py --resume "
-                             f"{run}") from None
+            raise WriteError(
+                f"{err} at step {state.step}; the checkpoint before it in {out} is intact (if one "
+                f"was written): free some space, then continue with: python kronsae.py --resume "
+                f"{run}"
+            ) from None
     if stopping:
         raise Interrupted(state.step, cfg.steps, out)
 
+
 # ============================================================================= 11. The main job and the kernel ablation
+
 
 @dataclass
 class SAEConfig:
     """The SAEs' shape."""
+
     arch: str = opt("both", "which SAE to train: topk, kron or both")
     dict_size: int = opt(4096, "F, the number of latents (both SAEs)")
     h: int = opt(0, "KronSAE heads; 0 means dict_size // (m*n)", aliases=("--kron-h",))
-    m: int = opt(2, "KronSAE composition base size per head (paper: start at 2)", aliases=("--kron-m",))
-    n: int = opt(8, "KronSAE composition extension size per head, m <= n", aliases=("--kron-n",))
+    m: int = opt(
+        2,
+        "KronSAE composition base size per head (paper: start at 2)",
+        aliases=("--kron-m",),
+    )
+    n: int = opt(
+        8, "KronSAE composition extension size per head, m <= n", aliases=("--kron-n",)
+    )
     k: int = opt(16, "active latents per token (TopK)")
-    kernel: str = opt("mand", "KronSAE composition kernel: mand (eq. 3), relu_product or product (section 5)")
-    matryoshka: tuple = opt((), "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss")
+    kernel: str = opt(
+        "mand",
+        "KronSAE composition kernel: mand (eq. 3), relu_product or product (section 5)",
+    )
+    matryoshka: tuple = opt(
+        (),
+        "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss",
+    )
 
     def __post_init__(self):
-        if isinstance(self.matryoshka, str) or not all(isinstance(t, int) for t in self.matryoshka):
-            raise ValueError(f"matryoshka must be a sequence of integers, got {self.matryoshka!r}")
+        if isinstance(self.matryoshka, str) or not all(
+            isinstance(t, int) for t in self.matryoshka
+        ):
+            raise ValueError(
+                f"matryoshka must be a sequence of integers, got {self.matryoshka!r}"
+            )
         self.matryoshka = tuple(self.matryoshka)
         if self.arch not in ("topk", "kron", "both"):
             raise ValueError(f"arch must be topk, kron or both, got {self.arch!r}")
         if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+            raise ValueError(
+                f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}"
+            )
         check_positive(dict_size=self.dict_size, m=self.m, n=self.n, k=self.k)
         if self.h < 0:
             raise ValueError(f"h must be >= 0 (0 means derive it), got h={self.h}")
         if self.h == 0 and self.dict_size % (self.m * self.n):
-            raise ValueError(f"dict_size must be a multiple of m*n to derive h: "
-                             f"F={self.dict_size}, m*n={self.m * self.n}")
+            raise ValueError(
+                f"dict_size must be a multiple of m*n to derive h: "
+                f"F={self.dict_size}, m*n={self.m * self.n}"
+            )
         if self.h and self.h * self.m * self.n != self.dict_size:
-            raise ValueError(f"KronSAE needs F = h*m*n, got F={self.dict_size}, "
-                             f"h*m*n={self.h}*{self.m}*{self.n}={self.h * self.m * self.n}")
+            raise ValueError(
+                f"KronSAE needs F = h*m*n, got F={self.dict_size}, "
+                f"h*m*n={self.h}*{self.m}*{self.n}={self.h * self.m * self.n}"
+            )
         if self.k > self.dict_size:
             raise ValueError(f"k must be <= F, got k={self.k}, F={self.dict_size}")
 
@@ -2323,46 +3219,86 @@ class SAEConfig:
     def build(self, arch: str, d_in: int) -> SparseAutoencoder:
         if arch == "topk":
             return TopKSAE(d_in=d_in, dict_size=self.dict_size, k=self.k)
-        return KronSAE(d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, kernel=self.kernel)
+        return KronSAE(
+            d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, kernel=self.kernel
+        )
+
 
 MATCHES = ("tokens", "flops", "time")
+
 
 @dataclass
 class RunConfig:
     """The run itself: seed, device, outputs, resume."""
+
     seed: int = opt(0, "seed for data order, init and synthetic data")
     device: str = opt("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)")
-    out: str = opt("", "directory for checkpoints: OUT/topk, OUT/kron (safetensors + config.json) and OUT/run.json")
-    json: str = opt("", "write the final metrics of each SAE, and the settings, to this JSON file")
-    save_every: int = opt(0, "also checkpoint every this many steps (needs --out); 0 = only at the end")
-    resume: str = opt("", "continue the run saved in this --out directory, with its own settings, to its --steps")
-    overwrite: bool = opt(False, "replace a run already saved in --out (without it, such an --out is refused)")
-    precision: str = opt("fp32", "fp32, or bf16: bfloat16 autocast for the encoder, decoder and losses, with float32 "
-                                 "weights and AdamW state (sparsify's default on CUDA); faster only where bfloat16 "
-                                 "matmuls are (GPUs; CPUs with AVX512-BF16 or AMX)")
-    match: str = opt("tokens", "what the SAEs are compared at: tokens (every SAE trains --steps steps), flops (each "
-                               "gets the training FLOPs, eq. 7 per token, that TopK spends in --steps, as in the "
-                               "paper's section 4.1) or time (each gets the seconds TopK's --steps take here)")
+    out: str = opt(
+        "",
+        "directory for checkpoints: OUT/topk, OUT/kron (safetensors + config.json) and OUT/run.json",
+    )
+    json: str = opt(
+        "", "write the final metrics of each SAE, and the settings, to this JSON file"
+    )
+    save_every: int = opt(
+        0, "also checkpoint every this many steps (needs --out); 0 = only at the end"
+    )
+    resume: str = opt(
+        "",
+        "continue the run saved in this --out directory, with its own settings, to its --steps",
+    )
+    overwrite: bool = opt(
+        False,
+        "replace a run already saved in --out (without it, such an --out is refused)",
+    )
+    precision: str = opt(
+        "fp32",
+        "fp32, or bf16: bfloat16 autocast for the encoder, decoder and losses, with float32 "
+        "weights and AdamW state (sparsify's default on CUDA); faster only where bfloat16 "
+        "matmuls are (GPUs; CPUs with AVX512-BF16 or AMX)",
+    )
+    match: str = opt(
+        "tokens",
+        "what the SAEs are compared at: tokens (every SAE trains --steps steps), flops (each "
+        "gets the training FLOPs, eq. 7 per token, that TopK spends in --steps, as in the "
+        "paper's section 4.1) or time (each gets the seconds TopK's --steps take here)",
+    )
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda", "mps"):
-            raise ValueError(f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
+            raise ValueError(
+                f"--device must be auto, cpu, cuda or mps, got {self.device!r}"
+            )
         if self.match not in MATCHES:
-            raise ValueError(f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}")
+            raise ValueError(
+                f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}"
+            )
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+            raise ValueError(
+                f"--precision must be fp32 or bf16, got {self.precision!r}"
+            )
         if self.seed < 0 or self.save_every < 0:
-            raise ValueError(f"--seed and --save-every must be >= 0, got {self.seed} and {self.save_every}")
+            raise ValueError(
+                f"--seed and --save-every must be >= 0, got {self.seed} and {self.save_every}"
+            )
         if self.save_every and not (self.out or self.resume):
             raise ValueError("--save-every needs --out DIR to write its checkpoints to")
+
 
 def check_device(name: str):
     """The requested device exists on this machine (auto always does)."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
-                         f"use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps: the Apple MPS backend is not available here; use --device cpu or auto")
+        raise ValueError(
+            f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
+            f"use --device cpu or auto"
+        )
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ValueError(
+            "--device mps: the Apple MPS backend is not available here; use --device cpu or auto"
+        )
+
 
 def check_writable(path: str, flag: str, directory: bool = False):
     """Before any work: `path` can be written. It is an existing file (or folder, for a directory) with
@@ -2370,21 +3306,33 @@ def check_writable(path: str, flag: str, directory: bool = False):
     folders are created when it is written."""
     p = Path(path).expanduser().absolute()
     if p.exists() and p.is_dir() != directory:
-        raise ValueError(f"--{flag} {path} is {'a file' if directory else 'a directory'}, "
-                         f"expected {'a directory' if directory else 'a file'}")
+        raise ValueError(
+            f"--{flag} {path} is {'a file' if directory else 'a directory'}, "
+            f"expected {'a directory' if directory else 'a file'}"
+        )
     ancestor = p if p.exists() else next(a for a in p.parents if a.exists())
     if not ancestor.is_dir() and ancestor != p:
-        raise ValueError(f"--{flag} {path} cannot be written: {ancestor} is a file, not a folder")
+        raise ValueError(
+            f"--{flag} {path} cannot be written: {ancestor} is a file, not a folder"
+        )
     if not os.access(ancestor, os.W_OK):
-        raise ValueError(f"--{flag} {path} cannot be written: no write permission on {ancestor}")
+        raise ValueError(
+            f"--{flag} {path} cannot be written: no write permission on {ancestor}"
+        )
+
 
 def holds_run(directory: str) -> bool:
-    return Path(directory, "run.json").exists() or any(Path(directory, arch, name).exists() for arch in ("topk", "kron")
-                                                       for name in ("sae.safetensors", "train_state.pt"))
+    return Path(directory, "run.json").exists() or any(
+        Path(directory, arch, name).exists()
+        for arch in ("topk", "kron")
+        for name in ("sae.safetensors", "train_state.pt")
+    )
+
 
 @dataclass
 class Settings:
     """Everything a run is made of, one config per concern; the CLI composes it from the flags."""
+
     sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -2393,50 +3341,80 @@ class Settings:
     def __post_init__(self):  # checks that need two configs
         if self.sae.matryoshka:
             for arch in self.sae.archs:
-                matryoshka_prefixes(list(self.sae.matryoshka), self.sae.dict_size,
-                                    self.sae.m * self.sae.n if arch == "kron" else 1)
+                matryoshka_prefixes(
+                    list(self.sae.matryoshka),
+                    self.sae.dict_size,
+                    self.sae.m * self.sae.n if arch == "kron" else 1,
+                )
 
     def check_environment(self, dist: Optional[Dist] = None):
         """Everything that needs the file system or the machine, before any data or model is built:
         inputs readable, outputs writable, --out not already holding a run, the device present."""
         if dist and dist.world > 1 and self.data.model:
-            raise ValueError("under torchrun every process would harvest the model: run `kronsae.py harvest` "
-                             "once, then torchrun on --data STORE")
+            raise ValueError(
+                "under torchrun every process would harvest the model: run `kronsae.py harvest` "
+                "once, then torchrun on --data STORE"
+            )
         self.data.check_inputs()
         check_device(self.run.device)
-        for flag, path in (("json", self.run.json), ("save-acts", self.data.save_acts),
-                           ("norm-figure", self.data.norm_figure)):
+        for flag, path in (
+            ("json", self.run.json),
+            ("save-acts", self.data.save_acts),
+            ("norm-figure", self.data.norm_figure),
+        ):
             if path:
-                check_writable(path, flag, directory=flag == "save-acts" and not path.endswith(".pt"))
+                check_writable(
+                    path,
+                    flag,
+                    directory=flag == "save-acts" and not path.endswith(".pt"),
+                )
         if self.data.save_acts and not self.data.save_acts.endswith(".pt"):
             check_store_out(self.data.save_acts, self.run.overwrite)
         if self.run.out:
             check_writable(self.run.out, "out", directory=True)
             if holds_run(self.run.out) and not (self.run.overwrite or self.run.resume):
-                raise ValueError(f"--out {self.run.out} already holds a run; pass --resume {self.run.out} to "
-                                 f"continue it, or --overwrite to replace it")
+                raise ValueError(
+                    f"--out {self.run.out} already holds a run; pass --resume {self.run.out} to "
+                    f"continue it, or --overwrite to replace it"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Settings:
-        return cls(SAEConfig(**d["sae"]), TrainConfig(**d["train"]), DataConfig(**d["data"]), RunConfig(**d["run"]))
+        return cls(
+            SAEConfig(**d["sae"]),
+            TrainConfig(**d["train"]),
+            DataConfig(**d["data"]),
+            RunConfig(**d["run"]),
+        )
+
 
 def resume_settings(directory: str) -> Settings:
     """The settings of the run saved in `directory` (its run.json), set up to continue it there."""
     path = Path(directory, "run.json")
     if not path.is_file():
-        raise ValueError(f"--resume {directory}: no run to resume there ({path} is missing)")
+        raise ValueError(
+            f"--resume {directory}: no run to resume there ({path} is missing)"
+        )
     try:
         s = Settings.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"--resume {directory}: {path} is not a run's settings ({err})") from None
-    return dataclasses.replace(s, run=dataclasses.replace(s.run, out=str(directory), resume=str(directory),
-                                                          overwrite=False))
+        raise ValueError(
+            f"--resume {directory}: {path} is not a run's settings ({err})"
+        ) from None
+    return dataclasses.replace(
+        s,
+        run=dataclasses.replace(
+            s.run, out=str(directory), resume=str(directory), overwrite=False
+        ),
+    )
+
 
 class Dist(NamedTuple):
     """This process's place in a data-parallel run under torchrun; rank 0 of 1 otherwise."""
+
     rank: int = 0
     world: int = 1
 
@@ -2450,7 +3428,9 @@ class Dist(NamedTuple):
             t = t.clone()
             torch.distributed.all_reduce(t)
             return t
+
         return all_sum
+
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on the CPU and nccl on CUDA, one GPU per
@@ -2459,18 +3439,27 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     if world == 1:
         return Dist(), device
     if device.type == "cuda":
-        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        local_rank, gpus = (
+            int(os.environ.get("LOCAL_RANK", "0")),
+            torch.cuda.device_count(),
+        )
         if local_rank >= gpus:
-            raise ValueError(f"torchrun: the process with LOCAL_RANK={local_rank} has no GPU of its own ({gpus} "
-                             f"visible); start at most {gpus} per node, or pass --device cpu")
+            raise ValueError(
+                f"torchrun: the process with LOCAL_RANK={local_rank} has no GPU of its own ({gpus} "
+                f"visible); start at most {gpus} per node, or pass --device cpu"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo"
+        )
     rank = torch.distributed.get_rank()
     if rank:
-        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints, saves and writes the JSON
+        # rank 0 alone prints, saves and writes the JSON
+        sys.stdout = open(os.devnull, "w")
     return Dist(rank, world), device
+
 
 def set_seed(seed: int):
     """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
@@ -2478,14 +3467,26 @@ def set_seed(seed: int):
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+
 def pick_device(name: str = "auto") -> torch.device:
-    device = torch.device(name) if name != "auto" else torch.device(
-        "cuda" if torch.cuda.is_available() else
-        "mps" if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else "cpu")
+    device = (
+        torch.device(name)
+        if name != "auto"
+        else torch.device(
+            "cuda"
+            if torch.cuda.is_available()
+            else "mps"
+            if getattr(torch.backends, "mps", None) is not None
+            and torch.backends.mps.is_available()
+            else "cpu"
+        )
+    )
     return device
+
 
 class TrainData(NamedTuple):
     """The training rows, as ShuffledBatches takes them: an (N, d) tensor, or a store's shards as Rows."""
+
     rows: object
     d: int
     tokens: int
@@ -2495,13 +3496,17 @@ class TrainData(NamedTuple):
     def of(cls, x: torch.Tensor) -> TrainData:
         return cls(x, x.shape[1], x.shape[0], input_scale(x))
 
+
 def file_or_synthetic_data(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) rows from --data, or synthetic block-correlated data when no file is given."""
     n = s.train.steps * s.train.batch // 4 + s.data.eval_tokens
     data = load_data(s.data.data) if s.data.data else make_dataset(n, seed=s.run.seed)
     return split_data(data, s.data.eval_tokens, s.run.seed)
 
-def prepared_data(s: Settings, device) -> tuple[TrainData, torch.Tensor, Optional[dict], dict]:
+
+def prepared_data(
+    s: Settings, device
+) -> tuple[TrainData, torch.Tensor, Optional[dict], dict]:
     """(training data, held-out rows, what lm_cost needs or None, the data report for the JSON), with massive
     activations filtered out of every source alike. A store is memory-mapped, never loaded whole."""
     lm, source = None, s.data.data or "synthetic block-correlated"
@@ -2511,57 +3516,124 @@ def prepared_data(s: Settings, device) -> tuple[TrainData, torch.Tensor, Optiona
         source = f"{s.data.model} hidden_states[{s.data.layer}]"
     elif s.data.data and Path(s.data.data).is_dir():
         store = ActivationStore(s.data.data)
-        rows, held_out, report, scale = store.split(s.data.eval_tokens, s.run.seed, s.data.max_norm_ratio)
+        rows, held_out, report, scale = store.split(
+            s.data.eval_tokens, s.run.seed, s.data.max_norm_ratio
+        )
         train = TrainData(rows, store.d, sum(r.count for r in rows), scale)
         report["store"] = {k: v for k, v in store.manifest.items() if k != "shards"}
         print_filter_report(report)
     else:
         train, held_out = file_or_synthetic_data(s)
-        train, held_out, report = filter_massive(train, held_out, s.data.max_norm_ratio, s.data.norm_figure,
-                                                 Path(s.data.data).name if s.data.data else "synthetic")
+        train, held_out, report = filter_massive(
+            train,
+            held_out,
+            s.data.max_norm_ratio,
+            s.data.norm_figure,
+            Path(s.data.data).name if s.data.data else "synthetic",
+        )
         train = TrainData.of(train)
-    report = {"source": source, **report, "input_scale": train.scale if s.data.normalize else None}
-    print(f"data: {train.tokens} training rows of width {train.d} ({source}), "
-          f"{held_out.shape[0]} held out, device {device}")
+    report = {
+        "source": source,
+        **report,
+        "input_scale": train.scale if s.data.normalize else None,
+    }
+    print(
+        f"data: {train.tokens} training rows of width {train.d} ({source}), "
+        f"{held_out.shape[0]} held out, device {device}"
+    )
     return train, held_out, lm, report
 
-def run_one(arch: str, train_data: TrainData, eval_data, s: Settings, device, progress=True,
-            stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None,
-            dist: Dist = Dist(), steps: Optional[int] = None) -> tuple[SparseAutoencoder, dict, RunState]:
+
+def run_one(
+    arch: str,
+    train_data: TrainData,
+    eval_data,
+    s: Settings,
+    device,
+    progress=True,
+    stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None,
+    dist: Dist = Dist(),
+    steps: Optional[int] = None,
+) -> tuple[SparseAutoencoder, dict, RunState]:
     """Build, train (or resume, with --resume) and evaluate one SAE for `steps` steps (default --steps; see
     matched_steps); returns it, its metrics and its record. Data parallel: each process trains on its slice of
     every batch, and rank 0 alone writes checkpoints."""
-    s = dataclasses.replace(s, train=dataclasses.replace(s.train, steps=steps or s.train.steps))
+    s = dataclasses.replace(
+        s, train=dataclasses.replace(s.train, steps=steps or s.train.steps)
+    )
     set_seed(s.run.seed)
     sae = s.sae.build(arch, train_data.d).to(device)
     if isinstance(train_data.rows, torch.Tensor):
         check_data(train_data.rows, sae.d_in)
-    batches = ShuffledBatches(train_data.rows, s.train.batch, torch.Generator().manual_seed(s.run.seed),
-                              s.data.buffer_tokens, dist.rank, dist.world, pin=device.type == "cuda")
+    batches = ShuffledBatches(
+        train_data.rows,
+        s.train.batch,
+        torch.Generator().manual_seed(s.run.seed),
+        s.data.buffer_tokens,
+        dist.rank,
+        dist.world,
+        pin=device.type == "cuda",
+    )
     scale = train_data.scale if s.data.normalize else 1.0
     out = str(Path(s.run.out, arch)) if s.run.out else ""
     state = None
     if s.run.resume and Path(out, "train_state.pt").exists():
         state, scale = load_run_state(out, sae, s.train, batches)
         print(f"{arch}: resuming at step {state.step} of {s.train.steps} from {out}")
-    result = run_training(sae, batches, s.train, scale, out if dist.rank == 0 else "", s.run.save_every,
-                          progress and dist.rank == 0, stop, state, dist.sync, s.sae.matryoshka, s.run.precision)
+    result = run_training(
+        sae,
+        batches,
+        s.train,
+        scale,
+        out if dist.rank == 0 else "",
+        s.run.save_every,
+        progress and dist.rank == 0,
+        stop,
+        state,
+        dist.sync,
+        s.sae.matryoshka,
+        s.run.precision,
+    )
     metrics = evaluate(sae, eval_data)
-    sample = next(ShuffledBatches(train_data.rows, eval_data.shape[0], torch.Generator().manual_seed(s.run.seed),
-                                  s.data.buffer_tokens))                             # fixed training rows
-    metrics["ev_train"] = evaluate(sae, sample)["ev"]                                  # the same EV on them
+    # fixed training rows
+    sample = next(
+        ShuffledBatches(
+            train_data.rows,
+            eval_data.shape[0],
+            torch.Generator().manual_seed(s.run.seed),
+            s.data.buffer_tokens,
+        )
+    )
+    metrics["ev_train"] = evaluate(sae, sample)["ev"]  # the same EV on them
     if abs(metrics["ev_train"] - metrics["ev"]) > 0.05:
-        print(f"warning: {arch}: EV on training rows ({metrics['ev_train']:.3f}) and held out ({metrics['ev']:.3f}) "
-              f"differ by more than 0.05; look at the data before trusting either", file=sys.stderr)
-    metrics.update(sae_config(sae), dict_size=sae.F, flops_per_token=sae.flops_per_token(),
-                   encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in, params=num_params(sae),
-                   ms_per_step=1000 * result.seconds / s.train.steps, train_seconds=result.seconds,
-                   final_train_loss=result.losses[-1], steps=s.train.steps, batch=s.train.batch, device=str(device),
-                   tokens=s.train.steps * s.train.batch, seconds=result.seconds, match=s.run.match,
-                   train_flops=s.train.steps * s.train.batch * sae.flops_per_token())
+        print(
+            f"warning: {arch}: EV on training rows ({metrics['ev_train']:.3f}) and held out ({metrics['ev']:.3f}) "
+            f"differ by more than 0.05; look at the data before trusting either",
+            file=sys.stderr,
+        )
+    metrics.update(
+        sae_config(sae),
+        dict_size=sae.F,
+        flops_per_token=sae.flops_per_token(),
+        encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in,
+        params=num_params(sae),
+        ms_per_step=1000 * result.seconds / s.train.steps,
+        train_seconds=result.seconds,
+        final_train_loss=result.losses[-1],
+        steps=s.train.steps,
+        batch=s.train.batch,
+        device=str(device),
+        tokens=s.train.steps * s.train.batch,
+        seconds=result.seconds,
+        match=s.run.match,
+        train_flops=s.train.steps * s.train.batch * sae.flops_per_token(),
+    )
     return sae, metrics, result
 
-def matched_steps(s: Settings, arch: str, train_data: TrainData, device, dist: Dist = Dist()) -> int:
+
+def matched_steps(
+    s: Settings, arch: str, train_data: TrainData, device, dist: Dist = Dist()
+) -> int:
     """Steps of --batch tokens that `arch` trains for under --match. tokens: --steps. flops: the training FLOPs
     TopK spends in --steps, counted by eq. 7 per token as the paper counts them (section 4.1), so a cheaper
     encoder sees more tokens. time: --steps times TopK's seconds per step over this SAE's, both from the same
@@ -2578,35 +3650,79 @@ def matched_steps(s: Settings, arch: str, train_data: TrainData, device, dist: D
     if s.run.match == "flops":
         steps = s.train.steps * topk.flops_per_token() / sae.flops_per_token()
     else:
-        steps = s.train.steps * seconds_per_step("topk", s, train_data, device, dist) / seconds_per_step(
-            arch, s, train_data, device, dist)
+        steps = (
+            s.train.steps
+            * seconds_per_step("topk", s, train_data, device, dist)
+            / seconds_per_step(arch, s, train_data, device, dist)
+        )
     steps = max(1, round(steps))
     if record and dist.rank == 0:
-        write_json(record, {"match": s.run.match, "steps": steps, "topk_steps": s.train.steps})
+        write_json(
+            record, {"match": s.run.match, "steps": steps, "topk_steps": s.train.steps}
+        )
     return steps
 
-def seconds_per_step(arch: str, s: Settings, train_data: TrainData, device, dist: Dist = Dist(),
-                     warm: int = 10) -> float:
+
+def seconds_per_step(
+    arch: str,
+    s: Settings,
+    train_data: TrainData,
+    device,
+    dist: Dist = Dist(),
+    warm: int = 10,
+) -> float:
     """Mean seconds of `warm` training steps of a fresh `arch` SAE, after 2 steps that pay for first allocations;
     under torchrun, the mean over the processes, so that all of them take the same step count."""
     sae = s.sae.build(arch, train_data.d).to(device)
-    batches = ShuffledBatches(train_data.rows, s.train.batch, torch.Generator().manual_seed(s.run.seed),
-                              s.data.buffer_tokens, dist.rank, dist.world)
+    batches = ShuffledBatches(
+        train_data.rows,
+        s.train.batch,
+        torch.Generator().manual_seed(s.run.seed),
+        s.data.buffer_tokens,
+        dist.rank,
+        dist.world,
+    )
     cfg = dataclasses.replace(s.train, steps=2 + warm)
-    state = run_training(sae, batches, dataclasses.replace(cfg, steps=2), progress=False, sync=dist.sync,
-                         matryoshka=s.sae.matryoshka, state=RunState.fresh(sae, cfg), precision=s.run.precision)
+    state = run_training(
+        sae,
+        batches,
+        dataclasses.replace(cfg, steps=2),
+        progress=False,
+        sync=dist.sync,
+        matryoshka=s.sae.matryoshka,
+        state=RunState.fresh(sae, cfg),
+        precision=s.run.precision,
+    )
     primed = state.seconds
-    state = run_training(sae, batches, cfg, progress=False, state=state, sync=dist.sync, matryoshka=s.sae.matryoshka,
-                         precision=s.run.precision)
+    state = run_training(
+        sae,
+        batches,
+        cfg,
+        progress=False,
+        state=state,
+        sync=dist.sync,
+        matryoshka=s.sae.matryoshka,
+        precision=s.run.precision,
+    )
     per_step = (state.seconds - primed) / warm
-    return per_step if dist.sync is None else float(dist.sync(torch.tensor(per_step, dtype=torch.float64))) / dist.world
+    return (
+        per_step
+        if dist.sync is None
+        else float(dist.sync(torch.tensor(per_step, dtype=torch.float64))) / dist.world
+    )
+
 
 def finish_step_on_sigint():
     """A SIGINT handler that lets the current step finish: returns (stop, restore). stop(sae, state) is true
     once Ctrl-C was pressed; restore() puts the previous handler back."""
     pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    return (lambda sae, state: bool(pressed)), (lambda: signal.signal(signal.SIGINT, previous))
+    previous = signal.signal(
+        signal.SIGINT, lambda signum, frame: pressed.append(signum)
+    )
+    return (lambda sae, state: bool(pressed)), (
+        lambda: signal.signal(signal.SIGINT, previous)
+    )
+
 
 def json_safe(obj):
     """obj with every NaN or infinity replaced by None, so that the JSON is strict."""
@@ -2618,16 +3734,27 @@ def json_safe(obj):
         return [json_safe(v) for v in obj]
     return obj
 
+
 def write_json(path: str, obj, indent: Optional[int] = 2):
     text = json.dumps(json_safe(obj), indent=indent, allow_nan=False)
     write_atomic(path, lambda f: f.write(text.encode()))
 
+
 def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict:
     """How a result was made: every setting, the torch version, the device, the world size, the time."""
-    return {**s.to_dict(), "torch": torch.__version__, "device": str(device), "world_size": world_size,
-            "seconds": seconds, "command": " ".join(sys.argv)}
+    return {
+        **s.to_dict(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "world_size": world_size,
+        "seconds": seconds,
+        "command": " ".join(sys.argv),
+    }
 
-def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None) -> dict:
+
+def compare(
+    s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None
+) -> dict:
     """Train TopK and/or KronSAE on the same data and print them side by side. Ctrl-C (or stop(sae, state)
     turning true) ends the run after the current step with a checkpoint in --out (see Interrupted)."""
     dist, device = init_distributed(s.run.device)
@@ -2636,9 +3763,18 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
     start = time.perf_counter()
     if s.run.out and not s.run.resume and dist.rank == 0:
-        for arch, name in itertools.product(("topk", "kron"), ("train_state.pt", "sae.safetensors", "config.json",
-                                                               "match.json", "metrics.json")):
-            Path(s.run.out, arch, name).unlink(missing_ok=True)   # --overwrite: nothing stale from the old run
+        for arch, name in itertools.product(
+            ("topk", "kron"),
+            (
+                "train_state.pt",
+                "sae.safetensors",
+                "config.json",
+                "match.json",
+                "metrics.json",
+            ),
+        ):
+            # --overwrite: nothing stale from the old run
+            Path(s.run.out, arch, name).unlink(missing_ok=True)
         write_json(Path(s.run.out, "run.json"), s.to_dict())
     set_seed(s.run.seed)
     train_data, eval_data, lm, data_report = prepared_data(s, device)
@@ -2647,12 +3783,30 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
     try:
         for arch in s.sae.archs:
             steps = matched_steps(s, arch, train_data, device, dist)
-            sae, results[arch], _ = run_one(arch, train_data, eval_data, s, device, dist=dist, steps=steps,
-                                            stop=lambda *a: sigint_stop(*a) or (stop is not None and stop(*a)))
+            sae, results[arch], _ = run_one(
+                arch,
+                train_data,
+                eval_data,
+                s,
+                device,
+                dist=dist,
+                steps=steps,
+                stop=lambda *a: sigint_stop(*a) or (stop is not None and stop(*a)),
+            )
             if lm and lm["splice"]:
-                results[arch].update(lm_cost(sae, lm["model"], lm["contexts"], lm["mask"], s.data.layer,
-                                             s.data.model_batch, lm["max_norm"]))
-            if s.run.out and dist.rank == 0:  # beside the checkpoint, for the commands that read it later
+                results[arch].update(
+                    lm_cost(
+                        sae,
+                        lm["model"],
+                        lm["contexts"],
+                        lm["mask"],
+                        s.data.layer,
+                        s.data.model_batch,
+                        lm["max_norm"],
+                    )
+                )
+            # beside the checkpoint, for the commands that read it later
+            if s.run.out and dist.rank == 0:
                 write_json(Path(s.run.out, arch, "metrics.json"), results[arch])
     finally:
         restore()
@@ -2660,27 +3814,42 @@ def compare(s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], 
     for arch, r in results.items():
         if "ce_clean" in r:
             recovered = r.get("loss_recovered_reason") or f"{r['loss_recovered']:.4f}"
-            print(f"{arch}: CE clean {r['ce_clean']:.4f}, with the SAE spliced in {r['ce_sae']:.4f}, zero-ablated "
-                  f"{r['ce_zero']:.4f}; loss recovered {recovered}")
+            print(
+                f"{arch}: CE clean {r['ce_clean']:.4f}, with the SAE spliced in {r['ce_sae']:.4f}, zero-ablated "
+                f"{r['ce_zero']:.4f}; loss recovered {recovered}"
+            )
     if s.run.out:
         print(f"checkpoints: {', '.join(str(Path(s.run.out, a)) for a in s.sae.archs)}")
     if s.run.json and dist.rank == 0:
-        write_json(s.run.json, {**results, "data": data_report,
-                                "config": provenance(s, device, time.perf_counter() - start, dist.world)})
+        write_json(
+            s.run.json,
+            {
+                **results,
+                "data": data_report,
+                "config": provenance(
+                    s, device, time.perf_counter() - start, dist.world
+                ),
+            },
+        )
     return results
+
 
 # The paper's ablations, as one sweep. Kernels (section 5, table 1): the same KronSAE with mAND, ReLU(u)ReLU(v) or
 # u v. Shapes (fig. 2, appendix A.8): TopK and KronSAEs of several (m, n) at one F and k. Budgets (figs. 1, 3, 9):
 # TopK step counts, each SAE matched to them by --match (tokens, flops or time). Every cell runs over several
 # seeds (init and batch order; the held-out split stays that of --seed).
 
+
 def check_ablation(s: Settings):
     if s.run.out or s.run.resume or s.run.save_every:
-        raise ValueError("ablate writes no checkpoints; drop --out, --resume and --save-every")
+        raise ValueError(
+            "ablate writes no checkpoints; drop --out, --resume and --save-every"
+        )
     if s.sae.arch == "topk":
         raise ValueError("ablate trains KronSAEs only; drop --arch topk")
     if s.sae.kernel != "mand":
         raise ValueError("ablate takes its kernels from --kernels; drop --kernel")
+
 
 def shape_names(text: str) -> list:
     """'topk,2x4,8x8' -> ['topk', (2, 4), (8, 8)]."""
@@ -2688,19 +3857,31 @@ def shape_names(text: str) -> list:
     for part in (t.strip() for t in text.split(",") if t.strip()):
         found = re.fullmatch(r"(\d+)x(\d+)", part)
         if part != "topk" and not (found and int(found[1]) > 0 and int(found[2]) > 0):
-            raise argparse.ArgumentTypeError(f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}"
+            )
         shapes.append(part if part == "topk" else (int(found[1]), int(found[2])))
     if not shapes:
-        raise argparse.ArgumentTypeError(f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}"
+        )
     return shapes
+
 
 def shape_label(shape, kernel: str, kernels: list[str]) -> str:
     if shape == "topk":
         return "topk"
     return f"{shape[0]}x{shape[1]}" + (f" {kernel}" if len(kernels) > 1 else "")
 
-def ablate(s: Settings, kernels: list[str], seeds: int, shapes: Optional[list] = None,
-           budgets: Optional[list[int]] = None, figure: str = "") -> dict:
+
+def ablate(
+    s: Settings,
+    kernels: list[str],
+    seeds: int,
+    shapes: Optional[list] = None,
+    budgets: Optional[list[int]] = None,
+    figure: str = "",
+) -> dict:
     """Train every shape (TopK, or KronSAE (m, n) with each kernel) at every budget (TopK steps; --match sets the
     others') over `seeds` seeds, and compare held-out EV, mean ± std per cell. Returns the JSON's content:
     every run, the cells, and `kernels` (the first KronSAE shape at the first budget, as the kernel ablation
@@ -2709,29 +3890,77 @@ def ablate(s: Settings, kernels: list[str], seeds: int, shapes: Optional[list] =
     shapes, budgets = shapes or [(s.sae.m, s.sae.n)], budgets or [s.train.steps]
     for shape in shapes:
         if shape != "topk" and s.sae.dict_size % (shape[0] * shape[1]):
-            raise ValueError(f"--shapes {shape[0]}x{shape[1]}: F={s.sae.dict_size} is not a multiple of m*n")
+            raise ValueError(
+                f"--shapes {shape[0]}x{shape[1]}: F={s.sae.dict_size} is not a multiple of m*n"
+            )
     if figure:
         check_writable(figure, "figure")
     s.check_environment()
     start, device = time.perf_counter(), pick_device(s.run.device)
     set_seed(s.run.seed)
     train_data, eval_data, _, data_report = prepared_data(s, device)
-    shapes = sorted(shapes, key=lambda shape: shape != "topk")        # TopK first, the reference
+    # TopK first, the reference
+    shapes = sorted(shapes, key=lambda shape: shape != "topk")
     sigint_stop, restore = finish_step_on_sigint()
     runs = []
     try:
-        for budget, seed in itertools.product(budgets, range(s.run.seed, s.run.seed + seeds)):
-            for shape, kernel in ((sh, k) for sh in shapes for k in (["-"] if sh == "topk" else kernels)):
-                arch, (m, n) = ("topk", (s.sae.m, s.sae.n)) if shape == "topk" else ("kron", shape)
-                shaped = dataclasses.replace(s.sae, arch=arch, m=m, n=n, h=0, kernel="mand" if arch == "topk" else kernel)
-                one = dataclasses.replace(s, sae=shaped, train=dataclasses.replace(s.train, steps=budget),
-                                          run=dataclasses.replace(s.run, seed=seed))
-                print(f"{shape_label(shape, kernel, kernels)}, budget {budget} TopK steps, seed {seed}")
+        for budget, seed in itertools.product(
+            budgets, range(s.run.seed, s.run.seed + seeds)
+        ):
+            for shape, kernel in (
+                (sh, k) for sh in shapes for k in (["-"] if sh == "topk" else kernels)
+            ):
+                arch, (m, n) = (
+                    ("topk", (s.sae.m, s.sae.n)) if shape == "topk" else ("kron", shape)
+                )
+                shaped = dataclasses.replace(
+                    s.sae,
+                    arch=arch,
+                    m=m,
+                    n=n,
+                    h=0,
+                    kernel="mand" if arch == "topk" else kernel,
+                )
+                one = dataclasses.replace(
+                    s,
+                    sae=shaped,
+                    train=dataclasses.replace(s.train, steps=budget),
+                    run=dataclasses.replace(s.run, seed=seed),
+                )
+                print(
+                    f"{shape_label(shape, kernel, kernels)}, budget {budget} TopK steps, seed {seed}"
+                )
                 steps = matched_steps(one, arch, train_data, device)
-                metrics = run_one(arch, train_data, eval_data, one, device, stop=sigint_stop, steps=steps)[1]
-                runs.append({"shape": "topk" if arch == "topk" else f"{m}x{n}", "kernel": kernel, "budget": budget,
-                             "seed": seed, **{key: metrics[key] for key in ("steps", "tokens", "train_flops", "seconds",
-                                                                             "ev", "ev_train", "l0", "dead_fraction")}})
+                metrics = run_one(
+                    arch,
+                    train_data,
+                    eval_data,
+                    one,
+                    device,
+                    stop=sigint_stop,
+                    steps=steps,
+                )[1]
+                runs.append(
+                    {
+                        "shape": "topk" if arch == "topk" else f"{m}x{n}",
+                        "kernel": kernel,
+                        "budget": budget,
+                        "seed": seed,
+                        **{
+                            key: metrics[key]
+                            for key in (
+                                "steps",
+                                "tokens",
+                                "train_flops",
+                                "seconds",
+                                "ev",
+                                "ev_train",
+                                "l0",
+                                "dead_fraction",
+                            )
+                        },
+                    }
+                )
     finally:
         restore()
     result = ablation_summary(runs, s, kernels, shapes, budgets)
@@ -2739,12 +3968,28 @@ def ablate(s: Settings, kernels: list[str], seeds: int, shapes: Optional[list] =
     if figure:
         save_ablation_figure(result, figure, s)
     if s.run.json:
-        write_json(s.run.json, {**result, "data": data_report, "config": {
-            **provenance(s, device, time.perf_counter() - start), "kernels": kernels, "seeds": seeds,
-            "shapes": [sh if sh == "topk" else f"{sh[0]}x{sh[1]}" for sh in shapes], "budgets": budgets}})
+        write_json(
+            s.run.json,
+            {
+                **result,
+                "data": data_report,
+                "config": {
+                    **provenance(s, device, time.perf_counter() - start),
+                    "kernels": kernels,
+                    "seeds": seeds,
+                    "shapes": [
+                        sh if sh == "topk" else f"{sh[0]}x{sh[1]}" for sh in shapes
+                    ],
+                    "budgets": budgets,
+                },
+            },
+        )
     return result
 
-def ablation_summary(runs: list[dict], s: Settings, kernels: list[str], shapes: list, budgets: list[int]) -> dict:
+
+def ablation_summary(
+    runs: list[dict], s: Settings, kernels: list[str], shapes: list, budgets: list[int]
+) -> dict:
     """The cells: for each shape, kernel and budget, mean ± std over seeds of EV, and the means of steps, tokens,
     training FLOPs and seconds. `kernels`: today's kernel-ablation keys for the first KronSAE shape."""
     cells = []
@@ -2753,24 +3998,64 @@ def ablation_summary(runs: list[dict], s: Settings, kernels: list[str], shapes: 
         keyed.setdefault((r["shape"], r["kernel"], r["budget"]), []).append(r)
     for (shape, kernel, budget), group in keyed.items():
         ev = mean_std([r["ev"] for r in group])
-        cells.append({"shape": shape, "kernel": kernel, "budget": budget, "ev_mean": ev["mean"], "ev_std": ev["std"],
-                      "evs": [r["ev"] for r in group],
-                      **{key: mean_std([r[key] for r in group])["mean"] for key in ("steps", "tokens", "train_flops",
-                                                                                     "seconds")}})
+        cells.append(
+            {
+                "shape": shape,
+                "kernel": kernel,
+                "budget": budget,
+                "ev_mean": ev["mean"],
+                "ev_std": ev["std"],
+                "evs": [r["ev"] for r in group],
+                **{
+                    key: mean_std([r[key] for r in group])["mean"]
+                    for key in ("steps", "tokens", "train_flops", "seconds")
+                },
+            }
+        )
     first = next((f"{sh[0]}x{sh[1]}" for sh in shapes if sh != "topk"), None)
-    legacy = {c["kernel"]: {"ev_mean": c["ev_mean"], "ev_std": c["ev_std"], "evs": c["evs"]}
-              for c in cells if c["shape"] == first and c["budget"] == budgets[0]}
+    legacy = {
+        c["kernel"]: {"ev_mean": c["ev_mean"], "ev_std": c["ev_std"], "evs": c["evs"]}
+        for c in cells
+        if c["shape"] == first and c["budget"] == budgets[0]
+    }
     return {"kernels": legacy, "cells": cells, "runs": runs, "match": s.run.match}
 
+
 def print_ablation(result: dict, s: Settings, seeds: int):
-    print(f"\nF={s.sae.dict_size}, k={s.sae.k}, --match {s.run.match}: held-out EV over {seeds} seed(s), mean ± std; "
-          f"steps, tokens, training FLOPs (eq. 7 per token) and seconds are means over the seeds")
-    print(format_table(["budget", "SAE", "kernel", "steps", "tokens", "train GFLOPs", "seconds", "EV mean ± std",
-                        "per seed"],
-                       [[c["budget"], c["shape"], c["kernel"], f"{c['steps']:.0f}", f"{c['tokens']:,.0f}",
-                         f"{c['train_flops'] / 1e9:,.1f}", f"{c['seconds']:.1f}",
-                         f"{c['ev_mean']:.4f} ± {c['ev_std']:.4f}",
-                         " ".join(f"{ev:.4f}" for ev in c["evs"])] for c in result["cells"]]))
+    print(
+        f"\nF={s.sae.dict_size}, k={s.sae.k}, --match {s.run.match}: held-out EV over {seeds} seed(s), mean ± std; "
+        f"steps, tokens, training FLOPs (eq. 7 per token) and seconds are means over the seeds"
+    )
+    print(
+        format_table(
+            [
+                "budget",
+                "SAE",
+                "kernel",
+                "steps",
+                "tokens",
+                "train GFLOPs",
+                "seconds",
+                "EV mean ± std",
+                "per seed",
+            ],
+            [
+                [
+                    c["budget"],
+                    c["shape"],
+                    c["kernel"],
+                    f"{c['steps']:.0f}",
+                    f"{c['tokens']:,.0f}",
+                    f"{c['train_flops'] / 1e9:,.1f}",
+                    f"{c['seconds']:.1f}",
+                    f"{c['ev_mean']:.4f} ± {c['ev_std']:.4f}",
+                    " ".join(f"{ev:.4f}" for ev in c["evs"]),
+                ]
+                for c in result["cells"]
+            ],
+        )
+    )
+
 
 def save_ablation_figure(result: dict, path: str, s: Settings):
     """EV against training FLOPs and against seconds, one line per shape (and kernel), error bars ± std."""
@@ -2778,21 +4063,35 @@ def save_ablation_figure(result: dict, path: str, s: Settings):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     lines = {}
     for c in result["cells"]:
-        lines.setdefault(c["shape"] + ("" if c["kernel"] in ("-", "mand") else f" {c['kernel']}"), []).append(c)
-    for ax, key, label in ((axes[0], "train_flops", "training FLOPs (eq. 7 per token x tokens)"),
-                           (axes[1], "seconds", "training seconds")):
+        lines.setdefault(
+            c["shape"] + ("" if c["kernel"] in ("-", "mand") else f" {c['kernel']}"), []
+        ).append(c)
+    for ax, key, label in (
+        (axes[0], "train_flops", "training FLOPs (eq. 7 per token x tokens)"),
+        (axes[1], "seconds", "training seconds"),
+    ):
         for name, cells in lines.items():
             cells = sorted(cells, key=lambda c: c["budget"])
-            ax.errorbar([c[key] for c in cells], [c["ev_mean"] for c in cells], [c["ev_std"] for c in cells],
-                        marker="o", capsize=3, label=name, color="black" if name == "topk" else None)
+            ax.errorbar(
+                [c[key] for c in cells],
+                [c["ev_mean"] for c in cells],
+                [c["ev_std"] for c in cells],
+                marker="o",
+                capsize=3,
+                label=name,
+                color="black" if name == "topk" else None,
+            )
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out EV")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"F={s.sae.dict_size}, k={s.sae.k}, budgets matched by {result['match']}")
+    fig.suptitle(
+        f"F={s.sae.dict_size}, k={s.sae.k}, budgets matched by {result['match']}"
+    )
     fig.tight_layout()
     save_figure(fig, path)
+
 
 # ============================================================================= 12. Progressive coding
 # Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190,
@@ -2802,69 +4101,110 @@ def save_ablation_figure(result: dict, path: str, s: Settings):
 # the dictionary, so that early latents learn to reconstruct alone. KronSAE + Matryoshka (paper A.1): the same
 # loss, with prefixes of whole heads.
 
+
 def matryoshka_prefixes(sizes, F: int, multiple: int = 1) -> list[int]:
     """Check nested prefix sizes: strictly increasing, in (0, F], multiples of `multiple` (m*n for KronSAE,
     so that no head straddles two groups). F is appended when missing."""
     sizes = list(sizes)
-    if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0 or sizes[-1] > F:
-        raise ValueError(f"Matryoshka prefixes must be strictly increasing sizes in (0, F={F}], got {sizes}")
+    if (
+        not sizes
+        or any(b <= a for a, b in zip(sizes, sizes[1:]))
+        or sizes[0] <= 0
+        or sizes[-1] > F
+    ):
+        raise ValueError(
+            f"Matryoshka prefixes must be strictly increasing sizes in (0, F={F}], got {sizes}"
+        )
     bad = [g for g in sizes if g % multiple]
     if bad:
-        raise ValueError(f"KronSAE Matryoshka prefixes must be multiples of m*n={multiple} so that no head "
-                         f"straddles two groups, got {bad}")
+        raise ValueError(
+            f"KronSAE Matryoshka prefixes must be multiples of m*n={multiple} so that no head "
+            f"straddles two groups, got {bad}"
+        )
     return sizes if sizes[-1] == F else sizes + [F]
 
-def matryoshka_loss(sae: SparseAutoencoder, x: torch.Tensor, enc: Encoding, variance: Optional[torch.Tensor] = None,
-                    prefixes=None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def matryoshka_loss(
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    enc: Encoding,
+    variance: Optional[torch.Tensor] = None,
+    prefixes=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, x_hat) as reconstruction_loss (section 4) returns them: the sum over prefixes M (checked by
     matryoshka_prefixes) of normalized_mse(x, x_hat of latents < M), and the whole x_hat."""
     # One sparse decode for all prefixes: bag (g, b) sums token b's latents in group g = [M_g-1, M_g);
     # a cumulative sum over groups gives every prefix. One decoder gradient instead of one per prefix.
     ends = torch.as_tensor(prefixes, device=x.device)
     G, (B, k) = len(ends), enc.indices.shape
-    group = torch.bucketize(enc.indices, ends, right=True)                                     # (B, k)
-    in_group = group == torch.arange(G, device=x.device)[:, None, None]                        # (G, B, k)
-    parts = sae.sparse_decode((enc.values * in_group).view(G * B, k), enc.indices.repeat(G, 1))
-    x_hats = parts.view(G, B, -1).cumsum(0) + sae.b_dec                                        # (G, B, d)
+    group = torch.bucketize(enc.indices, ends, right=True)  # (B, k)
+    in_group = group == torch.arange(G, device=x.device)[:, None, None]  # (G, B, k)
+    parts = sae.sparse_decode(
+        (enc.values * in_group).view(G * B, k), enc.indices.repeat(G, 1)
+    )
+    x_hats = parts.view(G, B, -1).cumsum(0) + sae.b_dec  # (G, B, d)
     return sum(normalized_mse(x, x_hat, variance) for x_hat in x_hats), x_hats[-1]
 
+
 @torch.no_grad()
-def latent_stats(sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, ...]:
+def latent_stats(
+    sae: SparseAutoencoder, data: torch.Tensor, batch: int = 4096
+) -> tuple[torch.Tensor, ...]:
     """Per latent, over `data`: importance E[a^2] and firing frequency, (F,) each: LatentStats over held-out data."""
     stats = LatentStats(sae.F, sae.W_dec.device)
     for x in data.split(batch):
         stats.update(*sae.encode(x.to(sae.W_dec.device)))
     return stats.importance, stats.frequency
 
+
 def fit_power_law(importance: torch.Tensor) -> tuple[float, float]:
     """Least squares in log-log of importance against rank: importance ~ C * rank^-alpha.
     Returns (alpha, R^2), over the latents with non-zero importance."""
     y = importance[importance > 0].double().sort(descending=True).values.log()
     if y.numel() < 3:
-        raise ValueError(f"need at least 3 latents with non-zero importance to fit, got {y.numel()}")
+        raise ValueError(
+            f"need at least 3 latents with non-zero importance to fit, got {y.numel()}"
+        )
     x = torch.arange(1, y.numel() + 1, dtype=torch.float64).log()
-    slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution.flatten()
+    slope, intercept = torch.linalg.lstsq(
+        torch.stack([x, torch.ones_like(x)], 1), y[:, None]
+    ).solution.flatten()
     residual = y - (slope * x + intercept)
     return float(-slope), float(1 - residual.pow(2).sum() / (y - y.mean()).pow(2).sum())
+
 
 def rank_latents(sae: SparseAutoencoder, score: torch.Tensor) -> torch.Tensor:
     """Latent order, best first, by `score` (F,), in whole groups (KronSAE: heads) ranked by their summed score."""
     heads = score.view(-1, sae.latents_per_head).sum(-1).argsort(descending=True)
-    return (heads[:, None] * sae.latents_per_head + torch.arange(sae.latents_per_head)).flatten()
+    return (
+        heads[:, None] * sae.latents_per_head + torch.arange(sae.latents_per_head)
+    ).flatten()
+
 
 def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
     """A smaller SAE of the same class that keeps latents `keep` (in that order) and drops the rest.
     It selects its top k among the kept latents only. For KronSAE `keep` must be whole heads."""
     keep, size = torch.as_tensor(keep, dtype=torch.long).cpu(), sae.latents_per_head
     heads = keep.view(-1, size)[:, 0] // size if keep.numel() % size == 0 else None
-    if heads is None or not torch.equal(keep, (heads[:, None] * size + torch.arange(size)).flatten()):
-        raise ValueError(f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
-                         f"{size} latents in order, got {keep.numel()} latents")
-    rows = sae.W_enc.shape[0] * size // sae.F                       # encoder rows per group: m+n, or 1
+    if heads is None or not torch.equal(
+        keep, (heads[:, None] * size + torch.arange(size)).flatten()
+    ):
+        raise ValueError(
+            f"pruning a KronSAE keeps whole heads: `keep` must list each kept head's "
+            f"{size} latents in order, got {keep.numel()} latents"
+        )
+    rows = sae.W_enc.shape[0] * size // sae.F  # encoder rows per group: m+n, or 1
     enc_rows = (heads[:, None] * rows + torch.arange(rows)).flatten()
-    shape = {"h": heads.numel()} if isinstance(sae, KronSAE) else {"dict_size": keep.numel()}
+    shape = (
+        {"h": heads.numel()}
+        if isinstance(sae, KronSAE)
+        else {"dict_size": keep.numel()}
+    )
     small = build_sae({**sae_config(sae), "k": min(sae.k, keep.numel()), **shape})
-    small, dev = small.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype), sae.W_dec.device
+    small, dev = (
+        small.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype),
+        sae.W_dec.device,
+    )
     with torch.no_grad():
         small.W_enc.copy_(sae.W_enc[enc_rows.to(dev)])
         small.b_enc.copy_(sae.b_enc[enc_rows.to(dev)])
@@ -2872,8 +4212,11 @@ def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
         small.b_dec.copy_(sae.b_dec)
     return small
 
+
 @torch.no_grad()
-def prefix_cut_fvu(sae: SparseAutoencoder, data: torch.Tensor, G: int, batch: int = 4096) -> float:
+def prefix_cut_fvu(
+    sae: SparseAutoencoder, data: torch.Tensor, G: int, batch: int = 4096
+) -> float:
     """FVU of prefix G as Matryoshka training scores it (reconstruction_loss): the top k over all F latents,
     of which only those among the first G decode. (prune instead re-picks the top k among the first G.)"""
     x_m, r_m = Moments(), Moments()
@@ -2884,52 +4227,86 @@ def prefix_cut_fvu(sae: SparseAutoencoder, data: torch.Tensor, G: int, batch: in
         r_m.add(x - sae.decode(values * (indices < G), indices))
     return r_m.total_variance() / x_m.total_variance()
 
-def progressive_curves(plain: SparseAutoencoder, matryoshka: SparseAutoencoder, eval_data: torch.Tensor,
-                       sizes: list[int]) -> dict:
+
+def progressive_curves(
+    plain: SparseAutoencoder,
+    matryoshka: SparseAutoencoder,
+    eval_data: torch.Tensor,
+    sizes: list[int],
+) -> dict:
     """FVU on held-out data against the number of kept latents G: the Matryoshka SAE as trained (cut) and
     re-picking its top k among the first G, and the plain SAE pruned three ways (each re-picks its top k)."""
     importance, frequency = latent_stats(plain, eval_data)
-    orders = {"matryoshka": (matryoshka, torch.arange(matryoshka.F)),   # trained to be used in index order
-              "pruned_importance": (plain, rank_latents(plain, importance)),
-              "pruned_frequency": (plain, rank_latents(plain, frequency)),
-              "unsorted_prefix": (plain, torch.arange(plain.F))}
-    curves = {"matryoshka_cut": [prefix_cut_fvu(matryoshka, eval_data, G) for G in sizes]}
+    orders = {
+        "matryoshka": (
+            matryoshka,
+            torch.arange(matryoshka.F),
+        ),  # trained to be used in index order
+        "pruned_importance": (plain, rank_latents(plain, importance)),
+        "pruned_frequency": (plain, rank_latents(plain, frequency)),
+        "unsorted_prefix": (plain, torch.arange(plain.F)),
+    }
+    curves = {
+        "matryoshka_cut": [prefix_cut_fvu(matryoshka, eval_data, G) for G in sizes]
+    }
     for name, (sae, order) in orders.items():
-        curves[name] = [evaluate(prune(sae, order[:G]), eval_data)["fvu"] for G in sizes]
+        curves[name] = [
+            evaluate(prune(sae, order[:G]), eval_data)["fvu"] for G in sizes
+        ]
     alpha, r2 = fit_power_law(importance)
     return {"G": sizes, "fvu": curves, "power_law_alpha": alpha, "power_law_r2": r2}
 
+
 def paper_ordering(fvu: dict, matryoshka: str) -> bool:
     """The paper's ordering at every G < F: Matryoshka < pruned by E[a^2] < unsorted prefix."""
-    return all(fvu[matryoshka][i] < fvu["pruned_importance"][i] < fvu["unsorted_prefix"][i]
-               for i in range(len(fvu[matryoshka]) - 1))
+    return all(
+        fvu[matryoshka][i] < fvu["pruned_importance"][i] < fvu["unsorted_prefix"][i]
+        for i in range(len(fvu[matryoshka]) - 1)
+    )
+
 
 def save_progressive_figure(results: dict, path: str):
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(6 * len(results), 4.2), squeeze=False
+    )
     for ax, (arch, r) in zip(axes[0], results.items()):
         for name, fvu in r["fvu"].items():
-            ax.errorbar(r["G"], fvu, yerr=r["fvu_std"][name], marker="o", capsize=3, label=name)
+            ax.errorbar(
+                r["G"], fvu, yerr=r["fvu_std"][name], marker="o", capsize=3, label=name
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("kept latents G")
         ax.set_ylabel("held-out FVU")
-        ax.set_title(f"{arch}: importance ~ rank^-{r['power_law_alpha']:.2f} (R^2 {r['power_law_r2']:.2f})")
+        ax.set_title(
+            f"{arch}: importance ~ rank^-{r['power_law_alpha']:.2f} (R^2 {r['power_law_r2']:.2f})"
+        )
         ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 
+
 def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
     """s with Matryoshka prefixes G = F/16, F/8, F/4, F/2, F (validated by Settings), and those sizes."""
     if s.sae.matryoshka:
-        raise ValueError("progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka")
+        raise ValueError(
+            "progressive sets the Matryoshka prefixes itself (F/16 ... F); drop --matryoshka"
+        )
     if s.run.out or s.run.resume or s.data.model:
-        raise ValueError("progressive trains on --data or synthetic data and writes no checkpoints; "
-                         "drop --out, --resume and --model")
+        raise ValueError(
+            "progressive trains on --data or synthetic data and writes no checkpoints; "
+            "drop --out, --resume and --model"
+        )
     if s.sae.dict_size % 16:
-        raise ValueError(f"progressive needs F divisible by 16, got F={s.sae.dict_size}")
+        raise ValueError(
+            f"progressive needs F divisible by 16, got F={s.sae.dict_size}"
+        )
     sizes = [s.sae.dict_size // 16 * i for i in (1, 2, 4, 8, 16)]
-    return dataclasses.replace(s, sae=dataclasses.replace(s.sae, matryoshka=tuple(sizes))), sizes
+    return dataclasses.replace(
+        s, sae=dataclasses.replace(s.sae, matryoshka=tuple(sizes))
+    ), sizes
+
 
 def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) -> dict:
     """Train a plain and a Matryoshka SAE per arch and seed, then compare FVU at G = F/16 ... F (Peter and
@@ -2946,40 +4323,97 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
         runs = []
         for seed in range(s.run.seed, s.run.seed + seeds):
             run = dataclasses.replace(s.run, out="", save_every=0, seed=seed)
-            plain, _, plain_run = run_one(arch, train_data, eval_data, dataclasses.replace(s, run=run), device)
-            mat, _, mat_run = run_one(arch, train_data, eval_data, dataclasses.replace(nested, run=run), device)
+            plain, _, plain_run = run_one(
+                arch, train_data, eval_data, dataclasses.replace(s, run=run), device
+            )
+            mat, _, mat_run = run_one(
+                arch,
+                train_data,
+                eval_data,
+                dataclasses.replace(nested, run=run),
+                device,
+            )
             r = progressive_curves(plain, mat, eval_data, sizes)
-            alpha, r2 = fit_power_law(plain_run.latents.importance)   # the same fit on importance tracked in training
-            runs.append(r | dict(train_seconds_plain=plain_run.seconds, train_seconds_matryoshka=mat_run.seconds,
-                                 train_power_law_alpha=alpha, train_power_law_r2=r2))
-        r = {key: mean_std([run[key] for run in runs])["mean"] for key in runs[0] if key not in ("G", "fvu")}
-        at_G = {name: [mean_std([run["fvu"][name][i] for run in runs]) for i in range(len(sizes))]
-                for name in runs[0]["fvu"]}                                      # name -> per G {mean, std}
-        r.update(G=sizes, seeds=list(range(s.run.seed, s.run.seed + seeds)),
-                 fvu={name: [st["mean"] for st in stats] for name, stats in at_G.items()},
-                 fvu_std={name: [st["std"] for st in stats] for name, stats in at_G.items()},
-                 fvu_per_seed=[run["fvu"] for run in runs],
-                 ordering_holds={m: [paper_ordering(run["fvu"], m) for run in runs]
-                                 for m in ("matryoshka_cut", "matryoshka")})
+            # the same fit on importance tracked in training
+            alpha, r2 = fit_power_law(plain_run.latents.importance)
+            runs.append(
+                r
+                | dict(
+                    train_seconds_plain=plain_run.seconds,
+                    train_seconds_matryoshka=mat_run.seconds,
+                    train_power_law_alpha=alpha,
+                    train_power_law_r2=r2,
+                )
+            )
+        r = {
+            key: mean_std([run[key] for run in runs])["mean"]
+            for key in runs[0]
+            if key not in ("G", "fvu")
+        }
+        at_G = {
+            name: [
+                mean_std([run["fvu"][name][i] for run in runs])
+                for i in range(len(sizes))
+            ]
+            for name in runs[0]["fvu"]
+        }  # name -> per G {mean, std}
+        r.update(
+            G=sizes,
+            seeds=list(range(s.run.seed, s.run.seed + seeds)),
+            fvu={name: [st["mean"] for st in stats] for name, stats in at_G.items()},
+            fvu_std={name: [st["std"] for st in stats] for name, stats in at_G.items()},
+            fvu_per_seed=[run["fvu"] for run in runs],
+            ordering_holds={
+                m: [paper_ordering(run["fvu"], m) for run in runs]
+                for m in ("matryoshka_cut", "matryoshka")
+            },
+        )
         results[arch] = r
-        print(f"\n{arch}: FVU on {eval_data.shape[0]} held-out rows, mean ± std over {seeds} seed(s); "
-              f"importance E[a^2] ~ rank^-{r['power_law_alpha']:.2f} "
-              f"(R^2 {r['power_law_r2']:.3f}; tracked during training: rank^-{r['train_power_law_alpha']:.2f}, "
-              f"R^2 {r['train_power_law_r2']:.3f}); Matryoshka training took "
-              f"{r['train_seconds_matryoshka'] / r['train_seconds_plain']:.2f}x the plain SAE's time")
-        print("matryoshka_cut: as trained (top k of all F, cut at G); the rest re-pick their top k among the G kept")
-        print(format_table(["G", *r["fvu"]], [
-            [G, *(f"{r['fvu'][n][i]:.4f} ± {r['fvu_std'][n][i]:.4f}" for n in r["fvu"])] for i, G in enumerate(sizes)]))
+        print(
+            f"\n{arch}: FVU on {eval_data.shape[0]} held-out rows, mean ± std over {seeds} seed(s); "
+            f"importance E[a^2] ~ rank^-{r['power_law_alpha']:.2f} "
+            f"(R^2 {r['power_law_r2']:.3f}; tracked during training: rank^-{r['train_power_law_alpha']:.2f}, "
+            f"R^2 {r['train_power_law_r2']:.3f}); Matryoshka training took "
+            f"{r['train_seconds_matryoshka'] / r['train_seconds_plain']:.2f}x the plain SAE's time"
+        )
+        print(
+            "matryoshka_cut: as trained (top k of all F, cut at G); the rest re-pick their top k among the G kept"
+        )
+        print(
+            format_table(
+                ["G", *r["fvu"]],
+                [
+                    [
+                        G,
+                        *(
+                            f"{r['fvu'][n][i]:.4f} ± {r['fvu_std'][n][i]:.4f}"
+                            for n in r["fvu"]
+                        ),
+                    ]
+                    for i, G in enumerate(sizes)
+                ],
+            )
+        )
         for m, holds in r["ordering_holds"].items():
-            print(f"paper's ordering ({m} < pruned by E[a^2] < unsorted) at every G < F: "
-                  f"{sum(holds)} of {seeds} seed(s)")
+            print(
+                f"paper's ordering ({m} < pruned by E[a^2] < unsorted) at every G < F: "
+                f"{sum(holds)} of {seeds} seed(s)"
+            )
     if figure:
         save_progressive_figure(results, figure)
         print(f"figure: {figure}")
     if s.run.json:
-        write_json(s.run.json, {**results, "data": data_report,
-                                "config": provenance(s, device, time.perf_counter() - start) | {"seeds": seeds}})
+        write_json(
+            s.run.json,
+            {
+                **results,
+                "data": data_report,
+                "config": provenance(s, device, time.perf_counter() - start)
+                | {"seeds": seeds},
+            },
+        )
     return results
+
 
 # ============================================================================= 13. Inspecting features
 # One streaming pass over a store, whole contexts at a time, gathers for every latent (and for KronSAE, every
@@ -2987,8 +4421,10 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
 # fires, its mean activation, the token ids it fires on (token entropy, eq. 10), and its top examples, each a
 # window of WINDOW tokens either side with the activation of every token (multitoken ratio, eq. 11).
 
-WINDOW = 15           # tokens either side of the firing token (appendix D.1: 31-token windows)
-HISTOGRAM_BINS = torch.logspace(-4, 4, 65)  # activation histograms: fixed log-spaced bins, whatever the scale
+WINDOW = 15  # tokens either side of the firing token (appendix D.1: 31-token windows)
+# activation histograms: fixed log-spaced bins, whatever the scale
+HISTOGRAM_BINS = torch.logspace(-4, 4, 65)
+
 
 class UnitStats:
     """Streaming statistics of U units whose activations arrive as dense (B, U) chunks of whole contexts.
@@ -2999,34 +4435,58 @@ class UnitStats:
         self.units, self.vocab, self.tokens = units, vocab, 0
         self.fired = torch.zeros(units, dtype=torch.long)
         self.total = torch.zeros(units, dtype=torch.float64)
-        self.top = torch.zeros(units, examples)                           # the top activations, descending
-        self.row = torch.full((units, examples), -1)                      # the store row of each (-1: none)
-        self.span = torch.ones(units, examples)                           # tokens in each example's window
-        self.windows = torch.zeros(units, examples, 2 * WINDOW + 1)       # activations around each
+        self.top = torch.zeros(units, examples)  # the top activations, descending
+        self.row = torch.full((units, examples), -1)  # the store row of each (-1: none)
+        self.span = torch.ones(units, examples)  # tokens in each example's window
+        # activations around each
+        self.windows = torch.zeros(units, examples, 2 * WINDOW + 1)
         self.histogram = torch.zeros(units, len(HISTOGRAM_BINS) + 1, dtype=torch.long)
-        self.keys, self.mass, self.pending = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64), []
+        self.keys, self.mass, self.pending = (
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, dtype=torch.float64),
+            [],
+        )
 
     def add(self, acts: torch.Tensor, chunk: TextChunk):
         """acts (B, U) >= 0 on the chunk's rows; rows outside chunk.keep count for nothing but their windows."""
         kept = acts * chunk.keep[:, None]
         self.tokens += int(chunk.keep.sum())
-        rows, units = kept.nonzero(as_tuple=True)                        # the firings
+        rows, units = kept.nonzero(as_tuple=True)  # the firings
         values = kept[rows, units]
         self.fired += torch.bincount(units, minlength=self.units)
         self.total.index_add_(0, units, values.double())
         bins = torch.bucketize(values, HISTOGRAM_BINS)
-        self.histogram.view(-1).index_add_(0, units * self.histogram.shape[1] + bins, torch.ones_like(bins))
-        self.pending.append((units * self.vocab + chunk.token_ids[rows], values.double()))
-        if sum(len(k) for k, _ in self.pending) > max(len(self.keys), 1 << 22):  # amortised: O(pairs log pairs)
+        self.histogram.view(-1).index_add_(
+            0, units * self.histogram.shape[1] + bins, torch.ones_like(bins)
+        )
+        self.pending.append(
+            (units * self.vocab + chunk.token_ids[rows], values.double())
+        )
+        # amortised: O(pairs log pairs)
+        if sum(len(k) for k, _ in self.pending) > max(len(self.keys), 1 << 22):
             self.coalesce()
         E = min(self.top.shape[1], kept.shape[0])
-        best_values, best = kept.topk(E, dim=0)                            # (E, U) each unit's best rows here
-        padded = torch.cat([acts, acts.new_zeros(1, self.units)])         # last row: slots without a store row
-        windows = padded[chunk.neighbours[best], torch.arange(self.units)[None, :, None]]  # (E, U, 2W+1)
-        order = torch.cat([self.top, best_values.T], 1).topk(self.top.shape[1], dim=1).indices
+        best_values, best = kept.topk(E, dim=0)  # (E, U) each unit's best rows here
+        # last row: slots without a store row
+        padded = torch.cat([acts, acts.new_zeros(1, self.units)])
+        windows = padded[
+            chunk.neighbours[best], torch.arange(self.units)[None, :, None]
+        ]  # (E, U, 2W+1)
+        order = (
+            torch.cat([self.top, best_values.T], 1)
+            .topk(self.top.shape[1], dim=1)
+            .indices
+        )
+
         def merge(old, new):
             both = torch.cat([old, new], 1)
-            return both.gather(1, order.view(*order.shape, *[1] * (both.dim() - 2)).expand(-1, -1, *both.shape[2:]))
+            return both.gather(
+                1,
+                order.view(*order.shape, *[1] * (both.dim() - 2)).expand(
+                    -1, -1, *both.shape[2:]
+                ),
+            )
+
         self.top = merge(self.top, best_values.T)
         self.row = merge(self.row, torch.where(best_values > 0, chunk.rows[best], -1).T)
         self.span = merge(self.span, chunk.span[best].T)
@@ -3035,8 +4495,11 @@ class UnitStats:
     def coalesce(self):
         keys = torch.cat([self.keys, *(k for k, _ in self.pending)])
         mass = torch.cat([self.mass, *(m for _, m in self.pending)])
-        self.keys, inverse = keys.unique(return_inverse=True)             # sorted: unit-major, then token id
-        self.mass = torch.zeros(len(self.keys), dtype=torch.float64).index_add_(0, inverse, mass)
+        # sorted: unit-major, then token id
+        self.keys, inverse = keys.unique(return_inverse=True)
+        self.mass = torch.zeros(len(self.keys), dtype=torch.float64).index_add_(
+            0, inverse, mass
+        )
         self.pending = []
 
     def statistics(self) -> dict[str, torch.Tensor]:
@@ -3044,54 +4507,85 @@ class UnitStats:
         those tokens), token_entropy (eq. 10) and multitoken_ratio (eq. 11, over its collected examples)."""
         self.coalesce()
         unit = self.keys // self.vocab
-        mass = torch.zeros(self.units, dtype=torch.float64).index_add_(0, unit, self.mass)
+        mass = torch.zeros(self.units, dtype=torch.float64).index_add_(
+            0, unit, self.mass
+        )
         p = self.mass / mass[unit]
-        entropy = torch.zeros(self.units, dtype=torch.float64).index_add_(0, unit, -p * p.log())
+        entropy = torch.zeros(self.units, dtype=torch.float64).index_add_(
+            0, unit, -p * p.log()
+        )
         never = self.fired == 0
-        valid = self.row >= 0                                             # (U, E) examples actually collected
+        valid = self.row >= 0  # (U, E) examples actually collected
         active = ((self.windows > 0).sum(-1) / self.span * valid).sum(1) / valid.sum(1)
         nan = torch.tensor(math.nan, dtype=torch.float64)
-        return {"frequency": self.fired / max(1, self.tokens),
-                "mean_activation": torch.where(never, nan, self.total / self.fired.clamp_min(1)),
-                "token_entropy": torch.where(never, nan, entropy),
-                "multitoken_ratio": torch.where(never, nan, active.double())}
+        return {
+            "frequency": self.fired / max(1, self.tokens),
+            "mean_activation": torch.where(
+                never, nan, self.total / self.fired.clamp_min(1)
+            ),
+            "token_entropy": torch.where(never, nan, entropy),
+            "multitoken_ratio": torch.where(never, nan, active.double()),
+        }
 
     def top_tokens(self, unit: int, count: int = 5) -> list[tuple[int, float]]:
         """The unit's `count` token ids with the most activation mass, with their share of it."""
-        lo, hi = torch.searchsorted(self.keys, torch.tensor([unit * self.vocab, (unit + 1) * self.vocab])).tolist()
+        lo, hi = torch.searchsorted(
+            self.keys, torch.tensor([unit * self.vocab, (unit + 1) * self.vocab])
+        ).tolist()
         mass = self.mass[lo:hi]
         best = mass.topk(min(count, len(mass))).indices
-        return [(int(self.keys[lo + b] % self.vocab), float(mass[b] / mass.sum())) for b in best]
+        return [
+            (int(self.keys[lo + b] % self.vocab), float(mass[b] / mass.sum()))
+            for b in best
+        ]
 
-class TextChunk(NamedTuple):  # whole contexts of a store, and what UnitStats needs to know of their rows
-    x: torch.Tensor           # (B, d) activations
-    rows: torch.Tensor        # (B,) row ids in the store (shard by shard, in order)
-    token_ids: torch.Tensor   # (B,) each row's token id
+
+# whole contexts of a store, and what UnitStats needs to know of their rows
+class TextChunk(NamedTuple):
+    x: torch.Tensor  # (B, d) activations
+    rows: torch.Tensor  # (B,) row ids in the store (shard by shard, in order)
+    token_ids: torch.Tensor  # (B,) each row's token id
     neighbours: torch.Tensor  # (B, 2W+1) the chunk row at each window slot, B where no row is (edges, specials)
-    span: torch.Tensor        # (B,) tokens of the context inside the row's window
-    keep: torch.Tensor        # (B,) rows that count: within --tokens and not massive
+    span: torch.Tensor  # (B,) tokens of the context inside the row's window
+    keep: torch.Tensor  # (B,) rows that count: within --tokens and not massive
 
-def text_chunks(store: ActivationStore, tokens: int, batch: int, threshold: float) -> Iterator[TextChunk]:
+
+def text_chunks(
+    store: ActivationStore, tokens: int, batch: int, threshold: float
+) -> Iterator[TextChunk]:
     """The store's first `tokens` rows, whole contexts of one shard at a time, about `batch` rows a chunk."""
     read, base = 0, 0
     for k, offsets in enumerate(store.offsets):
         ids, positions = store.text(k)
         T, c = ids.shape[1], 0
         while c < len(offsets) - 1 and read < tokens:
-            end = max(c + 1, int(np.searchsorted(offsets, offsets[c] + batch, side="right")) - 1)
+            end = max(
+                c + 1,
+                int(np.searchsorted(offsets, offsets[c] + batch, side="right")) - 1,
+            )
             a, b = int(offsets[c]), int(offsets[end])
-            context = torch.from_numpy(np.repeat(np.arange(end - c), np.diff(offsets[c:end + 1])))
+            context = torch.from_numpy(
+                np.repeat(np.arange(end - c), np.diff(offsets[c : end + 1]))
+            )
             pos = torch.from_numpy(positions[a:b]).long()
-            where = torch.full((end - c, T + 2 * WINDOW), b - a)          # (contexts, padded positions) -> row
+            # (contexts, padded positions) -> row
+            where = torch.full((end - c, T + 2 * WINDOW), b - a)
             where[context, pos + WINDOW] = torch.arange(b - a)
-            slots = pos[:, None] + torch.arange(2 * WINDOW + 1)            # padded positions of each window
+            # padded positions of each window
+            slots = pos[:, None] + torch.arange(2 * WINDOW + 1)
             x = store.rows(k, np.arange(a, b))
             keep = (torch.arange(b - a) < tokens - read) & (x.norm(dim=-1) <= threshold)
-            yield TextChunk(x, base + torch.arange(a, b), torch.from_numpy(ids[c:end]).long()[context, pos],
-                            where[context[:, None], slots], (pos + WINDOW).clamp(max=T - 1) -
-                            (pos - WINDOW).clamp(min=0) + 1, keep)
+            yield TextChunk(
+                x,
+                base + torch.arange(a, b),
+                torch.from_numpy(ids[c:end]).long()[context, pos],
+                where[context[:, None], slots],
+                (pos + WINDOW).clamp(max=T - 1) - (pos - WINDOW).clamp(min=0) + 1,
+                keep,
+            )
             read, c = read + b - a, end
         base += int(offsets[-1])
+
 
 class Correlation:
     """Pearson correlations between U units over the tokens streamed: sums and the (U, U) cross products."""
@@ -3109,29 +4603,53 @@ class Correlation:
         mean = self.sum / self.n
         cov = self.cross / self.n - mean[:, None] * mean[None, :]
         std = cov.diagonal().clamp_min(0).sqrt()
-        return cov / (std[:, None] * std[None, :])                       # NaN for units that never fired
+        return cov / (std[:, None] * std[None, :])  # NaN for units that never fired
+
 
 def head_correlations(r: torch.Tensor, group: int) -> tuple[float, float]:
     """The mean correlation of pairs of units in the same group of `group` consecutive units, and across."""
     g = torch.arange(len(r)) // group
     same, pair = g[:, None] == g[None, :], ~torch.eye(len(r), dtype=torch.bool)
+
     def mean(mask):
         values = r[mask & pair]
         return float(values[values.isfinite()].mean())
+
     return mean(same), mean(~same)
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:  # over the units where both are defined
+
+def pearson(
+    a: torch.Tensor, b: torch.Tensor
+) -> float:  # over the units where both are defined
     ok = a.isfinite() & b.isfinite()
     return float(torch.corrcoef(torch.stack([a[ok], b[ok]]))[0, 1])
+
 
 def quartiles(values: torch.Tensor, seed: int = 0, resamples: int = 1000) -> dict:
     """Mean and quartiles of the finite values, and the bootstrap std of the mean (resampling the units)."""
     v = values[values.isfinite()].double()
     if not len(v):
-        return {"mean": math.nan, "q25": math.nan, "median": math.nan, "q75": math.nan, "bootstrap_std": math.nan}
+        return {
+            "mean": math.nan,
+            "q25": math.nan,
+            "median": math.nan,
+            "q75": math.nan,
+            "bootstrap_std": math.nan,
+        }
     q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-    draws = v[torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))].mean(1)
-    return {"mean": float(v.mean()), "q25": q[0], "median": q[1], "q75": q[2], "bootstrap_std": float(draws.std())}
+    draws = v[
+        torch.randint(
+            len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed)
+        )
+    ].mean(1)
+    return {
+        "mean": float(v.mean()),
+        "q25": q[0],
+        "median": q[1],
+        "q75": q[2],
+        "bootstrap_std": float(draws.std()),
+    }
+
 
 def fig18(post: dict, pre: dict, sae: KroneckerSAE) -> dict:
     """Each post-latent statistic against its parents' (appendix E, fig. 18): the Pearson r over post-latents
@@ -3140,177 +4658,304 @@ def fig18(post: dict, pre: dict, sae: KroneckerSAE) -> dict:
     out = {}
     for stat in ("frequency", "token_entropy", "multitoken_ratio"):
         u, v = pre[stat].view(h, m + n).split([m, n], dim=1)
-        a, b = u[:, :, None].expand(h, m, n).flatten(), v[:, None, :].expand(h, m, n).flatten()
+        a, b = (
+            u[:, :, None].expand(h, m, n).flatten(),
+            v[:, None, :].expand(h, m, n).flatten(),
+        )
         y = post[stat]
-        out[stat] = {"base": pearson(y, a), "extension": pearson(y, b), "mean": pearson(y, (a + b) / 2),
-                     "product": pearson(y, a * b), "mand": pearson(y, (a * b).clamp_min(0).sqrt())}
+        out[stat] = {
+            "base": pearson(y, a),
+            "extension": pearson(y, b),
+            "mean": pearson(y, (a + b) / 2),
+            "product": pearson(y, a * b),
+            "mand": pearson(y, (a * b).clamp_min(0).sqrt()),
+        }
     return out
+
 
 def sampled_heads(sae: SparseAutoencoder, units: int = 512) -> torch.Tensor:
     """The latents of the first few heads, about `units` of them, for the correlations of section 5.2."""
-    return torch.arange(min(sae.F, max(2, units // sae.latents_per_head) * sae.latents_per_head))
+    return torch.arange(
+        min(sae.F, max(2, units // sae.latents_per_head) * sae.latents_per_head)
+    )
+
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
+
     name, extra = model_source(name)
     return from_pretrained(AutoTokenizer.from_pretrained, name, extra)
 
+
 @torch.no_grad()
-def inspect_sae(directory: str, data: str, tokens: int = 200_000, latents: Optional[list[int]] = None,
-                sample: int = 32, examples: int = 10, batch: int = 2048, seed: int = 0,
-                progress: bool = True) -> Inspection:
+def inspect_sae(
+    directory: str,
+    data: str,
+    tokens: int = 200_000,
+    latents: Optional[list[int]] = None,
+    sample: int = 32,
+    examples: int = 10,
+    batch: int = 2048,
+    seed: int = 0,
+    progress: bool = True,
+) -> Inspection:
     """Read the first `tokens` rows of the store `data` through the SAE in `directory`: the report (the JSON's
     content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams."""
     store = ActivationStore(data)
-    store.text(0)                                                          # a one-line error for old stores
+    store.text(0)  # a one-line error for old stores
     sae = load(directory)
     if sae.d_in != store.d:
-        raise ValueError(f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}")
+        raise ValueError(
+            f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}"
+        )
     for latent in latents or []:
         if not 0 <= latent < sae.F:
             raise ValueError(f"--latents: latent {latent} is outside 0..{sae.F - 1}")
     tokenizer = load_tokenizer(store.manifest["tokenizer"])
-    vocab = max(len(tokenizer), int(max(store.text(k)[0].max() for k in range(len(store.shards)))) + 1)
+    vocab = max(
+        len(tokenizer),
+        int(max(store.text(k)[0].max() for k in range(len(store.shards)))) + 1,
+    )
     kron = isinstance(sae, KroneckerSAE)
     torch.manual_seed(seed)
-    init = build_sae(sae_config(sae))                      # the same SAE at its init (A.1), b_dec set below
+    init = build_sae(sae_config(sae))  # the same SAE at its init (A.1), b_dec set below
     post = UnitStats(sae.F, examples, vocab)
     pre = UnitStats(sae.W_enc.shape[0], examples, vocab) if kron else None
     heads = sampled_heads(sae)
     corr, corr_init = Correlation(len(heads)), Correlation(len(heads))
     fires = both = parents = 0
-    head, ij = torch.arange(sae.F) // sae.latents_per_head, torch.arange(sae.F) % sae.latents_per_head   # each latent's head, (i, j)
+    # each latent's head, (i, j)
+    head, ij = (
+        torch.arange(sae.F) // sae.latents_per_head,
+        torch.arange(sae.F) % sae.latents_per_head,
+    )
     total = min(tokens, store.manifest["tokens"])
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"inspect {Path(directory).name}",
-              disable=not progress) as bar:
-        for chunk in text_chunks(store, tokens, batch, store.manifest["norms"].get("threshold") or math.inf):
+    with tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc=f"inspect {Path(directory).name}",
+        disable=not progress,
+    ) as bar:
+        for chunk in text_chunks(
+            store, tokens, batch, store.manifest["norms"].get("threshold") or math.inf
+        ):
             code = dense_code(sae, chunk.x)
             post.add(code, chunk)
             corr.add(code[chunk.keep][:, heads])
-            if not init.b_dec.any() and chunk.keep.any():  # as training starts: b_dec at the data mean
+            # as training starts: b_dec at the data mean
+            if not init.b_dec.any() and chunk.keep.any():
                 init.b_dec.copy_(chunk.x[chunk.keep].mean(0))
             corr_init.add(dense_code(init, chunk.x[chunk.keep])[:, heads])
             if kron:
-                pre_acts = torch.addmm(sae.b_enc, chunk.x - sae.b_dec, sae.W_enc.T)   # (B, h(m+n)): u, v
+                # (B, h(m+n)): u, v
+                pre_acts = torch.addmm(sae.b_enc, chunk.x - sae.b_dec, sae.W_enc.T)
                 pre.add(pre_acts.relu(), chunk)
-                u, v = (t > 0 for t in sae.split(pre_acts[chunk.keep]))            # (b, h, m), (b, h, n)
+                # (b, h, m), (b, h, n)
+                u, v = (t > 0 for t in sae.split(pre_acts[chunk.keep]))
                 on = code[chunk.keep] > 0
-                both_on = u[:, head, ij // sae.n] & v[:, head, ij % sae.n]         # (b, F)
+                both_on = u[:, head, ij // sae.n] & v[:, head, ij % sae.n]  # (b, F)
                 fires, both = fires + int(on.sum()), both + int((on & both_on).sum())
                 parents += int((u.sum(-1) * v.sum(-1)).sum())
             bar.update(int(chunk.keep.sum()))
     stats = post.statistics()
-    report = {"tokens": post.tokens, "config": sae_config(sae), "store": str(data),
-              "latents": unit_reports(post, stats, tokenizer, store, range(sae.F)), "summary": {}}
+    report = {
+        "tokens": post.tokens,
+        "config": sae_config(sae),
+        "store": str(data),
+        "latents": unit_reports(post, stats, tokenizer, store, range(sae.F)),
+        "summary": {},
+    }
     group = "post" if kron else "latents"
-    report["summary"][group] = {name: quartiles(value, seed) for name, value in stats.items()}
+    report["summary"][group] = {
+        name: quartiles(value, seed) for name, value in stats.items()
+    }
     r, r_init = corr.matrix(), corr_init.matrix()
     if kron:
         pre_stats = pre.statistics()
-        report["pre_latents"] = unit_reports(pre, pre_stats, tokenizer, store, range(pre.units))
+        report["pre_latents"] = unit_reports(
+            pre, pre_stats, tokenizer, store, range(pre.units)
+        )
         for entry in report["pre_latents"]:
             head, index = divmod(entry["id"], sae.m + sae.n)
-            entry.update(head=head, side="base" if index < sae.m else "extension",
-                         index=index if index < sae.m else index - sae.m)
-        report["summary"]["pre"] = {name: quartiles(value, seed) for name, value in pre_stats.items()}
+            entry.update(
+                head=head,
+                side="base" if index < sae.m else "extension",
+                index=index if index < sae.m else index - sae.m,
+            )
+        report["summary"]["pre"] = {
+            name: quartiles(value, seed) for name, value in pre_stats.items()
+        }
         within, across = head_correlations(r, sae.latents_per_head)
         init_within, init_across = head_correlations(r_init, sae.latents_per_head)
         report["summary"].update(
-            within_head_correlation=within, across_head_correlation=across,
-            init_within_head_correlation=init_within, init_across_head_correlation=init_across,
-            correlation_heads=len(heads) // sae.latents_per_head, fig18=fig18(stats, pre_stats, sae),
-            and_check={"parents_when_fires": both / max(1, fires), "fires_when_parents": both / max(1, parents)})
-    report["selected"] = latents if latents else sorted(torch.randperm(
-        sae.F, generator=torch.Generator().manual_seed(seed))[:min(sample, sae.F)].tolist())
+            within_head_correlation=within,
+            across_head_correlation=across,
+            init_within_head_correlation=init_within,
+            init_across_head_correlation=init_across,
+            correlation_heads=len(heads) // sae.latents_per_head,
+            fig18=fig18(stats, pre_stats, sae),
+            and_check={
+                "parents_when_fires": both / max(1, fires),
+                "fires_when_parents": both / max(1, parents),
+            },
+        )
+    report["selected"] = (
+        latents
+        if latents
+        else sorted(
+            torch.randperm(sae.F, generator=torch.Generator().manual_seed(seed))[
+                : min(sample, sae.F)
+            ].tolist()
+        )
+    )
     return Inspection(report, post, pre, tokenizer)
+
 
 def dense_code(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
     """The SAE's code of x as a dense (B, F) tensor: zeros except each token's k active latents."""
     values, indices = sae.encode(x)
     return values.new_zeros(x.shape[0], sae.F).scatter_(1, indices, values)
 
+
 def token_text(tokenizer, ids) -> dict[int, str]:
     """Each token id as the text it stands for (a leading space kept), decoded one token at a time."""
     ids = sorted(set(ids))
     return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
 
-def unit_reports(stats: UnitStats, values: dict, tokenizer, store: ActivationStore, units) -> list[dict]:
+
+def unit_reports(
+    stats: UnitStats, values: dict, tokenizer, store: ActivationStore, units
+) -> list[dict]:
     """The JSON's per-unit entries, each with its examples as token strings and activations."""
     bases = np.concatenate([[0], np.cumsum([int(o[-1]) for o in store.offsets])])
-    where = {}                                                             # store row -> (tokens, position)
+    where = {}  # store row -> (tokens, position)
     for k in range(len(store.shards)):
-        wanted = stats.row[(stats.row >= bases[k]) & (stats.row < bases[k + 1])].unique() - int(bases[k])
+        wanted = stats.row[
+            (stats.row >= bases[k]) & (stats.row < bases[k + 1])
+        ].unique() - int(bases[k])
         if len(wanted):
             ids, positions = store.text(k)
-            context = np.searchsorted(store.offsets[k], wanted.numpy(), side="right") - 1
+            context = (
+                np.searchsorted(store.offsets[k], wanted.numpy(), side="right") - 1
+            )
             for row, c in zip(wanted.tolist(), context):
                 p = int(positions[row])
                 lo = max(0, p - WINDOW)
-                where[row + int(bases[k])] = (ids[c, lo:p + WINDOW + 1].tolist(), p - lo)
+                where[row + int(bases[k])] = (
+                    ids[c, lo : p + WINDOW + 1].tolist(),
+                    p - lo,
+                )
     text = token_text(tokenizer, [t for window, _ in where.values() for t in window])
     out = []
     for u in units:
-        entry = {"id": u, **{name: float(value[u]) for name, value in values.items()}, "examples": []}
+        entry = {
+            "id": u,
+            **{name: float(value[u]) for name, value in values.items()},
+            "examples": [],
+        }
         for e in range(stats.row.shape[1]):
             row = int(stats.row[u, e])
             if row < 0:
                 break
             ids, position = where[row]
-            acts = stats.windows[u, e, WINDOW - position: WINDOW - position + len(ids)]
-            entry["examples"].append({"tokens": [text[t] for t in ids], "position": position,
-                                      "activations": [float(f"{a:.4g}") for a in acts.tolist()]})
+            acts = stats.windows[u, e, WINDOW - position : WINDOW - position + len(ids)]
+            entry["examples"].append(
+                {
+                    "tokens": [text[t] for t in ids],
+                    "position": position,
+                    "activations": [float(f"{a:.4g}") for a in acts.tolist()],
+                }
+            )
         out.append(entry)
     return out
 
+
 class Inspection(NamedTuple):
-    report: dict               # what the JSON holds
-    post: UnitStats            # the latents (KronSAE: post-latents)
-    pre: Optional[UnitStats]   # KronSAE's pre-latents
+    report: dict  # what the JSON holds
+    post: UnitStats  # the latents (KronSAE: post-latents)
+    pre: Optional[UnitStats]  # KronSAE's pre-latents
     tokenizer: object
+
 
 STAT_NAMES = ("frequency", "mean_activation", "token_entropy", "multitoken_ratio")
 
+
 def summary_table(summary: dict) -> str:
-    rows = [[group, name, *(f"{summary[group][name][q]:.4g}" for q in ("mean", "q25", "median", "q75")),
-             f"{summary[group][name]['bootstrap_std']:.2g}"] for group in ("latents", "post", "pre")
-            if group in summary for name in STAT_NAMES]
-    return format_table(["units", "statistic", "mean", "q25", "median", "q75", "± (bootstrap)"], rows)
+    rows = [
+        [
+            group,
+            name,
+            *(
+                f"{summary[group][name][q]:.4g}"
+                for q in ("mean", "q25", "median", "q75")
+            ),
+            f"{summary[group][name]['bootstrap_std']:.2g}",
+        ]
+        for group in ("latents", "post", "pre")
+        if group in summary
+        for name in STAT_NAMES
+    ]
+    return format_table(
+        ["units", "statistic", "mean", "q25", "median", "q75", "± (bootstrap)"], rows
+    )
+
 
 def fig18_table(fig: dict) -> str:
     parents = ("base", "extension", "mean", "product", "mand")
-    return format_table(["post-latent stat", *(f"r vs {p}" for p in parents)],
-                        [[stat, *(f"{fig[stat][p]:.3f}" for p in parents)] for stat in fig])
+    return format_table(
+        ["post-latent stat", *(f"r vs {p}" for p in parents)],
+        [[stat, *(f"{fig[stat][p]:.3f}" for p in parents)] for stat in fig],
+    )
+
 
 def marked_example(example: dict, width: int = 8) -> str:
     """An example as one line: `width` tokens either side, the firing token in [[ ]] with its activation."""
     p, tokens = example["position"], example["tokens"]
+
     def show(t):
         return t.replace("\n", "\\n")
-    left, right = "".join(map(show, tokens[max(0, p - width):p])), "".join(map(show, tokens[p + 1:p + 1 + width]))
+
+    left, right = (
+        "".join(map(show, tokens[max(0, p - width) : p])),
+        "".join(map(show, tokens[p + 1 : p + 1 + width])),
+    )
     return f"{example['activations'][p]:8.3f}  {left}[[{show(tokens[p])}]]{right}"
+
 
 def print_inspection(report: dict, latents: Optional[list[int]]):
     s = report["summary"]
-    print(f"\n{report['tokens']:,} tokens of {report['store']}; statistics over the units that fired "
-          f"(frequency over all); ± is the bootstrap std of the mean over units")
+    print(
+        f"\n{report['tokens']:,} tokens of {report['store']}; statistics over the units that fired "
+        f"(frequency over all); ± is the bootstrap std of the mean over units"
+    )
     print(summary_table(s))
     if "within_head_correlation" in s:
-        print(f"\nsection 5.2: mean Pearson r of post-latent activations over tokens, first {s['correlation_heads']} "
-              f"heads: within a head {s['within_head_correlation']:.4f}, across heads "
-              f"{s['across_head_correlation']:.4f}; at init {s['init_within_head_correlation']:.4f} / "
-              f"{s['init_across_head_correlation']:.4f}")
-        print("\nfig. 18: Pearson r over post-latents, each statistic against its parents'")
+        print(
+            f"\nsection 5.2: mean Pearson r of post-latent activations over tokens, first {s['correlation_heads']} "
+            f"heads: within a head {s['within_head_correlation']:.4f}, across heads "
+            f"{s['across_head_correlation']:.4f}; at init {s['init_within_head_correlation']:.4f} / "
+            f"{s['init_across_head_correlation']:.4f}"
+        )
+        print(
+            "\nfig. 18: Pearson r over post-latents, each statistic against its parents'"
+        )
         print(fig18_table(s["fig18"]))
         a = s["and_check"]
-        print(f"\nAND check: both parents positive on {100 * a['parents_when_fires']:.2f}% of firings; the "
-              f"post-latent is in the top k on {100 * a['fires_when_parents']:.3f}% of (token, latent) pairs "
-              f"whose parents are both positive")
+        print(
+            f"\nAND check: both parents positive on {100 * a['parents_when_fires']:.2f}% of firings; the "
+            f"post-latent is in the top k on {100 * a['fires_when_parents']:.3f}% of (token, latent) pairs "
+            f"whose parents are both positive"
+        )
     for latent in latents or []:
         entry = report["latents"][latent]
-        print(f"\nlatent {latent}: frequency {entry['frequency']:.4g}, mean activation {entry['mean_activation']:.4g}, "
-              f"token entropy {entry['token_entropy']:.3f}, multitoken ratio {entry['multitoken_ratio']:.3f}")
+        print(
+            f"\nlatent {latent}: frequency {entry['frequency']:.4g}, mean activation {entry['mean_activation']:.4g}, "
+            f"token entropy {entry['token_entropy']:.3f}, multitoken ratio {entry['multitoken_ratio']:.3f}"
+        )
         for example in entry["examples"][:5]:
             print("  " + marked_example(example))
+
 
 # ---------------------------------------------------------------- the HTML report: one file, no network
 
@@ -3340,17 +4985,22 @@ function sortBy(th) {{  // sort the index table by this column, descending; clic
 </script></body></html>
 """
 
+
 def shade(activation: float, top: float) -> str:
     alpha = 0 if top <= 0 else min(1.0, activation / top)
     return f"background: rgba(255, 140, 0, {alpha:.2f})" if alpha > 0 else ""
+
 
 def example_html(example: dict, top: float) -> str:
     spans = []
     for i, (token, a) in enumerate(zip(example["tokens"], example["activations"])):
         fire = ' class="fire"' if i == example["position"] else ""
-        spans.append(f'<span{fire} style="{shade(a, top)}" title="{a:.3f}">'
-                     f'{html.escape(token.replace(chr(10), "↵"))}</span>')
+        spans.append(
+            f'<span{fire} style="{shade(a, top)}" title="{a:.3f}">'
+            f"{html.escape(token.replace(chr(10), '↵'))}</span>"
+        )
     return f'<div class="ex">{"".join(spans)}</div>'
+
 
 def histogram_svg(counts: torch.Tensor) -> str:
     """A small bar chart of a unit's activations over HISTOGRAM_BINS (log scale), as inline SVG."""
@@ -3359,26 +5009,49 @@ def histogram_svg(counts: torch.Tensor) -> str:
         return ""
     lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
     c = counts[lo:hi].double()
-    bars = "".join(f'<rect x="{6 * i}" y="{40 - 40 * v:.1f}" width="5" height="{40 * v:.1f}" fill="#48c"/>'
-                   for i, v in enumerate((c / c.max()).tolist()))
+    bars = "".join(
+        f'<rect x="{6 * i}" y="{40 - 40 * v:.1f}" width="5" height="{40 * v:.1f}" fill="#48c"/>'
+        for i, v in enumerate((c / c.max()).tolist())
+    )
     edges = torch.cat([torch.zeros(1), HISTOGRAM_BINS])
-    low, high = float(edges[lo]), float(HISTOGRAM_BINS[min(hi, len(HISTOGRAM_BINS) - 1)])
-    return (f'<svg width="{6 * len(c)}" height="40" role="img"><title>activations from {low:.3g} to {high:.3g}, '
-            f'log bins</title>{bars}</svg> <small>{low:.3g} … {high:.3g} (log)</small>')
+    low, high = (
+        float(edges[lo]),
+        float(HISTOGRAM_BINS[min(hi, len(HISTOGRAM_BINS) - 1)]),
+    )
+    return (
+        f'<svg width="{6 * len(c)}" height="40" role="img"><title>activations from {low:.3g} to {high:.3g}, '
+        f"log bins</title>{bars}</svg> <small>{low:.3g} … {high:.3g} (log)</small>"
+    )
+
 
 def stats_line(entry: dict) -> str:
-    return (f"frequency {entry['frequency']:.4g} · mean activation {entry['mean_activation']:.4g} · "
-            f"token entropy {entry['token_entropy']:.3f} · multitoken ratio {entry['multitoken_ratio']:.3f}")
+    return (
+        f"frequency {entry['frequency']:.4g} · mean activation {entry['mean_activation']:.4g} · "
+        f"token entropy {entry['token_entropy']:.3f} · multitoken ratio {entry['multitoken_ratio']:.3f}"
+    )
+
 
 def card_html(entry: dict, stats: UnitStats, anchor: str, title: str) -> str:
     top = max([max(e["activations"]) for e in entry["examples"]] or [0])
-    examples = "".join(example_html(e, top) for e in entry["examples"]) or "<p><small>never fired</small></p>"
-    return (f'<div class="card" id="{anchor}"><h3>{html.escape(title)}</h3><p>{stats_line(entry)}</p>'
-            f'<p>{histogram_svg(stats.histogram[entry["id"]])}</p>{examples}</div>')
+    examples = (
+        "".join(example_html(e, top) for e in entry["examples"])
+        or "<p><small>never fired</small></p>"
+    )
+    return (
+        f'<div class="card" id="{anchor}"><h3>{html.escape(title)}</h3><p>{stats_line(entry)}</p>'
+        f"<p>{histogram_svg(stats.histogram[entry['id']])}</p>{examples}</div>"
+    )
+
 
 def top_tokens_text(stats: UnitStats, unit: int, text: dict, count: int = 3) -> str:
-    return " ".join(f"{html.escape(repr(text[t])[1:-1])}<small>({100 * share:.0f}%)</small>"
-                    for t, share in stats.top_tokens(unit, count)) or "<small>never fires</small>"
+    return (
+        " ".join(
+            f"{html.escape(repr(text[t])[1:-1])}<small>({100 * share:.0f}%)</small>"
+            for t, share in stats.top_tokens(unit, count)
+        )
+        or "<small>never fires</small>"
+    )
+
 
 def head_html(inspection: Inspection, head: int, text: dict) -> str:
     """Head `head`'s m x n grid of post-latents; each row headed by its base pre-latent u_i, each column by its
@@ -3388,75 +5061,145 @@ def head_html(inspection: Inspection, head: int, text: dict) -> str:
     m, n = c["m"], c["n"]
     first = head * (m + n)
     frequency = post.fired.double() / max(1, post.tokens)
-    peak = float(frequency[head * m * n:(head + 1) * m * n].max()) or 1.0
-    header = "".join(f'<th><a href="#pre-{first + m + j}">v<sub>{j}</sub></a> '
-                     f'{top_tokens_text(pre, first + m + j, text)}</th>' for j in range(n))
+    peak = float(frequency[head * m * n : (head + 1) * m * n].max()) or 1.0
+    header = "".join(
+        f'<th><a href="#pre-{first + m + j}">v<sub>{j}</sub></a> '
+        f"{top_tokens_text(pre, first + m + j, text)}</th>"
+        for j in range(n)
+    )
     rows = []
     for i in range(m):
         cells = []
         for j in range(n):
             latent = head * m * n + i * n + j
-            cells.append(f'<td style="{shade(math.sqrt(float(frequency[latent]) / peak), 1)}">'
-                         f'<a href="#latent-{latent}">#{latent}</a> <small>{float(frequency[latent]):.2%}</small><br>'
-                         f'{top_tokens_text(post, latent, text, 2)}</td>')
-        rows.append(f'<tr><th><a href="#pre-{first + i}">u<sub>{i}</sub></a> {top_tokens_text(pre, first + i, text)}'
-                    f'</th>{"".join(cells)}</tr>')
-    return (f'<h3 id="head-{head}">Head {head}</h3><p><small>cell = post-latent mAND(u<sub>i</sub>, v<sub>j</sub>): '
-            f'its id, frequency (shading) and top tokens by activation mass; headers: the parents\' top tokens'
-            f'</small></p><table class="grid"><tr><th></th>{header}</tr>{"".join(rows)}</table>')
+            cells.append(
+                f'<td style="{shade(math.sqrt(float(frequency[latent]) / peak), 1)}">'
+                f'<a href="#latent-{latent}">#{latent}</a> <small>{float(frequency[latent]):.2%}</small><br>'
+                f"{top_tokens_text(post, latent, text, 2)}</td>"
+            )
+        rows.append(
+            f'<tr><th><a href="#pre-{first + i}">u<sub>{i}</sub></a> {top_tokens_text(pre, first + i, text)}'
+            f"</th>{''.join(cells)}</tr>"
+        )
+    return (
+        f'<h3 id="head-{head}">Head {head}</h3><p><small>cell = post-latent mAND(u<sub>i</sub>, v<sub>j</sub>): '
+        f"its id, frequency (shading) and top tokens by activation mass; headers: the parents' top tokens"
+        f'</small></p><table class="grid"><tr><th></th>{header}</tr>{"".join(rows)}</table>'
+    )
+
 
 def inspection_html(inspection: Inspection, directory: str) -> str:
     report, post, pre = inspection.report, inspection.post, inspection.pre
     kron = pre is not None
     selected = report["selected"]
     group = report["config"]["m"] * report["config"]["n"] if kron else 1
-    heads = list(dict.fromkeys(latent // group for latent in selected))[:2] if kron else []
+    heads = (
+        list(dict.fromkeys(latent // group for latent in selected))[:2] if kron else []
+    )
     cards = sorted(set(selected) | {h * group + j for h in heads for j in range(group)})
     card_set = set(cards)
-    pre_cards = [h * (report["config"]["m"] + report["config"]["n"]) + j for h in heads
-                 for j in range(report["config"]["m"] + report["config"]["n"])]
-    wanted = [t for u in cards for t, _ in post.top_tokens(u)] + \
-             [t for u in pre_cards for t, _ in pre.top_tokens(u)] if kron else []
+    pre_cards = [
+        h * (report["config"]["m"] + report["config"]["n"]) + j
+        for h in heads
+        for j in range(report["config"]["m"] + report["config"]["n"])
+    ]
+    wanted = (
+        [t for u in cards for t, _ in post.top_tokens(u)]
+        + [t for u in pre_cards for t, _ in pre.top_tokens(u)]
+        if kron
+        else []
+    )
     text = token_text(inspection.tokenizer, wanted)
     s = report["summary"]
-    parts = [f"<p>{html.escape(json.dumps(report['config']))}<br>{report['tokens']:,} tokens of "
-             f"{html.escape(report['store'])}</p>", "<h2>Summary</h2>",
-             f"<pre>{html.escape(summary_table(s))}</pre>"]
+    parts = [
+        f"<p>{html.escape(json.dumps(report['config']))}<br>{report['tokens']:,} tokens of "
+        f"{html.escape(report['store'])}</p>",
+        "<h2>Summary</h2>",
+        f"<pre>{html.escape(summary_table(s))}</pre>",
+    ]
     if kron:
         a = s["and_check"]
-        parts.append(f"<p>Section 5.2: mean correlation of post-latents within a head "
-                     f"{s['within_head_correlation']:.4f}, across heads {s['across_head_correlation']:.4f} (at init: "
-                     f"{s['init_within_head_correlation']:.4f} / {s['init_across_head_correlation']:.4f}). AND check: "
-                     f"both parents positive on {100 * a['parents_when_fires']:.2f}% of firings.</p><p>Fig. 18, Pearson r over post-latents:"
-                     f"</p><pre>{html.escape(fig18_table(s['fig18']))}</pre><h2>Heads</h2>")
+        parts.append(
+            f"<p>Section 5.2: mean correlation of post-latents within a head "
+            f"{s['within_head_correlation']:.4f}, across heads {s['across_head_correlation']:.4f} (at init: "
+            f"{s['init_within_head_correlation']:.4f} / {s['init_across_head_correlation']:.4f}). AND check: "
+            f"both parents positive on {100 * a['parents_when_fires']:.2f}% of firings.</p><p>Fig. 18, Pearson r over post-latents:"
+            f"</p><pre>{html.escape(fig18_table(s['fig18']))}</pre><h2>Heads</h2>"
+        )
         parts += [head_html(inspection, h, text) for h in heads]
+
     def index_row(e):
-        name = f'<a href="#latent-{e["id"]}">{e["id"]}</a>' if e["id"] in card_set else str(e["id"])
-        return f"<tr><td>{name}</td>" + "".join(f'<td class="num">{e[s]:.4g}</td>' for s in STAT_NAMES) + "</tr>"
+        name = (
+            f'<a href="#latent-{e["id"]}">{e["id"]}</a>'
+            if e["id"] in card_set
+            else str(e["id"])
+        )
+        return (
+            f"<tr><td>{name}</td>"
+            + "".join(f'<td class="num">{e[s]:.4g}</td>' for s in STAT_NAMES)
+            + "</tr>"
+        )
+
     rows = "".join(index_row(e) for e in report["latents"])
-    headers = "".join(f'<th class="sort" onclick="sortBy(this)">{n.replace("_", " ")}</th>' for n in STAT_NAMES)
-    parts.append('<h2>All latents</h2><p><small>click a header to sort</small></p><div class="index"><table><thead>'
-                 f'<tr><th>latent</th>{headers}</tr></thead><tbody>{rows}</tbody></table></div>')
+    headers = "".join(
+        f'<th class="sort" onclick="sortBy(this)">{n.replace("_", " ")}</th>'
+        for n in STAT_NAMES
+    )
+    parts.append(
+        '<h2>All latents</h2><p><small>click a header to sort</small></p><div class="index"><table><thead>'
+        f"<tr><th>latent</th>{headers}</tr></thead><tbody>{rows}</tbody></table></div>"
+    )
     parts.append("<h2>Latents</h2>")
-    parts += [card_html(report["latents"][u], post, f"latent-{u}", f"latent {u}" +
-                        (f" (head {u // group}, u{(u % group) // report['config']['n']} AND "
-                         f"v{u % report['config']['n']})" if kron else "")) for u in cards]
+    parts += [
+        card_html(
+            report["latents"][u],
+            post,
+            f"latent-{u}",
+            f"latent {u}"
+            + (
+                f" (head {u // group}, u{(u % group) // report['config']['n']} AND "
+                f"v{u % report['config']['n']})"
+                if kron
+                else ""
+            ),
+        )
+        for u in cards
+    ]
     if kron:
         parts.append("<h2>Pre-latents of the heads shown</h2>")
         for u in pre_cards:
             entry = report["pre_latents"][u]
-            parts.append(card_html(entry, pre, f"pre-{u}", f"pre-latent {u}: head {entry['head']}, "
-                                                         f"{entry['side']} {entry['index']}"))
-    return HTML_PAGE.format(title=html.escape(f"What {directory} learned"), body="\n".join(parts))
+            parts.append(
+                card_html(
+                    entry,
+                    pre,
+                    f"pre-{u}",
+                    f"pre-latent {u}: head {entry['head']}, "
+                    f"{entry['side']} {entry['index']}",
+                )
+            )
+    return HTML_PAGE.format(
+        title=html.escape(f"What {directory} learned"), body="\n".join(parts)
+    )
+
 
 def inspect_job(args) -> dict:
     for path, flag in ((args.html, "html"), (args.json, "json")):
         if path:
             check_writable(path, flag)
-    inspection = inspect_sae(args.directory, args.data, args.tokens, list(args.latents) or None, args.sample,
-                             args.examples, args.batch, args.seed)
+    inspection = inspect_sae(
+        args.directory,
+        args.data,
+        args.tokens,
+        list(args.latents) or None,
+        args.sample,
+        args.examples,
+        args.batch,
+        args.seed,
+    )
     if args.json:
-        write_json(args.json, inspection.report, indent=None)  # tens of MB at F = 8192: no indentation
+        # tens of MB at F = 8192: no indentation
+        write_json(args.json, inspection.report, indent=None)
     if args.html:
         page = inspection_html(inspection, args.directory)
         write_atomic(args.html, lambda f: f.write(page.encode()))
@@ -3466,6 +5209,7 @@ def inspect_job(args) -> dict:
             print(f"wrote the {what} to {path}")
     return inspection.report
 
+
 # ============================================================================= 14. First-letter absorption
 # SAEBench's feature absorption (Karvonen et al. 2025, after Chanin et al. 2024; PAPER_NOTES section 8), the
 # metric of the paper's fig. 4 and table 5. A linear probe reads a word's first letter from the residual
@@ -3474,14 +5218,21 @@ def inspect_job(args) -> dict:
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # SAEBench's thresholds (sae_bench/evals/absorption: feature_absorption_calculator.py and main.py's config)
-F1_JUMP = 0.03               # k-sparse probing: a latent joins the main ones while F1 rises by more than this
-MIN_PROBE_F1 = 0.6           # a letter counts only if the ground-truth probe's test F1 exceeds this
-MIN_LETTERS = 20             # SAEBench aborts with fewer letters above MIN_PROBE_F1
-FULL_COS = 0.025             # full absorption: the top-projecting latent's cosine with the probe, at least
-FRACTION_COS = 0.1           # absorption fraction: each absorbing latent's cosine with the probe, at least
-SHARE = 0.4                  # the absorbing latents must carry at least this share of the probe projection
-MAX_ABSORBERS = 3            # absorption fraction: at most this many absorbing latents
-ICL_EXAMPLES = 10            # in-context examples before each word
+F1_JUMP = 0.03  # k-sparse probing: a latent joins the main ones while F1 rises by more than this
+MIN_PROBE_F1 = (
+    0.6  # a letter counts only if the ground-truth probe's test F1 exceeds this
+)
+MIN_LETTERS = 20  # SAEBench aborts with fewer letters above MIN_PROBE_F1
+FULL_COS = 0.025  # full absorption: the top-projecting latent's cosine with the probe, at least
+FRACTION_COS = (
+    0.1  # absorption fraction: each absorbing latent's cosine with the probe, at least
+)
+SHARE = (
+    0.4  # the absorbing latents must carry at least this share of the probe projection
+)
+MAX_ABSORBERS = 3  # absorption fraction: at most this many absorbing latents
+ICL_EXAMPLES = 10  # in-context examples before each word
+
 
 def alphabetic_words(tokenizer) -> list[str]:
     """The vocabulary's tokens that are one alphabetic word, with or without a leading space, as their text."""
@@ -3490,12 +5241,14 @@ def alphabetic_words(tokenizer) -> list[str]:
     words = tokenizer.batch_decode([[i] for i in ids])
     return sorted({w for w in words if re.fullmatch(r" ?[A-Za-z]+", w)})
 
+
 def icl_prompt(word: str, examples: list[str]) -> tuple[str, int]:
     """SAEBench's prompt: `word: W` lines for the examples, then the word and its colon; returns the text and
     the character index where the word ends (the position to read is the token holding the word's last letter)."""
     lines = "".join(f"\n{e}: {e.strip()[0].upper()}" for e in examples)
     text = f"{lines}\n{word}:"
     return text, len(text) - 1
+
 
 def word_position(tokenizer, text: str, end: int) -> tuple[list[int], int]:
     """Token ids of `text` (without special tokens) and the index of the token that holds character end - 1,
@@ -3509,14 +5262,24 @@ def word_position(tokenizer, text: str, end: int) -> tuple[list[int], int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids, len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) - 1
 
-class ProbeData(NamedTuple):  # the residual stream at each word's position, computed once per model and layer
-    acts: torch.Tensor        # (N, d) float32
-    letters: torch.Tensor     # (N,) 0..25
-    train: torch.Tensor       # (N,) bool: the 80% the probes train on
+
+# the residual stream at each word's position, computed once per model and layer
+class ProbeData(NamedTuple):
+    acts: torch.Tensor  # (N, d) float32
+    letters: torch.Tensor  # (N,) 0..25
+    train: torch.Tensor  # (N,) bool: the 80% the probes train on
     words: list[str]
 
-def probe_data(model, tokenizer, layer: int, words: list[str], seed: int, batch: int = 32,
-               progress: bool = True) -> ProbeData:
+
+def probe_data(
+    model,
+    tokenizer,
+    layer: int,
+    words: list[str],
+    seed: int,
+    batch: int = 32,
+    progress: bool = True,
+) -> ProbeData:
     """Each word's prompt through the model up to `layer` (right-padded batches: a causal LM's earlier
     positions never see the padding), read at the word's last token."""
     rng = random.Random(seed)
@@ -3529,20 +5292,39 @@ def probe_data(model, tokenizer, layer: int, words: list[str], seed: int, batch:
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     acts = []
-    for start in tqdm(range(0, len(prompts), batch), desc=f"probe prompts, layer {layer}", disable=not progress):
-        chunk = prompts[start:start + batch]
+    for start in tqdm(
+        range(0, len(prompts), batch),
+        desc=f"probe prompts, layer {layer}",
+        disable=not progress,
+    ):
+        chunk = prompts[start : start + batch]
         width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk], device=device)
+        ids = torch.tensor(
+            [ids + [pad] * (width - len(ids)) for ids, _ in chunk], device=device
+        )
         h = residual_at(model, ids, layer)
-        acts.append(h[torch.arange(len(chunk)), torch.tensor([p for _, p in chunk])].float().cpu())
+        acts.append(
+            h[torch.arange(len(chunk)), torch.tensor([p for _, p in chunk])]
+            .float()
+            .cpu()
+        )
     order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed))
     train = torch.zeros(len(words), dtype=torch.bool)
-    train[order[:int(0.8 * len(words))]] = True
+    train[order[: int(0.8 * len(words))]] = True
     letters = torch.tensor([LETTERS.index(w.strip()[0].lower()) for w in words])
     return ProbeData(torch.cat(acts), letters, train, words)
 
-def fit_probes(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int = 50, l1: float = 0.0,
-               batch: int = 512, seed: int = 0, min_steps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+
+def fit_probes(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    epochs: int = 50,
+    l1: float = 0.0,
+    batch: int = 512,
+    seed: int = 0,
+    min_steps: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One-vs-rest logistic probes, as SAEBench trains them: Adam, lr 1e-2 decaying to 1e-5, each class's
     positives weighted by negatives/positives, an optional L1 penalty; 50 epochs, or more when a small set
     would give fewer than min_steps steps. Returns W (classes, d) and b (classes,)."""
@@ -3555,11 +5337,16 @@ def fit_probes(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int = 50,
     b = torch.zeros(classes, requires_grad=True)
     optimizer = torch.optim.Adam([W, b], lr=1e-2)
     steps = epochs * math.ceil(len(y) / batch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1e-3 ** (t / steps))  # 1e-2 -> 1e-5
+    # 1e-2 -> 1e-5
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 1e-3 ** (t / steps)
+    )
     for _ in range(epochs):
         for rows in torch.randperm(len(y), generator=g).split(batch):
             logits = x[rows] @ W.T + b
-            loss = nnf.binary_cross_entropy_with_logits(logits, target[rows], pos_weight=weight)
+            loss = nnf.binary_cross_entropy_with_logits(
+                logits, target[rows], pos_weight=weight
+            )
             if l1:
                 loss = loss + l1 * W.abs().sum(1).mean()
             optimizer.zero_grad()
@@ -3568,12 +5355,20 @@ def fit_probes(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int = 50,
             schedule.step()
     return W.detach(), b.detach()
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, steps: int = 30
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A class-balanced logistic regression on few features (k-sparse probing), as scikit-learn's default fit:
     the balanced log-loss plus 0.5 |w|^2 (the intercept unpenalised), minimised by Newton's method."""
     y = y.double()
-    weight = torch.where(y > 0, len(y) / (2 * y.sum().clamp_min(1)), len(y) / (2 * (1 - y).sum().clamp_min(1)))
-    X = torch.cat([x.double(), torch.ones(len(y), 1, dtype=torch.float64)], 1)     # the last column: intercept
+    weight = torch.where(
+        y > 0,
+        len(y) / (2 * y.sum().clamp_min(1)),
+        len(y) / (2 * (1 - y).sum().clamp_min(1)),
+    )
+    # the last column: intercept
+    X = torch.cat([x.double(), torch.ones(len(y), 1, dtype=torch.float64)], 1)
     penalty = torch.ones(X.shape[1], dtype=torch.float64)
     penalty[-1] = 0
     theta = torch.zeros(X.shape[1], dtype=torch.float64)
@@ -3587,14 +5382,22 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int = 30) -> tuple[tor
             break
     return theta[:-1].float(), theta[-1].float()
 
+
 def f1_score(predicted: torch.Tensor, actual: torch.Tensor) -> float:
     tp = float((predicted & actual).sum())
     return 2 * tp / max(1.0, float(predicted.sum() + actual.sum()))
 
-def main_latents(codes: torch.Tensor, data: ProbeData, letter: int, ranking: torch.Tensor) -> tuple[list, list]:
+
+def main_latents(
+    codes: torch.Tensor, data: ProbeData, letter: int, ranking: torch.Tensor
+) -> tuple[list, list]:
     """k-sparse probing: the letter's top latents by the L1 probe's weight; k grows from 1 while test F1 rises
     by more than F1_JUMP. Returns the main latents and the F1 at k = 1..10."""
-    train, test = codes[data.train][:, ranking], codes[~data.train][:, ranking]     # (n, 10) each
+    # (n, 10) each
+    train, test = (
+        codes[data.train][:, ranking],
+        codes[~data.train][:, ranking],
+    )
     y = data.letters == letter
     f1s = []
     for k in range(1, 11):
@@ -3605,20 +5408,28 @@ def main_latents(codes: torch.Tensor, data: ProbeData, letter: int, ranking: tor
         k += 1
     return ranking[:k].tolist(), f1s
 
-def absorption_of(x: torch.Tensor, code: torch.Tensor, cos: torch.Tensor, probe: torch.Tensor,
-                  main: list[int]) -> tuple[float, bool]:
+
+def absorption_of(
+    x: torch.Tensor,
+    code: torch.Tensor,
+    cos: torch.Tensor,
+    probe: torch.Tensor,
+    main: list[int],
+) -> tuple[float, bool]:
     """One word: its absorption fraction and whether it is fully absorbed (SAEBench's
     FeatureAbsorptionCalculator). x (d,) the residual, code (F,) the SAE's latents, cos (F,) each decoder row's
     cosine with the unit probe direction `probe` (d,)."""
-    total = float(x @ probe)                                     # the probe's projection of the residual
+    total = float(x @ probe)  # the probe's projection of the residual
     if total <= 0:
         return 0.0, False
-    projection = (code * cos).detach()                           # each latent's share of it
+    projection = (code * cos).detach()  # each latent's share of it
     main_projection = float(projection[main].sum())
     others = torch.ones_like(cos, dtype=torch.bool)
     others[main] = False
     others &= (cos >= FRACTION_COS) & (projection > 0)
-    absorbers = float(projection[others].topk(min(MAX_ABSORBERS, int(others.sum()))).values.sum())
+    absorbers = float(
+        projection[others].topk(min(MAX_ABSORBERS, int(others.sum()))).values.sum()
+    )
     if main_projection >= total or absorbers / total < SHARE:
         fraction = 0.0
     elif main_projection <= 0:
@@ -3627,44 +5438,84 @@ def absorption_of(x: torch.Tensor, code: torch.Tensor, cos: torch.Tensor, probe:
         absorbed = min(absorbers, total - main_projection)
         fraction = min(1.0, max(0.0, absorbed / (absorbed + main_projection)))
     top = int(projection.argmax())
-    full = bool((code[main] <= 1e-8).all() and cos[top] >= FULL_COS and total >= 0
-                and projection[top] / total >= SHARE)
+    full = bool(
+        (code[main] <= 1e-8).all()
+        and cos[top] >= FULL_COS
+        and total >= 0
+        and projection[top] / total >= SHARE
+    )
     return fraction, full
+
 
 def letter_gate(data: ProbeData, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The ground-truth probe on the residual stream (scaled to mean norm sqrt(d) for the optimiser: the
     directions are unchanged) and each letter's test F1."""
     scale = input_scale(data.acts[data.train])
-    W, b = fit_probes(data.acts[data.train] * scale, data.letters[data.train], len(LETTERS), seed=seed)
-    scores = data.acts * scale @ W.T + b                        # (N, 26)
+    W, b = fit_probes(
+        data.acts[data.train] * scale, data.letters[data.train], len(LETTERS), seed=seed
+    )
+    scores = data.acts * scale @ W.T + b  # (N, 26)
     test = ~data.train
-    f1 = {LETTERS[c]: f1_score(scores[test, c] > 0, data.letters[test] == c) for c in range(len(LETTERS))
-          if (data.letters[test] == c).any()}
+    f1 = {
+        LETTERS[c]: f1_score(scores[test, c] > 0, data.letters[test] == c)
+        for c in range(len(LETTERS))
+        if (data.letters[test] == c).any()
+    }
     return W, scores, f1
 
+
 @torch.no_grad()
-def sae_absorption(sae: SparseAutoencoder, data: ProbeData, probe: torch.Tensor, scores: torch.Tensor,
-                   letters: list[str], seed: int) -> dict:
+def sae_absorption(
+    sae: SparseAutoencoder,
+    data: ProbeData,
+    probe: torch.Tensor,
+    scores: torch.Tensor,
+    letters: list[str],
+    seed: int,
+) -> dict:
     """SAEBench's three figures for one SAE, per letter and as mean and std over `letters`."""
-    codes = torch.cat([dense_code(sae, x) for x in data.acts.split(1024)])                    # (N, F)
+    codes = torch.cat([dense_code(sae, x) for x in data.acts.split(1024)])  # (N, F)
     with torch.enable_grad():
-        l1_W, _ = fit_probes(codes[data.train], data.letters[data.train], len(LETTERS), l1=0.01, seed=seed)
+        l1_W, _ = fit_probes(
+            codes[data.train],
+            data.letters[data.train],
+            len(LETTERS),
+            l1=0.01,
+            seed=seed,
+        )
     per_letter = {}
     for name in letters:
         c = LETTERS.index(name)
         main, f1s = main_latents(codes, data, c, l1_W[c].topk(10).indices)
         direction = nnf.normalize(probe[c], dim=0)
         cos = nnf.normalize(sae.W_dec, dim=-1) @ direction
-        words = (~data.train & (data.letters == c) & (scores[:, c] > 0)).nonzero().flatten()   # probe positives
-        results = [absorption_of(data.acts[i], codes[i], cos, direction, main) for i in words.tolist()]
-        per_letter[name] = {"main_latents": main, "split_features": len(main), "k_sparse_f1": f1s,
-                            "words": len(results),
-                            "mean_absorption_fraction": sum(f for f, _ in results) / max(1, len(results)),
-                            "full_absorption": sum(full for _, full in results) / max(1, len(results))}
+        # probe positives
+        words = (
+            (~data.train & (data.letters == c) & (scores[:, c] > 0)).nonzero().flatten()
+        )
+        results = [
+            absorption_of(data.acts[i], codes[i], cos, direction, main)
+            for i in words.tolist()
+        ]
+        per_letter[name] = {
+            "main_latents": main,
+            "split_features": len(main),
+            "k_sparse_f1": f1s,
+            "words": len(results),
+            "mean_absorption_fraction": sum(f for f, _ in results)
+            / max(1, len(results)),
+            "full_absorption": sum(full for _, full in results) / max(1, len(results)),
+        }
     ev = evaluate(sae, data.acts)["ev"]
-    return {**{key: mean_std([per_letter[n][key] for n in letters] or [math.nan])
-               for key in ("mean_absorption_fraction", "full_absorption", "split_features")},
-            "ev_prompts": ev, "letters": per_letter}
+    return {
+        **{
+            key: mean_std([per_letter[n][key] for n in letters] or [math.nan])
+            for key in ("mean_absorption_fraction", "full_absorption", "split_features")
+        },
+        "ev_prompts": ev,
+        "letters": per_letter,
+    }
+
 
 def run_ev(directory: str) -> float:
     """The held-out EV the training run measured for this SAE (OUT/arch/metrics.json), NaN when there is none."""
@@ -3673,98 +5524,214 @@ def run_ev(directory: str) -> float:
     except (OSError, KeyError, ValueError, TypeError):
         return math.nan
 
+
 def sae_name(directory: str) -> str:
     return "/".join(Path(directory).resolve().parts[-2:])
 
-def cached_probe_data(model_name: str, layer: int, words: int, seed: int, cache: Path, device, batch: int,
-                      progress: bool = True) -> ProbeData:
+
+def cached_probe_data(
+    model_name: str,
+    layer: int,
+    words: int,
+    seed: int,
+    cache: Path,
+    device,
+    batch: int,
+    progress: bool = True,
+) -> ProbeData:
     """ProbeData from the cache beside the run (numpy and JSON: nothing that runs code), or computed and cached."""
-    key = hashlib.sha256(json.dumps([str(model_name), layer, words, seed, ICL_EXAMPLES]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([str(model_name), layer, words, seed, ICL_EXAMPLES]).encode()
+    ).hexdigest()[:12]
     arrays, meta = cache / f"absorption_{key}.npz", cache / f"absorption_{key}.json"
     if arrays.is_file() and meta.is_file():
         with np.load(arrays, allow_pickle=False) as f:
-            return ProbeData(torch.from_numpy(f["acts"]), torch.from_numpy(f["letters"]),
-                             torch.from_numpy(f["train"]), json.loads(meta.read_text())["words"])
+            return ProbeData(
+                torch.from_numpy(f["acts"]),
+                torch.from_numpy(f["letters"]),
+                torch.from_numpy(f["train"]),
+                json.loads(meta.read_text())["words"],
+            )
     model, tokenizer, causal = load_lm(model_name, device, layer)
     if not causal:
-        raise ValueError(f"{model_name} is not a causal LM; the first-letter prompts need one")
+        raise ValueError(
+            f"{model_name} is not a causal LM; the first-letter prompts need one"
+        )
     vocabulary = alphabetic_words(tokenizer)
     if len(vocabulary) <= ICL_EXAMPLES:
-        raise ValueError(f"{model_name}'s vocabulary has {len(vocabulary)} alphabetic words; the prompts need more "
-                         f"than {ICL_EXAMPLES}")
+        raise ValueError(
+            f"{model_name}'s vocabulary has {len(vocabulary)} alphabetic words; the prompts need more "
+            f"than {ICL_EXAMPLES}"
+        )
     chosen = random.Random(seed).sample(vocabulary, min(words, len(vocabulary)))
     data = probe_data(model, tokenizer, layer, chosen, seed, batch, progress)
     buffer = io.BytesIO()
-    np.savez(buffer, acts=data.acts.numpy(), letters=data.letters.numpy(), train=data.train.numpy())
+    np.savez(
+        buffer,
+        acts=data.acts.numpy(),
+        letters=data.letters.numpy(),
+        train=data.train.numpy(),
+    )
     write_atomic(arrays, lambda f: f.write(buffer.getvalue()))
-    write_json(meta, {"model": str(model_name), "layer": layer, "seed": seed, "words": data.words,
-                      "vocabulary_words": len(vocabulary)})
+    write_json(
+        meta,
+        {
+            "model": str(model_name),
+            "layer": layer,
+            "seed": seed,
+            "words": data.words,
+            "vocabulary_words": len(vocabulary),
+        },
+    )
     return data
 
-def absorption(directories: list[str], model_name: str, layer: int, words: int = 4000, seed: int = 0,
-               device="cpu", batch: int = 32, progress: bool = True) -> dict:
+
+def absorption(
+    directories: list[str],
+    model_name: str,
+    layer: int,
+    words: int = 4000,
+    seed: int = 0,
+    device="cpu",
+    batch: int = 32,
+    progress: bool = True,
+) -> dict:
     """Absorption of each SAE in `directories`, all trained on `model_name`'s hidden_states[layer]. The SAEs,
     the layer and the widths are checked against the model's config before any weights or prompts load."""
     from transformers import AutoConfig
+
     saes = [load(d) for d in directories]
     config = from_pretrained(AutoConfig.from_pretrained, *model_source(model_name))
     check_layer(config, layer)
     width = getattr(config, "hidden_size", None)
     for d, sae in zip(directories, saes):
         if width and sae.d_in != width:
-            raise ValueError(f"the SAE in {d} reads d={sae.d_in}, but {model_name} has width {width}")
-    data = cached_probe_data(model_name, layer, words, seed, Path(directories[0]).resolve().parent, device, batch,
-                             progress)
-    return measure_absorption({sae_name(d): (sae, run_ev(d)) for d, sae in zip(directories, saes)}, data, seed)
+            raise ValueError(
+                f"the SAE in {d} reads d={sae.d_in}, but {model_name} has width {width}"
+            )
+    data = cached_probe_data(
+        model_name,
+        layer,
+        words,
+        seed,
+        Path(directories[0]).resolve().parent,
+        device,
+        batch,
+        progress,
+    )
+    return measure_absorption(
+        {sae_name(d): (sae, run_ev(d)) for d, sae in zip(directories, saes)}, data, seed
+    )
+
 
 def measure_absorption(saes: dict, data: ProbeData, seed: int = 0) -> dict:
     """The gate, then each SAE's figures: saes maps a name to (SAE, its held-out EV)."""
     probe, scores, f1 = letter_gate(data, seed)
     passed = sorted(name for name, value in f1.items() if value > MIN_PROBE_F1)
-    result = {"gate": {"letters": passed, "probe_f1": f1, "passed": len(passed) >= MIN_LETTERS,
-                       "words": len(data.words), "test_words": int((~data.train).sum())}, "saes": {}}
+    result = {
+        "gate": {
+            "letters": passed,
+            "probe_f1": f1,
+            "passed": len(passed) >= MIN_LETTERS,
+            "words": len(data.words),
+            "test_words": int((~data.train).sum()),
+        },
+        "saes": {},
+    }
     for name, (sae, ev) in saes.items():
-        result["saes"][name] = {**sae_absorption(sae, data, probe, scores, passed, seed), "ev": ev}
+        result["saes"][name] = {
+            **sae_absorption(sae, data, probe, scores, passed, seed),
+            "ev": ev,
+        }
     return result
+
 
 def absorption_table(result: dict) -> str:
     def cell(v):
         return f"{v['mean']:.3f} ± {v['std']:.3f}"
-    return format_table(["SAE", "absorption fraction", "full absorption", "split features", "EV", "EV (prompts)"],
-                        [[name, cell(r["mean_absorption_fraction"]), cell(r["full_absorption"]),
-                          cell(r["split_features"]), f"{r['ev']:.4f}", f"{r['ev_prompts']:.4f}"]
-                         for name, r in result["saes"].items()])
+
+    return format_table(
+        [
+            "SAE",
+            "absorption fraction",
+            "full absorption",
+            "split features",
+            "EV",
+            "EV (prompts)",
+        ],
+        [
+            [
+                name,
+                cell(r["mean_absorption_fraction"]),
+                cell(r["full_absorption"]),
+                cell(r["split_features"]),
+                f"{r['ev']:.4f}",
+                f"{r['ev_prompts']:.4f}",
+            ]
+            for name, r in result["saes"].items()
+        ],
+    )
+
 
 def save_absorption_figure(result: dict, path: str):
     plt = pyplot()
     names = list(result["saes"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, title in zip(axes, ("mean_absorption_fraction", "full_absorption"),
-                              ("mean absorption fraction", "full-absorption rate")):
+    for ax, key, title in zip(
+        axes,
+        ("mean_absorption_fraction", "full_absorption"),
+        ("mean absorption fraction", "full-absorption rate"),
+    ):
         values = [result["saes"][n][key] for n in names]
-        ax.bar(range(len(names)), [v["mean"] for v in values], yerr=[v["std"] for v in values], capsize=3,
-               color=["#888" if "topk" in n else "#2a7" for n in names])
-        ax.set_xticks(range(len(names)), [f"{n}\nEV {result['saes'][n]['ev']:.3f}" for n in names], fontsize=7)
-        ax.set_title(title + ("" if result["gate"]["passed"] else " (below the gate)"), fontsize=9)
-    fig.suptitle(f"first-letter absorption, {len(result['gate']['letters'])} letters (mean ± std over letters)",
-                 fontsize=9)
+        ax.bar(
+            range(len(names)),
+            [v["mean"] for v in values],
+            yerr=[v["std"] for v in values],
+            capsize=3,
+            color=["#888" if "topk" in n else "#2a7" for n in names],
+        )
+        ax.set_xticks(
+            range(len(names)),
+            [f"{n}\nEV {result['saes'][n]['ev']:.3f}" for n in names],
+            fontsize=7,
+        )
+        ax.set_title(
+            title + ("" if result["gate"]["passed"] else " (below the gate)"),
+            fontsize=9,
+        )
+    fig.suptitle(
+        f"first-letter absorption, {len(result['gate']['letters'])} letters (mean ± std over letters)",
+        fontsize=9,
+    )
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
 
 def absorption_job(args) -> dict:
     for path, flag in ((args.json, "json"), (args.figure, "figure")):
         if path:
             check_writable(path, flag)
     check_device(args.device)
-    result = absorption(args.directories, args.model, args.layer, args.words, args.seed, pick_device(args.device),
-                        args.model_batch)
+    result = absorption(
+        args.directories,
+        args.model,
+        args.layer,
+        args.words,
+        args.seed,
+        pick_device(args.device),
+        args.model_batch,
+    )
     gate = result["gate"]
     if not gate["passed"]:
-        print(f"below the gate: only {len(gate['letters'])} letters have a probe F1 above {MIN_PROBE_F1} (SAEBench "
-              f"needs {MIN_LETTERS}); the figures below are reported anyway, marked as below the gate")
-    print(f"{gate['test_words']} test words of {gate['words']}; {len(gate['letters'])} letters pass the gate; "
-          f"mean ± std over letters")
+        print(
+            f"below the gate: only {len(gate['letters'])} letters have a probe F1 above {MIN_PROBE_F1} (SAEBench "
+            f"needs {MIN_LETTERS}); the figures below are reported anyway, marked as below the gate"
+        )
+    print(
+        f"{gate['test_words']} test words of {gate['words']}; {len(gate['letters'])} letters pass the gate; "
+        f"mean ± std over letters"
+    )
     print(absorption_table(result))
     if args.json:
         write_json(args.json, result)
@@ -3772,7 +5739,9 @@ def absorption_job(args) -> dict:
         save_absorption_figure(result, args.figure)
     return result
 
+
 # ============================================================================= 15. Benchmark
+
 
 @dataclass
 class BenchConfig:
@@ -3780,17 +5749,33 @@ class BenchConfig:
     d_in: int = opt(512, "d, input width")
     k: int = opt(32, "active latents per token")
     dict_sizes: str = opt("16384,65536", "comma-separated dictionary sizes F")
-    shapes: str = opt("2x8,4x4,8x8,32x32", "comma-separated KronSAE (m, n) shapes, as MxN")
-    flat_width: int = opt(4096, "encoder width h*(m+n) for the flat-in-F series (0 = skip)")
+    shapes: str = opt(
+        "2x8,4x4,8x8,32x32", "comma-separated KronSAE (m, n) shapes, as MxN"
+    )
+    flat_width: int = opt(
+        4096, "encoder width h*(m+n) for the flat-in-F series (0 = skip)"
+    )
     repeats: int = opt(5, "timed repeats per step; the median is reported")
     naive: int = opt(1, "also time the naive KronSAE (1) or not (0)")
-    dead: float = opt(0.05, "share of latents marked dead for the 'aux' column: fwd+bwd with AuxK on; 0 = skip")
-    precision: str = opt("fp32", "fp32, or bf16: every row's fwd+bwd under bfloat16 autocast (ours as --precision bf16 "
-                                 "trains; sparsify's as it ships on CUDA, and on this device): peers at the same precision")
-    sparsify_bf16: int = opt(0, "sparsify's column on CUDA: 0 = in float32 like ours, 1 = as it ships (bfloat16 "
-                                "autocast in its forward)")
-    profile: int = opt(0, "1 = instead of the table, split one whole training step (AuxK on --dead) of TopK and "
-                          "KronSAE at the first of --shapes into its phases, with torch.profiler")
+    dead: float = opt(
+        0.05,
+        "share of latents marked dead for the 'aux' column: fwd+bwd with AuxK on; 0 = skip",
+    )
+    precision: str = opt(
+        "fp32",
+        "fp32, or bf16: every row's fwd+bwd under bfloat16 autocast (ours as --precision bf16 "
+        "trains; sparsify's as it ships on CUDA, and on this device): peers at the same precision",
+    )
+    sparsify_bf16: int = opt(
+        0,
+        "sparsify's column on CUDA: 0 = in float32 like ours, 1 = as it ships (bfloat16 "
+        "autocast in its forward)",
+    )
+    profile: int = opt(
+        0,
+        "1 = instead of the table, split one whole training step (AuxK on --dead) of TopK and "
+        "KronSAE at the first of --shapes into its phases, with torch.profiler",
+    )
     device: str = opt("auto", "auto, cpu, cuda or mps")
     seed: int = opt(0, "seed")
     json: str = opt("", "write the table to this JSON file")
@@ -3799,25 +5784,47 @@ class BenchConfig:
         check_positive(batch=self.batch, d_in=self.d_in, k=self.k, repeats=self.repeats)
         try:
             self.F_list = [int(f) for f in self.dict_sizes.split(",")]
-            self.mn_list = [tuple(int(t) for t in s.lower().split("x")) for s in self.shapes.split(",")]
+            self.mn_list = [
+                tuple(int(t) for t in s.lower().split("x"))
+                for s in self.shapes.split(",")
+            ]
         except ValueError:
-            raise ValueError(f"--dict-sizes must look like 16384,65536 and --shapes like 2x8,4x4; "
-                             f"got {self.dict_sizes!r} and {self.shapes!r}") from None
-        if any(len(mn) != 2 or min(mn) < 1 for mn in self.mn_list) or min(self.F_list) < 1:
-            raise ValueError(f"--shapes must look like 2x8,4x4 and --dict-sizes be positive, got {self.shapes!r}")
+            raise ValueError(
+                f"--dict-sizes must look like 16384,65536 and --shapes like 2x8,4x4; "
+                f"got {self.dict_sizes!r} and {self.shapes!r}"
+            ) from None
+        if (
+            any(len(mn) != 2 or min(mn) < 1 for mn in self.mn_list)
+            or min(self.F_list) < 1
+        ):
+            raise ValueError(
+                f"--shapes must look like 2x8,4x4 and --dict-sizes be positive, got {self.shapes!r}"
+            )
         if not 0 <= self.dead < 1:
             raise ValueError(f"--dead must be in [0, 1), got {self.dead}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+            raise ValueError(
+                f"--precision must be fp32 or bf16, got {self.precision!r}"
+            )
         if self.flat_width < 0 or self.flat_width % 64:
-            raise ValueError(f"flat_width must be 0 or a multiple of 64 (h >= 1 at 32x32), got {self.flat_width}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") or {self.naive, self.profile, self.sparsify_bf16} - {0, 1}:
-            raise ValueError(f"--device must be auto, cpu, cuda or mps, and --naive, --profile and --sparsify-bf16 "
-                             f"0 or 1; got {self.device!r}, {self.naive}, {self.profile} and {self.sparsify_bf16}")
+            raise ValueError(
+                f"flat_width must be 0 or a multiple of 64 (h >= 1 at 32x32), got {self.flat_width}"
+            )
+        if self.device not in ("auto", "cpu", "cuda", "mps") or {
+            self.naive,
+            self.profile,
+            self.sparsify_bf16,
+        } - {0, 1}:
+            raise ValueError(
+                f"--device must be auto, cpu, cuda or mps, and --naive, --profile and --sparsify-bf16 "
+                f"0 or 1; got {self.device!r}, {self.naive}, {self.profile} and {self.sparsify_bf16}"
+            )
+
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
 
 def median_ms(fn, device, repeats: int, warmup: bool = True) -> float:
     if warmup:
@@ -3830,6 +5837,7 @@ def median_ms(fn, device, repeats: int, warmup: bool = True) -> float:
         sync(device)
         times.append(1000 * (time.perf_counter() - start))
     return float(np.median(times))
+
 
 def peak_bytes(fn, device) -> int:
     """Peak memory that fn allocates beyond what is alive when it starts.
@@ -3845,63 +5853,119 @@ def peak_bytes(fn, device) -> int:
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.end):
-        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        live += (
+            event.cpu_memory_usage
+            if event.name == "[memory]"
+            else event.self_cpu_memory_usage
+        )
         peak = max(peak, live)
     return peak
 
-def time_step(x: torch.Tensor, bcfg: BenchConfig, model: nn.Module, fwd_bwd, fwd_bwd_aux, opt_step,
-              encoder_rows: int, once: bool = False) -> dict:
+
+def time_step(
+    x: torch.Tensor,
+    bcfg: BenchConfig,
+    model: nn.Module,
+    fwd_bwd,
+    fwd_bwd_aux,
+    opt_step,
+    encoder_rows: int,
+    once: bool = False,
+) -> dict:
     """The timing columns of one SAE: fwd+bwd, with AuxK, the optimiser step, peak memory, and a plain matmul
     of the encoder's shape. once: one run without warm-up (the naive model takes seconds per step). --precision
     bf16: the fwd+bwd under bfloat16 autocast, and the GEMM in bfloat16."""
     device, bf16 = x.device, bcfg.precision == "bf16"
-    fwd_bwd, fwd_bwd_aux = at_precision(fwd_bwd, bcfg, device), at_precision(fwd_bwd_aux, bcfg, device)
-    fwd_bwd_ms = median_ms(fwd_bwd, device, 1 if once else bcfg.repeats, warmup=not once)
-    aux_ms = median_ms(fwd_bwd_aux, device, bcfg.repeats) if bcfg.dead and not once else None
+    fwd_bwd, fwd_bwd_aux = (
+        at_precision(fwd_bwd, bcfg, device),
+        at_precision(fwd_bwd_aux, bcfg, device),
+    )
+    fwd_bwd_ms = median_ms(
+        fwd_bwd, device, 1 if once else bcfg.repeats, warmup=not once
+    )
+    aux_ms = (
+        median_ms(fwd_bwd_aux, device, bcfg.repeats) if bcfg.dead and not once else None
+    )
     opt_ms = median_ms(opt_step, device, 1 if once else bcfg.repeats)
-    model.zero_grad(set_to_none=True)  # measure from a clean start, so the step's own gradients count
+    # measure from a clean start, so the step's own gradients count
+    model.zero_grad(set_to_none=True)
     peak = peak_bytes(fwd_bwd, device)
-    W = torch.randn(encoder_rows, x.shape[1], device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    W = torch.randn(
+        encoder_rows,
+        x.shape[1],
+        device=device,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
     x_gemm = x.to(W.dtype)
-    gemm_ms = median_ms(lambda: x_gemm @ W.T, device, bcfg.repeats)  # the roof: the encoder matmul alone
-    return {"encoder_rows": encoder_rows, "fwd_bwd_ms": fwd_bwd_ms, "aux_ms": aux_ms, "opt_ms": opt_ms,
-            "peak_mb": peak / 2**20, "gemm_ms": gemm_ms,
-            "gemm_gflops": 2 * x.shape[0] * encoder_rows * x.shape[1] / gemm_ms / 1e6,
-            "step_over_gemm": fwd_bwd_ms / gemm_ms}
+    # the roof: the encoder matmul alone
+    gemm_ms = median_ms(lambda: x_gemm @ W.T, device, bcfg.repeats)
+    return {
+        "encoder_rows": encoder_rows,
+        "fwd_bwd_ms": fwd_bwd_ms,
+        "aux_ms": aux_ms,
+        "opt_ms": opt_ms,
+        "peak_mb": peak / 2**20,
+        "gemm_ms": gemm_ms,
+        "gemm_gflops": 2 * x.shape[0] * encoder_rows * x.shape[1] / gemm_ms / 1e6,
+        "step_over_gemm": fwd_bwd_ms / gemm_ms,
+    }
+
 
 OPT_STEP_READS_AND_WRITES = 15  # of F x d floats: projection 5 (bmm reads g, W; addcmul g, W, g), AdamW 7, renorm 3
+
 
 def step_split(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """The flat-in-F columns. fwd+bwd at B and at B/2 tokens split a step into its per-token part, 2 (T(B) - T(B/2)),
     and its once-per-step part, 2 T(B/2) - T(B) (zeroing and adding into the kept (F, d) gradients). The optimiser
     step's (F, d) work (opt_ms) is set against a plain copy that moves as many bytes (copy_ms): one copy of F x d
     floats (2 F d moved, far beyond any cache), scaled to the step's OPT_STEP_READS_AND_WRITES."""
-    full, half = (median_ms(at_precision(partial(fwd_bwd, sae, batch), bcfg, x.device), x.device, bcfg.repeats)
-                  for batch in (x, x[:len(x) // 2]))
+    full, half = (
+        median_ms(
+            at_precision(partial(fwd_bwd, sae, batch), bcfg, x.device),
+            x.device,
+            bcfg.repeats,
+        )
+        for batch in (x, x[: len(x) // 2])
+    )
     source, target = torch.ones_like(sae.W_dec), torch.empty_like(sae.W_dec)
-    copy_ms = median_ms(lambda: target.copy_(source), x.device, bcfg.repeats) * OPT_STEP_READS_AND_WRITES / 2
-    return {"per_token_ms": 2 * (full - half), "per_step_ms": 2 * half - full, "copy_ms": copy_ms}
+    copy_ms = (
+        median_ms(lambda: target.copy_(source), x.device, bcfg.repeats)
+        * OPT_STEP_READS_AND_WRITES
+        / 2
+    )
+    return {
+        "per_token_ms": 2 * (full - half),
+        "per_step_ms": 2 * half - full,
+        "copy_ms": copy_ms,
+    }
+
 
 def at_precision(fn, bcfg: BenchConfig, device):
     """fn, run under bfloat16 autocast with --precision bf16."""
+
     def run():
         with autocast_if(bcfg.precision == "bf16", device):
             return fn()
+
     return run
+
 
 def fwd_bwd(sae: SparseAutoencoder, x: torch.Tensor):
     """The reconstruction loss's forward and backward, the gradients kept allocated as train_step keeps them."""
     sae.zero_grad(set_to_none=False)
     normalized_mse(x, sae(x)).backward()
 
+
 def dead_mask(F: int, share: float, device) -> torch.Tensor:
     dead = torch.zeros(F, dtype=torch.bool, device=device)
-    dead[torch.randperm(F, device=device)[:int(share * F)]] = True
+    dead[torch.randperm(F, device=device)[: int(share * F)]] = True
     return dead
+
 
 def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """Time fwd+bwd of the reconstruction loss, and separately the optimiser step with its constraint steps.
@@ -3923,10 +5987,26 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
 
     naive = type(sae) is NaiveKronSAE
     name = "topk" if isinstance(sae, TopKSAE) else f"kron_{sae.m}x{sae.n}"
-    row = {"name": "naive_" + name if naive else name, "dict_size": sae.F, "h": getattr(sae, "h", None),
-           "flops_per_token": sae.flops_per_token()}
-    row |= time_step(x, bcfg, sae, partial(fwd_bwd, sae, x), fwd_bwd_aux, opt_step, sae.W_enc.shape[0], once=naive)
-    return row | {"gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6}
+    row = {
+        "name": "naive_" + name if naive else name,
+        "dict_size": sae.F,
+        "h": getattr(sae, "h", None),
+        "flops_per_token": sae.flops_per_token(),
+    }
+    row |= time_step(
+        x,
+        bcfg,
+        sae,
+        partial(fwd_bwd, sae, x),
+        fwd_bwd_aux,
+        opt_step,
+        sae.W_enc.shape[0],
+        once=naive,
+    )
+    return row | {
+        "gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6
+    }
+
 
 @functools.cache
 def has_sparsify() -> bool:
@@ -3937,15 +6017,21 @@ def has_sparsify() -> bool:
         return False
     return True
 
+
 def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
     """EleutherAI's sparsify TopK SAE (pip install eai-sparsify), timed like ours: the same loss, AuxK on the same
     share of dead latents, the same fused AdamW, and its own decoder constraint steps. Its forward carries a
     bfloat16 autocast for CUDA; unless --sparsify-bf16 1 or --precision bf16, that decorator is unwrapped, so both
     run in float32. With --precision bf16 both run under bfloat16 autocast on any device (time_step)."""
     from sparsify import SparseCoder, SparseCoderConfig
-    coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=F, k=bcfg.k), device=x.device)
+
+    coder = SparseCoder(
+        x.shape[1], SparseCoderConfig(num_latents=F, k=bcfg.k), device=x.device
+    )
     if not (bcfg.sparsify_bf16 or bcfg.precision == "bf16"):
-        coder.forward = partial(getattr(SparseCoder.forward, "__wrapped__", SparseCoder.forward), coder)
+        coder.forward = partial(
+            getattr(SparseCoder.forward, "__wrapped__", SparseCoder.forward), coder
+        )
     optimizer = make_optimizer(coder, lr=1e-4)
     dead = dead_mask(F, bcfg.dead, x.device)
 
@@ -3963,9 +6049,17 @@ def bench_sparsify(F: int, x: torch.Tensor, bcfg: BenchConfig) -> dict:
         optimizer.step()
         coder.set_decoder_norm_to_unit_norm()
 
-    row = {"name": "sparsify_topk", "dict_size": F, "h": None, "flops_per_token": x.shape[1] * F + bcfg.k * x.shape[1]}
+    row = {
+        "name": "sparsify_topk",
+        "dict_size": F,
+        "h": None,
+        "flops_per_token": x.shape[1] * F + bcfg.k * x.shape[1],
+    }
     row |= time_step(x, bcfg, coder, fwd_bwd, fwd_bwd_aux, opt_step, F)
-    return row | {"gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6}
+    return row | {
+        "gflops": 2 * x.shape[0] * row["flops_per_token"] / row["fwd_bwd_ms"] / 1e6
+    }
+
 
 def bench_models(bcfg: BenchConfig):
     """(section, class, kwargs) for each model to time: per F, TopK, sparsify's TopK when installed, KronSAE
@@ -3978,30 +6072,50 @@ def bench_models(bcfg: BenchConfig):
         if has_sparsify():  # the optional column: EleutherAI's TopK, when installed
             specs.append((f"F={F}", "sparsify", dict(F=F)))
         for cls in (KronSAE, NaiveKronSAE) if bcfg.naive else (KronSAE,):
-            specs += [(f"F={F}", cls, dict(d_in=d, h=F // (m * n), m=m, n=n, k=k))
-                      for m, n in bcfg.mn_list if F % (m * n) == 0]
+            specs += [
+                (f"F={F}", cls, dict(d_in=d, h=F // (m * n), m=m, n=n, k=k))
+                for m, n in bcfg.mn_list
+                if F % (m * n) == 0
+            ]
     if bcfg.flat_width:
         for mn in (8, 16, 32):  # h*(m+n) fixed, F = h*m*n grows with m = n
-            specs.append((f"flat h(m+n)={bcfg.flat_width}", KronSAE,
-                          dict(d_in=d, h=bcfg.flat_width // (2 * mn), m=mn, n=mn, k=k)))
+            specs.append(
+                (
+                    f"flat h(m+n)={bcfg.flat_width}",
+                    KronSAE,
+                    dict(d_in=d, h=bcfg.flat_width // (2 * mn), m=mn, n=mn, k=k),
+                )
+            )
     return specs
+
 
 # The phases of a training step. Methods of the SAE are wrapped in profiler ranges with these labels; a few
 # operators and autograd nodes are phases by themselves. Every operator's own time goes to the nearest phase
 # above it, so the phases add up to the profiled time, and the real train_step is what runs.
-PROFILE_LABELS = {"select": "selection", "scores_of": "AuxK: dead latents' scores",
-                  "encode_with_aux": "encoder: gathers, activation, AuxK top-k", "sparse_decode": "decoder",
-                  "remove_parallel_grad_": "decoder gradient projection", "normalize_decoder_": "decoder renorm"}
-PROFILE_OPS = {"aten::addmm": "encoder GEMM", "GatherLinearBackward": "backward: encoder (GatherLinear)",
-               "SparseDecodeBackward": "backward: decoder (SparseDecode)",
-               "Optimizer.step#AdamW.step": "AdamW"}
+PROFILE_LABELS = {
+    "select": "selection",
+    "scores_of": "AuxK: dead latents' scores",
+    "encode_with_aux": "encoder: gathers, activation, AuxK top-k",
+    "sparse_decode": "decoder",
+    "remove_parallel_grad_": "decoder gradient projection",
+    "normalize_decoder_": "decoder renorm",
+}
+PROFILE_OPS = {
+    "aten::addmm": "encoder GEMM",
+    "GatherLinearBackward": "backward: encoder (GatherLinear)",
+    "SparseDecodeBackward": "backward: decoder (SparseDecode)",
+    "Optimizer.step#AdamW.step": "AdamW",
+}
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
+
 
 def labelled(method, label: str):
     def run(*args, **kwargs):
         with torch.profiler.record_function(label):
             return method(*args, **kwargs)
+
     return run
+
 
 def phase_of(event) -> str:
     """The phase an operator's own time belongs to: its nearest enclosing phase."""
@@ -4016,18 +6130,28 @@ def phase_of(event) -> str:
         event = event.cpu_parent
     return "losses, clipping, bookkeeping"
 
-def profile_step(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, steps: int = 3) -> dict:
+
+def profile_step(
+    sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, steps: int = 3
+) -> dict:
     """ms per phase of a whole train_step (AuxK on the `dead` latents, clipping, AdamW, decoder renorm), from
     torch.profiler over `steps` steps: the operators' own CPU time, or on CUDA their kernels' time. Also
     'step (unprofiled)', the median wall time of a step without the profiler."""
     from torch.profiler import ProfilerActivity, profile
+
     device = x.device
-    cfg, optimizer = TrainConfig(steps=steps + 1, batch=len(x)), make_optimizer(sae, lr=1e-4)
+    cfg, optimizer = (
+        TrainConfig(steps=steps + 1, batch=len(x)),
+        make_optimizer(sae, lr=1e-4),
+    )
     step = partial(train_step, sae, optimizer, x, dead, cfg)
     wall = median_ms(step, device, steps)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     for name, label in PROFILE_LABELS.items():
-        setattr(sae, name, labelled(getattr(sae, name), label))  # instance attributes shadow the methods
+        # instance attributes shadow the methods
+        setattr(sae, name, labelled(getattr(sae, name), label))
     try:
         with profile(activities=activities) as prof:
             for _ in range(steps):
@@ -4039,10 +6163,15 @@ def profile_step(sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, st
     times = dict.fromkeys([*PROFILE_OPS.values(), *PROFILE_LABELS.values()], 0.0)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CPU:
-            own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+            own = (
+                event.self_device_time_total
+                if device.type == "cuda"
+                else event.self_cpu_time_total
+            )
             phase = phase_of(event)
             times[phase] = times.get(phase, 0.0) + own / 1000 / steps
     return times | {"step (unprofiled)": wall}
+
 
 def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
     """profile_step of TopK and KronSAE (first of --shapes) at every F; prints one table per F."""
@@ -4052,23 +6181,60 @@ def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
         if F % (m * n) == 0:
             models[f"kron_{m}x{n}"] = KronSAE(bcfg.d_in, F // (m * n), m, n, bcfg.k)
         dead = dead_mask(F, bcfg.dead, x.device)
-        times = {name: profile_step(sae.to(x.device), x, dead) for name, sae in models.items()}
+        times = {
+            name: profile_step(sae.to(x.device), x, dead)
+            for name, sae in models.items()
+        }
         unit = "GPU kernel ms" if x.device.type == "cuda" else "CPU ms"
-        print(f"\nF={F}: one training step, {bcfg.dead:.0%} of latents dead "
-              f"({unit} per step; share of the phases' sum)")
-        totals = [sum(v for p, v in t.items() if p != "step (unprofiled)") for t in times.values()]
-        print(format_table(["phase", *times], [
-            [phase, *(f"{t[phase]:.1f} " + (f"{t[phase] / total:6.1%}" if phase != "step (unprofiled)" else " " * 6)
-                      for t, total in zip(times.values(), totals))] for phase in next(iter(times.values()))]))
+        print(
+            f"\nF={F}: one training step, {bcfg.dead:.0%} of latents dead "
+            f"({unit} per step; share of the phases' sum)"
+        )
+        totals = [
+            sum(v for p, v in t.items() if p != "step (unprofiled)")
+            for t in times.values()
+        ]
+        print(
+            format_table(
+                ["phase", *times],
+                [
+                    [
+                        phase,
+                        *(
+                            f"{t[phase]:.1f} "
+                            + (
+                                f"{t[phase] / total:6.1%}"
+                                if phase != "step (unprofiled)"
+                                else " " * 6
+                            )
+                            for t, total in zip(times.values(), totals)
+                        ),
+                    ]
+                    for phase in next(iter(times.values()))
+                ],
+            )
+        )
         out[F] = times
     return out
 
-BENCH_TARGETS = {"kron_8x8_speedup": {16384: 3.0, 65536: 3.5}, "naive_speedup": 5.0, "flat": 1.5,
-                 "flat_per_token": 1.2, "flat_per_step": 1.5,
-                 "step_over_gemm": 1.5}
+
+BENCH_TARGETS = {
+    "kron_8x8_speedup": {16384: 3.0, 65536: 3.5},
+    "naive_speedup": 5.0,
+    "flat": 1.5,
+    "flat_per_token": 1.2,
+    "flat_per_step": 1.5,
+    "step_over_gemm": 1.5,
+}
+
 
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
-    return "met" if (value >= target if higher_is_better else value <= target) else "missed"
+    return (
+        "met"
+        if (value >= target if higher_is_better else value <= target)
+        else "missed"
+    )
+
 
 def bench_verdicts(rows: list[dict]) -> list[str]:
     """This run's numbers against the targets (BENCH_TARGETS), each with 'met' or 'missed'."""
@@ -4077,46 +6243,79 @@ def bench_verdicts(rows: list[dict]) -> list[str]:
         at = {r["name"]: r for r in rows if r["section"] == f"F={F}"}
         if "kron_8x8" in at and "topk" in at:
             top, kron = at["topk"], at["kron_8x8"]
-            ratio, target = top["fwd_bwd_ms"] / kron["fwd_bwd_ms"], BENCH_TARGETS["kron_8x8_speedup"].get(F)
-            out.append(f"F={F}: kron 8x8 is {ratio:.2f}x faster than topk (FLOP ratio "
-                       f"{top['flops_per_token'] / kron['flops_per_token']:.2f}x)"
-                       + (f"; target {target:g}x: {verdict(ratio, target)}" if target else ""))
+            ratio, target = (
+                top["fwd_bwd_ms"] / kron["fwd_bwd_ms"],
+                BENCH_TARGETS["kron_8x8_speedup"].get(F),
+            )
+            out.append(
+                f"F={F}: kron 8x8 is {ratio:.2f}x faster than topk (FLOP ratio "
+                f"{top['flops_per_token'] / kron['flops_per_token']:.2f}x)"
+                + (f"; target {target:g}x: {verdict(ratio, target)}" if target else "")
+            )
             if top.get("aux_ms") and kron.get("aux_ms"):
-                out.append(f"F={F}: with AuxK on dead latents, topk's time / kron 8x8's = "
-                           f"{top['aux_ms'] / kron['aux_ms']:.2f}")
+                out.append(
+                    f"F={F}: with AuxK on dead latents, topk's time / kron 8x8's = "
+                    f"{top['aux_ms'] / kron['aux_ms']:.2f}"
+                )
         if "sparsify_topk" in at and "topk" in at:
             ratio = at["sparsify_topk"]["fwd_bwd_ms"] / at["topk"]["fwd_bwd_ms"]
-            out.append(f"F={F}: our topk is {ratio:.2f}x as fast as sparsify's "
-                       f"(target at least 1x: {verdict(ratio, 1.0)})")
+            out.append(
+                f"F={F}: our topk is {ratio:.2f}x as fast as sparsify's "
+                f"(target at least 1x: {verdict(ratio, 1.0)})"
+            )
         for name, r in at.items():
             if name.startswith("naive_") and name[6:] in at:
                 fast = at[name[6:]]
                 ratio = r["fwd_bwd_ms"] / fast["fwd_bwd_ms"]
-                out.append(f"F={F}: {name[6:]} vs naive: {ratio:.1f}x faster "
-                           f"(target {BENCH_TARGETS['naive_speedup']:g}x: {verdict(ratio, BENCH_TARGETS['naive_speedup'])}), "
-                           f"{100 * fast['peak_mb'] / max(r['peak_mb'], 1e-9):.0f}% of its peak memory")
+                out.append(
+                    f"F={F}: {name[6:]} vs naive: {ratio:.1f}x faster "
+                    f"(target {BENCH_TARGETS['naive_speedup']:g}x: {verdict(ratio, BENCH_TARGETS['naive_speedup'])}), "
+                    f"{100 * fast['peak_mb'] / max(r['peak_mb'], 1e-9):.0f}% of its peak memory"
+                )
     flat = [r for r in rows if r["section"].startswith("flat")]
     if len(flat) > 1:
         ratio = flat[-1]["fwd_bwd_ms"] / flat[0]["fwd_bwd_ms"]
-        out.append(f"flat in F: F {flat[0]['dict_size']} -> {flat[-1]['dict_size']} at fixed h(m+n) costs "
-                   f"{ratio:.2f}x the fwd+bwd time (target at most {BENCH_TARGETS['flat']:g}x: "
-                   f"{verdict(ratio, BENCH_TARGETS['flat'], higher_is_better=False)})")
+        out.append(
+            f"flat in F: F {flat[0]['dict_size']} -> {flat[-1]['dict_size']} at fixed h(m+n) costs "
+            f"{ratio:.2f}x the fwd+bwd time (target at most {BENCH_TARGETS['flat']:g}x: "
+            f"{verdict(ratio, BENCH_TARGETS['flat'], higher_is_better=False)})"
+        )
         if all("per_token_ms" in r for r in (flat[0], flat[-1])):
-            ratio, target = flat[-1]["per_token_ms"] / flat[0]["per_token_ms"], BENCH_TARGETS["flat_per_token"]
-            out.append(f"flat in F: its per-token part costs {ratio:.2f}x (target at most {target:g}x: "
-                       f"{verdict(ratio, target, higher_is_better=False)}); once per step, "
-                       + ", ".join(f"F={r['dict_size']}: fwd+bwd {r['per_step_ms']:.1f} ms, optimiser step "
-                                   f"{r['opt_ms']:.1f} ms = {r['opt_ms'] / r['copy_ms']:.2f}x a copy of its bytes"
-                                   for r in flat)
-                       + f" (target at most {BENCH_TARGETS['flat_per_step']:g}x: "
-                       + ", ".join(verdict(r["opt_ms"] / r["copy_ms"], BENCH_TARGETS["flat_per_step"], False)
-                                   for r in flat) + ")")
+            ratio, target = (
+                flat[-1]["per_token_ms"] / flat[0]["per_token_ms"],
+                BENCH_TARGETS["flat_per_token"],
+            )
+            out.append(
+                f"flat in F: its per-token part costs {ratio:.2f}x (target at most {target:g}x: "
+                f"{verdict(ratio, target, higher_is_better=False)}); once per step, "
+                + ", ".join(
+                    f"F={r['dict_size']}: fwd+bwd {r['per_step_ms']:.1f} ms, optimiser step "
+                    f"{r['opt_ms']:.1f} ms = {r['opt_ms'] / r['copy_ms']:.2f}x a copy of its bytes"
+                    for r in flat
+                )
+                + f" (target at most {BENCH_TARGETS['flat_per_step']:g}x: "
+                + ", ".join(
+                    verdict(
+                        r["opt_ms"] / r["copy_ms"],
+                        BENCH_TARGETS["flat_per_step"],
+                        False,
+                    )
+                    for r in flat
+                )
+                + ")"
+            )
     kron = [r for r in rows if r["name"].startswith("kron")]
     if kron:
-        out.append(f"kron step / its encoder GEMM (target at most {BENCH_TARGETS['step_over_gemm']:g}x): " + ", ".join(
-            f"{r['name']}@{r['dict_size']}: {r['step_over_gemm']:.2f}x "
-            f"{verdict(r['step_over_gemm'], BENCH_TARGETS['step_over_gemm'], higher_is_better=False)}" for r in kron))
+        out.append(
+            f"kron step / its encoder GEMM (target at most {BENCH_TARGETS['step_over_gemm']:g}x): "
+            + ", ".join(
+                f"{r['name']}@{r['dict_size']}: {r['step_over_gemm']:.2f}x "
+                f"{verdict(r['step_over_gemm'], BENCH_TARGETS['step_over_gemm'], higher_is_better=False)}"
+                for r in kron
+            )
+        )
     return out
+
 
 def bench(bcfg: BenchConfig) -> list[dict]:
     check_device(bcfg.device)
@@ -4126,36 +6325,90 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     set_seed(bcfg.seed)
     x = torch.randn(bcfg.batch, bcfg.d_in, device=device)
     if bcfg.profile:
-        print(f"bench --profile: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, "
-              f"{torch.get_num_threads()} threads")
+        print(
+            f"bench --profile: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, "
+            f"{torch.get_num_threads()} threads"
+        )
         profiles = bench_profile(bcfg, x)
         if bcfg.json:
-            write_json(bcfg.json, {"config": dataclasses.asdict(bcfg) | {"device": str(device)}, "profile": profiles})
+            write_json(
+                bcfg.json,
+                {
+                    "config": dataclasses.asdict(bcfg) | {"device": str(device)},
+                    "profile": profiles,
+                },
+            )
         return profiles
-    print(f"bench: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads; "
-          f"median of {bcfg.repeats} (ms); peak = memory the fwd+bwd allocates; aux = fwd+bwd with AuxK on "
-          f"{bcfg.dead:.0%} dead latents; {'bfloat16 autocast' if bcfg.precision == 'bf16' else 'float32'}")
+    print(
+        f"bench: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads; "
+        f"median of {bcfg.repeats} (ms); peak = memory the fwd+bwd allocates; aux = fwd+bwd with AuxK on "
+        f"{bcfg.dead:.0%} dead latents; {'bfloat16 autocast' if bcfg.precision == 'bf16' else 'float32'}"
+    )
     rows = []
     for section, cls, kwargs in tqdm(bench_models(bcfg), desc="bench", leave=False):
         sae = None if cls == "sparsify" else cls(**kwargs).to(device)
-        r = {"section": section, **(bench_sparsify(kwargs["F"], x, bcfg) if sae is None else bench_one(sae, x, bcfg))}
+        r = {
+            "section": section,
+            **(
+                bench_sparsify(kwargs["F"], x, bcfg)
+                if sae is None
+                else bench_one(sae, x, bcfg)
+            ),
+        }
         if section.startswith("flat"):
             r |= step_split(sae, x, bcfg)
         rows.append(r)
         del sae
-    print(format_table(
-        ["section", "SAE", "F", "enc rows", "FLOPs/tok", "fwd+bwd", "aux", "opt", "peak MB", "GFLOP/s", "GEMM GF/s",
-         "step/GEMM"],
-        [[r["section"], r["name"], r["dict_size"], r["encoder_rows"], f"{r['flops_per_token']:,}",
-          f"{r['fwd_bwd_ms']:.1f}", f"{r['aux_ms'] or float('nan'):.1f}", f"{r['opt_ms']:.1f}", f"{r['peak_mb']:.1f}",
-          f"{r['gflops']:.1f}", f"{r['gemm_gflops']:.1f}", f"{r['step_over_gemm']:.2f}"] for r in rows]))
+    print(
+        format_table(
+            [
+                "section",
+                "SAE",
+                "F",
+                "enc rows",
+                "FLOPs/tok",
+                "fwd+bwd",
+                "aux",
+                "opt",
+                "peak MB",
+                "GFLOP/s",
+                "GEMM GF/s",
+                "step/GEMM",
+            ],
+            [
+                [
+                    r["section"],
+                    r["name"],
+                    r["dict_size"],
+                    r["encoder_rows"],
+                    f"{r['flops_per_token']:,}",
+                    f"{r['fwd_bwd_ms']:.1f}",
+                    f"{r['aux_ms'] or float('nan'):.1f}",
+                    f"{r['opt_ms']:.1f}",
+                    f"{r['peak_mb']:.1f}",
+                    f"{r['gflops']:.1f}",
+                    f"{r['gemm_gflops']:.1f}",
+                    f"{r['step_over_gemm']:.2f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     print("\n".join(bench_verdicts(rows)))
     if bcfg.json:
-        write_json(bcfg.json, {"config": dataclasses.asdict(bcfg) | {"device": str(device), "torch": torch.__version__},
-                               "rows": rows})
+        write_json(
+            bcfg.json,
+            {
+                "config": dataclasses.asdict(bcfg)
+                | {"device": str(device), "torch": torch.__version__},
+                "rows": rows,
+            },
+        )
     return rows
 
+
 # ============================================================================= 16. CLI
+
 
 def tune_cpu_allocator():
     """Keep freed memory mapped (Linux, glibc). By default glibc gives large freed blocks back to the OS,
@@ -4168,7 +6421,9 @@ def tune_cpu_allocator():
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
     libc.mallopt(M_TRIM_THRESHOLD, 2**30)
     libc.mallopt(M_TOP_PAD, 2**28)
-    libc.mallopt(M_MMAP_MAX, 0)  # every block from the reusable heap, even the (F, d) decoder gradient
+    # every block from the reusable heap, even the (F, d) decoder gradient
+    libc.mallopt(M_MMAP_MAX, 0)
+
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line, `kronsae.py: error: ...`, with exit status 2 and no usage dump.
@@ -4182,35 +6437,68 @@ class Parser(argparse.ArgumentParser):
             message += f" ({self.prog} does not take them; see {self.prog} --help)"
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
+
 def comma_ints(text: str) -> tuple:
     """'256,512,1024' -> (256, 512, 1024), for flags that take a list."""
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
 
 CLI_TYPES = {"matryoshka": comma_ints}  # fields whose flag is parsed from one string
 
-def add_config_args(parser: argparse.ArgumentParser, config_cls, title: str, only: Optional[tuple] = None,
-                    drop: tuple = ()):
+
+def add_config_args(
+    parser: argparse.ArgumentParser,
+    config_cls,
+    title: str,
+    only: Optional[tuple] = None,
+    drop: tuple = (),
+):
     """One --flag per dataclass field (or per field in `only`, less those in `drop`), with its type, default and
     help, in an argument group of its own. A command offers only the flags that mean something to it."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(config_cls):
         if only and f.name not in only or f.name in drop:
             continue
-        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]  # aliases: torchrun's own parser
-        help = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")                      # takes --m and --n for its options
+        flags = [
+            f"--{f.name.replace('_', '-')}",
+            *f.metadata.get("aliases", ()),
+        ]  # aliases: torchrun's own parser
+        # takes --m and --n for its options
+        help = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
         if f.name in CLI_TYPES:
-            group.add_argument(*flags, dest=f.name, type=CLI_TYPES[f.name], default=f.default, help=help)
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                type=CLI_TYPES[f.name],
+                default=f.default,
+                help=help,
+            )
         elif isinstance(f.default, bool):
-            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=help,
+            )
         elif isinstance(f.default, tuple):
-            group.add_argument(*flags, dest=f.name, nargs="+", default=f.default, help=help)
+            group.add_argument(
+                *flags, dest=f.name, nargs="+", default=f.default, help=help
+            )
         else:
-            group.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, help=help)
+            group.add_argument(
+                *flags, dest=f.name, type=type(f.default), default=f.default, help=help
+            )
 
-def build_configs(parser: argparse.ArgumentParser, args: dict, make: Callable, check=None):
+
+def build_configs(
+    parser: argparse.ArgumentParser, args: dict, make: Callable, check=None
+):
     """make(args) builds the configs; a ValueError from their validation (or from `check`) is a usage error."""
     try:
         configs = make(args)
@@ -4220,23 +6508,42 @@ def build_configs(parser: argparse.ArgumentParser, args: dict, make: Callable, c
         parser.error(str(err))
     return configs
 
-SETTINGS_PARTS = {"sae": (SAEConfig, "the SAEs' shape"), "train": (TrainConfig, "training (optimiser, schedule, AuxK)"),
-                  "data": (DataConfig, "data"), "run": (RunConfig, "the run (seed, device, outputs)")}
+
+SETTINGS_PARTS = {
+    "sae": (SAEConfig, "the SAEs' shape"),
+    "train": (TrainConfig, "training (optimiser, schedule, AuxK)"),
+    "data": (DataConfig, "data"),
+    "run": (RunConfig, "the run (seed, device, outputs)"),
+}
 
 # Flags that only say how --model is harvested: without --model they would do nothing, so they are refused
-MODEL_ONLY = ("layer", "text", "ctx", "model_batch", "max_tokens", "keep_first", "dtype", "save_acts")
+MODEL_ONLY = (
+    "layer",
+    "text",
+    "ctx",
+    "model_batch",
+    "max_tokens",
+    "keep_first",
+    "dtype",
+    "save_acts",
+)
 NOT_GIVEN = object()
+
 
 def given_args(parser: argparse.ArgumentParser, argv) -> tuple[dict, set]:
     """(every flag's value, the flags given on the command line): argparse fills a default only where the
     namespace has no value yet, so a namespace of NOT_GIVEN tells the two apart."""
     dests = [a.dest for a in parser._actions if a.default is not argparse.SUPPRESS]
-    args = vars(parser.parse_args(argv, argparse.Namespace(**{d: NOT_GIVEN for d in dests})))
+    args = vars(
+        parser.parse_args(argv, argparse.Namespace(**{d: NOT_GIVEN for d in dests}))
+    )
     given = {d for d in dests if args[d] is not NOT_GIVEN}
     return {d: args[d] if d in given else parser.get_default(d) for d in args}, given
 
-def parse_settings(parser: argparse.ArgumentParser, argv, check=None, refuse: Optional[dict] = None
-                   ) -> tuple[Settings, dict]:
+
+def parse_settings(
+    parser: argparse.ArgumentParser, argv, check=None, refuse: Optional[dict] = None
+) -> tuple[Settings, dict]:
     """Parse argv into Settings, one argument group per config; returns it with the command's own flags.
     `refuse` maps the fields this command does not take to the reason, which is the error if one is given
     (they keep their defaults, and --help leaves them out). A harvest flag without --model is an error too."""
@@ -4245,26 +6552,47 @@ def parse_settings(parser: argparse.ArgumentParser, argv, check=None, refuse: Op
         add_config_args(parser, cls, title, drop=tuple(refuse))
         for f in dataclasses.fields(cls):
             if f.name in refuse:
-                parser.add_argument(f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ()), dest=f.name,
-                                    nargs="?", help=argparse.SUPPRESS)
+                parser.add_argument(
+                    f"--{f.name.replace('_', '-')}",
+                    *f.metadata.get("aliases", ()),
+                    dest=f.name,
+                    nargs="?",
+                    help=argparse.SUPPRESS,
+                )
     args, given = given_args(parser, argv)
     for name in sorted(given & set(refuse)):
         parser.error(f"{refuse[name]}; drop --{name.replace('_', '-')}")
-    idle = [f"--{name.replace('_', '-')}" for name in MODEL_ONLY if name in given and not args.get("model")]
+    idle = [
+        f"--{name.replace('_', '-')}"
+        for name in MODEL_ONLY
+        if name in given and not args.get("model")
+    ]
     if idle:
-        parser.error(f"{', '.join(idle)} only appl{'y' if len(idle) > 1 else 'ies'} to harvesting --model; "
-                     f"drop {'them' if len(idle) > 1 else 'it'}, or add --model")
+        parser.error(
+            f"{', '.join(idle)} only appl{'y' if len(idle) > 1 else 'ies'} to harvesting --model; "
+            f"drop {'them' if len(idle) > 1 else 'it'}, or add --model"
+        )
 
     def make(args):
-        parts = {name: cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls) if f.name not in refuse})
-                 for name, (cls, _) in SETTINGS_PARTS.items()}
+        parts = {
+            name: cls(
+                **{
+                    f.name: args.pop(f.name)
+                    for f in dataclasses.fields(cls)
+                    if f.name not in refuse
+                }
+            )
+            for name, (cls, _) in SETTINGS_PARTS.items()
+        }
         return Settings(**parts)
 
     return build_configs(parser, args, make, check), args
 
+
 def run_cli(job, *args):
     """Run a job. A user error, a diverged run or Ctrl-C ends with one clear line on stderr, never a
     traceback: exit status 1 for an error, 130 for Ctrl-C."""
+
     def fail(message: str, status: int = 1):
         print(f"kronsae.py: {message}", file=sys.stderr)
         sys.exit(status)
@@ -4274,9 +6602,20 @@ def run_cli(job, *args):
     except Interrupted as stop:  # stop.out is OUT/arch; the run to resume is OUT
         if int(os.environ.get("RANK", "0")):
             sys.exit(130)  # under torchrun, rank 0 says where the checkpoint is
-        launcher = "torchrun ... kronsae.py" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python kronsae.py"
-        fail(f"{stop}; " + (f"checkpoint in {stop.out}; continue with: {launcher} --resume {Path(stop.out).parent}"
-                            if stop.out else "nothing was saved (no --out)"), 130)
+        launcher = (
+            "torchrun ... kronsae.py"
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1
+            else "python kronsae.py"
+        )
+        fail(
+            f"{stop}; "
+            + (
+                f"checkpoint in {stop.out}; continue with: {launcher} --resume {Path(stop.out).parent}"
+                if stop.out
+                else "nothing was saved (no --out)"
+            ),
+            130,
+        )
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was saved", 130)
     except FloatingPointError as err:
@@ -4284,91 +6623,186 @@ def run_cli(job, *args):
     except (ValueError, OSError) as err:
         fail(f"error: {err}")
 
+
 def bench_main(argv):
-    parser = Parser(prog="kronsae.py bench", description=(
-        "Time one training step (forward + backward, and the optimiser step separately) of the TopK SAE, "
-        "KronSAE at several (m, n) and the naive KronSAE, at the same B, d, k and F (and sparsify's TopK, when "
-        "installed). Prints ms, peak memory, eq. 7 FLOPs per token and GFLOP/s against a plain matmul of the "
-        "encoder's shape, then met/missed against the targets. --profile 1 splits a training step into phases."))
+    parser = Parser(
+        prog="kronsae.py bench",
+        description=(
+            "Time one training step (forward + backward, and the optimiser step separately) of the TopK SAE, "
+            "KronSAE at several (m, n) and the naive KronSAE, at the same B, d, k and F (and sparsify's TopK, when "
+            "installed). Prints ms, peak memory, eq. 7 FLOPs per token and GFLOP/s against a plain matmul of the "
+            "encoder's shape, then met/missed against the targets. --profile 1 splits a training step into phases."
+        ),
+    )
     add_config_args(parser, BenchConfig, "benchmark")
-    bcfg = build_configs(parser, vars(parser.parse_args(argv)), lambda args: BenchConfig(**args))
+    bcfg = build_configs(
+        parser, vars(parser.parse_args(argv)), lambda args: BenchConfig(**args)
+    )
     return run_cli(bench, bcfg)
+
 
 def refusing(names: tuple, reason: str) -> dict:
     return {name: reason for name in names}
 
-PROGRESSIVE_REFUSES = (refusing(("out", "resume", "save_every", "overwrite"), "progressive writes no checkpoints")
-                       | refusing(("model", *MODEL_ONLY), "progressive trains on --data or synthetic data")
-                       | {"matryoshka": "progressive sets the Matryoshka prefixes itself (F/16 ... F)"})
-ABLATE_REFUSES = (refusing(("out", "resume", "save_every", "overwrite"), "ablate writes no checkpoints")
-                  | {"arch": "ablate trains KronSAEs only", "kernel": "ablate takes its kernels from --kernels"})
+
+PROGRESSIVE_REFUSES = (
+    refusing(
+        ("out", "resume", "save_every", "overwrite"),
+        "progressive writes no checkpoints",
+    )
+    | refusing(("model", *MODEL_ONLY), "progressive trains on --data or synthetic data")
+    | {"matryoshka": "progressive sets the Matryoshka prefixes itself (F/16 ... F)"}
+)
+ABLATE_REFUSES = refusing(
+    ("out", "resume", "save_every", "overwrite"), "ablate writes no checkpoints"
+) | {
+    "arch": "ablate trains KronSAEs only",
+    "kernel": "ablate takes its kernels from --kernels",
+}
+
 
 def progressive_main(argv):
-    parser = Parser(prog="kronsae.py progressive", description=(
-        "Progressive coding (Peter and Soegaard 2025): FVU against the number of kept latents G = F/16 ... F "
-        "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
-        "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."))
-    parser.add_argument("--figure", default="progressive.png", help="PNG for the curves ('' = none)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per SAE, from --seed on; FVU is mean ± std "
-                                                             "(default: 1)")
+    parser = Parser(
+        prog="kronsae.py progressive",
+        description=(
+            "Progressive coding (Peter and Soegaard 2025): FVU against the number of kept latents G = F/16 ... F "
+            "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
+            "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."
+        ),
+    )
+    parser.add_argument(
+        "--figure", default="progressive.png", help="PNG for the curves ('' = none)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds per SAE, from --seed on; FVU is mean ± std (default: 1)",
+    )
     s, extra = parse_settings(parser, argv, nested_settings, PROGRESSIVE_REFUSES)
     if extra["seeds"] < 1:
         parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
     return run_cli(progressive, s, extra["figure"], extra["seeds"])
 
+
 def kernel_names(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in KERNELS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated kernels from {', '.join(KERNELS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated kernels from {', '.join(KERNELS)}, got {text!r}"
+        )
     return names
 
+
 def ablate_main(argv):
-    parser = Parser(prog="kronsae.py ablate", description=(
-        "The paper's ablations as one sweep: every SAE of --shapes (TopK and KronSAE shapes; each KronSAE with "
-        "each of --kernels: mand is eq. 3, relu_product ReLU(u)ReLU(v), product u v) at every TopK step count of "
-        "--budgets, with the others' steps set by --match (tokens, flops or time), over --seeds seeds, on the "
-        "same data; prints held-out EV as mean ± std per cell. Data options are those of the main job (--data, "
-        "--model, ...). With the defaults it is the kernel ablation of section 5."))
-    parser.add_argument("--kernels", type=kernel_names, default=list(KERNELS),
-                        help=f"comma-separated kernels (default: {','.join(KERNELS)})")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell, from --seed on (default: 3)")
-    parser.add_argument("--shapes", type=shape_names, default=None,
-                        help="comma-separated SAEs: topk and KronSAE shapes MxN at --dict-size, e.g. topk,2x4,4x4,8x8 "
-                             "(default: --m x --n)")
-    parser.add_argument("--budgets", type=comma_ints, default=None,
-                        help="comma-separated TopK step counts, e.g. 250,500,1000; --match gives the other SAEs "
-                             "theirs (default: --steps)")
-    parser.add_argument("--figure", default="", help="PNG of EV against training FLOPs and against seconds, one line "
-                                                     "per shape ('' = none)")
+    parser = Parser(
+        prog="kronsae.py ablate",
+        description=(
+            "The paper's ablations as one sweep: every SAE of --shapes (TopK and KronSAE shapes; each KronSAE with "
+            "each of --kernels: mand is eq. 3, relu_product ReLU(u)ReLU(v), product u v) at every TopK step count of "
+            "--budgets, with the others' steps set by --match (tokens, flops or time), over --seeds seeds, on the "
+            "same data; prints held-out EV as mean ± std per cell. Data options are those of the main job (--data, "
+            "--model, ...). With the defaults it is the kernel ablation of section 5."
+        ),
+    )
+    parser.add_argument(
+        "--kernels",
+        type=kernel_names,
+        default=list(KERNELS),
+        help=f"comma-separated kernels (default: {','.join(KERNELS)})",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="seeds per cell, from --seed on (default: 3)",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=shape_names,
+        default=None,
+        help="comma-separated SAEs: topk and KronSAE shapes MxN at --dict-size, e.g. topk,2x4,4x4,8x8 "
+        "(default: --m x --n)",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=comma_ints,
+        default=None,
+        help="comma-separated TopK step counts, e.g. 250,500,1000; --match gives the other SAEs "
+        "theirs (default: --steps)",
+    )
+    parser.add_argument(
+        "--figure",
+        default="",
+        help="PNG of EV against training FLOPs and against seconds, one line "
+        "per shape ('' = none)",
+    )
     s, extra = parse_settings(parser, argv, check_ablation, ABLATE_REFUSES)
     if extra["seeds"] < 1:
         parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
-    if extra["budgets"] is not None and (not extra["budgets"] or min(extra["budgets"]) < 1):
+    if extra["budgets"] is not None and (
+        not extra["budgets"] or min(extra["budgets"]) < 1
+    ):
         parser.error(f"--budgets must be positive step counts, got {extra['budgets']}")
-    return run_cli(lambda: ablate(s, extra["kernels"], extra["seeds"], extra["shapes"], extra["budgets"],
-                                  extra["figure"])["kernels"])
+    return run_cli(
+        lambda: ablate(
+            s,
+            extra["kernels"],
+            extra["seeds"],
+            extra["shapes"],
+            extra["budgets"],
+            extra["figure"],
+        )["kernels"]
+    )
 
-HARVEST_FIELDS = ("model", "layer", "text", "ctx", "model_batch", "max_tokens", "keep_first", "max_norm_ratio", "dtype")
+
+HARVEST_FIELDS = (
+    "model",
+    "layer",
+    "text",
+    "ctx",
+    "model_batch",
+    "max_tokens",
+    "keep_first",
+    "max_norm_ratio",
+    "dtype",
+)
+
 
 def check_store_out(out: str, overwrite: bool):
     """Before any work: refuse an --out that holds a store, finished or not, unless overwrite (StoreWriter
     then clears it when it starts writing)."""
     if store_files(out) and not overwrite:
-        state = "a finished" if Path(out, "manifest.json").exists() else "an unfinished (interrupted)"
-        raise ValueError(f"--out {out} holds {state} activation store; pass --overwrite to replace it, "
-                         f"or choose another --out")
+        state = (
+            "a finished"
+            if Path(out, "manifest.json").exists()
+            else "an unfinished (interrupted)"
+        )
+        raise ValueError(
+            f"--out {out} holds {state} activation store; pass --overwrite to replace it, "
+            f"or choose another --out"
+        )
+
 
 def harvest_main(argv):
-    parser = Parser(prog="kronsae.py harvest", description=(
-        "Harvest once, train many: write hidden_states[layer] of a transformers model on text files to an "
-        "activation store, a directory of .npy shards and a manifest.json (see the README for the format). "
-        "Contexts start with BOS when the tokenizer has one; position 0 and special tokens are dropped; the "
-        "text is read only as far as --max-tokens needs. Train on it with: kronsae.py --data STORE."))
+    parser = Parser(
+        prog="kronsae.py harvest",
+        description=(
+            "Harvest once, train many: write hidden_states[layer] of a transformers model on text files to an "
+            "activation store, a directory of .npy shards and a manifest.json (see the README for the format). "
+            "Contexts start with BOS when the tokenizer has one; position 0 and special tokens are dropped; the "
+            "text is read only as far as --max-tokens needs. Train on it with: kronsae.py --data STORE."
+        ),
+    )
     add_config_args(parser, DataConfig, "harvest", HARVEST_FIELDS)
     parser.add_argument("--out", required=True, help="the store directory to write")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or mps (default: auto)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a store already in --out"
+    )
     args = vars(parser.parse_args(argv))
     out, device, overwrite = args.pop("out"), args.pop("device"), args.pop("overwrite")
 
@@ -4385,93 +6819,210 @@ def harvest_main(argv):
     cfg = build_configs(parser, args, make)
     return run_cli(harvest_store, cfg, out, pick_device(device))
 
+
 def export_main(argv):
-    parser = Parser(prog="kronsae.py export", description=(
-        "Write a trained SAE in another library's on-disk format. saelens: cfg.json and sae_weights.safetensors "
-        "with architecture topk, loadable by sae_lens.SAE.load_from_disk. Only TopK SAEs can be exported: no "
-        "SAELens architecture computes KronSAE's mAND."))
-    parser.add_argument("directory", help="a checkpoint: a directory holding config.json and sae.safetensors, "
-                                          "e.g. OUT/topk of a training run")
-    parser.add_argument("--to", choices=["saelens"], required=True, help="the format to write")
+    parser = Parser(
+        prog="kronsae.py export",
+        description=(
+            "Write a trained SAE in another library's on-disk format. saelens: cfg.json and sae_weights.safetensors "
+            "with architecture topk, loadable by sae_lens.SAE.load_from_disk. Only TopK SAEs can be exported: no "
+            "SAELens architecture computes KronSAE's mAND."
+        ),
+    )
+    parser.add_argument(
+        "directory",
+        help="a checkpoint: a directory holding config.json and sae.safetensors, "
+        "e.g. OUT/topk of a training run",
+    )
+    parser.add_argument(
+        "--to", choices=["saelens"], required=True, help="the format to write"
+    )
     parser.add_argument("destination", help="the directory to write the export to")
     args = parser.parse_args(argv)
     return run_cli(export_saelens, args.directory, args.destination)
 
+
 def inspect_main(argv):
-    parser = Parser(prog="kronsae.py inspect", description=(
-        "Look at what an SAE learned: one streaming pass over an activation store collects, for every latent "
-        "(and for KronSAE every pre-latent), its frequency, mean activation, token entropy (eq. 10), multitoken "
-        "ratio (eq. 11) and top examples in context, plus the paper's section 5.2 and fig. 18 statistics. Prints "
-        "a summary; writes a self-contained HTML report and a JSON of every statistic."))
-    parser.add_argument("directory", help="a trained SAE: a checkpoint directory such as OUT/kron of a training run")
-    parser.add_argument("--data", required=True, help="the activation store it was trained on (harvested with "
-                                                      "this version, which keeps the token ids)")
-    parser.add_argument("--tokens", type=int, default=200_000, help="read at most this many of the store's tokens "
-                                                                   "(default: 200000)")
+    parser = Parser(
+        prog="kronsae.py inspect",
+        description=(
+            "Look at what an SAE learned: one streaming pass over an activation store collects, for every latent "
+            "(and for KronSAE every pre-latent), its frequency, mean activation, token entropy (eq. 10), multitoken "
+            "ratio (eq. 11) and top examples in context, plus the paper's section 5.2 and fig. 18 statistics. Prints "
+            "a summary; writes a self-contained HTML report and a JSON of every statistic."
+        ),
+    )
+    parser.add_argument(
+        "directory",
+        help="a trained SAE: a checkpoint directory such as OUT/kron of a training run",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="the activation store it was trained on (harvested with "
+        "this version, which keeps the token ids)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=200_000,
+        help="read at most this many of the store's tokens (default: 200000)",
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--latents", type=comma_ints, default=(), help="latents to show in full, e.g. 12,345")
-    which.add_argument("--sample", type=int, default=32, help="else show this many latents drawn by --seed "
-                                                               "(default: 32)")
-    parser.add_argument("--examples", type=int, default=10, help="top examples kept per latent (default: 10)")
-    parser.add_argument("--html", default="", help="write the report here (one self-contained HTML file)")
-    parser.add_argument("--json", default="", help="write every statistic and example here")
-    parser.add_argument("--batch", type=int, default=2048, help="rows per chunk of the streaming pass (default: 2048)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --sample, the bootstrap and the init "
-                                                            "baseline (default: 0)")
+    which.add_argument(
+        "--latents",
+        type=comma_ints,
+        default=(),
+        help="latents to show in full, e.g. 12,345",
+    )
+    which.add_argument(
+        "--sample",
+        type=int,
+        default=32,
+        help="else show this many latents drawn by --seed (default: 32)",
+    )
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=10,
+        help="top examples kept per latent (default: 10)",
+    )
+    parser.add_argument(
+        "--html",
+        default="",
+        help="write the report here (one self-contained HTML file)",
+    )
+    parser.add_argument(
+        "--json", default="", help="write every statistic and example here"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=2048,
+        help="rows per chunk of the streaming pass (default: 2048)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of --sample, the bootstrap and the init baseline (default: 0)",
+    )
     args = parser.parse_args(argv)
     for name in ("tokens", "sample", "examples", "batch"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     return run_cli(inspect_job, args)
 
+
 def absorption_main(argv):
-    parser = Parser(prog="kronsae.py absorption", description=(
-        "First-letter feature absorption (SAEBench; the paper's fig. 4 and table 5) of SAEs trained on one model's "
-        "layer: a probe reads each word's first letter from the residual stream, k-sparse probing finds each "
-        "letter's main latents, and a word is absorbed when they fall short and other latents carry the probe's "
-        "projection. The prompts' activations are cached beside the first run, so the next SAE costs only its "
-        "own encoding."))
-    parser.add_argument("directories", nargs="+", help="trained SAEs: checkpoint directories such as RUN/topk RUN/kron")
-    parser.add_argument("--model", required=True, help="the model they were trained on (hub name, directory or .gguf)")
-    parser.add_argument("--layer", type=int, required=True, help="the layer they were trained on: hidden_states[layer]")
-    parser.add_argument("--words", type=int, default=4000, help="alphabetic vocabulary words to use, drawn by --seed "
-                                                                "(80%% train, 20%% test; default: 4000)")
-    parser.add_argument("--json", default="", help="write every figure, per letter too, here")
-    parser.add_argument("--figure", default="", help="save a bar chart of the SAEs' absorption here (PNG)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the words, their split and the probes "
-                                                            "(default: 0)")
-    parser.add_argument("--model-batch", type=int, default=32, help="prompts per forward pass (default: 32)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser = Parser(
+        prog="kronsae.py absorption",
+        description=(
+            "First-letter feature absorption (SAEBench; the paper's fig. 4 and table 5) of SAEs trained on one model's "
+            "layer: a probe reads each word's first letter from the residual stream, k-sparse probing finds each "
+            "letter's main latents, and a word is absorbed when they fall short and other latents carry the probe's "
+            "projection. The prompts' activations are cached beside the first run, so the next SAE costs only its "
+            "own encoding."
+        ),
+    )
+    parser.add_argument(
+        "directories",
+        nargs="+",
+        help="trained SAEs: checkpoint directories such as RUN/topk RUN/kron",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="the model they were trained on (hub name, directory or .gguf)",
+    )
+    parser.add_argument(
+        "--layer",
+        type=int,
+        required=True,
+        help="the layer they were trained on: hidden_states[layer]",
+    )
+    parser.add_argument(
+        "--words",
+        type=int,
+        default=4000,
+        help="alphabetic vocabulary words to use, drawn by --seed "
+        "(80%% train, 20%% test; default: 4000)",
+    )
+    parser.add_argument(
+        "--json", default="", help="write every figure, per letter too, here"
+    )
+    parser.add_argument(
+        "--figure",
+        default="",
+        help="save a bar chart of the SAEs' absorption here (PNG)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the words, their split and the probes (default: 0)",
+    )
+    parser.add_argument(
+        "--model-batch",
+        type=int,
+        default=32,
+        help="prompts per forward pass (default: 32)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or mps (default: auto)"
+    )
     args = parser.parse_args(argv)
     for name in ("words", "model_batch"):
         if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            parser.error(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+            )
     if args.words < 50:
-        parser.error(f"--words {args.words} is too few for 26 letters' probes; use at least 50")
+        parser.error(
+            f"--words {args.words} is too few for 26 letters' probes; use at least 50"
+        )
     return run_cli(absorption_job, args)
 
-COMMANDS = {"harvest": harvest_main, "inspect": inspect_main, "absorption": absorption_main, "bench": bench_main,
-            "progressive": progressive_main, "ablate": ablate_main,
-            "export": export_main}
+
+COMMANDS = {
+    "harvest": harvest_main,
+    "inspect": inspect_main,
+    "absorption": absorption_main,
+    "bench": bench_main,
+    "progressive": progressive_main,
+    "ablate": ablate_main,
+    "export": export_main,
+}
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] != ["harvest"]:  # harvesting is bound by the model, not by page faults: keep its memory small
+    if argv[:1] != [
+        "harvest"
+    ]:  # harvesting is bound by the model, not by page faults: keep its memory small
         tune_cpu_allocator()
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
     parser = Parser(
         prog="kronsae.py",
         description="KronSAE vs TopK SAE. With no arguments, trains both on block-correlated synthetic data "
-                    "and prints EV, L0, dead %, encoder FLOPs, parameters and ms per step side by side. "
-                    f"Other commands: {', '.join(COMMANDS)} (each has its own --help).")
+        "and prints EV, L0, dead %, encoder FLOPs, parameters and ms per step side by side. "
+        f"Other commands: {', '.join(COMMANDS)} (each has its own --help).",
+    )
     s, _ = parse_settings(parser, argv)
     if s.run.resume:
-        others = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] != "--resume"]
+        others = [
+            a.split("=")[0]
+            for a in argv
+            if a.startswith("--") and a.split("=")[0] != "--resume"
+        ]
         if others:
-            parser.error(f"--resume takes every setting from the saved run; drop {', '.join(others)}")
+            parser.error(
+                f"--resume takes every setting from the saved run; drop {', '.join(others)}"
+            )
         s = build_configs(parser, {}, lambda _: resume_settings(s.run.resume))
     return run_cli(compare, s)
+
 
 if __name__ == "__main__":
     main()

