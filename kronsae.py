@@ -14,8 +14,12 @@ Shape letters used in the comments:
   F  dictionary size (latents)    k  active latents per token
   h  heads                        m, n  pre-latents per head, F = h*m*n
   E  encoder rows: F for TopK, h*(m+n) for KronSAE
-  S  rows gathered per token      H  heads kept by KronSAE's selection
-  R  rank pairs that can reach the top k (KronSAE's selection)
+  S  rows gathered per token      L  AuxK's dead latents
+  k_aux  dead latents per token that AuxK trains (about d/2)
+  H  heads kept by KronSAE's selection, R  rank pairs that can reach its top k
+
+"kernel" alone means a composition of u and v (mAND, or the ablation's others);
+"the sparse kernels" are section 3's autograd functions.
 
 Part 1, the method:
   1. mAND (eq. 3)   2. The SAEs (eqs. 1-4)   3. The sparse kernels
@@ -69,7 +73,8 @@ from tqdm.auto import tqdm
 
 
 def sqrt_prod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sqrt(a * b) where a * b > 0, and exactly 0 elsewhere, with finite gradients.
+    """sqrt(a * b) where a * b > 0, and exactly 0 elsewhere, with finite gradients
+    (large near 0: gradient clipping bounds them).
 
     The square root's gradient is infinite at 0, so the inner `where` shows it only
     positive numbers. (The paper's listing takes sqrt(a * b + 1e-5) instead, which
@@ -87,7 +92,12 @@ def mand(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     u (..., m) and v (..., n) give z (..., m, n): the square root of the Kronecker
     product ReLU(u) (x) ReLU(v) of eq. 4, flattened row-major as i*n + j.
     """
-    return sqrt_prod(u.relu()[..., :, None], v.relu()[..., None, :])
+    return mand_pair(u[..., :, None], v[..., None, :])
+
+
+def mand_pair(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """mAND of broadcastable u and v, elementwise: sqrt(ReLU(u) ReLU(v))."""
+    return sqrt_prod(u.relu(), v.relu())
 
 
 class Kernel(NamedTuple):
@@ -114,11 +124,6 @@ def relu_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def signed_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """ReLU(u v): the plain product, so two negative inputs make a positive latent."""
     return (u * v).relu()
-
-
-def mand_pair(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """mAND of broadcastable u and v: sqrt(ReLU(u) ReLU(v))."""
-    return sqrt_prod(u.relu(), v.relu())
 
 
 KERNELS = {
@@ -160,7 +165,7 @@ class SparseAutoencoder(nn.Module):
     `select`, `scores_of`, `rows_of` and `activation`.
     """
 
-    latents_per_head = 1  # KronSAE groups m*n latents in a head; TopK has none
+    latents_per_head = 1  # KronSAE groups m*n latents in a head; TopK, one each
 
     def __init__(self, d_in: int, dict_size: int, k: int, enc_rows: int):
         super().__init__()
@@ -182,15 +187,17 @@ class SparseAutoencoder(nn.Module):
         raise NotImplementedError
 
     def scores_of(self, pre: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """(B, E) encoder scores and (L,) latent ids -> (B, L) those latents' values."""
+        """(B, E) encoder scores and (L,) latent ids -> (B, L) scores that rank those
+        latents as their values do (TopK: before its ReLU)."""
         raise NotImplementedError
 
     def rows_of(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, L) latent ids -> (B, S) the encoder rows each latent is computed from."""
+        """(B, L) latent ids -> (B, S) the encoder rows they are computed from, laid
+        out as `activation` expects them."""
         raise NotImplementedError
 
     def activation(self, pre_rows: torch.Tensor) -> torch.Tensor:
-        """(B, S) the gathered encoder rows -> (B, L) the latents' values."""
+        """(B, S) the encoder scores at rows_of's rows -> (B, L) the latents' values."""
         raise NotImplementedError
 
     # The encoder and decoder, written once for both SAEs.
@@ -221,12 +228,14 @@ class SparseAutoencoder(nn.Module):
         # Scores for the selection only: no gradient flows through `pre`.
         # The gradients flow through gather_linear, below, for the chosen rows.
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)  # (B, E), eq. 2
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)  # (B, E)
         indices = self.select(pre, self.k)  # (B, k)
 
-        if dead is not None and dead_count is None:
-            dead_count = int(dead.sum())
-        k_aux = 0 if dead is None else min(self.d_in // 2, dead_count)  # Gao et al.
+        if dead is None:
+            k_aux = 0
+        else:
+            dead_ids = true_indices(dead, dead_count)  # (L,)
+            k_aux = min(self.d_in // 2, len(dead_ids))  # Gao et al.
         if k_aux == 0:
             rows = self.rows_of(indices)
             values = self.activation(self.gather_linear(x, rows, pre))  # (B, k)
@@ -234,7 +243,6 @@ class SparseAutoencoder(nn.Module):
 
         # AuxK: the top k_aux dead latents join the same gather, so a single sparse
         # encoder backward serves both losses.
-        dead_ids = torch.nonzero_static(dead, size=dead_count).squeeze(1)  # (L,)
         best_dead = self.scores_of(pre, dead_ids).topk(k_aux, dim=-1).indices
         aux_indices = dead_ids[best_dead]  # (B, k_aux)
         chosen = torch.cat([indices, aux_indices], dim=1)  # (B, k + k_aux)
@@ -286,7 +294,8 @@ class SparseAutoencoder(nn.Module):
         if g is None:
             return
 
-        # g_f -= <g_f, W_f> W_f for every row f, without an (F, d) temporary.
+        # g_f -= <g_f, W_f> W_f for every row f, which holds for unit rows. The dot
+        # products are a batch of (1, d) x (d, 1) products: no (F, d) temporary.
         along = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)  # (F, 1)
         g.addcmul_(along, W, value=-1.0)
 
@@ -310,7 +319,7 @@ class TopKSAE(SparseAutoencoder):
     def rows_of(self, latents):  # each latent is one encoder row
         return latents
 
-    def activation(self, pre_rows):  # (B, k) -> (B, k): eq. 1's ReLU
+    def activation(self, pre_rows):  # (B, S) -> (B, S): eq. 1's ReLU
         return pre_rows.relu()
 
     def flops_per_token(self) -> int:
@@ -378,8 +387,10 @@ class KroneckerSAE(SparseAutoencoder):
 
 
 class NaiveKronSAE(KroneckerSAE):
-    """KronSAE as the paper's listing computes it: all F scores, TopK, a dense (B, F)
-    code and a dense decoder, O(F d) per token. Read this one first.
+    """KronSAE as the paper's listing computes it (without its 1e-5, section 1): all
+    F latents, TopK, a dense (B, F) code and a dense decoder, O(F d) per token.
+    Read this one first; it is for reading and for the tests, and `train` takes
+    KronSAE, below.
 
     KronSAE, below, is the same SAE (parameters, init, values and gradients) with no
     F-sized work per token, and the tests hold it to that.
@@ -420,7 +431,7 @@ def rank_pairs(m: int, n: int, k: int, device: torch.device) -> torch.Tensor:
 class KronSAE(KroneckerSAE):
     """NaiveKronSAE's SAE, fast. The encoder costs O(h (m+n) d), not O(F d) (eq. 7);
     the top k is found without computing all F latents; the sparse kernels of
-    section 3 touch the chosen rows only."""
+    section 3 touch the chosen rows only. (AuxK still scores every dead latent.)"""
 
     def select(self, pre: torch.Tensor, k: int) -> torch.Tensor:
         """(B, h*(m+n)) -> (B, k): the indices of the k largest of the F latents.
@@ -428,16 +439,19 @@ class KronSAE(KroneckerSAE):
         It is exact for any k and every kernel, in three steps:
 
         1. Each head's upper bound, the largest latent it can make. For mAND and
-           relu_product a latent grows with both p_i = ReLU(u_i) and q_j =
-           ReLU(v_j), so a head's best is max(p) * max(q). For the signed product
-           it is one of the four products of u's and v's extremes.
+           relu_product a latent grows with both p_i = ReLU(u_i) >= 0 and
+           q_j = ReLU(v_j) >= 0, so a head's best comes from max(p) and max(q);
+           the bound ranks heads by max(p) * max(q), which the square root of
+           mAND does not reorder. For the signed product it is one of the four
+           products of u's and v's extremes.
         2. Keep the H = min(k, h) heads with the best bounds. A head's bound is one
            of its own latents, so the kept heads hold H latents at least as large as
            any latent of a dropped head: no dropped head can reach the top k.
         3. Score the candidates in the kept heads and take the top k. Inside a head,
-           sort p and q: the pair of p's r-th and q's s-th largest is beaten by the
-           (r + 1)(s + 1) - 1 pairs with ranks at most (r, s), all in the same head.
-           So only the R rank pairs with (r + 1)(s + 1) <= k can reach the top k.
+           sort p and q: the pair of p's r-th and q's s-th largest is matched or
+           beaten by the (r + 1)(s + 1) - 1 other pairs with ranks at most (r, s),
+           all in the same head. So only the R rank pairs with (r + 1)(s + 1) <= k
+           can reach the top k.
         """
         # Rank in float32: bfloat16 products tie where the exact ones do not.
         pre = pre.float()
@@ -446,25 +460,28 @@ class KronSAE(KroneckerSAE):
         u, v = self.split(pre)  # (B, h, m), (B, h, n)
         head_best = self.head_bounds(u, v)  # (B, h)
 
-        # Step 2: gather the u and v rows of the H best heads at once.
-        m = self.m
-        n = self.n
+        # Step 2: the u and v rows of the H best heads.
         heads = head_best.topk(min(k, self.h), dim=-1).indices  # (B, H)
-        per_head = pre.view(-1, self.h, m + n)  # (B, h, m+n)
-        rows = per_head.gather(1, heads[..., None].expand(-1, -1, m + n))
-        u, v = rows.split([m, n], dim=-1)  # (B, H, m), (B, H, n)
+        u, v = self.split_heads(pre, heads)  # (B, H, m), (B, H, n)
 
         # Step 3: score the candidates. Sorting costs more than it saves unless it
         # cuts the m*n pairs a head has by at least 4x; the signed product is not
         # monotone in p and q, so it always scores every pair.
-        pairs = rank_pairs(m, n, k, pre.device)  # (2, R)
-        if KERNELS[self.kernel].signed or 4 * pairs.shape[1] > m * n:
+        pairs = rank_pairs(self.m, self.n, k, pre.device)  # (2, R)
+        if KERNELS[self.kernel].signed or 4 * pairs.shape[1] > self.m * self.n:
             slot, i, j = self.best_of_all_pairs(u, v, k)
         else:
             slot, i, j = self.best_of_rank_pairs(u, v, k, pairs)
 
         head = heads.gather(1, slot)  # (B, k)
-        return head * (m * n) + i * n + j  # eq. 4's order
+        return head * self.latents_per_head + i * self.n + j  # eq. 4's order
+
+    def split_heads(self, pre: torch.Tensor, heads: torch.Tensor) -> tuple:
+        """pre (B, h*(m+n)), heads (B, H) -> those heads' u (B, H, m), v (B, H, n)."""
+        per_head = pre.view(-1, self.h, self.m + self.n)  # (B, h, m+n)
+        token = torch.arange(len(pre), device=pre.device)[:, None]  # (B, 1)
+        kept = per_head[token, heads]  # (B, H, m+n)
+        return kept.split([self.m, self.n], dim=-1)
 
     def head_bounds(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """u (B, h, m), v (B, h, n) -> (B, h): each head's largest latent (for the
@@ -497,19 +514,19 @@ class KronSAE(KroneckerSAE):
         p, i_sorted = u.relu().topk(min(self.m, k), dim=-1)  # (B, H, min(m, k))
         q, j_sorted = v.relu().topk(min(self.n, k), dim=-1)  # (B, H, min(n, k))
 
-        shape = (*p.shape[:2], r.numel())  # (B, H, R)
-        candidates = p.gather(-1, r.expand(shape)) * q.gather(-1, s.expand(shape))
+        candidates = p[..., r] * q[..., s]  # (B, H, R)
         best = candidates.flatten(1).topk(k, dim=-1).indices  # (B, k) into H*R
-        slot = best // r.numel()
-        pair = best % r.numel()
+        slot = best // r.numel()  # which kept head, (B, k)
+        pair = best % r.numel()  # which rank pair, (B, k)
 
         # Back from ranks to positions: the r-th largest p of this slot is at i.
-        i = i_sorted.flatten(1).gather(1, slot * p.shape[-1] + r[pair])  # (B, k)
-        j = j_sorted.flatten(1).gather(1, slot * q.shape[-1] + s[pair])  # (B, k)
+        token = torch.arange(len(p), device=p.device)[:, None]  # (B, 1)
+        i = i_sorted[token, slot, r[pair]]  # (B, k)
+        j = j_sorted[token, slot, s[pair]]  # (B, k)
         return slot, i, j
 
     def rows_of(self, latents):
-        """(B, L) -> (B, 2L): the u row, then the v row, behind each latent."""
+        """(B, S) -> (B, 2S): every latent's u row, then every latent's v row."""
         head = latents // self.latents_per_head
         within = latents % self.latents_per_head
         first_row = head * (self.m + self.n)
@@ -522,7 +539,7 @@ class KronSAE(KroneckerSAE):
         return KERNELS[self.kernel](pre[:, u_rows], pre[:, v_rows])
 
     def activation(self, pre_rows):
-        """(B, 2k) -> (B, k): eq. 3 (or the kernel) on the chosen pairs only."""
+        """(B, 2S) -> (B, S): eq. 3 (or the kernel) on the chosen pairs only."""
         u, v = pre_rows.chunk(2, dim=-1)
         return KERNELS[self.kernel](u, v)
 
@@ -533,18 +550,19 @@ class KronSAE(KroneckerSAE):
 # rows per token. These kernels do that work. A learner may skip this section: the
 # SAEs above call it by name (gather_linear, decode_rows). A copier takes it along.
 #
-# Each kernel has a dense twin, one ordinary GEMM, which is faster when there are
+# Each kernel has a dense twin, a scatter and ordinary GEMMs, faster when there are
 # many rows per token (AuxK's k_aux ~ d/2 dead latents) or no sparse kernels at all.
 # `prefer_dense` decides between the two; the crossovers, measured on an H100 and a
 # 2-core AVX2 CPU, are about 1/32 and 1/10 of the rows per token (README).
 
 
-def prefer_dense(rows_per_token: int, rows: int, device: torch.device) -> bool:
-    """True when a dense product over all `rows` beats the sparse kernels."""
+def prefer_dense(rows_per_token: int, n_rows: int, device: torch.device) -> bool:
+    """True when the dense twin, a product over all n_rows rows, beats the sparse
+    kernels that touch rows_per_token rows a token."""
     if device.type not in ("cpu", "cuda") or not sparse_kernels_work(device):
         return True  # MPS and newer backends: no sparse CSR products
     crossover = 32 if device.type == "cuda" else 10
-    return rows_per_token * crossover >= rows
+    return rows_per_token * crossover >= n_rows
 
 
 def bag_sum(ids: torch.Tensor, table: torch.Tensor, weights: torch.Tensor):
@@ -567,19 +585,20 @@ def weight_grad(W, rows, weights, x) -> Optional[torch.Tensor]:
     times x, O(B S d): the matrix in CSR form, its entries sorted by row, where
     repeated (r, b) entries add. The result is added into W.grad in place when that
     exists (train_step keeps it, because a fresh (F, d) tensor every step is slow to
-    page in), and returned otherwise.
+    page in), and returned otherwise. So with W.grad kept, torch.autograd.grad gets
+    None for W: set W.grad to None before such a call.
     """
-    E = len(W)
+    n_rows = len(W)
     flat_rows = rows.flatten()
     order = flat_rows.argsort(stable=True)
     sorted_rows = flat_rows[order]
 
     # Row pointers: where each row's entries start in the sorted list.
-    row_ids = torch.arange(E + 1, device=rows.device)
+    row_ids = torch.arange(n_rows + 1, device=rows.device)
     crow = torch.searchsorted(sorted_rows, row_ids)  # (E + 1,)
     tokens = order // rows.shape[1]
     entries = weights.flatten()[order].to(W.dtype)
-    code_t = csr(crow, tokens, entries, (E, len(rows)))  # (E, B)
+    code_t = csr(crow, tokens, entries, (n_rows, len(rows)))  # (E, B)
 
     # out= writes into the kept gradient: MKL would otherwise hold an (E, d) copy.
     # The sparse products have no bfloat16 kernel, so this runs in W's dtype.
@@ -611,7 +630,8 @@ class GatherLinear(torch.autograd.Function):
         x_centred, W, rows = ctx.saved_tensors
         x_needs_grad = ctx.needs_input_grad[0]
 
-        # Under autocast grad_y is bfloat16; the sums over tokens need W's precision.
+        # Under autocast grad_y is bfloat16, and its sums over tokens (the biases')
+        # stall there: they run in W's dtype. The GEMMs follow autocast.
         grad_y = grad_y.to(W.dtype)  # (B, S)
         if prefer_dense(rows.shape[1], len(W), x_centred.device):
             grads = gather_linear_backward_dense(
@@ -682,19 +702,29 @@ def sparse_decode_backward(values, rows, W, grad_out):
     return grad_values, grad_W
 
 
+def true_indices(mask: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
+    """The ascending indices where the 1-d `mask` is True, as mask.nonzero() gives
+    them. Given their `count`, the host need not wait for the device to learn the
+    output's size. The count must be right: a larger one pads with -1."""
+    if count is None:
+        return mask.nonzero().squeeze(1)
+    return torch.nonzero_static(mask, size=count).squeeze(1)
+
+
 def decode_rows(values, rows, W, among: Optional[torch.Tensor] = None):
     """sum over s of values[b, s] W[rows[b, s]], by SparseDecode or its dense twin.
 
     values (B, S), rows (B, S), W (F, d) -> (B, d). `among`, an ascending (L,) list
     holding every row used, lets the twin multiply by those L rows alone."""
     B, S = rows.shape
-    pool = len(W) if among is None else len(among)
-    if not prefer_dense(S, min(pool, B * S), rows.device):
+    n_rows = len(W) if among is None else len(among)  # the rows the twin multiplies
+    if not prefer_dense(S, n_rows, rows.device):
         return SparseDecode.apply(values, rows, W)  # (B, d)
+    values = values.to(W.dtype)  # bfloat16 values from outside autocast, too
     if among is None:
         code = values.new_zeros(B, len(W)).scatter_add(1, rows, values)  # (B, F)
         return code @ W  # (B, d)
-    position = torch.searchsorted(among, rows)  # (B, S) into among
+    position = torch.searchsorted(among, rows.contiguous())  # (B, S) into among
     code = values.new_zeros(B, len(among)).scatter_add(1, position, values)  # (B, L)
     return code @ W[among]  # (B, L) (L, d) -> (B, d)
 
@@ -827,7 +857,7 @@ class TrainConfig:
             )
         for name in ("grad_clip", "aux_coef", "dead_tokens"):
             value = getattr(self, name)
-            if not value >= 0:
+            if not value >= 0:  # NaN fails this too
                 raise ValueError(f"{name} must be >= 0, got {name}={value}")
 
 
@@ -851,20 +881,19 @@ def make_schedule(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.Lambd
 def make_optimizer(sae: nn.Module, lr: float) -> torch.optim.AdamW:
     """AdamW (A.1) without weight decay, which would fight the unit-norm decoder.
     Fused where it can be: no parameter-sized temporaries."""
-    fused = next(sae.parameters()).device.type in ("cpu", "cuda") or None
+    device = next(sae.parameters()).device
+    fused = device.type in ("cpu", "cuda")  # one kernel for every parameter
     return torch.optim.AdamW(sae.parameters(), lr=lr, weight_decay=0.0, fused=fused)
 
 
 class StepStats(NamedTuple):
-    """One step's numbers. train_step returns them as 0-d tensors on the device,
-    so that the step never waits for it; `read` brings them to the host."""
+    """One step's numbers. train_step fills them with 0-d tensors on the device,
+    so that the step never waits for it; `read` returns them as floats."""
 
     loss: float  # the total loss that was optimised
-    fvu: float  # the reconstruction term, normalised MSE on this batch
+    fvu: float  # FVU of the reconstruction x_hat, on this batch
     aux: float  # the AuxK term, before its weight
-    active: (
-        float  # active latents, summed over the batch's tokens (L0 = active / tokens)
-    )
+    active: float  # active latents, summed over tokens (L0 = active / tokens)
     tokens: float
 
     def read(self, *extra: torch.Tensor) -> tuple[StepStats, list[float]]:
@@ -916,7 +945,7 @@ def train_step(
 
     fvu = normalized_mse(x, x_hat.detach(), variance(x))
     active = (enc.values > 0).sum().float()
-    tokens = x.new_tensor(float(len(x)))
+    tokens = torch.full((), float(len(x)), device=x.device)  # not a copy: a fill
     return StepStats(loss.detach(), fvu, aux.detach(), active, tokens), enc
 
 

@@ -280,6 +280,7 @@ def test_select_is_exact_on_bfloat16_scores(kernel):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_bf16_training_keeps_float32_weights_and_state_and_tracks_fp32(arch):
     x = K.make_dataset(6000, d=32, F_true=128, k_true=4)
@@ -309,18 +310,219 @@ def test_bf16_training_keeps_float32_weights_and_state_and_tracks_fp32(arch):
     assert results["bf16"] == pytest.approx(results["fp32"], abs=0.02)
 
 
+# ------------------------------------------------------------- mixed precision and device reads
+
+
+def step_loss(sae, x, dead, dead_count):
+    """train_step's loss, reconstruction plus AuxK, without the optimiser."""
+    enc = sae.encode_with_aux(x, dead, dead_count)
+    recon, x_hat = K.reconstruction_loss(sae, x, enc)
+    aux = K.auxk_loss(sae, (x - x_hat).detach(), enc)
+    return recon + K.TrainConfig().aux_coef * aux
+
+
+def bf16_gradient_errors(sae, x, dead, dead_count, recipe, same_selection=False):
+    """Each parameter's gradient under bfloat16 autocast, as relative norm error
+    against float64. recipe "inside": backward inside autocast, as run_training
+    does; "outside": PyTorch's own recipe, backward after it. With same_selection,
+    float64 is made to choose the latents bfloat16 chose, so that only the
+    kernels' arithmetic differs, not the rounding of scores near the k-th."""
+    reference = copy.deepcopy(sae).double()
+    with torch.autocast(x.device.type, torch.bfloat16):
+        chosen = sae.encode_with_aux(x, dead, dead_count)
+        loss = step_loss(sae, x, dead, dead_count)
+        if recipe == "inside":
+            loss.backward()
+    if recipe == "outside":
+        loss.backward()
+
+    if same_selection:
+        position = torch.searchsorted(chosen.dead_ids, chosen.aux_indices)
+        marks = x.new_zeros(len(x), dead_count).scatter_(1, position, 1.0)
+        reference.select = lambda pre, k: chosen.indices
+        reference.scores_of = lambda pre, latents: marks.double()
+    step_loss(reference, x.double(), dead, dead_count).backward()
+
+    errors = {}
+    for name, p in sae.named_parameters():
+        expected = dict(reference.named_parameters())[name].grad
+        difference = p.grad.double() - expected
+        errors[name] = float(difference.norm() / expected.norm())
+    return errors
+
+
+def bf16_problem(arch):
+    """An SAE with a b_dec away from zero, data, and 1 in 8 latents dead (AuxK),
+    at the shapes where both SAEs take the sparse backward."""
+    torch.manual_seed(0)
+    if arch == "topk":
+        sae = K.TopKSAE(32, 2048, 16)
+    else:
+        sae = K.KronSAE(32, h=128, m=4, n=4, k=16)
+    x = torch.randn(4096, 32) * 3 + 1
+    K.start_b_dec_(sae, x.mean(0))
+    dead = torch.zeros(2048, dtype=torch.bool)
+    dead[::8] = True
+    return sae, x, dead, 256
+
+
+@pytest.mark.parametrize("recipe", ["inside", "outside"])
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_bf16_kernels_give_float64s_gradients_under_both_recipes(
+    arch, recipe, monkeypatch
+):
+    """Sums over thousands of tokens stall in bfloat16, and PyTorch's recipe hands
+    the kernels a bfloat16 gradient beside float32 weights. The kernels handle
+    both: for the same chosen latents, every gradient is float64's within 1%."""
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: False)
+    sae, x, dead, dead_count = bf16_problem(arch)
+    errors = bf16_gradient_errors(sae, x, dead, dead_count, recipe, same_selection=True)
+    assert max(errors.values()) < 0.01, errors
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_bf16_bias_gradients_are_float64s_within_3_percent(arch, monkeypatch):
+    """End to end, bfloat16 scores choose some other latents near the k-th, which
+    moves the weights' gradients by a few percent (README); the biases' sums over
+    all tokens, 88-111% off when they were summed in bfloat16, stay within 3%."""
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: False)
+    sae, x, dead, dead_count = bf16_problem(arch)
+    errors = bf16_gradient_errors(sae, x, dead, dead_count, "outside")
+    assert errors["b_dec"] < 0.03 and errors["b_enc"] < 0.03, errors
+
+
+class DeviceReads(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: scalar reads
+    (.item(), int(), bool()), nonzero, boolean-mask indexing and bincount."""
+
+    WAITING = {"_local_scalar_dense", "nonzero", "bincount", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name.startswith("index") and len(args) > 1 else ()
+        masks = [
+            t
+            for t in (indices if isinstance(indices, (list, tuple)) else ())
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bool
+        ]
+        if name in self.WAITING or masks:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_a_steady_training_step_reads_the_device_once(arch, monkeypatch):
+    """With AuxK on, train_step reads nothing from the device when it is given
+    the dead count, and `train` reads once a step: the stats with the next count."""
+    K.sparse_kernels_work(torch.device("cpu"))  # the one-time self-check, first
+    torch.manual_seed(0)
+    if arch == "topk":
+        sae = K.TopKSAE(32, 4096, 8)
+    else:
+        sae = K.KronSAE(32, h=256, m=4, n=4, k=8)
+    cfg = K.TrainConfig(steps=8, batch=64, dead_tokens=128)
+    data = torch.randn(2048, 32)
+
+    dead_counts = []
+    real_step = K.train_step
+
+    def counted_step(*args, **kwargs):
+        dead_counts.append(kwargs["dead_count"])
+        with DeviceReads() as mode:
+            result = real_step(*args, **kwargs)
+        assert mode.reads == [], mode.reads
+        return result
+
+    listed = []
+    real_tolist = torch.Tensor.tolist
+
+    def counted_tolist(tensor):
+        listed.append(tensor.shape)
+        return real_tolist(tensor)
+
+    monkeypatch.setattr(K, "train_step", counted_step)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    batches = K.shuffled_batches(data, cfg.batch, torch.Generator().manual_seed(0))
+    with DeviceReads() as mode:
+        K.train(sae, batches, cfg, progress=False)
+
+    assert max(dead_counts) > 0  # AuxK ran
+    assert len(listed) == cfg.steps  # one read a step
+    assert mode.reads == ["_local_scalar_dense"]  # b_dec.any(), once, at the start
+
+
+def break_sparse_products(monkeypatch):
+    def missing(*args, **kwargs):
+        raise NotImplementedError("no sparse kernels on this device")
+
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", missing)
+    monkeypatch.setattr(torch, "sparse_csr_tensor", missing)
+
+
+def double_weight_gradients(monkeypatch):
+    real = K.weight_grad
+    monkeypatch.setattr(K, "weight_grad", lambda *a: 2 * real(*a))
+
+
+@pytest.mark.parametrize(
+    "breakage, named",
+    [
+        (break_sparse_products, "NotImplementedError"),
+        (double_weight_gradients, "weight gradient"),
+    ],
+    ids=["raises", "disagrees"],
+)
+def test_sparse_kernels_that_fail_their_self_check_leave_training_on_the_twins(
+    breakage, named, monkeypatch
+):
+    """A device whose sparse kernels raise or disagree with the dense twins trains
+    on the twins, with one warning that says so and what it costs."""
+    breakage(monkeypatch)
+    K.sparse_kernels_work.cache_clear()
+    try:
+        torch.manual_seed(0)
+        # 2 x 8 rows per token of 512: the sparse kernels would be chosen.
+        sae = K.KronSAE(32, h=64, m=4, n=4, k=8)
+        cfg = K.TrainConfig(steps=30, batch=128)
+        data = K.make_dataset(4000, d=32, F_true=128, k_true=4)
+        batches = K.shuffled_batches(data, cfg.batch, torch.Generator().manual_seed(0))
+        with pytest.warns(UserWarning, match="self-check") as caught:
+            losses = K.train(sae, batches, cfg, progress=False)
+        messages = [str(w.message) for w in caught if "self-check" in str(w.message)]
+        assert len(messages) == 1 and named in messages[0], messages
+        assert "dense twins" in messages[0] and "O(F d)" in messages[0]
+        assert losses[-1] < losses[0]
+        assert K.prefer_dense(1, 10**9, torch.device("cpu"))
+    finally:
+        K.sparse_kernels_work.cache_clear()
+
+
+def test_sparse_kernels_pass_their_self_check_here():
+    K.sparse_kernels_work.cache_clear()
+    assert K.sparse_kernels_mismatch(torch.device("cpu")) == ""
+    assert K.sparse_kernels_work(torch.device("cpu"))
+    assert not K.prefer_dense(1, 11, torch.device("cpu"))
+
+
 def test_auxk_decode_takes_the_gemm_only_when_few_rows_are_used(monkeypatch):
     calls, original = [], K.bag_sum
     monkeypatch.setattr(
         K, "bag_sum", lambda *a, **kw: calls.append(1) or original(*a, **kw)
     )
     sae = K.TopKSAE(16, 4096, k=4)
-    # AuxK: 32 per token of 32 rows
-    sae.sparse_decode(torch.rand(8, 32), torch.randperm(64)[:32].expand(8, 32))
+    # AuxK: 32 per token of 32 dead rows, listed in `among`
+    dead_ids = torch.randperm(64)[:32].sort().values
+    sae.sparse_decode(torch.rand(8, 32), dead_ids.expand(8, 32), among=dead_ids)
     assert calls == []
-    # 2 per token of 32 rows
-    sae.sparse_decode(torch.rand(16, 2), torch.randperm(4096)[:32].view(16, 2))
-    assert calls == [1]
+    # 2 per token of 32 rows, listed or not
+    rows = torch.randperm(4096)[:32]
+    sae.sparse_decode(torch.rand(16, 2), rows.view(16, 2), among=rows.sort().values)
+    sae.sparse_decode(torch.rand(16, 2), rows.view(16, 2))
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
@@ -595,6 +797,7 @@ class MatmulFlops(TorchDispatchMode):
 
 
 def matmul_flops(fn):
+    K.sparse_kernels_work(torch.device("cpu"))  # its one-time self-check is not counted
     with MatmulFlops() as counter:
         fn()
     return counter.flops
@@ -2184,6 +2387,7 @@ def test_resume_under_match_flops_equals_an_uninterrupted_run(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_ablate_sweeps_shapes_and_budgets_into_json_and_figure(tmp_path, capsys):
     """The sweep behind figs. 1-2 on a tiny store: every run in the JSON, the cells' mean ± std, the figure."""
     x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
@@ -3043,6 +3247,7 @@ def absorbing_sae(d=64):
     return sae
 
 
+@pytest.mark.slow
 def test_a_silent_letter_latent_with_a_child_carrying_the_direction_is_absorption_1_there_and_0_elsewhere():
     data = letter_data(n=5200)
     # one "a" word in 30: too rare
@@ -3076,6 +3281,7 @@ def test_a_silent_letter_latent_with_a_child_carrying_the_direction_is_absorptio
     assert result["gate"]["passed"] and len(result["gate"]["letters"]) == 26
 
 
+@pytest.mark.slow
 def test_the_gate_reports_results_below_it_as_such():
     data = letter_data(signal=range(12))  # 14 letters carry no signal
     result = K.measure_absorption({"hand/topk": (absorbing_sae(), 0.5)}, data)
@@ -4101,6 +4307,8 @@ def test_cuda_training_step_matches_cpu(arch):
         s_gpu, _ = K.train_step(
             gpu, opts[1], x.cuda(), dead.cuda(), cfg, loss_fn=matryoshka
         )
+        s_cpu, _ = s_cpu.read()
+        s_gpu, _ = s_gpu.read()
         assert s_gpu.loss == pytest.approx(
             s_cpu.loss, rel=1e-9
         ) and s_gpu.aux == pytest.approx(s_cpu.aux, rel=1e-9)
@@ -4108,6 +4316,54 @@ def test_cuda_training_step_matches_cpu(arch):
         torch.testing.assert_close(
             dict(gpu.named_parameters())[name].cpu(), p, msg=name
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recipe", ["inside", "outside"])
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_cuda_sparse_kernels_give_float64s_gradients(arch, recipe, monkeypatch):
+    """The CUDA sparse kernels (cuSPARSE CSR products, sampled_addmm), forced, in
+    float32 and under bfloat16 autocast with backward inside and outside it."""
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: False)
+    sae, x, dead, dead_count = bf16_problem(arch)
+    sae = sae.cuda()
+    reference = copy.deepcopy(sae).double()
+    step_loss(reference, x.double().cuda(), dead.cuda(), dead_count).backward()
+    step_loss(sae, x.cuda(), dead.cuda(), dead_count).backward()
+    for name, p in sae.named_parameters():
+        expected = dict(reference.named_parameters())[name].grad
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-4, atol=1e-5)
+
+    sae, x, dead, dead_count = bf16_problem(arch)
+    errors = bf16_gradient_errors(
+        sae.cuda(), x.cuda(), dead.cuda(), dead_count, recipe, same_selection=True
+    )
+    assert max(errors.values()) < 0.01, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense_twins"])
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_cuda_training_step_never_waits_for_the_device(arch, sparse, monkeypatch):
+    """A steady-state train_step with AuxK, given its dead count, makes no
+    synchronising call (torch.cuda.set_sync_debug_mode raises on one)."""
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: not sparse)
+    sae, x, dead, dead_count = bf16_problem(arch)
+    sae = sae.cuda()
+    x = x.cuda()
+    dead = dead.cuda()
+    cfg = K.TrainConfig(steps=10, batch=len(x))
+    optimizer = K.make_optimizer(sae, 1e-3)
+    for _ in range(2):  # allocates the gradients and AdamW's state
+        K.train_step(sae, optimizer, x, dead, cfg, dead_count=dead_count)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats, _ = K.train_step(sae, optimizer, x, dead, cfg, dead_count=dead_count)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats, _ = stats.read()
+    assert math.isfinite(stats.loss)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
