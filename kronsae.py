@@ -705,10 +705,12 @@ def sparse_decode_backward(values, rows, W, grad_out):
 def true_indices(mask: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
     """The ascending indices where the 1-d `mask` is True, as mask.nonzero() gives
     them. Given their `count`, the host need not wait for the device to learn the
-    output's size. The count must be right: a larger one pads with -1."""
+    output's size: a stable sort puts the True entries first, in their order.
+    The count must be right."""
     if count is None:
         return mask.nonzero().squeeze(1)
-    return torch.nonzero_static(mask, size=count).squeeze(1)
+    order = torch.argsort(mask.to(torch.uint8), descending=True, stable=True)
+    return order[:count]
 
 
 def decode_rows(values, rows, W, among: Optional[torch.Tensor] = None):

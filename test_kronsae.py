@@ -501,6 +501,15 @@ def test_sparse_kernels_that_fail_their_self_check_leave_training_on_the_twins(
         K.sparse_kernels_work.cache_clear()
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_true_indices_given_their_count_are_nonzeros(share):
+    """AuxK lists the dead latents without asking the device how many there are."""
+    mask = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < share
+    expected = mask.nonzero().squeeze(1)
+    assert torch.equal(K.true_indices(mask, len(expected)), expected)
+    assert torch.equal(K.true_indices(mask), expected)
+
+
 def test_sparse_kernels_pass_their_self_check_here():
     K.sparse_kernels_work.cache_clear()
     assert K.sparse_kernels_mismatch(torch.device("cpu")) == ""
