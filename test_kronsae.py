@@ -499,6 +499,8 @@ def test_sparse_kernels_that_fail_their_self_check_leave_training_on_the_twins(
         assert K.prefer_dense(1, 10**9, torch.device("cpu"))
     finally:
         K.sparse_kernels_work.cache_clear()
+        monkeypatch.undo()
+        assert K.sparse_kernels_work(torch.device("cpu"))  # checked again, unbroken
 
 
 @pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
@@ -511,13 +513,13 @@ def test_true_indices_given_their_count_are_nonzeros(share):
 
 
 def test_sparse_kernels_pass_their_self_check_here():
-    K.sparse_kernels_work.cache_clear()
     assert K.sparse_kernels_mismatch(torch.device("cpu")) == ""
     assert K.sparse_kernels_work(torch.device("cpu"))
     assert not K.prefer_dense(1, 11, torch.device("cpu"))
 
 
 def test_auxk_decode_takes_the_gemm_only_when_few_rows_are_used(monkeypatch):
+    K.sparse_kernels_work(torch.device("cpu"))  # its one-time self-check calls bag_sum
     calls, original = [], K.bag_sum
     monkeypatch.setattr(
         K, "bag_sum", lambda *a, **kw: calls.append(1) or original(*a, **kw)
