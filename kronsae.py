@@ -350,7 +350,7 @@ class KroneckerSAE(SparseAutoencoder):
         kernel: str = "mand",
         dict_size: Optional[int] = None,
     ):
-        check_positive(h=h, m=m, n=n)
+        check_positive(m=m, n=n, h=h)
         if kernel not in KERNELS:
             raise ValueError(
                 f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}"
@@ -2172,6 +2172,21 @@ def chunked_ce(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def next_token_ce(model, ids: torch.Tensor, chunked: bool, current: dict):
+    """(b*(T-1),) the cross-entropy of each next token of ids (b, T). chunked: run
+    up to the LM head, whose input a hook put in current["final"], then the CE a
+    chunk at a time."""
+    targets = ids[:, 1:].flatten()
+    if not chunked:
+        logits = model(input_ids=ids).logits[:, :-1].float()  # (b, T-1, vocab)
+        return nnf.cross_entropy(logits.flatten(0, 1), targets, reduction="none")
+    try:
+        model(input_ids=ids)
+    except StopForward:
+        pass
+    return chunked_ce(model, current["final"][:, :-1].flatten(0, 1), targets)
+
+
 def spliced_ce(
     model,
     contexts: torch.Tensor,
@@ -2217,26 +2232,17 @@ def spliced_ce(
         handles.append(
             model.get_output_embeddings().register_forward_pre_hook(capture_head_input)
         )
-    total, counted, excluded = 0.0, 0, 0
+    total = 0.0
+    counted = 0
+    excluded = 0
     try:
         for ids, keep in zip(contexts.split(batch), mask.split(batch)):
             ids = ids.to(device)
             current["mask"] = keep.to(device)
-            if chunked:
-                try:
-                    model(input_ids=ids)
-                except StopForward:
-                    pass
-                ce = chunked_ce(
-                    model, current["final"][:, :-1].flatten(0, 1), ids[:, 1:].flatten()
-                )
-            else:
-                logits = model(input_ids=ids).logits[:, :-1].float()  # (b, T-1, vocab)
-                ce = nnf.cross_entropy(
-                    logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
-                )
+            ce = next_token_ce(model, ids, chunked, current)  # (b*(T-1),)
             count = ~current["massive"][:, :-1].flatten()  # (b*(T-1),)
-            total, counted = total + float(ce[count].sum()), counted + int(count.sum())
+            total += float(ce[count].sum())
+            counted += int(count.sum())
             excluded += int((~count).sum())
     finally:
         for handle in handles:
@@ -2606,9 +2612,7 @@ def results_table(rows: list[dict]) -> str:
         ],
         [
             [
-                r["arch"]
-                if r["arch"] == "topk"
-                else f"kron h={r['h']} m={r['m']} n={r['n']}",
+                ARCHS[r["arch"]].label(r),
                 r["dict_size"],
                 r["k"],
                 f"{r['tokens']:,}",
@@ -2636,29 +2640,83 @@ Sync = Optional[
     Callable[[torch.Tensor], torch.Tensor]
 ]  # data parallel: a tensor's sum over the processes
 
-# One registry of architectures: the name in config.json, the class, and which attribute each constructor
-# argument is read back from. build, load, prune, export and bench all go through it.
-ARCHS = {
-    "topk": (TopKSAE, {"d_in": "d_in", "dict_size": "F", "k": "k"}),
-    "kron": (
-        KronSAE,
-        {"d_in": "d_in", "h": "h", "m": "m", "n": "n", "k": "k", "kernel": "kernel"},
-    ),
-}
+
+class Arch(NamedTuple):
+    """Everything the tooling knows of one SAE type. ARCHS holds one entry per
+    type, and every command asks it rather than testing names or classes, so a
+    third type would be one more entry."""
+
+    name: str  # in config.json, --arch, OUT/<name> and the tables
+    cls: type
+    fields: dict  # each constructor argument -> the attribute it is read back from
+    build: Callable  # (SAEConfig, d_in) -> a fresh SAE
+    label: Callable  # (a config.json dict) -> its name in the results table
+    bench_name: Callable  # (an SAE) -> its row's name in bench
+    latents_per_head: Callable  # (SAEConfig) -> what Matryoshka prefixes divide by
+    prunes_heads: bool  # `progressive` prunes whole heads, not single latents
+    head_view: bool  # `inspect` shows its heads and pre-latents
+    saelens: bool  # `export --to saelens` writes it
+
+
+def build_topk(c, d_in: int) -> TopKSAE:
+    return TopKSAE(d_in=d_in, dict_size=c.dict_size, k=c.k)
+
+
+def build_kron(c, d_in: int) -> KronSAE:
+    return KronSAE(d_in, c.heads, c.m, c.n, c.k, c.kernel, dict_size=c.dict_size)
+
+
+TOPK = Arch(
+    name="topk",
+    cls=TopKSAE,
+    fields={"d_in": "d_in", "dict_size": "F", "k": "k"},
+    build=build_topk,
+    label=lambda config: TOPK.name,
+    bench_name=lambda sae: TOPK.name,
+    latents_per_head=lambda c: 1,
+    prunes_heads=False,
+    head_view=False,
+    saelens=True,
+)
+KRON = Arch(
+    name="kron",
+    cls=KronSAE,
+    fields={"d_in": "d_in", "h": "h", "m": "m", "n": "n", "k": "k", "kernel": "kernel"},
+    build=build_kron,
+    label=lambda config: f"kron h={config['h']} m={config['m']} n={config['n']}",
+    bench_name=lambda sae: f"kron_{sae.m}x{sae.n}",
+    latents_per_head=lambda c: c.m * c.n,
+    prunes_heads=True,
+    head_view=True,
+    saelens=False,
+)
+ARCHS = {arch.name: arch for arch in (TOPK, KRON)}
+BASELINE = TOPK.name  # what the others are compared with: --match, ablate, bench
+
+
+def arch_of(sae: SparseAutoencoder) -> Arch:
+    """The registry entry of `sae`'s type (NaiveKronSAE, the listing, has none)."""
+    for arch in ARCHS.values():
+        if type(sae) is arch.cls:
+            return arch
+    raise ValueError(
+        f"{type(sae).__name__} is not one of the SAE types that the tooling saves "
+        f"({', '.join(a.cls.__name__ for a in ARCHS.values())})"
+    )
 
 
 def sae_config(sae: SparseAutoencoder) -> dict:
     """The constructor arguments that rebuild `sae`, with its architecture's name (config.json)."""
-    arch = next(name for name, (cls, _) in ARCHS.items() if type(sae) is cls)
+    arch = arch_of(sae)
     return {
-        "arch": arch,
-        **{arg: getattr(sae, attr) for arg, attr in ARCHS[arch][1].items()},
+        "arch": arch.name,
+        **{arg: getattr(sae, attr) for arg, attr in arch.fields.items()},
     }
 
 
 def build_sae(config: dict) -> SparseAutoencoder:
     config = dict(config)
-    return ARCHS[config.pop("arch")][0](**config)
+    return ARCHS[config.pop("arch")].cls(**config)
 
 
 def num_params(sae: nn.Module) -> int:
@@ -2952,7 +3010,7 @@ def export_saelens(directory: str, destination: str) -> Path:
 
     check_writable(destination, "to saelens", directory=True)
     sae = load(directory)
-    if not isinstance(sae, TopKSAE):
+    if not arch_of(sae).saelens:
         raise ValueError(
             f"{directory} holds a KronSAE; SAELens has no architecture that computes mAND over "
             f"Kronecker heads, so only TopK SAEs can be exported"
@@ -3217,42 +3275,35 @@ class SAEConfig:
                 f"matryoshka must be a sequence of integers, got {self.matryoshka!r}"
             )
         self.matryoshka = tuple(self.matryoshka)
-        if self.arch not in ("topk", "kron", "both"):
-            raise ValueError(f"arch must be topk, kron or both, got {self.arch!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(
-                f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}"
-            )
-        check_positive(dict_size=self.dict_size, m=self.m, n=self.n, k=self.k)
+        if self.arch not in (*ARCHS, "both"):
+            names = ", ".join(ARCHS)
+            raise ValueError(f"arch must be {names} or both, got {self.arch!r}")
         if self.h < 0:
             raise ValueError(f"h must be >= 0 (0 means derive it), got h={self.h}")
-        if self.h == 0 and self.dict_size % (self.m * self.n):
+        group = self.m * self.n
+        if self.h == 0 and group > 0 and self.dict_size % group:
             raise ValueError(
                 f"dict_size must be a multiple of m*n to derive h: "
-                f"F={self.dict_size}, m*n={self.m * self.n}"
+                f"F={self.dict_size}, m*n={group}"
             )
-        if self.h and self.h * self.m * self.n != self.dict_size:
-            raise ValueError(
-                f"KronSAE needs F = h*m*n, got F={self.dict_size}, "
-                f"h*m*n={self.h}*{self.m}*{self.n}={self.h * self.m * self.n}"
-            )
-        if self.k > self.dict_size:
-            raise ValueError(f"k must be <= F, got k={self.k}, F={self.dict_size}")
+
+        # The SAE classes own the checks of their sizes and kernel: build each type
+        # on the meta device (shapes only, no memory) to run them now.
+        with torch.device("meta"):
+            for arch in ARCHS.values():
+                arch.build(self, 1)
 
     @property
     def heads(self) -> int:
-        return self.h or self.dict_size // (self.m * self.n)
+        return self.h or self.dict_size // max(1, self.m * self.n)
 
     @property
     def archs(self) -> list[str]:
-        return ["topk", "kron"] if self.arch == "both" else [self.arch]
+        return list(ARCHS) if self.arch == "both" else [self.arch]
 
     def build(self, arch: str, d_in: int) -> SparseAutoencoder:
-        if arch == "topk":
-            return TopKSAE(d_in=d_in, dict_size=self.dict_size, k=self.k)
-        return KronSAE(
-            d_in=d_in, h=self.heads, m=self.m, n=self.n, k=self.k, kernel=self.kernel
-        )
+        """A fresh SAE of type `arch` (its ARCHS entry) from these settings."""
+        return ARCHS[arch].build(self, d_in)
 
 
 MATCHES = ("tokens", "flops", "time")
@@ -3355,7 +3406,7 @@ def check_writable(path: str, flag: str, directory: bool = False):
 def holds_run(directory: str) -> bool:
     return Path(directory, "run.json").exists() or any(
         Path(directory, arch, name).exists()
-        for arch in ("topk", "kron")
+        for arch in ARCHS
         for name in ("sae.safetensors", "train_state.pt")
     )
 
@@ -3375,7 +3426,7 @@ class Settings:
                 matryoshka_prefixes(
                     list(self.sae.matryoshka),
                     self.sae.dict_size,
-                    self.sae.m * self.sae.n if arch == "kron" else 1,
+                    ARCHS[arch].latents_per_head(self.sae),
                 )
 
     def check_environment(self, dist: Optional[Dist] = None):
@@ -3625,8 +3676,16 @@ def run_one(
         s.sae.matryoshka,
         s.run.precision,
     )
+    return sae, run_metrics(arch, sae, result, s, train_data, eval_data, device), result
+
+
+def run_metrics(
+    arch, sae, result: RunState, s: Settings, train_data, eval_data, device
+):
+    """The held-out metrics of a trained SAE, the same EV on training rows (a warning
+    when the two disagree), and what the run was: shape, steps, tokens, time."""
     metrics = evaluate(sae, eval_data)
-    # fixed training rows
+    # Fixed training rows, as many as the held-out ones.
     sample = next(
         ShuffledBatches(
             train_data.rows,
@@ -3635,31 +3694,33 @@ def run_one(
             s.data.buffer_tokens,
         )
     )
-    metrics["ev_train"] = evaluate(sae, sample)["ev"]  # the same EV on them
+    metrics["ev_train"] = evaluate(sae, sample)["ev"]
     if abs(metrics["ev_train"] - metrics["ev"]) > 0.05:
         print(
             f"warning: {arch}: EV on training rows ({metrics['ev_train']:.3f}) and held out ({metrics['ev']:.3f}) "
             f"differ by more than 0.05; look at the data before trusting either",
             file=sys.stderr,
         )
+    steps = s.train.steps
+    tokens = steps * s.train.batch
     metrics.update(
         sae_config(sae),
         dict_size=sae.F,
         flops_per_token=sae.flops_per_token(),
         encoder_flops_per_token=sae.W_enc.shape[0] * sae.d_in,
         params=num_params(sae),
-        ms_per_step=1000 * result.seconds / s.train.steps,
+        ms_per_step=1000 * result.seconds / steps,
         train_seconds=result.seconds,
         final_train_loss=result.losses[-1],
-        steps=s.train.steps,
+        steps=steps,
         batch=s.train.batch,
         device=str(device),
-        tokens=s.train.steps * s.train.batch,
+        tokens=tokens,
         seconds=result.seconds,
         match=s.run.match,
-        train_flops=s.train.steps * s.train.batch * sae.flops_per_token(),
+        train_flops=tokens * sae.flops_per_token(),
     )
-    return sae, metrics, result
+    return metrics
 
 
 def matched_steps(
@@ -3671,19 +3732,19 @@ def matched_steps(
     short warm-up, so that a warm-up's own bias (its first steps, its AuxK load) cancels; the seconds each SAE
     really used are reported beside. A resumed run keeps the count it was first given (OUT/arch/match.json), so
     that its schedule keeps its length."""
-    if s.run.match == "tokens" or arch == "topk":
+    if s.run.match == "tokens" or arch == BASELINE:
         return s.train.steps
     record = Path(s.run.out, arch, "match.json") if s.run.out else None
     if s.run.resume and record and record.is_file():
         return json.loads(record.read_text())["steps"]
     with torch.device("meta"):  # shapes only, no memory
-        topk, sae = s.sae.build("topk", train_data.d), s.sae.build(arch, train_data.d)
+        topk, sae = s.sae.build(BASELINE, train_data.d), s.sae.build(arch, train_data.d)
     if s.run.match == "flops":
         steps = s.train.steps * topk.flops_per_token() / sae.flops_per_token()
     else:
         steps = (
             s.train.steps
-            * seconds_per_step("topk", s, train_data, device, dist)
+            * seconds_per_step(BASELINE, s, train_data, device, dist)
             / seconds_per_step(arch, s, train_data, device, dist)
         )
     steps = max(1, round(steps))
@@ -3783,6 +3844,15 @@ def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict
     }
 
 
+RUN_FILES = (
+    "train_state.pt",
+    "sae.safetensors",
+    "config.json",
+    "match.json",
+    "metrics.json",
+)
+
+
 def compare(
     s: Settings, stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None
 ) -> dict:
@@ -3794,75 +3864,67 @@ def compare(
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
     start = time.perf_counter()
     if s.run.out and not s.run.resume and dist.rank == 0:
-        for arch, name in itertools.product(
-            ("topk", "kron"),
-            (
-                "train_state.pt",
-                "sae.safetensors",
-                "config.json",
-                "match.json",
-                "metrics.json",
-            ),
-        ):
-            # --overwrite: nothing stale from the old run
+        # --overwrite: nothing stale from the old run
+        for arch, name in itertools.product(ARCHS, RUN_FILES):
             Path(s.run.out, arch, name).unlink(missing_ok=True)
         write_json(Path(s.run.out, "run.json"), s.to_dict())
     set_seed(s.run.seed)
     train_data, eval_data, lm, data_report = prepared_data(s, device)
+
     sigint_stop, restore = finish_step_on_sigint()
+
+    def stopping(*args):
+        return sigint_stop(*args) or (stop is not None and stop(*args))
+
     results = {}
     try:
         for arch in s.sae.archs:
             steps = matched_steps(s, arch, train_data, device, dist)
             sae, results[arch], _ = run_one(
-                arch,
-                train_data,
-                eval_data,
-                s,
-                device,
-                dist=dist,
-                steps=steps,
-                stop=lambda *a: sigint_stop(*a) or (stop is not None and stop(*a)),
+                arch, train_data, eval_data, s, device, dist, steps=steps, stop=stopping
             )
             if lm and lm["splice"]:
-                results[arch].update(
-                    lm_cost(
-                        sae,
-                        lm["model"],
-                        lm["contexts"],
-                        lm["mask"],
-                        s.data.layer,
-                        s.data.model_batch,
-                        lm["max_norm"],
-                    )
-                )
+                results[arch].update(lm_costs(sae, lm, s))
             # beside the checkpoint, for the commands that read it later
             if s.run.out and dist.rank == 0:
                 write_json(Path(s.run.out, arch, "metrics.json"), results[arch])
     finally:
         restore()
+
+    print_comparison(results, s)
+    if s.run.json and dist.rank == 0:
+        seconds = time.perf_counter() - start
+        config = provenance(s, device, seconds, dist.world)
+        write_json(s.run.json, {**results, "data": data_report, "config": config})
+    return results
+
+
+def lm_costs(sae, lm: dict, s: Settings) -> dict:
+    """The model's CE clean, with the SAE spliced in and zero-ablated."""
+    return lm_cost(
+        sae,
+        lm["model"],
+        lm["contexts"],
+        lm["mask"],
+        s.data.layer,
+        s.data.model_batch,
+        lm["max_norm"],
+    )
+
+
+def print_comparison(results: dict, s: Settings):
     print(results_table(list(results.values())))
     for arch, r in results.items():
         if "ce_clean" in r:
             recovered = r.get("loss_recovered_reason") or f"{r['loss_recovered']:.4f}"
             print(
-                f"{arch}: CE clean {r['ce_clean']:.4f}, with the SAE spliced in {r['ce_sae']:.4f}, zero-ablated "
-                f"{r['ce_zero']:.4f}; loss recovered {recovered}"
+                f"{arch}: CE clean {r['ce_clean']:.4f}, with the SAE spliced in "
+                f"{r['ce_sae']:.4f}, zero-ablated {r['ce_zero']:.4f}; "
+                f"loss recovered {recovered}"
             )
     if s.run.out:
-        print(f"checkpoints: {', '.join(str(Path(s.run.out, a)) for a in s.sae.archs)}")
-    if s.run.json and dist.rank == 0:
-        write_json(
-            s.run.json,
-            {
-                **results,
-                "data": data_report,
-                "config": provenance(
-                    s, device, time.perf_counter() - start, dist.world
-                ),
-            },
-        )
-    return results
+        checkpoints = ", ".join(str(Path(s.run.out, a)) for a in s.sae.archs)
+        print(f"checkpoints: {checkpoints}")
 
 
 # The paper's ablations, as one sweep. Kernels (section 5, table 1): the same KronSAE with mAND, ReLU(u)ReLU(v) or
@@ -3876,8 +3938,8 @@ def check_ablation(s: Settings):
         raise ValueError(
             "ablate writes no checkpoints; drop --out, --resume and --save-every"
         )
-    if s.sae.arch == "topk":
-        raise ValueError("ablate trains KronSAEs only; drop --arch topk")
+    if s.sae.arch == BASELINE:
+        raise ValueError(f"ablate trains KronSAEs only; drop --arch {BASELINE}")
     if s.sae.kernel != "mand":
         raise ValueError("ablate takes its kernels from --kernels; drop --kernel")
 
@@ -3887,11 +3949,11 @@ def shape_names(text: str) -> list:
     shapes = []
     for part in (t.strip() for t in text.split(",") if t.strip()):
         found = re.fullmatch(r"(\d+)x(\d+)", part)
-        if part != "topk" and not (found and int(found[1]) > 0 and int(found[2]) > 0):
+        if part != BASELINE and not (found and int(found[1]) > 0 and int(found[2]) > 0):
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}"
             )
-        shapes.append(part if part == "topk" else (int(found[1]), int(found[2])))
+        shapes.append(part if part == BASELINE else (int(found[1]), int(found[2])))
     if not shapes:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}"
@@ -3899,10 +3961,70 @@ def shape_names(text: str) -> list:
     return shapes
 
 
+def shape_text(shape) -> str:
+    """BASELINE, or a KronSAE shape (m, n) as 'MxN'."""
+    return shape if shape == BASELINE else f"{shape[0]}x{shape[1]}"
+
+
 def shape_label(shape, kernel: str, kernels: list[str]) -> str:
-    if shape == "topk":
-        return "topk"
-    return f"{shape[0]}x{shape[1]}" + (f" {kernel}" if len(kernels) > 1 else "")
+    if shape == BASELINE or len(kernels) == 1:
+        return shape_text(shape)
+    return f"{shape_text(shape)} {kernel}"
+
+
+def ablation_cells(shapes: list, kernels: list[str]) -> list[tuple]:
+    """(shape, kernel) of every cell: TopK once, each KronSAE shape with each kernel."""
+    cells = []
+    for shape in shapes:
+        if shape == BASELINE:
+            cells.append((shape, "-"))
+        else:
+            cells += [(shape, kernel) for kernel in kernels]
+    return cells
+
+
+def cell_settings(s: Settings, shape, kernel: str, budget: int, seed: int) -> tuple:
+    """The architecture and the Settings of one run of the ablation."""
+    if shape == BASELINE:
+        sae = dataclasses.replace(s.sae, arch=BASELINE, h=0)
+    else:
+        m, n = shape
+        sae = dataclasses.replace(s.sae, arch=KRON.name, m=m, n=n, h=0, kernel=kernel)
+    one = dataclasses.replace(
+        s,
+        sae=sae,
+        train=dataclasses.replace(s.train, steps=budget),
+        run=dataclasses.replace(s.run, seed=seed),
+    )
+    return sae.arch, one
+
+
+ABLATION_METRICS = (
+    "steps",
+    "tokens",
+    "train_flops",
+    "seconds",
+    "ev",
+    "ev_train",
+    "l0",
+    "dead_fraction",
+)
+
+
+def ablation_run(s, cell, budget, seed, kernels, data, device, stop) -> dict:
+    """Train and evaluate one cell at one budget and seed: a row of the JSON."""
+    shape, kernel = cell
+    arch, one = cell_settings(s, shape, kernel, budget, seed)
+    print(
+        f"{shape_label(shape, kernel, kernels)}, budget {budget} TopK steps, seed {seed}"
+    )
+    train_data, eval_data = data
+    steps = matched_steps(one, arch, train_data, device)
+    metrics = run_one(arch, train_data, eval_data, one, device, stop=stop, steps=steps)[
+        1
+    ]
+    row = {"shape": shape_text(shape), "kernel": kernel, "budget": budget, "seed": seed}
+    return row | {key: metrics[key] for key in ABLATION_METRICS}
 
 
 def ablate(
@@ -3920,78 +4042,31 @@ def ablate(
     check_ablation(s)
     shapes, budgets = shapes or [(s.sae.m, s.sae.n)], budgets or [s.train.steps]
     for shape in shapes:
-        if shape != "topk" and s.sae.dict_size % (shape[0] * shape[1]):
+        if shape != BASELINE and s.sae.dict_size % (shape[0] * shape[1]):
             raise ValueError(
-                f"--shapes {shape[0]}x{shape[1]}: F={s.sae.dict_size} is not a multiple of m*n"
+                f"--shapes {shape_text(shape)}: F={s.sae.dict_size} is not a multiple of m*n"
             )
     if figure:
         check_writable(figure, "figure")
     s.check_environment()
-    start, device = time.perf_counter(), pick_device(s.run.device)
+    start = time.perf_counter()
+    device = pick_device(s.run.device)
     set_seed(s.run.seed)
     train_data, eval_data, _, data_report = prepared_data(s, device)
-    # TopK first, the reference
-    shapes = sorted(shapes, key=lambda shape: shape != "topk")
+
+    # TopK first: it sets the others' budgets.
+    shapes = sorted(shapes, key=lambda shape: shape != BASELINE)
+    seeds_run = range(s.run.seed, s.run.seed + seeds)
     sigint_stop, restore = finish_step_on_sigint()
     runs = []
     try:
-        for budget, seed in itertools.product(
-            budgets, range(s.run.seed, s.run.seed + seeds)
-        ):
-            for shape, kernel in (
-                (sh, k) for sh in shapes for k in (["-"] if sh == "topk" else kernels)
-            ):
-                arch, (m, n) = (
-                    ("topk", (s.sae.m, s.sae.n)) if shape == "topk" else ("kron", shape)
+        for budget, seed in itertools.product(budgets, seeds_run):
+            for cell in ablation_cells(shapes, kernels):
+                data = (train_data, eval_data)
+                run = ablation_run(
+                    s, cell, budget, seed, kernels, data, device, sigint_stop
                 )
-                shaped = dataclasses.replace(
-                    s.sae,
-                    arch=arch,
-                    m=m,
-                    n=n,
-                    h=0,
-                    kernel="mand" if arch == "topk" else kernel,
-                )
-                one = dataclasses.replace(
-                    s,
-                    sae=shaped,
-                    train=dataclasses.replace(s.train, steps=budget),
-                    run=dataclasses.replace(s.run, seed=seed),
-                )
-                print(
-                    f"{shape_label(shape, kernel, kernels)}, budget {budget} TopK steps, seed {seed}"
-                )
-                steps = matched_steps(one, arch, train_data, device)
-                metrics = run_one(
-                    arch,
-                    train_data,
-                    eval_data,
-                    one,
-                    device,
-                    stop=sigint_stop,
-                    steps=steps,
-                )[1]
-                runs.append(
-                    {
-                        "shape": "topk" if arch == "topk" else f"{m}x{n}",
-                        "kernel": kernel,
-                        "budget": budget,
-                        "seed": seed,
-                        **{
-                            key: metrics[key]
-                            for key in (
-                                "steps",
-                                "tokens",
-                                "train_flops",
-                                "seconds",
-                                "ev",
-                                "ev_train",
-                                "l0",
-                                "dead_fraction",
-                            )
-                        },
-                    }
-                )
+                runs.append(run)
     finally:
         restore()
     result = ablation_summary(runs, s, kernels, shapes, budgets)
@@ -4008,9 +4083,7 @@ def ablate(
                     **provenance(s, device, time.perf_counter() - start),
                     "kernels": kernels,
                     "seeds": seeds,
-                    "shapes": [
-                        sh if sh == "topk" else f"{sh[0]}x{sh[1]}" for sh in shapes
-                    ],
+                    "shapes": [shape_text(shape) for shape in shapes],
                     "budgets": budgets,
                 },
             },
@@ -4043,7 +4116,7 @@ def ablation_summary(
                 },
             }
         )
-    first = next((f"{sh[0]}x{sh[1]}" for sh in shapes if sh != "topk"), None)
+    first = next((shape_text(sh) for sh in shapes if sh != BASELINE), None)
     legacy = {
         c["kernel"]: {"ev_mean": c["ev_mean"], "ev_std": c["ev_std"], "evs": c["evs"]}
         for c in cells
@@ -4110,7 +4183,7 @@ def save_ablation_figure(result: dict, path: str, s: Settings):
                 marker="o",
                 capsize=3,
                 label=name,
-                color="black" if name == "topk" else None,
+                color="black" if name == BASELINE else None,
             )
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -4228,7 +4301,7 @@ def prune(sae: SparseAutoencoder, keep: torch.Tensor) -> SparseAutoencoder:
     enc_rows = (heads[:, None] * rows + torch.arange(rows)).flatten()
     shape = (
         {"h": heads.numel()}
-        if isinstance(sae, KronSAE)
+        if arch_of(sae).prunes_heads
         else {"dict_size": keep.numel()}
     )
     small = build_sae({**sae_config(sae), "k": min(sae.k, keep.numel()), **shape})
@@ -4346,104 +4419,102 @@ def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) ->
     s.check_environment()
     if figure:
         check_writable(figure, "figure")
-    start, device = time.perf_counter(), pick_device(s.run.device)
+    start = time.perf_counter()
+    device = pick_device(s.run.device)
     set_seed(s.run.seed)
     train_data, eval_data, _, data_report = prepared_data(s, device)
+
     results = {}
+    seed_list = list(range(s.run.seed, s.run.seed + seeds))
     for arch in s.sae.archs:
         runs = []
-        for seed in range(s.run.seed, s.run.seed + seeds):
+        for seed in seed_list:
             run = dataclasses.replace(s.run, out="", save_every=0, seed=seed)
-            plain, _, plain_run = run_one(
-                arch, train_data, eval_data, dataclasses.replace(s, run=run), device
-            )
-            mat, _, mat_run = run_one(
-                arch,
-                train_data,
-                eval_data,
+            pair = (
+                dataclasses.replace(s, run=run),
                 dataclasses.replace(nested, run=run),
-                device,
             )
-            r = progressive_curves(plain, mat, eval_data, sizes)
-            # the same fit on importance tracked in training
-            alpha, r2 = fit_power_law(plain_run.latents.importance)
             runs.append(
-                r
-                | dict(
-                    train_seconds_plain=plain_run.seconds,
-                    train_seconds_matryoshka=mat_run.seconds,
-                    train_power_law_alpha=alpha,
-                    train_power_law_r2=r2,
-                )
+                progressive_run(arch, pair, train_data, eval_data, sizes, device)
             )
-        r = {
-            key: mean_std([run[key] for run in runs])["mean"]
-            for key in runs[0]
-            if key not in ("G", "fvu")
-        }
-        at_G = {
-            name: [
-                mean_std([run["fvu"][name][i] for run in runs])
-                for i in range(len(sizes))
-            ]
-            for name in runs[0]["fvu"]
-        }  # name -> per G {mean, std}
-        r.update(
-            G=sizes,
-            seeds=list(range(s.run.seed, s.run.seed + seeds)),
-            fvu={name: [st["mean"] for st in stats] for name, stats in at_G.items()},
-            fvu_std={name: [st["std"] for st in stats] for name, stats in at_G.items()},
-            fvu_per_seed=[run["fvu"] for run in runs],
-            ordering_holds={
-                m: [paper_ordering(run["fvu"], m) for run in runs]
-                for m in ("matryoshka_cut", "matryoshka")
-            },
-        )
-        results[arch] = r
-        print(
-            f"\n{arch}: FVU on {eval_data.shape[0]} held-out rows, mean ± std over {seeds} seed(s); "
-            f"importance E[a^2] ~ rank^-{r['power_law_alpha']:.2f} "
-            f"(R^2 {r['power_law_r2']:.3f}; tracked during training: rank^-{r['train_power_law_alpha']:.2f}, "
-            f"R^2 {r['train_power_law_r2']:.3f}); Matryoshka training took "
-            f"{r['train_seconds_matryoshka'] / r['train_seconds_plain']:.2f}x the plain SAE's time"
-        )
-        print(
-            "matryoshka_cut: as trained (top k of all F, cut at G); the rest re-pick their top k among the G kept"
-        )
-        print(
-            format_table(
-                ["G", *r["fvu"]],
-                [
-                    [
-                        G,
-                        *(
-                            f"{r['fvu'][n][i]:.4f} ± {r['fvu_std'][n][i]:.4f}"
-                            for n in r["fvu"]
-                        ),
-                    ]
-                    for i, G in enumerate(sizes)
-                ],
-            )
-        )
-        for m, holds in r["ordering_holds"].items():
-            print(
-                f"paper's ordering ({m} < pruned by E[a^2] < unsorted) at every G < F: "
-                f"{sum(holds)} of {seeds} seed(s)"
-            )
+        results[arch] = progressive_summary(runs, sizes, seed_list)
+        print_progressive(arch, results[arch], len(eval_data), seeds)
+
     if figure:
         save_progressive_figure(results, figure)
         print(f"figure: {figure}")
     if s.run.json:
-        write_json(
-            s.run.json,
-            {
-                **results,
-                "data": data_report,
-                "config": provenance(s, device, time.perf_counter() - start)
-                | {"seeds": seeds},
-            },
-        )
+        config = provenance(s, device, time.perf_counter() - start) | {"seeds": seeds}
+        write_json(s.run.json, {**results, "data": data_report, "config": config})
     return results
+
+
+def progressive_run(arch, pair, train_data, eval_data, sizes, device) -> dict:
+    """One seed: a plain SAE and a Matryoshka one (the Settings in `pair`), their
+    FVU curves, and the power law fitted to the importance tracked in training."""
+    plain_settings, nested_settings_ = pair
+    plain, _, plain_run = run_one(arch, train_data, eval_data, plain_settings, device)
+    mat, _, mat_run = run_one(arch, train_data, eval_data, nested_settings_, device)
+    curves = progressive_curves(plain, mat, eval_data, sizes)
+    alpha, r2 = fit_power_law(plain_run.latents.importance)
+    return curves | dict(
+        train_seconds_plain=plain_run.seconds,
+        train_seconds_matryoshka=mat_run.seconds,
+        train_power_law_alpha=alpha,
+        train_power_law_r2=r2,
+    )
+
+
+def progressive_summary(runs: list[dict], sizes: list[int], seeds: list[int]) -> dict:
+    """Mean ± std over seeds of every number, and of the FVU at each G."""
+    summary = {
+        key: mean_std([run[key] for run in runs])["mean"]
+        for key in runs[0]
+        if key not in ("G", "fvu")
+    }
+    at_G = {  # name -> per G, {mean, std}
+        name: [
+            mean_std([run["fvu"][name][i] for run in runs]) for i in range(len(sizes))
+        ]
+        for name in runs[0]["fvu"]
+    }
+    summary.update(
+        G=sizes,
+        seeds=seeds,
+        fvu={name: [st["mean"] for st in stats] for name, stats in at_G.items()},
+        fvu_std={name: [st["std"] for st in stats] for name, stats in at_G.items()},
+        fvu_per_seed=[run["fvu"] for run in runs],
+        ordering_holds={
+            m: [paper_ordering(run["fvu"], m) for run in runs]
+            for m in ("matryoshka_cut", "matryoshka")
+        },
+    )
+    return summary
+
+
+def print_progressive(arch: str, r: dict, rows: int, seeds: int):
+    ratio = r["train_seconds_matryoshka"] / r["train_seconds_plain"]
+    print(
+        f"\n{arch}: FVU on {rows} held-out rows, mean ± std over {seeds} seed(s); "
+        f"importance E[a^2] ~ rank^-{r['power_law_alpha']:.2f} "
+        f"(R^2 {r['power_law_r2']:.3f}; tracked during training: "
+        f"rank^-{r['train_power_law_alpha']:.2f}, R^2 {r['train_power_law_r2']:.3f}); "
+        f"Matryoshka training took {ratio:.2f}x the plain SAE's time"
+    )
+    print(
+        "matryoshka_cut: as trained (top k of all F, cut at G); "
+        "the rest re-pick their top k among the G kept"
+    )
+    table = [
+        [G, *(f"{r['fvu'][n][i]:.4f} ± {r['fvu_std'][n][i]:.4f}" for n in r["fvu"])]
+        for i, G in enumerate(r["G"])
+    ]
+    print(format_table(["G", *r["fvu"]], table))
+    for m, holds in r["ordering_holds"].items():
+        print(
+            f"paper's ordering ({m} < pruned by E[a^2] < unsorted) at every G < F: "
+            f"{sum(holds)} of {seeds} seed(s)"
+        )
 
 
 # ============================================================================= 13. Inspecting features
@@ -4747,7 +4818,7 @@ def inspect_sae(
         len(tokenizer),
         int(max(store.text(k)[0].max() for k in range(len(store.shards)))) + 1,
     )
-    kron = isinstance(sae, KroneckerSAE)
+    kron = arch_of(sae).head_view
     torch.manual_seed(seed)
     init = build_sae(sae_config(sae))  # the same SAE at its init (A.1), b_dec set below
     post = UnitStats(sae.F, examples, vocab)
@@ -5719,7 +5790,7 @@ def save_absorption_figure(result: dict, path: str):
             [v["mean"] for v in values],
             yerr=[v["std"] for v in values],
             capsize=3,
-            color=["#888" if "topk" in n else "#2a7" for n in names],
+            color=["#888" if BASELINE in n else "#2a7" for n in names],
         )
         ax.set_xticks(
             range(len(names)),
@@ -6016,10 +6087,13 @@ def bench_one(sae: SparseAutoencoder, x: torch.Tensor, bcfg: BenchConfig) -> dic
         optimizer.step()
         sae.normalize_decoder_()
 
-    naive = type(sae) is NaiveKronSAE
-    name = "topk" if isinstance(sae, TopKSAE) else f"kron_{sae.m}x{sae.n}"
+    naive = type(sae) is NaiveKronSAE  # the listing, timed beside the fast KronSAE
+    if naive:
+        name = "naive_" + KRON.bench_name(sae)
+    else:
+        name = arch_of(sae).bench_name(sae)
     row = {
-        "name": "naive_" + name if naive else name,
+        "name": name,
         "dict_size": sae.F,
         "h": getattr(sae, "h", None),
         "flops_per_token": sae.flops_per_token(),
@@ -6208,13 +6282,13 @@ def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
     """profile_step of TopK and KronSAE (first of --shapes) at every F; prints one table per F."""
     (m, n), out = bcfg.mn_list[0], {}
     for F in bcfg.F_list:
-        models = {"topk": TopKSAE(bcfg.d_in, F, bcfg.k)}
+        models = [TopKSAE(bcfg.d_in, F, bcfg.k)]
         if F % (m * n) == 0:
-            models[f"kron_{m}x{n}"] = KronSAE(bcfg.d_in, F // (m * n), m, n, bcfg.k)
+            models.append(KronSAE(bcfg.d_in, F // (m * n), m, n, bcfg.k))
         dead = dead_mask(F, bcfg.dead, x.device)
         times = {
-            name: profile_step(sae.to(x.device), x, dead)
-            for name, sae in models.items()
+            arch_of(sae).bench_name(sae): profile_step(sae.to(x.device), x, dead)
+            for sae in models
         }
         unit = "GPU kernel ms" if x.device.type == "cuda" else "CPU ms"
         print(
@@ -6267,9 +6341,9 @@ def bench_ratios(rows: list[dict]) -> list[str]:
 def ratios_at(F: int, at: dict) -> list[str]:
     """At one F: our TopK's time over each other SAE's, beside their FLOP ratio."""
     out = []
-    top = at.get("topk")
+    top = at.get(BASELINE)
     for name, r in at.items():
-        if top is None or name == "topk" or name.startswith("naive_"):
+        if top is None or name == BASELINE or name.startswith("naive_"):
             continue
         speedup = top["fwd_bwd_ms"] / r["fwd_bwd_ms"]
         flops = top["flops_per_token"] / r["flops_per_token"]
@@ -6319,87 +6393,64 @@ def bench(bcfg: BenchConfig) -> list[dict]:
     device = pick_device(bcfg.device)
     set_seed(bcfg.seed)
     x = torch.randn(bcfg.batch, bcfg.d_in, device=device)
+    threads = torch.get_num_threads()
+    shape = f"B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {threads} threads"
+    config = dataclasses.asdict(bcfg) | {"device": str(device)}
+
     if bcfg.profile:
-        print(
-            f"bench --profile: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, "
-            f"{torch.get_num_threads()} threads"
-        )
+        print(f"bench --profile: {shape}")
         profiles = bench_profile(bcfg, x)
         if bcfg.json:
-            write_json(
-                bcfg.json,
-                {
-                    "config": dataclasses.asdict(bcfg) | {"device": str(device)},
-                    "profile": profiles,
-                },
-            )
+            write_json(bcfg.json, {"config": config, "profile": profiles})
         return profiles
+
+    precision = "bfloat16 autocast" if bcfg.precision == "bf16" else "float32"
     print(
-        f"bench: B={bcfg.batch} d={bcfg.d_in} k={bcfg.k} on {device}, {torch.get_num_threads()} threads; "
-        f"median of {bcfg.repeats} (ms); peak = memory the fwd+bwd allocates; aux = fwd+bwd with AuxK on "
-        f"{bcfg.dead:.0%} dead latents; {'bfloat16 autocast' if bcfg.precision == 'bf16' else 'float32'}"
+        f"bench: {shape}; median of {bcfg.repeats} (ms); peak = memory the fwd+bwd "
+        f"allocates; aux = fwd+bwd with AuxK on {bcfg.dead:.0%} dead latents; {precision}"
     )
-    rows = []
-    for section, cls, kwargs in tqdm(bench_models(bcfg), desc="bench", leave=False):
-        sae = None if cls == "sparsify" else cls(**kwargs).to(device)
-        r = {
-            "section": section,
-            **(
-                bench_sparsify(kwargs["F"], x, bcfg)
-                if sae is None
-                else bench_one(sae, x, bcfg)
-            ),
-        }
-        if section.startswith("flat"):
-            r |= step_split(sae, x, bcfg)
-        rows.append(r)
-        del sae
-    print(
-        format_table(
-            [
-                "section",
-                "SAE",
-                "F",
-                "enc rows",
-                "FLOPs/tok",
-                "fwd+bwd",
-                "aux",
-                "opt",
-                "peak MB",
-                "GFLOP/s",
-                "GEMM GF/s",
-                "step/GEMM",
-            ],
-            [
-                [
-                    r["section"],
-                    r["name"],
-                    r["dict_size"],
-                    r["encoder_rows"],
-                    f"{r['flops_per_token']:,}",
-                    f"{r['fwd_bwd_ms']:.1f}",
-                    f"{r['aux_ms'] or float('nan'):.1f}",
-                    f"{r['opt_ms']:.1f}",
-                    f"{r['peak_mb']:.1f}",
-                    f"{r['gflops']:.1f}",
-                    f"{r['gemm_gflops']:.1f}",
-                    f"{r['step_over_gemm']:.2f}",
-                ]
-                for r in rows
-            ],
-        )
-    )
+    rows = [
+        bench_row(section, cls, kwargs, x, bcfg)
+        for section, cls, kwargs in tqdm(bench_models(bcfg), desc="bench", leave=False)
+    ]
+    print(bench_table(rows))
     print("\n".join(bench_ratios(rows)))
     if bcfg.json:
-        write_json(
-            bcfg.json,
-            {
-                "config": dataclasses.asdict(bcfg)
-                | {"device": str(device), "torch": torch.__version__},
-                "rows": rows,
-            },
-        )
+        config["torch"] = torch.__version__
+        write_json(bcfg.json, {"config": config, "rows": rows})
     return rows
+
+
+def bench_row(section: str, cls, kwargs: dict, x: torch.Tensor, bcfg) -> dict:
+    """One row: our SAE of class `cls`, or sparsify's TopK when cls is "sparsify"."""
+    if cls == "sparsify":
+        return {"section": section, **bench_sparsify(kwargs["F"], x, bcfg)}
+    sae = cls(**kwargs).to(x.device)
+    row = {"section": section, **bench_one(sae, x, bcfg)}
+    if section.startswith("flat"):
+        row |= step_split(sae, x, bcfg)
+    return row
+
+
+BENCH_COLUMNS = {  # header -> how a row shows it
+    "section": lambda r: r["section"],
+    "SAE": lambda r: r["name"],
+    "F": lambda r: r["dict_size"],
+    "enc rows": lambda r: r["encoder_rows"],
+    "FLOPs/tok": lambda r: f"{r['flops_per_token']:,}",
+    "fwd+bwd": lambda r: f"{r['fwd_bwd_ms']:.1f}",
+    "aux": lambda r: f"{r['aux_ms'] or float('nan'):.1f}",
+    "opt": lambda r: f"{r['opt_ms']:.1f}",
+    "peak MB": lambda r: f"{r['peak_mb']:.1f}",
+    "GFLOP/s": lambda r: f"{r['gflops']:.1f}",
+    "GEMM GF/s": lambda r: f"{r['gemm_gflops']:.1f}",
+    "step/GEMM": lambda r: f"{r['step_over_gemm']:.2f}",
+}
+
+
+def bench_table(rows: list[dict]) -> str:
+    cells = [[show(r) for show in BENCH_COLUMNS.values()] for r in rows]
+    return format_table(list(BENCH_COLUMNS), cells)
 
 
 # ============================================================================= 16. CLI
