@@ -24,7 +24,7 @@ Shape letters used in the comments:
 Part 1, the method:
   1. mAND (eq. 3)   2. The SAEs (eqs. 1-4)   3. The sparse kernels
   4. Losses         5. Training
-Part 2, the tooling: sections 6-16.
+Part 2, the tooling: sections 6-18.
 
 Python:  train(KronSAE(d_in=512, h=512, m=2, n=8, k=32), batches, TrainConfig())
 Shell:   python kronsae.py --help
@@ -101,7 +101,7 @@ def mand_pair(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class Kernel(NamedTuple):
-    """A way of composing a head's u_i and v_j into one latent (the ablation, sec. 11).
+    """A way of composing a head's u_i and v_j into one latent (the ablation, sec. 13).
 
     Calling it composes broadcastable u and v. `degree` says how it scales: u and v
     multiplied by t multiply the latent by t**degree. `signed` is True when two
@@ -337,7 +337,7 @@ class KroneckerSAE(SparseAutoencoder):
                    = sqrt(ReLU(u_g,i) ReLU(v_g,j)),  latent g*m*n + i*n + j
         f = TopK over all F = h*m*n latents,  x_hat = W_dec^T f + b_dec   eq. 1
 
-    `kernel` swaps mAND for another composition (the ablation, section 11).
+    `kernel` swaps mAND for another composition (the ablation, section 13).
     """
 
     def __init__(
@@ -1029,7 +1029,106 @@ def train(
 
 # PART 2: THE TOOLING
 
-# ============================================================================= 6. Devices
+# ============================================================================= 6. Devices, seeds and processes
+
+
+def check_device(name: str):
+    """The requested device exists on this machine (auto always does)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
+            f"use --device cpu or auto"
+        )
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ValueError(
+            "--device mps: the Apple MPS backend is not available here; use --device cpu or auto"
+        )
+
+
+class Dist(NamedTuple):
+    """This process's place in a data-parallel run under torchrun; rank 0 of 1 otherwise."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def sync(self) -> Sync:
+        """Sum a tensor over the processes (torch.distributed's all-reduce), or None for one process."""
+        if self.world == 1:
+            return None
+
+        def all_sum(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+            return t
+
+        return all_sum
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on the CPU and nccl on CUDA, one GPU per
+    process; every rank but 0 stays silent. Otherwise one process, and nothing happens."""
+    device, world = pick_device(device_name), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    if device.type == "cuda":
+        local_rank, gpus = (
+            int(os.environ.get("LOCAL_RANK", "0")),
+            torch.cuda.device_count(),
+        )
+        if local_rank >= gpus:
+            raise ValueError(
+                f"torchrun: the process with LOCAL_RANK={local_rank} has no GPU of its own ({gpus} "
+                f"visible); start at most {gpus} per node, or pass --device cpu"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo"
+        )
+    rank = torch.distributed.get_rank()
+    if rank:
+        # rank 0 alone prints, saves and writes the JSON
+        sys.stdout = open(os.devnull, "w")
+    return Dist(rank, world), device
+
+
+def set_seed(seed: int):
+    """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    device = (
+        torch.device(name)
+        if name != "auto"
+        else torch.device(
+            "cuda"
+            if torch.cuda.is_available()
+            else "mps"
+            if getattr(torch.backends, "mps", None) is not None
+            and torch.backends.mps.is_available()
+            else "cpu"
+        )
+    )
+    return device
+
+
+def finish_step_on_sigint():
+    """A SIGINT handler that lets the current step finish: returns (stop, restore). stop(sae, state) is true
+    once Ctrl-C was pressed; restore() puts the previous handler back."""
+    pressed = []
+    previous = signal.signal(
+        signal.SIGINT, lambda signum, frame: pressed.append(signum)
+    )
+    return (lambda sae, state: bool(pressed)), (
+        lambda: signal.signal(signal.SIGINT, previous)
+    )
 
 
 def wide_dtype(device) -> torch.dtype:
@@ -1037,7 +1136,110 @@ def wide_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-# ============================================================================= 7. Data
+# ============================================================================= 7. Files: atomic writes, JSON and figures
+
+
+# What a failed write most often means, in words. A full disk ends a long run more often than anything else.
+WRITE_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file would exceed the size limit on files (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names it and the cause in words. Its temporary file is gone."""
+
+
+def write_atomic(path, write: Callable):
+    """write(f) into a temporary file beside `path`, then rename it over `path` (creating the folders): readers
+    never see half a file, and a failed write leaves the old file as it was. An OSError (a full disk, a quota)
+    becomes a WriteError. Writers pass bytes through Python's file object, whose errors are OSErrors."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        cause = WRITE_CAUSES.get(
+            err.errno, err.strerror or f"the write fell short ({err})"
+        )
+        raise WriteError(f"could not write {path}: {cause}") from None
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported when a figure is asked for."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    """A matplotlib figure as a PNG, written atomically (write_atomic)."""
+    write_atomic(path, lambda f: fig.savefig(f, dpi=90, format="png"))
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def npy_bytes(
+    array: np.ndarray,
+) -> bytes:  # np.save's own writes raise OSErrors without an errno
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def check_writable(path: str, flag: str, directory: bool = False):
+    """Before any work: `path` can be written. It is an existing file (or folder, for a directory) with
+    write permission, or a new one whose nearest existing ancestor is a writable folder; the missing
+    folders are created when it is written."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and p.is_dir() != directory:
+        raise ValueError(
+            f"--{flag} {path} is {'a file' if directory else 'a directory'}, "
+            f"expected {'a directory' if directory else 'a file'}"
+        )
+    ancestor = p if p.exists() else next(a for a in p.parents if a.exists())
+    if not ancestor.is_dir() and ancestor != p:
+        raise ValueError(
+            f"--{flag} {path} cannot be written: {ancestor} is a file, not a folder"
+        )
+    if not os.access(ancestor, os.W_OK):
+        raise ValueError(
+            f"--{flag} {path} cannot be written: no write permission on {ancestor}"
+        )
+
+
+def json_safe(obj):
+    """obj with every NaN or infinity replaced by None, so that the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj, indent: Optional[int] = 2):
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+# ============================================================================= 8. Data
 
 
 @dataclass
@@ -1890,7 +2092,7 @@ def fold_input_scale_(sae: SparseAutoencoder, c: float):
     sae.b_dec /= c
 
 
-# ============================================================================= 8. The real-model path
+# ============================================================================= 9. The real-model path
 
 
 class StopForward(Exception):
@@ -2216,17 +2418,12 @@ def spliced_ce(
         keep = current["mask"] & ~current["massive"]
         new = h.clone()
         new[keep] = replace(h[keep].float()).to(h.dtype)
-        return (
-            ((new, *args[1:]), kwargs)
-            if args
-            else (args, {**kwargs, "hidden_states": new})
-        )
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
 
-    handles = [
-        layer_input_module(model, layer).register_forward_pre_hook(
-            splice, with_kwargs=True
-        )
-    ]
+    block = layer_input_module(model, layer)
+    handles = [block.register_forward_pre_hook(splice, with_kwargs=True)]
     # registered after the splice, so at the last layer it sees the spliced input
     if chunked:
         handles.append(
@@ -2505,7 +2702,7 @@ def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> 
     return manifest
 
 
-# ============================================================================= 9. Evaluation
+# ============================================================================= 10. Evaluation
 
 
 class Moments:
@@ -2634,7 +2831,7 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
 
 
-# ============================================================================= 10. Checkpoints and runs
+# ============================================================================= 11. Checkpoints and runs
 
 Sync = Optional[
     Callable[[torch.Tensor], torch.Tensor]
@@ -2721,69 +2918,6 @@ def build_sae(config: dict) -> SparseAutoencoder:
 
 def num_params(sae: nn.Module) -> int:
     return sum(p.numel() for p in sae.parameters())
-
-
-# What a failed write most often means, in words. A full disk ends a long run more often than anything else.
-WRITE_CAUSES = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EFBIG: "the file would exceed the size limit on files (ulimit -f)",
-    errno.EROFS: "the file system is read-only",
-}
-
-
-class WriteError(OSError):
-    """A file could not be written; the message names it and the cause in words. Its temporary file is gone."""
-
-
-def write_atomic(path, write: Callable):
-    """write(f) into a temporary file beside `path`, then rename it over `path` (creating the folders): readers
-    never see half a file, and a failed write leaves the old file as it was. An OSError (a full disk, a quota)
-    becomes a WriteError. Writers pass bytes through Python's file object, whose errors are OSErrors."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        cause = WRITE_CAUSES.get(
-            err.errno, err.strerror or f"the write fell short ({err})"
-        )
-        raise WriteError(f"could not write {path}: {cause}") from None
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (files only, no display), imported when a figure is asked for."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path):
-    """A matplotlib figure as a PNG, written atomically (write_atomic)."""
-    write_atomic(path, lambda f: fig.savefig(f, dpi=90, format="png"))
-
-
-def torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def npy_bytes(
-    array: np.ndarray,
-) -> bytes:  # np.save's own writes raise OSErrors without an errno
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def save(sae: SparseAutoencoder, directory: str):
@@ -3088,7 +3222,7 @@ def run_training(
       restored; a non-finite loss or a full disk leaves the last good checkpoint as it was;
     - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
     - the steps' wall time and each latent's importance and frequency (RunState);
-    - Matryoshka training (section 12) when `matryoshka` gives prefix sizes, checked here once;
+    - Matryoshka training (section 14) when `matryoshka` gives prefix sizes, checked here once;
     - precision "bf16": train_step under bfloat16 autocast (the encoder GEMM and what follows it), with float32
       weights, gradients and AdamW state, as sparsify trains on CUDA;
     - data parallel (`sync`, a sum over processes): `batches` yields this process's slice of each batch, and
@@ -3239,7 +3373,7 @@ def checkpoint_or_stop(
         raise Interrupted(state.step, cfg.steps, out)
 
 
-# ============================================================================= 11. The main job and the kernel ablation
+# ============================================================================= 12. The main job
 
 
 @dataclass
@@ -3367,42 +3501,6 @@ class RunConfig:
             raise ValueError("--save-every needs --out DIR to write its checkpoints to")
 
 
-def check_device(name: str):
-    """The requested device exists on this machine (auto always does)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
-            f"use --device cpu or auto"
-        )
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise ValueError(
-            "--device mps: the Apple MPS backend is not available here; use --device cpu or auto"
-        )
-
-
-def check_writable(path: str, flag: str, directory: bool = False):
-    """Before any work: `path` can be written. It is an existing file (or folder, for a directory) with
-    write permission, or a new one whose nearest existing ancestor is a writable folder; the missing
-    folders are created when it is written."""
-    p = Path(path).expanduser().absolute()
-    if p.exists() and p.is_dir() != directory:
-        raise ValueError(
-            f"--{flag} {path} is {'a file' if directory else 'a directory'}, "
-            f"expected {'a directory' if directory else 'a file'}"
-        )
-    ancestor = p if p.exists() else next(a for a in p.parents if a.exists())
-    if not ancestor.is_dir() and ancestor != p:
-        raise ValueError(
-            f"--{flag} {path} cannot be written: {ancestor} is a file, not a folder"
-        )
-    if not os.access(ancestor, os.W_OK):
-        raise ValueError(
-            f"--{flag} {path} cannot be written: no write permission on {ancestor}"
-        )
-
-
 def holds_run(directory: str) -> bool:
     return Path(directory, "run.json").exists() or any(
         Path(directory, arch, name).exists()
@@ -3492,78 +3590,6 @@ def resume_settings(directory: str) -> Settings:
             s.run, out=str(directory), resume=str(directory), overwrite=False
         ),
     )
-
-
-class Dist(NamedTuple):
-    """This process's place in a data-parallel run under torchrun; rank 0 of 1 otherwise."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def sync(self) -> Sync:
-        """Sum a tensor over the processes (torch.distributed's all-reduce), or None for one process."""
-        if self.world == 1:
-            return None
-
-        def all_sum(t: torch.Tensor) -> torch.Tensor:
-            t = t.clone()
-            torch.distributed.all_reduce(t)
-            return t
-
-        return all_sum
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on the CPU and nccl on CUDA, one GPU per
-    process; every rank but 0 stays silent. Otherwise one process, and nothing happens."""
-    device, world = pick_device(device_name), int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), device
-    if device.type == "cuda":
-        local_rank, gpus = (
-            int(os.environ.get("LOCAL_RANK", "0")),
-            torch.cuda.device_count(),
-        )
-        if local_rank >= gpus:
-            raise ValueError(
-                f"torchrun: the process with LOCAL_RANK={local_rank} has no GPU of its own ({gpus} "
-                f"visible); start at most {gpus} per node, or pass --device cpu"
-            )
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo"
-        )
-    rank = torch.distributed.get_rank()
-    if rank:
-        # rank 0 alone prints, saves and writes the JSON
-        sys.stdout = open(os.devnull, "w")
-    return Dist(rank, world), device
-
-
-def set_seed(seed: int):
-    """One seed for Python, NumPy and torch: the same seed gives the same run on the CPU."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    device = (
-        torch.device(name)
-        if name != "auto"
-        else torch.device(
-            "cuda"
-            if torch.cuda.is_available()
-            else "mps"
-            if getattr(torch.backends, "mps", None) is not None
-            and torch.backends.mps.is_available()
-            else "cpu"
-        )
-    )
-    return device
 
 
 class TrainData(NamedTuple):
@@ -3804,34 +3830,6 @@ def seconds_per_step(
     )
 
 
-def finish_step_on_sigint():
-    """A SIGINT handler that lets the current step finish: returns (stop, restore). stop(sae, state) is true
-    once Ctrl-C was pressed; restore() puts the previous handler back."""
-    pressed = []
-    previous = signal.signal(
-        signal.SIGINT, lambda signum, frame: pressed.append(signum)
-    )
-    return (lambda sae, state: bool(pressed)), (
-        lambda: signal.signal(signal.SIGINT, previous)
-    )
-
-
-def json_safe(obj):
-    """obj with every NaN or infinity replaced by None, so that the JSON is strict."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: str, obj, indent: Optional[int] = 2):
-    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False)
-    write_atomic(path, lambda f: f.write(text.encode()))
-
-
 def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict:
     """How a result was made: every setting, the torch version, the device, the world size, the time."""
     return {
@@ -3927,13 +3925,14 @@ def print_comparison(results: dict, s: Settings):
         print(f"checkpoints: {checkpoints}")
 
 
+# ============================================================================= 13. The kernel ablation
 # The paper's ablations, as one sweep. Kernels (section 5, table 1): the same KronSAE with mAND, ReLU(u)ReLU(v) or
 # u v. Shapes (fig. 2, appendix A.8): TopK and KronSAEs of several (m, n) at one F and k. Budgets (figs. 1, 3, 9):
 # TopK step counts, each SAE matched to them by --match (tokens, flops or time). Every cell runs over several
 # seeds (init and batch order; the held-out split stays that of --seed).
 
 
-def check_ablation(s: Settings):
+def check_ablation(s: Settings, shapes: tuple = ()):
     if s.run.out or s.run.resume or s.run.save_every:
         raise ValueError(
             "ablate writes no checkpoints; drop --out, --resume and --save-every"
@@ -3942,6 +3941,11 @@ def check_ablation(s: Settings):
         raise ValueError(f"ablate trains KronSAEs only; drop --arch {BASELINE}")
     if s.sae.kernel != "mand":
         raise ValueError("ablate takes its kernels from --kernels; drop --kernel")
+    for shape in shapes:
+        if shape != BASELINE and s.sae.dict_size % (shape[0] * shape[1]):
+            raise ValueError(
+                f"--shapes {shape_text(shape)}: F={s.sae.dict_size} is not a multiple of m*n"
+            )
 
 
 def shape_names(text: str) -> list:
@@ -4039,13 +4043,9 @@ def ablate(
     others') over `seeds` seeds, and compare held-out EV, mean ± std per cell. Returns the JSON's content:
     every run, the cells, and `kernels` (the first KronSAE shape at the first budget, as the kernel ablation
     has always reported it)."""
-    check_ablation(s)
-    shapes, budgets = shapes or [(s.sae.m, s.sae.n)], budgets or [s.train.steps]
-    for shape in shapes:
-        if shape != BASELINE and s.sae.dict_size % (shape[0] * shape[1]):
-            raise ValueError(
-                f"--shapes {shape_text(shape)}: F={s.sae.dict_size} is not a multiple of m*n"
-            )
+    shapes = shapes or [(s.sae.m, s.sae.n)]
+    budgets = budgets or [s.train.steps]
+    check_ablation(s, shapes)
     if figure:
         check_writable(figure, "figure")
     s.check_environment()
@@ -4053,7 +4053,6 @@ def ablate(
     device = pick_device(s.run.device)
     set_seed(s.run.seed)
     train_data, eval_data, _, data_report = prepared_data(s, device)
-
     # TopK first: it sets the others' budgets.
     shapes = sorted(shapes, key=lambda shape: shape != BASELINE)
     seeds_run = range(s.run.seed, s.run.seed + seeds)
@@ -4063,10 +4062,11 @@ def ablate(
         for budget, seed in itertools.product(budgets, seeds_run):
             for cell in ablation_cells(shapes, kernels):
                 data = (train_data, eval_data)
-                run = ablation_run(
-                    s, cell, budget, seed, kernels, data, device, sigint_stop
+                runs.append(
+                    ablation_run(
+                        s, cell, budget, seed, kernels, data, device, sigint_stop
+                    )
                 )
-                runs.append(run)
     finally:
         restore()
     result = ablation_summary(runs, s, kernels, shapes, budgets)
@@ -4074,20 +4074,13 @@ def ablate(
     if figure:
         save_ablation_figure(result, figure, s)
     if s.run.json:
-        write_json(
-            s.run.json,
-            {
-                **result,
-                "data": data_report,
-                "config": {
-                    **provenance(s, device, time.perf_counter() - start),
-                    "kernels": kernels,
-                    "seeds": seeds,
-                    "shapes": [shape_text(shape) for shape in shapes],
-                    "budgets": budgets,
-                },
-            },
-        )
+        config = provenance(s, device, time.perf_counter() - start) | {
+            "kernels": kernels,
+            "seeds": seeds,
+            "shapes": [shape_text(shape) for shape in shapes],
+            "budgets": budgets,
+        }
+        write_json(s.run.json, {**result, "data": data_report, "config": config})
     return result
 
 
@@ -4197,7 +4190,7 @@ def save_ablation_figure(result: dict, path: str, s: Settings):
     save_figure(fig, path)
 
 
-# ============================================================================= 12. Progressive coding
+# ============================================================================= 14. Progressive coding
 # Peter and Soegaard 2025, "Empirical Evaluation of Progressive Coding for Sparse Autoencoders", arXiv 2505.00190,
 # compare Matryoshka SAEs with plain SAEs pruned by latent importance.
 
@@ -4517,7 +4510,7 @@ def print_progressive(arch: str, r: dict, rows: int, seeds: int):
         )
 
 
-# ============================================================================= 13. Inspecting features
+# ============================================================================= 15. Inspecting features
 # One streaming pass over a store, whole contexts at a time, gathers for every latent (and for KronSAE, every
 # pre-latent: ReLU(u_i), ReLU(v_j) of every head) what people read a feature by (appendix D.1): how often it
 # fires, its mean activation, the token ids it fires on (token entropy, eq. 10), and its top examples, each a
@@ -5191,98 +5184,96 @@ def head_html(inspection: Inspection, head: int, text: dict) -> str:
 
 
 def inspection_html(inspection: Inspection, directory: str) -> str:
-    report, post, pre = inspection.report, inspection.post, inspection.pre
-    kron = pre is not None
-    selected = report["selected"]
-    group = report["config"]["m"] * report["config"]["n"] if kron else 1
-    heads = (
-        list(dict.fromkeys(latent // group for latent in selected))[:2] if kron else []
-    )
-    cards = sorted(set(selected) | {h * group + j for h in heads for j in range(group)})
-    card_set = set(cards)
-    pre_cards = [
-        h * (report["config"]["m"] + report["config"]["n"]) + j
-        for h in heads
-        for j in range(report["config"]["m"] + report["config"]["n"])
-    ]
-    wanted = (
-        [t for u in cards for t, _ in post.top_tokens(u)]
-        + [t for u in pre_cards for t, _ in pre.top_tokens(u)]
-        if kron
-        else []
-    )
-    text = token_text(inspection.tokenizer, wanted)
-    s = report["summary"]
+    """The one-file report: the summary, the first two heads (KronSAE), the index
+    of every latent, and a card for each latent shown."""
+    report = inspection.report
+    kron = inspection.pre is not None
+    config = report["config"]
+    group = config["m"] * config["n"] if kron else 1
+    heads = []
+    if kron:
+        heads = list(dict.fromkeys(u // group for u in report["selected"]))[:2]
+    cards = set(report["selected"]) | {
+        h * group + j for h in heads for j in range(group)
+    }
+    cards = sorted(cards)
+    pre_cards = []
+    if kron:
+        width = config["m"] + config["n"]
+        pre_cards = [h * width + j for h in heads for j in range(width)]
+
     parts = [
-        f"<p>{html.escape(json.dumps(report['config']))}<br>{report['tokens']:,} tokens of "
+        f"<p>{html.escape(json.dumps(config))}<br>{report['tokens']:,} tokens of "
         f"{html.escape(report['store'])}</p>",
         "<h2>Summary</h2>",
-        f"<pre>{html.escape(summary_table(s))}</pre>",
+        f"<pre>{html.escape(summary_table(report['summary']))}</pre>",
     ]
     if kron:
-        a = s["and_check"]
-        parts.append(
-            f"<p>Section 5.2: mean correlation of post-latents within a head "
-            f"{s['within_head_correlation']:.4f}, across heads {s['across_head_correlation']:.4f} (at init: "
-            f"{s['init_within_head_correlation']:.4f} / {s['init_across_head_correlation']:.4f}). AND check: "
-            f"both parents positive on {100 * a['parents_when_fires']:.2f}% of firings.</p><p>Fig. 18, Pearson r over post-latents:"
-            f"</p><pre>{html.escape(fig18_table(s['fig18']))}</pre><h2>Heads</h2>"
+        text = token_text(
+            inspection.tokenizer, card_tokens(inspection, cards, pre_cards)
         )
+        parts.append(head_summary_html(report["summary"]))
         parts += [head_html(inspection, h, text) for h in heads]
+    parts.append(latent_index_html(report, set(cards)))
+    parts.append("<h2>Latents</h2>")
+    parts += [latent_card_html(inspection, u, group) for u in cards]
+    if kron:
+        parts.append("<h2>Pre-latents of the heads shown</h2>")
+        for u in pre_cards:
+            entry = report["pre_latents"][u]
+            title = f"pre-latent {u}: head {entry['head']}, {entry['side']} {entry['index']}"
+            parts.append(card_html(entry, inspection.pre, f"pre-{u}", title))
+    title = html.escape(f"What {directory} learned")
+    return HTML_PAGE.format(title=title, body="\n".join(parts))
+
+
+def card_tokens(inspection: Inspection, cards: list, pre_cards: list) -> list:
+    """The token ids whose text the head views show."""
+    post_tokens = [t for u in cards for t, _ in inspection.post.top_tokens(u)]
+    pre_tokens = [t for u in pre_cards for t, _ in inspection.pre.top_tokens(u)]
+    return post_tokens + pre_tokens
+
+
+def head_summary_html(s: dict) -> str:
+    a = s["and_check"]
+    return (
+        f"<p>Section 5.2: mean correlation of post-latents within a head "
+        f"{s['within_head_correlation']:.4f}, across heads {s['across_head_correlation']:.4f} (at init: "
+        f"{s['init_within_head_correlation']:.4f} / {s['init_across_head_correlation']:.4f}). AND check: "
+        f"both parents positive on {100 * a['parents_when_fires']:.2f}% of firings.</p><p>Fig. 18, Pearson r over post-latents:"
+        f"</p><pre>{html.escape(fig18_table(s['fig18']))}</pre><h2>Heads</h2>"
+    )
+
+
+def latent_index_html(report: dict, linked: set) -> str:
+    """A sortable table of every latent's statistics, linked to its card if shown."""
 
     def index_row(e):
-        name = (
-            f'<a href="#latent-{e["id"]}">{e["id"]}</a>'
-            if e["id"] in card_set
-            else str(e["id"])
-        )
-        return (
-            f"<tr><td>{name}</td>"
-            + "".join(f'<td class="num">{e[s]:.4g}</td>' for s in STAT_NAMES)
-            + "</tr>"
-        )
+        name = str(e["id"])
+        if e["id"] in linked:
+            name = f'<a href="#latent-{e["id"]}">{e["id"]}</a>'
+        numbers = "".join(f'<td class="num">{e[s]:.4g}</td>' for s in STAT_NAMES)
+        return f"<tr><td>{name}</td>{numbers}</tr>"
 
     rows = "".join(index_row(e) for e in report["latents"])
     headers = "".join(
         f'<th class="sort" onclick="sortBy(this)">{n.replace("_", " ")}</th>'
         for n in STAT_NAMES
     )
-    parts.append(
+    return (
         '<h2>All latents</h2><p><small>click a header to sort</small></p><div class="index"><table><thead>'
         f"<tr><th>latent</th>{headers}</tr></thead><tbody>{rows}</tbody></table></div>"
     )
-    parts.append("<h2>Latents</h2>")
-    parts += [
-        card_html(
-            report["latents"][u],
-            post,
-            f"latent-{u}",
-            f"latent {u}"
-            + (
-                f" (head {u // group}, u{(u % group) // report['config']['n']} AND "
-                f"v{u % report['config']['n']})"
-                if kron
-                else ""
-            ),
-        )
-        for u in cards
-    ]
-    if kron:
-        parts.append("<h2>Pre-latents of the heads shown</h2>")
-        for u in pre_cards:
-            entry = report["pre_latents"][u]
-            parts.append(
-                card_html(
-                    entry,
-                    pre,
-                    f"pre-{u}",
-                    f"pre-latent {u}: head {entry['head']}, "
-                    f"{entry['side']} {entry['index']}",
-                )
-            )
-    return HTML_PAGE.format(
-        title=html.escape(f"What {directory} learned"), body="\n".join(parts)
-    )
+
+
+def latent_card_html(inspection: Inspection, u: int, group: int) -> str:
+    """Latent u's card; a KronSAE's says which head and (u, v) pair it is."""
+    title = f"latent {u}"
+    if inspection.pre is not None:
+        n = inspection.report["config"]["n"]
+        title += f" (head {u // group}, u{(u % group) // n} AND v{u % n})"
+    entry = inspection.report["latents"][u]
+    return card_html(entry, inspection.post, f"latent-{u}", title)
 
 
 def inspect_job(args) -> dict:
@@ -5312,7 +5303,7 @@ def inspect_job(args) -> dict:
     return inspection.report
 
 
-# ============================================================================= 14. First-letter absorption
+# ============================================================================= 16. First-letter absorption
 # SAEBench's feature absorption (Karvonen et al. 2025, after Chanin et al. 2024; PAPER_NOTES section 8), the
 # metric of the paper's fig. 4 and table 5. A linear probe reads a word's first letter from the residual
 # stream; the SAE's "main" latents for that letter are found by k-sparse probing; a word is absorbed when the
@@ -5842,7 +5833,7 @@ def absorption_job(args) -> dict:
     return result
 
 
-# ============================================================================= 15. Benchmark
+# ============================================================================= 17. Benchmark
 
 
 @dataclass
@@ -6453,7 +6444,7 @@ def bench_table(rows: list[dict]) -> str:
     return format_table(list(BENCH_COLUMNS), cells)
 
 
-# ============================================================================= 16. CLI
+# ============================================================================= 18. CLI
 
 
 def tune_cpu_allocator():

@@ -1,6 +1,6 @@
 """The KronSAE paper's toy experiment (section 5.1, appendix B), on block-correlated synthetic data.
 
-The generator lives in kronsae.py (section 7, Data), which trains on it by default; this file reuses it:
+The generator lives in kronsae.py (section 8, Data), which trains on it by default; this file reuses it:
     S = L L^T                       a block-structured correlation matrix over F_true features
     x_sparse = L TopK(ReLU(z))      z ~ N(0, I), so active features co-occur as S says
 
