@@ -2793,12 +2793,13 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    """The main job's comparison: one row per SAE's metrics."""
+    """The main job's comparison: one row per SAE's metrics, with the steps, tokens and seconds it trained."""
     return format_table(
         [
             "SAE",
             "F",
             "k",
+            "steps",
             "tokens",
             "EV",
             "L0",
@@ -2806,12 +2807,14 @@ def results_table(rows: list[dict]) -> str:
             "enc FLOPs/tok",
             "params",
             "ms/step",
+            "train s",
         ],
         [
             [
                 ARCHS[r["arch"]].label(r),
                 r["dict_size"],
                 r["k"],
+                r["steps"],
                 f"{r['tokens']:,}",
                 f"{r['ev']:.4f}",
                 f"{r['l0']:.1f}",
@@ -2819,6 +2822,7 @@ def results_table(rows: list[dict]) -> str:
                 f"{r['encoder_flops_per_token']:,}",
                 f"{r['params']:,}",
                 f"{r['ms_per_step']:.1f}",
+                f"{r['seconds']:.1f}",
             ]
             for r in rows
         ],
@@ -3008,28 +3012,96 @@ class LatentStats:
         return (self.fire_count / max(self.tokens, 1)).float().cpu()
 
 
+def lr_factor_at(progress: float, reached: float, warmup: float, floor: float) -> float:
+    """Part 1's lr_factor with time for steps (--match time). `progress` is the share of the budget used before
+    the step and `reached` the share used once it is done: linear warmup over the first `warmup` of the budget,
+    then the cosine decay to `floor`. Where every step costs budget / steps, it gives lr_factor's values."""
+    if progress < warmup:
+        return min(1.0, reached / warmup)
+    decay = min(1.0, (progress - warmup) / (1 - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * decay))
+
+
+class TimeSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Paper A.1's schedule over a budget of seconds instead of steps (--match time), so that warmup and decay
+    span the whole budget whatever the steps cost. After each step, advance(seconds used, that step's seconds)
+    sets the next step's rate; the next step is expected to cost what the last one did, and the first one
+    budget / cfg.steps (TopK's mean step, when the budget is TopK's seconds for cfg.steps steps)."""
+
+    def __init__(self, optimizer, cfg: TrainConfig, budget: float):
+        self.budget = budget
+        self.warmup = cfg.warmup
+        self.floor = cfg.min_lr / cfg.lr
+        self.seconds = 0.0
+        self.last_step = budget / cfg.steps
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        factor = lr_factor_at(
+            self.seconds / self.budget,
+            (self.seconds + self.last_step) / self.budget,
+            self.warmup,
+            self.floor,
+        )
+        return [lr * factor for lr in self.base_lrs]
+
+    def advance(self, seconds: float, last_step: float):
+        self.seconds = seconds
+        self.last_step = last_step
+        self.step()
+
+
 @dataclass
 class RunState:
     """What run_training carries from step to step, and what a checkpoint saves to resume exactly: AdamW, the
     schedule (paper A.1), the dead-latent counts, each latent's statistics, the step, the losses so far and the
-    steps' wall time."""
+    steps' wall time. With a `budget` of seconds (--match time) the run ends once its steps have used it, and
+    the schedule runs on their seconds; without one it ends after cfg.steps steps."""
 
     optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LambdaLR
+    schedule: torch.optim.lr_scheduler.LRScheduler
     # (F,) tokens since each latent last fired (section 5)
     tokens_since_fired: torch.Tensor
     latents: LatentStats
     step: int = 0
     losses: list = field(default_factory=list)
     seconds: float = 0.0
+    budget: Optional[float] = None
 
     @classmethod
-    def fresh(cls, sae: SparseAutoencoder, cfg: TrainConfig) -> RunState:
+    def fresh(
+        cls, sae: SparseAutoencoder, cfg: TrainConfig, budget: Optional[float] = None
+    ) -> RunState:
         optimizer, device = make_optimizer(sae, cfg.lr), sae.W_dec.device
         since = torch.zeros(sae.F, dtype=torch.long, device=device)
+        if budget is None:
+            schedule = make_schedule(optimizer, cfg)
+        else:
+            schedule = TimeSchedule(optimizer, cfg, budget)
         return cls(
-            optimizer, make_schedule(optimizer, cfg), since, LatentStats(sae.F, device)
+            optimizer, schedule, since, LatentStats(sae.F, device), budget=budget
         )
+
+    def advance(self, seconds: float):
+        """Count one finished step that took `seconds`: the step count, the seconds used and the schedule."""
+        self.step += 1
+        self.seconds += seconds
+        if isinstance(self.schedule, TimeSchedule):
+            self.schedule.advance(self.seconds, seconds)
+        else:
+            self.schedule.step()
+
+    def finished(self, cfg: TrainConfig) -> bool:
+        """cfg.steps steps done; with a budget, the first step at which the seconds reach it is the last."""
+        if self.budget is None:
+            return self.step >= cfg.steps
+        return self.step > 0 and self.seconds >= self.budget
+
+    def goal(self, cfg: TrainConfig) -> str:
+        """What the run trains for, as the messages say it."""
+        if self.budget is None:
+            return str(cfg.steps)
+        return f"a {self.budget:.1f} s budget ({self.seconds:.1f} s used)"
 
 
 # The resume state holds tensors, numbers, strings and plain containers only, so that torch.load reads it with
@@ -3088,10 +3160,15 @@ def save_run_state(
 
 
 def load_run_state(
-    directory: str, sae: SparseAutoencoder, cfg: TrainConfig, batches
+    directory: str,
+    sae: SparseAutoencoder,
+    cfg: TrainConfig,
+    batches,
+    budget: Optional[float] = None,
 ) -> tuple[RunState, float]:
-    """Restore what save_run_state wrote into `sae`, a fresh RunState and `batches`; returns (state, scale).
-    Loads with weights_only=True: a file that needs anything else is refused, and nothing in it runs."""
+    """Restore what save_run_state wrote into `sae`, a fresh RunState (with the run's `budget` of seconds, if it
+    had one) and `batches`; returns (state, scale). Loads with weights_only=True: a file that needs anything
+    else is refused, and nothing in it runs."""
     path = Path(directory, "train_state.pt")
     try:  # on the CPU: the RNG states must stay there; weights and AdamW's state are copied to their device
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -3113,12 +3190,10 @@ def load_run_state(
         )
     try:
         sae.load_state_dict(blob["sae"])
-        state = RunState.fresh(sae, cfg)
-        state.step, state.losses, state.seconds = (
-            blob["step"],
-            list(blob["losses"]),
-            blob["seconds"],
-        )
+        state = RunState.fresh(sae, cfg, budget)
+        state.step = blob["step"]
+        state.losses = list(blob["losses"])
+        state.seconds = blob["seconds"]
         state.optimizer.load_state_dict(blob["optimizer"])
         state.schedule.load_state_dict(blob["schedule"])
         state.tokens_since_fired.copy_(blob["since"])
@@ -3194,11 +3269,14 @@ def export_saelens(directory: str, destination: str) -> Path:
 
 
 class Interrupted(Exception):
-    """A run stopped between two steps (Ctrl-C): the step finished, and its checkpoint, if any, is complete."""
+    """A run stopped between two steps (Ctrl-C): the step finished, and its checkpoint, if any, is complete.
+    `goal`: what the run trains for (RunState.goal)."""
 
-    def __init__(self, step: int, steps: int, out: str):
-        self.step, self.steps, self.out = step, steps, out
-        super().__init__(f"interrupted after step {step} of {steps}")
+    def __init__(self, step: int, goal: str, out: str):
+        self.step = step
+        self.goal = goal
+        self.out = out
+        super().__init__(f"interrupted after step {step} of {goal}")
 
 
 def run_training(
@@ -3214,6 +3292,9 @@ def run_training(
     sync: Sync = None,
     matryoshka: tuple = (),
     precision: str = "fp32",
+    budget: Optional[float] = None,
+    clock: Callable[[], float] = time.perf_counter,
+    rank: int = 0,
 ) -> RunState:
     """Part 1's `train` loop, with what a real run needs around train_step:
     - --normalize: the batches are multiplied by `scale`, which is folded back into the weights at the end,
@@ -3221,34 +3302,23 @@ def run_training(
     - checkpoints: every save_every steps and at the end; resume by passing the `state` that load_run_state
       restored; a non-finite loss or a full disk leaves the last good checkpoint as it was;
     - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
-    - the steps' wall time and each latent's importance and frequency (RunState);
+    - the steps' seconds on `clock`, counting a step's batch and update and nothing else (no checkpoint, no
+      stop, no evaluation), and each latent's importance and frequency (RunState);
+    - a `budget` of seconds (--match time; a resumed `state` brings its own): train until the steps have used
+      it, stopping after the first step that reaches it, the learning rate following time (TimeSchedule);
+      without one, cfg.steps steps;
     - Matryoshka training (section 14) when `matryoshka` gives prefix sizes, checked here once;
     - precision "bf16": train_step under bfloat16 autocast (the encoder GEMM and what follows it), with float32
       weights, gradients and AdamW state, as sparsify trains on CUDA;
-    - data parallel (`sync`, a sum over processes): `batches` yields this process's slice of each batch, and
-      the loss's variances, the gradients and the statistics are summed over processes, here and nowhere else.
+    - data parallel (`sync`, a sum over processes; this process is `rank`): `batches` yields this process's
+      slice of each batch, and the loss's variances, the gradients and the statistics are summed over
+      processes, here and nowhere else; every process counts rank 0's seconds, so that all take the same
+      learning rates and stop at the same step.
     """
-    state = state or RunState.fresh(sae, cfg)
+    state = state or RunState.fresh(sae, cfg, budget)
     device = sae.W_dec.device
     scaled = batches if scale == 1.0 else (x * scale for x in batches)
-    variance = total_variance if sync is None else partial(synced_variance, sync=sync)
-    loss_fn = (
-        partial(
-            matryoshka_loss,
-            prefixes=matryoshka_prefixes(matryoshka, sae.F, sae.latents_per_head),
-        )
-        if matryoshka
-        else reconstruction_loss
-    )
-    # each gradient summed as backward makes it
-    hooks = (
-        []
-        if sync is None
-        else [
-            p.register_post_accumulate_grad_hook(partial(sum_grad_, sync=sync))
-            for p in sae.parameters()
-        ]
-    )
+    variance, loss_fn, hooks = step_functions(sae, sync, matryoshka)
     x = next(scaled).to(device, non_blocking=True)
     sae.check_input(x)
     if sync is None:
@@ -3259,18 +3329,11 @@ def run_training(
     # (F,) AuxK's latents; a resumed run may have some
     dead = state.tokens_since_fired >= cfg.dead_after
     dead_count = int(dead.sum())
-    bar = tqdm(
-        range(first, cfg.steps),
-        desc=type(sae).__name__,
-        disable=not progress,
-        leave=False,
-        initial=first,
-        total=cfg.steps,
-    )
+    bar = training_bar(sae, state, cfg, progress)
     try:
-        for step in bar:
-            # the step's time: its batch and its update, not the checkpoints
-            start = time.perf_counter()
+        while not state.finished(cfg):
+            step = state.step
+            start = clock()
             if step > first:
                 x = next(scaled).to(device, non_blocking=True)
             # fresh gradients: weight_grad would add into kept ones without the hooks firing
@@ -3285,40 +3348,101 @@ def run_training(
             if sync is not None:
                 totals = sync(torch.stack(list(stats)).to(wide_dtype(device)))
                 stats, fired = StepStats(*totals), sync(fired)
-            state.schedule.step()
             # as train does, from every process's firings
             state.tokens_since_fired += stats.tokens.long()
             state.tokens_since_fired.masked_fill_(fired > 0, 0)
             dead = state.tokens_since_fired >= cfg.dead_after
-            try:  # the step's one read from the device: its stats and the next dead count
-                stats, extra = stats.read(dead.sum())
-            except FloatingPointError as err:
-                kept = out and Path(out, "sae.safetensors").exists()
-                raise FloatingPointError(
-                    f"training stopped at step {step}: {err}; "
-                    + (
-                        f"last good checkpoint kept in {out}"
-                        if kept
-                        else "no checkpoint was written"
-                    )
-                ) from None
-            dead_count = int(extra[0])
+            stats, dead_count = read_step(stats, dead, step, out)
             state.latents.update(enc.values.detach(), enc.indices, sync)
             state.losses.append(stats.loss)
-            state.step, state.seconds = (
-                step + 1,
-                state.seconds + time.perf_counter() - start,
-            )
-            if step % 10 == 0 or step == cfg.steps - 1:
+            seconds = rank0_value(clock() - start, sync, rank, device)
+            state.advance(seconds)
+            advance_bar(bar, state)
+            done = state.finished(cfg)
+            if step % 10 == 0 or done:
                 show_progress(bar, stats, dead=f"{dead_count / sae.F:.1%}")
             checkpoint_or_stop(
-                sae, state, cfg, batches, scale, out, save_every, stop, sync
+                sae, state, done, cfg, batches, scale, out, save_every, stop, sync
             )
     finally:
         for hook in hooks:
             hook.remove()
+        bar.close()
     fold_input_scale_(sae, scale)
     return state
+
+
+def step_functions(sae, sync: Sync, matryoshka: tuple) -> tuple:
+    """(variance, loss_fn, hooks) for run_training's steps: the batch's total variance, over every process's
+    slice under data parallel; the reconstruction term, or Matryoshka's; and the hooks that sum each gradient
+    over the processes as backward makes it (to remove at the end)."""
+    variance = total_variance if sync is None else partial(synced_variance, sync=sync)
+    loss_fn = reconstruction_loss
+    if matryoshka:
+        prefixes = matryoshka_prefixes(matryoshka, sae.F, sae.latents_per_head)
+        loss_fn = partial(matryoshka_loss, prefixes=prefixes)
+    hooks = []
+    if sync is not None:
+        hooks = [
+            p.register_post_accumulate_grad_hook(partial(sum_grad_, sync=sync))
+            for p in sae.parameters()
+        ]
+    return variance, loss_fn, hooks
+
+
+def training_bar(sae, state: RunState, cfg: TrainConfig, progress: bool) -> tqdm:
+    """The progress bar: in steps, or in the budget's seconds when there is one."""
+    if state.budget is None:
+        return tqdm(
+            desc=type(sae).__name__,
+            total=cfg.steps,
+            initial=state.step,
+            disable=not progress,
+            leave=False,
+        )
+    return tqdm(
+        desc=type(sae).__name__,
+        total=state.budget,
+        initial=state.seconds,
+        disable=not progress,
+        leave=False,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of steps "
+        "[{elapsed}<{remaining}{postfix}]",
+    )
+
+
+def advance_bar(bar: tqdm, state: RunState):
+    """One step more on the bar; in seconds, up to the budget (the last step passes it)."""
+    if state.budget is None:
+        bar.update(1)
+    else:
+        bar.update(min(state.seconds, state.budget) - bar.n)
+
+
+def read_step(stats: StepStats, dead: torch.Tensor, step: int, out: str) -> tuple:
+    """The step's one read from the device: (its stats as floats, the next dead count). A loss that is not
+    finite stops the run, naming the checkpoint that is kept."""
+    try:
+        stats, extra = stats.read(dead.sum())
+    except FloatingPointError as err:
+        kept = out and Path(out, "sae.safetensors").exists()
+        raise FloatingPointError(
+            f"training stopped at step {step}: {err}; "
+            + (
+                f"last good checkpoint kept in {out}"
+                if kept
+                else "no checkpoint was written"
+            )
+        ) from None
+    return stats, int(extra[0])
+
+
+def rank0_value(value: float, sync: Sync, rank: int, device) -> float:
+    """Rank 0's `value` in every process (a sum to which the others add 0); `value` itself for one process."""
+    if sync is None:
+        return value
+    mine = value if rank == 0 else 0.0
+    return float(sync(torch.tensor(mine, dtype=wide_dtype(device), device=device)))
 
 
 def autocast_if(enabled: bool, device: torch.device):
@@ -3343,6 +3467,7 @@ def synced_variance(t: torch.Tensor, sync) -> torch.Tensor:
 def checkpoint_or_stop(
     sae,
     state: RunState,
+    done: bool,
     cfg: TrainConfig,
     batches,
     scale: float,
@@ -3351,15 +3476,14 @@ def checkpoint_or_stop(
     stop,
     sync: Sync,
 ):
-    """After a step: a checkpoint when one is due, and Interrupted when stop(sae, state) asks for it."""
-    stopping = stop is not None and state.step < cfg.steps and stop(sae, state)
+    """After a step: a checkpoint when one is due (every save_every steps, and when `done`), and Interrupted
+    when stop(sae, state) asks for it before the end."""
+    stopping = stop is not None and not done and stop(sae, state)
     if sync is not None:  # every process stops at the same step
-        stopping = bool(sync(torch.tensor(float(stopping))) > 0)
-    if out and (
-        stopping
-        or state.step == cfg.steps
-        or (save_every and state.step % save_every == 0)
-    ):
+        device = sae.W_dec.device
+        flag = torch.tensor(float(stopping), dtype=wide_dtype(device), device=device)
+        stopping = bool(sync(flag) > 0)
+    if out and (stopping or done or (save_every and state.step % save_every == 0)):
         try:
             save_run_state(out, sae, state, batches, scale)
         except WriteError as err:
@@ -3370,7 +3494,7 @@ def checkpoint_or_stop(
                 f"{run}"
             ) from None
     if stopping:
-        raise Interrupted(state.step, cfg.steps, out)
+        raise Interrupted(state.step, state.goal(cfg), out)
 
 
 # ============================================================================= 12. The main job
@@ -3477,7 +3601,8 @@ class RunConfig:
         "tokens",
         "what the SAEs are compared at: tokens (every SAE trains --steps steps), flops (each "
         "gets the training FLOPs, eq. 7 per token, that TopK spends in --steps, as in the "
-        "paper's section 4.1) or time (each gets the seconds TopK's --steps take here)",
+        "paper's section 4.1) or time (each trains until its steps have used the seconds TopK's "
+        "--steps took in this run, its warmup and decay spread over those seconds; needs TopK in the run)",
     )
 
     def __post_init__(self):
@@ -3658,17 +3783,17 @@ def run_one(
     eval_data,
     s: Settings,
     device,
+    *,
     progress=True,
     stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None,
     dist: Dist = Dist(),
-    steps: Optional[int] = None,
+    budget: Optional[Budget] = None,
 ) -> tuple[SparseAutoencoder, dict, RunState]:
-    """Build, train (or resume, with --resume) and evaluate one SAE for `steps` steps (default --steps; see
-    matched_steps); returns it, its metrics and its record. Data parallel: each process trains on its slice of
+    """Build, train (or resume, with --resume) and evaluate one SAE for its `budget` (default: --steps steps; see
+    matched_budget); returns it, its metrics and its record. Data parallel: each process trains on its slice of
     every batch, and rank 0 alone writes checkpoints."""
-    s = dataclasses.replace(
-        s, train=dataclasses.replace(s.train, steps=steps or s.train.steps)
-    )
+    budget = budget or Budget(s.train.steps)
+    s = dataclasses.replace(s, train=dataclasses.replace(s.train, steps=budget.steps))
     set_seed(s.run.seed)
     sae = s.sae.build(arch, train_data.d).to(device)
     if isinstance(train_data.rows, torch.Tensor):
@@ -3686,8 +3811,10 @@ def run_one(
     out = str(Path(s.run.out, arch)) if s.run.out else ""
     state = None
     if s.run.resume and Path(out, "train_state.pt").exists():
-        state, scale = load_run_state(out, sae, s.train, batches)
-        print(f"{arch}: resuming at step {state.step} of {s.train.steps} from {out}")
+        state, scale = load_run_state(out, sae, s.train, batches, budget.seconds)
+        print(
+            f"{arch}: resuming at step {state.step} of {state.goal(s.train)} from {out}"
+        )
     result = run_training(
         sae,
         batches,
@@ -3701,15 +3828,19 @@ def run_one(
         dist.sync,
         s.sae.matryoshka,
         s.run.precision,
+        budget=budget.seconds,
+        rank=dist.rank,
     )
-    return sae, run_metrics(arch, sae, result, s, train_data, eval_data, device), result
+    metrics = run_metrics(arch, sae, result, s, train_data, eval_data, device)
+    return sae, metrics, result
 
 
 def run_metrics(
     arch, sae, result: RunState, s: Settings, train_data, eval_data, device
 ):
     """The held-out metrics of a trained SAE, the same EV on training rows (a warning
-    when the two disagree), and what the run was: shape, steps, tokens, time."""
+    when the two disagree), and what the run was: shape, the steps and tokens it
+    trained, their seconds (and the budget of seconds it was given, under --match time)."""
     metrics = evaluate(sae, eval_data)
     # Fixed training rows, as many as the held-out ones.
     sample = next(
@@ -3727,7 +3858,7 @@ def run_metrics(
             f"differ by more than 0.05; look at the data before trusting either",
             file=sys.stderr,
         )
-    steps = s.train.steps
+    steps = result.step
     tokens = steps * s.train.batch
     metrics.update(
         sae_config(sae),
@@ -3743,91 +3874,68 @@ def run_metrics(
         device=str(device),
         tokens=tokens,
         seconds=result.seconds,
+        seconds_budget=result.budget,
         match=s.run.match,
         train_flops=tokens * sae.flops_per_token(),
     )
     return metrics
 
 
-def matched_steps(
-    s: Settings, arch: str, train_data: TrainData, device, dist: Dist = Dist()
-) -> int:
-    """Steps of --batch tokens that `arch` trains for under --match. tokens: --steps. flops: the training FLOPs
-    TopK spends in --steps, counted by eq. 7 per token as the paper counts them (section 4.1), so a cheaper
-    encoder sees more tokens. time: --steps times TopK's seconds per step over this SAE's, both from the same
-    short warm-up, so that a warm-up's own bias (its first steps, its AuxK load) cancels; the seconds each SAE
-    really used are reported beside. A resumed run keeps the count it was first given (OUT/arch/match.json), so
-    that its schedule keeps its length."""
+class Budget(NamedTuple):
+    """What one SAE trains for: `steps` steps, or, when `seconds` is set (--match time), until its steps have
+    used that many seconds; `steps` is then TopK's --steps, which sets AuxK's automatic dead-latent threshold
+    (--dead-tokens 0) and the first step's expected share of the schedule."""
+
+    steps: int
+    seconds: Optional[float] = None
+
+
+def matched_budget(
+    s: Settings,
+    arch: str,
+    d_in: int,
+    topk_seconds: Optional[float] = None,
+    dist: Dist = Dist(),
+) -> Budget:
+    """What `arch` trains for under --match. tokens: --steps. flops: the training FLOPs TopK spends in --steps,
+    counted by eq. 7 per token as the paper counts them (section 4.1), so a cheaper encoder sees more tokens.
+    time: `topk_seconds`, the seconds TopK's --steps took in this run, on the clock (section 11's budget), so
+    that each SAE trains as long as TopK did whatever its steps cost as it trains. A resumed run keeps what it
+    was first given (OUT/arch/match.json), so that its schedule keeps its length; a record that holds steps
+    alone (--match time before the clock) resumes as those steps."""
     if s.run.match == "tokens" or arch == BASELINE:
-        return s.train.steps
+        return Budget(s.train.steps)
     record = Path(s.run.out, arch, "match.json") if s.run.out else None
     if s.run.resume and record and record.is_file():
-        return json.loads(record.read_text())["steps"]
-    with torch.device("meta"):  # shapes only, no memory
-        topk, sae = s.sae.build(BASELINE, train_data.d), s.sae.build(arch, train_data.d)
+        saved = json.loads(record.read_text())
+        if "seconds" in saved:
+            return Budget(saved["topk_steps"], saved["seconds"])
+        return Budget(saved["steps"])
     if s.run.match == "flops":
+        with torch.device("meta"):  # shapes only, no memory
+            topk, sae = s.sae.build(BASELINE, d_in), s.sae.build(arch, d_in)
         steps = s.train.steps * topk.flops_per_token() / sae.flops_per_token()
+        budget = Budget(max(1, round(steps)))
+        saved = {"match": "flops", "steps": budget.steps}
     else:
-        steps = (
-            s.train.steps
-            * seconds_per_step(BASELINE, s, train_data, device, dist)
-            / seconds_per_step(arch, s, train_data, device, dist)
-        )
-    steps = max(1, round(steps))
+        budget = Budget(s.train.steps, topk_seconds)
+        saved = {"match": "time", "seconds": topk_seconds}
     if record and dist.rank == 0:
-        write_json(
-            record, {"match": s.run.match, "steps": steps, "topk_steps": s.train.steps}
-        )
-    return steps
+        write_json(record, saved | {"topk_steps": s.train.steps})
+    return budget
 
 
-def seconds_per_step(
-    arch: str,
-    s: Settings,
-    train_data: TrainData,
-    device,
-    dist: Dist = Dist(),
-    warm: int = 10,
-) -> float:
-    """Mean seconds of `warm` training steps of a fresh `arch` SAE, after 2 steps that pay for first allocations;
-    under torchrun, the mean over the processes, so that all of them take the same step count."""
-    sae = s.sae.build(arch, train_data.d).to(device)
-    batches = ShuffledBatches(
-        train_data.rows,
-        s.train.batch,
-        torch.Generator().manual_seed(s.run.seed),
-        s.data.buffer_tokens,
-        dist.rank,
-        dist.world,
-    )
-    cfg = dataclasses.replace(s.train, steps=2 + warm)
-    state = run_training(
-        sae,
-        batches,
-        dataclasses.replace(cfg, steps=2),
-        progress=False,
-        sync=dist.sync,
-        matryoshka=s.sae.matryoshka,
-        state=RunState.fresh(sae, cfg),
-        precision=s.run.precision,
-    )
-    primed = state.seconds
-    state = run_training(
-        sae,
-        batches,
-        cfg,
-        progress=False,
-        state=state,
-        sync=dist.sync,
-        matryoshka=s.sae.matryoshka,
-        precision=s.run.precision,
-    )
-    per_step = (state.seconds - primed) / warm
-    return (
-        per_step
-        if dist.sync is None
-        else float(dist.sync(torch.tensor(per_step, dtype=torch.float64))) / dist.world
-    )
+def check_time_match(s: Settings):
+    """--match time needs TopK's seconds: TopK in the same run, or a resumed run that recorded the budget."""
+    if s.run.match != "time" or BASELINE in s.sae.archs:
+        return
+    for arch in s.sae.archs:
+        record = Path(s.run.out, arch, "match.json")
+        if not (s.run.resume and record.is_file()):
+            raise ValueError(
+                f"--match time gives each SAE the seconds TopK's --steps take in the same run, and "
+                f"--arch {s.sae.arch} trains no TopK: use --arch both"
+            )
 
 
 def provenance(s: Settings, device, seconds: float, world_size: int = 1) -> dict:
@@ -3858,6 +3966,7 @@ def compare(
     turning true) ends the run after the current step with a checkpoint in --out (see Interrupted)."""
     dist, device = init_distributed(s.run.device)
     s.check_environment(dist)
+    check_time_match(s)
     if dist.world > 1:
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
     start = time.perf_counter()
@@ -3875,12 +3984,22 @@ def compare(
         return sigint_stop(*args) or (stop is not None and stop(*args))
 
     results = {}
+    topk_seconds = None  # the budget of --match time, once TopK has trained
     try:
         for arch in s.sae.archs:
-            steps = matched_steps(s, arch, train_data, device, dist)
-            sae, results[arch], _ = run_one(
-                arch, train_data, eval_data, s, device, dist, steps=steps, stop=stopping
+            budget = matched_budget(s, arch, train_data.d, topk_seconds, dist)
+            sae, results[arch], state = run_one(
+                arch,
+                train_data,
+                eval_data,
+                s,
+                device,
+                stop=stopping,
+                dist=dist,
+                budget=budget,
             )
+            if arch == BASELINE:
+                topk_seconds = state.seconds
             if lm and lm["splice"]:
                 results[arch].update(lm_costs(sae, lm, s))
             # beside the checkpoint, for the commands that read it later
@@ -3941,6 +4060,11 @@ def check_ablation(s: Settings, shapes: tuple = ()):
         raise ValueError(f"ablate trains KronSAEs only; drop --arch {BASELINE}")
     if s.sae.kernel != "mand":
         raise ValueError("ablate takes its kernels from --kernels; drop --kernel")
+    if s.run.match == "time" and shapes and BASELINE not in shapes:
+        raise ValueError(
+            f"--match time gives each KronSAE the seconds of the {BASELINE} cell of its budget "
+            f"and seed: add {BASELINE} to --shapes"
+        )
     for shape in shapes:
         if shape != BASELINE and s.sae.dict_size % (shape[0] * shape[1]):
             raise ValueError(
@@ -4015,20 +4139,38 @@ ABLATION_METRICS = (
 )
 
 
-def ablation_run(s, cell, budget, seed, kernels, data, device, stop) -> dict:
-    """Train and evaluate one cell at one budget and seed: a row of the JSON."""
+def ablation_run(
+    s, cell, budget, seed, kernels, data, device, stop, topk_seconds=None
+) -> dict:
+    """Train and evaluate one cell at one budget and seed: a row of the JSON. `topk_seconds`: what the TopK cell
+    of this budget and seed used, each KronSAE's budget under --match time."""
     shape, kernel = cell
     arch, one = cell_settings(s, shape, kernel, budget, seed)
     print(
         f"{shape_label(shape, kernel, kernels)}, budget {budget} TopK steps, seed {seed}"
     )
     train_data, eval_data = data
-    steps = matched_steps(one, arch, train_data, device)
-    metrics = run_one(arch, train_data, eval_data, one, device, stop=stop, steps=steps)[
-        1
-    ]
+    matched = matched_budget(one, arch, train_data.d, topk_seconds)
+    _, metrics, _ = run_one(
+        arch, train_data, eval_data, one, device, stop=stop, budget=matched
+    )
     row = {"shape": shape_text(shape), "kernel": kernel, "budget": budget, "seed": seed}
     return row | {key: metrics[key] for key in ABLATION_METRICS}
+
+
+def ablation_round(s, cells, budget, seed, kernels, data, device, stop) -> list[dict]:
+    """Every cell at one budget and seed, TopK's first: under --match time its seconds are the others' budget."""
+    rows = []
+    topk_seconds = None
+    for cell in cells:
+        rows.append(
+            ablation_run(
+                s, cell, budget, seed, kernels, data, device, stop, topk_seconds
+            )
+        )
+        if cell[0] == BASELINE:
+            topk_seconds = rows[-1]["seconds"]
+    return rows
 
 
 def ablate(
@@ -4057,16 +4199,14 @@ def ablate(
     shapes = sorted(shapes, key=lambda shape: shape != BASELINE)
     seeds_run = range(s.run.seed, s.run.seed + seeds)
     sigint_stop, restore = finish_step_on_sigint()
+    cells = ablation_cells(shapes, kernels)
+    data = (train_data, eval_data)
     runs = []
     try:
         for budget, seed in itertools.product(budgets, seeds_run):
-            for cell in ablation_cells(shapes, kernels):
-                data = (train_data, eval_data)
-                runs.append(
-                    ablation_run(
-                        s, cell, budget, seed, kernels, data, device, sigint_stop
-                    )
-                )
+            runs += ablation_round(
+                s, cells, budget, seed, kernels, data, device, sigint_stop
+            )
     finally:
         restore()
     result = ablation_summary(runs, s, kernels, shapes, budgets)

@@ -2187,6 +2187,136 @@ def test_run_training_is_parts_1_train_loop(arch):
         assert torch.equal(p, q), name
 
 
+# ------------------------------------------------------------- --match time: a budget of seconds
+
+
+def fake_clock(cost, gap=0.0):
+    """A clock for run_training, which reads it at the start and at the end of each step: step i takes cost(i)
+    seconds, and `gap` seconds pass between steps (where checkpoints, evaluation and stop() run)."""
+
+    def readings():
+        now = 0.0
+        step = 0
+        while True:
+            yield now
+            now += cost(step)
+            yield now
+            now += gap
+            step += 1
+
+    return readings().__next__
+
+
+def lr_trace(trace):
+    """A stop() for run_training that records (seconds used, the next step's lr) after every step but the last."""
+
+    def record(sae, state):
+        trace.append((state.seconds, state.optimizer.param_groups[0]["lr"]))
+        return False
+
+    return record
+
+
+def small_kron_run(cfg, feed=None, **kw):
+    """A fresh, seeded small KronSAE trained by run_training with `kw`; returns it and its RunState."""
+    data = K.make_dataset(1024, d=16, F_true=64, k_true=4)
+    K.set_seed(0)
+    sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
+    feed = feed or batches(data, cfg.batch)
+    return sae, K.run_training(sae, feed, cfg, progress=False, **kw)
+
+
+def test_a_time_budget_of_equal_steps_is_the_step_schedule():
+    """Where every step costs budget / --steps, the schedule on the clock gives Part 1's lr_factor at every step,
+    so the run is the step-counted run: same steps, same weights. The 100 s between steps never count."""
+    cfg = K.TrainConfig(steps=10, batch=64)
+    by_steps, by_time = [], []
+    sae_steps, _ = small_kron_run(cfg, stop=lr_trace(by_steps))
+    clock = fake_clock(lambda i: 1 / 32, gap=100.0)
+    sae_time, state = small_kron_run(
+        cfg, stop=lr_trace(by_time), budget=10 / 32, clock=clock
+    )
+    assert state.step == 10 and state.seconds == 10 / 32
+    floor = cfg.min_lr / cfg.lr
+    expected = [cfg.lr * K.lr_factor(s, 10, cfg.warmup, floor) for s in range(1, 10)]
+    assert [lr for _, lr in by_steps] == pytest.approx(expected, rel=1e-12)
+    assert [lr for _, lr in by_time] == pytest.approx(expected, rel=1e-12)
+    for (name, p), q in zip(sae_steps.named_parameters(), sae_time.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+def cosine_at(progress, cfg):
+    """Paper A.1's decay at `progress` through it, written out: the learning rate, not its factor."""
+    floor = cfg.min_lr / cfg.lr
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_the_schedule_follows_the_clock_when_the_steps_slow_down():
+    """Step i costs (i + 1) / 64 s, so the budget of TopK's 20 steps at 1/32 s (0.625 s) is spent in 9 steps:
+    the first at which the seconds reach it (72/128 s after 8, 90/128 after 9). Warmup and decay run on the
+    seconds, not on the steps: the rate reaches its floor at the budget's end, where a schedule of 20 steps
+    would still be near its peak."""
+    cfg = K.TrainConfig(steps=20, batch=64, warmup=0.1)
+    budget = 20 / 32
+    trace = []
+    clock = fake_clock(lambda i: (i + 1) / 64, gap=5.0)
+    _, state = small_kron_run(cfg, stop=lr_trace(trace), budget=budget, clock=clock)
+    assert state.step == 9 and state.seconds == 90 / 128
+    assert budget <= state.seconds < budget + 9 / 64  # within the last step
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.min_lr)
+    assert K.lr_factor(9, 20, cfg.warmup, cfg.min_lr / cfg.lr) > 0.6
+    for step, (seconds, lr) in enumerate(trace, start=1):
+        progress = seconds / budget
+        if progress < cfg.warmup:
+            # the next step, expected to cost what the last one did, ends the warmup's share of it
+            reached = (seconds + step / 64) / budget
+            assert lr == pytest.approx(cfg.lr * min(1.0, reached / cfg.warmup))
+        else:
+            decay = (progress - cfg.warmup) / (1 - cfg.warmup)
+            assert lr == pytest.approx(cosine_at(decay, cfg))
+    assert trace[0][1] < cfg.lr and trace[-1][1] < 0.04 * cfg.lr
+
+
+@pytest.mark.slow
+def test_a_budget_resumed_from_its_checkpoint_ends_where_it_would_have(tmp_path):
+    """Stop a budgeted run after 4 of its 9 steps, resume it from the checkpoint: the same budget, the same
+    seconds, the same schedule, the same weights as the run that never stopped."""
+    cfg = K.TrainConfig(steps=20, batch=64)
+    budget = 20 / 32
+    data = K.make_dataset(1024, d=16, F_true=64, k_true=4)
+
+    def feed():
+        return K.ShuffledBatches(data, cfg.batch, torch.Generator().manual_seed(0))
+
+    cost = lambda i: (i + 1) / 64  # noqa: E731
+    straight, done = small_kron_run(cfg, feed(), budget=budget, clock=fake_clock(cost))
+    with pytest.raises(K.Interrupted, match=r"step 4 of a 0.6 s budget \(0.2 s used\)"):
+        small_kron_run(
+            cfg,
+            feed(),
+            budget=budget,
+            clock=fake_clock(cost),
+            out=str(tmp_path),
+            stop=lambda sae, state: state.step == 4,
+        )
+    sae = K.SAEConfig(dict_size=64, m=2, n=4, k=4).build("kron", 16)
+    resumed_feed = feed()
+    state, _ = K.load_run_state(tmp_path, sae, cfg, resumed_feed, budget)
+    assert state.step == 4 and state.seconds == 10 / 64 and state.budget == budget
+    state = K.run_training(
+        sae,
+        resumed_feed,
+        cfg,
+        progress=False,
+        state=state,
+        clock=fake_clock(lambda i: cost(i + 4)),
+    )
+    assert state.step == done.step == 9 and state.seconds == done.seconds
+    assert state.losses == pytest.approx(done.losses, rel=1e-5)
+    for (name, p), q in zip(straight.named_parameters(), sae.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=name)
+
+
 # ============================================================================= 10. The main job and the kernel ablation
 
 
@@ -2328,10 +2458,10 @@ def test_match_flops_gives_each_sae_the_steps_eq_7_implies(tmp_path):
     assert abs(saved["kron"]["train_flops"] / saved["topk"]["train_flops"] - 1) < 1 / 60
 
 
-def test_match_time_gives_each_sae_topks_seconds(tmp_path, monkeypatch):
-    """--match time with a fake clock: a TopK step costs 30 ms and a KronSAE step 12 ms, whatever the machine
-    does. KronSAE's warm-up measures 12 ms, so it trains 2.5x TopK's steps and ends within 15% of its seconds."""
-    now, cost = [0.0], {K.TopKSAE: 0.030, K.KronSAE: 0.012}
+def clocked_steps(monkeypatch, cost):
+    """Every run_training on a fake clock on which a step costs cost[type(sae)] seconds, whatever the machine
+    does: the --match time runs of the CLI become exact."""
+    now = [0.0]
     real_step = K.train_step
 
     def step(sae, *args, **kwargs):
@@ -2339,19 +2469,30 @@ def test_match_time_gives_each_sae_topks_seconds(tmp_path, monkeypatch):
         return real_step(sae, *args, **kwargs)
 
     monkeypatch.setattr(K, "train_step", step)
-    monkeypatch.setattr(K.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(
+        K, "run_training", partial(K.run_training, clock=lambda: now[0])
+    )
+
+
+def test_match_time_gives_each_sae_topks_seconds(tmp_path, monkeypatch):
+    """--match time on a fake clock: a TopK step costs 1/32 s and a KronSAE step 1/128 s. TopK's 20 steps take
+    0.625 s, and KronSAE trains until its steps have used them: 80 steps, 4x the tokens, the same seconds."""
+    clocked_steps(monkeypatch, {K.TopKSAE: 1 / 32, K.KronSAE: 1 / 128})
     run_small(tmp_path, "--match", "time", "--json", str(tmp_path / "t.json"), steps=20)
     saved = json.loads((tmp_path / "t.json").read_text())
-    assert saved["topk"]["steps"] == 20 and saved["kron"]["steps"] == 50
-    assert (
-        saved["topk"]["seconds"] == pytest.approx(0.6)
-        and saved["kron"]["match"] == "time"
-    )
-    assert abs(saved["kron"]["seconds"] / saved["topk"]["seconds"] - 1) <= 0.15
+    topk, kron = saved["topk"], saved["kron"]
+    assert topk["steps"] == 20 and topk["seconds"] == 0.625
+    assert topk["seconds_budget"] is None and kron["seconds_budget"] == 0.625
+    assert kron["steps"] == 80 and kron["tokens"] == 80 * 64
+    assert kron["seconds"] == 0.625 and kron["match"] == "time"
+    assert kron["ms_per_step"] == pytest.approx(1000 / 128)
 
 
-def test_resume_under_match_flops_equals_an_uninterrupted_run(tmp_path):
-    run_small(tmp_path, "--out", str(tmp_path / "straight"), "--match", "flops")
+def stop_and_resume(tmp_path, match: str, stop_at: int) -> tuple[dict, dict]:
+    """--match `match`: a run that never stops, and one stopped after KronSAE's step `stop_at` (what Ctrl-C does)
+    then continued with --resume; they must end with the same weights. Returns KronSAE's match.json as the stop
+    left it, and its train_state.pt at the end."""
+    run_small(tmp_path, "--out", str(tmp_path / "straight"), "--match", match)
     argv = [
         "--data",
         str(tmp_path / "acts.npy"),
@@ -2372,15 +2513,17 @@ def test_resume_under_match_flops_equals_an_uninterrupted_run(tmp_path):
         "--out",
         str(tmp_path / "stopped"),
         "--match",
-        "flops",
+        match,
     ]
     settings, _ = K.parse_settings(K.Parser(prog="kronsae.py"), argv)
-    # KronSAE stops at step 17 of its 24 (eq. 7: 24 steps for TopK's 20)
     with pytest.raises(K.Interrupted):
         K.compare(
             settings,
-            stop=lambda sae, state: state.step == 17 and isinstance(sae, K.KronSAE),
+            stop=lambda sae, state: (
+                state.step == stop_at and isinstance(sae, K.KronSAE)
+            ),
         )
+    record = json.loads((tmp_path / "stopped" / "kron" / "match.json").read_text())
     K.main(["--resume", str(tmp_path / "stopped")])
     for arch in ("topk", "kron"):
         a, b = K.load(tmp_path / "straight" / arch), K.load(tmp_path / "stopped" / arch)
@@ -2389,13 +2532,90 @@ def test_resume_under_match_flops_equals_an_uninterrupted_run(tmp_path):
     state = torch.load(
         tmp_path / "stopped" / "kron" / "train_state.pt", weights_only=True
     )
-    assert (
-        state["step"]
-        == json.loads((tmp_path / "stopped" / "kron" / "match.json").read_text())[
-            "steps"
-        ]
-        == 24
+    return record, state
+
+
+def test_resume_under_match_flops_equals_an_uninterrupted_run(tmp_path):
+    # KronSAE stops at step 17 of its 24 (eq. 7: 24 steps for TopK's 20)
+    record, state = stop_and_resume(tmp_path, "flops", 17)
+    assert state["step"] == record["steps"] == 24
+
+
+@pytest.mark.slow
+def test_resume_under_match_time_continues_the_budget(tmp_path, monkeypatch):
+    """Ctrl-C in KronSAE after 30 of its 80 steps, then --resume: OUT/kron/match.json holds TopK's 0.625 s, and
+    the resumed KronSAE spends the rest of them, ending where the run that never stopped ends."""
+    clocked_steps(monkeypatch, {K.TopKSAE: 1 / 32, K.KronSAE: 1 / 128})
+    record, state = stop_and_resume(tmp_path, "time", 30)
+    assert record == {"match": "time", "seconds": 0.625, "topk_steps": 20}
+    assert state["step"] == 80 and state["seconds"] == 0.625
+    assert state["schedule"]["budget"] == 0.625
+
+
+def test_a_match_record_from_before_the_clock_resumes_as_its_steps(tmp_path):
+    """A --match time run saved by the warm-up estimate recorded a step count alone: it resumes with it."""
+    (tmp_path / "kron").mkdir()
+    record = {"match": "time", "steps": 37, "topk_steps": 20}
+    (tmp_path / "kron" / "match.json").write_text(json.dumps(record))
+    s = K.Settings(
+        train=K.TrainConfig(steps=20),
+        run=K.RunConfig(out=str(tmp_path), resume=str(tmp_path), match="time"),
     )
+    assert K.matched_budget(s, "kron", 16) == K.Budget(37, None)
+    assert K.matched_budget(s, "topk", 16) == K.Budget(20, None)
+    fresh = dataclasses.replace(s, run=dataclasses.replace(s.run, resume=""))
+    assert K.matched_budget(fresh, "kron", 16, topk_seconds=1.5) == K.Budget(20, 1.5)
+
+
+@pytest.mark.slow
+def test_ablate_match_time_gives_each_kronsae_its_topk_cells_seconds(
+    tmp_path, monkeypatch
+):
+    """ablate --match time on a fake clock: per budget and seed, each KronSAE trains until it has used the
+    seconds of that budget's TopK cell (TopK 1/32 s a step, KronSAE 1/128 s)."""
+    clocked_steps(monkeypatch, {K.TopKSAE: 1 / 32, K.KronSAE: 1 / 128})
+    x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    store_of(x, [100] * 30, tmp_path / "store")
+    K.main(
+        [
+            "ablate",
+            "--data",
+            str(tmp_path / "store"),
+            "--dict-size",
+            "64",
+            "--k",
+            "4",
+            "--shapes",
+            "2x4,topk",
+            "--kernels",
+            "mand",
+            "--budgets",
+            "4,8",
+            "--match",
+            "time",
+            "--seeds",
+            "2",
+            "--batch",
+            "64",
+            "--eval-tokens",
+            "300",
+            "--json",
+            str(tmp_path / "t.json"),
+        ]
+    )
+    runs = json.loads((tmp_path / "t.json").read_text())["runs"]
+    cells = [(r["shape"], r["budget"], r["seed"], r["steps"]) for r in runs]
+    assert cells == [
+        ("topk", 4, 0, 4),
+        ("2x4", 4, 0, 16),
+        ("topk", 4, 1, 4),
+        ("2x4", 4, 1, 16),
+        ("topk", 8, 0, 8),
+        ("2x4", 8, 0, 32),
+        ("topk", 8, 1, 8),
+        ("2x4", 8, 1, 32),
+    ]
+    assert [r["seconds"] for r in runs] == [0.125] * 4 + [0.25] * 4
 
 
 @pytest.mark.slow
@@ -2536,7 +2756,9 @@ def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch
     tmp_path,
 ):
     """Two gloo processes, each with half of every batch, end where one process with the whole batch ends:
-    every batch statistic of the loss, the dead-latent counts and the gradients are summed across ranks."""
+    every batch statistic of the loss, the dead-latent counts and the gradients are summed across ranks.
+    Under --match time the two count rank 0's seconds: they stop at the same step (or a collective would
+    hang), the first at which KronSAE's seconds reach TopK's."""
     import subprocess
 
     store_of(
@@ -2567,12 +2789,13 @@ def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch
     ]  # gloo, on any machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def run(launcher, out):
+    def run(launcher, out, *extra):
         return subprocess.run(
             [
                 *launcher,
                 str(ROOT / "kronsae.py"),
                 *args,
+                *extra,
                 "--out",
                 str(out),
                 "--json",
@@ -2586,23 +2809,28 @@ def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch
 
     single = run([sys.executable], tmp_path / "one")
     assert single.returncode == 0, single.stderr[-2000:]
-    pair = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-        ],
-        tmp_path / "two",
-    )
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    pair = run(torchrun, tmp_path / "two")
     assert pair.returncode == 0, pair.stderr[-3000:]
     assert json.loads((tmp_path / "two.json").read_text())["config"]["world_size"] == 2
     for arch in ("topk", "kron"):
         a, b = K.load(tmp_path / "one" / arch), K.load(tmp_path / "two" / arch)
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=f"{arch} {name}")
+    timed = run(torchrun, tmp_path / "time", "--match", "time")
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    topk = torch.load(tmp_path / "time" / "topk" / "train_state.pt", weights_only=True)
+    kron = torch.load(tmp_path / "time" / "kron" / "train_state.pt", weights_only=True)
+    budget = kron["schedule"]["budget"]
+    assert budget == topk["seconds"] and topk["step"] == 12
+    assert budget <= kron["seconds"] < budget + kron["schedule"]["last_step"]
 
 
 @pytest.mark.slow
@@ -3748,6 +3976,8 @@ BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing 
     (["progressive", "--ctx", "64"], "ctx"),
     (["ablate", "--overwrite"], "overwrite"),
     (["ablate", "--kernel", "mand"], "kernel"),  # not --kernels
+    (["--arch", "kron", "--match", "time"], "match time.*arch both"),
+    (["ablate", "--shapes", "2x4", "--match", "time"], "match time.*topk to --shapes"),
 ]
 
 
