@@ -2567,6 +2567,24 @@ def test_a_match_record_from_before_the_clock_resumes_as_its_steps(tmp_path):
     assert K.matched_budget(fresh, "kron", 16, topk_seconds=1.5) == K.Budget(20, 1.5)
 
 
+def test_match_time_without_topk_needs_a_recorded_budget(tmp_path):
+    """--arch kron --match time has no TopK to time: refused, unless the run being resumed recorded its budget."""
+    s = K.Settings(
+        sae=K.SAEConfig(arch="kron"),
+        run=K.RunConfig(out=str(tmp_path), resume=str(tmp_path), match="time"),
+    )
+    with pytest.raises(ValueError, match="trains no TopK: use --arch both"):
+        K.check_time_match(s)
+    (tmp_path / "kron").mkdir()
+    record = {"match": "time", "seconds": 2.5, "topk_steps": 20}
+    (tmp_path / "kron" / "match.json").write_text(json.dumps(record))
+    K.check_time_match(s)
+    assert K.matched_budget(s, "kron", 16) == K.Budget(20, 2.5)
+    fresh = dataclasses.replace(s, run=dataclasses.replace(s.run, resume=""))
+    with pytest.raises(ValueError, match="trains no TopK"):
+        K.check_time_match(fresh)
+
+
 @pytest.mark.slow
 def test_ablate_match_time_gives_each_kronsae_its_topk_cells_seconds(
     tmp_path, monkeypatch
