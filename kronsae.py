@@ -2748,20 +2748,124 @@ def save(sae: SparseAutoencoder, directory: str):
     write_json(Path(directory, "config.json"), sae_config(sae))
 
 
+# What sets each dimension of each weight, by architecture, so that a checkpoint whose config.json does not
+# match its weights is refused naming the field: W_dec's rows are dict_size for TopK, h*m*n for KronSAE.
+WEIGHT_DIMENSIONS = {
+    "topk": {
+        "W_enc": ("dict_size", "d_in"),
+        "b_enc": ("dict_size",),
+        "W_dec": ("dict_size", "d_in"),
+        "b_dec": ("d_in",),
+    },
+    "kron": {
+        "W_enc": ("h*(m+n)", "d_in"),
+        "b_enc": ("h*(m+n)",),
+        "W_dec": ("h*m*n", "d_in"),
+        "b_dec": ("d_in",),
+    },
+}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names for floating point
+
+
+def planned_sae(build: Callable[[], SparseAutoencoder]) -> SparseAutoencoder:
+    """The SAE build() makes, on the meta device: its parameters have shapes and dtypes but no memory, so
+    a config claiming 10^9 latents costs nothing to look at."""
+    with torch.device("meta"):
+        return build()
+
+
+def weights_header(path) -> dict[str, tuple[tuple, str]]:
+    """Each tensor's (shape, dtype) in a safetensors file, read from its header alone: no tensor is loaded."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            return {
+                name: (tuple(s.get_shape()), s.get_dtype())
+                for name, s in slices.items()
+            }
+    except Exception as err:  # safetensors raises its own error kinds
+        raise ValueError(
+            f"{path} is corrupt ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
+
+
+def check_weights(planned: SparseAutoencoder, header: dict, what: str, source: str):
+    """Refuse, in one line naming the field and both values, a header whose tensors are not the ones the
+    planned SAE (built from `source`, on the meta device) would load: a missing or extra name, another
+    shape, or a dtype that is not floating point."""
+    expected = planned.state_dict()
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{what} holds tensors {sorted(header)}, but {source} describes "
+            f"{list(expected)} (missing {missing}, unexpected {extra})"
+        )
+    arch = sae_config(planned)["arch"]
+    for name, tensor in expected.items():
+        shape, dtype = header[name]
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{what}: {name} has dtype {dtype} in sae.safetensors; an SAE's weights "
+                f"are floating point ({', '.join(FLOAT_DTYPES)})"
+            )
+        if shape == tuple(tensor.shape):
+            continue
+        labels = WEIGHT_DIMENSIONS[arch][name]
+        if len(shape) != len(labels):
+            raise ValueError(
+                f"{what}: {name} has shape {shape} in sae.safetensors, but {source} "
+                f"makes it {tuple(tensor.shape)}"
+            )
+        dim = next(i for i in range(len(shape)) if shape[i] != tensor.shape[i])
+        raise ValueError(
+            f"{what} does not match its weights: {source} gives "
+            f"{dimension_text(labels[dim], sae_config(planned), tensor.shape[dim])}, "
+            f"sae.safetensors has {shape[dim]} ({name} has shape {shape}, the config "
+            f"makes it {tuple(tensor.shape)})"
+        )
+
+
+def dimension_text(label: str, config: dict, value: int) -> str:
+    """'dict_size = 64', or with the config's values filled in, 'h*(m+n) = 8*(2+4) = 48'."""
+    filled = re.sub(r"[a-z_]+", lambda match: str(config[match.group()]), label)
+    if filled == str(value):
+        return f"{label} = {value}"
+    return f"{label} = {filled} = {value}"
+
+
 def load(directory: str, device="cpu") -> SparseAutoencoder:
     """The exact inverse of save. A missing or corrupt checkpoint raises ValueError naming what is wrong.
-    Nothing in it can run code: safetensors and JSON."""
+    config.json is checked against the tensors' names, shapes and dtypes in the safetensors header before
+    anything is allocated, so a config that lies about its sizes costs no memory. Nothing in a checkpoint
+    can run code: safetensors and JSON."""
     from safetensors.torch import load_file
 
     for name in ("config.json", "sae.safetensors"):
         if not Path(directory, name).is_file():
             raise ValueError(f"{directory} is not a checkpoint: {name} is missing")
+    weights = Path(directory, "sae.safetensors")
+
+    # The config and the header first, with no memory behind either.
     try:
-        sae = build_sae(json.loads(Path(directory, "config.json").read_text()))
-        sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
+        config = json.loads(Path(directory, "config.json").read_text())
+        planned = planned_sae(lambda: build_sae(config))
+        header = weights_header(weights)
     except (
         Exception
-    ) as err:  # json, safetensors and load_state_dict each raise their own kind
+    ) as err:  # json, the constructors and safetensors each raise their own kind
+        raise ValueError(
+            f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
+    check_weights(planned, header, f"checkpoint {directory}", "config.json")
+
+    # Only then the SAE itself, and its weights.
+    try:
+        sae = build_sae(config)
+        sae.load_state_dict(load_file(weights))
+    except Exception as err:
         raise ValueError(
             f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})"
         ) from None
@@ -3593,6 +3697,9 @@ def run_one(
         s, train=dataclasses.replace(s.train, steps=steps or s.train.steps)
     )
     set_seed(s.run.seed)
+    out = str(Path(s.run.out, arch)) if s.run.out else ""
+    if s.run.resume:
+        check_resumed_weights(s, arch, train_data.d, out)
     sae = s.sae.build(arch, train_data.d).to(device)
     if isinstance(train_data.rows, torch.Tensor):
         check_data(train_data.rows, sae.d_in)
@@ -3606,7 +3713,6 @@ def run_one(
         pin=device.type == "cuda",
     )
     scale = train_data.scale if s.data.normalize else 1.0
-    out = str(Path(s.run.out, arch)) if s.run.out else ""
     state = None
     if s.run.resume and Path(out, "train_state.pt").exists():
         state, scale = load_run_state(out, sae, s.train, batches)
@@ -3660,6 +3766,16 @@ def run_one(
         train_flops=s.train.steps * s.train.batch * sae.flops_per_token(),
     )
     return sae, metrics, result
+
+
+def check_resumed_weights(s: Settings, arch: str, d: int, out: str):
+    """--resume: run.json's SAE against the weights saved in OUT/arch, before an SAE of the size it claims
+    is allocated."""
+    if not Path(out, "sae.safetensors").is_file():
+        return
+    planned = planned_sae(lambda: s.sae.build(arch, d))
+    header = weights_header(Path(out, "sae.safetensors"))
+    check_weights(planned, header, f"--resume {s.run.resume}: {out}", "run.json")
 
 
 def matched_steps(

@@ -2044,6 +2044,97 @@ def test_load_names_the_path_and_what_is_missing_or_corrupt(tmp_path):
         K.load(tmp_path / "ckpt")
 
 
+def test_load_refuses_a_config_that_does_not_match_its_tensors_naming_the_field(
+    tmp_path,
+):
+    K.save(perturb_(kron()).float(), tmp_path / "kron")
+    K.save(K.TopKSAE(16, 64, k=4), tmp_path / "topk")
+    lies = [
+        (
+            "kron",
+            {"h": 10**8},
+            r"h\*\(m\+n\) = 100000000\*\(2\+4\) = 600000000, "
+            r"sae.safetensors has 48",
+        ),
+        ("kron", {"d_in": 32}, r"d_in = 32, sae.safetensors has 16"),
+        (
+            "topk",
+            {"dict_size": 10**9},
+            r"dict_size = 1000000000, sae.safetensors has 64",
+        ),
+    ]
+    for arch, change, message in lies:
+        path = tmp_path / arch / "config.json"
+        honest = path.read_text()
+        path.write_text(json.dumps({**json.loads(honest), **change}))
+        with pytest.raises(
+            ValueError, match="does not match its weights: config.json gives " + message
+        ):
+            K.load(tmp_path / arch)
+        path.write_text(honest)
+    from safetensors.torch import save_file
+
+    weights = K.load(tmp_path / "topk").state_dict()
+    save_file(
+        {**weights, "W_dec": weights["W_dec"].to(torch.int32)},
+        tmp_path / "topk" / "sae.safetensors",
+    )
+    with pytest.raises(ValueError, match="W_dec has dtype I32"):
+        K.load(tmp_path / "topk")
+    save_file({"W_dec": weights["W_dec"]}, tmp_path / "topk" / "sae.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['W_enc', 'b_dec', 'b_enc'\]"):
+        K.load(tmp_path / "topk")
+
+
+LYING_CONFIG_CHILD = """
+import resource, runpy, sys
+limit = 3 << 30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for argv in sys.argv[1:]:
+    sys.argv = ["kronsae.py", *argv.split()]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as stop:
+        print("exit", stop.code)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print("VmHWM", status["VmHWM"].split()[0])
+"""
+
+
+@pytest.mark.slow
+def test_a_config_that_lies_about_its_sizes_is_refused_in_one_line_in_little_memory(
+    tmp_path,
+):
+    """dict_size 10^9 beside weights of d = 16 (64 GB if believed), loaded by export and by absorption in a
+    process limited to 3 GB of address space: one line each, naming the field and both values, and a peak
+    RSS under 1 GB."""
+    import subprocess
+
+    K.save(K.TopKSAE(16, 64, k=4), tmp_path / "topk")
+    path = tmp_path / "topk" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dict_size": 10**9}))
+    commands = [
+        f"export {tmp_path / 'topk'} --to saelens {tmp_path / 'out'}",
+        f"absorption {tmp_path / 'topk'} --model nowhere --layer 1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", LYING_CONFIG_CHILD, *commands],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr
+    for line in lines:
+        assert line.startswith("kronsae.py: error: checkpoint") and (
+            "config.json gives dict_size = 1000000000, sae.safetensors has 64" in line
+        ), line
+    out = proc.stdout.split()
+    assert out[:4] == ["exit", "1", "exit", "1"]
+    assert int(out[out.index("VmHWM") + 1]) < 1 << 20  # kB: under 1 GB
+
+
 def test_json_never_holds_nan_or_infinity(tmp_path):
     K.write_json(
         tmp_path / "sub" / "m.json",
