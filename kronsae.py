@@ -1158,9 +1158,10 @@ def check_data(x: torch.Tensor, d_in: Optional[int] = None):
     bad = ~torch.isfinite(x)
     if bad.any():
         where = bad.nonzero()[:5].tolist()
+        rows = int(bad.any(-1).sum())
         raise ValueError(
-            f"data has {int(bad.sum())} non-finite values (NaN or inf) out of {x.numel()}; "
-            f"first at [row, column] {where}"
+            f"data has {int(bad.sum())} non-finite values (NaN or inf) out of {x.numel()}, "
+            f"in {rows} of its {x.shape[0]} rows; first at [row, column] {where}"
         )
 
 
@@ -1388,7 +1389,33 @@ def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str
     plt.close(fig)
 
 
+def finite_mask(x: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the rows of x (N, d) whose values and norm are all finite."""
+    return x.isfinite().all(-1) & x.norm(dim=-1).isfinite()
+
+
+def finite_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the rows of x (N, d) whose values and norm are all finite, how many were not). A row with a NaN or an
+    inf is damage, not a massive activation, so it is counted apart from the norm filter and never reaches it."""
+    finite = finite_mask(x)
+    bad = int((~finite).sum())
+    return (x[finite] if bad else x), bad
+
+
+def check_some_finite(kept: int, bad: int, what: str):
+    if bad and not kept:
+        raise ValueError(
+            f"all {bad} {what} are non-finite (NaN or inf); nothing is left to use"
+        )
+
+
 def print_filter_report(report: dict):
+    bad = report.get("non_finite", {})
+    if any(bad.values()):
+        print(
+            f"non-finite rows: dropped {bad['train']:,} training and {bad['held_out']:,} held-out "
+            f"rows holding NaN or inf, apart from the massive-activation filter"
+        )
     t, e, ratio = report["train"], report["held_out"], report["max_norm_ratio"]
     if t["dropped"] or e["dropped"]:
         print(
@@ -1417,11 +1444,17 @@ def filter_massive(
     """Drop the tokens whose norm exceeds ratio x the median training-token norm, from both splits alike:
     massive activations (Sun et al. 2024, arXiv 2402.17762), a few tokens with 100 to 10,000 times the median
     norm, usually attention sinks, which would otherwise hold most of the variance. ratio 0 keeps all.
+    Rows that are not finite go first, whatever the ratio, and are counted apart (finite_rows).
     Returns (train, held_out, report), the report as norm_report gives it for each split."""
+    train, train_bad = finite_rows(train)
+    held_out, held_out_bad = finite_rows(held_out)
+    check_some_finite(len(train), train_bad, "training rows")
+    check_some_finite(len(held_out), held_out_bad, "held-out rows")
     median = float(train.norm(dim=-1).median())
     threshold = ratio * median if ratio else math.inf
     report = {
         "max_norm_ratio": ratio,
+        "non_finite": {"train": train_bad, "held_out": held_out_bad},
         "train": norm_report(train, threshold, median),
         "held_out": norm_report(held_out, threshold, median),
     }
@@ -1799,11 +1832,9 @@ class ActivationStore:
         del mapped
         return (t.view(torch.bfloat16) if self.dtype == "bfloat16" else t).float()
 
-    def split(self, eval_tokens: int, seed: int, ratio: float):
-        """Hold out whole contexts, chosen by the seed, until they hold eval_tokens rows; drop every row whose
-        norm exceeds ratio x the median training norm, as filter_massive does. Returns (training Rows per
-        shard, held-out rows (n, d) in RAM, the filter's report, the input scale). Memory: the norms, one
-        index per training row, the held-out rows and one chunk at a time."""
+    def held_out_rows(self, eval_tokens: int, seed: int) -> list[np.ndarray]:
+        """Per shard, (n,) bool: the rows of the whole contexts held out, chosen by the seed, until they hold
+        eval_tokens rows."""
         counts = np.concatenate([np.diff(o) for o in self.offsets])  # rows per context
         if counts.sum() <= eval_tokens:
             raise ValueError(
@@ -1816,57 +1847,96 @@ class ActivationStore:
         held[
             order[: int(np.searchsorted(np.cumsum(counts[order]), eval_tokens)) + 1]
         ] = True
-        held_rows = np.split(
+        return np.split(
             np.repeat(held, counts), np.cumsum([len(n) for n in self.norms])[:-1]
         )
+
+    def finite_rows(
+        self, held: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """One pass over every row, SUM_ROWS at a time: per shard, (n,) bool, the rows whose values and stored
+        norm are finite (a store damaged after its harvest, or written by another tool, may hold NaN or inf),
+        and the float64 sum of the finite training rows (d,)."""
+        finite, total = [], np.zeros(self.d)
+        for k, (norms, h) in enumerate(zip(self.norms, held)):
+            ok = np.isfinite(np.asarray(norms))
+            for chunk in np.array_split(
+                np.arange(len(ok)), max(1, len(ok) // SUM_ROWS)
+            ):
+                x = self.rows(k, chunk)
+                ok[chunk] &= x.isfinite().all(-1).numpy()
+                train = torch.from_numpy(ok[chunk] & ~h[chunk])
+                total += x[train].double().sum(0).numpy()
+            finite.append(ok)
+        return finite, total
+
+    def split(self, eval_tokens: int, seed: int, ratio: float):
+        """Hold out whole contexts, chosen by the seed, until they hold eval_tokens rows; drop the rows that are
+        not finite, counted apart, then every row whose norm exceeds ratio x the median training norm, as
+        filter_massive does. Returns (training Rows per shard, held-out rows (n, d) in RAM, the filter's report,
+        the input scale). Memory: the norms, one index per training row, the held-out rows and one chunk at a
+        time."""
+        held = self.held_out_rows(eval_tokens, seed)
+        finite, total = self.finite_rows(held)
         norms = [np.asarray(n) for n in self.norms]
-        train_norms = np.concatenate([n[~h] for n, h in zip(norms, held_rows)])
+        train_norms = np.concatenate(
+            [n[~h & f] for n, h, f in zip(norms, held, finite)]
+        )
+        bad = {
+            "train": int(sum((~h & ~f).sum() for h, f in zip(held, finite))),
+            "held_out": int(sum((h & ~f).sum() for h, f in zip(held, finite))),
+        }
+        check_some_finite(
+            len(train_norms), bad["train"], f"training rows of {self.directory}"
+        )
         middle = (len(train_norms) - 1) // 2  # the lower median, as torch
         median = float(np.partition(train_norms, middle)[middle])
         threshold = ratio * median if ratio else math.inf
-        train, held_out, total = [], [], np.zeros(self.d)
-        dropped = []
-        for k, (n, h) in enumerate(zip(norms, held_rows)):
-            index = np.flatnonzero(~h & (n <= threshold))
+        train, held_out, dropped = [], [], []
+        for k, (n, h, f) in enumerate(zip(norms, held, finite)):
+            index = np.flatnonzero(~h & f & (n <= threshold))
             train.append(
                 Rows(
                     len(index),
                     lambda i, k=k, index=index: self.rows(k, index[i.numpy()]),
                 )
             )
-            held_out.append(self.rows(k, np.flatnonzero(h)))
-            # sum of x
-            for chunk in np.array_split(
-                np.flatnonzero(~h), max(1, int(np.sum(~h)) // SUM_ROWS)
-            ):
-                total += self.rows(k, chunk).double().sum(0).numpy()
-            dropped.append(self.rows(k, np.flatnonzero(~h & (n > threshold))))
-        dropped = torch.cat(dropped).double()
-        mean = total / len(train_norms)
-
-        # sum of ||x - mean||^2 over rows with sum of ||x||^2 = sq and sum of x = sx
-        def spread(sq, sx, count):
-            return float(sq - 2 * mean @ sx + count * mean @ mean)
-
-        share = spread(
-            float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped)
-        ) / spread(
-            float((train_norms.astype(np.float64) ** 2).sum()), total, len(train_norms)
-        )
-        kept = train_norms[train_norms <= threshold]
+            held_out.append(self.rows(k, np.flatnonzero(h & f)))
+            dropped.append(self.rows(k, np.flatnonzero(~h & f & (n > threshold))))
         held_out = torch.cat(held_out)
+        check_some_finite(
+            len(held_out), bad["held_out"], f"held-out rows of {self.directory}"
+        )
+        share = massive_share(torch.cat(dropped).double(), train_norms, total)
         report = {
             "max_norm_ratio": ratio,
+            "non_finite": bad,
             "train": filter_report(train_norms, threshold, median, share),
             "held_out": norm_report(held_out, threshold, median),
         }
         held_out = held_out[held_out.norm(dim=-1) <= threshold][:eval_tokens]
+        kept = train_norms[train_norms <= threshold]
         return (
             train,
             held_out,
             report,
             math.sqrt(self.d) / float(kept.mean(dtype=np.float64)),
         )
+
+
+def massive_share(dropped: torch.Tensor, norms: np.ndarray, total: np.ndarray) -> float:
+    """The dropped rows' share of the raw variance, sum over them of ||x - mean||^2 over the same sum for all
+    training rows, from the dropped rows (n, d), every training row's norm and the rows' sum (d,)."""
+    mean = total / len(norms)
+
+    # sum of ||x - mean||^2 over rows with sum of ||x||^2 = sq and sum of x = sx
+    def spread(sq, sx, count):
+        return float(sq - 2 * mean @ sx + count * mean @ mean)
+
+    outside = spread(float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped))
+    return outside / spread(
+        float((norms.astype(np.float64) ** 2).sum()), total, len(norms)
+    )
 
 
 def input_scale(data: torch.Tensor) -> float:
@@ -2290,7 +2360,9 @@ def dropped_tokens(
 ) -> dict:
     """Which tokens, at which positions, the norm filter dropped: the most common of each, with counts.
     acts (n, d) are the rows harvested from contexts (N, T) at `mask`, in order."""
-    dropped = (acts.norm(dim=-1) > threshold).nonzero().squeeze(1)  # rows
+    norms = acts.norm(dim=-1)
+    # rows; non-finite ones are counted apart (finite_rows)
+    dropped = ((norms > threshold) & norms.isfinite()).nonzero().squeeze(1)
     ids = contexts[mask][dropped]  # (n_dropped,)
     positions = torch.arange(contexts.shape[1]).expand_as(contexts)[mask][dropped]
 
@@ -5766,9 +5838,27 @@ def absorption(
         batch,
         progress,
     )
-    return measure_absorption(
+    data, bad = finite_probe_data(data)
+    result = measure_absorption(
         {sae_name(d): (sae, run_ev(d)) for d, sae in zip(directories, saes)}, data, seed
     )
+    result["gate"]["non_finite_dropped"] = bad
+    return result
+
+
+def finite_probe_data(data: ProbeData) -> tuple[ProbeData, int]:
+    """The words whose activations are finite, and how many were not (a model that overflows, or a damaged
+    cache): they are dropped and counted, never fed to the probes."""
+    ok = finite_mask(data.acts)
+    bad = int((~ok).sum())
+    if not bad:
+        return data, 0
+    check_some_finite(int(ok.sum()), bad, "words' activations")
+    print(
+        f"non-finite rows: dropped {bad:,} of {len(ok):,} words whose activations hold NaN or inf"
+    )
+    words = [data.words[i] for i in ok.nonzero().flatten().tolist()]
+    return ProbeData(data.acts[ok], data.letters[ok], data.train[ok], words), bad
 
 
 def measure_absorption(saes: dict, data: ProbeData, seed: int = 0) -> dict:

@@ -1102,11 +1102,26 @@ def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
 # ============================================================================= 6. Data
 
 
+def test_filter_massive_drops_non_finite_rows_apart_whatever_the_ratio():
+    x = torch.randn(200, 8)
+    x[[3, 9]] = math.inf
+    x[20, 1] = math.nan
+    x[170] = -math.inf
+    for ratio in (0.0, 10.0):
+        train, held_out, report = K.filter_massive(x[:150], x[150:], ratio)
+        assert report["non_finite"] == {"train": 3, "held_out": 1}
+        assert report["train"]["dropped"] == 0 and report["train"]["tokens"] == 147
+        assert len(train) == 147 and len(held_out) == 49
+        assert torch.isfinite(train).all() and torch.isfinite(held_out).all()
+        assert math.isfinite(report["train"]["dropped_variance_share"])
+
+
 def test_non_finite_data_raises_with_count_and_location(tmp_path):
     x = torch.randn(20, 4)
     x[3, 1], x[7, 2] = float("nan"), float("inf")
     with pytest.raises(
-        ValueError, match=r"2 non-finite values.*\[\[3, 1\], \[7, 2\]\]"
+        ValueError,
+        match=r"2 non-finite values.*in 2 of its 20 rows.*\[\[3, 1\], \[7, 2\]\]",
     ):
         K.check_data(x)
     torch.save(x, tmp_path / "bad.pt")
@@ -1952,6 +1967,99 @@ def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_pat
         ]
     )
     assert all(r["ev"] > 0 for r in results.values())
+
+
+def damage_rows_(store_dir, shard: int, rows: list, value=math.inf):
+    """Overwrite rows of a finished store's shard in place, as a later fault or another tool would, leaving
+    its norms file as the harvest wrote it."""
+    path = Path(store_dir) / f"shard_{shard:05d}.npy"
+    mapped = np.load(path, mmap_mode="r+")
+    mapped[rows] = value
+    mapped.flush()
+    del mapped
+
+
+@pytest.mark.parametrize("ratio", ["0", "10"])
+def test_a_store_with_inf_rows_drops_and_counts_them_apart_from_massive_ones(
+    tmp_path, ratio
+):
+    x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    store = store_of(x, [30] * 100, tmp_path / "store")
+    damage_rows_(tmp_path / "store", 1, [3, 50, 51, 200])
+    damage_rows_(tmp_path / "store", 2, [7], math.nan)
+    rows, held_out, report, _ = store.split(300, seed=0, ratio=float(ratio))
+    bad = report["non_finite"]
+    assert bad["train"] + bad["held_out"] == 5
+    train, held = report["train"]["tokens"], report["held_out"]["tokens"]
+    assert train + held + 5 == 3000  # every finite row, in one split or the other
+    assert sum(r.count for r in rows) + report["train"]["dropped"] == train
+    assert torch.isfinite(held_out).all() and math.isfinite(
+        report["train"]["dropped_variance_share"]
+    )
+    for r in rows:
+        assert torch.isfinite(r.fetch(torch.arange(r.count))).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", ["0", "10"])
+def test_training_on_a_store_with_inf_rows_says_so_and_stays_finite(
+    tmp_path, capsys, ratio
+):
+    x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    store = store_of(x, [30] * 100, tmp_path / "store")
+    damage_rows_(tmp_path / "store", 1, [3, 50, 51, 200])
+    damage_rows_(tmp_path / "store", 2, [7], math.nan)
+    bad = store.split(300, seed=0, ratio=float(ratio))[2]["non_finite"]
+    K.main(
+        [
+            "--data",
+            str(tmp_path / "store"),
+            "--dict-size",
+            "64",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            "10",
+            "--batch",
+            "128",
+            "--eval-tokens",
+            "300",
+            "--max-norm-ratio",
+            ratio,
+            "--out",
+            str(tmp_path / "run"),
+            "--json",
+            str(tmp_path / "run.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert (
+        f"non-finite rows: dropped {bad['train']} training and {bad['held_out']} "
+        f"held-out rows" in out
+    )
+    assert "nan" not in out  # Python's float NaN, as in "nan%"; the message says NaN
+    saved = json.loads((tmp_path / "run.json").read_text())
+    for arch in ("topk", "kron"):
+        assert saved["data"]["non_finite"] == bad
+        assert math.isfinite(saved[arch]["ev"])
+        sae = K.load(tmp_path / "run" / arch)
+        assert all(torch.isfinite(t).all() for t in sae.state_dict().values())
+
+
+def test_a_store_whose_rows_are_all_non_finite_is_refused_in_one_line(tmp_path, capsys):
+    store_of(torch.randn(600, 8), [30] * 20, tmp_path / "store")
+    for shard in range(len(K.ActivationStore(tmp_path / "store").shards)):
+        damage_rows_(tmp_path / "store", shard, slice(None))
+    with pytest.raises(SystemExit):
+        K.main(
+            ["--data", str(tmp_path / "store"), "--steps", "2", "--eval-tokens", "60"]
+        )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "are non-finite (NaN or inf)" in err[0], err
 
 
 def test_real_pretrained_minilm_harvest():
@@ -3512,6 +3620,42 @@ def test_absorption_command_runs_on_a_tiny_model_and_says_when_the_gate_fails(
             ]
         )
     assert "layer must be in 0..2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_absorption_drops_and_counts_the_non_finite_rows_of_a_damaged_cache(
+    tiny_lm, tmp_path, capsys
+):
+    path, _ = tiny_lm
+    torch.manual_seed(0)
+    K.save(K.TopKSAE(32, 64, k=4), tmp_path / "run" / "topk")
+    argv = [
+        "absorption",
+        str(tmp_path / "run" / "topk"),
+        "--model",
+        str(path),
+        "--layer",
+        "1",
+        "--words",
+        "50",
+    ]
+    assert K.main(argv)["gate"]["non_finite_dropped"] == 0
+    (cache,) = (tmp_path / "run").glob("absorption_*.npz")
+    with np.load(cache) as f:
+        arrays = dict(f)
+    words = len(arrays["acts"])
+    arrays["acts"][[2, 11, 13]] = np.inf
+    arrays["acts"][5, 0] = np.nan
+    np.savez(cache, **arrays)
+    capsys.readouterr()
+    result = K.main(argv)
+    out = capsys.readouterr().out
+    assert result["gate"]["non_finite_dropped"] == 4
+    assert f"non-finite rows: dropped 4 of {words} words" in out
+    assert result["gate"]["words"] == words - 4
+    # the probes and the SAE's EV saw only finite rows (17 words pass no letter's gate)
+    assert all(math.isfinite(f1) for f1 in result["gate"]["probe_f1"].values())
+    assert math.isfinite(result["saes"]["run/topk"]["ev_prompts"])
 
 
 # ============================================================================= 14. Benchmark
