@@ -4645,13 +4645,87 @@ WINDOW = 15  # tokens either side of the firing token (appendix D.1: 31-token wi
 HISTOGRAM_BINS = torch.logspace(-4, 4, 65)
 
 
-class UnitStats:
-    """Streaming statistics of U units whose activations arrive as dense (B, U) chunks of whole contexts.
-    Memory: O(U * examples * WINDOW) for the examples and O(U * bins) for the histograms, whatever the number
-    of tokens read, plus one float per (unit, token id) pair that fired, for eq. 10."""
+# Units taken at a time by UnitStats and TokenMass, so that their temporaries stay near rows x UNIT_BLOCK floats
+# per chunk, however many units there are (KronSAE at F = 65,536 has 32,768 pre-latents).
+UNIT_BLOCK = 4096
+TOP_TOKENS = 5  # the tokens with the most activation mass kept per unit
 
-    def __init__(self, units: int, examples: int, vocab: int):
-        self.units, self.vocab, self.tokens = units, vocab, 0
+
+class TokenMass:
+    """eq. 10's activation mass by token id, for U units, in O(U) memory. The rows arrive sorted by token id, so
+    a token's mass m_t (U,) is whole once the next token starts, and only three things are kept per unit: the
+    total M = sum_t m_t, sum_t m_t log m_t and the TOP_TOKENS heaviest tokens. The token entropy of
+    p_t = m_t / M is then H = -sum_t p_t log p_t = log M - (sum_t m_t log m_t) / M."""
+
+    def __init__(self, units: int):
+        self.units = units
+        self.mass = torch.zeros(units, dtype=torch.float64)
+        self.m_log_m = torch.zeros(units, dtype=torch.float64)
+        self.top_mass = torch.zeros(units, TOP_TOKENS, dtype=torch.float64)
+        self.top_ids = torch.full((units, TOP_TOKENS), -1)
+        # the token being summed (-1: none yet) and its mass so far
+        self.token = -1
+        self.current = torch.zeros(units, dtype=torch.float64)
+
+    def add(self, acts: torch.Tensor, token_ids: torch.Tensor):
+        """acts (B, U) >= 0 of rows whose token_ids (B,) ascend, from where the last call's rows ended."""
+        ids, counts = token_ids.unique_consecutive(return_counts=True)  # (G,)
+        group = torch.repeat_interleave(torch.arange(len(ids)), counts)  # (B,)
+        for lo in range(0, self.units, UNIT_BLOCK):
+            block = slice(lo, lo + UNIT_BLOCK)
+            width = min(UNIT_BLOCK, self.units - lo)
+            mass = torch.zeros(len(ids), width, dtype=torch.float64)
+            mass.index_add_(0, group, acts[:, block].double())  # (G, u)
+            if int(ids[0]) == self.token:
+                mass[0] += self.current[block]
+            elif self.token >= 0:
+                self.close(self.current[None, block], torch.tensor([self.token]), block)
+            # every token here is whole but the last, which the next rows may continue
+            self.close(mass[:-1], ids[:-1], block)
+            self.current[block] = mass[-1]
+        self.token = int(ids[-1])
+
+    def finish(self):
+        if self.token >= 0:
+            everything = slice(0, self.units)
+            self.close(self.current[None], torch.tensor([self.token]), everything)
+        self.token = -1
+
+    def close(self, mass: torch.Tensor, ids: torch.Tensor, block: slice):
+        """Count whole tokens: mass (G, u) of the units in `block`, ids (G,)."""
+        self.mass[block] += mass.sum(0)
+        self.m_log_m[block] += torch.xlogy(mass, mass).sum(0)  # 0 log 0 = 0
+        masses = torch.cat([self.top_mass[block], mass.T], 1)  # (u, TOP + G)
+        tokens = torch.cat(
+            [self.top_ids[block], ids[None].expand(mass.shape[1], -1)], 1
+        )
+        best = masses.topk(TOP_TOKENS, dim=1)
+        self.top_mass[block] = best.values
+        self.top_ids[block] = tokens.gather(1, best.indices)
+
+    def entropy(self) -> torch.Tensor:
+        """(U,) eq. 10's token entropy, NaN for units with no mass."""
+        H = self.mass.log() - self.m_log_m / self.mass
+        return H.clamp_min(0)  # rounding can leave -1e-16 where one token holds all
+
+    def top_tokens(self, unit: int, count: int) -> list[tuple[int, float]]:
+        """The unit's `count` heaviest token ids (at most TOP_TOKENS), with their share of its mass."""
+        share = self.top_mass[unit, :count] / self.mass[unit]
+        return [
+            (int(token), float(s))
+            for token, m, s in zip(self.top_ids[unit], self.top_mass[unit], share)
+            if m > 0
+        ]
+
+
+class UnitStats:
+    """Streaming statistics of U units whose activations arrive as dense (B, U) chunks of whole contexts, in
+    blocks of UNIT_BLOCK units. Memory: O(U * examples * WINDOW) for the examples, O(U * bins) for the
+    histograms and O(U) for eq. 10 (TokenMass, fed by a second pass in token order), whatever the number of
+    tokens read and however densely the units fire."""
+
+    def __init__(self, units: int, examples: int):
+        self.units, self.tokens = units, 0
         self.fired = torch.zeros(units, dtype=torch.long)
         self.total = torch.zeros(units, dtype=torch.float64)
         self.top = torch.zeros(units, examples)  # the top activations, descending
@@ -4660,39 +4734,36 @@ class UnitStats:
         # activations around each
         self.windows = torch.zeros(units, examples, 2 * WINDOW + 1)
         self.histogram = torch.zeros(units, len(HISTOGRAM_BINS) + 1, dtype=torch.long)
-        self.keys, self.mass, self.pending = (
-            torch.zeros(0, dtype=torch.long),
-            torch.zeros(0, dtype=torch.float64),
-            [],
-        )
+        self.by_token = TokenMass(units)
 
     def add(self, acts: torch.Tensor, chunk: TextChunk):
         """acts (B, U) >= 0 on the chunk's rows; rows outside chunk.keep count for nothing but their windows."""
-        kept = acts * chunk.keep[:, None]
         self.tokens += int(chunk.keep.sum())
+        for lo in range(0, self.units, UNIT_BLOCK):
+            self.add_block(acts[:, lo : lo + UNIT_BLOCK], chunk, lo)
+
+    def add_block(self, acts: torch.Tensor, chunk: TextChunk, lo: int):
+        """add for the units lo, lo + 1, ... of acts (B, u)."""
+        block = slice(lo, lo + acts.shape[1])
+        kept = acts * chunk.keep[:, None]
         rows, units = kept.nonzero(as_tuple=True)  # the firings
         values = kept[rows, units]
-        self.fired += torch.bincount(units, minlength=self.units)
-        self.total.index_add_(0, units, values.double())
+        self.fired[block] += torch.bincount(units, minlength=acts.shape[1])
+        # slices of the (U, ...) tensors are views: the block's rows are updated in place
+        self.total[block].index_add_(0, units, values.double())
         bins = torch.bucketize(values, HISTOGRAM_BINS)
-        self.histogram.view(-1).index_add_(
+        self.histogram[block].view(-1).index_add_(
             0, units * self.histogram.shape[1] + bins, torch.ones_like(bins)
         )
-        self.pending.append(
-            (units * self.vocab + chunk.token_ids[rows], values.double())
-        )
-        # amortised: O(pairs log pairs)
-        if sum(len(k) for k, _ in self.pending) > max(len(self.keys), 1 << 22):
-            self.coalesce()
         E = min(self.top.shape[1], kept.shape[0])
-        best_values, best = kept.topk(E, dim=0)  # (E, U) each unit's best rows here
+        best_values, best = kept.topk(E, dim=0)  # (E, u) each unit's best rows here
         # last row: slots without a store row
-        padded = torch.cat([acts, acts.new_zeros(1, self.units)])
+        padded = torch.cat([acts, acts.new_zeros(1, acts.shape[1])])
         windows = padded[
-            chunk.neighbours[best], torch.arange(self.units)[None, :, None]
-        ]  # (E, U, 2W+1)
+            chunk.neighbours[best], torch.arange(acts.shape[1])[None, :, None]
+        ]  # (E, u, 2W+1)
         order = (
-            torch.cat([self.top, best_values.T], 1)
+            torch.cat([self.top[block], best_values.T], 1)
             .topk(self.top.shape[1], dim=1)
             .indices
         )
@@ -4706,33 +4777,20 @@ class UnitStats:
                 ),
             )
 
-        self.top = merge(self.top, best_values.T)
-        self.row = merge(self.row, torch.where(best_values > 0, chunk.rows[best], -1).T)
-        self.span = merge(self.span, chunk.span[best].T)
-        self.windows = merge(self.windows, windows.transpose(0, 1))
+        self.top[block] = merge(self.top[block], best_values.T)
+        rows_of_best = torch.where(best_values > 0, chunk.rows[best], -1)
+        self.row[block] = merge(self.row[block], rows_of_best.T)
+        self.span[block] = merge(self.span[block], chunk.span[best].T)
+        self.windows[block] = merge(self.windows[block], windows.transpose(0, 1))
 
-    def coalesce(self):
-        keys = torch.cat([self.keys, *(k for k, _ in self.pending)])
-        mass = torch.cat([self.mass, *(m for _, m in self.pending)])
-        # sorted: unit-major, then token id
-        self.keys, inverse = keys.unique(return_inverse=True)
-        self.mass = torch.zeros(len(self.keys), dtype=torch.float64).index_add_(
-            0, inverse, mass
-        )
-        self.pending = []
+    def add_tokens(self, acts: torch.Tensor, token_ids: torch.Tensor):
+        """The second pass, for eq. 10: acts (B, U) of counted rows in ascending token_ids (B,)."""
+        self.by_token.add(acts, token_ids)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """Per unit (NaN where it never fired): frequency (share of tokens it fires on), mean_activation (over
         those tokens), token_entropy (eq. 10) and multitoken_ratio (eq. 11, over its collected examples)."""
-        self.coalesce()
-        unit = self.keys // self.vocab
-        mass = torch.zeros(self.units, dtype=torch.float64).index_add_(
-            0, unit, self.mass
-        )
-        p = self.mass / mass[unit]
-        entropy = torch.zeros(self.units, dtype=torch.float64).index_add_(
-            0, unit, -p * p.log()
-        )
+        self.by_token.finish()
         never = self.fired == 0
         valid = self.row >= 0  # (U, E) examples actually collected
         active = ((self.windows > 0).sum(-1) / self.span * valid).sum(1) / valid.sum(1)
@@ -4742,31 +4800,25 @@ class UnitStats:
             "mean_activation": torch.where(
                 never, nan, self.total / self.fired.clamp_min(1)
             ),
-            "token_entropy": torch.where(never, nan, entropy),
+            "token_entropy": torch.where(never, nan, self.by_token.entropy()),
             "multitoken_ratio": torch.where(never, nan, active.double()),
         }
 
-    def top_tokens(self, unit: int, count: int = 5) -> list[tuple[int, float]]:
+    def top_tokens(self, unit: int, count: int = TOP_TOKENS) -> list[tuple[int, float]]:
         """The unit's `count` token ids with the most activation mass, with their share of it."""
-        lo, hi = torch.searchsorted(
-            self.keys, torch.tensor([unit * self.vocab, (unit + 1) * self.vocab])
-        ).tolist()
-        mass = self.mass[lo:hi]
-        best = mass.topk(min(count, len(mass))).indices
-        return [
-            (int(self.keys[lo + b] % self.vocab), float(mass[b] / mass.sum()))
-            for b in best
-        ]
+        return self.by_token.top_tokens(unit, count)
 
 
 # whole contexts of a store, and what UnitStats needs to know of their rows
 class TextChunk(NamedTuple):
-    x: torch.Tensor  # (B, d) activations
+    x: torch.Tensor  # (B, d) activations, rows that are not finite set to 0
     rows: torch.Tensor  # (B,) row ids in the store (shard by shard, in order)
     token_ids: torch.Tensor  # (B,) each row's token id
     neighbours: torch.Tensor  # (B, 2W+1) the chunk row at each window slot, B where no row is (edges, specials)
     span: torch.Tensor  # (B,) tokens of the context inside the row's window
-    keep: torch.Tensor  # (B,) rows that count: within --tokens and not massive
+    keep: torch.Tensor  # (B,) rows that count: within --tokens, finite and not massive
+    finite: torch.Tensor  # (B,) rows whose values are finite
+    non_finite: int  # rows within --tokens that are not finite
 
 
 def text_chunks(
@@ -4793,7 +4845,11 @@ def text_chunks(
             # padded positions of each window
             slots = pos[:, None] + torch.arange(2 * WINDOW + 1)
             x = store.rows(k, np.arange(a, b))
-            keep = (torch.arange(b - a) < tokens - read) & (x.norm(dim=-1) <= threshold)
+            # a damaged store's NaN or inf rows count for nothing, and are zeros to the SAE
+            finite = finite_mask(x)
+            x[~finite] = 0
+            counted = torch.arange(b - a) < tokens - read
+            keep = counted & finite & (x.norm(dim=-1) <= threshold)
             yield TextChunk(
                 x,
                 base + torch.arange(a, b),
@@ -4801,9 +4857,23 @@ def text_chunks(
                 where[context[:, None], slots],
                 (pos + WINDOW).clamp(max=T - 1) - (pos - WINDOW).clamp(min=0) + 1,
                 keep,
+                finite,
+                int((counted & ~finite).sum()),
             )
             read, c = read + b - a, end
         base += int(offsets[-1])
+
+
+def store_rows(store: ActivationStore, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the whole store by their ids (as TextChunk.rows counts them), in the order given: (n, d)."""
+    bases = np.cumsum([0] + [int(o[-1]) for o in store.offsets])
+    rows = rows.numpy()
+    shard = np.searchsorted(bases, rows, side="right") - 1  # (n,)
+    out = torch.empty(len(rows), store.d)
+    for k in np.unique(shard):
+        at = np.flatnonzero(shard == k)
+        out[torch.from_numpy(at)] = store.rows(k, rows[at] - bases[k])
+    return out
 
 
 class Correlation:
@@ -4906,6 +4976,105 @@ def load_tokenizer(name: str):
     return from_pretrained(AutoTokenizer.from_pretrained, name, extra)
 
 
+def open_inspection(directory: str, data: str, latents) -> tuple:
+    """(the store, the SAE, the store's tokenizer), after the checks that need no pass over the data."""
+    store = ActivationStore(data)
+    store.text(0)  # a one-line error for old stores
+    sae = load(directory)
+    if sae.d_in != store.d:
+        raise ValueError(
+            f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}"
+        )
+    for latent in latents or []:
+        if not 0 <= latent < sae.F:
+            raise ValueError(f"--latents: latent {latent} is outside 0..{sae.F - 1}")
+    return store, sae, load_tokenizer(store.manifest["tokenizer"])
+
+
+class ContextPass(NamedTuple):
+    """What the pass over whole contexts gathers besides the UnitStats."""
+
+    corr: Correlation  # the sampled heads' latents (section 5.2)
+    corr_init: Correlation  # the same latents of the SAE at its init
+    and_check: dict  # KronSAE: fires, both (fires with both parents), parents
+    rows: torch.Tensor  # (N,) the store ids of the rows counted
+    token_ids: torch.Tensor  # (N,) their token ids
+    non_finite: int  # rows within --tokens that are not finite
+
+
+def pre_latents(sae: KroneckerSAE, x: torch.Tensor) -> torch.Tensor:
+    """(B, d) -> (B, h(m+n)): ReLU(u), ReLU(v) of every head (eq. 2)."""
+    return torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T).relu()
+
+
+def count_and_(counts: dict, sae: KroneckerSAE, pre: torch.Tensor, code: torch.Tensor):
+    """The AND check's counts, for pre-latents (b, h(m+n)) and the code (b, F) of the same rows."""
+    u, v = (t > 0 for t in sae.split(pre))  # (b, h, m), (b, h, n)
+    on = code.view(-1, sae.h, sae.m, sae.n) > 0
+    counts["fires"] += int(on.sum())
+    counts["both"] += int((on & u[..., :, None] & v[..., None, :]).sum())
+    counts["parents"] += int((u.sum(-1) * v.sum(-1)).sum())
+
+
+def context_pass(sae, store, post, pre, tokens, batch, seed, progress) -> ContextPass:
+    """The pass over whole contexts: every UnitStats statistic but eq. 10's, the correlations of section 5.2
+    (and at init) and KronSAE's AND check."""
+    torch.manual_seed(seed)
+    init = build_sae(sae_config(sae))  # the same SAE at its init (A.1), b_dec set below
+    heads = sampled_heads(sae)
+    corr, corr_init = Correlation(len(heads)), Correlation(len(heads))
+    counts = {"fires": 0, "both": 0, "parents": 0}
+    rows, token_ids, non_finite = [], [], 0
+    threshold = store.manifest["norms"].get("threshold") or math.inf
+    with tqdm(
+        total=min(tokens, store.manifest["tokens"]),
+        unit="tok",
+        unit_scale=True,
+        desc="inspect, in context",
+        disable=not progress,
+    ) as bar:
+        for chunk in text_chunks(store, tokens, batch, threshold):
+            code = dense_code(sae, chunk.x) * chunk.finite[:, None]
+            post.add(code, chunk)
+            corr.add(code[chunk.keep][:, heads])
+            # as training starts: b_dec at the data mean
+            if not init.b_dec.any() and chunk.keep.any():
+                init.b_dec.copy_(chunk.x[chunk.keep].mean(0))
+            corr_init.add(dense_code(init, chunk.x[chunk.keep])[:, heads])
+            if pre is not None:
+                pre_acts = pre_latents(sae, chunk.x) * chunk.finite[:, None]
+                pre.add(pre_acts, chunk)
+                count_and_(counts, sae, pre_acts[chunk.keep], code[chunk.keep])
+            rows.append(chunk.rows[chunk.keep])
+            token_ids.append(chunk.token_ids[chunk.keep])
+            non_finite += chunk.non_finite
+            bar.update(int(chunk.keep.sum()))
+    return ContextPass(
+        corr, corr_init, counts, torch.cat(rows), torch.cat(token_ids), non_finite
+    )
+
+
+def token_pass(sae, store, post, pre, passed: ContextPass, batch, progress):
+    """eq. 10's pass: the rows counted, again, sorted by token id, so that each unit's mass on a token is whole
+    when the next token starts (TokenMass). Memory O(units), however many tokens and however dense the units;
+    the price is encoding the rows a second time."""
+    order = passed.token_ids.argsort(stable=True)
+    with tqdm(
+        total=len(order),
+        unit="tok",
+        unit_scale=True,
+        desc="inspect, by token (eq. 10)",
+        disable=not progress,
+    ) as bar:
+        for at in order.split(batch):
+            x = store_rows(store, passed.rows[at])
+            ids = passed.token_ids[at]
+            post.add_tokens(dense_code(sae, x), ids)
+            if pre is not None:
+                pre.add_tokens(pre_latents(sae, x), ids)
+            bar.update(len(at))
+
+
 @torch.no_grad()
 def inspect_sae(
     directory: str,
@@ -4919,106 +5088,20 @@ def inspect_sae(
     progress: bool = True,
 ) -> Inspection:
     """Read the first `tokens` rows of the store `data` through the SAE in `directory`: the report (the JSON's
-    content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams."""
-    store = ActivationStore(data)
-    store.text(0)  # a one-line error for old stores
-    sae = load(directory)
-    if sae.d_in != store.d:
-        raise ValueError(
-            f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}"
-        )
-    for latent in latents or []:
-        if not 0 <= latent < sae.F:
-            raise ValueError(f"--latents: latent {latent} is outside 0..{sae.F - 1}")
-    tokenizer = load_tokenizer(store.manifest["tokenizer"])
-    vocab = max(
-        len(tokenizer),
-        int(max(store.text(k)[0].max() for k in range(len(store.shards)))) + 1,
-    )
+    content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams.
+    Two passes: one over whole contexts, then one in token order for eq. 10."""
+    store, sae, tokenizer = open_inspection(directory, data, latents)
     kron = isinstance(sae, KroneckerSAE)
-    torch.manual_seed(seed)
-    init = build_sae(sae_config(sae))  # the same SAE at its init (A.1), b_dec set below
-    post = UnitStats(sae.F, examples, vocab)
-    pre = UnitStats(sae.W_enc.shape[0], examples, vocab) if kron else None
-    heads = sampled_heads(sae)
-    corr, corr_init = Correlation(len(heads)), Correlation(len(heads))
-    fires = both = parents = 0
-    # each latent's head, (i, j)
-    head, ij = (
-        torch.arange(sae.F) // sae.latents_per_head,
-        torch.arange(sae.F) % sae.latents_per_head,
-    )
-    total = min(tokens, store.manifest["tokens"])
-    with tqdm(
-        total=total,
-        unit="tok",
-        unit_scale=True,
-        desc=f"inspect {Path(directory).name}",
-        disable=not progress,
-    ) as bar:
-        for chunk in text_chunks(
-            store, tokens, batch, store.manifest["norms"].get("threshold") or math.inf
-        ):
-            code = dense_code(sae, chunk.x)
-            post.add(code, chunk)
-            corr.add(code[chunk.keep][:, heads])
-            # as training starts: b_dec at the data mean
-            if not init.b_dec.any() and chunk.keep.any():
-                init.b_dec.copy_(chunk.x[chunk.keep].mean(0))
-            corr_init.add(dense_code(init, chunk.x[chunk.keep])[:, heads])
-            if kron:
-                # (B, h(m+n)): u, v
-                pre_acts = torch.addmm(sae.b_enc, chunk.x - sae.b_dec, sae.W_enc.T)
-                pre.add(pre_acts.relu(), chunk)
-                # (b, h, m), (b, h, n)
-                u, v = (t > 0 for t in sae.split(pre_acts[chunk.keep]))
-                on = code[chunk.keep] > 0
-                both_on = u[:, head, ij // sae.n] & v[:, head, ij % sae.n]  # (b, F)
-                fires, both = fires + int(on.sum()), both + int((on & both_on).sum())
-                parents += int((u.sum(-1) * v.sum(-1)).sum())
-            bar.update(int(chunk.keep.sum()))
-    stats = post.statistics()
-    report = {
-        "tokens": post.tokens,
-        "config": sae_config(sae),
-        "store": str(data),
-        "latents": unit_reports(post, stats, tokenizer, store, range(sae.F)),
-        "summary": {},
-    }
-    group = "post" if kron else "latents"
-    report["summary"][group] = {
-        name: quartiles(value, seed) for name, value in stats.items()
-    }
-    r, r_init = corr.matrix(), corr_init.matrix()
-    if kron:
-        pre_stats = pre.statistics()
-        report["pre_latents"] = unit_reports(
-            pre, pre_stats, tokenizer, store, range(pre.units)
+    post = UnitStats(sae.F, examples)
+    pre = UnitStats(sae.W_enc.shape[0], examples) if kron else None
+    passed = context_pass(sae, store, post, pre, tokens, batch, seed, progress)
+    if passed.non_finite:
+        print(
+            f"non-finite rows: skipped {passed.non_finite:,} rows of {data} that hold NaN or inf; "
+            f"they count for nothing and read as zeros in the examples' windows"
         )
-        for entry in report["pre_latents"]:
-            head, index = divmod(entry["id"], sae.m + sae.n)
-            entry.update(
-                head=head,
-                side="base" if index < sae.m else "extension",
-                index=index if index < sae.m else index - sae.m,
-            )
-        report["summary"]["pre"] = {
-            name: quartiles(value, seed) for name, value in pre_stats.items()
-        }
-        within, across = head_correlations(r, sae.latents_per_head)
-        init_within, init_across = head_correlations(r_init, sae.latents_per_head)
-        report["summary"].update(
-            within_head_correlation=within,
-            across_head_correlation=across,
-            init_within_head_correlation=init_within,
-            init_across_head_correlation=init_across,
-            correlation_heads=len(heads) // sae.latents_per_head,
-            fig18=fig18(stats, pre_stats, sae),
-            and_check={
-                "parents_when_fires": both / max(1, fires),
-                "fires_when_parents": both / max(1, parents),
-            },
-        )
+    token_pass(sae, store, post, pre, passed, batch, progress)
+    report = inspection_report(sae, post, pre, passed, tokenizer, store, seed)
     report["selected"] = (
         latents
         if latents
@@ -5029,6 +5112,57 @@ def inspect_sae(
         )
     )
     return Inspection(report, post, pre, tokenizer)
+
+
+def inspection_report(sae, post, pre, passed, tokenizer, store, seed) -> dict:
+    """The JSON's content from the two passes: per-unit entries and the summary."""
+    stats = post.statistics()
+    report = {
+        "tokens": post.tokens,
+        "non_finite_rows": passed.non_finite,
+        "config": sae_config(sae),
+        "store": str(store.directory),
+        "latents": unit_reports(post, stats, tokenizer, store, range(sae.F)),
+        "summary": {},
+    }
+    group = "post" if pre is not None else "latents"
+    report["summary"][group] = {
+        name: quartiles(value, seed) for name, value in stats.items()
+    }
+    if pre is None:
+        return report
+    pre_stats = pre.statistics()
+    report["pre_latents"] = unit_reports(
+        pre, pre_stats, tokenizer, store, range(pre.units)
+    )
+    for entry in report["pre_latents"]:
+        head, index = divmod(entry["id"], sae.m + sae.n)
+        entry.update(
+            head=head,
+            side="base" if index < sae.m else "extension",
+            index=index if index < sae.m else index - sae.m,
+        )
+    report["summary"]["pre"] = {
+        name: quartiles(value, seed) for name, value in pre_stats.items()
+    }
+    within, across = head_correlations(passed.corr.matrix(), sae.latents_per_head)
+    init_within, init_across = head_correlations(
+        passed.corr_init.matrix(), sae.latents_per_head
+    )
+    counts = passed.and_check
+    report["summary"].update(
+        within_head_correlation=within,
+        across_head_correlation=across,
+        init_within_head_correlation=init_within,
+        init_across_head_correlation=init_across,
+        correlation_heads=len(sampled_heads(sae)) // sae.latents_per_head,
+        fig18=fig18(stats, pre_stats, sae),
+        and_check={
+            "parents_when_fires": counts["both"] / max(1, counts["fires"]),
+            "fires_when_parents": counts["both"] / max(1, counts["parents"]),
+        },
+    )
+    return report
 
 
 def dense_code(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:

@@ -3244,6 +3244,109 @@ def test_inspect_statistics_equal_a_naive_recount(inspected):
         )
 
 
+def naive_unit_check(stats, values, acts, token, count=3):
+    """One UnitStats against a recount from its dense activations acts (N, U), zero off the counted rows."""
+    for unit in range(acts.shape[1]):
+        a = acts[:, unit]
+        assert values["frequency"][unit] == pytest.approx(
+            float((a > 0).sum()) / stats.tokens
+        )
+        mass = {}  # eq. 10 by hand
+        for row in (a > 0).nonzero().flatten().tolist():
+            mass[token[row]] = mass.get(token[row], 0.0) + float(a[row])
+        if not mass:
+            assert math.isnan(values["token_entropy"][unit])
+            continue
+        total = sum(mass.values())
+        assert values["mean_activation"][unit] == pytest.approx(
+            total / float((a > 0).sum()), rel=1e-5
+        )
+        entropy = -sum(m / total * math.log(m / total) for m in mass.values())
+        assert float(values["token_entropy"][unit]) == pytest.approx(
+            entropy, rel=1e-5, abs=1e-9
+        )
+        heaviest = sorted(mass.items(), key=lambda item: -item[1])[:count]
+        shown = stats.top_tokens(unit, count)
+        assert [t for t, _ in shown] == [t for t, _ in heaviest]
+        assert [s for _, s in shown] == pytest.approx(
+            [m / total for _, m in heaviest], rel=1e-6
+        )
+
+
+@pytest.mark.slow
+def test_dense_pre_latents_equal_a_naive_recount(inspected, tmp_path):
+    """Pre-latents that fire on almost every token, read in 100-row chunks, so that every token's rows span
+    several chunks of the token-order pass: frequency, mean, eq. 10 and the top tokens as a recount gives them."""
+    tmp = inspected[0]
+    torch.manual_seed(1)
+    sae = K.KronSAE(32, h=4, m=2, n=4, k=4)
+    with torch.no_grad():
+        sae.b_enc.fill_(2.0)
+    K.save(sae, tmp_path / "dense")
+    inspection = K.inspect_sae(
+        str(tmp_path / "dense"),
+        str(tmp / "store"),
+        tokens=2500,
+        examples=3,
+        batch=100,
+        progress=False,
+    )
+    code, keep, token, _, _ = naive_inspection(sae, tmp / "store", 2500)
+    store = K.ActivationStore(tmp / "store")
+    x = torch.cat(
+        [store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)]
+    )
+    with torch.no_grad():
+        pre = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).relu() * keep[:, None]
+    assert float((pre[keep] > 0).float().mean()) > 0.9  # dense
+    naive_unit_check(inspection.pre, inspection.pre.statistics(), pre, token)
+    naive_unit_check(
+        inspection.post, inspection.post.statistics(), code * keep[:, None], token
+    )
+
+
+@pytest.mark.slow
+def test_inspect_counts_the_inf_rows_of_a_damaged_store_apart(
+    inspected, tmp_path, capsys
+):
+    import shutil
+
+    tmp, sae, _ = inspected
+    shutil.copytree(tmp / "store", tmp_path / "store")
+    damage_rows_(tmp_path / "store", 0, [4, 5, 100])
+    damage_rows_(tmp_path / "store", 0, [700], math.nan)  # past --tokens: not read
+    inspection = K.inspect_sae(
+        str(tmp / "kron"),
+        str(tmp_path / "store"),
+        tokens=600,
+        examples=3,
+        batch=200,
+        progress=False,
+    )
+    report = inspection.report
+    assert report["non_finite_rows"] == 3 and report["tokens"] == 597
+    assert "non-finite rows: skipped 3 rows" in capsys.readouterr().out
+    for group in ("latents", "pre_latents"):
+        for entry in report[group]:
+            assert entry["frequency"] <= 1 and math.isfinite(entry["frequency"])
+            values = [entry["mean_activation"], entry["token_entropy"]]
+            assert all(math.isfinite(v) for v in values) or entry["frequency"] == 0
+            for example in entry["examples"]:
+                assert all(math.isfinite(a) for a in example["activations"])
+    clean = K.inspect_sae(
+        str(tmp / "kron"),
+        str(tmp / "store"),
+        tokens=600,
+        examples=3,
+        batch=200,
+        progress=False,
+    )
+    assert clean.report["non_finite_rows"] == 0 and clean.report["tokens"] == 600
+    # the three rows are missing from the counts, and nothing else
+    fired = inspection.post.fired.sum() + inspection.pre.fired.sum()
+    assert 0 < clean.post.fired.sum() + clean.pre.fired.sum() - fired <= 3 * (4 + 24)
+
+
 def test_inspect_examples_show_the_right_text(inspected, tiny_lm):
     tmp, sae, inspection = inspected
     _, tokenizer, _ = K.load_lm(str(tiny_lm[0]), "cpu")
@@ -3290,13 +3393,21 @@ def test_inspect_buffers_do_not_grow_with_the_tokens_read(inspected):
         progress=False,
     )
     assert small.report["tokens"] == 300
-    for name in ("top", "row", "span", "windows", "histogram", "fired", "total"):
-        assert getattr(small.post, name).shape == getattr(big.post, name).shape
-    vocab = len(WORDS) + 2  # (unit, token) pairs at most
-    assert (
-        len(big.post.keys) <= sae.F * vocab
-        and len(big.pre.keys) <= big.pre.units * vocab
-    )
+
+    def shapes(holder):
+        return {
+            name: tuple(t.shape)
+            for name, t in vars(holder).items()
+            if isinstance(t, torch.Tensor)
+        }
+
+    for a, b in ((small.post, big.post), (small.pre, big.pre)):
+        assert shapes(a) == shapes(b) and shapes(a.by_token) == shapes(b.by_token)
+        assert {"top", "row", "span", "windows", "histogram", "fired", "total"} <= set(
+            shapes(b)
+        )
+        # eq. 10's state: a few numbers per unit, never (unit, token id) pairs
+        assert all(shape[0] == b.units for shape in shapes(b.by_token).values())
 
 
 def test_the_html_report_parses_and_escapes_the_text(inspected):
