@@ -1605,6 +1605,9 @@ def shuffled_batches(
 # Version 2 adds what `inspect` needs to show text: contexts_00000.npy (contexts, T) int32, every token id of
 # each context (BOS and specials included), positions_00000.npy (n,) int32, each row's position in its
 # context, and the manifest's "tokenizer". Version 1 stores (without them) still train.
+# While a store is written, in_progress.json marks it: the writer's arguments, the shards finished so far and
+# where the writer's input stood after the last of them, rewritten atomically after each shard, so that a
+# harvest stopped at any point (Ctrl-C, SIGKILL, a full disk) resumes after its last whole shard.
 
 STORE_DTYPES = {
     "float16": (np.float16, torch.float16),
@@ -1613,44 +1616,113 @@ STORE_DTYPES = {
 }
 
 
+PROGRESS = "in_progress.json"
+PROGRESS_KEYS = {"args", "shards", "after", "d", "text"}  # what in_progress.json holds
+SHARD_FILES = ("shard", "norms", "offsets")  # and, with text, contexts and positions
+
+
 def store_files(directory) -> list[Path]:
-    """The files of a store, finished or not, in `directory`."""
-    pattern = r"(shard|norms|offsets|contexts|positions)_\d+\.npy(\.tmp)?"
+    """The files of a store, finished or not, in `directory`, temporary ones included."""
+    pattern = (
+        r"((shard|norms|offsets|contexts|positions)_\d+\.npy"
+        r"|manifest\.json|in_progress\.json)(\.tmp)?"
+    )
     return (
-        [
-            p
-            for p in Path(directory).glob("*")
-            if p.name == "manifest.json" or re.fullmatch(pattern, p.name)
-        ]
+        [p for p in Path(directory).glob("*") if re.fullmatch(pattern, p.name)]
         if Path(directory).is_dir()
         else []
     )
 
 
+def read_progress(directory) -> dict:
+    """The in_progress.json of a store being written."""
+    path = Path(directory, PROGRESS)
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is damaged ({type(err).__name__}: {err}); harvest again with --overwrite"
+        ) from None
+    if not isinstance(progress, dict) or not PROGRESS_KEYS <= set(progress):
+        raise ValueError(
+            f"{path} is not a store's progress record; harvest again with --overwrite"
+        )
+    return progress
+
+
 class StoreWriter:
-    """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
-    manifest last and atomically, so a store without manifest.json is unfinished, never mistaken for whole."""
+    """Writes activations shard by shard as they come, whole contexts per shard. After each shard,
+    in_progress.json records the shards finished, `args` (what the store is made from) and `after`, where the
+    caller's input stood once they were in. `finish` writes the manifest last and atomically, then removes
+    in_progress.json: a store without manifest.json is unfinished, never mistaken for whole. With
+    resume=True the writer carries on after the last shard that in_progress.json lists."""
 
     def __init__(
-        self, directory: str, dtype: str = "float16", shard_bytes: int = 1 << 26
+        self,
+        directory: str,
+        dtype: str = "float16",
+        shard_bytes: int = 1 << 26,
+        args: Optional[dict] = None,
+        resume: bool = False,
     ):
-        self.directory, self.dtype, self.shard_bytes, self.d = (
+        self.directory, self.dtype, self.shard_bytes = (
             Path(directory),
             dtype,
             shard_bytes,
-            None,
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        # an old store here (the CLI asked for --overwrite first)
-        for path in store_files(directory):
-            path.unlink()
-        self.shards, self.pending, self.lengths, self.ids, self.positions, self.text = (
-            [],
-            [],
-            [],
-            [],
-            [],
+        self.args, self.after, self.d, self.text, self.shards = (
+            args or {},
+            {},
             None,
+            None,
+            [],
+        )
+        self.pending, self.lengths, self.ids, self.positions = [], [], [], []
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.pick_up()
+            return
+        # An old store here (the CLI asked for --overwrite first). Its manifest goes first and the
+        # marker is written next, so that no moment shows old shards as a finished store.
+        Path(self.directory, "manifest.json").unlink(missing_ok=True)
+        self.write_progress()
+        for path in store_files(directory):
+            if path.name != PROGRESS:
+                path.unlink()
+
+    def pick_up(self):
+        """Carry on after the last shard that in_progress.json lists. Every other store file, such as the shard
+        that was being written when the writer stopped, or a temporary file, is deleted, so it is redone."""
+        progress = read_progress(self.directory)
+        self.args, self.after = progress["args"], progress["after"]
+        self.d, self.text, self.shards = (
+            progress["d"],
+            progress["text"],
+            progress["shards"],
+        )
+        prefixes = SHARD_FILES + (("contexts", "positions") if self.text else ())
+        finished = {f"{p}_{s['name']}.npy" for s in self.shards for p in prefixes}
+        missing = sorted(finished - {p.name for p in store_files(self.directory)})
+        if missing:
+            raise ValueError(
+                f"the unfinished store in {self.directory} lacks {', '.join(missing[:3])}, which "
+                f"{PROGRESS} lists as written; harvest again with --overwrite"
+            )
+        for path in store_files(self.directory):
+            if path.name not in finished and path.name != PROGRESS:
+                path.unlink()
+
+    def write_progress(self):
+        write_json(
+            self.directory / PROGRESS,
+            {
+                "format": "kronsae activation store, in progress",
+                "args": self.args,
+                "d": self.d,
+                "text": self.text,
+                "shards": self.shards,
+                "after": self.after,
+            },
         )
 
     def add(
@@ -1659,9 +1731,11 @@ class StoreWriter:
         lengths: list[int],
         ids: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
+        after: Optional[dict] = None,
     ):
         """acts (n, d): the kept rows of len(lengths) whole contexts, lengths[i] rows from context i; with the
-        contexts' token ids (len(lengths), T) and each row's position in its context (n,), the store keeps the text."""
+        contexts' token ids (len(lengths), T) and each row's position in its context (n,), the store keeps the
+        text. `after` is where the caller's input stands once these rows are in, saved with their shard."""
         if (ids is None) != (positions is None) or self.text not in (
             None,
             ids is not None,
@@ -1682,6 +1756,7 @@ class StoreWriter:
             )
         self.pending.append(acts)
         self.lengths += lengths
+        self.after = after if after is not None else self.after
         # float32 while pending
         if sum(a.numel() for a in self.pending) * 4 >= self.shard_bytes:
             self.flush()
@@ -1721,6 +1796,7 @@ class StoreWriter:
             {"name": name, "tokens": acts.shape[0], "contexts": len(self.lengths)}
         )
         self.pending, self.lengths, self.ids, self.positions = [], [], [], []
+        self.write_progress()  # only now is the shard whole
 
     def finish(self, **info) -> dict:
         self.flush()
@@ -1754,6 +1830,7 @@ class StoreWriter:
             input_scale=math.sqrt(self.d) / float(kept.mean(dtype=np.float64)),
         )
         write_json(self.directory / "manifest.json", manifest)
+        Path(self.directory, PROGRESS).unlink()
         return manifest
 
 
@@ -1772,9 +1849,14 @@ class ActivationStore:
         self.directory = Path(directory)
         path = self.directory / "manifest.json"
         if not path.is_file():
+            advice = (
+                "continue its harvest with the same arguments and --resume"
+                if Path(directory, PROGRESS).is_file()
+                else "run the harvest again into an empty --out"
+            )
             raise ValueError(
                 f"{directory} is not a finished activation store: manifest.json is missing "
-                f"(an interrupted harvest leaves none; run the harvest again into an empty --out)"
+                f"(an interrupted harvest leaves none; {advice})"
             )
         try:
             self.manifest = json.loads(path.read_text())
@@ -2516,24 +2598,85 @@ def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
     }
 
 
-def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> dict:
+def harvest_args(cfg: DataConfig, shard_mb: float) -> dict:
+    """What a harvest's store is made from, as its in_progress.json keeps it: `harvest --resume` with any of
+    it changed would splice two different stores, so it is refused."""
+    return {
+        "model": cfg.model,
+        "layer": cfg.layer,
+        "text": [file_digest(p) for p in cfg.text],
+        "ctx": cfg.ctx,
+        "dtype": cfg.dtype,
+        "max_tokens": cfg.max_tokens,
+        "model_batch": cfg.model_batch,
+        "keep_first": cfg.keep_first,
+        "max_norm_ratio": cfg.max_norm_ratio,
+        "shard_mb": shard_mb,
+    }
+
+
+class HarvestInterrupted(Exception):
+    """Ctrl-C during a harvest; the message says what the store holds and how to continue it."""
+
+
+def harvest_store(
+    cfg: DataConfig,
+    out: str,
+    device,
+    progress: bool = True,
+    args: Optional[dict] = None,
+    resume: bool = False,
+) -> dict:
     """Write hidden_states[layer] of --model on --text to an activation store, shard by shard: the text is
-    tokenised lazily and reading stops at max_tokens, so memory holds one model batch and one shard."""
-    model, tokenizer, _ = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
+    tokenised lazily and reading stops at max_tokens, so memory holds one model batch and one shard. With
+    resume, carry on after the last whole shard of the store in progress in `out`, made from the same args."""
+    args = args or harvest_args(cfg, 64.0)
     try:
-        return write_store(model, tokenizer, cfg, out, progress)
+        model, tokenizer, _ = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
+        return write_store(model, tokenizer, cfg, out, progress, args, resume)
     except WriteError as err:
         raise WriteError(
             f"{err}; the store in {out} is unfinished (it has no manifest.json) and will be refused "
-            f"by training; free some space, then harvest again with --overwrite"
+            f"by training; free some space, then continue it with the same arguments and --resume "
+            f"(or harvest again with --overwrite)"
+        ) from None
+    except KeyboardInterrupt:
+        if not Path(out, PROGRESS).is_file():
+            raise HarvestInterrupted(
+                "interrupted before the harvest wrote anything"
+            ) from None
+        done = read_progress(out)
+        tokens = sum(s["tokens"] for s in done["shards"])
+        raise HarvestInterrupted(
+            f"interrupted; the store in {out} is unfinished: {len(done['shards'])} whole shards, "
+            f"{tokens:,} tokens; continue it with the same arguments and --resume"
         ) from None
 
 
-def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> dict:
-    writer, total, start = StoreWriter(out, cfg.dtype), 0, time.perf_counter()
-    contexts = iter_contexts(tokenizer, cfg.text, cfg.ctx)
+def write_store(
+    model,
+    tokenizer,
+    cfg: DataConfig,
+    out: str,
+    progress: bool,
+    args: dict,
+    resume: bool,
+) -> dict:
+    shard_bytes = max(1, int(args["shard_mb"] * 2**20))
+    writer = StoreWriter(out, cfg.dtype, shard_bytes, args, resume)
+    done = writer.after or {"contexts": 0, "tokens": 0, "seconds": 0.0}
+    read, total = done["contexts"], done["tokens"]
+    start = time.perf_counter() - done["seconds"]
+    if resume:
+        print(
+            f"resuming the harvest in {out} after {len(writer.shards)} whole shards: "
+            f"{total:,} tokens of {read:,} contexts"
+        )
+    # the contexts already in the store are tokenised again, but never run through the model
+    contexts = itertools.islice(iter_contexts(tokenizer, cfg.text, cfg.ctx), read, None)
     with tqdm(
         total=cfg.max_tokens,
+        initial=total,
         unit="tok",
         unit_scale=True,
         desc=f"harvest layer {cfg.layer}",
@@ -2553,14 +2696,29 @@ def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> 
                 cfg.max_tokens - total,
                 progress=False,
             )
-            writer.add(acts, *store_args(ids, mask, acts.shape[0]))
-            total += acts.shape[0]
+            read, total = read + len(batch), total + acts.shape[0]
+            after = {
+                "contexts": read,
+                "tokens": total,
+                "seconds": time.perf_counter() - start,
+            }
+            writer.add(acts, *store_args(ids, mask, acts.shape[0]), after=after)
             bar.update(acts.shape[0])
+    return finish_store(writer, tokenizer, cfg, out, total, time.perf_counter() - start)
+
+
+def finish_store(
+    writer: StoreWriter,
+    tokenizer,
+    cfg: DataConfig,
+    out: str,
+    total: int,
+    seconds: float,
+) -> dict:
     if total < cfg.max_tokens:
         print(
             f"note: the text ran out after {total:,} tokens, before --max-tokens {cfg.max_tokens:,}"
         )
-    seconds = time.perf_counter() - start
     manifest = writer.finish(**store_info(cfg, tokenizer, seconds))
     print(
         f"wrote {manifest['tokens']:,} tokens of {manifest['contexts']:,} contexts to {out} in "
@@ -6987,6 +7145,8 @@ def run_cli(job, *args):
             ),
             130,
         )
+    except HarvestInterrupted as stop:
+        fail(str(stop), 130)
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was saved", 130)
     except FloatingPointError as err:
@@ -7144,16 +7304,60 @@ HARVEST_FIELDS = (
 def check_store_out(out: str, overwrite: bool):
     """Before any work: refuse an --out that holds a store, finished or not, unless overwrite (StoreWriter
     then clears it when it starts writing)."""
-    if store_files(out) and not overwrite:
+    if not store_files(out) or overwrite:
+        return
+    if Path(out, "manifest.json").exists():
+        state = "a finished activation store"
+    elif Path(out, PROGRESS).exists() and read_progress(out)["args"]:
         state = (
-            "a finished"
-            if Path(out, "manifest.json").exists()
-            else "an unfinished (interrupted)"
+            "an unfinished activation store (its harvest stopped); continue it with the "
+            "same arguments and --resume,"
         )
+    else:
+        state = "an unfinished (interrupted) activation store"
+    raise ValueError(
+        f"--out {out} holds {state}; pass --overwrite to replace it, or choose another --out"
+    )
+
+
+def check_resumable(out: str, args: dict) -> bool:
+    """Before any work, for harvest --resume: whether --out holds a store in progress to continue (False: there
+    is nothing there, so the harvest starts afresh). A finished store, one from before stores kept their
+    progress, or one made from other arguments is refused in one line that names the difference."""
+    if Path(out, "manifest.json").exists():
         raise ValueError(
-            f"--out {out} holds {state} activation store; pass --overwrite to replace it, "
-            f"or choose another --out"
+            f"--resume: --out {out} holds a finished activation store; there is nothing to resume "
+            f"(train on it with --data {out})"
         )
+    if not Path(out, PROGRESS).exists():
+        if store_files(out):
+            raise ValueError(
+                f"--resume: the unfinished store in {out} has no {PROGRESS} (it was written before "
+                f"harvests could resume), so it cannot be continued; pass --overwrite to harvest it again"
+            )
+        print(f"note: nothing to resume in {out}; starting the harvest")
+        return False
+    saved = read_progress(out)["args"]
+    for name, value in args.items():
+        if comparable(name, saved.get(name)) != comparable(name, value):
+            flag = f"--{name.replace('_', '-')}"
+            raise ValueError(
+                f"--resume: {flag} differs: the store in {out} was harvested with {flag} "
+                f"{shown(name, saved.get(name))}, this run gives {shown(name, value)}; resume with "
+                f"the same arguments, or pass --overwrite to start again"
+            )
+    return True
+
+
+def comparable(name: str, value):
+    """A harvest argument as --resume compares it: text files by their content, not by the path given."""
+    return [t["sha256"] for t in value] if name == "text" and value else value
+
+
+def shown(name: str, value) -> str:
+    if name == "text" and value:
+        return " ".join(f"{t['path']} (sha256 {t['sha256'][:12]})" for t in value)
+    return str(value)
 
 
 def harvest_main(argv):
@@ -7163,7 +7367,9 @@ def harvest_main(argv):
             "Harvest once, train many: write hidden_states[layer] of a transformers model on text files to an "
             "activation store, a directory of .npy shards and a manifest.json (see the README for the format). "
             "Contexts start with BOS when the tokenizer has one; position 0 and special tokens are dropped; the "
-            "text is read only as far as --max-tokens needs. Train on it with: kronsae.py --data STORE."
+            "text is read only as far as --max-tokens needs. A harvest stopped at any point (Ctrl-C, a lost "
+            "machine, a full disk) continues after its last whole shard with the same arguments and --resume. "
+            "Train on it with: kronsae.py --data STORE."
         ),
     )
     add_config_args(parser, DataConfig, "harvest", HARVEST_FIELDS)
@@ -7174,21 +7380,48 @@ def harvest_main(argv):
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a store already in --out"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished harvest in --out after its last whole shard; every other "
+        "argument must be the one it started with (with nothing in --out, start it)",
+    )
+    parser.add_argument(
+        "--shard-mb",
+        type=float,
+        default=64.0,
+        help="start a new shard after this many MB of float32 activations; a shard is what an "
+        "interrupted harvest can lose (default: 64)",
+    )
     args = vars(parser.parse_args(argv))
-    out, device, overwrite = args.pop("out"), args.pop("device"), args.pop("overwrite")
+    out, device = args.pop("out"), args.pop("device")
+    overwrite, resume, shard_mb = (
+        args.pop("overwrite"),
+        args.pop("resume"),
+        args.pop("shard_mb"),
+    )
 
     def make(args):
         if not args["model"]:
             raise ValueError("harvest needs --model, --layer and --text")
+        if resume and overwrite:
+            raise ValueError("give --resume or --overwrite, not both")
+        if not shard_mb > 0:
+            raise ValueError(f"--shard-mb must be positive, got {shard_mb}")
         cfg = DataConfig(**args)
         cfg.check_inputs()
         check_device(device)
         check_writable(out, "out", directory=True)
+        made_from = harvest_args(cfg, shard_mb)
+        if resume:
+            return cfg, made_from, check_resumable(out, made_from)
         check_store_out(out, overwrite)
-        return cfg
+        return cfg, made_from, False
 
-    cfg = build_configs(parser, args, make)
-    return run_cli(harvest_store, cfg, out, pick_device(device))
+    cfg, made_from, carry_on = build_configs(parser, args, make)
+    return run_cli(
+        harvest_store, cfg, out, pick_device(device), True, made_from, carry_on
+    )
 
 
 def export_main(argv):

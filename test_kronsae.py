@@ -1888,6 +1888,241 @@ def test_an_interrupted_harvest_never_looks_complete(tmp_path, capsys):
         writer.add(torch.full((3, 8), 1e6), [3])  # overflows float16
 
 
+def store_arrays(path) -> dict:
+    """Every .npy file of a finished store, by name, and its manifest without the timing."""
+    arrays = {p.name: np.load(p) for p in sorted(Path(path).glob("*.npy"))}
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    manifest.pop("harvest_seconds")
+    return {"manifest": manifest, **arrays}
+
+
+def assert_same_store(a, b):
+    a, b = store_arrays(a), store_arrays(b)
+    assert a["manifest"] == b["manifest"] and sorted(a) == sorted(b)
+    for name in a:
+        if name != "manifest":
+            assert np.array_equal(a[name], b[name]), name
+
+
+def test_a_store_writer_resumes_after_its_last_whole_shard(tmp_path):
+    """The writer stopped at once (as by SIGKILL), with the next shard half written beside temporary files:
+    resumed from in_progress.json, it redoes that shard and ends as a writer that never stopped."""
+    x = torch.randn(2000, 8)
+    lengths = [25] * 80
+    ids = torch.randint(0, 50, (80, 26))
+    positions = torch.arange(1, 26).repeat(80)
+
+    def write(path, stop=None):
+        writer = K.StoreWriter(path, "float16", shard_bytes=8 * 4 * 300, args={"a": 1})
+        rows = 0
+        for c, n in enumerate(lengths[:stop]):
+            after = {"contexts": c + 1, "rows": rows + n}
+            writer.add(
+                x[rows : rows + n],
+                [n],
+                ids[c : c + 1],
+                positions[rows : rows + n],
+                after=after,
+            )
+            rows += n
+        return writer
+
+    write(tmp_path / "whole").finish(max_norm_ratio=10.0, harvest_seconds=0.0)
+    write(tmp_path / "stopped", stop=37)
+    progress = json.loads((tmp_path / "stopped" / "in_progress.json").read_text())
+    assert progress["args"] == {"a": 1} and len(progress["shards"]) == 3
+    assert progress["after"] == {"contexts": 36, "rows": 900}  # where shard 2 ended
+    # killed while writing shard 3: one file whole, one torn
+    half = tmp_path / "stopped" / "shard_00003.npy"
+    half.write_bytes(b"\x93NUMPY half a shard")
+    (tmp_path / "stopped" / "norms_00003.npy.tmp").write_bytes(b"torn")
+    with pytest.raises(
+        ValueError, match="continue its harvest with the same arguments"
+    ):
+        K.ActivationStore(tmp_path / "stopped")
+    writer = K.StoreWriter(tmp_path / "stopped", "float16", 8 * 4 * 300, resume=True)
+    assert writer.after == progress["after"] and not half.exists()
+    assert not list((tmp_path / "stopped").glob("*.tmp"))
+    rows = writer.after["rows"]
+    for c in range(writer.after["contexts"], 80):
+        writer.add(
+            x[rows : rows + 25], [25], ids[c : c + 1], positions[rows : rows + 25]
+        )
+        rows += 25
+    writer.finish(max_norm_ratio=10.0, harvest_seconds=0.0)
+    assert not (tmp_path / "stopped" / "in_progress.json").exists()
+    assert_same_store(tmp_path / "whole", tmp_path / "stopped")
+
+
+def harvest_argv(model_dir, text, out, *extra) -> list[str]:
+    return [
+        "harvest",
+        "--model",
+        str(model_dir),
+        "--layer",
+        "1",
+        "--text",
+        str(text),
+        "--ctx",
+        "16",
+        "--max-tokens",
+        "8000",
+        "--model-batch",
+        "16",
+        "--dtype",
+        "float32",
+        "--shard-mb",
+        "0.02",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_harvest_resume_refuses_other_arguments_in_one_line(tiny_lm, tmp_path, capsys):
+    model_dir, text = tiny_lm
+    out = tmp_path / "store"
+    cfg = K.DataConfig(
+        model=str(model_dir),
+        layer=1,
+        text=(str(text),),
+        ctx=16,
+        max_tokens=8000,
+        model_batch=16,
+        dtype="float32",
+    )
+    writer = K.StoreWriter(out, "float32", 100, K.harvest_args(cfg, 0.02))
+    writer.add(torch.randn(15, 32), [15], after={"contexts": 1, "tokens": 15})
+    other = tmp_path / "other.txt"
+    other.write_text("the cat sat on a mat " * 100)
+    changes = [  # (flag, its new value or None to add it, the message)
+        (
+            "--layer",
+            "0",
+            "--layer differs: the store in .* was harvested with --layer 1, this run gives 0",
+        ),
+        (
+            "--text",
+            str(other),
+            "--text differs: .*text.txt \\(sha256 [0-9a-f]{12}\\), this run gives .*other.txt",
+        ),
+        ("--ctx", "32", "--ctx differs"),
+        ("--dtype", "float16", "--dtype differs"),
+        ("--max-tokens", "500", "--max-tokens differs: .* 8000, this run gives 500"),
+        ("--model-batch", "8", "--model-batch differs"),
+        ("--shard-mb", "1", "--shard-mb differs"),
+        ("--overwrite", None, "give --resume or --overwrite, not both"),
+    ]
+    for flag, value, message in changes:
+        argv = harvest_argv(model_dir, text, out, "--resume")
+        if value is None:
+            argv.append(flag)
+        else:
+            argv[argv.index(flag) + 1] = value
+        with pytest.raises(SystemExit):
+            K.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(message, err[0]), (flag, err)
+    with pytest.raises(SystemExit):  # without --resume, the store in progress is named
+        K.main(harvest_argv(model_dir, text, out))
+    assert "continue it with the same arguments and --resume" in capsys.readouterr().err
+    writer.finish()
+    with pytest.raises(SystemExit):
+        K.main(harvest_argv(model_dir, text, out, "--resume"))
+    assert (
+        "finished activation store; there is nothing to resume"
+        in capsys.readouterr().err
+    )
+
+
+def recorded_shards(out) -> int:
+    """The whole shards a store in progress lists (0 while it has no record)."""
+    try:
+        return len(json.loads((Path(out) / "in_progress.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def stop_harvest(argv, out, shards: int, sig, log):
+    """Run `kronsae.py harvest` in a child process and send it `sig` once its store lists `shards` whole
+    shards; returns its exit status and its stderr."""
+    import subprocess
+
+    command = [sys.executable, str(ROOT / "kronsae.py"), *argv]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 240
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if recorded_shards(out) >= shards:
+                    proc.send_signal(sig)
+                    break
+                time.sleep(0.002)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, Path(log).read_text()
+
+
+@pytest.mark.slow
+def test_a_harvest_stopped_by_sigint_and_by_sigkill_resumes_to_the_same_store(
+    tiny_lm, tmp_path
+):
+    """The faults made real: a harvest child gets Ctrl-C (SIGINT) part-way, is resumed and then killed outright
+    (SIGKILL, wherever it was, a shard half written perhaps), and resumed again to the end. The store equals,
+    file for file, one harvested without a stop: activations, norms, offsets, token ids, positions, manifest."""
+    model_dir, _ = tiny_lm
+    text = tmp_path / "long.txt"
+    g = torch.Generator().manual_seed(3)
+    text.write_text(
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (20_000,), generator=g))
+    )
+    whole = tmp_path / "whole"
+    code, err = stop_harvest(
+        harvest_argv(model_dir, text, whole), whole, 10**9, None, tmp_path / "0.log"
+    )
+    assert code == 0, err
+    shards = len(json.loads((whole / "manifest.json").read_text())["shards"])
+    assert shards > 25
+
+    out = tmp_path / "store"
+    code, err = stop_harvest(
+        harvest_argv(model_dir, text, out), out, 5, signal.SIGINT, tmp_path / "1.log"
+    )
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err, err
+    assert last.startswith("kronsae.py: interrupted; the store in") and (
+        "continue it with the same arguments and --resume" in last
+    ), last
+    first = recorded_shards(out)
+    assert 5 <= first < shards and not (out / "manifest.json").exists()
+
+    code, err = stop_harvest(
+        harvest_argv(model_dir, text, out, "--resume"),
+        out,
+        first + 5,
+        signal.SIGKILL,
+        tmp_path / "2.log",
+    )
+    assert code == -signal.SIGKILL, err
+    assert first + 5 <= recorded_shards(out) < shards
+
+    code, err = stop_harvest(
+        harvest_argv(model_dir, text, out, "--resume"),
+        out,
+        10**9,
+        None,
+        tmp_path / "3.log",
+    )
+    assert code == 0, err
+    assert not (out / "in_progress.json").exists() and not list(out.glob("*.tmp"))
+    assert_same_store(whole, out)
+
+
 def store_of(x, lengths, path, dtype="float32"):
     # about 300 rows per shard
     writer = K.StoreWriter(path, dtype, shard_bytes=x.shape[1] * 4 * 300)
