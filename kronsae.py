@@ -1360,9 +1360,10 @@ def check_data(x: torch.Tensor, d_in: Optional[int] = None):
     bad = ~torch.isfinite(x)
     if bad.any():
         where = bad.nonzero()[:5].tolist()
+        rows = int(bad.any(-1).sum())
         raise ValueError(
-            f"data has {int(bad.sum())} non-finite values (NaN or inf) out of {x.numel()}; "
-            f"first at [row, column] {where}"
+            f"data has {int(bad.sum())} non-finite values (NaN or inf) out of {x.numel()}, "
+            f"in {rows} of its {x.shape[0]} rows; first at [row, column] {where}"
         )
 
 
@@ -1590,7 +1591,33 @@ def save_norm_histogram(x: torch.Tensor, threshold: float, path: str, title: str
     plt.close(fig)
 
 
+def finite_mask(x: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the rows of x (N, d) whose values and norm are all finite."""
+    return x.isfinite().all(-1) & x.norm(dim=-1).isfinite()
+
+
+def finite_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the rows of x (N, d) whose values and norm are all finite, how many were not). A row with a NaN or an
+    inf is damage, not a massive activation, so it is counted apart from the norm filter and never reaches it."""
+    finite = finite_mask(x)
+    bad = int((~finite).sum())
+    return (x[finite] if bad else x), bad
+
+
+def check_some_finite(kept: int, bad: int, what: str):
+    if bad and not kept:
+        raise ValueError(
+            f"all {bad} {what} are non-finite (NaN or inf); nothing is left to use"
+        )
+
+
 def print_filter_report(report: dict):
+    bad = report.get("non_finite", {})
+    if any(bad.values()):
+        print(
+            f"non-finite rows: dropped {bad['train']:,} training and {bad['held_out']:,} held-out "
+            f"rows holding NaN or inf, apart from the massive-activation filter"
+        )
     t, e, ratio = report["train"], report["held_out"], report["max_norm_ratio"]
     if t["dropped"] or e["dropped"]:
         print(
@@ -1619,11 +1646,17 @@ def filter_massive(
     """Drop the tokens whose norm exceeds ratio x the median training-token norm, from both splits alike:
     massive activations (Sun et al. 2024, arXiv 2402.17762), a few tokens with 100 to 10,000 times the median
     norm, usually attention sinks, which would otherwise hold most of the variance. ratio 0 keeps all.
+    Rows that are not finite go first, whatever the ratio, and are counted apart (finite_rows).
     Returns (train, held_out, report), the report as norm_report gives it for each split."""
+    train, train_bad = finite_rows(train)
+    held_out, held_out_bad = finite_rows(held_out)
+    check_some_finite(len(train), train_bad, "training rows")
+    check_some_finite(len(held_out), held_out_bad, "held-out rows")
     median = float(train.norm(dim=-1).median())
     threshold = ratio * median if ratio else math.inf
     report = {
         "max_norm_ratio": ratio,
+        "non_finite": {"train": train_bad, "held_out": held_out_bad},
         "train": norm_report(train, threshold, median),
         "held_out": norm_report(held_out, threshold, median),
     }
@@ -1774,6 +1807,9 @@ def shuffled_batches(
 # Version 2 adds what `inspect` needs to show text: contexts_00000.npy (contexts, T) int32, every token id of
 # each context (BOS and specials included), positions_00000.npy (n,) int32, each row's position in its
 # context, and the manifest's "tokenizer". Version 1 stores (without them) still train.
+# While a store is written, in_progress.json marks it: the writer's arguments, the shards finished so far and
+# where the writer's input stood after the last of them, rewritten atomically after each shard, so that a
+# harvest stopped at any point (Ctrl-C, SIGKILL, a full disk) resumes after its last whole shard.
 
 STORE_DTYPES = {
     "float16": (np.float16, torch.float16),
@@ -1782,44 +1818,113 @@ STORE_DTYPES = {
 }
 
 
+PROGRESS = "in_progress.json"
+PROGRESS_KEYS = {"args", "shards", "after", "d", "text"}  # what in_progress.json holds
+SHARD_FILES = ("shard", "norms", "offsets")  # and, with text, contexts and positions
+
+
 def store_files(directory) -> list[Path]:
-    """The files of a store, finished or not, in `directory`."""
-    pattern = r"(shard|norms|offsets|contexts|positions)_\d+\.npy(\.tmp)?"
+    """The files of a store, finished or not, in `directory`, temporary ones included."""
+    pattern = (
+        r"((shard|norms|offsets|contexts|positions)_\d+\.npy"
+        r"|manifest\.json|in_progress\.json)(\.tmp)?"
+    )
     return (
-        [
-            p
-            for p in Path(directory).glob("*")
-            if p.name == "manifest.json" or re.fullmatch(pattern, p.name)
-        ]
+        [p for p in Path(directory).glob("*") if re.fullmatch(pattern, p.name)]
         if Path(directory).is_dir()
         else []
     )
 
 
+def read_progress(directory) -> dict:
+    """The in_progress.json of a store being written."""
+    path = Path(directory, PROGRESS)
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is damaged ({type(err).__name__}: {err}); harvest again with --overwrite"
+        ) from None
+    if not isinstance(progress, dict) or not PROGRESS_KEYS <= set(progress):
+        raise ValueError(
+            f"{path} is not a store's progress record; harvest again with --overwrite"
+        )
+    return progress
+
+
 class StoreWriter:
-    """Writes activations shard by shard as they come, whole contexts per shard; `finish` writes the
-    manifest last and atomically, so a store without manifest.json is unfinished, never mistaken for whole."""
+    """Writes activations shard by shard as they come, whole contexts per shard. After each shard,
+    in_progress.json records the shards finished, `args` (what the store is made from) and `after`, where the
+    caller's input stood once they were in. `finish` writes the manifest last and atomically, then removes
+    in_progress.json: a store without manifest.json is unfinished, never mistaken for whole. With
+    resume=True the writer carries on after the last shard that in_progress.json lists."""
 
     def __init__(
-        self, directory: str, dtype: str = "float16", shard_bytes: int = 1 << 26
+        self,
+        directory: str,
+        dtype: str = "float16",
+        shard_bytes: int = 1 << 26,
+        args: Optional[dict] = None,
+        resume: bool = False,
     ):
-        self.directory, self.dtype, self.shard_bytes, self.d = (
+        self.directory, self.dtype, self.shard_bytes = (
             Path(directory),
             dtype,
             shard_bytes,
-            None,
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        # an old store here (the CLI asked for --overwrite first)
-        for path in store_files(directory):
-            path.unlink()
-        self.shards, self.pending, self.lengths, self.ids, self.positions, self.text = (
-            [],
-            [],
-            [],
-            [],
-            [],
+        self.args, self.after, self.d, self.text, self.shards = (
+            args or {},
+            {},
             None,
+            None,
+            [],
+        )
+        self.pending, self.lengths, self.ids, self.positions = [], [], [], []
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.pick_up()
+            return
+        # An old store here (the CLI asked for --overwrite first). Its manifest goes first and the
+        # marker is written next, so that no moment shows old shards as a finished store.
+        Path(self.directory, "manifest.json").unlink(missing_ok=True)
+        self.write_progress()
+        for path in store_files(directory):
+            if path.name != PROGRESS:
+                path.unlink()
+
+    def pick_up(self):
+        """Carry on after the last shard that in_progress.json lists. Every other store file, such as the shard
+        that was being written when the writer stopped, or a temporary file, is deleted, so it is redone."""
+        progress = read_progress(self.directory)
+        self.args, self.after = progress["args"], progress["after"]
+        self.d, self.text, self.shards = (
+            progress["d"],
+            progress["text"],
+            progress["shards"],
+        )
+        prefixes = SHARD_FILES + (("contexts", "positions") if self.text else ())
+        finished = {f"{p}_{s['name']}.npy" for s in self.shards for p in prefixes}
+        missing = sorted(finished - {p.name for p in store_files(self.directory)})
+        if missing:
+            raise ValueError(
+                f"the unfinished store in {self.directory} lacks {', '.join(missing[:3])}, which "
+                f"{PROGRESS} lists as written; harvest again with --overwrite"
+            )
+        for path in store_files(self.directory):
+            if path.name not in finished and path.name != PROGRESS:
+                path.unlink()
+
+    def write_progress(self):
+        write_json(
+            self.directory / PROGRESS,
+            {
+                "format": "kronsae activation store, in progress",
+                "args": self.args,
+                "d": self.d,
+                "text": self.text,
+                "shards": self.shards,
+                "after": self.after,
+            },
         )
 
     def add(
@@ -1828,9 +1933,11 @@ class StoreWriter:
         lengths: list[int],
         ids: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
+        after: Optional[dict] = None,
     ):
         """acts (n, d): the kept rows of len(lengths) whole contexts, lengths[i] rows from context i; with the
-        contexts' token ids (len(lengths), T) and each row's position in its context (n,), the store keeps the text."""
+        contexts' token ids (len(lengths), T) and each row's position in its context (n,), the store keeps the
+        text. `after` is where the caller's input stands once these rows are in, saved with their shard."""
         if (ids is None) != (positions is None) or self.text not in (
             None,
             ids is not None,
@@ -1851,6 +1958,7 @@ class StoreWriter:
             )
         self.pending.append(acts)
         self.lengths += lengths
+        self.after = after if after is not None else self.after
         # float32 while pending
         if sum(a.numel() for a in self.pending) * 4 >= self.shard_bytes:
             self.flush()
@@ -1890,6 +1998,7 @@ class StoreWriter:
             {"name": name, "tokens": acts.shape[0], "contexts": len(self.lengths)}
         )
         self.pending, self.lengths, self.ids, self.positions = [], [], [], []
+        self.write_progress()  # only now is the shard whole
 
     def finish(self, **info) -> dict:
         self.flush()
@@ -1923,6 +2032,7 @@ class StoreWriter:
             input_scale=math.sqrt(self.d) / float(kept.mean(dtype=np.float64)),
         )
         write_json(self.directory / "manifest.json", manifest)
+        Path(self.directory, PROGRESS).unlink()
         return manifest
 
 
@@ -1941,9 +2051,14 @@ class ActivationStore:
         self.directory = Path(directory)
         path = self.directory / "manifest.json"
         if not path.is_file():
+            advice = (
+                "continue its harvest with the same arguments and --resume"
+                if Path(directory, PROGRESS).is_file()
+                else "run the harvest again into an empty --out"
+            )
             raise ValueError(
                 f"{directory} is not a finished activation store: manifest.json is missing "
-                f"(an interrupted harvest leaves none; run the harvest again into an empty --out)"
+                f"(an interrupted harvest leaves none; {advice})"
             )
         try:
             self.manifest = json.loads(path.read_text())
@@ -2001,11 +2116,9 @@ class ActivationStore:
         del mapped
         return (t.view(torch.bfloat16) if self.dtype == "bfloat16" else t).float()
 
-    def split(self, eval_tokens: int, seed: int, ratio: float):
-        """Hold out whole contexts, chosen by the seed, until they hold eval_tokens rows; drop every row whose
-        norm exceeds ratio x the median training norm, as filter_massive does. Returns (training Rows per
-        shard, held-out rows (n, d) in RAM, the filter's report, the input scale). Memory: the norms, one
-        index per training row, the held-out rows and one chunk at a time."""
+    def held_out_rows(self, eval_tokens: int, seed: int) -> list[np.ndarray]:
+        """Per shard, (n,) bool: the rows of the whole contexts held out, chosen by the seed, until they hold
+        eval_tokens rows."""
         counts = np.concatenate([np.diff(o) for o in self.offsets])  # rows per context
         if counts.sum() <= eval_tokens:
             raise ValueError(
@@ -2018,57 +2131,96 @@ class ActivationStore:
         held[
             order[: int(np.searchsorted(np.cumsum(counts[order]), eval_tokens)) + 1]
         ] = True
-        held_rows = np.split(
+        return np.split(
             np.repeat(held, counts), np.cumsum([len(n) for n in self.norms])[:-1]
         )
+
+    def finite_rows(
+        self, held: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """One pass over every row, SUM_ROWS at a time: per shard, (n,) bool, the rows whose values and stored
+        norm are finite (a store damaged after its harvest, or written by another tool, may hold NaN or inf),
+        and the float64 sum of the finite training rows (d,)."""
+        finite, total = [], np.zeros(self.d)
+        for k, (norms, h) in enumerate(zip(self.norms, held)):
+            ok = np.isfinite(np.asarray(norms))
+            for chunk in np.array_split(
+                np.arange(len(ok)), max(1, len(ok) // SUM_ROWS)
+            ):
+                x = self.rows(k, chunk)
+                ok[chunk] &= x.isfinite().all(-1).numpy()
+                train = torch.from_numpy(ok[chunk] & ~h[chunk])
+                total += x[train].double().sum(0).numpy()
+            finite.append(ok)
+        return finite, total
+
+    def split(self, eval_tokens: int, seed: int, ratio: float):
+        """Hold out whole contexts, chosen by the seed, until they hold eval_tokens rows; drop the rows that are
+        not finite, counted apart, then every row whose norm exceeds ratio x the median training norm, as
+        filter_massive does. Returns (training Rows per shard, held-out rows (n, d) in RAM, the filter's report,
+        the input scale). Memory: the norms, one index per training row, the held-out rows and one chunk at a
+        time."""
+        held = self.held_out_rows(eval_tokens, seed)
+        finite, total = self.finite_rows(held)
         norms = [np.asarray(n) for n in self.norms]
-        train_norms = np.concatenate([n[~h] for n, h in zip(norms, held_rows)])
+        train_norms = np.concatenate(
+            [n[~h & f] for n, h, f in zip(norms, held, finite)]
+        )
+        bad = {
+            "train": int(sum((~h & ~f).sum() for h, f in zip(held, finite))),
+            "held_out": int(sum((h & ~f).sum() for h, f in zip(held, finite))),
+        }
+        check_some_finite(
+            len(train_norms), bad["train"], f"training rows of {self.directory}"
+        )
         middle = (len(train_norms) - 1) // 2  # the lower median, as torch
         median = float(np.partition(train_norms, middle)[middle])
         threshold = ratio * median if ratio else math.inf
-        train, held_out, total = [], [], np.zeros(self.d)
-        dropped = []
-        for k, (n, h) in enumerate(zip(norms, held_rows)):
-            index = np.flatnonzero(~h & (n <= threshold))
+        train, held_out, dropped = [], [], []
+        for k, (n, h, f) in enumerate(zip(norms, held, finite)):
+            index = np.flatnonzero(~h & f & (n <= threshold))
             train.append(
                 Rows(
                     len(index),
                     lambda i, k=k, index=index: self.rows(k, index[i.numpy()]),
                 )
             )
-            held_out.append(self.rows(k, np.flatnonzero(h)))
-            # sum of x
-            for chunk in np.array_split(
-                np.flatnonzero(~h), max(1, int(np.sum(~h)) // SUM_ROWS)
-            ):
-                total += self.rows(k, chunk).double().sum(0).numpy()
-            dropped.append(self.rows(k, np.flatnonzero(~h & (n > threshold))))
-        dropped = torch.cat(dropped).double()
-        mean = total / len(train_norms)
-
-        # sum of ||x - mean||^2 over rows with sum of ||x||^2 = sq and sum of x = sx
-        def spread(sq, sx, count):
-            return float(sq - 2 * mean @ sx + count * mean @ mean)
-
-        share = spread(
-            float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped)
-        ) / spread(
-            float((train_norms.astype(np.float64) ** 2).sum()), total, len(train_norms)
-        )
-        kept = train_norms[train_norms <= threshold]
+            held_out.append(self.rows(k, np.flatnonzero(h & f)))
+            dropped.append(self.rows(k, np.flatnonzero(~h & f & (n > threshold))))
         held_out = torch.cat(held_out)
+        check_some_finite(
+            len(held_out), bad["held_out"], f"held-out rows of {self.directory}"
+        )
+        share = massive_share(torch.cat(dropped).double(), train_norms, total)
         report = {
             "max_norm_ratio": ratio,
+            "non_finite": bad,
             "train": filter_report(train_norms, threshold, median, share),
             "held_out": norm_report(held_out, threshold, median),
         }
         held_out = held_out[held_out.norm(dim=-1) <= threshold][:eval_tokens]
+        kept = train_norms[train_norms <= threshold]
         return (
             train,
             held_out,
             report,
             math.sqrt(self.d) / float(kept.mean(dtype=np.float64)),
         )
+
+
+def massive_share(dropped: torch.Tensor, norms: np.ndarray, total: np.ndarray) -> float:
+    """The dropped rows' share of the raw variance, sum over them of ||x - mean||^2 over the same sum for all
+    training rows, from the dropped rows (n, d), every training row's norm and the rows' sum (d,)."""
+    mean = total / len(norms)
+
+    # sum of ||x - mean||^2 over rows with sum of ||x||^2 = sq and sum of x = sx
+    def spread(sq, sx, count):
+        return float(sq - 2 * mean @ sx + count * mean @ mean)
+
+    outside = spread(float(dropped.pow(2).sum()), dropped.sum(0).numpy(), len(dropped))
+    return outside / spread(
+        float((norms.astype(np.float64) ** 2).sum()), total, len(norms)
+    )
 
 
 def input_scale(data: torch.Tensor) -> float:
@@ -2493,7 +2645,9 @@ def dropped_tokens(
 ) -> dict:
     """Which tokens, at which positions, the norm filter dropped: the most common of each, with counts.
     acts (n, d) are the rows harvested from contexts (N, T) at `mask`, in order."""
-    dropped = (acts.norm(dim=-1) > threshold).nonzero().squeeze(1)  # rows
+    norms = acts.norm(dim=-1)
+    # rows; non-finite ones are counted apart (finite_rows)
+    dropped = ((norms > threshold) & norms.isfinite()).nonzero().squeeze(1)
     ids = contexts[mask][dropped]  # (n_dropped,)
     positions = torch.arange(contexts.shape[1]).expand_as(contexts)[mask][dropped]
 
@@ -2647,24 +2801,85 @@ def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
     }
 
 
-def harvest_store(cfg: DataConfig, out: str, device, progress: bool = True) -> dict:
+def harvest_args(cfg: DataConfig, shard_mb: float) -> dict:
+    """What a harvest's store is made from, as its in_progress.json keeps it: `harvest --resume` with any of
+    it changed would splice two different stores, so it is refused."""
+    return {
+        "model": cfg.model,
+        "layer": cfg.layer,
+        "text": [file_digest(p) for p in cfg.text],
+        "ctx": cfg.ctx,
+        "dtype": cfg.dtype,
+        "max_tokens": cfg.max_tokens,
+        "model_batch": cfg.model_batch,
+        "keep_first": cfg.keep_first,
+        "max_norm_ratio": cfg.max_norm_ratio,
+        "shard_mb": shard_mb,
+    }
+
+
+class HarvestInterrupted(Exception):
+    """Ctrl-C during a harvest; the message says what the store holds and how to continue it."""
+
+
+def harvest_store(
+    cfg: DataConfig,
+    out: str,
+    device,
+    progress: bool = True,
+    args: Optional[dict] = None,
+    resume: bool = False,
+) -> dict:
     """Write hidden_states[layer] of --model on --text to an activation store, shard by shard: the text is
-    tokenised lazily and reading stops at max_tokens, so memory holds one model batch and one shard."""
-    model, tokenizer, _ = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
+    tokenised lazily and reading stops at max_tokens, so memory holds one model batch and one shard. With
+    resume, carry on after the last whole shard of the store in progress in `out`, made from the same args."""
+    args = args or harvest_args(cfg, 64.0)
     try:
-        return write_store(model, tokenizer, cfg, out, progress)
+        model, tokenizer, _ = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
+        return write_store(model, tokenizer, cfg, out, progress, args, resume)
     except WriteError as err:
         raise WriteError(
             f"{err}; the store in {out} is unfinished (it has no manifest.json) and will be refused "
-            f"by training; free some space, then harvest again with --overwrite"
+            f"by training; free some space, then continue it with the same arguments and --resume "
+            f"(or harvest again with --overwrite)"
+        ) from None
+    except KeyboardInterrupt:
+        if not Path(out, PROGRESS).is_file():
+            raise HarvestInterrupted(
+                "interrupted before the harvest wrote anything"
+            ) from None
+        done = read_progress(out)
+        tokens = sum(s["tokens"] for s in done["shards"])
+        raise HarvestInterrupted(
+            f"interrupted; the store in {out} is unfinished: {len(done['shards'])} whole shards, "
+            f"{tokens:,} tokens; continue it with the same arguments and --resume"
         ) from None
 
 
-def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> dict:
-    writer, total, start = StoreWriter(out, cfg.dtype), 0, time.perf_counter()
-    contexts = iter_contexts(tokenizer, cfg.text, cfg.ctx)
+def write_store(
+    model,
+    tokenizer,
+    cfg: DataConfig,
+    out: str,
+    progress: bool,
+    args: dict,
+    resume: bool,
+) -> dict:
+    shard_bytes = max(1, int(args["shard_mb"] * 2**20))
+    writer = StoreWriter(out, cfg.dtype, shard_bytes, args, resume)
+    done = writer.after or {"contexts": 0, "tokens": 0, "seconds": 0.0}
+    read, total = done["contexts"], done["tokens"]
+    start = time.perf_counter() - done["seconds"]
+    if resume:
+        print(
+            f"resuming the harvest in {out} after {len(writer.shards)} whole shards: "
+            f"{total:,} tokens of {read:,} contexts"
+        )
+    # the contexts already in the store are tokenised again, but never run through the model
+    contexts = itertools.islice(iter_contexts(tokenizer, cfg.text, cfg.ctx), read, None)
     with tqdm(
         total=cfg.max_tokens,
+        initial=total,
         unit="tok",
         unit_scale=True,
         desc=f"harvest layer {cfg.layer}",
@@ -2684,14 +2899,29 @@ def write_store(model, tokenizer, cfg: DataConfig, out: str, progress: bool) -> 
                 cfg.max_tokens - total,
                 progress=False,
             )
-            writer.add(acts, *store_args(ids, mask, acts.shape[0]))
-            total += acts.shape[0]
+            read, total = read + len(batch), total + acts.shape[0]
+            after = {
+                "contexts": read,
+                "tokens": total,
+                "seconds": time.perf_counter() - start,
+            }
+            writer.add(acts, *store_args(ids, mask, acts.shape[0]), after=after)
             bar.update(acts.shape[0])
+    return finish_store(writer, tokenizer, cfg, out, total, time.perf_counter() - start)
+
+
+def finish_store(
+    writer: StoreWriter,
+    tokenizer,
+    cfg: DataConfig,
+    out: str,
+    total: int,
+    seconds: float,
+) -> dict:
     if total < cfg.max_tokens:
         print(
             f"note: the text ran out after {total:,} tokens, before --max-tokens {cfg.max_tokens:,}"
         )
-    seconds = time.perf_counter() - start
     manifest = writer.finish(**store_info(cfg, tokenizer, seconds))
     print(
         f"wrote {manifest['tokens']:,} tokens of {manifest['contexts']:,} contexts to {out} in "
@@ -2857,6 +3087,9 @@ class Arch(NamedTuple):
     prunes_heads: bool  # `progressive` prunes whole heads, not single latents
     head_view: bool  # `inspect` shows its heads and pre-latents
     saelens: bool  # `export --to saelens` writes it
+    # What sets each dimension of each weight, so that `load` can refuse a
+    # config.json that does not match its weights by naming the field.
+    dimensions: dict
 
 
 def build_topk(c, d_in: int) -> TopKSAE:
@@ -2878,6 +3111,12 @@ TOPK = Arch(
     prunes_heads=False,
     head_view=False,
     saelens=True,
+    dimensions={
+        "W_enc": ("dict_size", "d_in"),
+        "b_enc": ("dict_size",),
+        "W_dec": ("dict_size", "d_in"),
+        "b_dec": ("d_in",),
+    },
 )
 KRON = Arch(
     name="kron",
@@ -2890,6 +3129,12 @@ KRON = Arch(
     prunes_heads=True,
     head_view=True,
     saelens=False,
+    dimensions={
+        "W_enc": ("h*(m+n)", "d_in"),
+        "b_enc": ("h*(m+n)",),
+        "W_dec": ("h*m*n", "d_in"),
+        "b_dec": ("d_in",),
+    },
 )
 ARCHS = {arch.name: arch for arch in (TOPK, KRON)}
 BASELINE = TOPK.name  # what the others are compared with: --match, ablate, bench
@@ -2944,20 +3189,108 @@ def save(sae: SparseAutoencoder, directory: str):
     write_json(Path(directory, "config.json"), sae_config(sae))
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names for floating point
+
+
+def planned_sae(build: Callable[[], SparseAutoencoder]) -> SparseAutoencoder:
+    """The SAE build() makes, on the meta device: its parameters have shapes and dtypes but no memory, so
+    a config claiming 10^9 latents costs nothing to look at."""
+    with torch.device("meta"):
+        return build()
+
+
+def weights_header(path) -> dict[str, tuple[tuple, str]]:
+    """Each tensor's (shape, dtype) in a safetensors file, read from its header alone: no tensor is loaded."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            return {
+                name: (tuple(s.get_shape()), s.get_dtype())
+                for name, s in slices.items()
+            }
+    except Exception as err:  # safetensors raises its own error kinds
+        raise ValueError(
+            f"{path} is corrupt ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
+
+
+def check_weights(planned: SparseAutoencoder, header: dict, what: str, source: str):
+    """Refuse, in one line naming the field and both values, a header whose tensors are not the ones the
+    planned SAE (built from `source`, on the meta device) would load: a missing or extra name, another
+    shape, or a dtype that is not floating point."""
+    expected = planned.state_dict()
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{what} holds tensors {sorted(header)}, but {source} describes "
+            f"{list(expected)} (missing {missing}, unexpected {extra})"
+        )
+    arch = sae_config(planned)["arch"]
+    for name, tensor in expected.items():
+        shape, dtype = header[name]
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{what}: {name} has dtype {dtype} in sae.safetensors; an SAE's weights "
+                f"are floating point ({', '.join(FLOAT_DTYPES)})"
+            )
+        if shape == tuple(tensor.shape):
+            continue
+        labels = ARCHS[arch].dimensions[name]
+        if len(shape) != len(labels):
+            raise ValueError(
+                f"{what}: {name} has shape {shape} in sae.safetensors, but {source} "
+                f"makes it {tuple(tensor.shape)}"
+            )
+        dim = next(i for i in range(len(shape)) if shape[i] != tensor.shape[i])
+        raise ValueError(
+            f"{what} does not match its weights: {source} gives "
+            f"{dimension_text(labels[dim], sae_config(planned), tensor.shape[dim])}, "
+            f"sae.safetensors has {shape[dim]} ({name} has shape {shape}, the config "
+            f"makes it {tuple(tensor.shape)})"
+        )
+
+
+def dimension_text(label: str, config: dict, value: int) -> str:
+    """'dict_size = 64', or with the config's values filled in, 'h*(m+n) = 8*(2+4) = 48'."""
+    filled = re.sub(r"[a-z_]+", lambda match: str(config[match.group()]), label)
+    if filled == str(value):
+        return f"{label} = {value}"
+    return f"{label} = {filled} = {value}"
+
+
 def load(directory: str, device="cpu") -> SparseAutoencoder:
     """The exact inverse of save. A missing or corrupt checkpoint raises ValueError naming what is wrong.
-    Nothing in it can run code: safetensors and JSON."""
+    config.json is checked against the tensors' names, shapes and dtypes in the safetensors header before
+    anything is allocated, so a config that lies about its sizes costs no memory. Nothing in a checkpoint
+    can run code: safetensors and JSON."""
     from safetensors.torch import load_file
 
     for name in ("config.json", "sae.safetensors"):
         if not Path(directory, name).is_file():
             raise ValueError(f"{directory} is not a checkpoint: {name} is missing")
+    weights = Path(directory, "sae.safetensors")
+
+    # The config and the header first, with no memory behind either.
     try:
-        sae = build_sae(json.loads(Path(directory, "config.json").read_text()))
-        sae.load_state_dict(load_file(Path(directory, "sae.safetensors")))
+        config = json.loads(Path(directory, "config.json").read_text())
+        planned = planned_sae(lambda: build_sae(config))
+        header = weights_header(weights)
     except (
         Exception
-    ) as err:  # json, safetensors and load_state_dict each raise their own kind
+    ) as err:  # json, the constructors and safetensors each raise their own kind
+        raise ValueError(
+            f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
+    check_weights(planned, header, f"checkpoint {directory}", "config.json")
+
+    # Only then the SAE itself, and its weights.
+    try:
+        sae = build_sae(config)
+        sae.load_state_dict(load_file(weights))
+    except Exception as err:
         raise ValueError(
             f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})"
         ) from None
@@ -3795,6 +4128,9 @@ def run_one(
     budget = budget or Budget(s.train.steps)
     s = dataclasses.replace(s, train=dataclasses.replace(s.train, steps=budget.steps))
     set_seed(s.run.seed)
+    out = str(Path(s.run.out, arch)) if s.run.out else ""
+    if s.run.resume:
+        check_resumed_weights(s, arch, train_data.d, out)
     sae = s.sae.build(arch, train_data.d).to(device)
     if isinstance(train_data.rows, torch.Tensor):
         check_data(train_data.rows, sae.d_in)
@@ -3808,7 +4144,6 @@ def run_one(
         pin=device.type == "cuda",
     )
     scale = train_data.scale if s.data.normalize else 1.0
-    out = str(Path(s.run.out, arch)) if s.run.out else ""
     state = None
     if s.run.resume and Path(out, "train_state.pt").exists():
         state, scale = load_run_state(out, sae, s.train, batches, budget.seconds)
@@ -3879,6 +4214,16 @@ def run_metrics(
         train_flops=tokens * sae.flops_per_token(),
     )
     return metrics
+
+
+def check_resumed_weights(s: Settings, arch: str, d: int, out: str):
+    """--resume: run.json's SAE against the weights saved in OUT/arch, before an SAE of the size it claims
+    is allocated."""
+    if not Path(out, "sae.safetensors").is_file():
+        return
+    planned = planned_sae(lambda: s.sae.build(arch, d))
+    header = weights_header(Path(out, "sae.safetensors"))
+    check_weights(planned, header, f"--resume {s.run.resume}: {out}", "run.json")
 
 
 class Budget(NamedTuple):
@@ -4661,13 +5006,87 @@ WINDOW = 15  # tokens either side of the firing token (appendix D.1: 31-token wi
 HISTOGRAM_BINS = torch.logspace(-4, 4, 65)
 
 
-class UnitStats:
-    """Streaming statistics of U units whose activations arrive as dense (B, U) chunks of whole contexts.
-    Memory: O(U * examples * WINDOW) for the examples and O(U * bins) for the histograms, whatever the number
-    of tokens read, plus one float per (unit, token id) pair that fired, for eq. 10."""
+# Units taken at a time by UnitStats and TokenMass, so that their temporaries stay near rows x UNIT_BLOCK floats
+# per chunk, however many units there are (KronSAE at F = 65,536 has 32,768 pre-latents).
+UNIT_BLOCK = 4096
+TOP_TOKENS = 5  # the tokens with the most activation mass kept per unit
 
-    def __init__(self, units: int, examples: int, vocab: int):
-        self.units, self.vocab, self.tokens = units, vocab, 0
+
+class TokenMass:
+    """eq. 10's activation mass by token id, for U units, in O(U) memory. The rows arrive sorted by token id, so
+    a token's mass m_t (U,) is whole once the next token starts, and only three things are kept per unit: the
+    total M = sum_t m_t, sum_t m_t log m_t and the TOP_TOKENS heaviest tokens. The token entropy of
+    p_t = m_t / M is then H = -sum_t p_t log p_t = log M - (sum_t m_t log m_t) / M."""
+
+    def __init__(self, units: int):
+        self.units = units
+        self.mass = torch.zeros(units, dtype=torch.float64)
+        self.m_log_m = torch.zeros(units, dtype=torch.float64)
+        self.top_mass = torch.zeros(units, TOP_TOKENS, dtype=torch.float64)
+        self.top_ids = torch.full((units, TOP_TOKENS), -1)
+        # the token being summed (-1: none yet) and its mass so far
+        self.token = -1
+        self.current = torch.zeros(units, dtype=torch.float64)
+
+    def add(self, acts: torch.Tensor, token_ids: torch.Tensor):
+        """acts (B, U) >= 0 of rows whose token_ids (B,) ascend, from where the last call's rows ended."""
+        ids, counts = token_ids.unique_consecutive(return_counts=True)  # (G,)
+        group = torch.repeat_interleave(torch.arange(len(ids)), counts)  # (B,)
+        for lo in range(0, self.units, UNIT_BLOCK):
+            block = slice(lo, lo + UNIT_BLOCK)
+            width = min(UNIT_BLOCK, self.units - lo)
+            mass = torch.zeros(len(ids), width, dtype=torch.float64)
+            mass.index_add_(0, group, acts[:, block].double())  # (G, u)
+            if int(ids[0]) == self.token:
+                mass[0] += self.current[block]
+            elif self.token >= 0:
+                self.close(self.current[None, block], torch.tensor([self.token]), block)
+            # every token here is whole but the last, which the next rows may continue
+            self.close(mass[:-1], ids[:-1], block)
+            self.current[block] = mass[-1]
+        self.token = int(ids[-1])
+
+    def finish(self):
+        if self.token >= 0:
+            everything = slice(0, self.units)
+            self.close(self.current[None], torch.tensor([self.token]), everything)
+        self.token = -1
+
+    def close(self, mass: torch.Tensor, ids: torch.Tensor, block: slice):
+        """Count whole tokens: mass (G, u) of the units in `block`, ids (G,)."""
+        self.mass[block] += mass.sum(0)
+        self.m_log_m[block] += torch.xlogy(mass, mass).sum(0)  # 0 log 0 = 0
+        masses = torch.cat([self.top_mass[block], mass.T], 1)  # (u, TOP + G)
+        tokens = torch.cat(
+            [self.top_ids[block], ids[None].expand(mass.shape[1], -1)], 1
+        )
+        best = masses.topk(TOP_TOKENS, dim=1)
+        self.top_mass[block] = best.values
+        self.top_ids[block] = tokens.gather(1, best.indices)
+
+    def entropy(self) -> torch.Tensor:
+        """(U,) eq. 10's token entropy, NaN for units with no mass."""
+        H = self.mass.log() - self.m_log_m / self.mass
+        return H.clamp_min(0)  # rounding can leave -1e-16 where one token holds all
+
+    def top_tokens(self, unit: int, count: int) -> list[tuple[int, float]]:
+        """The unit's `count` heaviest token ids (at most TOP_TOKENS), with their share of its mass."""
+        share = self.top_mass[unit, :count] / self.mass[unit]
+        return [
+            (int(token), float(s))
+            for token, m, s in zip(self.top_ids[unit], self.top_mass[unit], share)
+            if m > 0
+        ]
+
+
+class UnitStats:
+    """Streaming statistics of U units whose activations arrive as dense (B, U) chunks of whole contexts, in
+    blocks of UNIT_BLOCK units. Memory: O(U * examples * WINDOW) for the examples, O(U * bins) for the
+    histograms and O(U) for eq. 10 (TokenMass, fed by a second pass in token order), whatever the number of
+    tokens read and however densely the units fire."""
+
+    def __init__(self, units: int, examples: int):
+        self.units, self.tokens = units, 0
         self.fired = torch.zeros(units, dtype=torch.long)
         self.total = torch.zeros(units, dtype=torch.float64)
         self.top = torch.zeros(units, examples)  # the top activations, descending
@@ -4676,39 +5095,36 @@ class UnitStats:
         # activations around each
         self.windows = torch.zeros(units, examples, 2 * WINDOW + 1)
         self.histogram = torch.zeros(units, len(HISTOGRAM_BINS) + 1, dtype=torch.long)
-        self.keys, self.mass, self.pending = (
-            torch.zeros(0, dtype=torch.long),
-            torch.zeros(0, dtype=torch.float64),
-            [],
-        )
+        self.by_token = TokenMass(units)
 
     def add(self, acts: torch.Tensor, chunk: TextChunk):
         """acts (B, U) >= 0 on the chunk's rows; rows outside chunk.keep count for nothing but their windows."""
-        kept = acts * chunk.keep[:, None]
         self.tokens += int(chunk.keep.sum())
+        for lo in range(0, self.units, UNIT_BLOCK):
+            self.add_block(acts[:, lo : lo + UNIT_BLOCK], chunk, lo)
+
+    def add_block(self, acts: torch.Tensor, chunk: TextChunk, lo: int):
+        """add for the units lo, lo + 1, ... of acts (B, u)."""
+        block = slice(lo, lo + acts.shape[1])
+        kept = acts * chunk.keep[:, None]
         rows, units = kept.nonzero(as_tuple=True)  # the firings
         values = kept[rows, units]
-        self.fired += torch.bincount(units, minlength=self.units)
-        self.total.index_add_(0, units, values.double())
+        self.fired[block] += torch.bincount(units, minlength=acts.shape[1])
+        # slices of the (U, ...) tensors are views: the block's rows are updated in place
+        self.total[block].index_add_(0, units, values.double())
         bins = torch.bucketize(values, HISTOGRAM_BINS)
-        self.histogram.view(-1).index_add_(
+        self.histogram[block].view(-1).index_add_(
             0, units * self.histogram.shape[1] + bins, torch.ones_like(bins)
         )
-        self.pending.append(
-            (units * self.vocab + chunk.token_ids[rows], values.double())
-        )
-        # amortised: O(pairs log pairs)
-        if sum(len(k) for k, _ in self.pending) > max(len(self.keys), 1 << 22):
-            self.coalesce()
         E = min(self.top.shape[1], kept.shape[0])
-        best_values, best = kept.topk(E, dim=0)  # (E, U) each unit's best rows here
+        best_values, best = kept.topk(E, dim=0)  # (E, u) each unit's best rows here
         # last row: slots without a store row
-        padded = torch.cat([acts, acts.new_zeros(1, self.units)])
+        padded = torch.cat([acts, acts.new_zeros(1, acts.shape[1])])
         windows = padded[
-            chunk.neighbours[best], torch.arange(self.units)[None, :, None]
-        ]  # (E, U, 2W+1)
+            chunk.neighbours[best], torch.arange(acts.shape[1])[None, :, None]
+        ]  # (E, u, 2W+1)
         order = (
-            torch.cat([self.top, best_values.T], 1)
+            torch.cat([self.top[block], best_values.T], 1)
             .topk(self.top.shape[1], dim=1)
             .indices
         )
@@ -4722,33 +5138,20 @@ class UnitStats:
                 ),
             )
 
-        self.top = merge(self.top, best_values.T)
-        self.row = merge(self.row, torch.where(best_values > 0, chunk.rows[best], -1).T)
-        self.span = merge(self.span, chunk.span[best].T)
-        self.windows = merge(self.windows, windows.transpose(0, 1))
+        self.top[block] = merge(self.top[block], best_values.T)
+        rows_of_best = torch.where(best_values > 0, chunk.rows[best], -1)
+        self.row[block] = merge(self.row[block], rows_of_best.T)
+        self.span[block] = merge(self.span[block], chunk.span[best].T)
+        self.windows[block] = merge(self.windows[block], windows.transpose(0, 1))
 
-    def coalesce(self):
-        keys = torch.cat([self.keys, *(k for k, _ in self.pending)])
-        mass = torch.cat([self.mass, *(m for _, m in self.pending)])
-        # sorted: unit-major, then token id
-        self.keys, inverse = keys.unique(return_inverse=True)
-        self.mass = torch.zeros(len(self.keys), dtype=torch.float64).index_add_(
-            0, inverse, mass
-        )
-        self.pending = []
+    def add_tokens(self, acts: torch.Tensor, token_ids: torch.Tensor):
+        """The second pass, for eq. 10: acts (B, U) of counted rows in ascending token_ids (B,)."""
+        self.by_token.add(acts, token_ids)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         """Per unit (NaN where it never fired): frequency (share of tokens it fires on), mean_activation (over
         those tokens), token_entropy (eq. 10) and multitoken_ratio (eq. 11, over its collected examples)."""
-        self.coalesce()
-        unit = self.keys // self.vocab
-        mass = torch.zeros(self.units, dtype=torch.float64).index_add_(
-            0, unit, self.mass
-        )
-        p = self.mass / mass[unit]
-        entropy = torch.zeros(self.units, dtype=torch.float64).index_add_(
-            0, unit, -p * p.log()
-        )
+        self.by_token.finish()
         never = self.fired == 0
         valid = self.row >= 0  # (U, E) examples actually collected
         active = ((self.windows > 0).sum(-1) / self.span * valid).sum(1) / valid.sum(1)
@@ -4758,31 +5161,25 @@ class UnitStats:
             "mean_activation": torch.where(
                 never, nan, self.total / self.fired.clamp_min(1)
             ),
-            "token_entropy": torch.where(never, nan, entropy),
+            "token_entropy": torch.where(never, nan, self.by_token.entropy()),
             "multitoken_ratio": torch.where(never, nan, active.double()),
         }
 
-    def top_tokens(self, unit: int, count: int = 5) -> list[tuple[int, float]]:
+    def top_tokens(self, unit: int, count: int = TOP_TOKENS) -> list[tuple[int, float]]:
         """The unit's `count` token ids with the most activation mass, with their share of it."""
-        lo, hi = torch.searchsorted(
-            self.keys, torch.tensor([unit * self.vocab, (unit + 1) * self.vocab])
-        ).tolist()
-        mass = self.mass[lo:hi]
-        best = mass.topk(min(count, len(mass))).indices
-        return [
-            (int(self.keys[lo + b] % self.vocab), float(mass[b] / mass.sum()))
-            for b in best
-        ]
+        return self.by_token.top_tokens(unit, count)
 
 
 # whole contexts of a store, and what UnitStats needs to know of their rows
 class TextChunk(NamedTuple):
-    x: torch.Tensor  # (B, d) activations
+    x: torch.Tensor  # (B, d) activations, rows that are not finite set to 0
     rows: torch.Tensor  # (B,) row ids in the store (shard by shard, in order)
     token_ids: torch.Tensor  # (B,) each row's token id
     neighbours: torch.Tensor  # (B, 2W+1) the chunk row at each window slot, B where no row is (edges, specials)
     span: torch.Tensor  # (B,) tokens of the context inside the row's window
-    keep: torch.Tensor  # (B,) rows that count: within --tokens and not massive
+    keep: torch.Tensor  # (B,) rows that count: within --tokens, finite and not massive
+    finite: torch.Tensor  # (B,) rows whose values are finite
+    non_finite: int  # rows within --tokens that are not finite
 
 
 def text_chunks(
@@ -4809,7 +5206,11 @@ def text_chunks(
             # padded positions of each window
             slots = pos[:, None] + torch.arange(2 * WINDOW + 1)
             x = store.rows(k, np.arange(a, b))
-            keep = (torch.arange(b - a) < tokens - read) & (x.norm(dim=-1) <= threshold)
+            # a damaged store's NaN or inf rows count for nothing, and are zeros to the SAE
+            finite = finite_mask(x)
+            x[~finite] = 0
+            counted = torch.arange(b - a) < tokens - read
+            keep = counted & finite & (x.norm(dim=-1) <= threshold)
             yield TextChunk(
                 x,
                 base + torch.arange(a, b),
@@ -4817,9 +5218,23 @@ def text_chunks(
                 where[context[:, None], slots],
                 (pos + WINDOW).clamp(max=T - 1) - (pos - WINDOW).clamp(min=0) + 1,
                 keep,
+                finite,
+                int((counted & ~finite).sum()),
             )
             read, c = read + b - a, end
         base += int(offsets[-1])
+
+
+def store_rows(store: ActivationStore, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the whole store by their ids (as TextChunk.rows counts them), in the order given: (n, d)."""
+    bases = np.cumsum([0] + [int(o[-1]) for o in store.offsets])
+    rows = rows.numpy()
+    shard = np.searchsorted(bases, rows, side="right") - 1  # (n,)
+    out = torch.empty(len(rows), store.d)
+    for k in np.unique(shard):
+        at = np.flatnonzero(shard == k)
+        out[torch.from_numpy(at)] = store.rows(k, rows[at] - bases[k])
+    return out
 
 
 class Correlation:
@@ -4922,6 +5337,105 @@ def load_tokenizer(name: str):
     return from_pretrained(AutoTokenizer.from_pretrained, name, extra)
 
 
+def open_inspection(directory: str, data: str, latents) -> tuple:
+    """(the store, the SAE, the store's tokenizer), after the checks that need no pass over the data."""
+    store = ActivationStore(data)
+    store.text(0)  # a one-line error for old stores
+    sae = load(directory)
+    if sae.d_in != store.d:
+        raise ValueError(
+            f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}"
+        )
+    for latent in latents or []:
+        if not 0 <= latent < sae.F:
+            raise ValueError(f"--latents: latent {latent} is outside 0..{sae.F - 1}")
+    return store, sae, load_tokenizer(store.manifest["tokenizer"])
+
+
+class ContextPass(NamedTuple):
+    """What the pass over whole contexts gathers besides the UnitStats."""
+
+    corr: Correlation  # the sampled heads' latents (section 5.2)
+    corr_init: Correlation  # the same latents of the SAE at its init
+    and_check: dict  # KronSAE: fires, both (fires with both parents), parents
+    rows: torch.Tensor  # (N,) the store ids of the rows counted
+    token_ids: torch.Tensor  # (N,) their token ids
+    non_finite: int  # rows within --tokens that are not finite
+
+
+def pre_latents(sae: KroneckerSAE, x: torch.Tensor) -> torch.Tensor:
+    """(B, d) -> (B, h(m+n)): ReLU(u), ReLU(v) of every head (eq. 2)."""
+    return torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc.T).relu()
+
+
+def count_and_(counts: dict, sae: KroneckerSAE, pre: torch.Tensor, code: torch.Tensor):
+    """The AND check's counts, for pre-latents (b, h(m+n)) and the code (b, F) of the same rows."""
+    u, v = (t > 0 for t in sae.split(pre))  # (b, h, m), (b, h, n)
+    on = code.view(-1, sae.h, sae.m, sae.n) > 0
+    counts["fires"] += int(on.sum())
+    counts["both"] += int((on & u[..., :, None] & v[..., None, :]).sum())
+    counts["parents"] += int((u.sum(-1) * v.sum(-1)).sum())
+
+
+def context_pass(sae, store, post, pre, tokens, batch, seed, progress) -> ContextPass:
+    """The pass over whole contexts: every UnitStats statistic but eq. 10's, the correlations of section 5.2
+    (and at init) and KronSAE's AND check."""
+    torch.manual_seed(seed)
+    init = build_sae(sae_config(sae))  # the same SAE at its init (A.1), b_dec set below
+    heads = sampled_heads(sae)
+    corr, corr_init = Correlation(len(heads)), Correlation(len(heads))
+    counts = {"fires": 0, "both": 0, "parents": 0}
+    rows, token_ids, non_finite = [], [], 0
+    threshold = store.manifest["norms"].get("threshold") or math.inf
+    with tqdm(
+        total=min(tokens, store.manifest["tokens"]),
+        unit="tok",
+        unit_scale=True,
+        desc="inspect, in context",
+        disable=not progress,
+    ) as bar:
+        for chunk in text_chunks(store, tokens, batch, threshold):
+            code = dense_code(sae, chunk.x) * chunk.finite[:, None]
+            post.add(code, chunk)
+            corr.add(code[chunk.keep][:, heads])
+            # as training starts: b_dec at the data mean
+            if not init.b_dec.any() and chunk.keep.any():
+                init.b_dec.copy_(chunk.x[chunk.keep].mean(0))
+            corr_init.add(dense_code(init, chunk.x[chunk.keep])[:, heads])
+            if pre is not None:
+                pre_acts = pre_latents(sae, chunk.x) * chunk.finite[:, None]
+                pre.add(pre_acts, chunk)
+                count_and_(counts, sae, pre_acts[chunk.keep], code[chunk.keep])
+            rows.append(chunk.rows[chunk.keep])
+            token_ids.append(chunk.token_ids[chunk.keep])
+            non_finite += chunk.non_finite
+            bar.update(int(chunk.keep.sum()))
+    return ContextPass(
+        corr, corr_init, counts, torch.cat(rows), torch.cat(token_ids), non_finite
+    )
+
+
+def token_pass(sae, store, post, pre, passed: ContextPass, batch, progress):
+    """eq. 10's pass: the rows counted, again, sorted by token id, so that each unit's mass on a token is whole
+    when the next token starts (TokenMass). Memory O(units), however many tokens and however dense the units;
+    the price is encoding the rows a second time."""
+    order = passed.token_ids.argsort(stable=True)
+    with tqdm(
+        total=len(order),
+        unit="tok",
+        unit_scale=True,
+        desc="inspect, by token (eq. 10)",
+        disable=not progress,
+    ) as bar:
+        for at in order.split(batch):
+            x = store_rows(store, passed.rows[at])
+            ids = passed.token_ids[at]
+            post.add_tokens(dense_code(sae, x), ids)
+            if pre is not None:
+                pre.add_tokens(pre_latents(sae, x), ids)
+            bar.update(len(at))
+
+
 @torch.no_grad()
 def inspect_sae(
     directory: str,
@@ -4935,106 +5449,20 @@ def inspect_sae(
     progress: bool = True,
 ) -> Inspection:
     """Read the first `tokens` rows of the store `data` through the SAE in `directory`: the report (the JSON's
-    content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams."""
-    store = ActivationStore(data)
-    store.text(0)  # a one-line error for old stores
-    sae = load(directory)
-    if sae.d_in != store.d:
-        raise ValueError(
-            f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}"
-        )
-    for latent in latents or []:
-        if not 0 <= latent < sae.F:
-            raise ValueError(f"--latents: latent {latent} is outside 0..{sae.F - 1}")
-    tokenizer = load_tokenizer(store.manifest["tokenizer"])
-    vocab = max(
-        len(tokenizer),
-        int(max(store.text(k)[0].max() for k in range(len(store.shards)))) + 1,
-    )
+    content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams.
+    Two passes: one over whole contexts, then one in token order for eq. 10."""
+    store, sae, tokenizer = open_inspection(directory, data, latents)
     kron = arch_of(sae).head_view
-    torch.manual_seed(seed)
-    init = build_sae(sae_config(sae))  # the same SAE at its init (A.1), b_dec set below
-    post = UnitStats(sae.F, examples, vocab)
-    pre = UnitStats(sae.W_enc.shape[0], examples, vocab) if kron else None
-    heads = sampled_heads(sae)
-    corr, corr_init = Correlation(len(heads)), Correlation(len(heads))
-    fires = both = parents = 0
-    # each latent's head, (i, j)
-    head, ij = (
-        torch.arange(sae.F) // sae.latents_per_head,
-        torch.arange(sae.F) % sae.latents_per_head,
-    )
-    total = min(tokens, store.manifest["tokens"])
-    with tqdm(
-        total=total,
-        unit="tok",
-        unit_scale=True,
-        desc=f"inspect {Path(directory).name}",
-        disable=not progress,
-    ) as bar:
-        for chunk in text_chunks(
-            store, tokens, batch, store.manifest["norms"].get("threshold") or math.inf
-        ):
-            code = dense_code(sae, chunk.x)
-            post.add(code, chunk)
-            corr.add(code[chunk.keep][:, heads])
-            # as training starts: b_dec at the data mean
-            if not init.b_dec.any() and chunk.keep.any():
-                init.b_dec.copy_(chunk.x[chunk.keep].mean(0))
-            corr_init.add(dense_code(init, chunk.x[chunk.keep])[:, heads])
-            if kron:
-                # (B, h(m+n)): u, v
-                pre_acts = torch.addmm(sae.b_enc, chunk.x - sae.b_dec, sae.W_enc.T)
-                pre.add(pre_acts.relu(), chunk)
-                # (b, h, m), (b, h, n)
-                u, v = (t > 0 for t in sae.split(pre_acts[chunk.keep]))
-                on = code[chunk.keep] > 0
-                both_on = u[:, head, ij // sae.n] & v[:, head, ij % sae.n]  # (b, F)
-                fires, both = fires + int(on.sum()), both + int((on & both_on).sum())
-                parents += int((u.sum(-1) * v.sum(-1)).sum())
-            bar.update(int(chunk.keep.sum()))
-    stats = post.statistics()
-    report = {
-        "tokens": post.tokens,
-        "config": sae_config(sae),
-        "store": str(data),
-        "latents": unit_reports(post, stats, tokenizer, store, range(sae.F)),
-        "summary": {},
-    }
-    group = "post" if kron else "latents"
-    report["summary"][group] = {
-        name: quartiles(value, seed) for name, value in stats.items()
-    }
-    r, r_init = corr.matrix(), corr_init.matrix()
-    if kron:
-        pre_stats = pre.statistics()
-        report["pre_latents"] = unit_reports(
-            pre, pre_stats, tokenizer, store, range(pre.units)
+    post = UnitStats(sae.F, examples)
+    pre = UnitStats(sae.W_enc.shape[0], examples) if kron else None
+    passed = context_pass(sae, store, post, pre, tokens, batch, seed, progress)
+    if passed.non_finite:
+        print(
+            f"non-finite rows: skipped {passed.non_finite:,} rows of {data} that hold NaN or inf; "
+            f"they count for nothing and read as zeros in the examples' windows"
         )
-        for entry in report["pre_latents"]:
-            head, index = divmod(entry["id"], sae.m + sae.n)
-            entry.update(
-                head=head,
-                side="base" if index < sae.m else "extension",
-                index=index if index < sae.m else index - sae.m,
-            )
-        report["summary"]["pre"] = {
-            name: quartiles(value, seed) for name, value in pre_stats.items()
-        }
-        within, across = head_correlations(r, sae.latents_per_head)
-        init_within, init_across = head_correlations(r_init, sae.latents_per_head)
-        report["summary"].update(
-            within_head_correlation=within,
-            across_head_correlation=across,
-            init_within_head_correlation=init_within,
-            init_across_head_correlation=init_across,
-            correlation_heads=len(heads) // sae.latents_per_head,
-            fig18=fig18(stats, pre_stats, sae),
-            and_check={
-                "parents_when_fires": both / max(1, fires),
-                "fires_when_parents": both / max(1, parents),
-            },
-        )
+    token_pass(sae, store, post, pre, passed, batch, progress)
+    report = inspection_report(sae, post, pre, passed, tokenizer, store, seed)
     report["selected"] = (
         latents
         if latents
@@ -5045,6 +5473,57 @@ def inspect_sae(
         )
     )
     return Inspection(report, post, pre, tokenizer)
+
+
+def inspection_report(sae, post, pre, passed, tokenizer, store, seed) -> dict:
+    """The JSON's content from the two passes: per-unit entries and the summary."""
+    stats = post.statistics()
+    report = {
+        "tokens": post.tokens,
+        "non_finite_rows": passed.non_finite,
+        "config": sae_config(sae),
+        "store": str(store.directory),
+        "latents": unit_reports(post, stats, tokenizer, store, range(sae.F)),
+        "summary": {},
+    }
+    group = "post" if pre is not None else "latents"
+    report["summary"][group] = {
+        name: quartiles(value, seed) for name, value in stats.items()
+    }
+    if pre is None:
+        return report
+    pre_stats = pre.statistics()
+    report["pre_latents"] = unit_reports(
+        pre, pre_stats, tokenizer, store, range(pre.units)
+    )
+    for entry in report["pre_latents"]:
+        head, index = divmod(entry["id"], sae.m + sae.n)
+        entry.update(
+            head=head,
+            side="base" if index < sae.m else "extension",
+            index=index if index < sae.m else index - sae.m,
+        )
+    report["summary"]["pre"] = {
+        name: quartiles(value, seed) for name, value in pre_stats.items()
+    }
+    within, across = head_correlations(passed.corr.matrix(), sae.latents_per_head)
+    init_within, init_across = head_correlations(
+        passed.corr_init.matrix(), sae.latents_per_head
+    )
+    counts = passed.and_check
+    report["summary"].update(
+        within_head_correlation=within,
+        across_head_correlation=across,
+        init_within_head_correlation=init_within,
+        init_across_head_correlation=init_across,
+        correlation_heads=len(sampled_heads(sae)) // sae.latents_per_head,
+        fig18=fig18(stats, pre_stats, sae),
+        and_check={
+            "parents_when_fires": counts["both"] / max(1, counts["fires"]),
+            "fires_when_parents": counts["both"] / max(1, counts["parents"]),
+        },
+    )
+    return report
 
 
 def dense_code(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
@@ -5852,9 +6331,27 @@ def absorption(
         batch,
         progress,
     )
-    return measure_absorption(
+    data, bad = finite_probe_data(data)
+    result = measure_absorption(
         {sae_name(d): (sae, run_ev(d)) for d, sae in zip(directories, saes)}, data, seed
     )
+    result["gate"]["non_finite_dropped"] = bad
+    return result
+
+
+def finite_probe_data(data: ProbeData) -> tuple[ProbeData, int]:
+    """The words whose activations are finite, and how many were not (a model that overflows, or a damaged
+    cache): they are dropped and counted, never fed to the probes."""
+    ok = finite_mask(data.acts)
+    bad = int((~ok).sum())
+    if not bad:
+        return data, 0
+    check_some_finite(int(ok.sum()), bad, "words' activations")
+    print(
+        f"non-finite rows: dropped {bad:,} of {len(ok):,} words whose activations hold NaN or inf"
+    )
+    words = [data.words[i] for i in ok.nonzero().flatten().tolist()]
+    return ProbeData(data.acts[ok], data.letters[ok], data.train[ok], words), bad
 
 
 def measure_absorption(saes: dict, data: ProbeData, seed: int = 0) -> dict:
@@ -6793,6 +7290,8 @@ def run_cli(job, *args):
             ),
             130,
         )
+    except HarvestInterrupted as stop:
+        fail(str(stop), 130)
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was saved", 130)
     except FloatingPointError as err:
@@ -6950,16 +7449,60 @@ HARVEST_FIELDS = (
 def check_store_out(out: str, overwrite: bool):
     """Before any work: refuse an --out that holds a store, finished or not, unless overwrite (StoreWriter
     then clears it when it starts writing)."""
-    if store_files(out) and not overwrite:
+    if not store_files(out) or overwrite:
+        return
+    if Path(out, "manifest.json").exists():
+        state = "a finished activation store"
+    elif Path(out, PROGRESS).exists() and read_progress(out)["args"]:
         state = (
-            "a finished"
-            if Path(out, "manifest.json").exists()
-            else "an unfinished (interrupted)"
+            "an unfinished activation store (its harvest stopped); continue it with the "
+            "same arguments and --resume,"
         )
+    else:
+        state = "an unfinished (interrupted) activation store"
+    raise ValueError(
+        f"--out {out} holds {state}; pass --overwrite to replace it, or choose another --out"
+    )
+
+
+def check_resumable(out: str, args: dict) -> bool:
+    """Before any work, for harvest --resume: whether --out holds a store in progress to continue (False: there
+    is nothing there, so the harvest starts afresh). A finished store, one from before stores kept their
+    progress, or one made from other arguments is refused in one line that names the difference."""
+    if Path(out, "manifest.json").exists():
         raise ValueError(
-            f"--out {out} holds {state} activation store; pass --overwrite to replace it, "
-            f"or choose another --out"
+            f"--resume: --out {out} holds a finished activation store; there is nothing to resume "
+            f"(train on it with --data {out})"
         )
+    if not Path(out, PROGRESS).exists():
+        if store_files(out):
+            raise ValueError(
+                f"--resume: the unfinished store in {out} has no {PROGRESS} (it was written before "
+                f"harvests could resume), so it cannot be continued; pass --overwrite to harvest it again"
+            )
+        print(f"note: nothing to resume in {out}; starting the harvest")
+        return False
+    saved = read_progress(out)["args"]
+    for name, value in args.items():
+        if comparable(name, saved.get(name)) != comparable(name, value):
+            flag = f"--{name.replace('_', '-')}"
+            raise ValueError(
+                f"--resume: {flag} differs: the store in {out} was harvested with {flag} "
+                f"{shown(name, saved.get(name))}, this run gives {shown(name, value)}; resume with "
+                f"the same arguments, or pass --overwrite to start again"
+            )
+    return True
+
+
+def comparable(name: str, value):
+    """A harvest argument as --resume compares it: text files by their content, not by the path given."""
+    return [t["sha256"] for t in value] if name == "text" and value else value
+
+
+def shown(name: str, value) -> str:
+    if name == "text" and value:
+        return " ".join(f"{t['path']} (sha256 {t['sha256'][:12]})" for t in value)
+    return str(value)
 
 
 def harvest_main(argv):
@@ -6969,7 +7512,9 @@ def harvest_main(argv):
             "Harvest once, train many: write hidden_states[layer] of a transformers model on text files to an "
             "activation store, a directory of .npy shards and a manifest.json (see the README for the format). "
             "Contexts start with BOS when the tokenizer has one; position 0 and special tokens are dropped; the "
-            "text is read only as far as --max-tokens needs. Train on it with: kronsae.py --data STORE."
+            "text is read only as far as --max-tokens needs. A harvest stopped at any point (Ctrl-C, a lost "
+            "machine, a full disk) continues after its last whole shard with the same arguments and --resume. "
+            "Train on it with: kronsae.py --data STORE."
         ),
     )
     add_config_args(parser, DataConfig, "harvest", HARVEST_FIELDS)
@@ -6980,21 +7525,48 @@ def harvest_main(argv):
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a store already in --out"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished harvest in --out after its last whole shard; every other "
+        "argument must be the one it started with (with nothing in --out, start it)",
+    )
+    parser.add_argument(
+        "--shard-mb",
+        type=float,
+        default=64.0,
+        help="start a new shard after this many MB of float32 activations; a shard is what an "
+        "interrupted harvest can lose (default: 64)",
+    )
     args = vars(parser.parse_args(argv))
-    out, device, overwrite = args.pop("out"), args.pop("device"), args.pop("overwrite")
+    out, device = args.pop("out"), args.pop("device")
+    overwrite, resume, shard_mb = (
+        args.pop("overwrite"),
+        args.pop("resume"),
+        args.pop("shard_mb"),
+    )
 
     def make(args):
         if not args["model"]:
             raise ValueError("harvest needs --model, --layer and --text")
+        if resume and overwrite:
+            raise ValueError("give --resume or --overwrite, not both")
+        if not shard_mb > 0:
+            raise ValueError(f"--shard-mb must be positive, got {shard_mb}")
         cfg = DataConfig(**args)
         cfg.check_inputs()
         check_device(device)
         check_writable(out, "out", directory=True)
+        made_from = harvest_args(cfg, shard_mb)
+        if resume:
+            return cfg, made_from, check_resumable(out, made_from)
         check_store_out(out, overwrite)
-        return cfg
+        return cfg, made_from, False
 
-    cfg = build_configs(parser, args, make)
-    return run_cli(harvest_store, cfg, out, pick_device(device))
+    cfg, made_from, carry_on = build_configs(parser, args, make)
+    return run_cli(
+        harvest_store, cfg, out, pick_device(device), True, made_from, carry_on
+    )
 
 
 def export_main(argv):

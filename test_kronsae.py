@@ -1102,11 +1102,26 @@ def test_devices_without_sparse_kernels_take_the_dense_paths(arch, monkeypatch):
 # ============================================================================= 6. Data
 
 
+def test_filter_massive_drops_non_finite_rows_apart_whatever_the_ratio():
+    x = torch.randn(200, 8)
+    x[[3, 9]] = math.inf
+    x[20, 1] = math.nan
+    x[170] = -math.inf
+    for ratio in (0.0, 10.0):
+        train, held_out, report = K.filter_massive(x[:150], x[150:], ratio)
+        assert report["non_finite"] == {"train": 3, "held_out": 1}
+        assert report["train"]["dropped"] == 0 and report["train"]["tokens"] == 147
+        assert len(train) == 147 and len(held_out) == 49
+        assert torch.isfinite(train).all() and torch.isfinite(held_out).all()
+        assert math.isfinite(report["train"]["dropped_variance_share"])
+
+
 def test_non_finite_data_raises_with_count_and_location(tmp_path):
     x = torch.randn(20, 4)
     x[3, 1], x[7, 2] = float("nan"), float("inf")
     with pytest.raises(
-        ValueError, match=r"2 non-finite values.*\[\[3, 1\], \[7, 2\]\]"
+        ValueError,
+        match=r"2 non-finite values.*in 2 of its 20 rows.*\[\[3, 1\], \[7, 2\]\]",
     ):
         K.check_data(x)
     torch.save(x, tmp_path / "bad.pt")
@@ -1873,6 +1888,241 @@ def test_an_interrupted_harvest_never_looks_complete(tmp_path, capsys):
         writer.add(torch.full((3, 8), 1e6), [3])  # overflows float16
 
 
+def store_arrays(path) -> dict:
+    """Every .npy file of a finished store, by name, and its manifest without the timing."""
+    arrays = {p.name: np.load(p) for p in sorted(Path(path).glob("*.npy"))}
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    manifest.pop("harvest_seconds")
+    return {"manifest": manifest, **arrays}
+
+
+def assert_same_store(a, b):
+    a, b = store_arrays(a), store_arrays(b)
+    assert a["manifest"] == b["manifest"] and sorted(a) == sorted(b)
+    for name in a:
+        if name != "manifest":
+            assert np.array_equal(a[name], b[name]), name
+
+
+def test_a_store_writer_resumes_after_its_last_whole_shard(tmp_path):
+    """The writer stopped at once (as by SIGKILL), with the next shard half written beside temporary files:
+    resumed from in_progress.json, it redoes that shard and ends as a writer that never stopped."""
+    x = torch.randn(2000, 8)
+    lengths = [25] * 80
+    ids = torch.randint(0, 50, (80, 26))
+    positions = torch.arange(1, 26).repeat(80)
+
+    def write(path, stop=None):
+        writer = K.StoreWriter(path, "float16", shard_bytes=8 * 4 * 300, args={"a": 1})
+        rows = 0
+        for c, n in enumerate(lengths[:stop]):
+            after = {"contexts": c + 1, "rows": rows + n}
+            writer.add(
+                x[rows : rows + n],
+                [n],
+                ids[c : c + 1],
+                positions[rows : rows + n],
+                after=after,
+            )
+            rows += n
+        return writer
+
+    write(tmp_path / "whole").finish(max_norm_ratio=10.0, harvest_seconds=0.0)
+    write(tmp_path / "stopped", stop=37)
+    progress = json.loads((tmp_path / "stopped" / "in_progress.json").read_text())
+    assert progress["args"] == {"a": 1} and len(progress["shards"]) == 3
+    assert progress["after"] == {"contexts": 36, "rows": 900}  # where shard 2 ended
+    # killed while writing shard 3: one file whole, one torn
+    half = tmp_path / "stopped" / "shard_00003.npy"
+    half.write_bytes(b"\x93NUMPY half a shard")
+    (tmp_path / "stopped" / "norms_00003.npy.tmp").write_bytes(b"torn")
+    with pytest.raises(
+        ValueError, match="continue its harvest with the same arguments"
+    ):
+        K.ActivationStore(tmp_path / "stopped")
+    writer = K.StoreWriter(tmp_path / "stopped", "float16", 8 * 4 * 300, resume=True)
+    assert writer.after == progress["after"] and not half.exists()
+    assert not list((tmp_path / "stopped").glob("*.tmp"))
+    rows = writer.after["rows"]
+    for c in range(writer.after["contexts"], 80):
+        writer.add(
+            x[rows : rows + 25], [25], ids[c : c + 1], positions[rows : rows + 25]
+        )
+        rows += 25
+    writer.finish(max_norm_ratio=10.0, harvest_seconds=0.0)
+    assert not (tmp_path / "stopped" / "in_progress.json").exists()
+    assert_same_store(tmp_path / "whole", tmp_path / "stopped")
+
+
+def harvest_argv(model_dir, text, out, *extra) -> list[str]:
+    return [
+        "harvest",
+        "--model",
+        str(model_dir),
+        "--layer",
+        "1",
+        "--text",
+        str(text),
+        "--ctx",
+        "16",
+        "--max-tokens",
+        "8000",
+        "--model-batch",
+        "16",
+        "--dtype",
+        "float32",
+        "--shard-mb",
+        "0.02",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_harvest_resume_refuses_other_arguments_in_one_line(tiny_lm, tmp_path, capsys):
+    model_dir, text = tiny_lm
+    out = tmp_path / "store"
+    cfg = K.DataConfig(
+        model=str(model_dir),
+        layer=1,
+        text=(str(text),),
+        ctx=16,
+        max_tokens=8000,
+        model_batch=16,
+        dtype="float32",
+    )
+    writer = K.StoreWriter(out, "float32", 100, K.harvest_args(cfg, 0.02))
+    writer.add(torch.randn(15, 32), [15], after={"contexts": 1, "tokens": 15})
+    other = tmp_path / "other.txt"
+    other.write_text("the cat sat on a mat " * 100)
+    changes = [  # (flag, its new value or None to add it, the message)
+        (
+            "--layer",
+            "0",
+            "--layer differs: the store in .* was harvested with --layer 1, this run gives 0",
+        ),
+        (
+            "--text",
+            str(other),
+            "--text differs: .*text.txt \\(sha256 [0-9a-f]{12}\\), this run gives .*other.txt",
+        ),
+        ("--ctx", "32", "--ctx differs"),
+        ("--dtype", "float16", "--dtype differs"),
+        ("--max-tokens", "500", "--max-tokens differs: .* 8000, this run gives 500"),
+        ("--model-batch", "8", "--model-batch differs"),
+        ("--shard-mb", "1", "--shard-mb differs"),
+        ("--overwrite", None, "give --resume or --overwrite, not both"),
+    ]
+    for flag, value, message in changes:
+        argv = harvest_argv(model_dir, text, out, "--resume")
+        if value is None:
+            argv.append(flag)
+        else:
+            argv[argv.index(flag) + 1] = value
+        with pytest.raises(SystemExit):
+            K.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(message, err[0]), (flag, err)
+    with pytest.raises(SystemExit):  # without --resume, the store in progress is named
+        K.main(harvest_argv(model_dir, text, out))
+    assert "continue it with the same arguments and --resume" in capsys.readouterr().err
+    writer.finish()
+    with pytest.raises(SystemExit):
+        K.main(harvest_argv(model_dir, text, out, "--resume"))
+    assert (
+        "finished activation store; there is nothing to resume"
+        in capsys.readouterr().err
+    )
+
+
+def recorded_shards(out) -> int:
+    """The whole shards a store in progress lists (0 while it has no record)."""
+    try:
+        return len(json.loads((Path(out) / "in_progress.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def stop_harvest(argv, out, shards: int, sig, log):
+    """Run `kronsae.py harvest` in a child process and send it `sig` once its store lists `shards` whole
+    shards; returns its exit status and its stderr."""
+    import subprocess
+
+    command = [sys.executable, str(ROOT / "kronsae.py"), *argv]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 240
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if recorded_shards(out) >= shards:
+                    proc.send_signal(sig)
+                    break
+                time.sleep(0.002)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, Path(log).read_text()
+
+
+@pytest.mark.slow
+def test_a_harvest_stopped_by_sigint_and_by_sigkill_resumes_to_the_same_store(
+    tiny_lm, tmp_path
+):
+    """The faults made real: a harvest child gets Ctrl-C (SIGINT) part-way, is resumed and then killed outright
+    (SIGKILL, wherever it was, a shard half written perhaps), and resumed again to the end. The store equals,
+    file for file, one harvested without a stop: activations, norms, offsets, token ids, positions, manifest."""
+    model_dir, _ = tiny_lm
+    text = tmp_path / "long.txt"
+    g = torch.Generator().manual_seed(3)
+    text.write_text(
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (20_000,), generator=g))
+    )
+    whole = tmp_path / "whole"
+    code, err = stop_harvest(
+        harvest_argv(model_dir, text, whole), whole, 10**9, None, tmp_path / "0.log"
+    )
+    assert code == 0, err
+    shards = len(json.loads((whole / "manifest.json").read_text())["shards"])
+    assert shards > 25
+
+    out = tmp_path / "store"
+    code, err = stop_harvest(
+        harvest_argv(model_dir, text, out), out, 5, signal.SIGINT, tmp_path / "1.log"
+    )
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err, err
+    assert last.startswith("kronsae.py: interrupted; the store in") and (
+        "continue it with the same arguments and --resume" in last
+    ), last
+    first = recorded_shards(out)
+    assert 5 <= first < shards and not (out / "manifest.json").exists()
+
+    code, err = stop_harvest(
+        harvest_argv(model_dir, text, out, "--resume"),
+        out,
+        first + 5,
+        signal.SIGKILL,
+        tmp_path / "2.log",
+    )
+    assert code == -signal.SIGKILL, err
+    assert first + 5 <= recorded_shards(out) < shards
+
+    code, err = stop_harvest(
+        harvest_argv(model_dir, text, out, "--resume"),
+        out,
+        10**9,
+        None,
+        tmp_path / "3.log",
+    )
+    assert code == 0, err
+    assert not (out / "in_progress.json").exists() and not list(out.glob("*.tmp"))
+    assert_same_store(whole, out)
+
+
 def store_of(x, lengths, path, dtype="float32"):
     # about 300 rows per shard
     writer = K.StoreWriter(path, dtype, shard_bytes=x.shape[1] * 4 * 300)
@@ -1952,6 +2202,99 @@ def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_pat
         ]
     )
     assert all(r["ev"] > 0 for r in results.values())
+
+
+def damage_rows_(store_dir, shard: int, rows: list, value=math.inf):
+    """Overwrite rows of a finished store's shard in place, as a later fault or another tool would, leaving
+    its norms file as the harvest wrote it."""
+    path = Path(store_dir) / f"shard_{shard:05d}.npy"
+    mapped = np.load(path, mmap_mode="r+")
+    mapped[rows] = value
+    mapped.flush()
+    del mapped
+
+
+@pytest.mark.parametrize("ratio", ["0", "10"])
+def test_a_store_with_inf_rows_drops_and_counts_them_apart_from_massive_ones(
+    tmp_path, ratio
+):
+    x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    store = store_of(x, [30] * 100, tmp_path / "store")
+    damage_rows_(tmp_path / "store", 1, [3, 50, 51, 200])
+    damage_rows_(tmp_path / "store", 2, [7], math.nan)
+    rows, held_out, report, _ = store.split(300, seed=0, ratio=float(ratio))
+    bad = report["non_finite"]
+    assert bad["train"] + bad["held_out"] == 5
+    train, held = report["train"]["tokens"], report["held_out"]["tokens"]
+    assert train + held + 5 == 3000  # every finite row, in one split or the other
+    assert sum(r.count for r in rows) + report["train"]["dropped"] == train
+    assert torch.isfinite(held_out).all() and math.isfinite(
+        report["train"]["dropped_variance_share"]
+    )
+    for r in rows:
+        assert torch.isfinite(r.fetch(torch.arange(r.count))).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", ["0", "10"])
+def test_training_on_a_store_with_inf_rows_says_so_and_stays_finite(
+    tmp_path, capsys, ratio
+):
+    x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
+    store = store_of(x, [30] * 100, tmp_path / "store")
+    damage_rows_(tmp_path / "store", 1, [3, 50, 51, 200])
+    damage_rows_(tmp_path / "store", 2, [7], math.nan)
+    bad = store.split(300, seed=0, ratio=float(ratio))[2]["non_finite"]
+    K.main(
+        [
+            "--data",
+            str(tmp_path / "store"),
+            "--dict-size",
+            "64",
+            "--m",
+            "2",
+            "--n",
+            "4",
+            "--k",
+            "4",
+            "--steps",
+            "10",
+            "--batch",
+            "128",
+            "--eval-tokens",
+            "300",
+            "--max-norm-ratio",
+            ratio,
+            "--out",
+            str(tmp_path / "run"),
+            "--json",
+            str(tmp_path / "run.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert (
+        f"non-finite rows: dropped {bad['train']} training and {bad['held_out']} "
+        f"held-out rows" in out
+    )
+    assert "nan" not in out  # Python's float NaN, as in "nan%"; the message says NaN
+    saved = json.loads((tmp_path / "run.json").read_text())
+    for arch in ("topk", "kron"):
+        assert saved["data"]["non_finite"] == bad
+        assert math.isfinite(saved[arch]["ev"])
+        sae = K.load(tmp_path / "run" / arch)
+        assert all(torch.isfinite(t).all() for t in sae.state_dict().values())
+
+
+def test_a_store_whose_rows_are_all_non_finite_is_refused_in_one_line(tmp_path, capsys):
+    store_of(torch.randn(600, 8), [30] * 20, tmp_path / "store")
+    for shard in range(len(K.ActivationStore(tmp_path / "store").shards)):
+        damage_rows_(tmp_path / "store", shard, slice(None))
+    with pytest.raises(SystemExit):
+        K.main(
+            ["--data", str(tmp_path / "store"), "--steps", "2", "--eval-tokens", "60"]
+        )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "are non-finite (NaN or inf)" in err[0], err
 
 
 def test_real_pretrained_minilm_harvest():
@@ -2042,6 +2385,97 @@ def test_load_names_the_path_and_what_is_missing_or_corrupt(tmp_path):
     (tmp_path / "ckpt" / "sae.safetensors").write_bytes(b"\x00" * 40)
     with pytest.raises(ValueError, match=r"ckpt is corrupt"):
         K.load(tmp_path / "ckpt")
+
+
+def test_load_refuses_a_config_that_does_not_match_its_tensors_naming_the_field(
+    tmp_path,
+):
+    K.save(perturb_(kron()).float(), tmp_path / "kron")
+    K.save(K.TopKSAE(16, 64, k=4), tmp_path / "topk")
+    lies = [
+        (
+            "kron",
+            {"h": 10**8},
+            r"h\*\(m\+n\) = 100000000\*\(2\+4\) = 600000000, "
+            r"sae.safetensors has 48",
+        ),
+        ("kron", {"d_in": 32}, r"d_in = 32, sae.safetensors has 16"),
+        (
+            "topk",
+            {"dict_size": 10**9},
+            r"dict_size = 1000000000, sae.safetensors has 64",
+        ),
+    ]
+    for arch, change, message in lies:
+        path = tmp_path / arch / "config.json"
+        honest = path.read_text()
+        path.write_text(json.dumps({**json.loads(honest), **change}))
+        with pytest.raises(
+            ValueError, match="does not match its weights: config.json gives " + message
+        ):
+            K.load(tmp_path / arch)
+        path.write_text(honest)
+    from safetensors.torch import save_file
+
+    weights = K.load(tmp_path / "topk").state_dict()
+    save_file(
+        {**weights, "W_dec": weights["W_dec"].to(torch.int32)},
+        tmp_path / "topk" / "sae.safetensors",
+    )
+    with pytest.raises(ValueError, match="W_dec has dtype I32"):
+        K.load(tmp_path / "topk")
+    save_file({"W_dec": weights["W_dec"]}, tmp_path / "topk" / "sae.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['W_enc', 'b_dec', 'b_enc'\]"):
+        K.load(tmp_path / "topk")
+
+
+LYING_CONFIG_CHILD = """
+import resource, runpy, sys
+limit = 3 << 30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for argv in sys.argv[1:]:
+    sys.argv = ["kronsae.py", *argv.split()]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as stop:
+        print("exit", stop.code)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print("VmHWM", status["VmHWM"].split()[0])
+"""
+
+
+@pytest.mark.slow
+def test_a_config_that_lies_about_its_sizes_is_refused_in_one_line_in_little_memory(
+    tmp_path,
+):
+    """dict_size 10^9 beside weights of d = 16 (64 GB if believed), loaded by export and by absorption in a
+    process limited to 3 GB of address space: one line each, naming the field and both values, and a peak
+    RSS under 1 GB."""
+    import subprocess
+
+    K.save(K.TopKSAE(16, 64, k=4), tmp_path / "topk")
+    path = tmp_path / "topk" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dict_size": 10**9}))
+    commands = [
+        f"export {tmp_path / 'topk'} --to saelens {tmp_path / 'out'}",
+        f"absorption {tmp_path / 'topk'} --model nowhere --layer 1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", LYING_CONFIG_CHILD, *commands],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr
+    for line in lines:
+        assert line.startswith("kronsae.py: error: checkpoint") and (
+            "config.json gives dict_size = 1000000000, sae.safetensors has 64" in line
+        ), line
+    out = proc.stdout.split()
+    assert out[:4] == ["exit", "1", "exit", "1"]
+    assert int(out[out.index("VmHWM") + 1]) < 1 << 20  # kB: under 1 GB
 
 
 def test_json_never_holds_nan_or_infinity(tmp_path):
@@ -3291,6 +3725,109 @@ def test_inspect_statistics_equal_a_naive_recount(inspected):
         )
 
 
+def naive_unit_check(stats, values, acts, token, count=3):
+    """One UnitStats against a recount from its dense activations acts (N, U), zero off the counted rows."""
+    for unit in range(acts.shape[1]):
+        a = acts[:, unit]
+        assert values["frequency"][unit] == pytest.approx(
+            float((a > 0).sum()) / stats.tokens
+        )
+        mass = {}  # eq. 10 by hand
+        for row in (a > 0).nonzero().flatten().tolist():
+            mass[token[row]] = mass.get(token[row], 0.0) + float(a[row])
+        if not mass:
+            assert math.isnan(values["token_entropy"][unit])
+            continue
+        total = sum(mass.values())
+        assert values["mean_activation"][unit] == pytest.approx(
+            total / float((a > 0).sum()), rel=1e-5
+        )
+        entropy = -sum(m / total * math.log(m / total) for m in mass.values())
+        assert float(values["token_entropy"][unit]) == pytest.approx(
+            entropy, rel=1e-5, abs=1e-9
+        )
+        heaviest = sorted(mass.items(), key=lambda item: -item[1])[:count]
+        shown = stats.top_tokens(unit, count)
+        assert [t for t, _ in shown] == [t for t, _ in heaviest]
+        assert [s for _, s in shown] == pytest.approx(
+            [m / total for _, m in heaviest], rel=1e-6
+        )
+
+
+@pytest.mark.slow
+def test_dense_pre_latents_equal_a_naive_recount(inspected, tmp_path):
+    """Pre-latents that fire on almost every token, read in 100-row chunks, so that every token's rows span
+    several chunks of the token-order pass: frequency, mean, eq. 10 and the top tokens as a recount gives them."""
+    tmp = inspected[0]
+    torch.manual_seed(1)
+    sae = K.KronSAE(32, h=4, m=2, n=4, k=4)
+    with torch.no_grad():
+        sae.b_enc.fill_(2.0)
+    K.save(sae, tmp_path / "dense")
+    inspection = K.inspect_sae(
+        str(tmp_path / "dense"),
+        str(tmp / "store"),
+        tokens=2500,
+        examples=3,
+        batch=100,
+        progress=False,
+    )
+    code, keep, token, _, _ = naive_inspection(sae, tmp / "store", 2500)
+    store = K.ActivationStore(tmp / "store")
+    x = torch.cat(
+        [store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)]
+    )
+    with torch.no_grad():
+        pre = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).relu() * keep[:, None]
+    assert float((pre[keep] > 0).float().mean()) > 0.9  # dense
+    naive_unit_check(inspection.pre, inspection.pre.statistics(), pre, token)
+    naive_unit_check(
+        inspection.post, inspection.post.statistics(), code * keep[:, None], token
+    )
+
+
+@pytest.mark.slow
+def test_inspect_counts_the_inf_rows_of_a_damaged_store_apart(
+    inspected, tmp_path, capsys
+):
+    import shutil
+
+    tmp, sae, _ = inspected
+    shutil.copytree(tmp / "store", tmp_path / "store")
+    damage_rows_(tmp_path / "store", 0, [4, 5, 100])
+    damage_rows_(tmp_path / "store", 0, [700], math.nan)  # past --tokens: not read
+    inspection = K.inspect_sae(
+        str(tmp / "kron"),
+        str(tmp_path / "store"),
+        tokens=600,
+        examples=3,
+        batch=200,
+        progress=False,
+    )
+    report = inspection.report
+    assert report["non_finite_rows"] == 3 and report["tokens"] == 597
+    assert "non-finite rows: skipped 3 rows" in capsys.readouterr().out
+    for group in ("latents", "pre_latents"):
+        for entry in report[group]:
+            assert entry["frequency"] <= 1 and math.isfinite(entry["frequency"])
+            values = [entry["mean_activation"], entry["token_entropy"]]
+            assert all(math.isfinite(v) for v in values) or entry["frequency"] == 0
+            for example in entry["examples"]:
+                assert all(math.isfinite(a) for a in example["activations"])
+    clean = K.inspect_sae(
+        str(tmp / "kron"),
+        str(tmp / "store"),
+        tokens=600,
+        examples=3,
+        batch=200,
+        progress=False,
+    )
+    assert clean.report["non_finite_rows"] == 0 and clean.report["tokens"] == 600
+    # the three rows are missing from the counts, and nothing else
+    fired = inspection.post.fired.sum() + inspection.pre.fired.sum()
+    assert 0 < clean.post.fired.sum() + clean.pre.fired.sum() - fired <= 3 * (4 + 24)
+
+
 def test_inspect_examples_show_the_right_text(inspected, tiny_lm):
     tmp, sae, inspection = inspected
     _, tokenizer, _ = K.load_lm(str(tiny_lm[0]), "cpu")
@@ -3337,13 +3874,21 @@ def test_inspect_buffers_do_not_grow_with_the_tokens_read(inspected):
         progress=False,
     )
     assert small.report["tokens"] == 300
-    for name in ("top", "row", "span", "windows", "histogram", "fired", "total"):
-        assert getattr(small.post, name).shape == getattr(big.post, name).shape
-    vocab = len(WORDS) + 2  # (unit, token) pairs at most
-    assert (
-        len(big.post.keys) <= sae.F * vocab
-        and len(big.pre.keys) <= big.pre.units * vocab
-    )
+
+    def shapes(holder):
+        return {
+            name: tuple(t.shape)
+            for name, t in vars(holder).items()
+            if isinstance(t, torch.Tensor)
+        }
+
+    for a, b in ((small.post, big.post), (small.pre, big.pre)):
+        assert shapes(a) == shapes(b) and shapes(a.by_token) == shapes(b.by_token)
+        assert {"top", "row", "span", "windows", "histogram", "fired", "total"} <= set(
+            shapes(b)
+        )
+        # eq. 10's state: a few numbers per unit, never (unit, token id) pairs
+        assert all(shape[0] == b.units for shape in shapes(b.by_token).values())
 
 
 def test_the_html_report_parses_and_escapes_the_text(inspected):
@@ -3667,6 +4212,42 @@ def test_absorption_command_runs_on_a_tiny_model_and_says_when_the_gate_fails(
             ]
         )
     assert "layer must be in 0..2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_absorption_drops_and_counts_the_non_finite_rows_of_a_damaged_cache(
+    tiny_lm, tmp_path, capsys
+):
+    path, _ = tiny_lm
+    torch.manual_seed(0)
+    K.save(K.TopKSAE(32, 64, k=4), tmp_path / "run" / "topk")
+    argv = [
+        "absorption",
+        str(tmp_path / "run" / "topk"),
+        "--model",
+        str(path),
+        "--layer",
+        "1",
+        "--words",
+        "50",
+    ]
+    assert K.main(argv)["gate"]["non_finite_dropped"] == 0
+    (cache,) = (tmp_path / "run").glob("absorption_*.npz")
+    with np.load(cache) as f:
+        arrays = dict(f)
+    words = len(arrays["acts"])
+    arrays["acts"][[2, 11, 13]] = np.inf
+    arrays["acts"][5, 0] = np.nan
+    np.savez(cache, **arrays)
+    capsys.readouterr()
+    result = K.main(argv)
+    out = capsys.readouterr().out
+    assert result["gate"]["non_finite_dropped"] == 4
+    assert f"non-finite rows: dropped 4 of {words} words" in out
+    assert result["gate"]["words"] == words - 4
+    # the probes and the SAE's EV saw only finite rows (17 words pass no letter's gate)
+    assert all(math.isfinite(f1) for f1 in result["gate"]["probe_f1"].values())
+    assert math.isfinite(result["saes"]["run/topk"]["ev_prompts"])
 
 
 # ============================================================================= 14. Benchmark
