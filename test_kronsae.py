@@ -1402,25 +1402,19 @@ def test_massive_tokens_are_dropped_counted_and_ignored_by_the_scale(sink_lm, tm
     assert train["dropped"] + held_out["dropped"] == 7
     assert train["dropped_tokens"] == {"town": train["dropped"]}
     acts = torch.load(tmp_path / "acts.pt")  # raw: training rows, then held out
-    raw_train = acts[: train["tokens"]]
-    norms = raw_train.norm(dim=-1)
-    massive = norms > 10 * norms.median()
-    assert int(massive.sum()) == train["dropped"] and train[
-        "threshold"
-    ] == pytest.approx(10 * float(norms.median()))
-    mean = raw_train.double().mean(0)
-    spread = (raw_train.double() - mean).pow(2).sum(-1)
-    assert train["dropped_variance_share"] == pytest.approx(
-        float(spread[massive].sum() / spread.sum()), rel=1e-6
-    )
+    raw_train, raw_held_out = acts[: train["tokens"]], acts[train["tokens"] :]
+    expected = filter_by_hand(raw_train, raw_held_out, 10.0)
+    for split in ("train", "held_out"):
+        report = {key: data[split][key] for key in expected[split]}
+        assert report == pytest.approx(expected[split], rel=1e-6), split
     assert (
         train["dropped_variance_share"] > 0.5
         and train["max_norm_over_median_before"] > 100
     )
-    assert train["max_norm_over_median_after"] <= 10
-    assert data["input_scale"] == pytest.approx(
-        K.input_scale(raw_train[~massive]), rel=1e-6
-    )
+    # the scale makes the kept training rows' mean norm sqrt(d)
+    massive = raw_train.norm(dim=-1) > train["threshold"]
+    kept_norms = (data["input_scale"] * raw_train[~massive].double()).norm(dim=-1)
+    assert float(kept_norms.mean()) == pytest.approx(math.sqrt(32), rel=1e-6)
     # 6 rows of 5,694 would have set it
     assert K.input_scale(raw_train) < 0.6 * data["input_scale"]
 
@@ -1736,7 +1730,8 @@ def test_harvest_writes_a_store_equal_to_a_direct_harvest_and_reads_lazily(
         [store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)]
     )
     assert torch.equal(stored, direct)  # float32: exactly
-    for name in ("float16", "bfloat16"):  # smaller types: rounded
+    # smaller types: each value rounded once, to the nearest of its type
+    for name in ("float16", "bfloat16"):
         K.main(
             [
                 "harvest",
@@ -1750,15 +1745,40 @@ def test_harvest_writes_a_store_equal_to_a_direct_harvest_and_reads_lazily(
                 "16",
                 "--max-tokens",
                 "300",
+                "--model-batch",
+                "7",
                 "--dtype",
                 name,
+                "--device",
+                "cpu",  # as `direct`
                 "--out",
                 str(tmp_path / name),
             ]
         )
         small = K.ActivationStore(tmp_path / name)
-        torch.testing.assert_close(
-            small.rows(0, np.arange(300)), direct[:300], rtol=1e-2, atol=1e-2
+        rounded = direct[:300].to(getattr(torch, name)).float()
+        assert torch.equal(small.rows(0, np.arange(300)), rounded)
+
+
+def ev_by_hand(sae, x):
+    """1 - Var(x - x_hat) / Var(x), each summed over the dimensions, in float64, with naive_forward's dense
+    decoder."""
+    with torch.no_grad():
+        x_hat = naive_forward(sae, x)[2].double()
+    x = x.double()
+    residual = x - x_hat
+
+    def variance(t):
+        return float((t - t.mean(0)).pow(2).mean(0).sum())
+
+    return 1 - variance(residual) / variance(x)
+
+
+def assert_evs_by_hand(results, run, held_out):
+    """The EV a run printed for each SAE is that of its checkpoint on the held-out rows, recounted."""
+    for arch, r in results.items():
+        assert r["ev"] == pytest.approx(
+            ev_by_hand(K.load(run / arch), held_out), rel=1e-4
         )
 
 
@@ -1802,8 +1822,11 @@ def test_save_acts_writes_a_store_the_next_run_trains_on(tiny_lm, tmp_path):
     assert store.manifest["tokens"] == 6000 and store.manifest["contexts"] == 400
     # whole contexts per shard
     assert all((np.diff(o) == 15).all() for o in store.offsets)
-    results = K.main(["--data", str(tmp_path / "store"), *common])
-    assert results["kron"]["ev"] > 0
+    results = K.main(
+        ["--data", str(tmp_path / "store"), *common, "--out", str(tmp_path / "run")]
+    )
+    _, held_out, _, _ = store.split(300, seed=0, ratio=10.0)  # the run's held-out rows
+    assert_evs_by_hand(results, tmp_path / "run", held_out)
 
 
 def test_the_store_keeps_each_rows_token_context_and_position(tiny_lm, tmp_path):
@@ -1949,9 +1972,136 @@ def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_pat
             "300",
             "--buffer-tokens",
             "1000",
+            "--out",
+            str(tmp_path / "run"),
         ]
     )
-    assert all(r["ev"] > 0 for r in results.values())
+    assert_evs_by_hand(results, tmp_path / "run", held_out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_store_reads_back_each_row_rounded_once_to_its_dtype(tmp_path, dtype):
+    """float32 comes back exactly; float16 and bfloat16 come back as x.to(dtype), the nearest value of that
+    type (within half its epsilon), and the stored norms are those of the values a reader gets."""
+    x = 3 * torch.randn(600, 8)
+    store = store_of(x, [40] * 15, tmp_path / "store", dtype)
+    assert len(store.shards) > 1
+    rows = torch.cat(
+        [store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)]
+    )
+    assert rows.dtype == torch.float32
+    assert torch.equal(rows, x.to(getattr(torch, dtype)).float())
+    info = torch.finfo(getattr(torch, dtype))
+    normal = x.abs() >= info.tiny
+    error = (rows - x).abs()[normal] / x.abs()[normal]
+    assert float(error.max()) <= info.eps / 2
+    assert torch.equal(rows, x) == (dtype == "float32")
+    norms = torch.from_numpy(np.concatenate([np.asarray(n) for n in store.norms]))
+    torch.testing.assert_close(norms, rows.norm(dim=-1), rtol=1e-6, atol=0)
+
+
+def filter_by_hand(train, held_out, ratio):
+    """The massive-activation filter's two reports, recounted in Python floats row by row: the lower median
+    of the training norms, ratio times it, and each row's squared distance to its own split's mean."""
+
+    def norm(row):
+        return math.sqrt(sum(v * v for v in row))
+
+    train_rows, held_rows = train.double().tolist(), held_out.double().tolist()
+    median = sorted(norm(r) for r in train_rows)[(len(train_rows) - 1) // 2]
+    threshold = ratio * median
+
+    def report(rows):
+        mean = [sum(column) / len(rows) for column in zip(*rows)]
+        spread = [sum((v - m) ** 2 for v, m in zip(r, mean)) for r in rows]
+        norms = [norm(r) for r in rows]
+        dropped = [n > threshold for n in norms]
+        kept = [n for n in norms if n <= threshold]
+        return {
+            "tokens": len(rows),
+            "dropped": sum(dropped),
+            "dropped_share": sum(dropped) / len(rows),
+            "dropped_variance_share": sum(s for s, o in zip(spread, dropped) if o)
+            / sum(spread),
+            "median_norm": median,
+            "threshold": threshold,
+            "max_norm_over_median_before": max(norms) / median,
+            "max_norm_over_median_after": max(kept) / median,
+        }
+
+    return {
+        "max_norm_ratio": ratio,
+        "train": report(train_rows),
+        "held_out": report(held_rows),
+    }
+
+
+def test_the_store_split_filters_massive_rows_as_a_recount_by_hand(tmp_path):
+    """ActivationStore.split, the path real models train from: which contexts it holds out, the threshold, the
+    drop counts, the variance share and the input scale, against filter_by_hand on a store of four shards with
+    five massive rows (1,000 x), three among the training rows and two held out."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(3, 9, (24,), generator=g).tolist()  # rows per context
+    # the held-out contexts, by hand: the seed's order, taken until they hold 20 rows
+    held, count = set(), 0
+    for c in torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist():
+        if count >= 20:
+            break
+        held.add(c)
+        count += lengths[c]
+    starts = np.cumsum([0, *lengths])
+    context = np.repeat(np.arange(24), lengths)  # each row's context
+    x = torch.randn(int(starts[-1]), 4, generator=g) + 0.5
+    train_contexts = [c for c in range(24) if c not in held]
+    massive = [int(starts[c]) + 1 for c in train_contexts[1:4]]
+    massive += [int(starts[c]) for c in sorted(held)[:2]]
+    x[massive] *= 1000
+    writer = K.StoreWriter(tmp_path / "store", "float32", shard_bytes=4 * 4 * 40)
+    for c in range(24):
+        writer.add(x[starts[c] : starts[c + 1]], [lengths[c]])
+    writer.finish(max_norm_ratio=10.0)
+    store = K.ActivationStore(tmp_path / "store")
+    assert len(store.shards) >= 3
+
+    rows, held_out, report, scale = store.split(eval_tokens=20, seed=0, ratio=10.0)
+
+    is_held = torch.from_numpy(np.isin(context, sorted(held)))
+    expected = filter_by_hand(x[~is_held], x[is_held], 10.0)
+    assert report["train"]["dropped"] == 3 and report["held_out"]["dropped"] == 2
+    for split in ("train", "held_out"):
+        assert report[split] == pytest.approx(expected[split], rel=1e-6), split
+    # the rows themselves: the kept training rows in store order, and the kept held-out rows
+    kept = x.norm(dim=-1) <= expected["train"]["threshold"]
+    in_ram = torch.cat([r.fetch(torch.arange(r.count)) for r in rows])
+    assert torch.equal(in_ram, x[~is_held & kept])
+    assert torch.equal(held_out, x[is_held & kept][:20])  # at most eval_tokens
+    # the input scale: sqrt(d) over the mean norm of the kept training rows
+    assert float((scale * in_ram.double()).norm(dim=-1).mean()) == pytest.approx(2.0)
+    # the manifest: every row's norm, the plain median (the mean of the two middle ones)
+    norms = sorted(math.sqrt(sum(v * v for v in r)) for r in x.double().tolist())
+    middle = len(norms) // 2
+    if len(norms) % 2:
+        median = norms[middle]
+    else:
+        median = (norms[middle - 1] + norms[middle]) / 2
+    above = [n for n in norms if n > 10 * median]
+    position = 0.99 * (len(norms) - 1)  # p99, interpolated between neighbours
+    low = int(position)
+    p99 = norms[low] + (position - low) * (norms[low + 1] - norms[low])
+    below = [n for n in norms if n <= 10 * median]
+    assert store.manifest["norms"] == pytest.approx(
+        {
+            "median": median,
+            "mean": sum(norms) / len(norms),
+            "p99": p99,
+            "max": norms[-1],
+            "above_threshold": 5,
+            "threshold": 10 * median,
+            "input_scale": 2.0 / (sum(below) / len(below)),
+        },
+        rel=1e-6,
+    )
+    assert len(above) == 5
 
 
 def test_real_pretrained_minilm_harvest():
@@ -2008,17 +2158,69 @@ def test_normalized_mse_and_evaluate_match_definitions():
 # ============================================================================= 9. Checkpoints and runs
 
 
-@pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_checkpoint_round_trips(tmp_path, arch):
-    sae = perturb_(K.SAEConfig(dict_size=64, m=2, n=4, k=4).build(arch, 16))
-    K.save(sae, tmp_path)
-    loaded = K.load(tmp_path)
+CHECKPOINT_KINDS = {
+    "topk": partial(K.TopKSAE, 16, 64, k=4),
+    "kron": partial(K.KronSAE, 16, h=8, m=2, n=4, k=4),
+    "kron_product": partial(K.KronSAE, 16, h=8, m=2, n=4, k=4, kernel="product"),
+    "kron_relu_product": partial(
+        K.KronSAE, 16, h=8, m=2, n=4, k=4, kernel="relu_product"
+    ),
+    "topk_float64": lambda: K.TopKSAE(16, 64, k=4).double(),
+    "kron_float64": lambda: K.KronSAE(16, h=8, m=2, n=4, k=4).double(),
+}
+
+
+def assert_same_sae(sae, loaded):
+    """The same class, config, dtype, weights and outputs."""
     assert type(loaded) is type(sae) and K.sae_config(loaded) == K.sae_config(sae)
     for (name, p), q in zip(sae.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(p, q), name
-    x = torch.randn(5, 16)
+        assert p.dtype == q.dtype and torch.equal(p, q), name
+    x = torch.randn(5, sae.d_in, dtype=sae.W_dec.dtype)
     assert torch.equal(sae(x), loaded(x))
-    assert json.loads((tmp_path / "config.json").read_text())["arch"] == arch
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
+def test_checkpoint_round_trips(tmp_path, kind):
+    sae = perturb_(CHECKPOINT_KINDS[kind]())
+    K.save(sae, tmp_path)
+    assert_same_sae(sae, K.load(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["arch"] == kind.split("_")[0]
+    assert saved.get("kernel", "mand") == getattr(sae, "kernel", "mand")
+
+
+def test_a_matryoshka_run_checkpoints_the_sae_it_trained(tmp_path):
+    """Matryoshka changes the loss, not the SAE: run_training's checkpoint is the SAE it leaves in memory."""
+    data = torch.randn(512, 16)
+    cfg = K.TrainConfig(steps=3, batch=128)
+    sae = K.KronSAE(16, h=8, m=2, n=4, k=4)
+    K.run_training(
+        sae,
+        batches(data, cfg.batch),
+        cfg,
+        out=str(tmp_path),
+        progress=False,
+        matryoshka=(16, 32),
+    )
+    assert_same_sae(sae, K.load(tmp_path))
+
+
+def test_load_puts_the_sae_on_the_device_asked_for(tmp_path):
+    K.save(perturb_(kron()), tmp_path)
+    # the meta device holds shapes and dtypes, no values: any device but the CPU shows the argument is used
+    loaded = K.load(tmp_path, device="meta")
+    assert {p.device.type for p in loaded.parameters()} == {"meta"}
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    assert K.load(tmp_path, device=torch.device("cpu")).W_dec.device.type == "cpu"
+
+
+def test_saving_a_naive_kronsae_is_refused_in_one_line(tmp_path):
+    with pytest.raises(
+        ValueError, match="NaiveKronSAE has no checkpoint format"
+    ) as err:
+        K.save(naive_twin(kron()), tmp_path)
+    assert "\n" not in str(err.value) and "KronSAE of the same shape" in str(err.value)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_save_refuses_non_finite_weights_and_keeps_the_last_good_checkpoint(tmp_path):
