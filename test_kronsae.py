@@ -5,6 +5,7 @@ Every fast path is checked against a naive reference written out here: all F sco
 
 import argparse
 import ast
+import bisect
 import builtins
 import copy
 import dataclasses
@@ -19,6 +20,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -3160,7 +3162,8 @@ def inspected(tiny_lm, tmp_path_factory):
         ]
     )
     torch.manual_seed(0)
-    sae = K.KronSAE(32, h=4, m=2, n=4, k=4)
+    # moved off its init, so that it differs from the init baseline inspect_sae builds with the same seed
+    sae = perturb_(K.KronSAE(32, h=4, m=2, n=4, k=4))
     K.save(sae, tmp / "kron")
     inspection = K.inspect_sae(
         str(tmp / "kron"),
@@ -3173,8 +3176,30 @@ def inspected(tiny_lm, tmp_path_factory):
     return tmp, sae, inspection
 
 
+class Recount(NamedTuple):
+    """A store read whole, for the naive recounts: its rows, each row's token id, context and position, the
+    rows inspect_sae counts, and the KronSAE's dense post-latents (the listing's all-F scores and top-k) and
+    pre-latents ReLU(u), ReLU(v) (eq. 2), written out here."""
+
+    x: torch.Tensor
+    token: list
+    context: list
+    position: list
+    keep: torch.Tensor
+    code: torch.Tensor  # (N, F)
+    pre: torch.Tensor  # (N, h(m+n))
+
+
+def naive_code(sae, x):
+    """A KronSAE's dense (N, F) code as the listing computes it: all F scores, their top k."""
+    with torch.no_grad():
+        z = K.NaiveKronSAE.scores(sae, x)  # (N, F), eq. 4's order
+    top = z.topk(sae.k, dim=-1)
+    return torch.zeros_like(z).scatter(-1, top.indices, top.values)
+
+
 def naive_inspection(sae, store_dir, tokens):
-    """Every statistic again, the slow way: dense codes of every row, then per-latent Python loops."""
+    """Every statistic again, the slow way: dense codes of every row, then per-unit Python loops."""
     store = K.ActivationStore(store_dir)
     x = torch.cat(
         [store.rows(k, np.arange(len(s))) for k, s in enumerate(store.shards)]
@@ -3187,55 +3212,74 @@ def naive_inspection(sae, store_dir, tokens):
         context += [(k, int(i)) for i in c]
         position += positions.tolist()
     with torch.no_grad():
-        z = K.NaiveKronSAE.scores(sae, x)  # (N, F), the listing
-    top = z.topk(sae.k, dim=-1)
-    code = torch.zeros_like(z).scatter(-1, top.indices, top.values)
+        pre = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc).relu()  # eq. 2
+    code = naive_code(sae, x)
     keep = (torch.arange(len(x)) < tokens) & (
         x.norm(dim=-1) <= store.manifest["norms"]["threshold"]
     )
-    return code, keep, token, context, position
+    return Recount(x, token, context, position, keep, code, pre)
 
 
-def test_inspect_statistics_equal_a_naive_recount(inspected):
-    tmp, sae, inspection = inspected
-    code, keep, token, context, position = naive_inspection(sae, tmp / "store", 2500)
-    report = inspection.report
-    assert report["tokens"] == int(keep.sum()) == 2500
-    T = 16
-    for latent in range(sae.F):
-        a = code[:, latent] * keep
-        entry = report["latents"][latent]
-        assert entry["frequency"] == pytest.approx(float((a > 0).sum()) / 2500)
-        if not (a > 0).any():
-            assert entry["token_entropy"] is None or math.isnan(entry["token_entropy"])
+def histogram_by_hand(values: list) -> tuple[list, int]:
+    """Counts per bin of HISTOGRAM_BINS (bin i: edge i-1 < v <= edge i, bisect's insertion point), and how
+    many values lie within 1e-5 of an edge, where the naive and the fast activations may round to either side."""
+    edges = K.HISTOGRAM_BINS.tolist()
+    counts = [0] * (len(edges) + 1)
+    near = 0
+    for v in values:
+        i = bisect.bisect_left(edges, v)
+        counts[i] += 1
+        near += any(abs(v - e) <= 1e-5 * e for e in edges[max(0, i - 1) : i + 1])
+    return counts, near
+
+
+def assert_units_equal_a_recount(acts, n: Recount, entries: list, stats, T=16):
+    """Each unit's JSON entry and streams against Python loops over the tokens: frequency, mean activation,
+    token entropy (eq. 10), the top examples, multitoken ratio (eq. 11), the histogram and top_tokens."""
+    tokens = int(n.keep.sum())
+    for unit, entry in enumerate(entries):
+        a = acts[:, unit] * n.keep
+        fired = (a > 0).nonzero().flatten().tolist()
+        assert entry["frequency"] == pytest.approx(len(fired) / tokens)
+        histogram, near = histogram_by_hand([float(a[r]) for r in fired])
+        error = (torch.tensor(histogram) - stats.histogram[unit]).abs().sum()
+        assert error <= 2 * near, unit
+        if not fired:
+            assert all(math.isnan(entry[name]) for name in K.STAT_NAMES[1:])
+            assert stats.top_tokens(unit) == [] and entry["examples"] == []
             continue
         assert entry["mean_activation"] == pytest.approx(
-            float(a[a > 0].mean()), rel=1e-5
+            sum(float(a[r]) for r in fired) / len(fired), rel=1e-5
         )
         mass = {}  # eq. 10 by hand
-        for row in (a > 0).nonzero().flatten().tolist():
-            mass[token[row]] = mass.get(token[row], 0.0) + float(a[row])
-        p = [v / sum(mass.values()) for v in mass.values()]
+        for row in fired:
+            mass[n.token[row]] = mass.get(n.token[row], 0.0) + float(a[row])
+        total = sum(mass.values())
         assert entry["token_entropy"] == pytest.approx(
-            -sum(q * math.log(q) for q in p), rel=1e-5, abs=1e-9
+            -sum(m / total * math.log(m / total) for m in mass.values()),
+            rel=1e-5,
+            abs=1e-9,
         )
-        values = a.topk(5).values  # the true top 5
-        values = values[values > 0].tolist()
-        best = inspection.post.row[
-            latent, : len(values)
-        ].tolist()  # ties: any rows with them
+        # the 5 token ids with the most mass, each with its share (ties: either token)
+        top = stats.top_tokens(unit, 5)
+        shares = sorted((m / total for m in mass.values()), reverse=True)[:5]
+        assert [share for _, share in top] == pytest.approx(shares, rel=1e-5)
+        for t, share in top:
+            assert share == pytest.approx(mass[t] / total, rel=1e-5)
+        values = sorted((float(a[r]) for r in fired), reverse=True)[:5]
+        best = stats.row[unit, : len(values)].tolist()  # ties: any rows with them
         assert [float(a[r]) for r in best] == pytest.approx(values, rel=1e-6)
         shown = [e["activations"][e["position"]] for e in entry["examples"]]
         assert shown == pytest.approx(values, rel=1e-3)  # 4 digits in the JSON
         ratios = []  # eq. 11 by hand
         for row, example in zip(best, entry["examples"]):
-            p = position[row]
+            p = n.position[row]
             window = [
                 r
-                for r in range(max(0, row - 16), min(len(code), row + 16))
-                if context[r] == context[row] and abs(position[r] - p) <= 15
+                for r in range(max(0, row - 16), min(len(acts), row + 16))
+                if n.context[r] == n.context[row] and abs(n.position[r] - p) <= 15
             ]
-            active = sum(1 for r in window if code[r, latent] > 0)
+            active = sum(1 for r in window if acts[r, unit] > 0)
             span = min(T - 1, p + 15) - max(0, p - 15) + 1
             ratios.append(active / span)
             assert (
@@ -3247,59 +3291,193 @@ def test_inspect_statistics_equal_a_naive_recount(inspected):
         )
 
 
+def test_inspect_statistics_equal_a_naive_recount(inspected):
+    tmp, sae, inspection = inspected
+    n = naive_inspection(sae, tmp / "store", 2500)
+    report = inspection.report
+    assert report["tokens"] == int(n.keep.sum()) == 2500
+    assert_units_equal_a_recount(n.code, n, report["latents"], inspection.post)
+
+
+def test_inspect_pre_latent_statistics_equal_a_naive_recount(inspected):
+    """The same recount for KronSAE's h(m+n) pre-latents, ReLU(u) and ReLU(v) of every head."""
+    tmp, sae, inspection = inspected
+    n = naive_inspection(sae, tmp / "store", 2500)
+    assert len(inspection.report["pre_latents"]) == 4 * 6
+    assert_units_equal_a_recount(
+        n.pre, n, inspection.report["pre_latents"], inspection.pre
+    )
+
+
 def test_inspect_examples_show_the_right_text(inspected, tiny_lm):
     tmp, sae, inspection = inspected
     _, tokenizer, _ = K.load_lm(str(tiny_lm[0]), "cpu")
-    code, keep, token, context, position = naive_inspection(sae, tmp / "store", 2500)
-    latent = int((code * keep[:, None]).amax(0).argmax())
+    n = naive_inspection(sae, tmp / "store", 2500)
+    latent = int((n.code * n.keep[:, None]).amax(0).argmax())
     example = inspection.report["latents"][latent]["examples"][0]
     row = int(inspection.post.row[latent, 0])
-    assert code[row, latent] == (code[:, latent] * keep).max()
-    assert example["tokens"][example["position"]] == tokenizer.decode([token[row]])
-    assert example["position"] == min(position[row], 15)
+    assert n.code[row, latent] == (n.code[:, latent] * n.keep).max()
+    assert example["tokens"][example["position"]] == tokenizer.decode([n.token[row]])
+    assert example["position"] == min(n.position[row], 15)
 
 
-def test_the_and_check_is_exactly_one_for_mand_and_fig18_is_computed(inspected):
-    s = inspected[2].report["summary"]
-    assert s["and_check"]["parents_when_fires"] == 1.0
-    assert 0 < s["and_check"]["fires_when_parents"] <= 1
-    assert set(s["fig18"]) == {"frequency", "token_entropy", "multitoken_ratio"}
-    assert set(s["fig18"]["frequency"]) == {
-        "base",
-        "extension",
-        "mean",
-        "product",
-        "mand",
+def pearson_by_hand(a: list, b: list) -> float:
+    """r of two lists, from their deviations about their means (NaN when either is constant)."""
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    ab = sum((p - mean_a) * (q - mean_b) for p, q in zip(a, b))
+    aa = sum((p - mean_a) ** 2 for p in a)
+    bb = sum((q - mean_b) ** 2 for q in b)
+    return ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else math.nan
+
+
+def head_correlations_by_hand(code: torch.Tensor, group: int) -> tuple[float, float]:
+    """The mean r over pairs of distinct units in one head, and over pairs in different heads, each r from
+    the pair's deviations about their means (two passes; Correlation sums cross products in one)."""
+    centred = code.double() - code.double().mean(0)
+    within, across = [], []
+    for i in range(code.shape[1]):
+        for j in range(i + 1, code.shape[1]):
+            scale = float(centred[:, i].norm() * centred[:, j].norm())
+            if scale == 0:
+                continue  # a unit that never fired has no r
+            r = float(centred[:, i] @ centred[:, j]) / scale
+            (within if i // group == j // group else across).append(r)
+    return sum(within) / len(within), sum(across) / len(across)
+
+
+def test_section_5_2_correlations_their_init_baseline_and_the_and_check_recounted(
+    inspected,
+):
+    tmp, sae, inspection = inspected
+    n = naive_inspection(sae, tmp / "store", 2500)
+    s = inspection.report["summary"]
+    assert s["correlation_heads"] == 4  # F = 32: every head
+    expected = head_correlations_by_hand(n.code[n.keep], 8)
+    got = (s["within_head_correlation"], s["across_head_correlation"])
+    assert got == pytest.approx(expected, abs=1e-6)
+    # the init baseline: the same SAE at its init (paper A.1) under --seed, b_dec at the mean of the first
+    # chunk's rows (whole contexts, at most --batch = 100 of them), as training starts
+    torch.manual_seed(0)
+    init = K.KronSAE(32, h=4, m=2, n=4, k=4)
+    offsets = K.ActivationStore(tmp / "store").offsets[0]
+    first = max(int(o) for o in offsets if o <= 100)
+    with torch.no_grad():
+        init.b_dec.copy_(n.x[:first][n.keep[:first]].mean(0))
+    expected_init = head_correlations_by_hand(naive_code(init, n.x[n.keep]), 8)
+    got_init = (s["init_within_head_correlation"], s["init_across_head_correlation"])
+    assert got_init == pytest.approx(expected_init, abs=1e-6)
+    assert abs(expected_init[0] - expected[0]) > 1e-3  # the SAE is not at its init
+    # the AND check: firings whose parents are both positive, and positive parent pairs whose latent fired
+    pre = n.pre[n.keep].view(-1, 4, 6)
+    code = n.code[n.keep]
+    fires = both = parents = 0
+    for f in range(32):  # f = g*m*n + i*n + j (eq. 4)
+        g, i, j = f // 8, f % 8 // 4, f % 4
+        on = code[:, f] > 0
+        parents_on = (pre[:, g, i] > 0) & (pre[:, g, 2 + j] > 0)
+        fires += int(on.sum())
+        both += int((on & parents_on).sum())
+        parents += int(parents_on.sum())
+    assert s["and_check"] == pytest.approx(
+        {"parents_when_fires": both / fires, "fires_when_parents": both / parents}
+    )
+    assert s["and_check"]["parents_when_fires"] == 1.0  # mAND: an AND
+
+
+def test_fig18_is_each_post_latent_statistic_against_its_parents_recounted(inspected):
+    """Appendix E, fig. 18: over the post-latents, Pearson r of a statistic with that of its base parent u_i,
+    its extension parent v_j, their mean, product and mAND sqrt(ab), from the JSON's entries by hand."""
+    report = inspected[2].report
+    post, pre = report["latents"], report["pre_latents"]
+    # pre-latent g*(m+n) + r of head g: u_r for r < m, else v_(r-m)
+    for entry in pre:
+        g, r = divmod(entry["id"], 6)
+        side, index = ("base", r) if r < 2 else ("extension", r - 2)
+        assert (entry["head"], entry["side"], entry["index"]) == (g, side, index)
+    assert set(report["summary"]["fig18"]) == {
+        "frequency",
+        "token_entropy",
+        "multitoken_ratio",
     }
-    assert {"post", "pre"} <= set(s) and -1 <= s["within_head_correlation"] <= 1
-    pre = inspected[2].report["pre_latents"]
-    assert (
-        len(pre) == 4 * 6
-        and pre[7]["head"] == 1
-        and pre[7]["side"] == "base"
-        and pre[7]["index"] == 1
-    )
-    assert pre[9]["side"] == "extension" and pre[9]["index"] == 1
+    for stat in ("frequency", "token_entropy", "multitoken_ratio"):
+        y, base, extension = [], [], []
+        for f, entry in enumerate(post):  # f = g*m*n + i*n + j
+            g, i, j = f // 8, f % 8 // 4, f % 4
+            y.append(entry[stat])
+            base.append(pre[g * 6 + i][stat])
+            extension.append(pre[g * 6 + 2 + j][stat])
+        parents = {
+            "base": base,
+            "extension": extension,
+            "mean": [(a + b) / 2 for a, b in zip(base, extension)],
+            "product": [a * b for a, b in zip(base, extension)],
+            "mand": [math.sqrt(max(a * b, 0)) for a, b in zip(base, extension)],
+        }
+        assert set(report["summary"]["fig18"][stat]) == set(parents)
+        for name, x in parents.items():
+            pairs = [(p, q) for p, q in zip(y, x) if math.isfinite(p + q)]
+            expected = pearson_by_hand([p for p, _ in pairs], [q for _, q in pairs])
+            got = report["summary"]["fig18"][stat][name]
+            # frequency is float32, and so is its r
+            assert got == pytest.approx(expected, rel=1e-6, nan_ok=True), (stat, name)
 
 
-def test_inspect_buffers_do_not_grow_with_the_tokens_read(inspected):
-    tmp, sae, big = inspected
-    small = K.inspect_sae(
-        str(tmp / "kron"),
-        str(tmp / "store"),
-        tokens=300,
-        examples=5,
-        batch=100,
-        progress=False,
-    )
-    assert small.report["tokens"] == 300
-    for name in ("top", "row", "span", "windows", "histogram", "fired", "total"):
-        assert getattr(small.post, name).shape == getattr(big.post, name).shape
-    vocab = len(WORDS) + 2  # (unit, token) pairs at most
-    assert (
-        len(big.post.keys) <= sae.F * vocab
-        and len(big.pre.keys) <= big.pre.units * vocab
-    )
+def quartiles_by_hand(values: list, seed: int = 0, resamples: int = 1000) -> dict:
+    """Mean and quartiles of the finite values (linear between the sorted neighbours), and the std over
+    `resamples` bootstrap means, each resample the seed's draw of len(values) units with replacement."""
+    v = [x for x in values if math.isfinite(x)]
+    ranked = sorted(v)
+
+    def quantile(p):
+        position = p * (len(ranked) - 1)
+        low = math.floor(position)
+        high = min(low + 1, len(ranked) - 1)
+        return ranked[low] + (position - low) * (ranked[high] - ranked[low])
+
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(v), (resamples, len(v)), generator=g).tolist()
+    means = [sum(v[i] for i in draw) / len(v) for draw in draws]
+    centre = sum(means) / resamples
+    spread = sum((m - centre) ** 2 for m in means) / (resamples - 1)
+    return {
+        "mean": sum(v) / len(v),
+        "q25": quantile(0.25),
+        "median": quantile(0.5),
+        "q75": quantile(0.75),
+        "bootstrap_std": math.sqrt(spread),
+    }
+
+
+def test_the_summary_is_quartiles_and_a_bootstrap_over_the_units_recounted(inspected):
+    report = inspected[2].report
+    for group, entries in (("post", report["latents"]), ("pre", report["pre_latents"])):
+        for name in K.STAT_NAMES:
+            expected = quartiles_by_hand([e[name] for e in entries])
+            got = report["summary"][group][name]
+            assert got == pytest.approx(expected, rel=1e-9), (group, name)
+
+
+def test_quartiles_of_four_values_by_hand():
+    q = K.quartiles(torch.tensor([4.0, 1.0, math.nan, 3.0, 2.0]), resamples=20000)
+    quartiles = {name: q[name] for name in ("mean", "q25", "median", "q75")}
+    assert quartiles == {"mean": 2.5, "q25": 1.75, "median": 2.5, "q75": 3.25}
+    # the mean of 4 draws with replacement from {1, 2, 3, 4}: variance 1.25 / 4
+    assert q["bootstrap_std"] == pytest.approx(math.sqrt(1.25 / 4), rel=0.03)
+    assert all(math.isnan(v) for v in K.quartiles(torch.tensor([math.nan])).values())
+
+
+def test_inspect_keeps_one_float_per_unit_and_token_pair_it_saw_fire(inspected):
+    """UnitStats' memory beyond its fixed example buffers: eq. 10 keeps one float per (unit, token id) pair
+    that fired, whatever the number of tokens read. The pairs, recounted as sets."""
+    tmp, sae, inspection = inspected
+    n = naive_inspection(sae, tmp / "store", 2500)
+    for stats, acts in ((inspection.post, n.code), (inspection.pre, n.pre)):
+        fired = (acts * n.keep[:, None]).nonzero().tolist()
+        pairs = {(unit, n.token[row]) for row, unit in fired}
+        keys = {divmod(int(key), stats.vocab) for key in stats.keys}
+        assert keys == pairs and len(stats.keys) == len(pairs)
+        assert stats.pending == []  # coalesced
+        assert len(pairs) < len(fired) / 10  # far fewer than the firings
 
 
 def test_the_html_report_parses_and_escapes_the_text(inspected):
@@ -3413,6 +3591,40 @@ def test_inspect_command_writes_json_and_html_and_refuses_old_stores(
     assert "harvest it again" in capsys.readouterr().err
 
 
+def assert_one_line_before_any_work(argv, expected, capsys, monkeypatch, work):
+    """K.main(argv) exits with one line naming `expected` on stderr, and none of the functions named in
+    `work` (those that read the store's rows, or load the model) ever ran."""
+    for name in work:
+        monkeypatch.setattr(K, name, partial(pytest.fail, f"{name} ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        K.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code in (1, 2)
+    assert err.startswith("kronsae.py: error: ") and err.count("\n") == 1, err
+    assert re.search(expected, err) and "Traceback" not in err, err
+
+
+def test_inspect_refuses_bad_input_in_one_line_before_reading_the_store(
+    inspected, tmp_path, capsys, monkeypatch
+):
+    tmp = inspected[0]
+    K.save(K.TopKSAE(16, 64, k=4), tmp_path / "narrow")
+    kron, narrow = tmp / "kron", tmp_path / "narrow"
+    cases = [  # (the SAE, more flags, what the error says)
+        (kron, ["--tokens", "0"], "--tokens must be positive, got 0"),
+        (kron, ["--latents", "3,32"], "latent 32 is outside 0..31"),
+        (kron, ["--latents", "-1"], "latent -1 is outside 0..31"),
+        (narrow, [], "reads d=16, the store .* holds d=32"),
+    ]
+    for sae, extra, expected in cases:
+        argv = ["inspect", str(sae), "--data", str(tmp / "store"), *extra]
+        argv += ["--json", str(tmp_path / "s.json")]
+        assert_one_line_before_any_work(
+            argv, expected, capsys, monkeypatch, ("text_chunks", "load_tokenizer")
+        )
+        assert not (tmp_path / "s.json").exists()
+
+
 # ============================================================================= 13. First-letter absorption
 
 
@@ -3503,6 +3715,122 @@ def test_the_gate_reports_results_below_it_as_such():
     )
     # reported anyway
     assert set(result["saes"]["hand/topk"]["letters"]) == set(K.LETTERS[:12])
+
+
+def test_the_absorption_fraction_of_one_word_by_hand():
+    """SAEBench's fraction on cases worked on paper, the probe e_0 and a residual whose projection is 1: the
+    main latents carry m of it, the (at most 3) other latents with cosine >= 0.1 carry a; absorbed when a is
+    at least 0.4, with fraction min(a, 1 - m) / (min(a, 1 - m) + m)."""
+    probe, x = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.3])
+
+    def fraction(code, cos, main=(0,)):
+        return K.absorption_of(
+            x, torch.tensor(code), torch.tensor(cos), probe, list(main)
+        )
+
+    # partial, capped by what the main latent leaves: m = 0.4, a = 0.5 + 0.15 + 0.1 (latent 3's cosine is
+    # below 0.1), so absorbed = min(0.75, 0.6) = 0.6 and the fraction 0.6 / (0.6 + 0.4)
+    code, cos = [0.4, 0.5, 0.3, 0.2, 0.1], [1.0, 1.0, 0.5, 0.05, 1.0]
+    value, full = fraction(code, cos)
+    assert value == pytest.approx(0.6) and not full
+    # partial, four candidates of which the top 3 count: m = 0.2, a = 0.2 + 0.15 + 0.1 = 0.45 < 0.8
+    code, cos = [0.2, 0.2, 0.15, 0.1, 0.05, 0.3], [1.0] * 5 + [0.05]
+    value, full = fraction(code, cos)
+    assert value == pytest.approx(0.45 / 0.65) and not full
+    # the same with two main latents: m = 0.4, a = 0.15 + 0.1 + 0.05 = 0.3 < 0.4, so nothing is absorbed
+    assert fraction(code, cos, main=(0, 1)) == (0.0, False)
+    # the main latent carries it all, or more: nothing absorbed
+    assert fraction([1.2, 0.5], [1.0, 1.0]) == (0.0, False)
+    # the main latent silent and latent 1 carrying 0.6 of it: fully absorbed
+    assert fraction([0.0, 0.6, 0.1], [1.0, 1.0, 1.0]) == (1.0, True)
+    # a residual the probe reads as negative counts for nothing
+    negative = K.absorption_of(-x, torch.tensor([0.0, 0.6]), torch.ones(2), probe, [0])
+    assert negative == (0.0, False)
+
+
+def test_main_latents_grow_while_each_one_raises_f1_by_more_than_the_jump():
+    """k-sparse probing on codes built by hand: the letter's words fire one of three latents (ids 5, 9 and 2, a
+    third of the words each), the other words none. Test F1 by hand, 8 of the 24 test words per latent:
+    k = 1 finds 8 (2*8 / (8 + 24) = 0.5), k = 2 finds 16 (0.8), k = 3 all 24 (1.0); the main latents are 3."""
+    words = 400
+    letters = torch.cat([torch.zeros(120), 1 + torch.arange(280) % 25]).long()
+    codes = torch.zeros(words, 12)
+    for third, latent in enumerate((5, 9, 2)):
+        codes[torch.arange(third, 120, 3), latent] = 1.0
+    train = torch.arange(words) % 5 != 0  # 96 positives to train on, 24 to test
+    data = K.ProbeData(torch.zeros(words, 4), letters, train, ["a"] * words)
+    ranking = torch.tensor([5, 9, 2, 0, 1, 3, 4, 6, 7, 8])
+    main, f1s = K.main_latents(codes, data, 0, ranking)
+    assert main == [5, 9, 2]
+    assert f1s == pytest.approx([0.5, 0.8] + [1.0] * 8)
+    # the letter's words spread over all ten ranked latents: each one raises F1 by more than the jump, up to
+    # the limit of 10 (test words 3, 3, 3, 3, 2, ..., 2 per latent: F1 2 tp / (tp + 24), 22 -> 24 at k = 10)
+    codes.zero_()
+    codes[torch.arange(120), ranking[torch.arange(120) // 5 % 10]] = 1.0
+    main, f1s = K.main_latents(codes, data, 0, ranking)
+    found = [3, 6, 9, 12, 14, 16, 18, 20, 22, 24]
+    assert main == ranking.tolist()
+    assert f1s == pytest.approx([2 * tp / (tp + 24) for tp in found])
+
+
+def test_fit_logistic_is_the_minimum_that_scipy_finds():
+    """fit_logistic's Newton steps against scipy's BFGS on the objective written out here: the class-balanced
+    log-loss summed over the words, plus 0.5 |w|^2 with the intercept unpenalised (scikit-learn's default)."""
+    from scipy.optimize import minimize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=g)
+    y = torch.rand(300, generator=g) < torch.sigmoid(2 * x[:, 0] - x[:, 2] - 1.0)
+    w, b = K.fit_logistic(x, y)
+    X = np.concatenate([x.double().numpy(), np.ones((300, 1))], axis=1)
+    t = y.double().numpy()
+    weight = np.where(t > 0, 300 / (2 * t.sum()), 300 / (2 * (1 - t).sum()))
+    penalty = np.array([1.0, 1.0, 1.0, 0.0])
+
+    def objective(theta):
+        z = X @ theta
+        loss = np.sum(weight * (np.logaddexp(0, z) - t * z))
+        return loss + 0.5 * np.sum(penalty * theta**2)
+
+    def gradient(theta):
+        p = 1 / (1 + np.exp(-(X @ theta)))
+        return X.T @ (weight * (p - t)) + penalty * theta
+
+    reference = minimize(
+        objective, np.zeros(4), jac=gradient, method="BFGS", options={"gtol": 1e-9}
+    )
+    assert np.abs(gradient(reference.x)).max() < 1e-6  # at the minimum
+    assert 0.2 < t.mean() < 0.5  # imbalanced: the class weights matter
+    fitted = np.concatenate([w.double().numpy(), [float(b)]])
+    np.testing.assert_allclose(fitted, reference.x, rtol=1e-5, atol=1e-6)
+
+
+def test_absorption_refuses_bad_input_in_one_line_before_loading_the_model(
+    tiny_lm, tmp_path, capsys, monkeypatch
+):
+    from transformers import BertConfig
+
+    path = tiny_lm[0]
+    K.save(K.TopKSAE(32, 64, k=4), tmp_path / "wide")
+    K.save(K.TopKSAE(16, 64, k=4), tmp_path / "narrow")
+    # an encoder's config (the command reads no more of a model before refusing it)
+    encoder = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    encoder.architectures = ["BertModel"]
+    encoder.save_pretrained(tmp_path / "bert")
+    cases = [  # (the SAE, the model, more flags, what the error says)
+        ("wide", path, ["--words", "49"], "--words 49 is too few"),
+        ("narrow", path, [], "reads d=16, but .* has width 32"),
+        ("wide", tmp_path / "bert", [], "bert is not a causal LM"),
+    ]
+    for sae, model, extra, expected in cases:
+        argv = ["absorption", str(tmp_path / sae), "--model", str(model)]
+        argv += ["--layer", "1", "--device", "cpu", *extra]
+        argv += ["--json", str(tmp_path / "a.json")]
+        assert_one_line_before_any_work(
+            argv, expected, capsys, monkeypatch, ("load_lm", "probe_data")
+        )
+        assert not (tmp_path / "a.json").exists()
+    assert not list(tmp_path.glob("absorption_*"))  # no prompt cache
 
 
 def trained_tokenizer(kind):
