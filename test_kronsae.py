@@ -2173,6 +2173,38 @@ def test_normalized_mse_and_evaluate_match_definitions():
     assert float(K.normalized_mse(x, x.mean(0).expand_as(x))) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_evaluate_aux_loss_is_the_dead_latents_reconstruction_recounted(arch):
+    """AuxK on the latents dead on the data (Gao et al.): the top d/2 of them by the naive scores reconstruct
+    the residual x - x_hat, and the squared error is over the residual's variance times the rows. Latents
+    0..15 are shrunk so that they stay positive yet never reach the top k."""
+    sae = perturb_(
+        K.TopKSAE(16, 64, k=4).double() if arch == "topk" else kron(h=8, m=2, n=4, k=4)
+    )
+    with torch.no_grad():
+        sae.W_enc[:12] *= (
+            0.02  # TopK: latents 0..11; Kron: heads 0 and 1, latents 0..15
+        )
+        sae.b_enc[:12] = 0.0
+    x = torch.randn(300, 16, dtype=torch.float64) * 3 + 1
+    metrics = K.evaluate(sae, x, batch=64)
+    values, indices = sae.encode(x)
+    fired = torch.zeros(sae.F, dtype=torch.bool)
+    fired[indices[values > 0]] = True
+    assert int((~fired).sum()) > 8 and metrics["dead_fraction"] > 0
+    with torch.no_grad():
+        scores = naive_scores(sae, x)  # (300, 64)
+        top = scores.masked_fill(fired, -math.inf).topk(8, dim=-1)
+        assert (
+            top.values > 0
+        ).double().mean() > 0.2  # the dead latents carry something
+        code = torch.zeros_like(scores).scatter(-1, top.indices, top.values)
+        residual = x - naive_forward(sae, x)[2]
+        variance = residual.var(0, unbiased=False).sum() * len(x)
+        expected = float((residual - code @ sae.W_dec).pow(2).sum() / variance)
+    assert metrics["aux_loss"] == pytest.approx(expected, rel=1e-9)
+
+
 # ============================================================================= 9. Checkpoints and runs
 
 
