@@ -2205,6 +2205,15 @@ def test_evaluate_aux_loss_is_the_dead_latents_reconstruction_recounted(arch):
     assert metrics["aux_loss"] == pytest.approx(expected, rel=1e-9)
 
 
+def test_mean_std_of_repeated_runs_by_hand():
+    """The ± of the ablation's seeds and absorption's letters: the sample std, (n - 1) in the denominator."""
+    # mean 7/3; squared deviations 16/9, 1/9 and 25/9, summed 42/9, over 2
+    assert K.mean_std([1.0, 2.0, 4.0]) == pytest.approx(
+        {"mean": 7 / 3, "std": math.sqrt(7 / 3)}
+    )
+    assert K.mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
+
+
 # ============================================================================= 9. Checkpoints and runs
 
 
@@ -3746,6 +3755,13 @@ def test_a_silent_letter_latent_with_a_child_carrying_the_direction_is_absorptio
         result["saes"]["hand/topk"]["letters"]["b"]["mean_absorption_fraction"] == 0.0
     )
     assert result["gate"]["passed"] and len(result["gate"]["letters"]) == 26
+    # the SAE's figures: mean and sample std over the letters, by hand
+    summary = result["saes"]["hand/topk"]
+    for key in ("mean_absorption_fraction", "full_absorption", "split_features"):
+        values = [summary["letters"][c][key] for c in result["gate"]["letters"]]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        assert summary[key] == pytest.approx({"mean": mean, "std": std}), key
 
 
 @pytest.mark.slow
