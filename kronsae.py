@@ -2256,7 +2256,6 @@ def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] =
     index and the context length are checked against the config before any weights are loaded. A .gguf file
     (llama.cpp's format) is dequantised to float32 by transformers, which needs the gguf and accelerate packages."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name, extra = model_source(name)
     loaded = partial(from_pretrained, name=name, extra=extra)
@@ -2270,13 +2269,19 @@ def load_lm(name: str, device, layer: Optional[int] = None, ctx: Optional[int] =
         raise ValueError(
             f"--ctx {ctx} is longer than {name}'s maximum of {positions} positions"
         )
-    # saved architectures: GPT2LMHeadModel, ...
-    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    # GGUF: an LM
-    causal = bool(extra) or any(a in causal_names for a in (config.architectures or []))
+    causal = is_causal_lm(config, extra)
     model = loaded((AutoModelForCausalLM if causal else AutoModel).from_pretrained)
     tokenizer = loaded(AutoTokenizer.from_pretrained)
     return model.to(device).eval(), tokenizer, causal
+
+
+def is_causal_lm(config, extra: dict) -> bool:
+    """Whether the config's saved architectures (GPT2LMHeadModel, ...) are causal LMs; a .gguf file (extra
+    arguments) always holds one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return bool(extra) or any(a in causal_names for a in (config.architectures or []))
 
 
 def model_source(name) -> tuple[str, dict]:
@@ -3145,9 +3150,11 @@ def arch_of(sae: SparseAutoencoder) -> Arch:
     for arch in ARCHS.values():
         if type(sae) is arch.cls:
             return arch
+    kinds = " or ".join(a.cls.__name__ for a in ARCHS.values())
     raise ValueError(
-        f"{type(sae).__name__} is not one of the SAE types that the tooling saves "
-        f"({', '.join(a.cls.__name__ for a in ARCHS.values())})"
+        f"a {type(sae).__name__} has no checkpoint format, only a {kinds} has (a "
+        f"NaiveKronSAE's state_dict loads into a KronSAE of the same shape, the same "
+        f"SAE: save that)"
     )
 
 
@@ -3174,6 +3181,8 @@ def save(sae: SparseAutoencoder, directory: str):
     the last finite checkpoint stays."""
     from safetensors.torch import save as safetensors_bytes
 
+    # an SAE with no checkpoint format is refused before anything is written
+    config = sae_config(sae)
     bad = [name for name, t in sae.state_dict().items() if not torch.isfinite(t).all()]
     if bad:
         raise FloatingPointError(
@@ -3186,7 +3195,7 @@ def save(sae: SparseAutoencoder, directory: str):
         Path(directory, "sae.safetensors"),
         lambda f: f.write(safetensors_bytes(weights)),
     )
-    write_json(Path(directory, "config.json"), sae_config(sae))
+    write_json(Path(directory, "config.json"), config)
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names for floating point
@@ -3262,10 +3271,11 @@ def dimension_text(label: str, config: dict, value: int) -> str:
 
 
 def load(directory: str, device="cpu") -> SparseAutoencoder:
-    """The exact inverse of save. A missing or corrupt checkpoint raises ValueError naming what is wrong.
-    config.json is checked against the tensors' names, shapes and dtypes in the safetensors header before
-    anything is allocated, so a config that lies about its sizes costs no memory. Nothing in a checkpoint
-    can run code: safetensors and JSON."""
+    """The exact inverse of save, in the dtype the weights were saved in (a float64 SAE stays float64), on
+    `device`. A missing or corrupt checkpoint raises ValueError naming what is wrong. config.json is checked
+    against the tensors' names, shapes and dtypes in the safetensors header before anything is allocated,
+    so a config that lies about its sizes costs no memory. Nothing in a checkpoint can run code:
+    safetensors and JSON."""
     from safetensors.torch import load_file
 
     for name in ("config.json", "sae.safetensors"):
@@ -3289,7 +3299,9 @@ def load(directory: str, device="cpu") -> SparseAutoencoder:
     # Only then the SAE itself, and its weights.
     try:
         sae = build_sae(config)
-        sae.load_state_dict(load_file(weights))
+        tensors = load_file(weights)
+        # load_state_dict copies into the existing float32 tensors: cast them first.
+        sae.to(tensors["W_dec"].dtype).load_state_dict(tensors)
     except Exception as err:
         raise ValueError(
             f"checkpoint {directory} is corrupt ({type(err).__name__}: {str(err)[:160]})"
@@ -3551,7 +3563,7 @@ def export_saelens(directory: str, destination: str) -> Path:
     from safetensors.torch import save as safetensors_bytes
 
     check_writable(destination, "to saelens", directory=True)
-    sae = load(directory)
+    sae = load(directory).float()  # cfg.json says float32, whatever it was saved in
     if not arch_of(sae).saelens:
         raise ValueError(
             f"{directory} holds a KronSAE; SAELens has no architecture that computes mAND over "
@@ -5341,7 +5353,7 @@ def open_inspection(directory: str, data: str, latents) -> tuple:
     """(the store, the SAE, the store's tokenizer), after the checks that need no pass over the data."""
     store = ActivationStore(data)
     store.text(0)  # a one-line error for old stores
-    sae = load(directory)
+    sae = load(directory).float()  # as the store's rows are read
     if sae.d_in != store.d:
         raise ValueError(
             f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}"
@@ -6264,11 +6276,7 @@ def cached_probe_data(
                 torch.from_numpy(f["train"]),
                 json.loads(meta.read_text())["words"],
             )
-    model, tokenizer, causal = load_lm(model_name, device, layer)
-    if not causal:
-        raise ValueError(
-            f"{model_name} is not a causal LM; the first-letter prompts need one"
-        )
+    model, tokenizer, _ = load_lm(model_name, device, layer)
     vocabulary = alphabetic_words(tokenizer)
     if len(vocabulary) <= ICL_EXAMPLES:
         raise ValueError(
@@ -6309,12 +6317,18 @@ def absorption(
     progress: bool = True,
 ) -> dict:
     """Absorption of each SAE in `directories`, all trained on `model_name`'s hidden_states[layer]. The SAEs,
-    the layer and the widths are checked against the model's config before any weights or prompts load."""
+    the layer, the widths and that the model is a causal LM are checked against its config before any weights
+    or prompts load."""
     from transformers import AutoConfig
 
-    saes = [load(d) for d in directories]
-    config = from_pretrained(AutoConfig.from_pretrained, *model_source(model_name))
+    saes = [load(d).float() for d in directories]  # as the prompts' activations are
+    name, extra = model_source(model_name)
+    config = from_pretrained(AutoConfig.from_pretrained, name, extra)
     check_layer(config, layer)
+    if not is_causal_lm(config, extra):
+        raise ValueError(
+            f"{model_name} is not a causal LM; the first-letter prompts need one"
+        )
     width = getattr(config, "hidden_size", None)
     for d, sae in zip(directories, saes):
         if width and sae.d_in != width:
