@@ -1058,7 +1058,8 @@ class DataConfig:
         -1,
         "with --model: train on hidden_states[layer], the residual stream that enters "
         "block `layer` (blocks counted from 0): 0 is the embeddings, L >= 1 the output of "
-        "block L-1, and the last (L = the number of blocks) the final norm's output. "
+        "block L-1, and the last (L = the number of blocks) the model's final hidden state "
+        "(after the final norm, in GPT-2 and Llama). "
         "SAELens calls it blocks.L.hook_resid_pre; sparsify, the output of layers.{L-1}",
     )
     text: tuple = opt((), "with --model: text file(s) to tokenise into contexts")
@@ -2799,7 +2800,13 @@ def saved_provenance(directory: str) -> dict:
     run = Path(directory).parent / "run.json"
     if not run.is_file():
         return {}
-    s = Settings.from_dict(json.loads(run.read_text()))
+    try:
+        s = Settings.from_dict(json.loads(run.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{run} is not a run's settings ({type(err).__name__}: {err}), so the provenance of "
+            f"{directory} is unknown"
+        ) from None
     manifest = Path(s.data.data, "manifest.json")
     report = {}
     if s.data.data and manifest.is_file():
@@ -3270,9 +3277,7 @@ class TrainingLog:
             write_atomic(self.path, lambda f: f.write(text.encode()))
 
     def lines(self) -> list[dict]:
-        if self.path is None or not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines()]
+        return read_log(self.path) if self.path is not None else []
 
     def add(
         self, step: int, stats: StepStats, dead: float, tokens: int, seconds: float
@@ -3297,9 +3302,19 @@ class TrainingLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(json_safe(line), allow_nan=False) + "\n")
 
-    def figure(self, title: str):
-        """curves.png beside the log: each logged number against the tokens trained."""
-        save_curves_figure(self.lines(), self.path.with_name("curves.png"), title)
+
+def read_log(path) -> list[dict]:
+    """The lines of a training log (TrainingLog); none if there is no log."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def save_run_curves(out: str, archs: list[str]):
+    """OUT/curves.png: the training logs of the run's SAEs (OUT/ARCH/log.jsonl), one line each."""
+    logs = {arch: read_log(Path(out, arch, "log.jsonl")) for arch in archs}
+    save_curves_figure(logs, Path(out, "curves.png"), f"training curves: {out}")
 
 
 # The panels of the curves figure: the log's key, the axis label, and whether the axis is logarithmic.
@@ -3313,20 +3328,22 @@ CURVES = (
 )
 
 
-def save_curves_figure(lines: list[dict], path, title: str):
+def save_curves_figure(logs: dict[str, list[dict]], path, title: str):
+    """Each SAE's logged numbers (TrainingLog's lines, by SAE) against the tokens trained, one panel each."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    tokens = [line["tokens"] for line in lines]
     for ax, (key, label, logarithmic) in zip(axes.flat, CURVES):
-        ax.plot(
-            tokens,
-            [line[key] for line in lines],
-            marker="." if len(lines) < 30 else None,
-        )
-        if logarithmic and all(line[key] > 0 for line in lines):
+        for name, lines in logs.items():
+            tokens = [line["tokens"] for line in lines]
+            values = [line[key] for line in lines]
+            ax.plot(tokens, values, label=name, marker="." if len(lines) < 30 else None)
+        if logarithmic and all(
+            v > 0 for lines in logs.values() for v in [x[key] for x in lines]
+        ):
             ax.set_yscale("log")
         ax.set(xlabel="tokens trained", title=label)
         ax.grid(alpha=0.3)
+    axes.flat[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
@@ -3353,8 +3370,7 @@ def run_training(
       so that every checkpoint in `out` is an SAE for raw inputs;
     - checkpoints: every save_every steps and at the end; resume by passing the `state` that load_run_state
       restored; a non-finite loss or a full disk leaves the last good checkpoint as it was;
-    - with `out`, the training log out/log.jsonl every log_every steps (TrainingLog), and at the end its
-      curves, out/curves.png;
+    - with `out`, the training log out/log.jsonl every log_every steps (TrainingLog);
     - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
     - the steps' wall time and each latent's importance and frequency (RunState);
     - Matryoshka training (section 12) when `matryoshka` gives prefix sizes, checked here once;
@@ -3455,8 +3471,6 @@ def run_training(
     finally:
         for hook in hooks:
             hook.remove()
-    if out and state.step == cfg.steps:
-        log.figure(f"{type(sae).__name__}: {out}")
     fold_input_scale_(sae, scale)
     return state
 
@@ -3598,7 +3612,8 @@ class RunConfig:
     device: str = opt("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)")
     out: str = opt(
         "",
-        "directory for checkpoints: OUT/topk, OUT/kron (safetensors + config.json) and OUT/run.json",
+        "directory for checkpoints: OUT/topk, OUT/kron (safetensors + config.json, and the "
+        "training log log.jsonl), OUT/run.json and the training curves OUT/curves.png",
     )
     json: str = opt(
         "", "write the final metrics of each SAE, and the settings, to this JSON file"
@@ -4199,11 +4214,11 @@ def compare(
                 "match.json",
                 "metrics.json",
                 "log.jsonl",
-                "curves.png",
             ),
         ):
             # --overwrite: nothing stale from the old run
             Path(s.run.out, arch, name).unlink(missing_ok=True)
+        Path(s.run.out, "curves.png").unlink(missing_ok=True)
         write_json(Path(s.run.out, "run.json"), s.to_dict())
     set_seed(s.run.seed)
     train_data, eval_data, lm, data_report = prepared_data(s, device)
@@ -4241,6 +4256,8 @@ def compare(
                 write_json(Path(s.run.out, arch, "metrics.json"), results[arch])
     finally:
         restore()
+    if s.run.out and dist.rank == 0:
+        save_run_curves(s.run.out, s.sae.archs)
     print(results_table(list(results.values())))
     for arch, r in results.items():
         if "ce_clean" in r:
@@ -4251,6 +4268,9 @@ def compare(
             )
     if s.run.out:
         print(f"checkpoints: {', '.join(str(Path(s.run.out, a)) for a in s.sae.archs)}")
+        print(
+            f"training curves: {Path(s.run.out, 'curves.png')} (logs: OUT/ARCH/log.jsonl)"
+        )
     if s.run.json and dist.rank == 0:
         write_json(
             s.run.json,
@@ -7427,6 +7447,24 @@ def export_main(argv):
     return run_cli(export_saelens, args.directory, args.destination)
 
 
+def add_delphi_args(parser: argparse.ArgumentParser):
+    """inspect's flags for delphi's latent cache (DelphiCache)."""
+    parser.add_argument(
+        "--delphi",
+        default="",
+        help="write EleutherAI delphi's latent cache here, for its LLM explanations and "
+        "detection and fuzzing scores: a module named after the checkpoint folder (e.g. "
+        "kron), and for KronSAE its pre-latents as a second module (kron_pre)",
+    )
+    parser.add_argument(
+        "--delphi-pre-tokens",
+        type=int,
+        default=10_000,
+        help="with --delphi: cache KronSAE's pre-latents, which fire on about half of every "
+        "token, over only this many of the tokens read (default: 10000)",
+    )
+
+
 def inspect_main(argv):
     parser = Parser(
         prog="kronsae.py inspect",
@@ -7481,20 +7519,7 @@ def inspect_main(argv):
     parser.add_argument(
         "--json", default="", help="write every statistic and example here"
     )
-    parser.add_argument(
-        "--delphi",
-        default="",
-        help="write EleutherAI delphi's latent cache here, for its LLM explanations and "
-        "detection and fuzzing scores: a module named after the checkpoint folder (e.g. "
-        "kron), and for KronSAE its pre-latents as a second module (kron_pre)",
-    )
-    parser.add_argument(
-        "--delphi-pre-tokens",
-        type=int,
-        default=10_000,
-        help="with --delphi: cache KronSAE's pre-latents, which fire on about half of every "
-        "token, over only this many of the tokens read (default: 10000)",
-    )
+    add_delphi_args(parser)
     parser.add_argument(
         "--batch",
         type=int,

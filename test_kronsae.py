@@ -2125,6 +2125,7 @@ def lm_runs(tiny_lm, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_every_checkpoint_says_where_it_came_from(lm_runs, tiny_lm):
     path, text = tiny_lm
     for run, kind in (("model", "text"), ("store_run", "store")):
@@ -2255,6 +2256,7 @@ def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
     assert "register_saelens" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_export_writes_saelens_6_metadata_and_sparsity(lm_runs, tiny_lm, tmp_path):
     """The metadata SAELens 6 reads (it needs sae_lens_version to read it at all), from the checkpoint's
     provenance, for a run from --model and one from a store; and for a checkpoint from before config.json
@@ -2437,6 +2439,7 @@ def test_run_training_is_parts_1_train_loop(arch):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow
 def test_the_training_log_has_a_line_every_log_every_steps_and_its_curves(tmp_path):
     run_small(
         tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", "--log-every", "5"
@@ -2456,7 +2459,7 @@ def test_the_training_log_has_a_line_every_log_every_steps_and_its_curves(tmp_pa
         assert line["lr"] == pytest.approx(lr) and 0 < line["l0"] <= 4
         assert 0 < line["fvu"] < 1 and 0 <= line["dead_fraction"] <= 1
     assert lines[-1]["seconds"] == pytest.approx(state["seconds"])
-    png = (tmp_path / "run" / "kron" / "curves.png").read_bytes()
+    png = (tmp_path / "run" / "curves.png").read_bytes()  # the run's SAEs, one figure
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     # A tensor file names no model: its checkpoint says so instead of guessing
     about = json.loads((tmp_path / "run" / "kron" / "config.json").read_text())
@@ -3539,6 +3542,139 @@ def test_inspect_command_writes_json_and_html_and_refuses_old_stores(
     assert "harvest it again" in capsys.readouterr().err
 
 
+def read_delphi_module(
+    folder: Path,
+) -> tuple[list, torch.Tensor, torch.Tensor, np.ndarray]:
+    """A delphi module's files as delphi's TensorBuffer.load reads them: each file's latents offset by its
+    range's start. Returns the (start, end) ranges, the locations, the activations and the tokens."""
+    from safetensors.numpy import load_file
+
+    ranges, locations, activations, tokens = [], [], [], []
+    for path in sorted(
+        folder.glob("*.safetensors"), key=lambda f: int(f.stem.split("_")[0])
+    ):
+        start, end = map(int, path.stem.split("_"))
+        data = load_file(path)
+        assert data["locations"].dtype in (np.uint16, np.uint32)
+        assert data["locations"].shape[1:] == (3,) and data["activations"].ndim == 1
+        where = torch.from_numpy(data["locations"].astype(np.int64))
+        where[:, 2] += start
+        assert ((where[:, 2] >= start) & (where[:, 2] <= end)).all()
+        ranges.append((start, end))
+        locations.append(where)
+        activations.append(torch.from_numpy(data["activations"]))
+        tokens.append(data["tokens"])
+    assert all((t == tokens[0]).all() for t in tokens)
+    return ranges, torch.cat(locations), torch.cat(activations), tokens[0]
+
+
+def inspect_with_delphi(inspected, tmp_path, tokens: int, pre_tokens: int) -> dict:
+    tmp = inspected[0]
+    argv = [
+        *("inspect", str(tmp / "kron"), "--data", str(tmp / "store")),
+        *("--tokens", str(tokens), "--examples", "5", "--batch", "100"),
+        *("--json", str(tmp_path / "s.json"), "--delphi", str(tmp_path / "delphi")),
+        *("--delphi-pre-tokens", str(pre_tokens)),
+    ]
+    K.main(argv)
+    return json.loads((tmp_path / "s.json").read_text())
+
+
+def test_inspect_writes_delphis_latent_cache_whose_top_examples_match_the_json(
+    inspected, tiny_lm, tmp_path
+):
+    """The format delphi reads (delphi/latents/cache.py and loader.py), checked without delphi: two modules
+    for a KronSAE, latent ranges that cover each, the store's tokens, every firing once, and for every unit
+    the top activation and its context that inspect's JSON shows."""
+    tmp = inspected[0]
+    report = inspect_with_delphi(inspected, tmp_path, tokens=2500, pre_tokens=2500)
+    store = K.ActivationStore(tmp / "store")
+    tokenizer = K.load_tokenizer(str(tiny_lm[0]))
+    assert sorted(p.name for p in (tmp_path / "delphi").iterdir()) == [
+        "kron",
+        "kron_pre",
+    ]
+    for module, entries, width in (
+        ("kron", report["latents"], 32),
+        ("kron_pre", report["pre_latents"], 24),
+    ):
+        folder = tmp_path / "delphi" / module
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_name"] == str(tiny_lm[0]) and config["cache_ctx_len"] == 16
+        ranges, locations, activations, tokens = read_delphi_module(folder)
+        assert ranges[0][0] == 0 and ranges[-1][1] == width - 1
+        assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))
+        # 2500 rows of 15 kept positions each: 167 contexts, as the store holds them
+        assert tokens.shape == (167, 16)
+        assert (tokens == store.text(0)[0][:167]).all()
+        assert (activations > 0).all()
+        for entry in entries:
+            mine = locations[:, 2] == entry["id"]
+            assert int(mine.sum()) == round(entry["frequency"] * report["tokens"])
+            if not entry["examples"]:
+                continue
+            # The top activations are inspect's examples, each at its own text (ties aside, in order).
+            values = [e["activations"][e["position"]] for e in entry["examples"]]
+            best = activations[mine].topk(len(values))
+            assert best.values.tolist() == pytest.approx(values, rel=1e-3)
+            for example, value in zip(entry["examples"], values):
+                texts = []
+                for row in torch.nonzero(
+                    mine & torch.isclose(activations, torch.tensor(value), rtol=1e-3)
+                ).squeeze(1):
+                    context, position, _ = locations[row].tolist()
+                    lo = max(0, position - K.WINDOW)
+                    window = tokens[context, lo : position + K.WINDOW + 1]
+                    texts.append(
+                        (tokenizer.batch_decode([[t] for t in window]), position - lo)
+                    )
+                assert (example["tokens"], example["position"]) in texts
+
+
+@pytest.mark.slow
+def test_the_pre_latent_module_covers_only_delphi_pre_tokens(inspected, tmp_path):
+    inspect_with_delphi(inspected, tmp_path, tokens=600, pre_tokens=300)
+    post = read_delphi_module(tmp_path / "delphi" / "kron")
+    pre = read_delphi_module(tmp_path / "delphi" / "kron_pre")
+    assert post[3].shape == (40, 16) and pre[3].shape == (20, 16)  # 15 rows a context
+    assert pre[1][:, 0].max() == 19 and post[1][:, 0].max() == 39
+    config = json.loads((tmp_path / "delphi" / "kron_pre" / "config.json").read_text())
+    assert config["n_tokens"] == 300 and config["module"] == "pre_latents"
+
+
+@pytest.mark.slow
+def test_delphis_own_loader_reads_the_cache(inspected, tiny_lm, tmp_path):
+    need("delphi.latents")
+    from delphi.config import ConstructorConfig, SamplerConfig
+    from delphi.latents import LatentDataset
+
+    report = inspect_with_delphi(inspected, tmp_path, tokens=2500, pre_tokens=2500)
+    wanted = {"kron": [0, 3, 17], "kron_pre": [0, 5, 23]}
+    dataset = LatentDataset(
+        raw_dir=str(tmp_path / "delphi"),
+        sampler_cfg=SamplerConfig(n_examples_train=4, n_examples_test=4, n_quantiles=2),
+        constructor_cfg=ConstructorConfig(
+            example_ctx_len=16, min_examples=1, n_non_activating=2
+        ),
+        modules=list(wanted),
+        latents={module: torch.tensor(ids) for module, ids in wanted.items()},
+    )  # no tokenizer given: delphi loads it from config.json's model_name
+    records = list(dataset)
+    entries = {"kron": report["latents"], "kron_pre": report["pre_latents"]}
+    seen = set()
+    for record in records:
+        module, index = record.latent.module_name, record.latent.latent_index
+        top = entries[module][index]["examples"][0]
+        assert record.max_activation == pytest.approx(
+            top["activations"][top["position"]], rel=1e-3
+        )
+        seen.add((module, index))
+    fired = {
+        (m, i) for m, ids in wanted.items() for i in ids if entries[m][i]["examples"]
+    }
+    assert seen == fired and len(seen) >= 4
+
+
 # ============================================================================= 13. First-letter absorption
 
 
@@ -4089,6 +4225,14 @@ BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing 
     (["progressive", "--ctx", "64"], "ctx"),
     (["ablate", "--overwrite"], "overwrite"),
     (["ablate", "--kernel", "mand"], "kernel"),  # not --kernels
+    (["--log-every", "10"], "log.every.*--out"),
+    (["--out", "TMP/run", "--log-every", "-1"], "log.every"),
+    (["ablate", "--log-every", "5"], "log.every"),
+    (
+        ["inspect", "TMP/no_sae", "--data", "TMP", "--delphi-pre-tokens", "0"],
+        "delphi.pre",
+    ),
+    (["inspect", "TMP/no_sae", "--data", "TMP", "--delphi", "FILE"], "delphi"),
 ]
 
 
