@@ -3035,6 +3035,10 @@ def saelens_metadata(about: dict) -> dict:
         "sae_lens_version": version,
         "sae_lens_training_version": None,  # trained by kronsae.py, not by SAELens
         "model_name": about.get("model"),
+        "model_class_name": "HookedTransformer",
+        # TransformerLens's default processing centres the residual stream, which would no longer be the
+        # hidden states the SAE was trained on; SAELens's own runs set the same.
+        "model_from_pretrained_kwargs": {"center_writing_weights": False},
         "hook_name": about.get("hook_names", {}).get("saelens"),
         "hook_head_index": None,
         "context_size": about.get("context_size"),
@@ -3115,6 +3119,8 @@ def export_saelens(directory: str, destination: str) -> Path:
     files = {"sae_weights.safetensors": saelens_weights(sae)}
     if sparsity is not None:
         files["sparsity.safetensors"] = {"sparsity": sparsity}
+    else:  # nor one left from an earlier export to the same place
+        Path(destination, "sparsity.safetensors").unlink(missing_ok=True)
     for name, tensors in files.items():
         blob = safetensors_bytes(tensors)
         write_atomic(Path(destination, name), lambda f, blob=blob: f.write(blob))

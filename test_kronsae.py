@@ -2285,6 +2285,8 @@ def test_export_writes_saelens_6_metadata_and_sparsity(lm_runs, tiny_lm, tmp_pat
         assert meta["hook_name"] == "blocks.1.hook_resid_pre"
         assert meta["context_size"] == 16 and meta["prepend_bos"] is True
         assert meta["dataset_path"] == str(text) and meta["seqpos_slice"] == [1, None]
+        # hidden states as HF computes them: TransformerLens must not centre the residual stream
+        assert meta["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
         assert cfg["normalize_activations"] == "none"
         state = torch.load(directory / "train_state.pt", weights_only=True)
         density = state["latents"]["fire_count"] / state["latents"]["tokens"]
@@ -2375,6 +2377,15 @@ def test_saelens_loads_the_kronsae_export_with_its_hooks(lm_runs, tmp_path):
         sae_lens.evals.get_featurewise_weight_based_metrics(theirs)
     theirs.fold_W_dec_norm()  # unit rows: nothing to fold
     torch.testing.assert_close(theirs.encode(x), code, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        # SAELens's folds: an SAE for activations scaled by c becomes one for raw ones
+        scaled = copy.deepcopy(theirs)
+        scaled.fold_activation_norm_scaling_factor(2.0)
+        torch.testing.assert_close(scaled.encode(x), theirs.encode(2 * x))
+        torch.testing.assert_close(scaled(x), theirs(2 * x) / 2)
+        # with SAELens's error term the output is the input again
+        theirs.use_error_term = True
+        torch.testing.assert_close(theirs(x), x, rtol=0, atol=1e-5)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
