@@ -41,6 +41,7 @@ import errno
 import functools
 import hashlib
 import html
+import importlib.metadata
 import io
 import itertools
 import json
@@ -1257,7 +1258,11 @@ class DataConfig:
     )
     layer: int = opt(
         -1,
-        "with --model: train on hidden_states[layer], the residual stream after block `layer`",
+        "with --model: train on hidden_states[layer], the residual stream that enters "
+        "block `layer` (blocks counted from 0): 0 is the embeddings, L >= 1 the output of "
+        "block L-1, and the last (L = the number of blocks) the model's final hidden state "
+        "(after the final norm, in GPT-2 and Llama). "
+        "SAELens calls it blocks.L.hook_resid_pre; sparsify, the output of layers.{L-1}",
     )
     text: tuple = opt((), "with --model: text file(s) to tokenise into contexts")
     ctx: int = opt(128, "with --model: tokens per context")
@@ -2311,7 +2316,8 @@ def from_pretrained(load: Callable, name: str, extra: dict):
 
 
 def check_layer(config, layer: int):
-    """hidden_states has num_hidden_layers + 1 entries: 0 is the embeddings, L the output of block L."""
+    """hidden_states has num_hidden_layers + 1 entries: 0 is the embeddings, L >= 1 the output of block L-1
+    (blocks counted from 0), which is the input of block L."""
     n = config.num_hidden_layers
     if not 0 <= layer <= n:
         raise ValueError(
@@ -2328,6 +2334,29 @@ def find_blocks(model) -> nn.ModuleList:
     raise ValueError(
         f"could not find the {n} transformer blocks of {type(model).__name__}"
     )
+
+
+def layer_hooks(layer: int, blocks: Optional[int], blocks_name: Optional[str]) -> dict:
+    """hidden_states[layer] by the names two libraries give it. SAELens (TransformerLens) names the input of
+    block L blocks.L.hook_resid_pre. sparsify hooks module outputs by their path under the base model, so
+    the output of block L-1 is `blocks_name`.{L-1} (layers.{L-1} on Llama-like models, h.{L-1} on GPT-2).
+    None where a name would be wrong: the embeddings are no block's output, and the last entry (L = blocks)
+    has the final norm applied, which neither library's hooks see. `blocks` or `blocks_name` may be None
+    when unknown (a store harvested before stores recorded them)."""
+    last = blocks is not None and layer >= blocks
+    return {
+        "saelens": None if last else f"blocks.{layer}.hook_resid_pre",
+        "sparsify": None
+        if last or layer == 0 or blocks_name is None
+        else f"{blocks_name}.{layer - 1}",
+    }
+
+
+def model_hooks(model, layer: int) -> dict:
+    """layer_hooks for a loaded model: its number of blocks, and the blocks' path under its base model."""
+    blocks = find_blocks(model)
+    name = next((n for n, m in model.base_model.named_modules() if m is blocks), None)
+    return layer_hooks(layer, model.config.num_hidden_layers, name)
 
 
 def block_input(args, kwargs) -> torch.Tensor:
@@ -2717,6 +2746,8 @@ def lm_data(
         cfg.model_batch,
         cfg.eval_tokens,
     )
+    # how the activations were made, as a store's manifest would say it
+    info = store_info(cfg, tokenizer, 0.0, model_hooks(model, cfg.layer))
     if cfg.save_acts.endswith(".pt"):
         write_atomic(
             cfg.save_acts,
@@ -2730,7 +2761,7 @@ def lm_data(
                 (eval_acts, slice(n_eval)),
             ):
                 writer.add(acts, *store_args(contexts[part], mask[part], acts.shape[0]))
-            writer.finish(**store_info(cfg, tokenizer, 0.0))
+            writer.finish(**info)
         except WriteError as err:
             raise WriteError(
                 f"{err}; the store in {cfg.save_acts} is unfinished and will be refused by training; "
@@ -2757,6 +2788,7 @@ def lm_data(
             tokenizer,
         )
     )
+    report["harvest"] = info
     if not causal:
         print(
             f"note: {cfg.model} is not a causal LM, so there is no loss-recovered evaluation"
@@ -2781,15 +2813,17 @@ def file_digest(path) -> dict:
     return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": digest}
 
 
-def store_info(cfg: DataConfig, tokenizer, seconds: float) -> dict:
-    """What a store's manifest says about how it was made: the model and layer, the context, the treatment
-    of BOS, position 0, special tokens and massive activations, and the text files with their hashes."""
+def store_info(cfg: DataConfig, tokenizer, seconds: float, hooks: dict) -> dict:
+    """What a store's manifest says about how it was made: the model and layer (with `hooks`, its SAELens and
+    sparsify names), the context, the treatment of BOS, position 0, special tokens and massive activations,
+    and the text files with their hashes."""
     before, _ = special_wrapping(tokenizer)
     bos = tokenizer.bos_token_id
     return {
         "model": cfg.model,
         "tokenizer": cfg.model,
         "layer": cfg.layer,
+        "hooks": hooks,
         "ctx": cfg.ctx,
         "harvest_seconds": seconds,
         "bos": "none"
@@ -2912,7 +2946,9 @@ def write_store(
             }
             writer.add(acts, *store_args(ids, mask, acts.shape[0]), after=after)
             bar.update(acts.shape[0])
-    return finish_store(writer, tokenizer, cfg, out, total, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    hooks = model_hooks(model, cfg.layer)
+    return finish_store(writer, tokenizer, cfg, out, total, seconds, hooks)
 
 
 def finish_store(
@@ -2922,12 +2958,13 @@ def finish_store(
     out: str,
     total: int,
     seconds: float,
+    hooks: dict,
 ) -> dict:
     if total < cfg.max_tokens:
         print(
             f"note: the text ran out after {total:,} tokens, before --max-tokens {cfg.max_tokens:,}"
         )
-    manifest = writer.finish(**store_info(cfg, tokenizer, seconds))
+    manifest = writer.finish(**store_info(cfg, tokenizer, seconds, hooks))
     print(
         f"wrote {manifest['tokens']:,} tokens of {manifest['contexts']:,} contexts to {out} in "
         f"{len(manifest['shards'])} shards ({manifest['dtype']}); {total / seconds:,.0f} tokens/s, "
@@ -3168,17 +3205,21 @@ def sae_config(sae: SparseAutoencoder) -> dict:
 
 
 def build_sae(config: dict) -> SparseAutoencoder:
-    config = dict(config)
-    return ARCHS[config.pop("arch")].cls(**config)
+    """The SAE that a config.json describes, from its constructor arguments alone: what else the file
+    says (its provenance) is for readers, and configs written before it was there read the same."""
+    arch = ARCHS[config["arch"]]
+    return arch.cls(**{arg: config[arg] for arg in arch.fields if arg in config})
 
 
 def num_params(sae: nn.Module) -> int:
     return sum(p.numel() for p in sae.parameters())
 
 
-def save(sae: SparseAutoencoder, directory: str):
-    """Write sae.safetensors and config.json, each atomically (write_atomic). Non-finite weights are refused:
-    the last finite checkpoint stays."""
+def save(sae: SparseAutoencoder, directory: str, provenance: Optional[dict] = None):
+    """Write sae.safetensors and config.json, each atomically (write_atomic). config.json holds the
+    constructor arguments and, when given, the checkpoint's `provenance` (checkpoint_provenance, section
+    11), so that one folder says where it came from. Non-finite weights are refused: the last finite
+    checkpoint stays."""
     from safetensors.torch import save as safetensors_bytes
 
     # an SAE with no checkpoint format is refused before anything is written
@@ -3195,7 +3236,34 @@ def save(sae: SparseAutoencoder, directory: str):
         Path(directory, "sae.safetensors"),
         lambda f: f.write(safetensors_bytes(weights)),
     )
+    config = sae_config(sae)
+    if provenance is not None:
+        config["provenance"] = provenance
     write_json(Path(directory, "config.json"), config)
+
+
+def saved_provenance(directory: str) -> dict:
+    """The provenance in a checkpoint's config.json. A checkpoint saved before config.json carried it gets
+    it rebuilt from its run's ../run.json, and from the store's manifest when it trained on one; {} when
+    there is neither."""
+    config = json.loads(Path(directory, "config.json").read_text())
+    if "provenance" in config:
+        return config["provenance"]
+    run = Path(directory).parent / "run.json"
+    if not run.is_file():
+        return {}
+    try:
+        s = Settings.from_dict(json.loads(run.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{run} is not a run's settings ({type(err).__name__}: {err}), so the provenance of "
+            f"{directory} is unknown"
+        ) from None
+    manifest = Path(s.data.data, "manifest.json")
+    report = {}
+    if s.data.data and manifest.is_file():
+        report["store"] = json.loads(manifest.read_text())
+    return checkpoint_provenance(s, report)
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names for floating point
@@ -3412,6 +3480,9 @@ class RunState:
     losses: list = field(default_factory=list)
     seconds: float = 0.0
     budget: Optional[float] = None
+    # Where the run comes from (checkpoint_provenance), for every checkpoint's config.json. It is not part
+    # of the resume state: a resumed run rebuilds it from its settings.
+    provenance: Optional[dict] = None
 
     @classmethod
     def fresh(
@@ -3501,7 +3572,14 @@ def save_run_state(
     write_atomic(
         Path(directory, "train_state.pt"), lambda f: f.write(torch_bytes(blob))
     )
-    save(folded_copy(sae, scale), directory)
+    about = None
+    if state.provenance is not None:
+        about = {
+            **state.provenance,
+            "steps": state.step,
+            "tokens_trained": latents.tokens,
+        }
+    save(folded_copy(sae, scale), directory, about)
 
 
 def load_run_state(
@@ -3555,62 +3633,240 @@ def load_run_state(
     return state, blob["scale"]
 
 
-def export_saelens(directory: str, destination: str) -> Path:
-    """Write the TopK SAE saved in `directory` in SAELens's format: cfg.json (architecture topk, its k) and
-    sae_weights.safetensors with W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,). SAELens encodes
-    TopK(ReLU((x - b_dec) W_enc + b_enc)), which is our encoder. Checkpoints are saved for raw inputs,
-    with --normalize already folded into the biases, so the export needs no normalisation."""
-    from safetensors.torch import save as safetensors_bytes
+# The SAELens format the export follows: 6.0 moved a model's details into cfg.json's metadata, and files
+# without sae_lens_version there are read as older ones.
+SAELENS_FORMAT = "6.0.0"
 
-    check_writable(destination, "to saelens", directory=True)
-    sae = load(directory).float()  # cfg.json says float32, whatever it was saved in
-    if not arch_of(sae).saelens:
-        raise ValueError(
-            f"{directory} holds a KronSAE; SAELens has no architecture that computes mAND over "
-            f"Kronecker heads, so only TopK SAEs can be exported"
-        )
-    run = Path(directory).parent / "run.json"
-    data = json.loads(run.read_text())["data"] if run.is_file() else {}
-    metadata = {
-        "model_name": data.get("model") or None,
+
+def saelens_metadata(about: dict) -> dict:
+    """SAELens 6's metadata (sae_lens SAEMetadata) from a checkpoint's provenance (saved_provenance)."""
+    try:
+        version = importlib.metadata.version("sae-lens")
+    except importlib.metadata.PackageNotFoundError:
+        version = SAELENS_FORMAT
+    data = about.get("data", {})
+    return {
+        "sae_lens_version": version,
+        "sae_lens_training_version": None,  # trained by kronsae.py, not by SAELens
+        "model_name": about.get("model"),
+        "model_class_name": "HookedTransformer",
+        # TransformerLens's default processing centres the residual stream, which would no longer be the
+        # hidden states the SAE was trained on; SAELens's own runs set the same.
+        "model_from_pretrained_kwargs": {"center_writing_weights": False},
+        "hook_name": about.get("hook_names", {}).get("saelens"),
+        "hook_head_index": None,
+        "context_size": about.get("context_size"),
+        "prepend_bos": about.get("prepend_bos"),
+        # Position 0, the attention sink, was never trained on (SAELens's own slice syntax).
+        "seqpos_slice": [1, None] if about.get("position_0") == "dropped" else [None],
+        "dataset_path": ",".join(data.get("files", [])) or data.get("path"),
         "exported_from": "kronsae.py",
-        "hook_name": f"blocks.{data['layer']}.hook_resid_pre"
-        if data.get("model")
-        else None,
+        "provenance": about,
     }
-    cfg = {
-        "architecture": "topk",
+
+
+def saelens_config(sae: SparseAutoencoder, about: dict) -> dict:
+    """cfg.json: SAELens's topk architecture for a TopK SAE, and the kronsae architecture that
+    register_saelens adds for a KronSAE. The weights are for raw activations (--normalize is folded into
+    them), so normalize_activations is none."""
+    if isinstance(sae, TopKSAE):
+        shape = {"k": sae.k, "rescale_acts_by_decoder_norm": False}
+    else:
+        shape = {"h": sae.h, "m": sae.m, "n": sae.n, "k": sae.k, "kernel": sae.kernel}
+    return {
+        "architecture": "topk" if isinstance(sae, TopKSAE) else "kronsae",
         "d_in": sae.d_in,
         "d_sae": sae.F,
-        "k": sae.k,
+        **shape,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
-        "rescale_acts_by_decoder_norm": False,
         "reshape_activations": "none",
-        "metadata": metadata,
+        "metadata": saelens_metadata(about),
     }
+
+
+def saelens_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
+    """SAELens's names and layout, encoders as (d_in, rows). A TopK SAE's W_enc is (d_in, d_sae). A
+    KronSAE has no such matrix: W_pre (d_in, h*(m+n)) holds its pre-latent rows [P_g; Q_g] head by head."""
+    enc = "W_enc" if isinstance(sae, TopKSAE) else "W_pre"
+    bias = "b_enc" if isinstance(sae, TopKSAE) else "b_pre"
     weights = {
-        "W_enc": sae.W_enc.T,
-        "b_enc": sae.b_enc,
+        enc: sae.W_enc.T,
+        bias: sae.b_enc,
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
-    Path(destination).mkdir(parents=True, exist_ok=True)
-    write_atomic(
-        Path(destination, "sae_weights.safetensors"),
-        lambda f: f.write(
-            safetensors_bytes(
-                {name: t.detach().contiguous() for name, t in weights.items()}
-            )
-        ),
-    )
+    return {name: t.detach().float().contiguous() for name, t in weights.items()}
+
+
+def saelens_sparsity(directory: str) -> Optional[torch.Tensor]:
+    """(F,) log10 of each latent's firing frequency over training (train_state.pt's counts), with SAELens's
+    own epsilon: log10(density + 1e-10). None for a checkpoint saved without its training state."""
+    path = Path(directory, "train_state.pt")
+    if not path.is_file():
+        return None
+    try:
+        latents = torch.load(path, map_location="cpu", weights_only=True)["latents"]
+    except Exception as err:
+        raise ValueError(
+            f"cannot read the latent frequencies in {path} ({type(err).__name__}: {str(err)[:160]})"
+        ) from None
+    density = latents["fire_count"].double() / max(latents["tokens"], 1)
+    return torch.log10(density + 1e-10).float()
+
+
+def export_saelens(directory: str, destination: str) -> Path:
+    """Write the SAE saved in `directory` in SAELens 6's format: cfg.json (with the model, hook and data in
+    its metadata), sae_weights.safetensors and sparsity.safetensors. SAELens encodes a TopK SAE as
+    TopK(ReLU((x - b_dec) W_enc + b_enc)), which is our encoder; a KronSAE loads through
+    register_saelens()."""
+    from safetensors.torch import save as safetensors_bytes
+
+    check_writable(destination, "to saelens", directory=True)
+    sae = load(directory)
+    about = saved_provenance(directory)
+    cfg = saelens_config(sae, about)
+    sparsity = saelens_sparsity(directory)
+
+    files = {"sae_weights.safetensors": saelens_weights(sae)}
+    if sparsity is not None:
+        files["sparsity.safetensors"] = {"sparsity": sparsity}
+    else:  # nor one left from an earlier export to the same place
+        Path(destination, "sparsity.safetensors").unlink(missing_ok=True)
+    for name, tensors in files.items():
+        blob = safetensors_bytes(tensors)
+        write_atomic(Path(destination, name), lambda f, blob=blob: f.write(blob))
     write_json(Path(destination, "cfg.json"), cfg)
+
+    hook = cfg["metadata"]["hook_name"]
     print(
-        f"wrote a SAELens TopK SAE (d_in={sae.d_in}, d_sae={sae.F}, k={sae.k}) to {destination}"
+        f"wrote a SAELens {cfg['architecture']} SAE (d_in={sae.d_in}, d_sae={sae.F}, k={sae.k}) "
+        f"to {destination}: model {cfg['metadata']['model_name']}, hook {hook}"
     )
+    if sparsity is None:
+        print(f"note: {directory} has no train_state.pt, so no sparsity.safetensors")
+    if isinstance(sae, KroneckerSAE):
+        print(
+            "load it with: kronsae.register_saelens(); sae_lens.SAE.load_from_disk(...)"
+        )
     return Path(destination)
+
+
+class SAELensKronSAE:
+    """The KronSAE as a SAELens SAE: the methods that register_saelens() mixes into a sae_lens.SAE
+    subclass. Its encode gives SAELens's dense (..., d_sae) code, computed as NaiveKronSAE does (every
+    latent, then TopK): SAELens's hooks see what they see of any SAE, and hook_sae_pre_latents sees
+    the (..., h*(m+n)) pre-latents u, v before the kernel. Whatever needs a dense W_enc of shape
+    (d_in, d_sae), which a KronSAE does not have, is refused with a message, never approximated."""
+
+    def __init__(self, cfg, use_error_term: bool = False):
+        from transformer_lens.hook_points import HookPoint
+
+        super().__init__(cfg, use_error_term)
+        self.hook_sae_pre_latents = HookPoint()
+        self.setup()  # HookedRootModule's index of hooks, now with the new one
+
+    def initialize_weights(self):
+        cfg = self.cfg
+        rows = cfg.h * (cfg.m + cfg.n)
+        empty = partial(torch.zeros, dtype=self.dtype, device=self.device)
+        self.W_pre = nn.Parameter(empty(cfg.d_in, rows))
+        self.b_pre = nn.Parameter(empty(rows))
+        self.W_dec = nn.Parameter(empty(cfg.d_sae, cfg.d_in))
+        self.b_dec = nn.Parameter(empty(cfg.d_in))
+
+    @property
+    def W_enc(self):
+        raise NotImplementedError(
+            f"a KronSAE has no dense W_enc of shape (d_in, d_sae): its latents are mAND products of "
+            f"pre-latents, W_pre {tuple(self.W_pre.shape)} (h*(m+n) rows, [P_g; Q_g] per head). "
+            f"Use encode() for latent values and W_dec for latent directions"
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., d_sae): eqs. 2-4, then TopK (eq. 1), with SAELens's hooks."""
+        cfg = self.cfg
+        sae_in = self.process_sae_in(x)  # x - b_dec, hook_sae_input
+        pre = self.hook_sae_pre_latents(sae_in @ self.W_pre + self.b_pre)  # eq. 2
+        per_head = pre.unflatten(-1, (cfg.h, cfg.m + cfg.n))  # (..., h, m+n)
+        u, v = per_head.split([cfg.m, cfg.n], dim=-1)  # (..., h, m), (..., h, n)
+        z = KERNELS[cfg.kernel](u[..., :, None], v[..., None, :])  # (..., h, m, n)
+        z = self.hook_sae_acts_pre(z.flatten(-3))  # (..., F), eq. 4's order
+        top = z.topk(cfg.k, dim=-1)
+        code = torch.zeros_like(z).scatter(-1, top.indices, top.values)
+        return self.hook_sae_acts_post(code)
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """(..., d_sae) -> (..., d_in), as SAELens's TopK SAE decodes."""
+        out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        out = self.run_time_activation_norm_fn_out(out)
+        return self.reshape_fn_out(out, self.d_head)
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self):
+        """Unit decoder rows (ours always are) leave nothing to fold. Other norms cannot be folded: a
+        pre-latent feeds n (or m) latents, which would each need their own scale."""
+        norms = self.W_dec.norm(dim=-1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-5):
+            raise NotImplementedError(
+                "a KronSAE's decoder norms cannot be folded into its pre-latent encoder"
+            )
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float):
+        """An SAE for activations scaled by c, made one for raw activations (as SAELens folds it)."""
+        self.W_pre.data *= scaling_factor
+        self.W_dec.data /= scaling_factor
+        self.b_dec.data /= scaling_factor
+        self.cfg.normalize_activations = "none"
+
+    def fold_activation_whitening(self, *args, **kwargs):
+        raise NotImplementedError("whitening is not folded into a KronSAE's encoder")
+
+
+def register_saelens() -> tuple[type, type]:
+    """Register the kronsae architecture with SAELens 6 (sae_lens.register_sae_class), so that
+    sae_lens.SAE.load_from_disk reads what `export --to saelens` wrote of a KronSAE. Returns the SAE
+    class and its config class; calling it again returns the same two."""
+    try:
+        import sae_lens
+        from sae_lens.registry import SAE_CLASS_REGISTRY
+    except ImportError as err:
+        raise ImportError(
+            f"register_saelens needs sae-lens 6 (pip install sae-lens): {err}"
+        ) from None
+    if "kronsae" in SAE_CLASS_REGISTRY:
+        return SAE_CLASS_REGISTRY["kronsae"]
+
+    @dataclass
+    class KronSAELensConfig(sae_lens.SAEConfig):
+        """A KronSAE's shape in SAELens's config: d_sae = h*m*n latents, k active."""
+
+        h: int = 1
+        m: int = 1
+        n: int = 1
+        k: int = 1
+        kernel: str = "mand"
+
+        @classmethod
+        def architecture(cls) -> str:
+            return "kronsae"
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.d_sae != self.h * self.m * self.n or self.kernel not in KERNELS:
+                raise ValueError(
+                    f"a KronSAE needs d_sae = h*m*n and a kernel of {', '.join(KERNELS)}, got "
+                    f"d_sae={self.d_sae}, h={self.h}, m={self.m}, n={self.n}, kernel={self.kernel!r}"
+                )
+
+    class KronSAELens(SAELensKronSAE, sae_lens.SAE):
+        """KronSAE (arXiv 2505.22255) in SAELens: see SAELensKronSAE."""
+
+    sae_lens.register_sae_class("kronsae", KronSAELens, KronSAELensConfig)
+    return KronSAELens, KronSAELensConfig
 
 
 class Interrupted(Exception):
@@ -3622,6 +3878,99 @@ class Interrupted(Exception):
         self.goal = goal
         self.out = out
         super().__init__(f"interrupted after step {step} of {goal}")
+
+
+class TrainingLog:
+    """OUT/ARCH/log.jsonl: one JSON object every `every` steps (0 = about 100 lines a run) and at the
+    last, each from the floats the step has read from the device already: the steps and tokens done, the
+    loss with its terms, L0, the dead share, the step's learning rate and the training seconds so far.
+    A resumed run first drops the lines of steps after its checkpoint, which the interrupted run may have
+    written, so that every step appears once. Without a directory there is no log."""
+
+    def __init__(self, directory: str, every: int, cfg: TrainConfig, first: int):
+        self.path = Path(directory, "log.jsonl") if directory else None
+        self.every = every or max(1, cfg.steps // 100)
+        self.cfg = cfg
+        if self.path is not None and first == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.unlink(missing_ok=True)
+        elif self.path is not None:
+            kept = [line for line in self.lines() if line["step"] <= first]
+            text = "".join(json.dumps(line) + "\n" for line in kept)
+            write_atomic(self.path, lambda f: f.write(text.encode()))
+
+    def lines(self) -> list[dict]:
+        return read_log(self.path) if self.path is not None else []
+
+    def add(
+        self, step: int, stats: StepStats, dead: float, tokens: int, seconds: float
+    ):
+        """The line of the step that brought the run to `step` steps, if one is due."""
+        cfg = self.cfg
+        if self.path is None or (step % self.every and step != cfg.steps):
+            return
+        # The rate that step ran at: the schedule's factor before its own step() (paper A.1).
+        lr = cfg.lr * lr_factor(step - 1, cfg.steps, cfg.warmup, cfg.min_lr / cfg.lr)
+        line = {
+            "step": step,
+            "tokens": tokens,
+            "loss": stats.loss,
+            "fvu": stats.fvu,
+            "aux": stats.aux,
+            "l0": stats.active / stats.tokens,
+            "dead_fraction": dead,
+            "lr": lr,
+            "seconds": seconds,
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(json_safe(line), allow_nan=False) + "\n")
+
+
+def read_log(path) -> list[dict]:
+    """The lines of a training log (TrainingLog); none if there is no log."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def save_run_curves(out: str, archs: list[str]):
+    """OUT/curves.png: the training logs of the run's SAEs (OUT/ARCH/log.jsonl), one line each."""
+    logs = {arch: read_log(Path(out, arch, "log.jsonl")) for arch in archs}
+    save_curves_figure(logs, Path(out, "curves.png"), f"training curves: {out}")
+
+
+# The panels of the curves figure: the log's key, the axis label, and whether the axis is logarithmic.
+CURVES = (
+    ("loss", "training loss", True),
+    ("fvu", "FVU (1 - EV), training batch", True),
+    ("aux", "AuxK loss (before its weight)", False),
+    ("l0", "L0 (active latents per token)", False),
+    ("dead_fraction", "dead latents (share of F)", False),
+    ("lr", "learning rate", False),
+)
+
+
+def save_curves_figure(logs: dict[str, list[dict]], path, title: str):
+    """Each SAE's logged numbers (TrainingLog's lines, by SAE) against the tokens trained, one panel each."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, (key, label, logarithmic) in zip(axes.flat, CURVES):
+        for name, lines in logs.items():
+            tokens = [line["tokens"] for line in lines]
+            values = [line[key] for line in lines]
+            ax.plot(tokens, values, label=name, marker="." if len(lines) < 30 else None)
+        if logarithmic and all(
+            v > 0 for lines in logs.values() for v in [x[key] for x in lines]
+        ):
+            ax.set_yscale("log")
+        ax.set(xlabel="tokens trained", title=label)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def run_training(
@@ -3640,12 +3989,14 @@ def run_training(
     budget: Optional[float] = None,
     clock: Callable[[], float] = time.perf_counter,
     rank: int = 0,
+    log_every: int = 0,
 ) -> RunState:
     """Part 1's `train` loop, with what a real run needs around train_step:
     - --normalize: the batches are multiplied by `scale`, which is folded back into the weights at the end,
       so that every checkpoint in `out` is an SAE for raw inputs;
     - checkpoints: every save_every steps and at the end; resume by passing the `state` that load_run_state
       restored; a non-finite loss or a full disk leaves the last good checkpoint as it was;
+    - with `out`, the training log out/log.jsonl every log_every steps (TrainingLog);
     - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
     - the steps' seconds on `clock`, counting a step's batch and update and nothing else (no checkpoint, no
       stop, no evaluation), and each latent's importance and frequency (RunState);
@@ -3671,6 +4022,7 @@ def run_training(
     else:  # the whole batch's mean, over every process's slice
         start_b_dec_(sae, sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
     first = state.step
+    log = TrainingLog(out, log_every, cfg, first)
     # (F,) AuxK's latents; a resumed run may have some
     dead = state.tokens_since_fired >= cfg.dead_after
     dead_count = int(dead.sum())
@@ -3706,6 +4058,8 @@ def run_training(
             done = state.finished(cfg)
             if step % 10 == 0 or done:
                 show_progress(bar, stats, dead=f"{dead_count / sae.F:.1%}")
+            dead_share = dead_count / sae.F
+            log.add(state.step, stats, dead_share, state.latents.tokens, state.seconds)
             checkpoint_or_stop(
                 sae, state, done, cfg, batches, scale, out, save_every, stop, sync
             )
@@ -3920,13 +4274,19 @@ class RunConfig:
     device: str = opt("auto", "auto, cpu, cuda or mps (auto: cuda, then mps, then cpu)")
     out: str = opt(
         "",
-        "directory for checkpoints: OUT/topk, OUT/kron (safetensors + config.json) and OUT/run.json",
+        "directory for checkpoints: OUT/topk, OUT/kron (safetensors + config.json, and the "
+        "training log log.jsonl), OUT/run.json and the training curves OUT/curves.png",
     )
     json: str = opt(
         "", "write the final metrics of each SAE, and the settings, to this JSON file"
     )
     save_every: int = opt(
         0, "also checkpoint every this many steps (needs --out); 0 = only at the end"
+    )
+    log_every: int = opt(
+        0,
+        "with --out: write a line of OUT/ARCH/log.jsonl every this many steps (and at "
+        "the last); 0 = auto, about 100 lines a run",
     )
     resume: str = opt(
         "",
@@ -3963,12 +4323,17 @@ class RunConfig:
             raise ValueError(
                 f"--precision must be fp32 or bf16, got {self.precision!r}"
             )
-        if self.seed < 0 or self.save_every < 0:
+        if self.seed < 0 or self.save_every < 0 or self.log_every < 0:
             raise ValueError(
-                f"--seed and --save-every must be >= 0, got {self.seed} and {self.save_every}"
+                f"--seed, --save-every and --log-every must be >= 0, got {self.seed}, "
+                f"{self.save_every} and {self.log_every}"
             )
         if self.save_every and not (self.out or self.resume):
             raise ValueError("--save-every needs --out DIR to write its checkpoints to")
+        if self.log_every and not (self.out or self.resume):
+            raise ValueError(
+                "--log-every needs --out DIR to write OUT/ARCH/log.jsonl to"
+            )
 
 
 def holds_run(directory: str) -> bool:
@@ -4133,10 +4498,12 @@ def run_one(
     stop: Optional[Callable[[SparseAutoencoder, RunState], bool]] = None,
     dist: Dist = Dist(),
     budget: Optional[Budget] = None,
+    provenance: Optional[dict] = None,
 ) -> tuple[SparseAutoencoder, dict, RunState]:
     """Build, train (or resume, with --resume) and evaluate one SAE for its `budget` (default: --steps steps; see
-    matched_budget); returns it, its metrics and its record. Data parallel: each process trains on its slice of
-    every batch, and rank 0 alone writes checkpoints."""
+    matched_budget); returns it, its metrics and its record. Every checkpoint's config.json carries
+    `provenance` (checkpoint_provenance). Data parallel: each process trains on its slice of every batch,
+    and rank 0 alone writes checkpoints and the training log."""
     budget = budget or Budget(s.train.steps)
     s = dataclasses.replace(s, train=dataclasses.replace(s.train, steps=budget.steps))
     set_seed(s.run.seed)
@@ -4162,6 +4529,9 @@ def run_one(
         print(
             f"{arch}: resuming at step {state.step} of {state.goal(s.train)} from {out}"
         )
+    if provenance is not None:
+        state = state or RunState.fresh(sae, s.train, budget.seconds)
+        state.provenance = provenance
     result = run_training(
         sae,
         batches,
@@ -4175,6 +4545,7 @@ def run_one(
         dist.sync,
         s.sae.matryoshka,
         s.run.precision,
+        log_every=s.run.log_every,
         budget=budget.seconds,
         rank=dist.rank,
     )
@@ -4313,7 +4684,56 @@ RUN_FILES = (
     "config.json",
     "match.json",
     "metrics.json",
+    "log.jsonl",
 )
+
+
+def checkpoint_provenance(s: Settings, report: dict) -> dict:
+    """Where a run's checkpoints come from, for their config.json, as SAELens and sparsify keep it in
+    theirs: the model and layer with the layer's SAELens and sparsify names (layer_hooks), the context
+    length and BOS, the data, the normalisation and the dtype. `report` is prepared_data's: its "store"
+    (the manifest) or "harvest" (a --model run's record of the same) says how the activations were made;
+    a tensor file or synthetic data has neither, and names no model. save_run_state adds the steps and
+    tokens trained."""
+    h = report.get("store") or report.get("harvest") or {}
+    model = s.data.model or h.get("model") or None
+    layer = s.data.layer if s.data.model else h.get("layer")
+    hooks = h.get("hooks")
+    if hooks is None and layer is not None:
+        hooks = layer_hooks(
+            layer, None, None
+        )  # a store from before stores kept the names
+    texts = [t["path"] for t in h.get("text", [])] or list(s.data.text)
+    if s.data.model:
+        data = {"kind": "text", "files": texts}
+    elif s.data.data and Path(s.data.data).is_dir():
+        data = {
+            "kind": "store",
+            "path": str(Path(s.data.data).absolute()),
+            "files": texts,
+        }
+    elif s.data.data:
+        data = {"kind": "tensor file", "path": str(Path(s.data.data).absolute())}
+    else:
+        data = {"kind": "synthetic", "seed": s.run.seed}
+    return {
+        "model": model,
+        "layer": layer,
+        "hook_names": hooks or {"saelens": None, "sparsify": None},
+        "context_size": s.data.ctx if s.data.model else h.get("ctx"),
+        "prepend_bos": h["bos"] != "none" if "bos" in h else None,
+        "position_0": h.get("position_0"),
+        "data": data,
+        "normalisation": {
+            "normalize": s.data.normalize,
+            "input_scale": report.get("input_scale"),
+            "folded": "the weights are for raw activations: --normalize is folded in",
+            "max_norm_ratio": s.data.max_norm_ratio,
+        },
+        "dtype": "float32",
+        "precision": s.run.precision,
+        "activation_dtype": h.get("dtype", "float32"),
+    }
 
 
 def compare(
@@ -4331,10 +4751,11 @@ def compare(
         # --overwrite: nothing stale from the old run
         for arch, name in itertools.product(ARCHS, RUN_FILES):
             Path(s.run.out, arch, name).unlink(missing_ok=True)
+        Path(s.run.out, "curves.png").unlink(missing_ok=True)
         write_json(Path(s.run.out, "run.json"), s.to_dict())
     set_seed(s.run.seed)
     train_data, eval_data, lm, data_report = prepared_data(s, device)
-
+    about = checkpoint_provenance(s, data_report)
     sigint_stop, restore = finish_step_on_sigint()
 
     def stopping(*args):
@@ -4354,6 +4775,7 @@ def compare(
                 stop=stopping,
                 dist=dist,
                 budget=budget,
+                provenance=about,
             )
             if arch == BASELINE:
                 topk_seconds = state.seconds
@@ -4364,6 +4786,8 @@ def compare(
                 write_json(Path(s.run.out, arch, "metrics.json"), results[arch])
     finally:
         restore()
+    if s.run.out and dist.rank == 0:
+        save_run_curves(s.run.out, s.sae.archs)
 
     print_comparison(results, s)
     if s.run.json and dist.rank == 0:
@@ -4399,6 +4823,9 @@ def print_comparison(results: dict, s: Settings):
     if s.run.out:
         checkpoints = ", ".join(str(Path(s.run.out, a)) for a in s.sae.archs)
         print(f"checkpoints: {checkpoints}")
+        print(
+            f"training curves: {Path(s.run.out, 'curves.png')} (logs: OUT/ARCH/log.jsonl)"
+        )
 
 
 # ============================================================================= 13. The kernel ablation
@@ -5192,13 +5619,15 @@ class TextChunk(NamedTuple):
     keep: torch.Tensor  # (B,) rows that count: within --tokens, finite and not massive
     finite: torch.Tensor  # (B,) rows whose values are finite
     non_finite: int  # rows within --tokens that are not finite
+    context: torch.Tensor  # (B,) each row's context, counted over the store's shards
+    position: torch.Tensor  # (B,) each row's position in its context
 
 
 def text_chunks(
     store: ActivationStore, tokens: int, batch: int, threshold: float
 ) -> Iterator[TextChunk]:
     """The store's first `tokens` rows, whole contexts of one shard at a time, about `batch` rows a chunk."""
-    read, base = 0, 0
+    read, base, contexts_before = 0, 0, 0
     for k, offsets in enumerate(store.offsets):
         ids, positions = store.text(k)
         T, c = ids.shape[1], 0
@@ -5232,9 +5661,12 @@ def text_chunks(
                 keep,
                 finite,
                 int((counted & ~finite).sum()),
+                contexts_before + c + context,
+                pos,
             )
             read, c = read + b - a, end
         base += int(offsets[-1])
+        contexts_before += len(offsets) - 1
 
 
 def store_rows(store: ActivationStore, rows: torch.Tensor) -> torch.Tensor:
@@ -5389,7 +5821,9 @@ def count_and_(counts: dict, sae: KroneckerSAE, pre: torch.Tensor, code: torch.T
     counts["parents"] += int((u.sum(-1) * v.sum(-1)).sum())
 
 
-def context_pass(sae, store, post, pre, tokens, batch, seed, progress) -> ContextPass:
+def context_pass(
+    sae, store, post, pre, tokens, batch, seed, progress, cache=None
+) -> ContextPass:
     """The pass over whole contexts: every UnitStats statistic but eq. 10's, the correlations of section 5.2
     (and at init) and KronSAE's AND check."""
     torch.manual_seed(seed)
@@ -5409,6 +5843,8 @@ def context_pass(sae, store, post, pre, tokens, batch, seed, progress) -> Contex
         for chunk in text_chunks(store, tokens, batch, threshold):
             code = dense_code(sae, chunk.x) * chunk.finite[:, None]
             post.add(code, chunk)
+            if cache is not None:
+                cache.add("latents", code, chunk)
             corr.add(code[chunk.keep][:, heads])
             # as training starts: b_dec at the data mean
             if not init.b_dec.any() and chunk.keep.any():
@@ -5417,6 +5853,8 @@ def context_pass(sae, store, post, pre, tokens, batch, seed, progress) -> Contex
             if pre is not None:
                 pre_acts = pre_latents(sae, chunk.x) * chunk.finite[:, None]
                 pre.add(pre_acts, chunk)
+                if cache is not None:
+                    cache.add("pre_latents", pre_acts, chunk)
                 count_and_(counts, sae, pre_acts[chunk.keep], code[chunk.keep])
             rows.append(chunk.rows[chunk.keep])
             token_ids.append(chunk.token_ids[chunk.keep])
@@ -5459,15 +5897,17 @@ def inspect_sae(
     batch: int = 2048,
     seed: int = 0,
     progress: bool = True,
+    cache: Optional[DelphiCache] = None,
 ) -> Inspection:
     """Read the first `tokens` rows of the store `data` through the SAE in `directory`: the report (the JSON's
     content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams.
-    Two passes: one over whole contexts, then one in token order for eq. 10."""
+    Two passes: one over whole contexts, then one in token order for eq. 10. With `cache`, the same
+    activations go into delphi's latent cache too (DelphiCache)."""
     store, sae, tokenizer = open_inspection(directory, data, latents)
     kron = arch_of(sae).head_view
     post = UnitStats(sae.F, examples)
     pre = UnitStats(sae.W_enc.shape[0], examples) if kron else None
-    passed = context_pass(sae, store, post, pre, tokens, batch, seed, progress)
+    passed = context_pass(sae, store, post, pre, tokens, batch, seed, progress, cache)
     if passed.non_finite:
         print(
             f"non-finite rows: skipped {passed.non_finite:,} rows of {data} that hold NaN or inf; "
@@ -5907,10 +6347,143 @@ def latent_card_html(inspection: Inspection, u: int, group: int) -> str:
     return card_html(entry, inspection.post, f"latent-{u}", title)
 
 
+# delphi's own default: each module's latents in 5 files of consecutive latent ranges.
+DELPHI_SPLITS = 5
+
+
+class DelphiCache:
+    """The latent cache of EleutherAI's delphi (autointerp: explanations, detection and fuzzing scores),
+    written from inspect's stream in the layout delphi/latents/cache.py writes and loader.py reads: per
+    module, <dir>/<module>/<start>_<end>.safetensors holding `locations` (N, 3: context, position,
+    latent - start) and `activations` (N,) of every activation above 0 in latents start..end, with
+    `tokens` (contexts, T), and <dir>/<module>/config.json naming the model and the context length.
+
+    `modules` maps what is cached ("latents", or KronSAE's "pre_latents") to its module name, and
+    `limits` to how many of the store's rows it covers: pre-latents fire on about half of every token,
+    so a short prefix gives delphi plenty of examples."""
+
+    def __init__(self, modules: dict[str, str], limits: dict[str, int]):
+        self.modules = modules
+        self.limits = limits
+        self.widths = {}
+        self.parts = {role: [] for role in modules}
+        self.contexts = {role: 0 for role in modules}  # the contexts each one reaches
+
+    def add(self, role: str, acts: torch.Tensor, chunk: TextChunk):
+        """acts (B, U) >= 0 on the chunk's rows; the rows that count (chunk.keep) within the limit."""
+        self.widths[role] = acts.shape[1]
+        rows = torch.nonzero(chunk.keep & (chunk.rows < self.limits[role])).squeeze(1)
+        if not len(rows):
+            return
+        found, units = torch.nonzero(acts[rows] > 0, as_tuple=True)
+        where = rows[found]
+        locations = torch.stack([chunk.context[where], chunk.position[where], units], 1)
+        self.parts[role].append((locations.int(), acts[where, units].float()))
+        self.contexts[role] = max(
+            self.contexts[role], int(chunk.context[rows].max()) + 1
+        )
+
+    def save(
+        self, directory: str, tokens_of: Callable[[int], np.ndarray], config: dict
+    ):
+        """Every module's files; tokens_of(n) gives the store's first n contexts' token ids (n, T)."""
+        for role, module in self.modules.items():
+            if role not in self.widths:
+                continue
+            folder = Path(directory, module)
+            for stale in folder.glob("*.safetensors"):
+                stale.unlink()  # an earlier cache of another width
+            tokens = tokens_of(self.contexts[role]).astype(np.int64)
+            parts = self.parts[role] or [(torch.zeros(0, 3).int(), torch.zeros(0))]
+            locations = torch.cat([loc for loc, _ in parts])
+            activations = torch.cat([act for _, act in parts])
+            width = self.widths[role]
+            self.save_splits(folder, locations, activations, tokens, width)
+            write_json(
+                folder / "config.json",
+                {
+                    **config,
+                    "module": role,
+                    "width": width,
+                    "n_tokens": self.limits[role],
+                },
+            )
+
+    @staticmethod
+    def save_splits(folder: Path, locations, activations, tokens, width: int):
+        """As delphi's LatentCache.save_splits: ranges from linspace(0, width), inclusive ends, latents
+        counted from each range's start, uint16 where every index fits (else uint32)."""
+        from safetensors.numpy import save as safetensors_bytes
+
+        splits = min(DELPHI_SPLITS, width)
+        bounds = torch.linspace(0, width, steps=splits + 1).long().tolist()
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            inside = (locations[:, 2] >= start) & (locations[:, 2] < stop)
+            part = locations[inside].numpy().astype(np.int64)
+            part[:, 2] -= start
+            small = not len(part) or max(part[:, 0].max(), part[:, 2].max()) < 2**16
+            blob = safetensors_bytes(
+                {
+                    "locations": part.astype(np.uint16 if small else np.uint32),
+                    "activations": activations[inside].numpy(),
+                    "tokens": tokens,
+                }
+            )
+            path = folder / f"{start}_{stop - 1}.safetensors"
+            write_atomic(path, lambda f, blob=blob: f.write(blob))
+
+
+def store_contexts(store: ActivationStore, count: int) -> np.ndarray:
+    """The token ids of the store's first `count` contexts, (count, T), over its shards."""
+    ids = []
+    total = 0
+    for k in range(len(store.shards)):
+        if total >= count:
+            break
+        ids.append(store.text(k)[0])
+        total += len(ids[-1])
+    return np.concatenate(ids)[:count]
+
+
+def delphi_config(store: ActivationStore, directory: str, tokens: int) -> dict:
+    """config.json of a delphi module: delphi's CacheConfig fields, and model_name, which delphi's loader
+    reads its tokenizer from."""
+    manifest = store.manifest
+    T = store.text(0)[0].shape[1]
+    texts = [t["path"] for t in manifest.get("text", [])]
+    return {
+        "dataset_repo": ",".join(texts) or str(store.directory),
+        "dataset_split": "",
+        "dataset_name": "",
+        "dataset_column": "text",
+        "batch_size": 1,
+        "cache_ctx_len": T,
+        "ctx_len": T,  # the key older delphi versions read
+        "n_splits": DELPHI_SPLITS,
+        "model_name": manifest.get("tokenizer") or manifest.get("model"),
+        "written_by": "kronsae.py inspect --delphi",
+        "checkpoint": str(Path(directory).absolute()),
+        "store": str(store.directory.absolute()),
+        "hook_names": manifest.get("hooks"),
+        "tokens_read": tokens,
+    }
+
+
 def inspect_job(args) -> dict:
     for path, flag in ((args.html, "html"), (args.json, "json")):
         if path:
             check_writable(path, flag)
+    cache = None
+    if args.delphi:
+        check_writable(args.delphi, "delphi", directory=True)
+        name = Path(args.directory).absolute().name
+        cache = DelphiCache(
+            {"latents": name, "pre_latents": f"{name}_pre"},
+            {
+                "latents": args.tokens,
+                "pre_latents": min(args.tokens, args.delphi_pre_tokens),
+            },
+        )
     inspection = inspect_sae(
         args.directory,
         args.data,
@@ -5920,7 +6493,14 @@ def inspect_job(args) -> dict:
         args.examples,
         args.batch,
         args.seed,
+        cache=cache,
     )
+    if cache is not None:
+        store = ActivationStore(args.data)
+        config = delphi_config(store, args.directory, inspection.report["tokens"])
+        cache.save(args.delphi, partial(store_contexts, store), config)
+        written = [cache.modules[role] for role in cache.widths]
+        print(f"wrote delphi's latent cache of {', '.join(written)} to {args.delphi}")
     if args.json:
         # tens of MB at F = 8192: no indentation
         write_json(args.json, inspection.report, indent=None)
@@ -7337,14 +7917,15 @@ def refusing(names: tuple, reason: str) -> dict:
 
 PROGRESSIVE_REFUSES = (
     refusing(
-        ("out", "resume", "save_every", "overwrite"),
+        ("out", "resume", "save_every", "overwrite", "log_every"),
         "progressive writes no checkpoints",
     )
     | refusing(("model", *MODEL_ONLY), "progressive trains on --data or synthetic data")
     | {"matryoshka": "progressive sets the Matryoshka prefixes itself (F/16 ... F)"}
 )
 ABLATE_REFUSES = refusing(
-    ("out", "resume", "save_every", "overwrite"), "ablate writes no checkpoints"
+    ("out", "resume", "save_every", "overwrite", "log_every"),
+    "ablate writes no checkpoints",
 ) | {
     "arch": "ablate trains KronSAEs only",
     "kernel": "ablate takes its kernels from --kernels",
@@ -7587,9 +8168,11 @@ def export_main(argv):
     parser = Parser(
         prog="kronsae.py export",
         description=(
-            "Write a trained SAE in another library's on-disk format. saelens: cfg.json and sae_weights.safetensors "
-            "with architecture topk, loadable by sae_lens.SAE.load_from_disk. Only TopK SAEs can be exported: no "
-            "SAELens architecture computes KronSAE's mAND."
+            "Write a trained SAE in another library's on-disk format. saelens: SAELens 6's cfg.json (with the "
+            "model, hook name, context and data in its metadata), sae_weights.safetensors and sparsity.safetensors "
+            "(log10 latent densities over training). A TopK SAE is SAELens's topk architecture and loads with "
+            "sae_lens.SAE.load_from_disk; a KronSAE is architecture kronsae, which loads after "
+            "kronsae.register_saelens()."
         ),
     )
     parser.add_argument(
@@ -7605,6 +8188,24 @@ def export_main(argv):
     return run_cli(export_saelens, args.directory, args.destination)
 
 
+def add_delphi_args(parser: argparse.ArgumentParser):
+    """inspect's flags for delphi's latent cache (DelphiCache)."""
+    parser.add_argument(
+        "--delphi",
+        default="",
+        help="write EleutherAI delphi's latent cache here, for its LLM explanations and "
+        "detection and fuzzing scores: a module named after the checkpoint folder (e.g. "
+        "kron), and for KronSAE its pre-latents as a second module (kron_pre)",
+    )
+    parser.add_argument(
+        "--delphi-pre-tokens",
+        type=int,
+        default=10_000,
+        help="with --delphi: cache KronSAE's pre-latents, which fire on about half of every "
+        "token, over only this many of the tokens read (default: 10000)",
+    )
+
+
 def inspect_main(argv):
     parser = Parser(
         prog="kronsae.py inspect",
@@ -7612,7 +8213,8 @@ def inspect_main(argv):
             "Look at what an SAE learned: one streaming pass over an activation store collects, for every latent "
             "(and for KronSAE every pre-latent), its frequency, mean activation, token entropy (eq. 10), multitoken "
             "ratio (eq. 11) and top examples in context, plus the paper's section 5.2 and fig. 18 statistics. Prints "
-            "a summary; writes a self-contained HTML report and a JSON of every statistic."
+            "a summary; writes a self-contained HTML report, a JSON of every statistic, and delphi's latent cache "
+            "(--delphi) for LLM-scored interpretability."
         ),
     )
     parser.add_argument(
@@ -7658,6 +8260,7 @@ def inspect_main(argv):
     parser.add_argument(
         "--json", default="", help="write every statistic and example here"
     )
+    add_delphi_args(parser)
     parser.add_argument(
         "--batch",
         type=int,
@@ -7671,9 +8274,10 @@ def inspect_main(argv):
         help="seed of --sample, the bootstrap and the init baseline (default: 0)",
     )
     args = parser.parse_args(argv)
-    for name in ("tokens", "sample", "examples", "batch"):
+    for name in ("tokens", "sample", "examples", "batch", "delphi_pre_tokens"):
         if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+            flag = name.replace("_", "-")
+            parser.error(f"--{flag} must be positive, got {getattr(args, name)}")
     return run_cli(inspect_job, args)
 
 
@@ -7702,7 +8306,8 @@ def absorption_main(argv):
         "--layer",
         type=int,
         required=True,
-        help="the layer they were trained on: hidden_states[layer]",
+        help="the layer they were trained on: hidden_states[layer], the input of "
+        "block `layer` (SAELens's blocks.L.hook_resid_pre)",
     )
     parser.add_argument(
         "--words",

@@ -10,11 +10,13 @@ import builtins
 import copy
 import dataclasses
 import errno
+import importlib
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
@@ -2761,6 +2763,139 @@ def saelens_forward(cfg, weights, x):
     return code @ weights["W_dec"] + weights["b_dec"]
 
 
+def need(module: str):
+    """The optional package `module`, or a skip that says why it cannot be imported here (missing, or
+    installed against another torch)."""
+    try:
+        return importlib.import_module(module)
+    except Exception as err:
+        pytest.skip(f"{module} is not importable here ({type(err).__name__}: {err})")
+
+
+def test_load_reads_configs_written_before_they_carried_provenance(tmp_path):
+    sae = perturb_(kron(dtype=torch.float32))
+    K.save(sae, tmp_path / "new", {"model": "gpt2", "layer": 3})
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert config["provenance"] == {"model": "gpt2", "layer": 3}
+    # The config.json of a checkpoint saved before provenance existed: the constructor arguments alone.
+    (tmp_path / "old").mkdir()
+    old = {"arch": "kron", "d_in": 16, "h": 8, "m": 2, "n": 4, "k": 8, "kernel": "mand"}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    (tmp_path / "old" / "sae.safetensors").write_bytes(
+        (tmp_path / "new" / "sae.safetensors").read_bytes()
+    )
+    x = torch.randn(20, 16)
+    for folder in ("new", "old"):
+        loaded = K.load(tmp_path / folder)
+        assert K.sae_config(loaded) == old
+        torch.testing.assert_close(loaded(x), sae(x), rtol=0, atol=0)
+    assert K.saved_provenance(tmp_path / "old") == {}  # no run.json beside it either
+
+
+@pytest.fixture(scope="module")
+def lm_runs(tiny_lm, tmp_path_factory):
+    """Two short runs of both SAEs on tiny_lm's layer 1 with --out: one from --model, which saves its
+    activations as a store, and one trained from that store."""
+    path, text = tiny_lm
+    tmp = tmp_path_factory.mktemp("lm_runs")
+    common = [
+        *("--dict-size", "64", "--m", "2", "--n", "4", "--k", "4"),
+        *("--steps", "12", "--batch", "128", "--eval-tokens", "300"),
+    ]
+    harvest = [
+        *("--model", str(path), "--layer", "1", "--text", str(text)),
+        *("--ctx", "16", "--max-tokens", "3000"),
+    ]
+    K.main(
+        [
+            *harvest,
+            *common,
+            "--save-acts",
+            str(tmp / "store"),
+            "--out",
+            str(tmp / "model"),
+        ]
+    )
+    K.main(["--data", str(tmp / "store"), "--out", str(tmp / "store_run"), *common])
+    return tmp
+
+
+@pytest.mark.slow
+def test_every_checkpoint_says_where_it_came_from(lm_runs, tiny_lm):
+    path, text = tiny_lm
+    for run, kind in (("model", "text"), ("store_run", "store")):
+        for arch in ("topk", "kron"):
+            config = json.loads((lm_runs / run / arch / "config.json").read_text())
+            about = config["provenance"]
+            assert (about["model"], about["layer"]) == (str(path), 1)
+            # hidden_states[1]: the input of block 1, the output of GPT-2's block h.0
+            assert about["hook_names"] == {
+                "saelens": "blocks.1.hook_resid_pre",
+                "sparsify": "h.0",
+            }
+            assert about["context_size"] == 16 and about["prepend_bos"] is True
+            assert about["position_0"] == "dropped"
+            assert about["data"]["kind"] == kind and about["data"]["files"] == [
+                str(text)
+            ]
+            assert (about["steps"], about["tokens_trained"]) == (12, 12 * 128)
+            assert about["normalisation"]["normalize"] is False
+            assert about["dtype"] == "float32" and about["precision"] == "fp32"
+    store_about = json.loads(
+        (lm_runs / "store_run" / "kron" / "config.json").read_text()
+    )
+    assert store_about["provenance"]["data"]["path"] == str(
+        (lm_runs / "store").absolute()
+    )
+    assert store_about["provenance"]["activation_dtype"] == "float16"
+
+
+def test_the_sparsify_name_is_the_module_whose_output_we_train_on(tiny_lm):
+    """layer_hooks names hidden_states[L] as sparsify hooks it: the output of module `h.{L-1}` under the
+    base model. Hook that module of the real model and compare."""
+    path, text = tiny_lm
+    model, tokenizer, _ = K.load_lm(str(path), "cpu")
+    ids = K.make_contexts(tokenizer, [text], 16)[:3]
+    assert K.model_hooks(model, 0) == {
+        "saelens": "blocks.0.hook_resid_pre",
+        "sparsify": None,
+    }
+    assert K.model_hooks(model, 2) == {"saelens": None, "sparsify": None}  # after ln_f
+    hooks = K.model_hooks(model, 1)
+    outputs = []
+    module = model.base_model.get_submodule(hooks["sparsify"])
+    handle = module.register_forward_hook(lambda m, args, out: outputs.append(out))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    captured = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+    torch.testing.assert_close(captured, K.residual_at(model, ids, 1), rtol=0, atol=0)
+    assert K.layer_hooks(5, None, None) == {
+        "saelens": "blocks.5.hook_resid_pre",
+        "sparsify": None,
+    }
+
+
+def test_help_states_the_layer_convention(capsys):
+    with pytest.raises(SystemExit):
+        K.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "hidden_states[layer], the residual stream that enters block `layer`" in text
+    assert "0 is the embeddings, L >= 1 the output of block L-1" in text
+    assert "blocks.L.hook_resid_pre" in text and "layers.{L-1}" in text
+    assert "after block" not in text
+
+
+def kron_lens_forward(cfg, weights, x):
+    """The kronsae architecture written out from its format: all F mAND latents of W_pre's heads, TopK."""
+    pre = (x - weights["b_dec"]) @ weights["W_pre"] + weights["b_pre"]  # (B, h(m+n))
+    u, v = pre.view(len(x), cfg["h"], -1).split([cfg["m"], cfg["n"]], dim=-1)
+    z = (u[..., :, None].relu() * v[..., None, :].relu()).sqrt().flatten(1)  # (B, F)
+    top = z.topk(cfg["k"], dim=-1)
+    code = torch.zeros_like(z).scatter(-1, top.indices, top.values)
+    return code @ weights["W_dec"] + weights["b_dec"]
+
+
 def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -2769,6 +2904,7 @@ def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
     K.main(
         ["export", str(tmp_path / "topk"), "--to", "saelens", str(tmp_path / "lens")]
     )
+    # saved without its training state: no latent frequencies, so no sparsity file
     assert {p.name for p in (tmp_path / "lens").iterdir()} == {
         "cfg.json",
         "sae_weights.safetensors",
@@ -2789,35 +2925,162 @@ def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
     }
     x = torch.randn(50, 16)
     torch.testing.assert_close(saelens_forward(cfg, weights, x), sae(x).detach())
-    K.save(perturb_(kron(dtype=torch.float32)), tmp_path / "kron")
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        K.main(
-            [
-                "export",
-                str(tmp_path / "kron"),
-                "--to",
-                "saelens",
-                str(tmp_path / "lens_kron"),
-            ]
-        )
-    assert "no architecture that computes mAND" in capsys.readouterr().err
-    assert not (tmp_path / "lens_kron").exists()
 
-
-def test_export_loads_in_saelens(tmp_path):
-    sae_lens = pytest.importorskip("sae_lens")
-    sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4))
-    K.save(sae, tmp_path / "topk")
-    K.export_saelens(tmp_path / "topk", tmp_path / "lens")
-    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "lens"), device="cpu")
-    x = torch.randn(50, 16)
-    values, indices = sae.encode(x)
-    ours = torch.zeros(50, 64).scatter(-1, indices, values).detach()
-    torch.testing.assert_close(theirs.encode(x), ours)
-    torch.testing.assert_close(
-        theirs.decode(ours), sae.decode(values, indices).detach()
+    kron_sae = perturb_(kron(dtype=torch.float32))
+    K.save(kron_sae, tmp_path / "kron")
+    K.main(["export", str(tmp_path / "kron"), "--to", "saelens", str(tmp_path / "lk")])
+    cfg = json.loads((tmp_path / "lk" / "cfg.json").read_text())
+    assert cfg["architecture"] == "kronsae" and cfg["d_sae"] == 64
+    assert (cfg["h"], cfg["m"], cfg["n"], cfg["k"], cfg["kernel"]) == (
+        8,
+        2,
+        4,
+        8,
+        "mand",
     )
+    weights = load_file(tmp_path / "lk" / "sae_weights.safetensors")
+    assert {n: tuple(t.shape) for n, t in weights.items()} == {
+        "W_pre": (16, 48),
+        "b_pre": (48,),
+        "W_dec": (64, 16),
+        "b_dec": (16,),
+    }
+    torch.testing.assert_close(
+        kron_lens_forward(cfg, weights, x), kron_sae(x).detach(), rtol=0, atol=1e-5
+    )
+    assert "register_saelens" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_export_writes_saelens_6_metadata_and_sparsity(lm_runs, tiny_lm, tmp_path):
+    """The metadata SAELens 6 reads (it needs sae_lens_version to read it at all), from the checkpoint's
+    provenance, for a run from --model and one from a store; and for a checkpoint from before config.json
+    carried provenance, rebuilt from its run.json and the store's manifest."""
+    from safetensors.torch import load_file
+
+    path, text = tiny_lm
+    old = tmp_path / "old_run"
+    (old / "topk").mkdir(parents=True)
+    for name in ("sae.safetensors", "train_state.pt", "config.json"):
+        shutil.copy(lm_runs / "store_run" / "topk" / name, old / "topk" / name)
+    shutil.copy(lm_runs / "store_run" / "run.json", old / "run.json")
+    config = json.loads((old / "topk" / "config.json").read_text())
+    config.pop("provenance")
+    (old / "topk" / "config.json").write_text(json.dumps(config))
+    for name, directory in (
+        ("model_kron", lm_runs / "model" / "kron"),
+        ("store_topk", lm_runs / "store_run" / "topk"),
+        ("old_topk", old / "topk"),
+    ):
+        K.export_saelens(directory, tmp_path / name)
+        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
+        meta = cfg["metadata"]
+        assert int(meta["sae_lens_version"].split(".")[0]) >= 6
+        assert meta["model_name"] == str(path)
+        assert meta["hook_name"] == "blocks.1.hook_resid_pre"
+        assert meta["context_size"] == 16 and meta["prepend_bos"] is True
+        assert meta["dataset_path"] == str(text) and meta["seqpos_slice"] == [1, None]
+        # hidden states as HF computes them: TransformerLens must not centre the residual stream
+        assert meta["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
+        assert cfg["normalize_activations"] == "none"
+        state = torch.load(directory / "train_state.pt", weights_only=True)
+        density = state["latents"]["fire_count"] / state["latents"]["tokens"]
+        sparsity = load_file(tmp_path / name / "sparsity.safetensors")["sparsity"]
+        assert sparsity.shape == (64,)
+        torch.testing.assert_close(
+            sparsity, torch.log10(density + 1e-10).float(), rtol=0, atol=1e-6
+        )
+        # densities are shares of tokens: below 1, summing to the mean L0 of training (k = 4 at most)
+        assert 0 < (10**sparsity).sum() <= 4 + 1e-3
+
+
+@pytest.mark.slow
+def test_saelens_loads_the_topk_export_with_its_provenance(lm_runs, tiny_lm, tmp_path):
+    sae_lens = need("sae_lens")
+    K.export_saelens(lm_runs / "store_run" / "topk", tmp_path / "lens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "lens"), device="cpu")
+    meta = theirs.cfg.metadata
+    assert meta.hook_name == "blocks.1.hook_resid_pre"
+    assert meta.model_name == str(tiny_lm[0]) and meta.context_size == 16
+    ours = K.load(lm_runs / "store_run" / "topk")
+    store = K.ActivationStore(lm_runs / "store")
+    x = store.rows(0, np.arange(500))  # the model's real activations
+    with torch.no_grad():
+        code = K.dense_code(ours, x)
+        torch.testing.assert_close(theirs.encode(x), code, rtol=0, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(code), ours(x), rtol=0, atol=1e-5)
+
+
+def test_register_saelens_without_sae_lens_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sae_lens", None)  # `import sae_lens` now fails
+    with pytest.raises(ImportError, match=r"pip install sae-lens") as info:
+        K.register_saelens()
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_saelens_loads_the_kronsae_export_with_its_hooks(lm_runs, tmp_path):
+    """After register_saelens, SAELens loads the KronSAE export: its dense code and decode equal ours on
+    real activations, its hooks fire, it runs inside HookedSAETransformer at its hook name, and what would
+    need a dense W_enc is refused."""
+    sae_lens = need("sae_lens")
+    from transformer_lens import HookedTransformerConfig
+
+    lens_class, config_class = K.register_saelens()
+    assert K.register_saelens() == (lens_class, config_class)
+    K.export_saelens(lm_runs / "model" / "kron", tmp_path / "lens")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "lens"), device="cpu")
+    assert isinstance(theirs, lens_class) and isinstance(theirs.cfg, config_class)
+    assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    ours = K.load(lm_runs / "model" / "kron")
+    x = K.ActivationStore(lm_runs / "store").rows(0, np.arange(500))
+    with torch.no_grad():
+        code = K.dense_code(ours, x)
+        torch.testing.assert_close(theirs.encode(x), code, rtol=0, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(code), ours(x), rtol=0, atol=1e-5)
+        _, cache = theirs.run_with_cache(x)
+    assert {
+        "hook_sae_input",
+        "hook_sae_pre_latents",
+        "hook_sae_acts_pre",
+        "hook_sae_acts_post",
+        "hook_sae_recons",
+        "hook_sae_output",
+    } <= set(cache.keys())
+    torch.testing.assert_close(cache["hook_sae_acts_post"], code, rtol=0, atol=1e-5)
+    assert cache["hook_sae_pre_latents"].shape == (500, ours.W_enc.shape[0])
+
+    # In a model, at its hook: a 2-block TransformerLens model of the same width
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=16,
+        d_head=16,
+        n_heads=2,
+        d_vocab=20,
+        act_fn="gelu",
+    )
+    model = sae_lens.HookedSAETransformer(cfg)
+    model.add_sae(theirs)
+    _, cache = model.run_with_cache(torch.randint(0, 20, (2, 16)))
+    acts = cache["blocks.1.hook_resid_pre.hook_sae_acts_post"]  # (2, 16, F)
+    assert acts.shape == (2, 16, 64) and ((acts > 0).sum(-1) <= 4).all()
+
+    with pytest.raises(NotImplementedError, match="no dense W_enc"):
+        theirs.W_enc
+    with pytest.raises(NotImplementedError, match="no dense W_enc"):
+        sae_lens.evals.get_featurewise_weight_based_metrics(theirs)
+    theirs.fold_W_dec_norm()  # unit rows: nothing to fold
+    torch.testing.assert_close(theirs.encode(x), code, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        # SAELens's folds: an SAE for activations scaled by c becomes one for raw ones
+        scaled = copy.deepcopy(theirs)
+        scaled.fold_activation_norm_scaling_factor(2.0)
+        torch.testing.assert_close(scaled.encode(x), theirs.encode(2 * x))
+        torch.testing.assert_close(scaled(x), theirs(2 * x) / 2)
+        # with SAELens's error term the output is the input again
+        theirs.use_error_term = True
+        torch.testing.assert_close(theirs(x), x, rtol=0, atol=1e-5)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -3012,6 +3275,76 @@ def test_a_budget_resumed_from_its_checkpoint_ends_where_it_would_have(tmp_path)
     assert state.losses == pytest.approx(done.losses, rel=1e-5)
     for (name, p), q in zip(straight.named_parameters(), sae.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_the_training_log_has_a_line_every_log_every_steps_and_its_curves(tmp_path):
+    run_small(
+        tmp_path, "--out", str(tmp_path / "run"), "--arch", "kron", "--log-every", "5"
+    )
+    text = (tmp_path / "run" / "kron" / "log.jsonl").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["step"] for line in lines] == [5, 10, 15, 20]
+    assert set(lines[0]) == {
+        *("step", "tokens", "loss", "fvu", "aux", "l0"),
+        *("dead_fraction", "lr", "seconds"),
+    }
+    state = torch.load(tmp_path / "run" / "kron" / "train_state.pt", weights_only=True)
+    for line in lines:
+        step = line["step"]
+        assert line["loss"] == state["losses"][step - 1] and line["tokens"] == 64 * step
+        lr = 8e-4 * K.lr_factor(step - 1, 20, 0.1, 1e-6 / 8e-4)
+        assert line["lr"] == pytest.approx(lr) and 0 < line["l0"] <= 4
+        assert 0 < line["fvu"] < 1 and 0 <= line["dead_fraction"] <= 1
+    assert lines[-1]["seconds"] == pytest.approx(state["seconds"])
+    png = (tmp_path / "run" / "curves.png").read_bytes()  # the run's SAEs, one figure
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    # A tensor file names no model: its checkpoint says so instead of guessing
+    about = json.loads((tmp_path / "run" / "kron" / "config.json").read_text())
+    about = about["provenance"]
+    assert about["model"] is None and about["hook_names"]["saelens"] is None
+    assert about["data"] == {
+        "kind": "tensor file",
+        "path": str((tmp_path / "acts.npy").absolute()),
+    }
+
+
+def test_the_default_log_has_about_100_lines_and_a_resume_drops_later_ones(tmp_path):
+    cfg = K.TrainConfig(steps=1234, batch=2)
+    log = K.TrainingLog(str(tmp_path), 0, cfg, 0)
+    stats = K.StepStats(loss=1.0, fvu=0.5, aux=0.0, active=8.0, tokens=2.0)
+    for step in range(1, cfg.steps + 1):
+        log.add(step, stats, 0.0, 2 * step, 0.01 * step)
+    lines = log.lines()
+    assert 95 <= len(lines) <= 105 and lines[-1]["step"] == cfg.steps
+    assert lines[0]["l0"] == 4.0
+    # a run resumed at step 500: the lines of the steps after it are gone, the others kept
+    resumed = K.TrainingLog(str(tmp_path), 0, cfg, 500)
+    assert [line["step"] for line in resumed.lines()] == [
+        line["step"] for line in lines if line["step"] <= 500
+    ]
+
+
+def test_run_training_with_its_log_reads_the_device_once_a_step(tmp_path, monkeypatch):
+    """The log is written from the floats the step has read already: still one read a step."""
+    cfg = K.TrainConfig(steps=6, batch=64, dead_tokens=128)
+    data = K.make_dataset(1024, d=16, F_true=64, k_true=4)
+    sae = K.SAEConfig(dict_size=128, m=2, n=4, k=4).build("kron", 16)
+    listed = []
+    real_tolist = torch.Tensor.tolist
+
+    def counted_tolist(tensor):
+        listed.append(tensor.shape)
+        return real_tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    out = str(tmp_path / "kron")
+    K.run_training(
+        sae, batches(data, cfg.batch), cfg, out=out, progress=False, log_every=1
+    )
+    monkeypatch.undo()
+    assert len(listed) == cfg.steps
+    assert len((tmp_path / "kron" / "log.jsonl").read_text().splitlines()) == cfg.steps
 
 
 # ============================================================================= 10. The main job and the kernel ablation
@@ -3539,6 +3872,15 @@ def test_torchrun_on_two_processes_equals_one_process_with_the_same_global_batch
         a, b = K.load(tmp_path / "one" / arch), K.load(tmp_path / "two" / arch)
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=f"{arch} {name}")
+        # rank 0 alone writes the log, one line a step, of the whole batch
+        one, two = (
+            [json.loads(line) for line in (tmp_path / run / arch / "log.jsonl").open()]
+            for run in ("one", "two")
+        )
+        assert [line["step"] for line in two] == list(range(1, 13))
+        for x, y in zip(one, two):
+            assert (x["tokens"], x["lr"]) == (y["tokens"], y["lr"])
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
     timed = run(torchrun, tmp_path / "time", "--match", "time")
     assert timed.returncode == 0, timed.stderr[-3000:]
     topk = torch.load(tmp_path / "time" / "topk" / "train_state.pt", weights_only=True)
@@ -4474,6 +4816,139 @@ def test_inspect_refuses_bad_input_in_one_line_before_reading_the_store(
         assert not (tmp_path / "s.json").exists()
 
 
+def read_delphi_module(
+    folder: Path,
+) -> tuple[list, torch.Tensor, torch.Tensor, np.ndarray]:
+    """A delphi module's files as delphi's TensorBuffer.load reads them: each file's latents offset by its
+    range's start. Returns the (start, end) ranges, the locations, the activations and the tokens."""
+    from safetensors.numpy import load_file
+
+    ranges, locations, activations, tokens = [], [], [], []
+    for path in sorted(
+        folder.glob("*.safetensors"), key=lambda f: int(f.stem.split("_")[0])
+    ):
+        start, end = map(int, path.stem.split("_"))
+        data = load_file(path)
+        assert data["locations"].dtype in (np.uint16, np.uint32)
+        assert data["locations"].shape[1:] == (3,) and data["activations"].ndim == 1
+        where = torch.from_numpy(data["locations"].astype(np.int64))
+        where[:, 2] += start
+        assert ((where[:, 2] >= start) & (where[:, 2] <= end)).all()
+        ranges.append((start, end))
+        locations.append(where)
+        activations.append(torch.from_numpy(data["activations"]))
+        tokens.append(data["tokens"])
+    assert all((t == tokens[0]).all() for t in tokens)
+    return ranges, torch.cat(locations), torch.cat(activations), tokens[0]
+
+
+def inspect_with_delphi(inspected, tmp_path, tokens: int, pre_tokens: int) -> dict:
+    tmp = inspected[0]
+    argv = [
+        *("inspect", str(tmp / "kron"), "--data", str(tmp / "store")),
+        *("--tokens", str(tokens), "--examples", "5", "--batch", "100"),
+        *("--json", str(tmp_path / "s.json"), "--delphi", str(tmp_path / "delphi")),
+        *("--delphi-pre-tokens", str(pre_tokens)),
+    ]
+    K.main(argv)
+    return json.loads((tmp_path / "s.json").read_text())
+
+
+def test_inspect_writes_delphis_latent_cache_whose_top_examples_match_the_json(
+    inspected, tiny_lm, tmp_path
+):
+    """The format delphi reads (delphi/latents/cache.py and loader.py), checked without delphi: two modules
+    for a KronSAE, latent ranges that cover each, the store's tokens, every firing once, and for every unit
+    the top activation and its context that inspect's JSON shows."""
+    tmp = inspected[0]
+    report = inspect_with_delphi(inspected, tmp_path, tokens=2500, pre_tokens=2500)
+    store = K.ActivationStore(tmp / "store")
+    tokenizer = K.load_tokenizer(str(tiny_lm[0]))
+    assert sorted(p.name for p in (tmp_path / "delphi").iterdir()) == [
+        "kron",
+        "kron_pre",
+    ]
+    for module, entries, width in (
+        ("kron", report["latents"], 32),
+        ("kron_pre", report["pre_latents"], 24),
+    ):
+        folder = tmp_path / "delphi" / module
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_name"] == str(tiny_lm[0]) and config["cache_ctx_len"] == 16
+        ranges, locations, activations, tokens = read_delphi_module(folder)
+        assert ranges[0][0] == 0 and ranges[-1][1] == width - 1
+        assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))
+        # 2500 rows of 15 kept positions each: 167 contexts, as the store holds them
+        assert tokens.shape == (167, 16)
+        assert (tokens == store.text(0)[0][:167]).all()
+        assert (activations > 0).all()
+        for entry in entries:
+            mine = locations[:, 2] == entry["id"]
+            assert int(mine.sum()) == round(entry["frequency"] * report["tokens"])
+            if not entry["examples"]:
+                continue
+            # The top activations are inspect's examples, each at its own text (ties aside, in order).
+            values = [e["activations"][e["position"]] for e in entry["examples"]]
+            best = activations[mine].topk(len(values))
+            assert best.values.tolist() == pytest.approx(values, rel=1e-3)
+            for example, value in zip(entry["examples"], values):
+                texts = []
+                for row in torch.nonzero(
+                    mine & torch.isclose(activations, torch.tensor(value), rtol=1e-3)
+                ).squeeze(1):
+                    context, position, _ = locations[row].tolist()
+                    lo = max(0, position - K.WINDOW)
+                    window = tokens[context, lo : position + K.WINDOW + 1]
+                    texts.append(
+                        (tokenizer.batch_decode([[t] for t in window]), position - lo)
+                    )
+                assert (example["tokens"], example["position"]) in texts
+
+
+@pytest.mark.slow
+def test_the_pre_latent_module_covers_only_delphi_pre_tokens(inspected, tmp_path):
+    inspect_with_delphi(inspected, tmp_path, tokens=600, pre_tokens=300)
+    post = read_delphi_module(tmp_path / "delphi" / "kron")
+    pre = read_delphi_module(tmp_path / "delphi" / "kron_pre")
+    assert post[3].shape == (40, 16) and pre[3].shape == (20, 16)  # 15 rows a context
+    assert pre[1][:, 0].max() == 19 and post[1][:, 0].max() == 39
+    config = json.loads((tmp_path / "delphi" / "kron_pre" / "config.json").read_text())
+    assert config["n_tokens"] == 300 and config["module"] == "pre_latents"
+
+
+@pytest.mark.slow
+def test_delphis_own_loader_reads_the_cache(inspected, tiny_lm, tmp_path):
+    need("delphi.latents")
+    from delphi.config import ConstructorConfig, SamplerConfig
+    from delphi.latents import LatentDataset
+
+    report = inspect_with_delphi(inspected, tmp_path, tokens=2500, pre_tokens=2500)
+    wanted = {"kron": [0, 3, 17], "kron_pre": [0, 5, 23]}
+    dataset = LatentDataset(
+        raw_dir=str(tmp_path / "delphi"),
+        sampler_cfg=SamplerConfig(n_examples_train=4, n_examples_test=4, n_quantiles=2),
+        constructor_cfg=ConstructorConfig(
+            example_ctx_len=16, min_examples=1, n_non_activating=2
+        ),
+        modules=list(wanted),
+        latents={module: torch.tensor(ids) for module, ids in wanted.items()},
+    )  # no tokenizer given: delphi loads it from config.json's model_name
+    records = list(dataset)
+    entries = {"kron": report["latents"], "kron_pre": report["pre_latents"]}
+    seen = set()
+    for record in records:
+        module, index = record.latent.module_name, record.latent.latent_index
+        top = entries[module][index]["examples"][0]
+        assert record.max_activation == pytest.approx(
+            top["activations"][top["position"]], rel=1e-3
+        )
+        seen.add((module, index))
+    fired = {
+        (m, i) for m, ids in wanted.items() for i in ids if entries[m][i]["examples"]
+    }
+    assert seen == fired and len(seen) >= 4
+
+
 # ============================================================================= 13. First-letter absorption
 
 
@@ -5190,6 +5665,14 @@ BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing 
     (["ablate", "--kernel", "mand"], "kernel"),  # not --kernels
     (["--arch", "kron", "--match", "time"], "match time.*arch both"),
     (["ablate", "--shapes", "2x4", "--match", "time"], "match time.*topk to --shapes"),
+    (["--log-every", "10"], "log.every.*--out"),
+    (["--out", "TMP/run", "--log-every", "-1"], "log.every"),
+    (["ablate", "--log-every", "5"], "log.every"),
+    (
+        ["inspect", "TMP/no_sae", "--data", "TMP", "--delphi-pre-tokens", "0"],
+        "delphi.pre",
+    ),
+    (["inspect", "TMP/no_sae", "--data", "TMP", "--delphi", "FILE"], "delphi"),
 ]
 
 
@@ -5282,6 +5765,8 @@ def test_an_out_holding_a_run_is_refused_and_left_untouched(tmp_path, capsys):
         "config.json",
         "train_state.pt",
         "metrics.json",
+        "log.jsonl",
+        "curves.png",
     }
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -5368,6 +5853,17 @@ def test_interrupted_and_resumed_equals_uninterrupted(
             tmp_path / "straight" / arch / "train_state.pt", weights_only=True
         )
         assert state["step"] == 20 and state["losses"] == straight["losses"]
+        # one line per step, each once, as in the run that never stopped (but for the seconds)
+        logs = [
+            [json.loads(line) for line in (tmp_path / run / arch / "log.jsonl").open()]
+            for run in ("straight", "stopped")
+        ]
+        for lines in logs:
+            for line in lines:
+                line.pop("seconds")
+        assert logs[0] == logs[1] and [line["step"] for line in logs[1]] == list(
+            range(1, 21)
+        )
 
 
 class RunsCode:
