@@ -3442,6 +3442,8 @@ class TimeSchedule(torch.optim.lr_scheduler.LRScheduler):
     budget / cfg.steps (TopK's mean step, when the budget is TopK's seconds for cfg.steps steps)."""
 
     def __init__(self, optimizer, cfg: TrainConfig, budget: float):
+        if not budget > 0:  # NaN fails this too
+            raise ValueError(f"a budget of seconds must be > 0, got {budget}")
         self.budget = budget
         self.warmup = cfg.warmup
         self.floor = cfg.min_lr / cfg.lr
