@@ -374,6 +374,7 @@ def bf16_problem(arch):
     return sae, x, dead, 256
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["inside", "outside"])
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_bf16_kernels_give_float64s_gradients_under_both_recipes(
@@ -388,6 +389,7 @@ def test_bf16_kernels_give_float64s_gradients_under_both_recipes(
     assert max(errors.values()) < 0.01, errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_bf16_bias_gradients_are_float64s_within_3_percent(arch, monkeypatch):
     """End to end, bfloat16 scores choose some other latents near the k-th, which
@@ -1041,6 +1043,7 @@ def small_run(arch="kron", steps=200, seed=0, **kw):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_training_lowers_the_loss(arch):
     sae, result, data, _ = small_run(arch)
@@ -1944,6 +1947,7 @@ def test_the_store_split_reads_small_chunks_whatever_the_shard_size(
         assert max(sizes) <= 2 * K.SUM_ROWS and sum(sizes) >= 9000
 
 
+@pytest.mark.slow  # two trainings and a CLI run
 def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_path):
     x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     store = store_of(x, [30] * 100, tmp_path / "store")
@@ -2371,6 +2375,7 @@ def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
     assert not (tmp_path / "lens_kron").exists()
 
 
+@pytest.mark.slow  # imports SAELens
 def test_export_loads_in_saelens(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     sae = perturb_(K.TopKSAE(d_in=16, dict_size=64, k=4))
@@ -2400,6 +2405,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.equal(kept[k], good[k]) for k in good)
 
 
+@pytest.mark.slow  # 200 steps
 def test_training_with_normalize_saves_an_sae_for_raw_inputs(tmp_path):
     data = K.make_dataset(4096, d=32, F_true=128, k_true=4) * 50
     cfg = K.TrainConfig(steps=200, batch=128)
@@ -2613,6 +2619,7 @@ def test_match_time_gives_each_sae_topks_seconds(tmp_path, monkeypatch):
     assert abs(saved["kron"]["seconds"] / saved["topk"]["seconds"] - 1) <= 0.15
 
 
+@pytest.mark.slow
 def test_resume_under_match_flops_equals_an_uninterrupted_run(tmp_path):
     run_small(tmp_path, "--out", str(tmp_path / "straight"), "--match", "flops")
     argv = [
@@ -2726,6 +2733,7 @@ def test_ablate_sweeps_shapes_and_budgets_into_json_and_figure(tmp_path, capsys)
             )
 
 
+@pytest.mark.slow  # seven CLI trainings
 def test_ablate_trains_each_kernel_over_seeds(tmp_path, capsys):
     data = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     torch.save(data, tmp_path / "acts.pt")
@@ -3693,6 +3701,7 @@ def letter_data(n=1300, d=64, signal=range(26), noise=0.3, seed=0):
     )
 
 
+@pytest.mark.slow  # 26 probes, 1,000 Adam steps
 def test_the_ground_truth_probe_learns_a_planted_first_letter_direction():
     data = letter_data()
     W, scores, f1 = K.letter_gate(data, seed=0)
@@ -4189,7 +4198,7 @@ def test_bench_verdicts_follow_the_targets():
     )
 
 
-@pytest.mark.parametrize("arch", ["topk", "kron"])
+@pytest.mark.parametrize("arch", ["topk", pytest.param("kron", marks=pytest.mark.slow)])
 def test_profile_splits_a_real_training_step_into_phases(arch):
     torch.manual_seed(0)
     sae = K.TopKSAE(32, 256, 8) if arch == "topk" else K.KronSAE(32, 16, 4, 4, 8)
@@ -4484,6 +4493,7 @@ def test_an_out_holding_a_run_is_refused_and_left_untouched(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "stop_at,stop_in,extra",
     [
@@ -4986,6 +4996,16 @@ def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_load_puts_the_checkpoint_on_the_gpu(tmp_path):
+    sae = perturb_(kron())
+    K.save(sae, tmp_path)
+    loaded = K.load(tmp_path, device="cuda")
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+    for (name, p), q in zip(sae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q.cpu()), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
 def test_cuda_selection_matches_cpu(kernel):
     torch.manual_seed(0)
@@ -5345,9 +5365,10 @@ def test_the_method_comes_first_and_stands_alone():
     for word in ("Path", "argparse", "open(", "transformers", "json", "print("):
         # no files, models, CLI or printing in the method
         assert word not in part_1, word
+    module = ast.parse(text)
     imported = {
         alias.name.split(".")[0]
-        for node in ast.walk(ast.parse(text))
+        for node in ast.walk(module)
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in (
             node.names
@@ -5370,7 +5391,7 @@ def test_the_method_comes_first_and_stands_alone():
     }
     imports = {
         alias.asname or alias.name
-        for node in ast.parse(text).body
+        for node in module.body
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
