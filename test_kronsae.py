@@ -2359,6 +2359,20 @@ def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
     }
     x = torch.randn(50, 16)
     torch.testing.assert_close(saelens_forward(cfg, weights, x), sae(x).detach())
+    # a float64 checkpoint exports float32 weights, as cfg.json says
+    K.save(copy.deepcopy(sae).double(), tmp_path / "topk64")
+    K.main(
+        [
+            "export",
+            str(tmp_path / "topk64"),
+            "--to",
+            "saelens",
+            str(tmp_path / "lens64"),
+        ]
+    )
+    wide = load_file(tmp_path / "lens64" / "sae_weights.safetensors")
+    for name, t in weights.items():
+        assert wide[name].dtype == torch.float32 and torch.equal(wide[name], t), name
     K.save(perturb_(kron(dtype=torch.float32)), tmp_path / "kron")
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -3537,6 +3551,21 @@ def test_inspect_keeps_one_float_per_unit_and_token_pair_it_saw_fire(inspected):
         assert keys == pairs and len(stats.keys) == len(pairs)
         assert stats.pending == []  # coalesced
         assert len(pairs) < len(fired) / 10  # far fewer than the firings
+
+
+def test_inspect_reads_a_float64_checkpoint_as_the_float32_one(inspected, tmp_path):
+    """The store's rows are float32: a float64 SAE is inspected in float32, with the same report."""
+    tmp, sae, inspection = inspected
+    K.save(copy.deepcopy(sae).double(), tmp_path / "kron64")
+    wide = K.inspect_sae(
+        str(tmp_path / "kron64"),
+        str(tmp / "store"),
+        tokens=2500,
+        examples=5,
+        batch=100,
+        progress=False,
+    )
+    assert json.dumps(wide.report) == json.dumps(inspection.report)
 
 
 def test_the_html_report_parses_and_escapes_the_text(inspected):
