@@ -376,6 +376,7 @@ def bf16_problem(arch):
     return sae, x, dead, 256
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["inside", "outside"])
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_bf16_kernels_give_float64s_gradients_under_both_recipes(
@@ -390,6 +391,7 @@ def test_bf16_kernels_give_float64s_gradients_under_both_recipes(
     assert max(errors.values()) < 0.01, errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_bf16_bias_gradients_are_float64s_within_3_percent(arch, monkeypatch):
     """End to end, bfloat16 scores choose some other latents near the k-th, which
@@ -1043,6 +1045,7 @@ def small_run(arch="kron", steps=200, seed=0, **kw):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["topk", "kron"])
 def test_training_lowers_the_loss(arch):
     sae, result, data, _ = small_run(arch)
@@ -2196,6 +2199,7 @@ def test_the_store_split_reads_small_chunks_whatever_the_shard_size(
         assert max(sizes) <= 2 * K.SUM_ROWS and sum(sizes) >= 9000
 
 
+@pytest.mark.slow  # two trainings and a CLI run
 def test_training_from_a_store_equals_training_from_the_same_rows_in_ram(tmp_path):
     x = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     store = store_of(x, [30] * 100, tmp_path / "store")
@@ -2925,6 +2929,20 @@ def test_export_to_saelens_layout_shapes_and_math(tmp_path, capsys):
     }
     x = torch.randn(50, 16)
     torch.testing.assert_close(saelens_forward(cfg, weights, x), sae(x).detach())
+    # a float64 checkpoint exports float32 weights, as cfg.json says
+    K.save(copy.deepcopy(sae).double(), tmp_path / "topk64")
+    K.main(
+        [
+            "export",
+            str(tmp_path / "topk64"),
+            "--to",
+            "saelens",
+            str(tmp_path / "lens64"),
+        ]
+    )
+    wide = load_file(tmp_path / "lens64" / "sae_weights.safetensors")
+    for name, t in weights.items():
+        assert wide[name].dtype == torch.float32 and torch.equal(wide[name], t), name
 
     kron_sae = perturb_(kron(dtype=torch.float32))
     K.save(kron_sae, tmp_path / "kron")
@@ -3097,6 +3115,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.equal(kept[k], good[k]) for k in good)
 
 
+@pytest.mark.slow  # 200 steps
 def test_training_with_normalize_saves_an_sae_for_raw_inputs(tmp_path):
     data = K.make_dataset(4096, d=32, F_true=128, k_true=4) * 50
     cfg = K.TrainConfig(steps=200, batch=128)
@@ -3731,6 +3750,7 @@ def test_ablate_sweeps_shapes_and_budgets_into_json_and_figure(tmp_path, capsys)
             )
 
 
+@pytest.mark.slow  # seven CLI trainings
 def test_ablate_trains_each_kernel_over_seeds(tmp_path, capsys):
     data = K.make_dataset(3000, d=16, F_true=64, k_true=4)
     torch.save(data, tmp_path / "acts.pt")
@@ -4671,6 +4691,21 @@ def test_quartiles_of_four_values_by_hand():
     assert all(math.isnan(v) for v in K.quartiles(torch.tensor([math.nan])).values())
 
 
+def test_inspect_reads_a_float64_checkpoint_as_the_float32_one(inspected, tmp_path):
+    """The store's rows are float32: a float64 SAE is inspected in float32, with the same report."""
+    tmp, sae, inspection = inspected
+    K.save(copy.deepcopy(sae).double(), tmp_path / "kron64")
+    wide = K.inspect_sae(
+        str(tmp_path / "kron64"),
+        str(tmp / "store"),
+        tokens=2500,
+        examples=5,
+        batch=100,
+        progress=False,
+    )
+    assert json.dumps(wide.report) == json.dumps(inspection.report)
+
+
 def test_the_html_report_parses_and_escapes_the_text(inspected):
     from html.parser import HTMLParser
 
@@ -4966,6 +5001,7 @@ def letter_data(n=1300, d=64, signal=range(26), noise=0.3, seed=0):
     )
 
 
+@pytest.mark.slow  # 26 probes, 1,000 Adam steps
 def test_the_ground_truth_probe_learns_a_planted_first_letter_direction():
     data = letter_data()
     W, scores, f1 = K.letter_gate(data, seed=0)
@@ -5485,7 +5521,7 @@ def test_bench_ratios_are_the_rows_ratios():
     assert "target" not in text and "met" not in text and "missed" not in text
 
 
-@pytest.mark.parametrize("arch", ["topk", "kron"])
+@pytest.mark.parametrize("arch", ["topk", pytest.param("kron", marks=pytest.mark.slow)])
 def test_profile_splits_a_real_training_step_into_phases(arch):
     torch.manual_seed(0)
     sae = K.TopKSAE(32, 256, 8) if arch == "topk" else K.KronSAE(32, 16, 4, 4, 8)
@@ -5792,6 +5828,7 @@ def test_an_out_holding_a_run_is_refused_and_left_untouched(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "stop_at,stop_in,extra",
     [
@@ -6305,6 +6342,16 @@ def test_torchrun_with_more_processes_than_gpus_is_one_line(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_load_puts_the_checkpoint_on_the_gpu(tmp_path):
+    sae = perturb_(kron())
+    K.save(sae, tmp_path)
+    loaded = K.load(tmp_path, device="cuda")
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+    for (name, p), q in zip(sae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q.cpu()), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernel", list(K.KERNELS))
 def test_cuda_selection_matches_cpu(kernel):
     torch.manual_seed(0)
@@ -6664,9 +6711,10 @@ def test_the_method_comes_first_and_stands_alone():
     for word in ("Path", "argparse", "open(", "transformers", "json", "print("):
         # no files, models, CLI or printing in the method
         assert word not in part_1, word
+    module = ast.parse(text)
     imported = {
         alias.name.split(".")[0]
-        for node in ast.walk(ast.parse(text))
+        for node in ast.walk(module)
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in (
             node.names
@@ -6689,7 +6737,7 @@ def test_the_method_comes_first_and_stands_alone():
     }
     imports = {
         alias.asname or alias.name
-        for node in ast.parse(text).body
+        for node in module.body
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
