@@ -228,8 +228,11 @@ class SparseAutoencoder(nn.Module):
 
         # Scores for the selection only: no gradient flows through `pre`.
         # The gradients flow through gather_linear, below, for the chosen rows.
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)  # (B, E)
+        # They stay in the weights' dtype under autocast: bfloat16 scores would
+        # choose other latents near the k-th, and so other gradients.
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x_centred = x.to(self.W_enc.dtype) - self.b_dec
+            pre = torch.addmm(self.b_enc, x_centred, self.W_enc.T)  # (B, E)
         indices = self.select(pre, self.k)  # (B, k)
 
         if dead is None:
@@ -3134,6 +3137,16 @@ class Arch(NamedTuple):
     dimensions: dict
 
 
+def weight_dimensions(encoder_rows: str, dictionary: str) -> dict:
+    """What sets each dimension of each weight, for `load`'s messages."""
+    return {
+        "W_enc": (encoder_rows, "d_in"),
+        "b_enc": (encoder_rows,),
+        "W_dec": (dictionary, "d_in"),
+        "b_dec": ("d_in",),
+    }
+
+
 def build_topk(c, d_in: int) -> TopKSAE:
     return TopKSAE(d_in=d_in, dict_size=c.dict_size, k=c.k)
 
@@ -3153,12 +3166,7 @@ TOPK = Arch(
     prunes_heads=False,
     head_view=False,
     saelens=True,
-    dimensions={
-        "W_enc": ("dict_size", "d_in"),
-        "b_enc": ("dict_size",),
-        "W_dec": ("dict_size", "d_in"),
-        "b_dec": ("d_in",),
-    },
+    dimensions=weight_dimensions("dict_size", "dict_size"),
 )
 KRON = Arch(
     name="kron",
@@ -3171,12 +3179,7 @@ KRON = Arch(
     prunes_heads=True,
     head_view=True,
     saelens=False,
-    dimensions={
-        "W_enc": ("h*(m+n)", "d_in"),
-        "b_enc": ("h*(m+n)",),
-        "W_dec": ("h*m*n", "d_in"),
-        "b_dec": ("d_in",),
-    },
+    dimensions=weight_dimensions("h*(m+n)", "h*m*n"),
 )
 ARCHS = {arch.name: arch for arch in (TOPK, KRON)}
 BASELINE = TOPK.name  # what the others are compared with: --match, ablate, bench
@@ -3994,35 +3997,22 @@ def run_training(
     log_every: int = 0,
 ) -> RunState:
     """Part 1's `train` loop, with what a real run needs around train_step:
-    - --normalize: the batches are multiplied by `scale`, which is folded back into the weights at the end,
-      so that every checkpoint in `out` is an SAE for raw inputs;
-    - checkpoints: every save_every steps and at the end; resume by passing the `state` that load_run_state
-      restored; a non-finite loss or a full disk leaves the last good checkpoint as it was;
-    - with `out`, the training log out/log.jsonl every log_every steps (TrainingLog);
+    - `scale` (--normalize) multiplies the batches and is folded back at the end: checkpoints are for raw x;
+    - checkpoints in `out` every save_every steps and at the end; `state` (load_run_state) resumes; a
+      non-finite loss or a full disk leaves the last good checkpoint; out/log.jsonl (TrainingLog);
     - stop(sae, state) turning true after a step (Ctrl-C): a checkpoint, then Interrupted;
-    - the steps' seconds on `clock`, counting a step's batch and update and nothing else (no checkpoint, no
-      stop, no evaluation), and each latent's importance and frequency (RunState);
-    - a `budget` of seconds (--match time; a resumed `state` brings its own): train until the steps have used
-      it, stopping after the first step that reaches it, the learning rate following time (TimeSchedule);
-      without one, cfg.steps steps;
-    - Matryoshka training (section 14) when `matryoshka` gives prefix sizes, checked here once;
-    - precision "bf16": train_step under bfloat16 autocast (the encoder GEMM and what follows it), with float32
-      weights, gradients and AdamW state, as sparsify trains on CUDA;
-    - data parallel (`sync`, a sum over processes; this process is `rank`): `batches` yields this process's
-      slice of each batch, and the loss's variances, the gradients and the statistics are summed over
-      processes, here and nowhere else; every process counts rank 0's seconds, so that all take the same
-      learning rates and stop at the same step.
+    - the steps' seconds on `clock` (a step's batch and update only); a `budget` of seconds (--match time)
+      trains until the steps have used it, the learning rate following time (TimeSchedule);
+    - Matryoshka training (section 14) for `matryoshka` prefix sizes; precision "bf16": bfloat16 autocast
+      with float32 weights, gradients and AdamW state;
+    - data parallel (`sync` sums over processes; this one is `rank`): variances, gradients and statistics
+      are summed here and nowhere else, and every process counts rank 0's seconds.
     """
     state = state or RunState.fresh(sae, cfg, budget)
     device = sae.W_dec.device
     scaled = batches if scale == 1.0 else (x * scale for x in batches)
     variance, loss_fn, hooks = step_functions(sae, sync, matryoshka)
-    x = next(scaled).to(device, non_blocking=True)
-    sae.check_input(x)
-    if sync is None:
-        start_b_dec_(sae, x.mean(0))
-    else:  # the whole batch's mean, over every process's slice
-        start_b_dec_(sae, sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
+    x = first_batch(sae, scaled, device, sync)
     first = state.step
     log = TrainingLog(out, log_every, cfg, first)
     # (F,) AuxK's latents; a resumed run may have some
@@ -4042,15 +4032,7 @@ def run_training(
                 stats, enc = train_step(
                     sae, state.optimizer, x, dead, cfg, variance, loss_fn, dead_count
                 )
-            fired = fire_counts(enc, sae.F)  # (F,)
-            # each process holds its share of the loss terms: their sum is the batch's
-            if sync is not None:
-                totals = sync(torch.stack(list(stats)).to(wide_dtype(device)))
-                stats, fired = StepStats(*totals), sync(fired)
-            # as train does, from every process's firings
-            state.tokens_since_fired += stats.tokens.long()
-            state.tokens_since_fired.masked_fill_(fired > 0, 0)
-            dead = state.tokens_since_fired >= cfg.dead_after
+            stats, dead = count_step_(state, stats, enc, cfg, sync)
             stats, dead_count = read_step(stats, dead, step, out)
             state.latents.update(enc.values.detach(), enc.indices, sync)
             state.losses.append(stats.loss)
@@ -4071,6 +4053,30 @@ def run_training(
         bar.close()
     fold_input_scale_(sae, scale)
     return state
+
+
+def first_batch(sae, scaled, device, sync: Sync) -> torch.Tensor:
+    """The first batch, checked, and a fresh SAE's b_dec at its mean (over every process's slice)."""
+    x = next(scaled).to(device, non_blocking=True)
+    sae.check_input(x)
+    if sync is None:
+        start_b_dec_(sae, x.mean(0))
+    else:
+        start_b_dec_(sae, sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
+    return x
+
+
+def count_step_(state, stats: StepStats, enc: Encoding, cfg: TrainConfig, sync: Sync):
+    """As `train` does: each latent's tokens since it fired, from every process's firings, and the dead
+    latents for the next step. Each process holds its share of the loss terms: their sum is the batch's."""
+    fired = fire_counts(enc, len(state.tokens_since_fired))  # (F,)
+    if sync is not None:
+        totals = sync(torch.stack(list(stats)).to(wide_dtype(fired.device)))
+        stats = StepStats(*totals)
+        fired = sync(fired)
+    state.tokens_since_fired += stats.tokens.long()
+    state.tokens_since_fired.masked_fill_(fired > 0, 0)
+    return stats, state.tokens_since_fired >= cfg.dead_after
 
 
 def step_functions(sae, sync: Sync, matryoshka: tuple) -> tuple:

@@ -293,9 +293,12 @@ def test_select_is_exact_on_bfloat16_scores(kernel):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_bf16_training_rounds_differently_and_tracks_fp32(arch):
+def test_bf16_training_rounds_differently_and_tracks_fp32(arch, monkeypatch):
     """--precision bf16 changes every step's numbers (so autocast is on), and the run still ends within 0.02
-    EV of the float32 one. That weights and AdamW stay float32 is autocast's own rule, not tested here."""
+    EV of the float32 one. That weights and AdamW stay float32 is autocast's own rule, not tested here.
+    The selection's scores and the sparse kernels stay float32 under autocast: the dense twins, whose
+    GEMMs autocast rounds, are what this run takes."""
+    monkeypatch.setattr(K, "prefer_dense", lambda *a: True)
     x = K.make_dataset(6000, d=32, F_true=128, k_true=4)
     # AuxK on for part of the run
     cfg = K.TrainConfig(steps=120, batch=256, dead_tokens=256 * 5)
@@ -392,15 +395,18 @@ def test_bf16_kernels_give_float64s_gradients_under_both_recipes(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["inside", "outside"])
 @pytest.mark.parametrize("arch", ["topk", "kron"])
-def test_bf16_bias_gradients_are_float64s_within_3_percent(arch, monkeypatch):
-    """End to end, bfloat16 scores choose some other latents near the k-th, which
-    moves the weights' gradients by a few percent (README); the biases' sums over
-    all tokens, 88-111% off when they were summed in bfloat16, stay within 3%."""
+def test_bf16_gradients_are_float64s_within_3_percent_end_to_end(
+    arch, recipe, monkeypatch
+):
+    """End to end, bfloat16 choosing its own latents: the selection's scores stay
+    float32, so the same latents win, and every gradient, the biases' sums over all
+    tokens included (88-111% off when they were summed in bfloat16), is within 3%."""
     monkeypatch.setattr(K, "prefer_dense", lambda *a: False)
     sae, x, dead, dead_count = bf16_problem(arch)
-    errors = bf16_gradient_errors(sae, x, dead, dead_count, "outside")
-    assert errors["b_dec"] < 0.03 and errors["b_enc"] < 0.03, errors
+    errors = bf16_gradient_errors(sae, x, dead, dead_count, recipe)
+    assert max(errors.values()) < 0.03, errors
 
 
 class DeviceReads(TorchDispatchMode):
