@@ -2658,8 +2658,8 @@ def sae_config(sae: SparseAutoencoder) -> dict:
     if not names:
         kinds = " or ".join(cls.__name__ for cls, _ in ARCHS.values())
         raise ValueError(
-            f"a {type(sae).__name__} has no checkpoint format, only a {kinds} has (a NaiveKronSAE's "
-            f"state_dict loads into a KronSAE of the same shape, the same SAE: save that)"
+            f"cannot save a {type(sae).__name__}: checkpoints hold a {kinds} only. A NaiveKronSAE's "
+            f"state_dict loads into a KronSAE of the same shape, which is the same SAE: save that"
         )
     arch = names[0]
     return {
@@ -2745,7 +2745,7 @@ def save(sae: SparseAutoencoder, directory: str):
     the last finite checkpoint stays."""
     from safetensors.torch import save as safetensors_bytes
 
-    # an SAE with no checkpoint format is refused before anything is written
+    # An SAE with no checkpoint format is refused before anything is written.
     config = sae_config(sae)
     bad = [name for name, t in sae.state_dict().items() if not torch.isfinite(t).all()]
     if bad:
@@ -2774,7 +2774,7 @@ def load(directory: str, device="cpu") -> SparseAutoencoder:
     try:
         sae = build_sae(json.loads(Path(directory, "config.json").read_text()))
         weights = load_file(Path(directory, "sae.safetensors"))
-        # load_state_dict copies into the existing float32 tensors: cast them first
+        # load_state_dict copies into the float32 tensors: give them the saved dtype first.
         sae.to(weights["W_dec"].dtype).load_state_dict(weights)
     except (
         Exception
@@ -2968,7 +2968,8 @@ def export_saelens(directory: str, destination: str) -> Path:
     from safetensors.torch import save as safetensors_bytes
 
     check_writable(destination, "to saelens", directory=True)
-    sae = load(directory).float()  # cfg.json says float32, whatever it was saved in
+    # The export's cfg.json says float32, whatever the checkpoint holds.
+    sae = load(directory).float()
     if not isinstance(sae, TopKSAE):
         raise ValueError(
             f"{directory} holds a KronSAE; SAELens has no architecture that computes mAND over "
@@ -4751,7 +4752,7 @@ def inspect_sae(
     content: per-latent statistics and examples, per-pre-latent ones for KronSAE, the summary) and the streams."""
     store = ActivationStore(data)
     store.text(0)  # a one-line error for old stores
-    sae = load(directory).float()  # as the store's rows are read
+    sae = load(directory).float()  # The store's rows are read as float32.
     if sae.d_in != store.d:
         raise ValueError(
             f"the SAE in {directory} reads d={sae.d_in}, the store {data} holds d={store.d}"
@@ -5645,7 +5646,8 @@ def absorption(
     or prompts load."""
     from transformers import AutoConfig
 
-    saes = [load(d).float() for d in directories]  # as the prompts' activations are
+    # The prompts' activations are float32.
+    saes = [load(d).float() for d in directories]
     name, extra = model_source(model_name)
     config = from_pretrained(AutoConfig.from_pretrained, name, extra)
     check_layer(config, layer)
