@@ -3192,9 +3192,9 @@ def arch_of(sae: SparseAutoencoder) -> Arch:
             return arch
     kinds = " or ".join(a.cls.__name__ for a in ARCHS.values())
     raise ValueError(
-        f"a {type(sae).__name__} has no checkpoint format, only a {kinds} has (a "
-        f"NaiveKronSAE's state_dict loads into a KronSAE of the same shape, the same "
-        f"SAE: save that)"
+        f"cannot save a {type(sae).__name__}: checkpoints hold a {kinds} only. A "
+        f"NaiveKronSAE's state_dict loads into a KronSAE of the same shape, which is "
+        f"the same SAE: save that"
     )
 
 
@@ -3225,7 +3225,7 @@ def save(sae: SparseAutoencoder, directory: str, provenance: Optional[dict] = No
     checkpoint stays."""
     from safetensors.torch import save as safetensors_bytes
 
-    # an SAE with no checkpoint format is refused before anything is written
+    # An SAE with no checkpoint format is refused before anything is written.
     config = sae_config(sae)
     bad = [name for name, t in sae.state_dict().items() if not torch.isfinite(t).all()]
     if bad:
@@ -6909,7 +6909,8 @@ def absorption(
     or prompts load."""
     from transformers import AutoConfig
 
-    saes = [load(d).float() for d in directories]  # as the prompts' activations are
+    # The prompts' activations are float32.
+    saes = [load(d).float() for d in directories]
     name, extra = model_source(model_name)
     config = from_pretrained(AutoConfig.from_pretrained, name, extra)
     check_layer(config, layer)
