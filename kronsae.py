@@ -3908,14 +3908,19 @@ class TrainingLog:
         return read_log(self.path) if self.path is not None else []
 
     def add(
-        self, step: int, stats: StepStats, dead: float, tokens: int, seconds: float
+        self,
+        step: int,
+        stats: StepStats,
+        dead: float,
+        tokens: int,
+        seconds: float,
+        lr: float,
+        last: bool = False,
     ):
-        """The line of the step that brought the run to `step` steps, if one is due."""
-        cfg = self.cfg
-        if self.path is None or (step % self.every and step != cfg.steps):
+        """The line of the step that brought the run to `step` steps, if one is due (and
+        of the last step); `lr` is the rate that step ran at."""
+        if self.path is None or (step % self.every and not last):
             return
-        # The rate that step ran at: the schedule's factor before its own step() (paper A.1).
-        lr = cfg.lr * lr_factor(step - 1, cfg.steps, cfg.warmup, cfg.min_lr / cfg.lr)
         line = {
             "step": step,
             "tokens": tokens,
@@ -4022,6 +4027,7 @@ def run_training(
     try:
         while not state.finished(cfg):
             step = state.step
+            lr = state.optimizer.param_groups[0]["lr"]  # the rate this step runs at
             start = clock()
             if step > first:
                 x = next(scaled).to(device, non_blocking=True)
@@ -4043,7 +4049,15 @@ def run_training(
             if step % 10 == 0 or done:
                 show_progress(bar, stats, dead=f"{dead_count / sae.F:.1%}")
             dead_share = dead_count / sae.F
-            log.add(state.step, stats, dead_share, state.latents.tokens, state.seconds)
+            log.add(
+                state.step,
+                stats,
+                dead_share,
+                state.latents.tokens,
+                state.seconds,
+                lr,
+                done,
+            )
             checkpoint_or_stop(
                 sae, state, done, cfg, batches, scale, out, save_every, stop, sync
             )
