@@ -4510,6 +4510,20 @@ def test_inspect_pre_latent_statistics_equal_a_naive_recount(inspected):
     )
 
 
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_first_latents_are_the_dense_codes_first_columns(arch):
+    sae = perturb_(K.SAEConfig(dict_size=64, m=2, n=4, k=8).build(arch, 16))
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        for count in (1, 16, 64):
+            torch.testing.assert_close(
+                K.first_latents(sae, x, count),
+                K.dense_code(sae, x)[:, :count],
+                rtol=0,
+                atol=0,
+            )
+
+
 def test_inspect_examples_show_the_right_text(inspected, tiny_lm):
     tmp, sae, inspection = inspected
     _, tokenizer, _ = K.load_lm(str(tiny_lm[0]), "cpu")
@@ -5944,6 +5958,23 @@ def test_a_crafted_resume_state_is_refused_and_never_runs(tmp_path, capsys):
         K.load_run_state(
             tmp_path / "run" / "kron", K.KronSAE(16, 8, 2, 4, 4), K.TrainConfig(), None
         )
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_run_json_that_lies_about_the_sae_before_building_it(
+    tmp_path, capsys
+):
+    run_small(tmp_path, "--out", str(tmp_path / "run"), "--arch", "topk", steps=4)
+    path = tmp_path / "run" / "run.json"
+    run = json.loads(path.read_text())
+    run["sae"]["dict_size"] = 10**9  # 64 GB of W_enc if believed
+    path.write_text(json.dumps(run))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        K.main(["--resume", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.json gives dict_size = 1000000000, " in err[0], err
+    assert "sae.safetensors has 64" in err[0]
 
 
 def test_resume_state_round_trips_under_weights_only(tmp_path):
