@@ -981,48 +981,135 @@ def show_progress(bar, stats: StepStats, **more):
     )
 
 
+@dataclass
+class TrainState:
+    """What the loop carries from step to step: AdamW, its schedule (paper A.1), each
+    latent's tokens since it last fired, the step and the losses so far."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    tokens_since_fired: torch.Tensor  # (F,)
+    step: int = 0
+    losses: list = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, sae: SparseAutoencoder, cfg: TrainConfig) -> TrainState:
+        optimizer = make_optimizer(sae, cfg.lr)
+        since = torch.zeros(sae.F, dtype=torch.long, device=sae.W_dec.device)
+        return cls(optimizer, make_schedule(optimizer, cfg), since)
+
+    def finished(self, cfg: TrainConfig) -> bool:
+        return self.step >= cfg.steps
+
+    def advance(self):
+        """Count one finished step: the step, and the schedule's next rate."""
+        self.step += 1
+        self.schedule.step()
+
+    def progress_bar(self, sae: SparseAutoencoder, cfg: TrainConfig, progress: bool):
+        name = type(sae).__name__
+        return tqdm(
+            desc=name,
+            total=cfg.steps,
+            initial=self.step,
+            disable=not progress,
+            leave=False,
+        )
+
+    def update_bar(self, bar):
+        bar.update(1)
+
+
+class StepHooks:
+    """The places where Part 2's run_training joins this loop: its RunHooks add data
+    parallel, bfloat16, timing, the training log, checkpoints and Ctrl-C. Here each
+    does nothing, so with these `train` is the plain loop of the method."""
+
+    variance = staticmethod(total_variance)  # a batch's total variance (section 4)
+    loss_fn = staticmethod(reconstruction_loss)  # the reconstruction term
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The first batch's mean, where a fresh b_dec starts."""
+        return x.mean(0)
+
+    def start_step(self, state: TrainState):
+        """Before a step fetches its batch."""
+
+    def precision(self):
+        """A context for the step's forward, backward and update."""
+        return contextlib.nullcontext()
+
+    def total(self, stats: StepStats, fired: torch.Tensor) -> tuple:
+        """The step's stats and (F,) firing counts, for the whole batch."""
+        return stats, fired
+
+    def end_step(self, state: TrainState):
+        """After the step's one read from the device, before it is counted."""
+
+    def after_step(self, sae, state: TrainState, stats: StepStats, enc, dead_count):
+        """Once the step is counted."""
+
+
 def train(
     sae: SparseAutoencoder,
     batches: Iterator[torch.Tensor],
     cfg: TrainConfig,
     progress: bool = True,
+    state: Optional[TrainState] = None,
+    hooks: Optional[StepHooks] = None,
 ) -> list[float]:
     """Train `sae` in place for cfg.steps steps on batches (B, d). Returns the
-    losses. (Part 2's run_training adds checkpoints, restarts and data parallel.)"""
+    losses. `state` continues a run; `hooks` is how Part 2's run_training adds
+    checkpoints, restarts and data parallel."""
     device = sae.W_dec.device
-    optimizer = make_optimizer(sae, cfg.lr)
-    schedule = make_schedule(optimizer, cfg)
+    state = state or TrainState.fresh(sae, cfg)
+    hooks = hooks or StepHooks()
 
     # Gao et al.: a latent that has not fired for cfg.dead_after tokens is dead.
-    tokens_since_fired = torch.zeros(sae.F, dtype=torch.long, device=device)
-    dead = tokens_since_fired >= cfg.dead_after  # (F,)
-    dead_count = 0
+    # None are at the start; a run that continues reads how many it has.
+    dead = state.tokens_since_fired >= cfg.dead_after  # (F,)
+    dead_count = int(dead.sum()) if state.step else 0
 
-    losses = []
-    bar = tqdm(
-        range(cfg.steps), desc=type(sae).__name__, disable=not progress, leave=False
-    )
-    for step in bar:
-        x = next(batches).to(device, non_blocking=True)
-        if step == 0:
-            sae.check_input(x)
-            start_b_dec_(sae, x.mean(0))
+    x = next(batches).to(device, non_blocking=True)
+    sae.check_input(x)
+    start_b_dec_(sae, hooks.mean(x))
 
-        stats, enc = train_step(sae, optimizer, x, dead, cfg, dead_count=dead_count)
-        schedule.step()
+    first = state.step
+    with state.progress_bar(sae, cfg, progress) as bar:
+        while not state.finished(cfg):
+            step = state.step
+            hooks.start_step(state)
+            if step > first:
+                x = next(batches).to(device, non_blocking=True)
+            with hooks.precision():
+                stats, enc = train_step(
+                    sae,
+                    state.optimizer,
+                    x,
+                    dead,
+                    cfg,
+                    variance=hooks.variance,
+                    loss_fn=hooks.loss_fn,
+                    dead_count=dead_count,
+                )
 
-        tokens_since_fired += len(x)
-        tokens_since_fired.masked_fill_(fire_counts(enc, sae.F) > 0, 0)
-        dead = tokens_since_fired >= cfg.dead_after
+            stats, fired = hooks.total(stats, fire_counts(enc, sae.F))
+            state.tokens_since_fired += stats.tokens.long()
+            state.tokens_since_fired.masked_fill_(fired > 0, 0)
+            dead = state.tokens_since_fired >= cfg.dead_after
 
-        # The step's one read from the device: its stats and the next dead count.
-        stats, extra = stats.read(dead.sum())
-        dead_count = int(extra[0])
+            # The step's one read from the device: its stats and the next dead count.
+            stats, extra = stats.read(dead.sum())
+            dead_count = int(extra[0])
 
-        losses.append(stats.loss)
-        if step % 10 == 0 or step == cfg.steps - 1:
-            show_progress(bar, stats)
-    return losses
+            state.losses.append(stats.loss)
+            hooks.end_step(state)
+            state.advance()
+            state.update_bar(bar)
+            if step % 10 == 0 or state.finished(cfg):
+                show_progress(bar, stats, dead=f"{dead_count / sae.F:.1%}")
+            hooks.after_step(sae, state, stats, enc, dead_count)
+    return state.losses
 
 
 # #####################################################################################
@@ -1034,6 +1121,69 @@ def train(
 # PART 2: THE TOOLING
 
 # ============================================================================= 6. Devices, seeds and processes
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16")
+
+
+def flag_of(name: str) -> str:
+    """A config field's command-line flag: dict_size -> --dict-size."""
+    return "--" + name.replace("_", "-")
+
+
+def check_choice(name: str, value, choices: tuple):
+    """Refuse a value outside `choices`, naming the flag and every choice."""
+    if value not in choices:
+        listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
+        raise ValueError(f"{flag_of(name)} must be {listed}, got {value!r}")
+
+
+def check_seed(seed: int):
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+
+
+def check_seeds(seeds: int):
+    """A sweep's --seeds: how many seeds, from --seed on."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+
+
+# The parsers of flags whose value is one string of several parts. They sit here, before
+# the configs whose fields name them (opt's `parse`).
+
+
+def comma_ints(text: str) -> tuple:
+    """'256,512,1024' -> (256, 512, 1024), for flags that take a list."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def kron_shapes(text: str) -> tuple:
+    """'2x8,4x4' -> ((2, 8), (4, 4)): KronSAE shapes (m, n)."""
+    parts = [t.strip().lower() for t in text.split(",") if t.strip()]
+    found = [re.fullmatch(r"(\d+)x(\d+)", part) for part in parts]
+    if (
+        not parts
+        or not all(found)
+        or any(int(g) < 1 for f in found for g in f.groups())
+    ):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated shapes MxN such as 2x8,4x4, got {text!r}"
+        )
+    return tuple((int(f[1]), int(f[2])) for f in found)
+
+
+def zero_one(text: str) -> bool:
+    """'1' -> True, '0' -> False: the benchmark's switches, which take a value."""
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def check_device(name: str):
@@ -2701,68 +2851,39 @@ def dropped_tokens(
     }
 
 
-def lm_data(
-    cfg: DataConfig, seed: int, device
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs),
-    with massive activations filtered out. Whole contexts are held out, so the LM cost is measured on text
-    the SAE never saw."""
-    model, tokenizer, causal = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
-    if tokenizer.bos_token_id is None:
-        print(
-            f"note: the tokenizer of {cfg.model} has no BOS token, so contexts start with its own special "
-            f"tokens {tokenizer.convert_ids_to_tokens(special_wrapping(tokenizer)[0])} or with text"
-        )
-    before, after = context_wrapping(tokenizer)  # read only what is needed:
-    # rows kept per context, at least
+def lm_contexts(cfg: DataConfig, tokenizer, seed: int):
+    """The shuffled contexts (N, T) for --max-tokens of training rows and --eval-tokens held out, their
+    token mask (N, T), and n_eval, the number of whole contexts held out at the front."""
+    before, after = context_wrapping(tokenizer)
+
+    # rows kept per context, at least: read only as much text as is needed
     per_context = max(1, cfg.ctx - len(before) - len(after) - 1)
-    contexts = make_contexts(
-        tokenizer,
-        cfg.text,
-        cfg.ctx,
-        (cfg.max_tokens + cfg.eval_tokens) // per_context + 2,
-    )
-    perm = torch.randperm(
-        contexts.shape[0], generator=torch.Generator().manual_seed(seed)
-    )
-    contexts = contexts[perm]
-    mask = token_mask(contexts, tokenizer.all_special_ids, cfg.keep_first)  # (N, T)
+    n_contexts = (cfg.max_tokens + cfg.eval_tokens) // per_context + 2
+    contexts = make_contexts(tokenizer, cfg.text, cfg.ctx, n_contexts)
+
+    generator = torch.Generator().manual_seed(seed)
+    contexts = contexts[torch.randperm(contexts.shape[0], generator=generator)]
+    mask = token_mask(contexts, tokenizer.all_special_ids, cfg.keep_first)
+
     n_eval = math.ceil(cfg.eval_tokens / max(1, int(mask[0].sum())))
     if n_eval >= contexts.shape[0]:
         raise ValueError(
             f"text too short: {contexts.shape[0]} contexts of {cfg.ctx} tokens, but holding out "
             f"eval_tokens={cfg.eval_tokens} takes {n_eval}; add text or lower --eval-tokens"
         )
-    train_acts = harvest(
-        model,
-        contexts[n_eval:],
-        cfg.layer,
-        mask[n_eval:],
-        cfg.model_batch,
-        cfg.max_tokens,
-    )
-    eval_acts = harvest(
-        model,
-        contexts[:n_eval],
-        cfg.layer,
-        mask[:n_eval],
-        cfg.model_batch,
-        cfg.eval_tokens,
-    )
-    # how the activations were made, as a store's manifest would say it
-    info = store_info(cfg, tokenizer, 0.0, model_hooks(model, cfg.layer))
+    return contexts, mask, n_eval
+
+
+def save_lm_acts(cfg: DataConfig, parts, contexts, mask, info: dict) -> None:
+    """Write the harvested rows to --save-acts: a .pt file, or a store with `info` in its manifest.
+    `parts` pairs each block of rows with the slice of contexts it came from."""
     if cfg.save_acts.endswith(".pt"):
-        write_atomic(
-            cfg.save_acts,
-            lambda f: f.write(torch_bytes(torch.cat([train_acts, eval_acts]))),
-        )
-    elif cfg.save_acts:
+        rows = torch.cat([acts for acts, _ in parts])
+        write_atomic(cfg.save_acts, lambda f: f.write(torch_bytes(rows)))
+    else:
         try:
             writer = StoreWriter(cfg.save_acts, cfg.dtype)
-            for acts, part in (
-                (train_acts, slice(n_eval, None)),
-                (eval_acts, slice(n_eval)),
-            ):
+            for acts, part in parts:
                 writer.add(acts, *store_args(contexts[part], mask[part], acts.shape[0]))
             writer.finish(**info)
         except WriteError as err:
@@ -2770,10 +2891,59 @@ def lm_data(
                 f"{err}; the store in {cfg.save_acts} is unfinished and will be refused by training; "
                 f"free some space, then run again with --overwrite"
             ) from None
-    if cfg.save_acts:
+    n_rows = sum(acts.shape[0] for acts, _ in parts)
+    print(f"saved {n_rows} activations to {cfg.save_acts}")
+
+
+def print_lm_notes(name: str, tokenizer, causal: bool) -> None:
+    """Say what a model lacks that a user would otherwise assume: a BOS token, a causal LM head."""
+    if tokenizer.bos_token_id is None:
+        first = tokenizer.convert_ids_to_tokens(special_wrapping(tokenizer)[0])
         print(
-            f"saved {train_acts.shape[0] + eval_acts.shape[0]} activations to {cfg.save_acts}"
+            f"note: the tokenizer of {name} has no BOS token, so contexts start with its own special "
+            f"tokens {first} or with text"
         )
+    if not causal:
+        print(
+            f"note: {name} is not a causal LM, so there is no loss-recovered evaluation"
+        )
+
+
+def lm_data(
+    cfg: DataConfig, seed: int, device
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Harvest hidden_states[layer] from --model on --text: (train acts, held-out acts, what lm_cost needs),
+    with massive activations filtered out. Whole contexts are held out, so the LM cost is measured on text
+    the SAE never saw."""
+    model, tokenizer, causal = load_lm(cfg.model, device, cfg.layer, cfg.ctx)
+    print_lm_notes(cfg.model, tokenizer, causal)
+
+    contexts, mask, n_eval = lm_contexts(cfg, tokenizer, seed)
+    train_part = slice(n_eval, None)
+    eval_part = slice(n_eval)
+    train_acts = harvest(
+        model,
+        contexts[train_part],
+        cfg.layer,
+        mask[train_part],
+        cfg.model_batch,
+        cfg.max_tokens,
+    )
+    eval_acts = harvest(
+        model,
+        contexts[eval_part],
+        cfg.layer,
+        mask[eval_part],
+        cfg.model_batch,
+        cfg.eval_tokens,
+    )
+
+    # how the activations were made, as a store's manifest would say it
+    info = store_info(cfg, tokenizer, 0.0, model_hooks(model, cfg.layer))
+    if cfg.save_acts:
+        parts = [(train_acts, train_part), (eval_acts, eval_part)]
+        save_lm_acts(cfg, parts, contexts, mask, info)
+
     raw = train_acts
     train_acts, eval_acts, report = filter_massive(
         train_acts,
@@ -2782,32 +2952,22 @@ def lm_data(
         cfg.norm_figure,
         f"{Path(cfg.model).name}, hidden_states[{cfg.layer}]",
     )
-    report["train"].update(
-        dropped_tokens(
-            raw,
-            report["train"]["threshold"],
-            contexts[n_eval:],
-            mask[n_eval:],
-            tokenizer,
-        )
+    threshold = report["train"]["threshold"]
+    dropped = dropped_tokens(
+        raw, threshold, contexts[train_part], mask[train_part], tokenizer
     )
+    report["train"].update(dropped)
     report["harvest"] = info
-    if not causal:
-        print(
-            f"note: {cfg.model} is not a causal LM, so there is no loss-recovered evaluation"
-        )
-    return (
-        train_acts,
-        eval_acts,
-        {
-            "model": model,
-            "contexts": contexts[:n_eval],
-            "mask": mask[:n_eval],
-            "splice": causal,
-            "max_norm": report["train"]["threshold"],
-            "report": report,
-        },
-    )
+
+    lm = {
+        "model": model,
+        "contexts": contexts[eval_part],
+        "mask": mask[eval_part],
+        "splice": causal,
+        "max_norm": threshold,
+        "report": report,
+    }
+    return train_acts, eval_acts, lm
 
 
 def file_digest(path) -> dict:
@@ -3470,20 +3630,15 @@ class TimeSchedule(torch.optim.lr_scheduler.LRScheduler):
 
 
 @dataclass
-class RunState:
-    """What run_training carries from step to step, and what a checkpoint saves to resume exactly: AdamW, the
-    schedule (paper A.1), the dead-latent counts, each latent's statistics, the step, the losses so far and the
-    steps' wall time. With a `budget` of seconds (--match time) the run ends once its steps have used it, and
-    the schedule runs on their seconds; without one it ends after cfg.steps steps."""
+class RunState(TrainState):
+    """What run_training carries from step to step (TrainState), and what a checkpoint saves to resume exactly:
+    AdamW, the schedule (paper A.1), the dead-latent counts, each latent's statistics, the step, the losses so far
+    and the steps' wall time. With a `budget` of seconds (--match time) the run ends once its steps have used it,
+    and the schedule runs on their seconds; without one it ends after cfg.steps steps."""
 
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    # (F,) tokens since each latent last fired (section 5)
-    tokens_since_fired: torch.Tensor
-    latents: LatentStats
-    step: int = 0
-    losses: list = field(default_factory=list)
+    latents: Optional[LatentStats] = None
     seconds: float = 0.0
+    step_seconds: float = 0.0  # the last step's
     budget: Optional[float] = None
     # Where the run comes from (checkpoint_provenance), for every checkpoint's config.json. It is not part
     # of the resume state: a resumed run rebuilds it from its settings.
@@ -3499,16 +3654,16 @@ class RunState:
             schedule = make_schedule(optimizer, cfg)
         else:
             schedule = TimeSchedule(optimizer, cfg, budget)
-        return cls(
-            optimizer, schedule, since, LatentStats(sae.F, device), budget=budget
-        )
+        latents = LatentStats(sae.F, device)
+        return cls(optimizer, schedule, since, latents=latents, budget=budget)
 
-    def advance(self, seconds: float):
-        """Count one finished step that took `seconds`: the step count, the seconds used and the schedule."""
+    def advance(self):
+        """Count one finished step, which took step_seconds (RunHooks.end_step times it): the step count, the
+        seconds used and the schedule."""
         self.step += 1
-        self.seconds += seconds
+        self.seconds += self.step_seconds
         if isinstance(self.schedule, TimeSchedule):
-            self.schedule.advance(self.seconds, seconds)
+            self.schedule.advance(self.seconds, self.step_seconds)
         else:
             self.schedule.step()
 
@@ -3523,6 +3678,27 @@ class RunState:
         if self.budget is None:
             return str(cfg.steps)
         return f"a {self.budget:.1f} s budget ({self.seconds:.1f} s used)"
+
+    def progress_bar(self, sae: SparseAutoencoder, cfg: TrainConfig, progress: bool):
+        """In steps, or in the budget's seconds when there is one."""
+        if self.budget is None:
+            return super().progress_bar(sae, cfg, progress)
+        return tqdm(
+            desc=type(sae).__name__,
+            total=self.budget,
+            initial=self.seconds,
+            disable=not progress,
+            leave=False,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of steps "
+            "[{elapsed}<{remaining}{postfix}]",
+        )
+
+    def update_bar(self, bar):
+        """One step more; in seconds, up to the budget (the last step passes it)."""
+        if self.budget is None:
+            bar.update(1)
+        else:
+            bar.update(min(self.seconds, self.budget) - bar.n)
 
 
 # The resume state holds tensors, numbers, strings and plain containers only, so that torch.load reads it with
@@ -4001,7 +4177,7 @@ def run_training(
     rank: int = 0,
     log_every: int = 0,
 ) -> RunState:
-    """Part 1's `train` loop, with what a real run needs around train_step:
+    """Part 1's `train`, with what a real run needs around its steps (RunHooks):
     - `scale` (--normalize) multiplies the batches and is folded back at the end: checkpoints are for raw x;
     - checkpoints in `out` every save_every steps and at the end; `state` (load_run_state) resumes; a
       non-finite loss or a full disk leaves the last good checkpoint; out/log.jsonl (TrainingLog);
@@ -4014,83 +4190,97 @@ def run_training(
       are summed here and nowhere else, and every process counts rank 0's seconds.
     """
     state = state or RunState.fresh(sae, cfg, budget)
-    device = sae.W_dec.device
     scaled = batches if scale == 1.0 else (x * scale for x in batches)
-    variance, loss_fn, hooks = step_functions(sae, sync, matryoshka)
-    x = first_batch(sae, scaled, device, sync)
-    first = state.step
-    log = TrainingLog(out, log_every, cfg, first)
-    # (F,) AuxK's latents; a resumed run may have some
-    dead = state.tokens_since_fired >= cfg.dead_after
-    dead_count = int(dead.sum())
-    bar = training_bar(sae, state, cfg, progress)
+    saving = Saving(out, save_every, stop, batches, scale)
+    hooks = RunHooks(sae, cfg, state, saving, sync, matryoshka, precision, clock, rank)
+    hooks.log = TrainingLog(out, log_every, cfg, state.step)
     try:
-        while not state.finished(cfg):
-            step = state.step
-            lr = state.optimizer.param_groups[0]["lr"]  # the rate this step runs at
-            start = clock()
-            if step > first:
-                x = next(scaled).to(device, non_blocking=True)
-            # fresh gradients: weight_grad would add into kept ones without the hooks firing
-            if sync is not None:
-                state.optimizer.zero_grad(set_to_none=True)
-            with autocast_if(precision == "bf16", device):
-                stats, enc = train_step(
-                    sae, state.optimizer, x, dead, cfg, variance, loss_fn, dead_count
-                )
-            stats, dead = count_step_(state, stats, enc, cfg, sync)
-            stats, dead_count = read_step(stats, dead, step, out)
-            state.latents.update(enc.values.detach(), enc.indices, sync)
-            state.losses.append(stats.loss)
-            seconds = rank0_value(clock() - start, sync, rank, device)
-            state.advance(seconds)
-            advance_bar(bar, state)
-            done = state.finished(cfg)
-            if step % 10 == 0 or done:
-                show_progress(bar, stats, dead=f"{dead_count / sae.F:.1%}")
-            dead_share = dead_count / sae.F
-            log.add(
-                state.step,
-                stats,
-                dead_share,
-                state.latents.tokens,
-                state.seconds,
-                lr,
-                done,
-            )
-            checkpoint_or_stop(
-                sae, state, done, cfg, batches, scale, out, save_every, stop, sync
-            )
+        train(sae, scaled, cfg, progress, state, hooks)
+    except FloatingPointError as err:
+        kept = out and Path(out, "sae.safetensors").exists()
+        where = (
+            f"last good checkpoint kept in {out}"
+            if kept
+            else "no checkpoint was written"
+        )
+        raise FloatingPointError(
+            f"training stopped at step {state.step}: {err}; {where}"
+        ) from None
     finally:
-        for hook in hooks:
-            hook.remove()
-        bar.close()
+        hooks.remove()
     fold_input_scale_(sae, scale)
     return state
 
 
-def first_batch(sae, scaled, device, sync: Sync) -> torch.Tensor:
-    """The first batch, checked, and a fresh SAE's b_dec at its mean (over every process's slice)."""
-    x = next(scaled).to(device, non_blocking=True)
-    sae.check_input(x)
-    if sync is None:
-        start_b_dec_(sae, x.mean(0))
-    else:
-        start_b_dec_(sae, sync(x.sum(0)) / sync(x.new_tensor(float(len(x)))))
-    return x
+class Saving(NamedTuple):
+    """Where and when run_training checkpoints, and what a checkpoint needs of the data."""
+
+    out: str
+    save_every: int
+    stop: Optional[Callable]
+    batches: Iterator[torch.Tensor]  # the data stream, whose cursor a checkpoint saves
+    scale: float
 
 
-def count_step_(state, stats: StepStats, enc: Encoding, cfg: TrainConfig, sync: Sync):
-    """As `train` does: each latent's tokens since it fired, from every process's firings, and the dead
-    latents for the next step. Each process holds its share of the loss terms: their sum is the batch's."""
-    fired = fire_counts(enc, len(state.tokens_since_fired))  # (F,)
-    if sync is not None:
-        totals = sync(torch.stack(list(stats)).to(wide_dtype(fired.device)))
-        stats = StepStats(*totals)
-        fired = sync(fired)
-    state.tokens_since_fired += stats.tokens.long()
-    state.tokens_since_fired.masked_fill_(fired > 0, 0)
-    return stats, state.tokens_since_fired >= cfg.dead_after
+class RunHooks(StepHooks):
+    """Part 1's StepHooks for a real run (run_training): data parallel, bfloat16, the clock,
+    the training log, checkpoints and Ctrl-C."""
+
+    def __init__(
+        self, sae, cfg, state, saving: Saving, sync, matryoshka, precision, clock, rank
+    ):
+        self.cfg, self.saving, self.sync, self.rank = cfg, saving, sync, rank
+        self.bf16 = precision == "bf16"
+        self.clock = clock
+        self.device = sae.W_dec.device
+        self.log: Optional[TrainingLog] = None
+        self.started = 0.0
+        self.lr = state.optimizer.param_groups[0]["lr"]
+        self.variance, self.loss_fn, self.grad_hooks = step_functions(
+            sae, sync, matryoshka
+        )
+
+    def mean(self, x):
+        """Over every process's slice of the first batch."""
+        if self.sync is None:
+            return x.mean(0)
+        return self.sync(x.sum(0)) / self.sync(x.new_tensor(float(len(x))))
+
+    def start_step(self, state):
+        self.started = self.clock()
+        self.lr = state.optimizer.param_groups[0]["lr"]  # the rate this step runs at
+        # fresh gradients: weight_grad would add into kept ones without the hooks firing
+        if self.sync is not None:
+            state.optimizer.zero_grad(set_to_none=True)
+
+    def precision(self):
+        return autocast_if(self.bf16, self.device)
+
+    def total(self, stats, fired):
+        """Each process holds its share of the loss terms and firings: their sums are the batch's."""
+        if self.sync is None:
+            return stats, fired
+        totals = self.sync(torch.stack(list(stats)).to(wide_dtype(fired.device)))
+        return StepStats(*totals), self.sync(fired)
+
+    def end_step(self, state):
+        """The step's seconds, rank 0's on every process: from its batch to its read."""
+        seconds = self.clock() - self.started
+        state.step_seconds = rank0_value(seconds, self.sync, self.rank, self.device)
+
+    def after_step(self, sae, state, stats, enc, dead_count):
+        state.latents.update(enc.values.detach(), enc.indices, self.sync)
+        done = state.finished(self.cfg)
+        dead_share = dead_count / sae.F
+        tokens = state.latents.tokens
+        self.log.add(
+            state.step, stats, dead_share, tokens, state.seconds, self.lr, done
+        )
+        checkpoint_or_stop(sae, state, done, self.cfg, self.saving, self.sync)
+
+    def remove(self):
+        for hook in self.grad_hooks:
+            hook.remove()
 
 
 def step_functions(sae, sync: Sync, matryoshka: tuple) -> tuple:
@@ -4109,53 +4299,6 @@ def step_functions(sae, sync: Sync, matryoshka: tuple) -> tuple:
             for p in sae.parameters()
         ]
     return variance, loss_fn, hooks
-
-
-def training_bar(sae, state: RunState, cfg: TrainConfig, progress: bool) -> tqdm:
-    """The progress bar: in steps, or in the budget's seconds when there is one."""
-    if state.budget is None:
-        return tqdm(
-            desc=type(sae).__name__,
-            total=cfg.steps,
-            initial=state.step,
-            disable=not progress,
-            leave=False,
-        )
-    return tqdm(
-        desc=type(sae).__name__,
-        total=state.budget,
-        initial=state.seconds,
-        disable=not progress,
-        leave=False,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of steps "
-        "[{elapsed}<{remaining}{postfix}]",
-    )
-
-
-def advance_bar(bar: tqdm, state: RunState):
-    """One step more on the bar; in seconds, up to the budget (the last step passes it)."""
-    if state.budget is None:
-        bar.update(1)
-    else:
-        bar.update(min(state.seconds, state.budget) - bar.n)
-
-
-def read_step(stats: StepStats, dead: torch.Tensor, step: int, out: str) -> tuple:
-    """The step's one read from the device: (its stats as floats, the next dead count). A loss that is not
-    finite stops the run, naming the checkpoint that is kept."""
-    try:
-        stats, extra = stats.read(dead.sum())
-    except FloatingPointError as err:
-        kept = out and Path(out, "sae.safetensors").exists()
-        raise FloatingPointError(
-            f"training stopped at step {step}: {err}; "
-            + (
-                f"last good checkpoint kept in {out}"
-                if kept
-                else "no checkpoint was written"
-            )
-        ) from None
-    return stats, int(extra[0])
 
 
 def rank0_value(value: float, sync: Sync, rank: int, device) -> float:
@@ -4186,27 +4329,20 @@ def synced_variance(t: torch.Tensor, sync) -> torch.Tensor:
 
 
 def checkpoint_or_stop(
-    sae,
-    state: RunState,
-    done: bool,
-    cfg: TrainConfig,
-    batches,
-    scale: float,
-    out: str,
-    save_every: int,
-    stop,
-    sync: Sync,
+    sae, state: RunState, done: bool, cfg: TrainConfig, saving: Saving, sync: Sync
 ):
     """After a step: a checkpoint when one is due (every save_every steps, and when `done`), and Interrupted
-    when stop(sae, state) asks for it before the end."""
-    stopping = stop is not None and not done and stop(sae, state)
+    when saving.stop(sae, state) asks for it before the end."""
+    out = saving.out
+    stopping = saving.stop is not None and not done and saving.stop(sae, state)
     if sync is not None:  # every process stops at the same step
         device = sae.W_dec.device
         flag = torch.tensor(float(stopping), dtype=wide_dtype(device), device=device)
         stopping = bool(sync(flag) > 0)
-    if out and (stopping or done or (save_every and state.step % save_every == 0)):
+    due = saving.save_every and state.step % saving.save_every == 0
+    if out and (stopping or done or due):
         try:
-            save_run_state(out, sae, state, batches, scale)
+            save_run_state(out, sae, state, saving.batches, saving.scale)
         except WriteError as err:
             run = Path(out).parent
             raise WriteError(
@@ -4244,6 +4380,7 @@ class SAEConfig:
     matryoshka: tuple = opt(
         (),
         "Matryoshka prefix sizes, e.g. 256,512,1024 (F is always added); empty = plain loss",
+        parse=comma_ints,
     )
 
     def __post_init__(self):
@@ -4333,22 +4470,14 @@ class RunConfig:
     )
 
     def __post_init__(self):
-        if self.device not in ("auto", "cpu", "cuda", "mps"):
+        check_choice("device", self.device, DEVICES)
+        check_choice("match", self.match, MATCHES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_seed(self.seed)
+        if self.save_every < 0 or self.log_every < 0:
             raise ValueError(
-                f"--device must be auto, cpu, cuda or mps, got {self.device!r}"
-            )
-        if self.match not in MATCHES:
-            raise ValueError(
-                f"--match must be one of {', '.join(MATCHES)}, got {self.match!r}"
-            )
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(
-                f"--precision must be fp32 or bf16, got {self.precision!r}"
-            )
-        if self.seed < 0 or self.save_every < 0 or self.log_every < 0:
-            raise ValueError(
-                f"--seed, --save-every and --log-every must be >= 0, got {self.seed}, "
-                f"{self.save_every} and {self.log_every}"
+                f"--save-every and --log-every must be >= 0, got {self.save_every} and "
+                f"{self.log_every}"
             )
         if self.save_every and not (self.out or self.resume):
             raise ValueError("--save-every needs --out DIR to write its checkpoints to")
@@ -4544,14 +4673,8 @@ def run_one(
         pin=device.type == "cuda",
     )
     scale = train_data.scale if s.data.normalize else 1.0
-    state = None
-    if s.run.resume and Path(out, "train_state.pt").exists():
-        state, scale = load_run_state(out, sae, s.train, batches, budget.seconds)
-        print(
-            f"{arch}: resuming at step {state.step} of {state.goal(s.train)} from {out}"
-        )
+    state, scale = starting_state(arch, sae, s, batches, budget, out, scale)
     if provenance is not None:
-        state = state or RunState.fresh(sae, s.train, budget.seconds)
         state.provenance = provenance
     result = run_training(
         sae,
@@ -4572,6 +4695,16 @@ def run_one(
     )
     metrics = run_metrics(arch, sae, result, s, train_data, eval_data, device)
     return sae, metrics, result
+
+
+def starting_state(arch, sae, s: Settings, batches, budget: Budget, out: str, scale):
+    """(the RunState a run starts from, the input scale): the saved ones with --resume when
+    OUT/ARCH holds a checkpoint, else a fresh state and `scale`."""
+    if not (s.run.resume and Path(out, "train_state.pt").exists()):
+        return RunState.fresh(sae, s.train, budget.seconds), scale
+    state, scale = load_run_state(out, sae, s.train, batches, budget.seconds)
+    print(f"{arch}: resuming at step {state.step} of {state.goal(s.train)} from {out}")
+    return state, scale
 
 
 def run_metrics(
@@ -4877,7 +5010,7 @@ def check_ablation(s: Settings, shapes: tuple = ()):
             )
 
 
-def shape_names(text: str) -> list:
+def shape_names(text: str) -> tuple:
     """'topk,2x4,8x8' -> ['topk', (2, 4), (8, 8)]."""
     shapes = []
     for part in (t.strip() for t in text.split(",") if t.strip()):
@@ -4891,7 +5024,49 @@ def shape_names(text: str) -> list:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}"
         )
-    return shapes
+    return tuple(shapes)
+
+
+def kernel_names(text: str) -> tuple:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in KERNELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated kernels from {', '.join(KERNELS)}, got {text!r}"
+        )
+    return tuple(names)
+
+
+@dataclass
+class AblationConfig:
+    """What `ablate` sweeps: the SAEs, their kernels, the budgets and the seeds."""
+
+    shapes: tuple = opt(
+        (),
+        "comma-separated SAEs: topk and KronSAE shapes MxN at --dict-size, e.g. "
+        "topk,2x4,4x4,8x8; empty = --m x --n",
+        parse=shape_names,
+    )
+    kernels: tuple = opt(tuple(KERNELS), "comma-separated kernels", parse=kernel_names)
+    budgets: tuple = opt(
+        (),
+        "comma-separated TopK step counts, e.g. 250,500,1000; --match gives the other "
+        "SAEs theirs; empty = --steps",
+        parse=comma_ints,
+    )
+    seeds: int = opt(3, "seeds per cell, from --seed on")
+    figure: str = opt(
+        "",
+        "PNG of EV against training FLOPs and against seconds, one line per shape "
+        "('' = none)",
+    )
+
+    def __post_init__(self):
+        check_seeds(self.seeds)
+        if self.budgets and min(self.budgets) < 1:
+            raise ValueError(
+                f"--budgets must be positive step counts, got {self.budgets}"
+            )
 
 
 def shape_text(shape) -> str:
@@ -5348,6 +5523,17 @@ def nested_settings(s: Settings) -> tuple[Settings, list[int]]:
     return dataclasses.replace(
         s, sae=dataclasses.replace(s.sae, matryoshka=tuple(sizes))
     ), sizes
+
+
+@dataclass
+class ProgressiveConfig:
+    """What `progressive` adds to the main job's settings."""
+
+    figure: str = opt("progressive.png", "PNG for the curves ('' = none)")
+    seeds: int = opt(1, "seeds per SAE, from --seed on; FVU is mean ± std")
+
+    def __post_init__(self):
+        check_seeds(self.seeds)
 
 
 def progressive(s: Settings, figure: str = "progressive.png", seeds: int = 1) -> dict:
@@ -6500,46 +6686,79 @@ def delphi_config(store: ActivationStore, directory: str, tokens: int) -> dict:
     }
 
 
-def inspect_job(args) -> dict:
-    for path, flag in ((args.html, "html"), (args.json, "json")):
+@dataclass
+class InspectConfig:
+    """What `inspect` reads, keeps and writes (besides --data, --seed and --json)."""
+
+    tokens: int = opt(200_000, "read at most this many of the store's tokens")
+    latents: tuple = opt(
+        (),
+        "latents to show in full, e.g. 12,345 (instead of --sample)",
+        parse=comma_ints,
+    )
+    sample: int = opt(32, "else show this many latents drawn by --seed")
+    examples: int = opt(10, "top examples kept per latent")
+    html: str = opt("", "write the report here (one self-contained HTML file)")
+    delphi: str = opt(
+        "",
+        "write EleutherAI delphi's latent cache here, for its LLM explanations and "
+        "detection and fuzzing scores: a module named after the checkpoint folder (e.g. "
+        "kron), and for KronSAE its pre-latents as a second module (kron_pre)",
+    )
+    delphi_pre_tokens: int = opt(
+        10_000,
+        "with --delphi: cache KronSAE's pre-latents, which fire on about half of every "
+        "token, over only this many of the tokens read",
+    )
+    batch: int = opt(2048, "rows per chunk of the streaming pass")
+
+    def __post_init__(self):
+        for name in ("tokens", "sample", "examples", "batch", "delphi_pre_tokens"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {value}")
+
+
+def inspect_job(directory: str, data: str, cfg: InspectConfig, run: RunConfig) -> dict:
+    for path, flag in ((cfg.html, "html"), (run.json, "json")):
         if path:
             check_writable(path, flag)
     cache = None
-    if args.delphi:
-        check_writable(args.delphi, "delphi", directory=True)
-        name = Path(args.directory).absolute().name
+    if cfg.delphi:
+        check_writable(cfg.delphi, "delphi", directory=True)
+        name = Path(directory).absolute().name
         cache = DelphiCache(
             {"latents": name, "pre_latents": f"{name}_pre"},
             {
-                "latents": args.tokens,
-                "pre_latents": min(args.tokens, args.delphi_pre_tokens),
+                "latents": cfg.tokens,
+                "pre_latents": min(cfg.tokens, cfg.delphi_pre_tokens),
             },
         )
     inspection = inspect_sae(
-        args.directory,
-        args.data,
-        args.tokens,
-        list(args.latents) or None,
-        args.sample,
-        args.examples,
-        args.batch,
-        args.seed,
+        directory,
+        data,
+        cfg.tokens,
+        list(cfg.latents) or None,
+        cfg.sample,
+        cfg.examples,
+        cfg.batch,
+        run.seed,
         cache=cache,
     )
     if cache is not None:
-        store = ActivationStore(args.data)
-        config = delphi_config(store, args.directory, inspection.report["tokens"])
-        cache.save(args.delphi, partial(store_contexts, store), config)
+        store = ActivationStore(data)
+        config = delphi_config(store, directory, inspection.report["tokens"])
+        cache.save(cfg.delphi, partial(store_contexts, store), config)
         written = [cache.modules[role] for role in cache.widths]
-        print(f"wrote delphi's latent cache of {', '.join(written)} to {args.delphi}")
-    if args.json:
+        print(f"wrote delphi's latent cache of {', '.join(written)} to {cfg.delphi}")
+    if run.json:
         # tens of MB at F = 8192: no indentation
-        write_json(args.json, inspection.report, indent=None)
-    if args.html:
-        page = inspection_html(inspection, args.directory)
-        write_atomic(args.html, lambda f: f.write(page.encode()))
-    print_inspection(inspection.report, list(args.latents))
-    for path, what in ((args.json, "statistics"), (args.html, "report")):
+        write_json(run.json, inspection.report, indent=None)
+    if cfg.html:
+        page = inspection_html(inspection, directory)
+        write_atomic(cfg.html, lambda f: f.write(page.encode()))
+    print_inspection(inspection.report, list(cfg.latents))
+    for path, what in ((run.json, "statistics"), (cfg.html, "report")):
         if path:
             print(f"wrote the {what} to {path}")
     return inspection.report
@@ -7064,19 +7283,47 @@ def save_absorption_figure(result: dict, path: str):
     plt.close(fig)
 
 
-def absorption_job(args) -> dict:
-    for path, flag in ((args.json, "json"), (args.figure, "figure")):
+@dataclass
+class AbsorptionConfig:
+    """What `absorption` measures on (besides the model, --layer, --seed and --json)."""
+
+    words: int = opt(
+        4000,
+        "alphabetic vocabulary words to use, drawn by --seed (80% train, 20% test)",
+    )
+    model_batch: int = opt(32, "prompts per forward pass")
+    figure: str = opt("", "save a bar chart of the SAEs' absorption here (PNG)")
+
+    def __post_init__(self):
+        for name in ("words", "model_batch"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"{flag_of(name)} must be positive, got {value}")
+        if self.words < 50:
+            raise ValueError(
+                f"--words {self.words} is too few for 26 letters' probes; use at least 50"
+            )
+
+
+def absorption_job(
+    directories: list[str],
+    model: str,
+    layer: int,
+    cfg: AbsorptionConfig,
+    run: RunConfig,
+) -> dict:
+    for path, flag in ((run.json, "json"), (cfg.figure, "figure")):
         if path:
             check_writable(path, flag)
-    check_device(args.device)
+    check_device(run.device)
     result = absorption(
-        args.directories,
-        args.model,
-        args.layer,
-        args.words,
-        args.seed,
-        pick_device(args.device),
-        args.model_batch,
+        directories,
+        model,
+        layer,
+        cfg.words,
+        run.seed,
+        pick_device(run.device),
+        cfg.model_batch,
     )
     gate = result["gate"]
     if not gate["passed"]:
@@ -7089,14 +7336,21 @@ def absorption_job(args) -> dict:
         f"mean ± std over letters"
     )
     print(absorption_table(result))
-    if args.json:
-        write_json(args.json, result)
-    if args.figure:
-        save_absorption_figure(result, args.figure)
+    if run.json:
+        write_json(run.json, result)
+    if cfg.figure:
+        save_absorption_figure(result, cfg.figure)
     return result
 
 
 # ============================================================================= 17. Benchmark
+
+
+def shared_opt(config_cls, name: str, help: str = ""):
+    """A field that is another config's flag too: its default, and its help unless this one
+    means something more particular. The flag's checks (check_choice, check_seed) are shared."""
+    f = config_cls.__dataclass_fields__[name]
+    return opt(f.default, help or f.metadata["help"])
 
 
 @dataclass
@@ -7104,15 +7358,21 @@ class BenchConfig:
     batch: int = opt(1024, "B, tokens per step")
     d_in: int = opt(512, "d, input width")
     k: int = opt(32, "active latents per token")
-    dict_sizes: str = opt("16384,65536", "comma-separated dictionary sizes F")
-    shapes: str = opt(
-        "2x8,4x4,8x8,32x32", "comma-separated KronSAE (m, n) shapes, as MxN"
+    dict_sizes: tuple = opt(
+        (16384, 65536), "comma-separated dictionary sizes F", parse=comma_ints
+    )
+    shapes: tuple = opt(
+        ((2, 8), (4, 4), (8, 8), (32, 32)),
+        "comma-separated KronSAE (m, n) shapes, as MxN",
+        parse=kron_shapes,
     )
     flat_width: int = opt(
         4096, "encoder width h*(m+n) for the flat-in-F series (0 = skip)"
     )
     repeats: int = opt(5, "timed repeats per step; the median is reported")
-    naive: int = opt(1, "also time the naive KronSAE (1) or not (0)")
+    naive: bool = opt(
+        True, "also time the naive KronSAE (1) or not (0)", parse=zero_one
+    )
     dead: float = opt(
         0.05,
         "share of latents marked dead for the 'aux' column: fwd+bwd with AuxK on; 0 = skip",
@@ -7122,58 +7382,36 @@ class BenchConfig:
         "fp32, or bf16: every row's fwd+bwd under bfloat16 autocast (ours as --precision bf16 "
         "trains; sparsify's as it ships on CUDA, and on this device): peers at the same precision",
     )
-    sparsify_bf16: int = opt(
-        0,
+    sparsify_bf16: bool = opt(
+        False,
         "sparsify's column on CUDA: 0 = in float32 like ours, 1 = as it ships (bfloat16 "
         "autocast in its forward)",
+        parse=zero_one,
     )
-    profile: int = opt(
-        0,
+    profile: bool = opt(
+        False,
         "1 = instead of the table, split one whole training step (AuxK on --dead) of TopK and "
         "KronSAE at the first of --shapes into its phases, with torch.profiler",
+        parse=zero_one,
     )
-    device: str = opt("auto", "auto, cpu, cuda or mps")
-    seed: int = opt(0, "seed")
-    json: str = opt("", "write the table to this JSON file")
+    device: str = shared_opt(RunConfig, "device")
+    seed: int = shared_opt(RunConfig, "seed", "seed of the inputs and the SAEs' init")
+    json: str = shared_opt(RunConfig, "json", "write the table to this JSON file")
 
     def __post_init__(self):
         check_positive(batch=self.batch, d_in=self.d_in, k=self.k, repeats=self.repeats)
-        try:
-            self.F_list = [int(f) for f in self.dict_sizes.split(",")]
-            self.mn_list = [
-                tuple(int(t) for t in s.lower().split("x"))
-                for s in self.shapes.split(",")
-            ]
-        except ValueError:
-            raise ValueError(
-                f"--dict-sizes must look like 16384,65536 and --shapes like 2x8,4x4; "
-                f"got {self.dict_sizes!r} and {self.shapes!r}"
-            ) from None
-        if (
-            any(len(mn) != 2 or min(mn) < 1 for mn in self.mn_list)
-            or min(self.F_list) < 1
-        ):
-            raise ValueError(
-                f"--shapes must look like 2x8,4x4 and --dict-sizes be positive, got {self.shapes!r}"
-            )
+        if not self.dict_sizes or not self.shapes:
+            raise ValueError("--dict-sizes and --shapes must each name at least one")
+        if min(self.dict_sizes) < 1:
+            raise ValueError(f"--dict-sizes must be positive, got {self.dict_sizes}")
         if not 0 <= self.dead < 1:
             raise ValueError(f"--dead must be in [0, 1), got {self.dead}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(
-                f"--precision must be fp32 or bf16, got {self.precision!r}"
-            )
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("device", self.device, DEVICES)
+        check_seed(self.seed)
         if self.flat_width < 0 or self.flat_width % 64:
             raise ValueError(
                 f"flat_width must be 0 or a multiple of 64 (h >= 1 at 32x32), got {self.flat_width}"
-            )
-        if self.device not in ("auto", "cpu", "cuda", "mps") or {
-            self.naive,
-            self.profile,
-            self.sparsify_bf16,
-        } - {0, 1}:
-            raise ValueError(
-                f"--device must be auto, cpu, cuda or mps, and --naive, --profile and --sparsify-bf16 "
-                f"0 or 1; got {self.device!r}, {self.naive}, {self.profile} and {self.sparsify_bf16}"
             )
 
 
@@ -7426,14 +7664,14 @@ def bench_models(bcfg: BenchConfig):
     its own measurement."""
     d, k = bcfg.d_in, bcfg.k
     specs = []
-    for F in bcfg.F_list:
+    for F in bcfg.dict_sizes:
         specs.append((f"F={F}", TopKSAE, dict(d_in=d, dict_size=F, k=k)))
         if has_sparsify():  # the optional column: EleutherAI's TopK, when installed
             specs.append((f"F={F}", "sparsify", dict(F=F)))
         for cls in (KronSAE, NaiveKronSAE) if bcfg.naive else (KronSAE,):
             specs += [
                 (f"F={F}", cls, dict(d_in=d, h=F // (m * n), m=m, n=n, k=k))
-                for m, n in bcfg.mn_list
+                for m, n in bcfg.shapes
                 if F % (m * n) == 0
             ]
     if bcfg.flat_width:
@@ -7534,8 +7772,8 @@ def profile_step(
 
 def bench_profile(bcfg: BenchConfig, x: torch.Tensor) -> dict:
     """profile_step of TopK and KronSAE (first of --shapes) at every F; prints one table per F."""
-    (m, n), out = bcfg.mn_list[0], {}
-    for F in bcfg.F_list:
+    (m, n), out = bcfg.shapes[0], {}
+    for F in bcfg.dict_sizes:
         models = [TopKSAE(bcfg.d_in, F, bcfg.k)]
         if F % (m * n) == 0:
             models.append(KronSAE(bcfg.d_in, F // (m * n), m, n, bcfg.k))
@@ -7751,17 +7989,44 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
 
-def comma_ints(text: str) -> tuple:
-    """'256,512,1024' -> (256, 512, 1024), for flags that take a list."""
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+def flag_text(value, parse=None) -> str:
+    """A default as a user would type it: 16384,65536 for a tuple, 2x8,4x4 for shapes."""
+    if parse is zero_one:
+        return str(int(value))
+    if isinstance(value, tuple):
+        parts = [
+            "x".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value
+        ]
+        return ",".join(parts) or "none"
+    return str(value)
 
 
-CLI_TYPES = {"matryoshka": comma_ints}  # fields whose flag is parsed from one string
+def flag_keywords(f: dataclasses.Field, override: dict) -> dict:
+    """argparse's keywords for a config field's flag. A field's `parse` reads its one string;
+    else a bool is a --flag/--no-flag switch, a tuple takes several values, and the rest take
+    the default's type. `override` is what the flag means to one command: its own help,
+    default or required."""
+    parse = f.metadata.get("parse")
+    if parse:
+        kind = {"type": parse}
+    elif isinstance(f.default, bool):
+        kind = {"action": argparse.BooleanOptionalAction}
+    elif isinstance(f.default, tuple):
+        kind = {"nargs": "+"}
+    else:
+        kind = {"type": type(f.default)}
+
+    help = override.get("help", f.metadata["help"])
+    if override.get("required"):
+        return {"dest": f.name, "required": True, "help": help, **kind}
+    default = override.get("default", f.default)
+    help = f"{help} (default: {flag_text(default, parse)})".replace("%", "%%")
+    return {"dest": f.name, "default": default, "help": help, **kind}
+
+
+def flag_names(f: dataclasses.Field) -> list[str]:
+    # aliases: torchrun's own parser takes --m and --n for its options
+    return [flag_of(f.name), *f.metadata.get("aliases", ())]
 
 
 def add_config_args(
@@ -7770,43 +8035,25 @@ def add_config_args(
     title: str,
     only: Optional[tuple] = None,
     drop: tuple = (),
+    overrides: Optional[dict] = None,
 ):
-    """One --flag per dataclass field (or per field in `only`, less those in `drop`), with its type, default and
-    help, in an argument group of its own. A command offers only the flags that mean something to it."""
+    """One flag per dataclass field (or per field in `only`, less those in `drop`), in an
+    argument group of its own. Every command takes its shared flags (device, seed, json,
+    the model, layer and data) from the config that owns them, so each is written once;
+    `overrides` maps a field to what it means for this command (flag_keywords)."""
+    overrides = overrides or {}
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(config_cls):
-        if only and f.name not in only or f.name in drop:
+        if (only and f.name not in only) or f.name in drop:
             continue
-        flags = [
-            f"--{f.name.replace('_', '-')}",
-            *f.metadata.get("aliases", ()),
-        ]  # aliases: torchrun's own parser
-        # takes --m and --n for its options
-        help = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
-        if f.name in CLI_TYPES:
-            group.add_argument(
-                *flags,
-                dest=f.name,
-                type=CLI_TYPES[f.name],
-                default=f.default,
-                help=help,
-            )
-        elif isinstance(f.default, bool):
-            group.add_argument(
-                *flags,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=help,
-            )
-        elif isinstance(f.default, tuple):
-            group.add_argument(
-                *flags, dest=f.name, nargs="+", default=f.default, help=help
-            )
-        else:
-            group.add_argument(
-                *flags, dest=f.name, type=type(f.default), default=f.default, help=help
-            )
+        keywords = flag_keywords(f, overrides.get(f.name, {}))
+        group.add_argument(*flag_names(f), **keywords)
+
+
+def config_of(config_cls, args: dict):
+    """config_cls built from the parsed flags that are its fields, taken out of `args`."""
+    names = [f.name for f in dataclasses.fields(config_cls) if f.name in args]
+    return config_cls(**{name: args.pop(name) for name in names})
 
 
 def build_configs(
@@ -7866,19 +8113,16 @@ def parse_settings(
         for f in dataclasses.fields(cls):
             if f.name in refuse:
                 parser.add_argument(
-                    f"--{f.name.replace('_', '-')}",
-                    *f.metadata.get("aliases", ()),
+                    *flag_names(f),
                     dest=f.name,
                     nargs="?",
                     help=argparse.SUPPRESS,
                 )
     args, given = given_args(parser, argv)
     for name in sorted(given & set(refuse)):
-        parser.error(f"{refuse[name]}; drop --{name.replace('_', '-')}")
+        parser.error(f"{refuse[name]}; drop {flag_of(name)}")
     idle = [
-        f"--{name.replace('_', '-')}"
-        for name in MODEL_ONLY
-        if name in given and not args.get("model")
+        flag_of(name) for name in MODEL_ONLY if name in given and not args.get("model")
     ]
     if idle:
         parser.error(
@@ -7983,32 +8227,13 @@ def progressive_main(argv):
         description=(
             "Progressive coding (Peter and Soegaard 2025): FVU against the number of kept latents G = F/16 ... F "
             "for a Matryoshka SAE, a plain SAE pruned by E[a^2], pruned by firing frequency, and an unsorted "
-            "prefix; for TopK and KronSAE. Same options as the main job, plus --figure."
+            "prefix; for TopK and KronSAE. Same options as the main job, plus --figure and --seeds."
         ),
     )
-    parser.add_argument(
-        "--figure", default="progressive.png", help="PNG for the curves ('' = none)"
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="seeds per SAE, from --seed on; FVU is mean ± std (default: 1)",
-    )
+    add_config_args(parser, ProgressiveConfig, "progressive coding")
     s, extra = parse_settings(parser, argv, nested_settings, PROGRESSIVE_REFUSES)
-    if extra["seeds"] < 1:
-        parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
-    return run_cli(progressive, s, extra["figure"], extra["seeds"])
-
-
-def kernel_names(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in names if t not in KERNELS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated kernels from {', '.join(KERNELS)}, got {text!r}"
-        )
-    return names
+    cfg = build_configs(parser, extra, partial(config_of, ProgressiveConfig))
+    return run_cli(progressive, s, cfg.figure, cfg.seeds)
 
 
 def ablate_main(argv):
@@ -8022,53 +8247,17 @@ def ablate_main(argv):
             "--model, ...). With the defaults it is the kernel ablation of section 5."
         ),
     )
-    parser.add_argument(
-        "--kernels",
-        type=kernel_names,
-        default=list(KERNELS),
-        help=f"comma-separated kernels (default: {','.join(KERNELS)})",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=3,
-        help="seeds per cell, from --seed on (default: 3)",
-    )
-    parser.add_argument(
-        "--shapes",
-        type=shape_names,
-        default=None,
-        help="comma-separated SAEs: topk and KronSAE shapes MxN at --dict-size, e.g. topk,2x4,4x4,8x8 "
-        "(default: --m x --n)",
-    )
-    parser.add_argument(
-        "--budgets",
-        type=comma_ints,
-        default=None,
-        help="comma-separated TopK step counts, e.g. 250,500,1000; --match gives the other SAEs "
-        "theirs (default: --steps)",
-    )
-    parser.add_argument(
-        "--figure",
-        default="",
-        help="PNG of EV against training FLOPs and against seconds, one line "
-        "per shape ('' = none)",
-    )
+    add_config_args(parser, AblationConfig, "the sweep")
     s, extra = parse_settings(parser, argv, check_ablation, ABLATE_REFUSES)
-    if extra["seeds"] < 1:
-        parser.error(f"--seeds must be >= 1, got {extra['seeds']}")
-    if extra["budgets"] is not None and (
-        not extra["budgets"] or min(extra["budgets"]) < 1
-    ):
-        parser.error(f"--budgets must be positive step counts, got {extra['budgets']}")
+    cfg = build_configs(parser, extra, partial(config_of, AblationConfig))
     return run_cli(
         lambda: ablate(
             s,
-            extra["kernels"],
-            extra["seeds"],
-            extra["shapes"],
-            extra["budgets"],
-            extra["figure"],
+            list(cfg.kernels),
+            cfg.seeds,
+            list(cfg.shapes) or None,
+            list(cfg.budgets) or None,
+            cfg.figure,
         )["kernels"]
     )
 
@@ -8125,7 +8314,7 @@ def check_resumable(out: str, args: dict) -> bool:
     saved = read_progress(out)["args"]
     for name, value in args.items():
         if comparable(name, saved.get(name)) != comparable(name, value):
-            flag = f"--{name.replace('_', '-')}"
+            flag = flag_of(name)
             raise ValueError(
                 f"--resume: {flag} differs: the store in {out} was harvested with {flag} "
                 f"{shown(name, saved.get(name))}, this run gives {shown(name, value)}; resume with "
@@ -8158,12 +8347,15 @@ def harvest_main(argv):
         ),
     )
     add_config_args(parser, DataConfig, "harvest", HARVEST_FIELDS)
-    parser.add_argument("--out", required=True, help="the store directory to write")
-    parser.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda or mps (default: auto)"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace a store already in --out"
+    add_config_args(
+        parser,
+        RunConfig,
+        "the store",
+        only=("out", "device", "overwrite"),
+        overrides={
+            "out": {"required": True, "help": "the store directory to write"},
+            "overwrite": {"help": "replace a store already in --out"},
+        },
     )
     parser.add_argument(
         "--resume",
@@ -8235,24 +8427,6 @@ def export_main(argv):
     return run_cli(export_saelens, args.directory, args.destination)
 
 
-def add_delphi_args(parser: argparse.ArgumentParser):
-    """inspect's flags for delphi's latent cache (DelphiCache)."""
-    parser.add_argument(
-        "--delphi",
-        default="",
-        help="write EleutherAI delphi's latent cache here, for its LLM explanations and "
-        "detection and fuzzing scores: a module named after the checkpoint folder (e.g. "
-        "kron), and for KronSAE its pre-latents as a second module (kron_pre)",
-    )
-    parser.add_argument(
-        "--delphi-pre-tokens",
-        type=int,
-        default=10_000,
-        help="with --delphi: cache KronSAE's pre-latents, which fire on about half of every "
-        "token, over only this many of the tokens read (default: 10000)",
-    )
-
-
 def inspect_main(argv):
     parser = Parser(
         prog="kronsae.py inspect",
@@ -8268,64 +8442,38 @@ def inspect_main(argv):
         "directory",
         help="a trained SAE: a checkpoint directory such as OUT/kron of a training run",
     )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="the activation store it was trained on (harvested with "
-        "this version, which keeps the token ids)",
+    data_help = (
+        "the activation store it was trained on (harvested with this version, which "
+        "keeps the token ids)"
     )
-    parser.add_argument(
-        "--tokens",
-        type=int,
-        default=200_000,
-        help="read at most this many of the store's tokens (default: 200000)",
+    add_config_args(
+        parser,
+        DataConfig,
+        "data",
+        only=("data",),
+        overrides={"data": {"required": True, "help": data_help}},
     )
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--latents",
-        type=comma_ints,
-        default=(),
-        help="latents to show in full, e.g. 12,345",
+    add_config_args(parser, InspectConfig, "inspection")
+    add_config_args(
+        parser,
+        RunConfig,
+        "the run",
+        only=("seed", "json"),
+        overrides={
+            "seed": {"help": "seed of --sample, the bootstrap and the init baseline"},
+            "json": {"help": "write every statistic and example here"},
+        },
     )
-    which.add_argument(
-        "--sample",
-        type=int,
-        default=32,
-        help="else show this many latents drawn by --seed (default: 32)",
+    args, given = given_args(parser, argv)
+    if {"latents", "sample"} <= given:
+        parser.error("argument --sample: not allowed with argument --latents")
+    directory, data = args.pop("directory"), args.pop("data")
+    cfg, run = build_configs(
+        parser,
+        args,
+        lambda args: (config_of(InspectConfig, args), config_of(RunConfig, args)),
     )
-    parser.add_argument(
-        "--examples",
-        type=int,
-        default=10,
-        help="top examples kept per latent (default: 10)",
-    )
-    parser.add_argument(
-        "--html",
-        default="",
-        help="write the report here (one self-contained HTML file)",
-    )
-    parser.add_argument(
-        "--json", default="", help="write every statistic and example here"
-    )
-    add_delphi_args(parser)
-    parser.add_argument(
-        "--batch",
-        type=int,
-        default=2048,
-        help="rows per chunk of the streaming pass (default: 2048)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of --sample, the bootstrap and the init baseline (default: 0)",
-    )
-    args = parser.parse_args(argv)
-    for name in ("tokens", "sample", "examples", "batch", "delphi_pre_tokens"):
-        if getattr(args, name) <= 0:
-            flag = name.replace("_", "-")
-            parser.error(f"--{flag} must be positive, got {getattr(args, name)}")
-    return run_cli(inspect_job, args)
+    return run_cli(inspect_job, directory, data, cfg, run)
 
 
 def absorption_main(argv):
@@ -8344,59 +8492,44 @@ def absorption_main(argv):
         nargs="+",
         help="trained SAEs: checkpoint directories such as RUN/topk RUN/kron",
     )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="the model they were trained on (hub name, directory or .gguf)",
+    layer_help = (
+        "the layer they were trained on: hidden_states[layer], the input of block "
+        "`layer` (SAELens's blocks.L.hook_resid_pre)"
     )
-    parser.add_argument(
-        "--layer",
-        type=int,
-        required=True,
-        help="the layer they were trained on: hidden_states[layer], the input of "
-        "block `layer` (SAELens's blocks.L.hook_resid_pre)",
+    add_config_args(
+        parser,
+        DataConfig,
+        "the model",
+        only=("model", "layer"),
+        overrides={
+            "model": {
+                "required": True,
+                "help": "the model they were trained on (hub name, directory or .gguf)",
+            },
+            "layer": {"required": True, "help": layer_help},
+        },
     )
-    parser.add_argument(
-        "--words",
-        type=int,
-        default=4000,
-        help="alphabetic vocabulary words to use, drawn by --seed "
-        "(80%% train, 20%% test; default: 4000)",
+    add_config_args(parser, AbsorptionConfig, "absorption")
+    add_config_args(
+        parser,
+        RunConfig,
+        "the run",
+        only=("seed", "json", "device"),
+        overrides={
+            "seed": {"help": "seed of the words, their split and the probes"},
+            "json": {"help": "write every figure, per letter too, here"},
+        },
     )
-    parser.add_argument(
-        "--json", default="", help="write every figure, per letter too, here"
+    args = vars(parser.parse_args(argv))
+    directories, model, layer = (
+        args.pop(name) for name in ("directories", "model", "layer")
     )
-    parser.add_argument(
-        "--figure",
-        default="",
-        help="save a bar chart of the SAEs' absorption here (PNG)",
+    cfg, run = build_configs(
+        parser,
+        args,
+        lambda args: (config_of(AbsorptionConfig, args), config_of(RunConfig, args)),
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the words, their split and the probes (default: 0)",
-    )
-    parser.add_argument(
-        "--model-batch",
-        type=int,
-        default=32,
-        help="prompts per forward pass (default: 32)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda or mps (default: auto)"
-    )
-    args = parser.parse_args(argv)
-    for name in ("words", "model_batch"):
-        if getattr(args, name) <= 0:
-            parser.error(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-            )
-    if args.words < 50:
-        parser.error(
-            f"--words {args.words} is too few for 26 letters' probes; use at least 50"
-        )
-    return run_cli(absorption_job, args)
+    return run_cli(absorption_job, directories, model, layer, cfg, run)
 
 
 COMMANDS = {
