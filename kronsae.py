@@ -4487,6 +4487,10 @@ class RunConfig:
             )
 
 
+# RunConfig's fields about checkpoints, which the commands that write none refuse
+CHECKPOINT_FIELDS = ("out", "resume", "save_every", "overwrite", "log_every")
+
+
 def holds_run(directory: str) -> bool:
     return Path(directory, "run.json").exists() or any(
         Path(directory, arch, name).exists()
@@ -4989,15 +4993,24 @@ def print_comparison(results: dict, s: Settings):
 # seeds (init and batch order; the held-out split stays that of --seed).
 
 
+# The settings ablate does not take, and why: the CLI refuses their flags (and leaves them out of
+# --help); check_ablation refuses them in Settings given from Python.
+ABLATE_REFUSES = {
+    **dict.fromkeys(CHECKPOINT_FIELDS, "ablate writes no checkpoints"),
+    "arch": "ablate trains KronSAEs only",
+    "kernel": "ablate takes its kernels from --kernels",
+}
+
+
 def check_ablation(s: Settings, shapes: tuple = ()):
     if s.run.out or s.run.resume or s.run.save_every:
         raise ValueError(
-            "ablate writes no checkpoints; drop --out, --resume and --save-every"
+            f"{ABLATE_REFUSES['out']}; drop --out, --resume and --save-every"
         )
     if s.sae.arch == BASELINE:
-        raise ValueError(f"ablate trains KronSAEs only; drop --arch {BASELINE}")
+        raise ValueError(f"{ABLATE_REFUSES['arch']}; drop --arch {BASELINE}")
     if s.sae.kernel != "mand":
-        raise ValueError("ablate takes its kernels from --kernels; drop --kernel")
+        raise ValueError(f"{ABLATE_REFUSES['kernel']}; drop --kernel")
     if s.run.match == "time" and shapes and BASELINE not in shapes:
         raise ValueError(
             f"--match time gives each KronSAE the seconds of the {BASELINE} cell of its budget "
@@ -6869,21 +6882,19 @@ def probe_data(
     return ProbeData(torch.cat(acts), letters, train, words)
 
 
+# SAEBench's probe training: epochs, batch, and the fewest steps a small set still gets.
+PROBE_EPOCHS, PROBE_BATCH, PROBE_MIN_STEPS = 50, 512, 1000
+
+
 def fit_probes(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    classes: int,
-    epochs: int = 50,
-    l1: float = 0.0,
-    batch: int = 512,
-    seed: int = 0,
-    min_steps: int = 1000,
+    x: torch.Tensor, y: torch.Tensor, classes: int, l1: float = 0.0, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One-vs-rest logistic probes, as SAEBench trains them: Adam, lr 1e-2 decaying to 1e-5, each class's
     positives weighted by negatives/positives, an optional L1 penalty; 50 epochs, or more when a small set
-    would give fewer than min_steps steps. Returns W (classes, d) and b (classes,)."""
+    would give fewer than PROBE_MIN_STEPS steps. Returns W (classes, d) and b (classes,)."""
     g = torch.Generator().manual_seed(seed)
-    epochs = max(epochs, math.ceil(min_steps / math.ceil(len(y) / batch)))
+    batch = PROBE_BATCH
+    epochs = max(PROBE_EPOCHS, math.ceil(PROBE_MIN_STEPS / math.ceil(len(y) / batch)))
     target = nnf.one_hot(y, classes).float()
     positives = target.sum(0)
     weight = (len(y) - positives) / positives.clamp_min(1)
@@ -8200,25 +8211,20 @@ def bench_main(argv):
     return run_cli(bench, bcfg)
 
 
-def refusing(names: tuple, reason: str) -> dict:
-    return {name: reason for name in names}
-
-
-PROGRESSIVE_REFUSES = (
-    refusing(
-        ("out", "resume", "save_every", "overwrite", "log_every"),
-        "progressive writes no checkpoints",
-    )
-    | refusing(("model", *MODEL_ONLY), "progressive trains on --data or synthetic data")
-    | {"matryoshka": "progressive sets the Matryoshka prefixes itself (F/16 ... F)"}
-)
-ABLATE_REFUSES = refusing(
-    ("out", "resume", "save_every", "overwrite", "log_every"),
-    "ablate writes no checkpoints",
-) | {
-    "arch": "ablate trains KronSAEs only",
-    "kernel": "ablate takes its kernels from --kernels",
+PROGRESSIVE_REFUSES = {
+    **dict.fromkeys(CHECKPOINT_FIELDS, "progressive writes no checkpoints"),
+    **dict.fromkeys(
+        ("model", *MODEL_ONLY), "progressive trains on --data or synthetic data"
+    ),
+    "matryoshka": "progressive sets the Matryoshka prefixes itself (F/16 ... F)",
 }
+
+
+def settings_with(parser, argv, config_cls, title: str, check, refuse: dict):
+    """The main job's Settings and a command's own config_cls, both from argv."""
+    add_config_args(parser, config_cls, title)
+    s, extra = parse_settings(parser, argv, check, refuse)
+    return s, build_configs(parser, extra, partial(config_of, config_cls))
 
 
 def progressive_main(argv):
@@ -8230,9 +8236,14 @@ def progressive_main(argv):
             "prefix; for TopK and KronSAE. Same options as the main job, plus --figure and --seeds."
         ),
     )
-    add_config_args(parser, ProgressiveConfig, "progressive coding")
-    s, extra = parse_settings(parser, argv, nested_settings, PROGRESSIVE_REFUSES)
-    cfg = build_configs(parser, extra, partial(config_of, ProgressiveConfig))
+    s, cfg = settings_with(
+        parser,
+        argv,
+        ProgressiveConfig,
+        "progressive coding",
+        nested_settings,
+        PROGRESSIVE_REFUSES,
+    )
     return run_cli(progressive, s, cfg.figure, cfg.seeds)
 
 
@@ -8247,9 +8258,9 @@ def ablate_main(argv):
             "--model, ...). With the defaults it is the kernel ablation of section 5."
         ),
     )
-    add_config_args(parser, AblationConfig, "the sweep")
-    s, extra = parse_settings(parser, argv, check_ablation, ABLATE_REFUSES)
-    cfg = build_configs(parser, extra, partial(config_of, AblationConfig))
+    s, cfg = settings_with(
+        parser, argv, AblationConfig, "the sweep", check_ablation, ABLATE_REFUSES
+    )
     return run_cli(
         lambda: ablate(
             s,
@@ -8262,16 +8273,12 @@ def ablate_main(argv):
     )
 
 
+# harvest's flags: the model, how it is harvested (harvest writes a store, so not --save-acts) and the
+# norm filter its manifest records
 HARVEST_FIELDS = (
     "model",
-    "layer",
-    "text",
-    "ctx",
-    "model_batch",
-    "max_tokens",
-    "keep_first",
+    *(name for name in MODEL_ONLY if name != "save_acts"),
     "max_norm_ratio",
-    "dtype",
 )
 
 
@@ -8386,6 +8393,7 @@ def plan_harvest(
 ) -> tuple[DataConfig, dict, bool]:
     """Before any model loads: the harvest's DataConfig, what its store is made from (harvest_args), and
     whether it continues the unfinished store in --out. A ValueError here is a usage error."""
+    check_choice("device", device, DEVICES)
     if not args["model"]:
         raise ValueError("harvest needs --model, --layer and --text")
     if resume and overwrite:

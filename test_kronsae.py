@@ -3170,6 +3170,86 @@ def test_run_training_is_parts_1_train_loop(arch):
         assert torch.equal(p, q), name
 
 
+def test_train_calls_its_hooks_in_order_and_each_does_nothing_by_default():
+    """StepHooks are the places where run_training joins Part 1's loop: called once each a step, in
+    this order, and with the defaults the loop trains as if they were not there."""
+    calls = []
+
+    class Recorder(K.StepHooks):
+        def mean(self, x):
+            calls.append("mean")
+            return super().mean(x)
+
+        def start_step(self, state):
+            calls.append(("start", state.step))
+
+        def precision(self):
+            calls.append("precision")
+            return super().precision()
+
+        def total(self, stats, fired):
+            calls.append("total")
+            return super().total(stats, fired)
+
+        def end_step(self, state):
+            calls.append(("end", state.step))
+
+        def after_step(self, sae, state, stats, enc, dead_count):
+            calls.append(("after", state.step))
+
+    cfg = K.TrainConfig(steps=2, batch=64)
+    data = K.make_dataset(512, d=16, F_true=64, k_true=4)
+    runs = []
+    for hooks in (Recorder(), None):
+        torch.manual_seed(0)
+        sae = K.TopKSAE(16, 64, 4)
+        runs.append((sae, K.train(sae, batches(data, 64), cfg, False, hooks=hooks)))
+    assert calls == [
+        "mean",
+        ("start", 0),
+        "precision",
+        "total",
+        ("end", 0),
+        ("after", 1),
+        ("start", 1),
+        "precision",
+        "total",
+        ("end", 1),
+        ("after", 2),
+    ]
+    (a, losses_a), (b, losses_b) = runs
+    assert losses_a == losses_b
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("arch", ["topk", "kron"])
+def test_train_continues_a_state_to_the_same_sae(arch):
+    """`train` given the TrainState of a run stopped after 3 of 6 steps ends where 6 steps in one go
+    end: the schedule, AdamW and the dead-latent counts carry on."""
+    cfg = K.TrainConfig(steps=6, batch=64, dead_tokens=64)
+    data = K.make_dataset(1024, d=16, F_true=64, k_true=4)
+    fixed = [data[i * 64 : (i + 1) * 64] for i in range(6)]
+    saes = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        sae = K.SAEConfig(dict_size=128, m=2, n=4, k=4).build(arch, 16)
+        state = K.TrainState.fresh(sae, cfg)
+        if split:
+            half = dataclasses.replace(cfg, steps=3)
+            K.train(sae, iter(fixed[:3]), half, False, state=state)
+            assert state.step == 3
+            losses = K.train(sae, iter(fixed[3:]), cfg, False, state=state)
+        else:
+            losses = K.train(sae, iter(fixed), cfg, False, state=state)
+        saes.append((sae, losses, state.tokens_since_fired))
+    (a, losses_a, since_a), (b, losses_b, since_b) = saes
+    assert len(losses_a) == 6 and losses_a == losses_b
+    assert torch.equal(since_a, since_b)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
 # ------------------------------------------------------------- --match time: a budget of seconds
 
 
@@ -5735,6 +5815,57 @@ BAD_INPUTS = [  # (argv, the option the message must name); FILE is an existing 
     ),
     (["inspect", "TMP/no_sae", "--data", "TMP", "--delphi", "FILE"], "delphi"),
 ]
+
+
+def test_bench_switches_and_lists_parse_to_bools_and_tuples(monkeypatch):
+    """bench's flags keep their 0/1 and comma forms; BenchConfig holds bools and tuples."""
+    monkeypatch.setattr(K, "bench", lambda cfg: cfg)
+    argv = ["bench", "--naive", "0", "--profile", "1", "--dict-sizes", "64,128"]
+    cfg = K.main([*argv, "--shapes", "2x8,4X4"])
+    assert cfg.naive is False and cfg.profile is True and cfg.sparsify_bf16 is False
+    assert cfg.dict_sizes == (64, 128) and cfg.shapes == ((2, 8), (4, 4))
+    assert K.main(["bench"]) == K.BenchConfig()
+    assert K.BenchConfig().naive is True
+
+
+def test_shared_flags_are_written_once_and_checked_by_their_owner(capsys):
+    """--device, --seed, --json, --model, --layer and --data are each one config field: no command
+    writes one by hand, and every command that takes one gets its owner's check."""
+    tree = ast.parse((ROOT / "kronsae.py").read_text())
+    by_hand = {
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", "") == "add_argument"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
+    shared = {"--device", "--seed", "--json", "--model", "--layer", "--data"}
+    assert not by_hand & shared, by_hand & shared
+    for argv, message in (
+        (["inspect", "sae", "--data", "store", "--seed", "-1"], "--seed must be >= 0"),
+        (
+            ["absorption", "sae", "--model", "m", "--layer", "1", "--seed", "-2"],
+            "--seed",
+        ),
+        (
+            ["absorption", "sae", "--model", "m", "--layer", "1", "--device", "tpu"],
+            "--device",
+        ),
+        (["harvest", "--model", "m", "--out", "o", "--device", "tpu"], "--device"),
+        (["bench", "--seed", "-1"], "--seed must be >= 0"),
+        (["bench", "--device", "tpu"], "--device must be auto, cpu, cuda or mps"),
+        (["bench", "--naive", "2"], "expected 0 or 1"),
+        (["bench", "--dict-sizes", "0"], "--dict-sizes must be positive"),
+        (
+            ["inspect", "sae", "--data", "s", "--latents", "1", "--sample", "3"],
+            "not allowed",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            K.main(argv)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
 
 
 @pytest.mark.parametrize(
