@@ -3277,6 +3277,16 @@ Sync = Optional[
 ]  # data parallel: a tensor's sum over the processes
 
 
+class SAELensForm(NamedTuple):
+    """How `export --to saelens` writes one SAE type (saelens_config, saelens_weights)."""
+
+    architecture: str  # cfg.json's "architecture"
+    shape: Callable  # (an SAE) -> its cfg.json fields beyond d_in and d_sae
+    encoder: str  # the name of the encoder's (d_in, rows) matrix
+    bias: str  # and of its bias
+    registered: bool  # loads only after kronsae.register_saelens()
+
+
 class Arch(NamedTuple):
     """Everything the tooling knows of one SAE type. ARCHS holds one entry per
     type, and every command asks it rather than testing names or classes, so a
@@ -3291,7 +3301,7 @@ class Arch(NamedTuple):
     latents_per_head: Callable  # (SAEConfig) -> what Matryoshka prefixes divide by
     prunes_heads: bool  # `progressive` prunes whole heads, not single latents
     head_view: bool  # `inspect` shows its heads and pre-latents
-    saelens: bool  # `export --to saelens` writes it
+    saelens: SAELensForm  # how `export --to saelens` writes it
     # What sets each dimension of each weight, so that `load` can refuse a
     # config.json that does not match its weights by naming the field.
     dimensions: dict
@@ -3305,6 +3315,10 @@ def weight_dimensions(encoder_rows: str, dictionary: str) -> dict:
         "W_dec": (dictionary, "d_in"),
         "b_dec": ("d_in",),
     }
+
+
+# The architecture name register_saelens() gives KronSAE in SAELens's registry
+SAELENS_KRON = "kronsae"
 
 
 def build_topk(c, d_in: int) -> TopKSAE:
@@ -3325,7 +3339,13 @@ TOPK = Arch(
     latents_per_head=lambda c: 1,
     prunes_heads=False,
     head_view=False,
-    saelens=True,
+    saelens=SAELensForm(
+        architecture="topk",
+        shape=lambda sae: {"k": sae.k, "rescale_acts_by_decoder_norm": False},
+        encoder="W_enc",
+        bias="b_enc",
+        registered=False,
+    ),
     dimensions=weight_dimensions("dict_size", "dict_size"),
 )
 KRON = Arch(
@@ -3338,7 +3358,19 @@ KRON = Arch(
     latents_per_head=lambda c: c.m * c.n,
     prunes_heads=True,
     head_view=True,
-    saelens=False,
+    saelens=SAELensForm(
+        architecture=SAELENS_KRON,
+        shape=lambda sae: {
+            "h": sae.h,
+            "m": sae.m,
+            "n": sae.n,
+            "k": sae.k,
+            "kernel": sae.kernel,
+        },
+        encoder="W_pre",
+        bias="b_pre",
+        registered=True,
+    ),
     dimensions=weight_dimensions("h*(m+n)", "h*m*n"),
 )
 ARCHS = {arch.name: arch for arch in (TOPK, KRON)}
@@ -3850,15 +3882,12 @@ def saelens_config(sae: SparseAutoencoder, about: dict) -> dict:
     """cfg.json: SAELens's topk architecture for a TopK SAE, and the kronsae architecture that
     register_saelens adds for a KronSAE. The weights are for raw activations (--normalize is folded into
     them), so normalize_activations is none."""
-    if isinstance(sae, TopKSAE):
-        shape = {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    else:
-        shape = {"h": sae.h, "m": sae.m, "n": sae.n, "k": sae.k, "kernel": sae.kernel}
+    form = arch_of(sae).saelens
     return {
-        "architecture": "topk" if isinstance(sae, TopKSAE) else "kronsae",
+        "architecture": form.architecture,
         "d_in": sae.d_in,
         "d_sae": sae.F,
-        **shape,
+        **form.shape(sae),
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
@@ -3871,11 +3900,10 @@ def saelens_config(sae: SparseAutoencoder, about: dict) -> dict:
 def saelens_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     """SAELens's names and layout, encoders as (d_in, rows). A TopK SAE's W_enc is (d_in, d_sae). A
     KronSAE has no such matrix: W_pre (d_in, h*(m+n)) holds its pre-latent rows [P_g; Q_g] head by head."""
-    enc = "W_enc" if isinstance(sae, TopKSAE) else "W_pre"
-    bias = "b_enc" if isinstance(sae, TopKSAE) else "b_pre"
+    form = arch_of(sae).saelens
     weights = {
-        enc: sae.W_enc.T,
-        bias: sae.b_enc,
+        form.encoder: sae.W_enc.T,
+        form.bias: sae.b_enc,
         "W_dec": sae.W_dec,
         "b_dec": sae.b_dec,
     }
@@ -3928,7 +3956,7 @@ def export_saelens(directory: str, destination: str) -> Path:
     )
     if sparsity is None:
         print(f"note: {directory} has no train_state.pt, so no sparsity.safetensors")
-    if isinstance(sae, KroneckerSAE):
+    if arch_of(sae).saelens.registered:
         print(
             "load it with: kronsae.register_saelens(); sae_lens.SAE.load_from_disk(...)"
         )
@@ -4018,8 +4046,8 @@ def register_saelens() -> tuple[type, type]:
         raise ImportError(
             f"register_saelens needs sae-lens 6 (pip install sae-lens): {err}"
         ) from None
-    if "kronsae" in SAE_CLASS_REGISTRY:
-        return SAE_CLASS_REGISTRY["kronsae"]
+    if SAELENS_KRON in SAE_CLASS_REGISTRY:
+        return SAE_CLASS_REGISTRY[SAELENS_KRON]
 
     @dataclass
     class KronSAELensConfig(sae_lens.SAEConfig):
@@ -4033,7 +4061,7 @@ def register_saelens() -> tuple[type, type]:
 
         @classmethod
         def architecture(cls) -> str:
-            return "kronsae"
+            return SAELENS_KRON
 
         def __post_init__(self):
             super().__post_init__()
@@ -4046,7 +4074,7 @@ def register_saelens() -> tuple[type, type]:
     class KronSAELens(SAELensKronSAE, sae_lens.SAE):
         """KronSAE (arXiv 2505.22255) in SAELens: see SAELensKronSAE."""
 
-    sae_lens.register_sae_class("kronsae", KronSAELens, KronSAELensConfig)
+    sae_lens.register_sae_class(SAELENS_KRON, KronSAELens, KronSAELensConfig)
     return KronSAELens, KronSAELensConfig
 
 
