@@ -1023,7 +1023,7 @@ class TrainState:
 class StepHooks:
     """The places where Part 2's run_training joins this loop: its RunHooks add data
     parallel, bfloat16, timing, the training log, checkpoints and Ctrl-C. Here each
-    does nothing, so with these `train` is the plain loop of the method."""
+    is the plain default, so with these `train` is the method's loop and no more."""
 
     variance = staticmethod(total_variance)  # a batch's total variance (section 4)
     loss_fn = staticmethod(reconstruction_loss)  # the reconstruction term
@@ -1036,18 +1036,20 @@ class StepHooks:
         """Before a step fetches its batch."""
 
     def precision(self):
-        """A context for the step's forward, backward and update."""
+        """The context of the step's forward, backward and update: none here
+        (bfloat16 autocast in a bf16 run)."""
         return contextlib.nullcontext()
 
     def total(self, stats: StepStats, fired: torch.Tensor) -> tuple:
-        """The step's stats and (F,) firing counts, for the whole batch."""
+        """The step's stats and (F,) firing counts, for the whole batch: these
+        here (under data parallel, the sums over the processes' slices)."""
         return stats, fired
 
     def end_step(self, state: TrainState):
-        """After the step's one read from the device, before it is counted."""
+        """After the step's one read from the device, before state.advance()."""
 
     def after_step(self, sae, state: TrainState, stats: StepStats, enc, dead_count):
-        """Once the step is counted."""
+        """After state.advance(): where a run logs, checkpoints or stops."""
 
 
 def train(
@@ -1070,17 +1072,16 @@ def train(
     dead = state.tokens_since_fired >= cfg.dead_after  # (F,)
     dead_count = int(dead.sum()) if state.step else 0
 
-    x = next(batches).to(device, non_blocking=True)
-    sae.check_input(x)
-    start_b_dec_(sae, hooks.mean(x))
-
     first = state.step
     with state.progress_bar(sae, cfg, progress) as bar:
         while not state.finished(cfg):
             step = state.step
             hooks.start_step(state)
-            if step > first:
-                x = next(batches).to(device, non_blocking=True)
+            x = next(batches).to(device, non_blocking=True)
+            if step == first:  # check the data once, and start b_dec at its mean
+                sae.check_input(x)
+                start_b_dec_(sae, hooks.mean(x))
+
             with hooks.precision():
                 stats, enc = train_step(
                     sae,
@@ -3690,8 +3691,8 @@ class RunState(TrainState):
         return cls(optimizer, schedule, since, latents=latents, budget=budget)
 
     def advance(self):
-        """Count one finished step, which took step_seconds (RunHooks.end_step times it): the step count, the
-        seconds used and the schedule."""
+        """Count one finished step: the step count, the seconds used and the schedule. The step's seconds
+        are step_seconds, which RunHooks.end_step sets just before: a RunState is trained by run_training."""
         self.step += 1
         self.seconds += self.step_seconds
         if isinstance(self.schedule, TimeSchedule):
@@ -4220,8 +4221,10 @@ def run_training(
     state = state or RunState.fresh(sae, cfg, budget)
     scaled = batches if scale == 1.0 else (x * scale for x in batches)
     saving = Saving(out, save_every, stop, batches, scale)
-    hooks = RunHooks(sae, cfg, state, saving, sync, matryoshka, precision, clock, rank)
-    hooks.log = TrainingLog(out, log_every, cfg, state.step)
+    log = TrainingLog(out, log_every, cfg, state.step)
+    hooks = RunHooks(
+        sae, cfg, state, saving, log, sync, matryoshka, precision, clock, rank
+    )
     try:
         train(sae, scaled, cfg, progress, state, hooks)
     except FloatingPointError as err:
@@ -4255,13 +4258,23 @@ class RunHooks(StepHooks):
     the training log, checkpoints and Ctrl-C."""
 
     def __init__(
-        self, sae, cfg, state, saving: Saving, sync, matryoshka, precision, clock, rank
+        self,
+        sae,
+        cfg: TrainConfig,
+        state: RunState,
+        saving: Saving,
+        log: TrainingLog,
+        sync: Sync,
+        matryoshka: tuple,
+        precision: str,
+        clock: Callable[[], float],
+        rank: int,
     ):
-        self.cfg, self.saving, self.sync, self.rank = cfg, saving, sync, rank
+        self.cfg, self.saving, self.log = cfg, saving, log
+        self.sync, self.rank = sync, rank
         self.bf16 = precision == "bf16"
         self.clock = clock
         self.device = sae.W_dec.device
-        self.log: Optional[TrainingLog] = None
         self.started = 0.0
         self.lr = state.optimizer.param_groups[0]["lr"]
         self.variance, self.loss_fn, self.grad_hooks = step_functions(
@@ -4296,7 +4309,7 @@ class RunHooks(StepHooks):
         seconds = self.clock() - self.started
         state.step_seconds = rank0_value(seconds, self.sync, self.rank, self.device)
 
-    def after_step(self, sae, state, stats, enc, dead_count):
+    def after_step(self, sae, state: RunState, stats, enc, dead_count):
         state.latents.update(enc.values.detach(), enc.indices, self.sync)
         done = state.finished(self.cfg)
         dead_share = dead_count / sae.F

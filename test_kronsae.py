@@ -3205,8 +3205,8 @@ def test_train_calls_its_hooks_in_order_and_each_does_nothing_by_default():
         sae = K.TopKSAE(16, 64, 4)
         runs.append((sae, K.train(sae, batches(data, 64), cfg, False, hooks=hooks)))
     assert calls == [
-        "mean",
         ("start", 0),
+        "mean",
         "precision",
         "total",
         ("end", 0),
