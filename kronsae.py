@@ -1155,29 +1155,37 @@ def check_seeds(seeds: int):
 # the configs whose fields name them (opt's `parse`).
 
 
+def comma_parts(text: str) -> tuple:
+    """'a, b,,c' -> ('a', 'b', 'c'): the parts of a comma-separated flag."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def comma_ints(text: str) -> tuple:
     """'256,512,1024' -> (256, 512, 1024), for flags that take a list."""
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        return tuple(int(part) for part in comma_parts(text))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
 
 
+def mn_shape(part: str) -> Optional[tuple]:
+    """'2x8' -> (2, 8): a KronSAE shape (m, n) with m, n >= 1; None for anything else."""
+    found = re.fullmatch(r"(\d+)x(\d+)", part.lower())
+    if not found or min(int(found[1]), int(found[2])) < 1:
+        return None
+    return int(found[1]), int(found[2])
+
+
 def kron_shapes(text: str) -> tuple:
     """'2x8,4x4' -> ((2, 8), (4, 4)): KronSAE shapes (m, n)."""
-    parts = [t.strip().lower() for t in text.split(",") if t.strip()]
-    found = [re.fullmatch(r"(\d+)x(\d+)", part) for part in parts]
-    if (
-        not parts
-        or not all(found)
-        or any(int(g) < 1 for f in found for g in f.groups())
-    ):
+    shapes = tuple(mn_shape(part) for part in comma_parts(text))
+    if not shapes or None in shapes:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated shapes MxN such as 2x8,4x4, got {text!r}"
         )
-    return tuple((int(f[1]), int(f[2])) for f in found)
+    return shapes
 
 
 def zero_one(text: str) -> bool:
@@ -5065,24 +5073,18 @@ def check_ablation(s: Settings, shapes: tuple = ()):
 
 
 def shape_names(text: str) -> tuple:
-    """'topk,2x4,8x8' -> ['topk', (2, 4), (8, 8)]."""
-    shapes = []
-    for part in (t.strip() for t in text.split(",") if t.strip()):
-        found = re.fullmatch(r"(\d+)x(\d+)", part)
-        if part != BASELINE and not (found and int(found[1]) > 0 and int(found[2]) > 0):
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}"
-            )
-        shapes.append(part if part == BASELINE else (int(found[1]), int(found[2])))
-    if not shapes:
+    """'topk,2x4,8x8' -> ('topk', (2, 4), (8, 8)): the baseline and KronSAE shapes."""
+    parts = comma_parts(text)
+    shapes = tuple(part if part == BASELINE else mn_shape(part) for part in parts)
+    if not shapes or None in shapes:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated shapes such as topk,2x4,8x8, got {text!r}"
         )
-    return tuple(shapes)
+    return shapes
 
 
 def kernel_names(text: str) -> tuple:
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = comma_parts(text)
     unknown = [t for t in names if t not in KERNELS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(

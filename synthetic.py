@@ -9,7 +9,6 @@ Run `python synthetic.py --help` for the experiment.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -692,18 +691,6 @@ def parse_experiment(
     return K.build_configs(parser, args, build), figure, json_path
 
 
-def comma_list(kind):
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(t) for t in text.split(",") if t.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list, got {text!r}"
-            ) from None
-
-    return parse
-
-
 def rv_main(argv) -> dict:
     tc = ToyConfig()
     parser = K.Parser(
@@ -757,7 +744,7 @@ def rv_main(argv) -> dict:
     )
     add(
         "--block-sizes",
-        type=comma_list(int),
+        type=K.comma_ints,
         default=tc.block_sizes,
         help="generator: comma-separated diagonal block sizes summing to 256, for every set-up "
         "(default: each set-up's own random sizes)",
@@ -806,7 +793,7 @@ def rv_main(argv) -> dict:
     )
     add(
         "--models",
-        type=comma_list(str),
+        type=K.comma_parts,
         default=tc.models,
         help="comma-separated SAEs to train (default: all five); random_atoms adds the untrained baseline",
     )
